@@ -1,0 +1,120 @@
+"""Spec -> eager ``nn.Module``: the numerical reference every plan is checked against.
+
+Parameter names here (``layers.0.attention.wq``) are the canonical names used by the plan, the
+emitted program and the checks. Init rules follow GPT-2: normal(0, init_std) for matrices, with
+residual output projections (``wo``, ``w_down``) scaled by 1/sqrt(2 * num_layers) so the residual
+stream does not grow with depth; norm scales one, biases zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import ops, seeded
+from .components.attention import Attention
+from .components.base import InitRule, Norm, ResidualSublayer, named
+from .components.ffn import FFN
+from .schema import AttentionSpec, FFNSpec, LayerSpec, ModelSpec, SublayerSpec
+
+
+def build_sublayer(sub: SublayerSpec, dim: int) -> ResidualSublayer:
+    if isinstance(sub.config, AttentionSpec):
+        return Attention(sub.config, sub.norm, dim)
+    if isinstance(sub.config, FFNSpec):
+        return FFN(sub.config, sub.norm, dim)
+    raise TypeError(f"no module for sublayer kind {sub.kind}")  # validation makes this unreachable
+
+
+class Block(nn.ModuleDict):
+    """One layer: its sublayers applied in order, each a pre-norm residual."""
+
+    def __init__(self, layer: LayerSpec, dim: int) -> None:
+        super().__init__({sub.name: build_sublayer(sub, dim) for sub in layer.sublayers})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for sublayer in self.values():
+            x = sublayer(x)
+        return x
+
+
+class DecoderModel(nn.Module):
+    """Token embedding, the layer stack, a final norm and the LM head (tied or not)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d = spec.hidden_size
+        self.embed = nn.Module()
+        self.embed.weight = nn.Parameter(torch.empty(spec.vocab_size, d))
+        self.layers = nn.ModuleList(Block(layer, d) for layer in spec.layers)
+        self.final_norm = Norm(spec.final_norm, d)
+        if not spec.tie_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = nn.Parameter(torch.empty(spec.vocab_size, d))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = named("x", ops.embedding(tokens, self.embed.weight))
+        for block in self.layers:
+            x = block(x)
+        x = self.final_norm(x)
+        head = self.embed.weight if self.spec.tie_embeddings else self.lm_head.weight
+        return named("logits", ops.linear(x, head))
+
+
+class TrainingGraph(nn.Module):
+    """The model plus its loss: what a training plan lowers (forward of one step)."""
+
+    def __init__(self, model: DecoderModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return named("loss", ops.cross_entropy(self.model(tokens), targets))
+
+
+def init_rules(model: DecoderModel) -> dict[str, InitRule]:
+    """Canonical parameter name -> how to initialise it."""
+    spec = model.spec
+    std = spec.train.init_std
+    out_std = std / math.sqrt(2 * spec.num_layers)
+    rules = {"embed.weight": InitRule("normal", std)}
+    for i, block in enumerate(model.layers):
+        for name, sub in block.items():
+            prefix = f"layers.{i}.{name}"
+            for local, rule in sub.local_init_rules(std, out_std).items():
+                rules[f"{prefix}.{local}"] = rule
+            if sub.norm is not None:
+                for local, rule in sub.norm.init_rules().items():
+                    rules[f"{prefix}.norm.{local}"] = rule
+    for local, rule in model.final_norm.init_rules().items():
+        rules[f"final_norm.{local}"] = rule
+    if not spec.tie_embeddings:
+        rules["lm_head.weight"] = InitRule("normal", std)
+    missing = {n for n, _ in model.named_parameters()} ^ set(rules)
+    assert not missing, f"init rules and parameters disagree: {sorted(missing)}"
+    return rules
+
+
+def initialize(model: DecoderModel, seed: int) -> DecoderModel:
+    """Fill every parameter from ``seeded.init_full`` (the same values any rank count uses)."""
+    rules = init_rules(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            rule = rules[name]
+            param.copy_(seeded.init_full(name, tuple(param.shape), rule.kind, rule.std, seed))
+    return model
+
+
+def build_model(spec: ModelSpec, *, seed: int | None = None, device: str | torch.device = "cpu") -> DecoderModel:
+    """The eager reference model; with ``seed`` its weights are the deterministic initial ones.
+
+    ``device="meta"`` builds the structure without allocating weights (for large specs).
+    """
+    with torch.device(device):
+        model = DecoderModel(spec)
+    if seed is not None:
+        initialize(model, seed)
+    return model

@@ -1,0 +1,57 @@
+"""User-facing spec errors that name the file, line, column and field path.
+
+Why a dedicated type: the CLI turns a ``SpecError`` into one readable message and exit code 2,
+never a traceback; everything else that goes wrong is our bug and may show a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+
+PathEntry = str | int
+
+
+def format_path(path: Sequence[PathEntry]) -> str:
+    """``("model", "blocks", "dense", 1, "ffn")`` -> ``model.blocks.dense[1].ffn``."""
+    out = ""
+    for entry in path:
+        if isinstance(entry, int):
+            out += f"[{entry}]"
+        else:
+            out += ("." if out else "") + str(entry)
+    return out or "<document>"
+
+
+def nearest(word: str, choices: Iterable[str]) -> str | None:
+    """The closest valid spelling of ``word``, for 'did you mean' hints."""
+    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+class SpecError(Exception):
+    """A problem in a spec file that the user can fix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str,
+        line: int,
+        column: int,
+        path: Sequence[PathEntry] = (),
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = file
+        self.line = line
+        self.column = column
+        self.path = tuple(path)
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.file}:{self.line}:{self.column}: {format_path(self.path)}: {self.message}"
+        if self.hint:
+            text += f"\n  hint: {self.hint}"
+        return text

@@ -1,0 +1,136 @@
+"""Read typed fields of a frozen dataclass out of positioned YAML data, with helpful errors.
+
+A value travels with the path it came from (``Sourced``), so that a field set by a layer-group
+``override`` is blamed at the override, not at the block it changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any, Literal, NamedTuple, get_args, get_origin
+
+from .errors import PathEntry, nearest
+from .yaml_source import Document
+
+
+class Sourced(NamedTuple):
+    value: Any
+    path: tuple[PathEntry, ...]
+
+
+def sourced_mapping(raw: dict, path: tuple[PathEntry, ...]) -> dict[str, Sourced]:
+    return {key: Sourced(value, (*path, key)) for key, value in raw.items()}
+
+
+def type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def coerce(doc: Document, item: Sourced, tp: Any) -> Any:
+    """Check ``item.value`` against the annotation ``tp`` and return it in that type."""
+    value, path = item
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices:
+            return value
+        guess = nearest(str(value), [str(c) for c in choices])
+        raise doc.error(path, f"expected {type_name(tp)}, got {value!r}",
+                        hint=f"did you mean {guess!r}?" if guess else None)
+    if origin is not None and type(None) in get_args(tp):
+        if value is None:
+            return None
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return coerce(doc, item, inner[0])
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise doc.error(path, f"expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise doc.error(path, f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out = float(value)
+        elif isinstance(value, str):
+            # YAML 1.1 reads '1e-5' (no dot) as a string; accept it as the number it obviously is.
+            try:
+                out = float(value)
+            except ValueError:
+                raise doc.error(path, f"expected a number, got {value!r}") from None
+        else:
+            raise doc.error(path, f"expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise doc.error(path, f"expected a finite number, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise doc.error(path, f"expected a string, got {value!r}")
+    raise TypeError(f"unsupported field type {tp!r}")  # programmer error
+
+
+def check_bounds(doc: Document, item: Sourced, value: Any, meta: dict) -> None:
+    low = meta.get("min")
+    if low is None or value is None:
+        return
+    if meta.get("exclusive") and not value > low:
+        raise doc.error(item.path, f"must be greater than {low:g}, got {value!r}")
+    if not meta.get("exclusive") and not value >= low:
+        raise doc.error(item.path, f"must be at least {low:g}, got {value!r}")
+
+
+def read_dataclass(
+    doc: Document,
+    cls: type,
+    items: dict[str, Sourced],
+    path: tuple[PathEntry, ...],
+    *,
+    extra: dict[str, Any] | None = None,
+) -> Any:
+    """Build ``cls`` from ``items``; unknown keys, missing required keys and bad types are errors.
+
+    ``extra`` supplies fields that are not read from YAML (already resolved by the caller).
+    """
+    extra = extra or {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in extra}
+    for key, item in items.items():
+        if key not in fields:
+            guess = nearest(key, fields)
+            listing = ", ".join(fields)
+            raise doc.error(item.path, f"unknown field '{key}'", key=True,
+                            hint=(f"did you mean '{guess}'? " if guess else "") + f"valid fields: {listing}")
+    kwargs = dict(extra)
+    for name, f in fields.items():
+        if name in items:
+            value = coerce(doc, items[name], hints[name])
+            check_bounds(doc, items[name], value, dict(f.metadata))
+            kwargs[name] = value
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            text = f.metadata.get("doc", "")
+            raise doc.error(path, f"missing required field '{name}'" + (f" ({text})" if text else ""),
+                            hint=f"add '{name}: ...' here")
+    return cls(**kwargs)
+
+
+def expect_mapping(doc: Document, item: Sourced, what: str) -> dict:
+    if not isinstance(item.value, dict):
+        raise doc.error(item.path, f"{what} must be a mapping of 'key: value' lines, got {item.value!r}")
+    return item.value
+
+
+def expect_list(doc: Document, item: Sourced, what: str) -> list:
+    if not isinstance(item.value, list):
+        raise doc.error(item.path, f"{what} must be a list ('- ...' lines), got {item.value!r}")
+    return item.value

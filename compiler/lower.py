@@ -1,0 +1,106 @@
+"""Eager ``nn.Module`` -> ``torch.fx.GraphModule`` with ultraplan annotations in ``node.meta``.
+
+The model is traced with every function of ``ops.py`` as a leaf, so each op is one node.
+Then each node gets:
+
+- ``ultraplan.op``: the op kind (``linear``, ``rope``, ...; ``input``, ``param``, ``output``);
+- ``ultraplan.attrs``: the op's non-tensor arguments by name (``eps``, ``num_heads``, ...);
+- ``ultraplan.param``: for parameter nodes, a ``ParamInfo`` (canonical name, shape, init rule);
+- ``ultraplan.shape``: a tuple of sympy expressions in ``B`` and ``T``;
+- ``ultraplan.dtype``: ``float32`` or ``int64``;
+- ``ultraplan.layer``: the module path that produced it (``layers.0.attention``), for grouping;
+
+and a readable name made of that module path and the label the component gave the value.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import sympy
+import torch
+from torch import fx
+
+from . import ops
+from .build import DecoderModel, TrainingGraph, init_rules
+from .shapes import SHAPE_RULES, B, Shape, T
+
+OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """A parameter as the plan sees it."""
+
+    name: str
+    shape: tuple[int, ...]
+    init: str
+    std: float
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        super().__init__(autowrap_modules=(ops,))
+
+
+def _module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^model\.?", "", path)
+
+
+def _rename(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            base = re.sub(r"^model\.", "", node.target)
+        elif node.op == "call_function":
+            label = node.meta.get("ultraplan.label", node.target.__name__)
+            base = ".".join(p for p in (node.meta["ultraplan.layer"], label) if p)
+        else:
+            continue
+        node._rename(re.sub(r"\W", "_", base))
+
+
+def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
+    """Trace ``model`` (with its loss when ``mode == 'train'``) and annotate every node."""
+    root: torch.nn.Module = TrainingGraph(model) if mode == "train" else model
+    tracer = _Tracer()
+    graph = tracer.trace(root)
+    gm = fx.GraphModule(root, graph, root.__class__.__name__)
+    rules = init_rules(model)
+    params = dict(model.named_parameters())
+    for node in gm.graph.nodes:
+        node.meta["ultraplan.layer"] = _module_path(node)
+        if node.op == "placeholder":
+            node.meta.update({"ultraplan.op": "input", "ultraplan.attrs": {},
+                              "ultraplan.shape": (B, T), "ultraplan.dtype": "int64"})
+        elif node.op == "get_attr":
+            name = re.sub(r"^model\.", "", node.target)
+            rule = rules[name]
+            shape = tuple(int(s) for s in params[name].shape)
+            node.meta.update({"ultraplan.op": "param", "ultraplan.attrs": {},
+                              "ultraplan.param": ParamInfo(name, shape, rule.kind, rule.std),
+                              "ultraplan.shape": tuple(sympy.Integer(s) for s in shape),
+                              "ultraplan.dtype": "float32"})
+        elif node.op == "call_function":
+            op = node.target.__name__
+            if OPS.get(op) is not node.target:
+                raise NotImplementedError(f"lowering met {node.target} outside ops.py in {node.meta['ultraplan.layer']}")
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+            attrs = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
+            in_shapes: list[Shape] = [a.meta["ultraplan.shape"] for a in node.all_input_nodes]
+            node.meta.update({"ultraplan.op": op, "ultraplan.attrs": attrs,
+                              "ultraplan.shape": SHAPE_RULES[op](in_shapes, attrs),
+                              "ultraplan.dtype": "float32"})
+        elif node.op == "output":
+            node.meta.update({"ultraplan.op": "output", "ultraplan.attrs": {},
+                              "ultraplan.shape": node.args[0].meta["ultraplan.shape"], "ultraplan.dtype": "float32"})
+        else:
+            raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
+    _rename(gm)
+    gm.recompile()
+    return gm

@@ -1,0 +1,145 @@
+"""The validated, frozen form of a spec: what every later stage reads.
+
+Field metadata carries the documentation and bounds that validation enforces and that
+``docs/spec-language.md`` lists, so the schema is written once. Every dataclass here is frozen:
+a spec is a value, and passes may hash and compare it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+NormKind = Literal["rms", "layer"]
+Activation = Literal["swiglu", "gelu"]
+
+
+def doc(text: str, *, minimum: float | None = None, exclusive: bool = False) -> dict:
+    """Metadata for a spec field: its help text and an optional lower bound."""
+    return {"doc": text, "min": minimum, "exclusive": exclusive}
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A normalisation: written ``norm: rms`` or ``norm: {kind: layer, eps: 1e-6}`` or ``norm: none``."""
+
+    kind: NormKind = field(default="rms", metadata=doc("rms (RMSNorm) or layer (LayerNorm with bias)"))
+    eps: float = field(default=1e-5, metadata=doc("added to the variance", minimum=0, exclusive=True))
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Causal multi-head attention with optional grouped-query heads and rotary positions."""
+
+    heads: int = field(metadata=doc("number of query heads", minimum=1))
+    kv_heads: int | None = field(default=None, metadata=doc("key/value heads for GQA; defaults to heads", minimum=1))
+    head_dim: int | None = field(default=None, metadata=doc("per-head width; defaults to hidden_size / heads", minimum=1))
+    rotary: bool = field(default=True, metadata=doc("apply rotary position embeddings to queries and keys"))
+    rope_theta: float = field(default=10000.0, metadata=doc("rotary base frequency", minimum=0, exclusive=True))
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """A position-wise feed-forward network."""
+
+    hidden: int = field(metadata=doc("inner width", minimum=1))
+    activation: Activation = field(default="swiglu", metadata=doc("swiglu (gated, three matrices) or gelu (two)"))
+
+
+SublayerConfig = AttentionSpec | FFNSpec
+SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec}
+
+
+@dataclass(frozen=True)
+class SublayerSpec:
+    """One pre-norm residual sublayer of a block: ``x = x + f(norm(x))``."""
+
+    name: str
+    kind: str
+    config: SublayerConfig
+    norm: NormSpec | None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One block instance: its index in the stack, the block it came from, its sublayers."""
+
+    index: int
+    block: str
+    sublayers: tuple[SublayerSpec, ...]
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Defaults for the emitted training loop; CLI flags override them."""
+
+    batch_size: int = field(default=8, metadata=doc("global batch (sequences per step)", minimum=1))
+    steps: int = field(default=20, metadata=doc("optimizer steps", minimum=0))
+    lr: float = field(default=3e-3, metadata=doc("AdamW learning rate", minimum=0, exclusive=True))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW decoupled weight decay", minimum=0))
+    beta1: float = field(default=0.9, metadata=doc("AdamW beta1", minimum=0))
+    beta2: float = field(default=0.95, metadata=doc("AdamW beta2", minimum=0))
+    eps: float = field(default=1e-8, metadata=doc("AdamW epsilon", minimum=0, exclusive=True))
+    seed: int = field(default=0, metadata=doc("seed for initialisation and data", minimum=0))
+    init_std: float = field(default=0.02, metadata=doc("std of normal weight init", minimum=0, exclusive=True))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole decoder-only model, with layer groups expanded into one LayerSpec per layer."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    seq_len: int
+    tie_embeddings: bool
+    final_norm: NormSpec
+    layers: tuple[LayerSpec, ...]
+    train: TrainSpec
+    source: str
+    sha256: str
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+# The top-level fields of a model spec, with their docs (read by validation and the docs).
+MODEL_FIELDS: dict[str, str] = {
+    "name": "free text; shown in comments and plans (escaped), never pasted as code",
+    "vocab_size": "tokens in the vocabulary",
+    "hidden_size": "residual stream width",
+    "seq_len": "training sequence length (the T at which numbers are reported)",
+    "tie_embeddings": "share the token embedding with the LM head (default false)",
+    "norm": "default pre-norm for every sublayer (rms, layer or none); default rms",
+    "final_norm": "norm before the LM head; default: the value of norm",
+    "blocks": "named blocks: each a list of sublayers such as '- attention: {heads: 4}'",
+    "layers": "the stack: a list of groups {block: NAME | pattern: [NAMES], repeat: N, override: {...}}",
+}
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A communication link class: bandwidth per device, per direction, and a per-message latency."""
+
+    bandwidth: float = field(metadata=doc("bytes per second per device", minimum=0, exclusive=True))
+    latency: float = field(default=0.0, metadata=doc("seconds per message", minimum=0))
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """A machine description for the cost model."""
+
+    name: str
+    devices_per_node: int
+    nodes: int
+    peak_flops: dict[str, float]
+    memory_bytes: float
+    memory_bandwidth: float
+    intra_node: LinkSpec
+    inter_node: LinkSpec
+    source: str
+
+    @property
+    def num_devices(self) -> int:
+        return self.devices_per_node * self.nodes

@@ -1,0 +1,30 @@
+"""annotate_cost: attach an ``OpCost`` (sympy in B, T) to every op node as ``ultraplan.cost``."""
+
+from __future__ import annotations
+
+import time
+
+import sympy
+from torch import fx
+
+from .context import PassReport, PlanContext
+from .cost import ZERO, OpCost, op_cost
+
+
+def annotate_cost(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+    start = time.perf_counter()
+    total = OpCost(ZERO, ZERO, ZERO, ZERO)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        inputs = [(a.meta["ultraplan.shape"], a.meta["ultraplan.dtype"]) for a in node.all_input_nodes]
+        output = (node.meta["ultraplan.shape"], node.meta["ultraplan.dtype"])
+        cost = op_cost(node.meta["ultraplan.op"], inputs, output, node.meta["ultraplan.attrs"])
+        node.meta["ultraplan.cost"] = cost
+        total = OpCost(*(sympy.expand(a + b) for a, b in zip(
+            (total.flops, total.bytes_read, total.bytes_written, total.backward_flops),
+            (cost.flops, cost.bytes_read, cost.bytes_written, cost.backward_flops))))
+    assert all("ultraplan.cost" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    return PassReport("annotate_cost", time.perf_counter() - start, [],
+                      {"forward_flops": total.flops, "backward_flops": total.backward_flops,
+                       "forward_bytes": sympy.expand(total.bytes_read + total.bytes_written)})

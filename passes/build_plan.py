@@ -1,0 +1,119 @@
+"""build_plan: read the annotations of every node into a ``Plan`` (stored as gm.meta["ultraplan.plan"]).
+
+It decides nothing: all choices were made by earlier passes. It evaluates every sympy cost at
+the context's point and adds the step totals:
+
+    compute_time   = (forward + backward FLOPs) / (devices * peak)   (batch split over devices)
+    comm_time      = sum over collectives of messages * latency + wire bytes / bandwidth
+    step_time      = compute_time + comm_time                        (no overlap assumed)
+    memory         = 16 bytes per local parameter element (fp32 weight, gradient, two AdamW
+                     moments) + forward activations kept for backward (bytes written / devices)
+"""
+
+from __future__ import annotations
+
+import time
+
+import sympy
+from torch import fx
+
+from ..compiler.shapes import numel
+from .context import PassReport, PlanContext
+from .plan import PLAN_VERSION, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
+from .sbp import Boxing, Split, nd_str
+from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
+
+
+def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
+    expr = sympy.sympify(expr)
+    if simplify:
+        expr = sympy.simplify(expr)
+    return Cost(str(expr), evaluate(expr, values))
+
+
+def collective_time(b: Boxing) -> sympy.Expr:
+    return b.messages * axis_latency(b.axis) + b.wire / axis_bandwidth(b.axis)
+
+
+def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str) -> CollectivePlan:
+    return CollectivePlan(b.collective, b.axis, ctx.mesh.shape[b.axis], b.src, b.dst, cost(b.payload, values),
+                          cost(b.wire, values), cost(collective_time(b), values), reason)
+
+
+def local_shape(shape, sbp) -> tuple[str, ...]:
+    dims = list(shape)
+    for axis, s in enumerate(sbp):
+        if isinstance(s, Split):
+            dims[s.dim] = dims[s.dim] / axis_size(axis)
+    return tuple(str(d) for d in dims)
+
+
+def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+    start = time.perf_counter()
+    values = ctx.values()
+    devices = sympy.Integer(1)
+    for axis in range(len(ctx.mesh.shape)):
+        devices *= axis_size(axis)
+    nodes, params = [], []
+    param_bytes = sympy.Integer(0)
+    fwd = bwd = written = comm_time = comm_wire = sympy.Integer(0)
+    for node in gm.graph.nodes:
+        meta = node.meta
+        sig = meta["ultraplan.sbp"]
+        if node.op == "get_attr":
+            info = meta["ultraplan.param"]
+            grads = tuple(collective_plan(b, ctx, values, f"gradient of {info.name} arrives as P: sum it")
+                          for b in meta["ultraplan.grad_boxing"])
+            comm_time += sum((collective_time(b) for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
+            comm_wire += sum((b.wire for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
+            local = numel(meta["ultraplan.shape"]) * BYTES_PER_ELEMENT["float32"]
+            for axis, s in enumerate(sig.output):
+                if isinstance(s, Split):
+                    local = local / axis_size(axis)
+            param_bytes += local
+            params.append(ParamPlan(info.name, node.name, info.shape, info.init, info.std, nd_str(sig.output),
+                                    cost(local, values), grads))
+        if node.op == "output":
+            out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
+            output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P: sum it for logging")
+                                  for b in out_steps)
+            output = node.all_input_nodes[0].name
+            continue
+        c = meta.get("ultraplan.cost")
+        if c is not None:
+            fwd, bwd, written = fwd + c.flops, bwd + c.backward_flops, written + c.bytes_written
+        zero = Cost("0", 0.0)
+        boxing = tuple((arg, tuple(collective_plan(b, ctx, values, f"{node.name} needs {arg} as {b.dst}")
+                                   for b in steps)) for arg, steps in meta.get("ultraplan.boxing", {}).items())
+        nodes.append(NodePlan(
+            name=node.name, op=meta["ultraplan.op"], layer=meta["ultraplan.layer"],
+            args=tuple(a.name for a in node.all_input_nodes), attrs=tuple(meta["ultraplan.attrs"].items()),
+            shape=tuple(str(d) for d in meta["ultraplan.shape"]),
+            local_shape=local_shape(meta["ultraplan.shape"], sig.output), dtype=meta["ultraplan.dtype"],
+            sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
+            partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
+            flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,
+            bytes_read=cost(c.bytes_read, values) if c else zero,
+            bytes_written=cost(c.bytes_written, values) if c else zero))
+    compute_time = (fwd + bwd) / (devices * PEAK)
+    totals = {
+        "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
+        "compute_time": compute_time, "comm_wire_bytes": comm_wire, "comm_time": comm_time,
+        "step_time": compute_time + comm_time,
+        "memory_per_device": 4 * param_bytes + written / devices,
+    }
+    t = ctx.spec.train
+    plan = Plan(
+        version=PLAN_VERSION, spec_name=ctx.spec.name, spec_source=ctx.spec.source, spec_sha256=ctx.spec.sha256,
+        spec_text=ctx.spec_text,
+        model=(("vocab_size", ctx.spec.vocab_size), ("hidden_size", ctx.spec.hidden_size),
+               ("seq_len", ctx.spec.seq_len), ("num_layers", ctx.spec.num_layers),
+               ("tie_embeddings", ctx.spec.tie_embeddings)),
+        mesh=ctx.mesh.shape, hardware=ctx.hardware.name, mode=ctx.mode, batch=ctx.batch, seq=ctx.seq,
+        strategy="data_parallel",
+        training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk"),
+        nodes=tuple(nodes), params=tuple(params), output=output, output_boxing=output_boxing,
+        totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
+    gm.meta["ultraplan.plan"] = plan
+    return PassReport("build_plan", time.perf_counter() - start,
+                      [f"{len(nodes)} nodes, {len(params)} parameters"], {k: totals[k] for k in ("step_time",)})

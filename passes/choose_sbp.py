@@ -1,0 +1,113 @@
+"""choose_sbp: give every node an SBP signature; record the boxing each edge needs.
+
+Strategy ``data_parallel`` (the only one so far): the batch dim is split on every mesh axis.
+
+- inputs (tokens, targets): ``S(0)`` on every axis;
+- parameters: ``B`` on every axis (each device holds the whole model);
+- every op maps ``S(0)`` activations and ``B`` parameters to an ``S(0)`` output: each op here
+  acts on one sequence at a time, so splitting the batch commutes with it;
+- the loss is a mean over the batch: each device's local mean, scaled by its share
+  ``1/devices``, is a partial sum ``P`` of the global mean (``partial_scale``);
+- backward: a ``B`` weight used by ``S(0)`` activations gets a ``P`` gradient, so each parameter
+  gradient is boxed ``P -> B`` with an all-reduce on every axis, in axis order from the last
+  (inside a node) to the first (across nodes);
+- the loss is boxed ``P -> B`` for logging.
+
+Requires ``ultraplan.shape`` and ``ultraplan.op`` on every node. Promises ``ultraplan.sbp`` on
+every node, ``ultraplan.boxing`` (per input, possibly empty) on every op and the output, and
+``ultraplan.grad_boxing`` on every parameter.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import sympy
+from torch import fx
+
+from ..compiler.shapes import numel
+from .context import PassReport, PlanContext
+from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, nd_str
+from .symbols import BYTES_PER_ELEMENT, axis_size
+
+
+class PlanError(Exception):
+    """A plan that cannot be made as asked (e.g. a batch that does not divide over the mesh)."""
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[NdSbp, ...]
+    output: NdSbp
+    partial_scale: sympy.Expr = sympy.Integer(1)
+
+    def __str__(self) -> str:
+        ins = ", ".join(f"[{nd_str(s)}]" for s in self.inputs)
+        return f"{ins} -> [{nd_str(self.output)}]" if ins else f"[{nd_str(self.output)}]"
+
+
+def local_bytes(shape, dtype: str, sbp: NdSbp, mesh_rank: int, skip_axis: int) -> sympy.Expr:
+    """Bytes of a tensor seen on ``skip_axis``: divided by the sizes of other axes that split it."""
+    total = numel(shape) * BYTES_PER_ELEMENT[dtype]
+    for axis in range(mesh_rank):
+        if axis != skip_axis and isinstance(sbp[axis], Split):
+            total = total / axis_size(axis)
+    return total
+
+
+def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
+    """Per-axis collectives turning ``src`` into ``dst``, innermost axis first."""
+    out = []
+    for axis in reversed(range(len(src))):
+        step = box(src[axis], dst[axis], axis=axis, nbytes=local_bytes(shape, dtype, src, len(src), axis),
+                   n=axis_size(axis))
+        if step is not None:
+            out.append(step)
+    return out
+
+
+def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+    start = time.perf_counter()
+    axes = len(ctx.mesh.shape)
+    if ctx.batch % ctx.mesh.size:
+        raise PlanError(f"batch {ctx.batch} does not split evenly over the {ctx.mesh.size} devices of mesh "
+                        f"{ctx.mesh}; use a batch that is a multiple of {ctx.mesh.size} (--batch)")
+    split: NdSbp = (Split(0),) * axes
+    bcast: NdSbp = (Broadcast(),) * axes
+    partial: NdSbp = (PartialSum(),) * axes
+    devices = sympy.Integer(1)
+    for axis in range(axes):
+        devices *= axis_size(axis)
+    num_boxed = 0
+    for node in gm.graph.nodes:
+        kind = node.meta["ultraplan.op"]
+        if node.op == "placeholder":
+            node.meta["ultraplan.sbp"] = Signature((), split)
+        elif node.op == "get_attr":
+            node.meta["ultraplan.sbp"] = Signature((), bcast)
+            node.meta["ultraplan.grad_boxing"] = boxings(partial, bcast, node.meta["ultraplan.shape"], "float32")
+        elif node.op == "call_function":
+            wanted = tuple(bcast if a.op == "get_attr" else split for a in node.all_input_nodes)
+            if kind == "cross_entropy":
+                node.meta["ultraplan.sbp"] = Signature(wanted, partial, 1 / devices)
+            else:
+                node.meta["ultraplan.sbp"] = Signature(wanted, split)
+        if node.op in ("call_function", "output"):
+            wanted = node.meta["ultraplan.sbp"].inputs if node.op == "call_function" else (bcast,)
+            node.meta["ultraplan.boxing"] = {}
+            for arg, want in zip(node.all_input_nodes, wanted):
+                have = arg.meta["ultraplan.sbp"].output
+                steps = boxings(have, want, arg.meta["ultraplan.shape"], arg.meta["ultraplan.dtype"])
+                node.meta["ultraplan.boxing"][arg.name] = steps
+                num_boxed += bool(steps) and node.op != "output"
+            if node.op == "output":
+                node.meta["ultraplan.sbp"] = Signature(wanted, bcast)
+    assert all("ultraplan.sbp" in n.meta for n in gm.graph.nodes), "choose_sbp left a node without SBP"
+    params = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    grad_bytes = sum((b.wire for n in params for b in n.meta["ultraplan.grad_boxing"]), sympy.Integer(0))
+    return PassReport("choose_sbp", time.perf_counter() - start, [
+        f"data parallel over {ctx.mesh.size} devices (mesh {ctx.mesh}): batch S(0) on every axis, "
+        f"{len(params)} parameters B, gradients P -> B by all-reduce",
+        f"{num_boxed} forward edges need boxing",
+    ], {"gradient_wire_bytes_per_device": sympy.simplify(grad_bytes)})

@@ -1,0 +1,85 @@
+"""What every pass receives (``PlanContext``) and returns (``PassReport``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from ..compiler.schema import HardwareSpec, ModelSpec
+from .symbols import PEAK, B, T, axis_bandwidth, axis_latency, axis_size
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A device mesh: ``(4,)`` or ``(2, 4)``; axis 0 spans nodes when there are several."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def size(self) -> int:
+        out = 1
+        for n in self.shape:
+            out *= n
+        return out
+
+    @staticmethod
+    def parse(text: str) -> Mesh:
+        """``"4"`` -> (4,), ``"2x4"`` -> (2, 4); raises ValueError with the reason."""
+        parts = str(text).lower().split("x")
+        try:
+            shape = tuple(int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"--mesh takes N or NxM (e.g. 4 or 2x4), got {text!r}") from None
+        if not shape or any(n < 1 for n in shape):
+            raise ValueError(f"mesh axis sizes must be positive, got {text!r}")
+        return Mesh(shape)
+
+    def __str__(self) -> str:
+        return "x".join(str(n) for n in self.shape)
+
+
+@dataclass
+class PlanContext:
+    """The question a plan answers: this spec, on this mesh and hardware, at this B and T."""
+
+    spec: ModelSpec
+    hardware: HardwareSpec
+    mesh: Mesh
+    batch: int
+    seq: int
+    mode: str = "train"
+    spec_text: str = ""  # the spec file's text, carried into the plan
+
+    def axis_link(self, axis: int):
+        """Axis 0 of a 2-d mesh crosses nodes; a 1-d mesh stays in a node when it fits."""
+        hw = self.hardware
+        if len(self.mesh.shape) > 1:
+            return hw.inter_node if axis == 0 else hw.intra_node
+        return hw.intra_node if self.mesh.shape[0] <= hw.devices_per_node else hw.inter_node
+
+    def values(self) -> dict[sympy.Symbol, float]:
+        """Numbers for every symbol a cost may contain."""
+        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq, PEAK: self.hardware.peak_flops["fp32"]}
+        for axis, n in enumerate(self.mesh.shape):
+            link = self.axis_link(axis)
+            out[axis_size(axis)] = n
+            out[axis_bandwidth(axis)] = link.bandwidth
+            out[axis_latency(axis)] = link.latency
+        return out
+
+
+@dataclass
+class PassReport:
+    """What a pass did: its name, wall time, the decisions it made, and symbolic totals."""
+
+    name: str
+    seconds: float = 0.0
+    decisions: list[str] = field(default_factory=list)
+    costs: dict[str, sympy.Expr] = field(default_factory=dict)
+
+    def render(self) -> str:
+        lines = [f"# Constructed by {self.name} (took {self.seconds * 1000:.0f} ms)"]
+        lines += [f"#   {d}" for d in self.decisions]
+        lines += [f"#   {k} = {v}" for k, v in self.costs.items()]
+        return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The pass pipeline: one ordered list, and the functions that run it.
+
+Order and why:
+1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
+                     placement below is computed from those shapes.
+2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
+3. ``choose_sbp``    needs shapes (for boxing bytes); picks signatures and boxing.
+4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx
+
+from ..compiler.build import build_model
+from ..compiler.lower import lower
+from ..compiler.schema import HardwareSpec, ModelSpec
+from .annotate_cost import annotate_cost
+from .build_plan import build_plan
+from .choose_sbp import choose_sbp
+from .context import Mesh, PassReport, PlanContext
+from .plan import Plan
+from .shape_prop import shape_prop
+
+Pass = Callable[[fx.GraphModule, PlanContext], PassReport]
+
+PIPELINE: list[tuple[str, Pass]] = [
+    ("shape_prop", shape_prop),
+    ("annotate_cost", annotate_cost),
+    ("choose_sbp", choose_sbp),
+    ("build_plan", build_plan),
+]
+
+
+class PassFailed(Exception):
+    """A pass broke an invariant: names the pass and the ones that ran before it."""
+
+
+def run_pipeline(gm: fx.GraphModule, ctx: PlanContext, *, stop_after: str | None = None) -> list[PassReport]:
+    reports: list[PassReport] = []
+    for name, run in PIPELINE:
+        try:
+            reports.append(run(gm, ctx))
+        except AssertionError as exc:
+            done = ", ".join(r.name for r in reports) or "none"
+            raise PassFailed(f"pass {name} failed (after: {done}): {exc}") from exc
+        if name == stop_after:
+            break
+    return reports
+
+
+def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
+    """The annotated graph of ``spec``, built on the meta device (no weights are allocated)."""
+    return lower(build_model(spec, device="meta"), mode=mode)
+
+
+def make_plan(
+    spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
+    mode: str = "train", spec_text: str = "",
+) -> tuple[Plan, fx.GraphModule, list[PassReport]]:
+    """Run every pass; return the plan, the annotated graph and the pass reports."""
+    ctx = PlanContext(spec, hardware, mesh, batch or spec.train.batch_size, seq or spec.seq_len, mode, spec_text)
+    gm = lower_spec(spec, mode)
+    reports = run_pipeline(gm, ctx)
+    return gm.meta["ultraplan.plan"], gm, reports

@@ -1,0 +1,149 @@
+"""The Plan: a versioned, JSON-serialisable record of every decision, read by the backends.
+
+Everything a backend needs is here and nothing it must decide: per node the op, its arguments,
+its SBP signature, the boxing collectives on its inputs and its costs; per parameter its
+placement, init rule and gradient collectives; totals. Every cost is kept twice: the sympy
+expression (as text, in the symbols of ``symbols.py``) and its value at the plan's B, T, mesh
+and hardware. ``Plan.from_json(plan.to_json()) == plan`` holds exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+PLAN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A symbolic cost and its value at the plan's point."""
+
+    expr: str
+    value: float
+
+
+@dataclass(frozen=True)
+class CollectivePlan:
+    """One collective the program runs, and why."""
+
+    collective: str  # all_reduce, all_gather, reduce_scatter, all_to_all, local
+    axis: int
+    group_size: int
+    src: str
+    dst: str
+    payload_bytes: Cost  # bytes of the local tensor handed over (what the runtime counts)
+    wire_bytes: Cost  # bytes each device sends, ring model
+    time: Cost  # seconds: messages * latency + wire / bandwidth
+    reason: str
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    name: str
+    op: str
+    layer: str
+    args: tuple[str, ...]  # names of the tensor inputs, in call order
+    attrs: tuple[tuple[str, Any], ...]  # non-tensor arguments, in call order
+    shape: tuple[str, ...]  # global (logical) shape, sympy text
+    local_shape: tuple[str, ...]  # the shape on one device
+    dtype: str
+    sbp_in: tuple[str, ...]
+    sbp_out: str
+    partial_scale: str  # the factor a local result is multiplied by to form a P value ("1" if none)
+    boxing: tuple[tuple[str, tuple[CollectivePlan, ...]], ...]  # per input name
+    flops: Cost
+    backward_flops: Cost
+    bytes_read: Cost
+    bytes_written: Cost
+
+
+@dataclass(frozen=True)
+class ParamPlan:
+    name: str  # canonical name, as in the eager model's state_dict
+    node: str  # the graph node that reads it
+    shape: tuple[int, ...]
+    init: str
+    std: float
+    sbp: str
+    bytes_per_device: Cost
+    grad_sync: tuple[CollectivePlan, ...]
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    steps: int
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    seed: int
+    task: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    spec_name: str
+    spec_source: str
+    spec_sha256: str
+    spec_text: str  # the spec itself, so a compiled directory can be checked against eager
+    model: tuple[tuple[str, int | bool], ...]  # vocab_size, hidden_size, seq_len, num_layers, tie_embeddings
+    mesh: tuple[int, ...]
+    hardware: str
+    mode: str
+    batch: int
+    seq: int
+    strategy: str
+    training: TrainingPlan
+    nodes: tuple[NodePlan, ...]
+    params: tuple[ParamPlan, ...]
+    output: str
+    output_boxing: tuple[CollectivePlan, ...]
+    totals: tuple[tuple[str, Cost], ...]
+
+    def to_json(self) -> str:
+        return json.dumps(_encode(self), indent=1, sort_keys=False) + "\n"
+
+    @staticmethod
+    def from_json(text: str) -> Plan:
+        data = json.loads(text)
+        if data.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {data.get('version')} is not {PLAN_VERSION}; recompile the spec")
+        return _decode(Plan, data)
+
+    def node(self, name: str) -> NodePlan:
+        return next(n for n in self.nodes if n.name == name)
+
+    def total(self, key: str) -> Cost:
+        return dict(self.totals)[key]
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)})
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], v) for v in value)
+        return tuple(_decode(a, v) for a, v in zip(args, value))
+    if origin in (typing.Union, types.UnionType) or tp is Any:
+        return tuple(value) if isinstance(value, list) else value
+    if tp is float:
+        return float(value)
+    return value

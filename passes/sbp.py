@@ -1,0 +1,101 @@
+"""SBP values (OneFlow's split / broadcast / partial-sum) and the boxing table between them.
+
+A tensor on a mesh axis of n devices is either split along a dim ``S(d)`` (each device holds
+1/n of it), broadcast ``B`` (each holds all of it) or a partial sum ``P`` (the logical tensor is
+the sum of the devices' tensors). An nd-SBP is one value per mesh axis.
+
+Boxing turns one SBP into another with a collective. Bytes are *per device*, ring algorithms,
+for a logical tensor of ``nbytes`` on an axis of ``n`` devices (research/sbp_autoparallel.md §6,
+from OneFlow's ``sbp_infer_util.cpp`` and DTensor's ``_collective_utils.py``):
+
+    P -> B  all_reduce       2 (n-1)/n * nbytes     2(n-1) messages
+    S -> B  all_gather         (n-1)/n * nbytes      (n-1) messages
+    P -> S  reduce_scatter     (n-1)/n * nbytes      (n-1) messages
+    S(i) -> S(j) all_to_all    (n-1)/n^2 * nbytes    (n-1) messages
+    B -> S  local slice        0
+    B -> P  local (keep on one device, zero elsewhere) 0
+    S -> P  and P(op1) -> P(op2): not allowed (research §0.5)
+
+``payload`` is what the program hands the collective (the local tensor's bytes): that is what
+the emitted runtime counts, and what tests compare against a real collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+
+@dataclass(frozen=True)
+class Split:
+    dim: int
+
+    def __str__(self) -> str:
+        return f"S({self.dim})"
+
+
+@dataclass(frozen=True)
+class Broadcast:
+    def __str__(self) -> str:
+        return "B"
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    def __str__(self) -> str:
+        return "P"
+
+
+Sbp = Split | Broadcast | PartialSum
+NdSbp = tuple[Sbp, ...]
+
+
+def parse_sbp(text: str) -> Sbp:
+    """Inverse of ``str``: ``"S(0)"``, ``"B"`` or ``"P"``."""
+    if text == "B":
+        return Broadcast()
+    if text == "P":
+        return PartialSum()
+    if text.startswith("S(") and text.endswith(")"):
+        return Split(int(text[2:-1]))
+    raise ValueError(f"not an SBP: {text!r}")
+
+
+def nd_str(sbp: NdSbp) -> str:
+    return ",".join(str(s) for s in sbp)
+
+
+@dataclass(frozen=True)
+class Boxing:
+    """One collective on one mesh axis, with its per-device costs as sympy expressions."""
+
+    collective: str
+    axis: int
+    src: str
+    dst: str
+    payload: sympy.Expr  # bytes of the local tensor handed to the collective
+    wire: sympy.Expr  # bytes each device sends (ring model)
+    messages: sympy.Expr
+
+
+def box(src: Sbp, dst: Sbp, *, axis: int, nbytes: sympy.Expr, n: sympy.Expr) -> Boxing | None:
+    """The collective that turns ``src`` into ``dst`` on ``axis``; ``None`` when nothing moves.
+
+    ``nbytes`` is the logical size of the tensor *on this axis* (already divided by the sizes of
+    other axes on which it stays split).
+    """
+    if src == dst:
+        return None
+    pair = (type(src), type(dst))
+    if pair == (PartialSum, Broadcast):
+        return Boxing("all_reduce", axis, str(src), str(dst), nbytes, 2 * (n - 1) / n * nbytes, 2 * (n - 1))
+    if pair == (Split, Broadcast):
+        return Boxing("all_gather", axis, str(src), str(dst), nbytes / n, (n - 1) / n * nbytes, n - 1)
+    if pair == (PartialSum, Split):
+        return Boxing("reduce_scatter", axis, str(src), str(dst), nbytes, (n - 1) / n * nbytes, n - 1)
+    if pair == (Split, Split):
+        return Boxing("all_to_all", axis, str(src), str(dst), nbytes / n, (n - 1) / n**2 * nbytes, n - 1)
+    if pair in ((Broadcast, Split), (Broadcast, PartialSum)):
+        return Boxing("local", axis, str(src), str(dst), sympy.Integer(0), sympy.Integer(0), sympy.Integer(0))
+    raise ValueError(f"no boxing from {src} to {dst}: a consumer may not take a partial value from a split one")

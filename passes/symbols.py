@@ -1,0 +1,39 @@
+"""The named sympy symbols every cost is written in, and how they are given values late.
+
+``B`` batch (global sequences per step) and ``T`` sequence length come from the compiler's
+shape rules. A mesh axis ``a`` has a size ``n{a}``, a link bandwidth ``bw{a}`` (bytes/s per
+device, per direction) and a per-message latency ``lat{a}`` (seconds); ``peak`` is the device's
+fp32 FLOP/s. Costs stay symbolic through planning; ``evaluate`` substitutes numbers at the end.
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from ..compiler.shapes import B, T
+
+PEAK = sympy.Symbol("peak", positive=True)
+BYTES_PER_ELEMENT = {"float32": 4, "int64": 8}
+
+
+def axis_size(axis: int) -> sympy.Symbol:
+    return sympy.Symbol(f"n{axis}", integer=True, positive=True)
+
+
+def axis_bandwidth(axis: int) -> sympy.Symbol:
+    return sympy.Symbol(f"bw{axis}", positive=True)
+
+
+def axis_latency(axis: int) -> sympy.Symbol:
+    return sympy.Symbol(f"lat{axis}", nonnegative=True)
+
+
+def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, float]) -> float:
+    """The number an expression takes at ``values``; every free symbol must be given."""
+    result = sympy.sympify(expr).subs(values)
+    if result.free_symbols:
+        raise ValueError(f"cost {expr} still has free symbols {sorted(map(str, result.free_symbols))}")
+    return float(result)
+
+
+__all__ = ["BYTES_PER_ELEMENT", "PEAK", "B", "T", "axis_bandwidth", "axis_latency", "axis_size", "evaluate"]
