@@ -40,11 +40,12 @@ def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str) -> C
                           cost(b.wire, values), cost(collective_time(b), values), reason)
 
 
-def local_shape(shape, sbp) -> tuple[str, ...]:
+def local_shape(shape, sbp, mesh: tuple[int, ...]) -> tuple[str, ...]:
+    """The shape one device holds, with mesh sizes filled in: ``(B/4, T, 64)``."""
     dims = list(shape)
     for axis, s in enumerate(sbp):
         if isinstance(s, Split):
-            dims[s.dim] = dims[s.dim] / axis_size(axis)
+            dims[s.dim] = dims[s.dim] / mesh[axis]
     return tuple(str(d) for d in dims)
 
 
@@ -62,7 +63,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         sig = meta["ultraplan.sbp"]
         if node.op == "get_attr":
             info = meta["ultraplan.param"]
-            grads = tuple(collective_plan(b, ctx, values, f"gradient of {info.name} arrives as P: sum it")
+            grads = tuple(collective_plan(b, ctx, values, "the weight is B and the batch S(0), so its gradient arrives as P")
                           for b in meta["ultraplan.grad_boxing"])
             comm_time += sum((collective_time(b) for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
             comm_wire += sum((b.wire for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
@@ -75,7 +76,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                                     cost(local, values), grads))
         if node.op == "output":
             out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
-            output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P: sum it for logging")
+            output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P; sum it for logging")
                                   for b in out_steps)
             output = node.all_input_nodes[0].name
             continue
@@ -89,7 +90,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             name=node.name, op=meta["ultraplan.op"], layer=meta["ultraplan.layer"],
             args=tuple(a.name for a in node.all_input_nodes), attrs=tuple(meta["ultraplan.attrs"].items()),
             shape=tuple(str(d) for d in meta["ultraplan.shape"]),
-            local_shape=local_shape(meta["ultraplan.shape"], sig.output), dtype=meta["ultraplan.dtype"],
+            local_shape=local_shape(meta["ultraplan.shape"], sig.output, ctx.mesh.shape), dtype=meta["ultraplan.dtype"],
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
             partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,

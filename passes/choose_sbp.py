@@ -31,6 +31,8 @@ from .context import PassReport, PlanContext
 from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, nd_str
 from .symbols import BYTES_PER_ELEMENT, axis_size
 
+ONE = sympy.Integer(1)
+
 
 class PlanError(Exception):
     """A plan that cannot be made as asked (e.g. a batch that does not divide over the mesh)."""
@@ -40,7 +42,7 @@ class PlanError(Exception):
 class Signature:
     inputs: tuple[NdSbp, ...]
     output: NdSbp
-    partial_scale: sympy.Expr = sympy.Integer(1)
+    partial_scale: sympy.Expr = ONE
 
     def __str__(self) -> str:
         ins = ", ".join(f"[{nd_str(s)}]" for s in self.inputs)

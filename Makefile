@@ -1,0 +1,29 @@
+# make demo: compile the bundled default spec for 4 ranks, draw the plan, run it with --check.
+# make test: the whole test suite (unit, golden, multi-rank). Both set up .venv when missing.
+PY      := .venv/bin/python
+STAMP   := .venv/.ultraplan-installed
+DEMO    := out/demo
+
+.PHONY: demo test lint golden setup clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@bash tools/setup.sh
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m ultraplan stats dense-tiny
+	$(PY) -m ultraplan compile dense-tiny --mesh 4 -o $(DEMO)
+	$(PY) -m ultraplan viz $(DEMO)/plan.json -o $(DEMO)/plan.svg
+	$(PY) -m ultraplan run $(DEMO) --check
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+golden: $(STAMP)
+	$(PY) tools/regen_golden.py
+
+clean:
+	rm -rf out .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""ultraplan.backends: emitters that turn a Plan into files. They read the Plan; they decide nothing."""

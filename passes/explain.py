@@ -1,0 +1,46 @@
+"""Print an annotated graph as readable Python: one line per op, its analyses as a trailing comment.
+
+The body is torch.fx's own code generation (runnable Python); each op line gets
+``# (B, T, 64) S(0) -> [S(0)]  flops=2*B*T*4096`` from whatever ``ultraplan.*`` keys the passes so
+far have written, and the pass reports head the listing as ``# Constructed by ...`` lines.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..compiler.shapes import shape_str
+from .context import PassReport
+
+
+def annotation(node: fx.Node) -> str:
+    meta = node.meta
+    parts = []
+    if "ultraplan.shape" in meta:
+        parts.append(shape_str(meta["ultraplan.shape"]))
+    if "ultraplan.sbp" in meta:
+        parts.append(str(meta["ultraplan.sbp"]))
+    cost = meta.get("ultraplan.cost")
+    if cost is not None and cost.flops != 0:
+        parts.append(f"flops={cost.flops}")
+    for arg, steps in meta.get("ultraplan.boxing", {}).items():
+        for b in steps:
+            parts.append(f"{arg}: {b.collective}@axis{b.axis} wire={b.wire}")
+    for b in meta.get("ultraplan.grad_boxing", []):
+        parts.append(f"grad {b.src}->{b.dst} {b.collective}@axis{b.axis}")
+    return "  ".join(parts)
+
+
+def explain_graph(gm: fx.GraphModule, reports: list[PassReport]) -> str:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    out = [r.render() for r in reports]
+    for line in gm.code.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("torch.fx._symbolic_trace.wrap"):
+            continue
+        target = stripped.split(" = ", 1)[0].strip() if " = " in stripped else ""
+        code = line.split(";  ")[0].rstrip()  # drop fx's "x = None" frees
+        if target in by_name:
+            code += "  # " + annotation(by_name[target])
+        out.append(code)
+    return "\n".join(out)

@@ -1,0 +1,91 @@
+"""The data-parallel plan, its JSON round trip, the boxing table and the explain printout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sympy
+from ultraplan.passes.choose_sbp import PlanError
+from ultraplan.passes.plan import Plan
+from ultraplan.passes.sbp import Broadcast, PartialSum, Split, box, parse_sbp
+
+from tests.conftest import MODELS
+from ultraplan import api
+from ultraplan.cli import main
+
+n = sympy.Symbol("n", positive=True)
+
+
+@pytest.mark.parametrize("mesh", ["1", "4", "2x2"])
+def test_plan_round_trips_exactly(mesh):
+    plan = api.plan(MODELS / "dense-gqa-tied.yaml", mesh)
+    text = plan.to_json()
+    assert Plan.from_json(text) == plan
+    assert Plan.from_json(text).to_json() == text
+
+
+def test_data_parallel_signatures_and_gradient_collectives():
+    plan = api.plan(MODELS / "dense-tiny.yaml", "2x2", batch=8)
+    assert plan.node("tokens").sbp_out == "S(0),S(0)" and plan.node("tokens").local_shape == ("B/4", "T")
+    assert plan.node("layers_0_attention_q").sbp_in == ("S(0),S(0)", "B,B")
+    assert plan.node("loss").sbp_out == "P,P" and plan.node("loss").partial_scale == "1/4"
+    for p in plan.params:
+        assert p.sbp == "B,B"
+        assert [(c.collective, c.axis, c.src, c.dst) for c in p.grad_sync] == [
+            ("all_reduce", 1, "P", "B"), ("all_reduce", 0, "P", "B")]
+        size = 4
+        for dim in p.shape:
+            size *= dim
+        assert all(c.payload_bytes.value == size and c.wire_bytes.value == size for c in p.grad_sync)  # 2(n-1)/n = 1
+
+
+def test_totals_are_symbolic_and_evaluated():
+    plan = api.plan(MODELS / "dense-tiny.yaml", "4", hardware="h200-8")
+    step = plan.total("step_time")
+    assert {"B", "T", "n0", "bw0", "lat0", "peak"} <= {str(s) for s in sympy.sympify(step.expr).free_symbols}
+    expr = sympy.sympify(step.expr)
+    values = {"B": 8, "T": 32, "n0": 4, "bw0": 4.5e11, "lat0": 3e-6, "peak": 6.7e13}
+    assert float(expr.subs(values)) == pytest.approx(step.value, rel=1e-12)
+    fwd = plan.total("forward_flops").value
+    assert fwd == plan.total("flops_per_token").value * 8 * 32
+
+
+def test_batch_must_divide_over_mesh():
+    with pytest.raises(PlanError, match="multiple of 4"):
+        api.plan(MODELS / "dense-tiny.yaml", "4", batch=6)
+
+
+def test_bad_mesh_is_a_clear_error(capsys):
+    assert main(["plan", "dense-tiny", "--mesh", "4by2"]) == 2
+    assert "--mesh takes N or NxM" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("src,dst,collective,wire", [
+    (PartialSum(), Broadcast(), "all_reduce", 2 * (n - 1) / n * 100),
+    (Split(0), Broadcast(), "all_gather", (n - 1) / n * 100),
+    (PartialSum(), Split(1), "reduce_scatter", (n - 1) / n * 100),
+    (Split(0), Split(1), "all_to_all", (n - 1) / n**2 * 100),
+    (Broadcast(), Split(0), "local", 0),
+])
+def test_boxing_table(src, dst, collective, wire):
+    step = box(src, dst, axis=0, nbytes=sympy.Integer(100), n=n)
+    assert step.collective == collective and sympy.simplify(step.wire - wire) == 0
+    assert parse_sbp(str(src)) == src
+
+
+def test_boxing_refuses_split_to_partial():
+    with pytest.raises(ValueError, match="no boxing"):
+        box(Split(0), PartialSum(), axis=0, nbytes=sympy.Integer(8), n=n)
+
+
+def test_cli_plan_json_and_explain(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "dense-tiny", "--mesh", "4", "--json", "-o", str(out)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["version"] == 1 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
+    assert main(["explain", "dense-tiny", "--mesh", "2", "--stage", "choose_sbp"]) == 0
+    text = capsys.readouterr().out
+    assert "# Constructed by choose_sbp" in text and "build_plan" not in text
+    line = next(x for x in text.splitlines() if x.strip().startswith("layers_0_attention_q ="))
+    assert line.endswith("# (B, T, 64)  [S(0)], [B] -> [S(0)]  flops=8192*B*T")

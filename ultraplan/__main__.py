@@ -1,0 +1,5 @@
+import sys
+
+from ultraplan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The three calls most users need: load a spec, plan it, compile it to a program directory."""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from ultraplan.backends.graphviz import plan_to_dot, render_svg
+from ultraplan.backends.program import write_program
+from ultraplan.compiler.schema import HardwareSpec, ModelSpec
+from ultraplan.compiler.validate import load_hardware_spec, load_model_spec
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.pipeline import make_plan
+from ultraplan.passes.plan import Plan
+
+DEFAULT_HARDWARE = "cpu"
+
+
+def bundled(kind: str, name: str) -> Path:
+    """Path of a bundled spec, e.g. ``bundled("hardware", "cpu")``."""
+    return Path(str(resources.files("ultraplan.specs") / kind / f"{name}.yaml"))
+
+
+def resolve_spec_path(text: str | Path, kind: str) -> Path:
+    """A file path as given, or the name of a bundled spec (``dense-tiny``, ``h200-8``)."""
+    path = Path(text)
+    if path.exists() or path.suffix in (".yaml", ".yml"):
+        return path
+    candidate = bundled(kind, str(text))
+    return candidate if candidate.exists() else path
+
+
+def load(path: str | Path) -> ModelSpec:
+    return load_model_spec(resolve_spec_path(path, "models"))
+
+
+def load_hardware(path: str | Path | None = None) -> HardwareSpec:
+    return load_hardware_spec(resolve_spec_path(path or DEFAULT_HARDWARE, "hardware"))
+
+
+def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None = None, batch: int | None = None,
+         seq: int | None = None, mode: str = "train") -> Plan:
+    path = resolve_spec_path(spec_path, "models")
+    spec = load_model_spec(path)
+    result, _, _ = make_plan(spec, load_hardware(hardware), Mesh.parse(mesh), batch=batch, seq=seq, mode=mode,
+                             spec_text=path.read_text(encoding="utf-8"))
+    return result
+
+
+def write_plan_files(result: Plan, out_dir: Path) -> list[Path]:
+    """plan.json, plan.dot and (when graphviz's ``dot`` is installed) plan.svg."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plan.json").write_text(result.to_json())
+    dot = plan_to_dot(result)
+    (out_dir / "plan.dot").write_text(dot)
+    written = [out_dir / "plan.json", out_dir / "plan.dot"]
+    if render_svg(dot, out_dir / "plan.svg"):
+        written.append(out_dir / "plan.svg")
+    return written
+
+
+def compile(spec_path: str | Path, mesh: str, out_dir: str | Path, **plan_args) -> Plan:
+    """Plan ``spec_path`` for ``mesh`` and write the program directory ``out_dir``."""
+    out = Path(out_dir)
+    if out.exists() and (out / "program.py").exists():
+        shutil.rmtree(out)
+    result = plan(spec_path, mesh, **plan_args)
+    write_program(result, out)
+    write_plan_files(result, out)
+    return result

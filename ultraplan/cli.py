@@ -1,0 +1,174 @@
+"""The ``ultraplan`` command: stats, plan, compile, run, viz, explain.
+
+Spec and plan errors print one message (file:line:column: field: what and how to fix) and exit 2;
+a failed ``run --check`` exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ultraplan import api
+from ultraplan.compiler.errors import SpecError
+from ultraplan.passes.choose_sbp import PlanError
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.pipeline import PIPELINE
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
+    p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
+    p.add_argument("--batch", type=int, default=None, help="global batch B (default: the spec's train.batch_size)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length T (default: the spec's seq_len)")
+    p.add_argument("--mode", choices=("train", "infer"), default="train")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ultraplan.passes.annotate_cost import annotate_cost
+    from ultraplan.passes.context import PlanContext
+    from ultraplan.passes.pipeline import lower_spec
+    from ultraplan.passes.stats import model_stats
+
+    spec = api.load(args.spec)
+    gm = lower_spec(spec, mode="infer")
+    annotate_cost(gm, PlanContext(spec, api.load_hardware(None), Mesh((1,)), 1, spec.seq_len))
+    stats = model_stats(gm, spec.seq_len).as_dict()
+    if args.json:
+        print(json.dumps(stats, indent=1))
+    else:
+        print(f"{spec.name}: {stats['params']:,} parameters, {stats['active_params']:,} active per token")
+        print(f"forward FLOPs per token: {stats['flops_per_token_expr']} = {stats['flops_per_token']:,} at T={spec.seq_len}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode)
+    text = result.to_json()
+    if args.output:
+        Path(args.output).write_text(text)
+    if args.json:
+        print(text, end="")
+    else:
+        totals = dict(result.totals)
+        print(f"{result.spec_name}: {result.strategy} on mesh {'x'.join(map(str, result.mesh))} ({result.hardware}), "
+              f"B={result.batch}, T={result.seq}")
+        for key, cost in totals.items():
+            print(f"  {key:18s} {cost.value:<14.6g} = {cost.expr}")
+        if args.output:
+            print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
+                         mode=args.mode)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"compiled {result.spec_name} for mesh {'x'.join(map(str, result.mesh))} into {out}: {', '.join(files)}")
+    print(f"run it: torchrun --nproc_per_node {Mesh(result.mesh).size} {out / 'program.py'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ultraplan.runner import run
+
+    report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
+                 quiet=args.json)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    elif args.check and "max_rel_diff_loss" in report:
+        verdict = "OK" if report["ok"] else "FAILED"
+        print(f"check against eager: {verdict}: max relative difference of losses "
+              f"{report['max_rel_diff_loss']:.2e}, of final parameters {report['max_rel_diff_params']:.2e} "
+              f"(tolerances {report['tolerance']['loss']:.0e} and {report['tolerance']['params']:.0e})")
+    if report.get("exit_code", 0) != 0:
+        print(f"the program exited with code {report['exit_code']}", file=sys.stderr)
+    return 0 if report["ok"] else 1
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    from ultraplan.backends.graphviz import plan_to_dot, render_svg
+    from ultraplan.passes.plan import Plan
+
+    plan = Plan.from_json(Path(args.plan).read_text())
+    dot = plan_to_dot(plan)
+    out = Path(args.output)
+    if out.suffix == ".dot":
+        out.write_text(dot)
+    elif not render_svg(dot, out):
+        out.with_suffix(".dot").write_text(dot)
+        print(f"graphviz 'dot' is not installed: wrote {out.with_suffix('.dot')} instead", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from ultraplan.passes.context import PlanContext
+    from ultraplan.passes.explain import explain_graph
+    from ultraplan.passes.pipeline import lower_spec, run_pipeline
+
+    spec = api.load(args.spec)
+    ctx = PlanContext(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh), args.batch or spec.train.batch_size,
+                      args.seq or spec.seq_len, args.mode)
+    gm = lower_spec(spec, args.mode)
+    reports = run_pipeline(gm, ctx, stop_after=args.stage)
+    print(explain_graph(gm, reports))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ultraplan", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("stats", help="parameters, active parameters, FLOPs per token")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    p = sub.add_parser("plan", help="make a plan for a mesh")
+    p.add_argument("spec")
+    _plan_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan JSON")
+    p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("compile", help="write program.py, plan.json, plan.dot, plan.svg")
+    p.add_argument("spec")
+    _plan_args(p)
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("run", help="run a compiled directory with torchrun")
+    p.add_argument("dir")
+    p.add_argument("--nproc", type=int, default=None, help="processes (default: the plan's mesh size)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--check", action="store_true", help="compare with the eager reference; exit 1 if off")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("viz", help="draw a plan.json with graphviz")
+    p.add_argument("plan")
+    p.add_argument("-o", "--output", required=True, help="plan.svg (or .png, .pdf; .dot writes the source)")
+    p.set_defaults(func=cmd_viz)
+    p = sub.add_parser("explain", help="print the annotated graph after a pass as readable Python")
+    p.add_argument("spec")
+    _plan_args(p)
+    p.add_argument("--stage", default=PIPELINE[-1][0], choices=[name for name, _ in PIPELINE])
+    p.set_defaults(func=cmd_explain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (PlanError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

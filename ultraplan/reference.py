@@ -1,0 +1,57 @@
+"""The eager single-process reference run that ``ultraplan run --check`` compares a program with.
+
+Same spec, seed, data and optimizer settings as the plan; none of the plan's code: the model is
+``compiler.build``'s module, the whole global batch goes through it in one process, and the
+gradient is torch's own.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ultraplan.compiler import ops, seeded
+from ultraplan.compiler.build import build_model
+from ultraplan.compiler.validate import load_model_spec
+from ultraplan.passes.plan import Plan
+
+
+def train_reference(plan: Plan, steps: int, seed: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses per step and the final parameters (by canonical name) of the eager model."""
+    spec = load_model_spec(plan.spec_source, text=plan.spec_text)
+    model = build_model(spec, seed=seed)
+    t = plan.training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                  weight_decay=t.weight_decay)
+    losses = []
+    vocab = dict(plan.model)["vocab_size"]
+    for step in range(steps):
+        batch = seeded.permutation_walk_batch(seed, step, plan.batch, plan.seq, vocab)
+        loss = ops.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def relative_differences(
+    losses: list[float], ref_losses: list[float], params: dict[str, torch.Tensor], ref_params: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Largest relative difference of the losses and of the final parameters.
+
+    Loss: max over steps of |a - b| / |b|. Parameters: max over tensors of ||a - b|| / ||b||
+    (Frobenius norms). Why a norm and not elementwise: AdamW divides each gradient element by
+    its own running RMS, so an element whose gradient is ~1e-9 (a rarely seen embedding row)
+    moves by ~lr in a direction set by rounding noise; a few such elements differ by ~lr between
+    runs that sum gradients in another order, while the tensor as a whole agrees to ~1e-7.
+    """
+    if len(losses) != len(ref_losses):
+        raise ValueError(f"the program ran {len(losses)} steps, the reference {len(ref_losses)}")
+    if set(params) != set(ref_params):
+        raise ValueError(f"parameter names differ: {sorted(set(params) ^ set(ref_params))}")
+    loss_rel = max((abs(a - b) / max(abs(b), 1e-30) for a, b in zip(losses, ref_losses)), default=0.0)
+    param_rel = 0.0
+    for name, ref in ref_params.items():
+        scale = ref.norm().item() or 1.0
+        param_rel = max(param_rel, (params[name].to(ref.dtype) - ref).norm().item() / scale)
+    return {"loss": loss_rel, "params": param_rel}
