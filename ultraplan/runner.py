@@ -19,8 +19,8 @@ from ultraplan.reference import relative_differences, train_reference
 LOSS_TOLERANCE = 1e-5
 # Parameters drift more: AdamW's first steps move every element by ~lr * sign(gradient), so an
 # element whose gradient is mostly cancellation carries its rounding noise into the update.
-# Measured on dense-tiny, 4 ranks: 4e-5 (Frobenius, relative) after 5 steps, 5e-5 after 30; one
-# rank is bit-identical. 1e-4 keeps a 2x margin and still catches any real error (a wrong
+# Measured on dense-tiny, 4 ranks: 4e-5 (Frobenius, relative) after 5 steps, 5e-5 after 30.
+# 1e-4 keeps a 2x margin and still catches any real error (a wrong
 # gradient scale or a missing all-reduce shows up at 1e-2 or more after one step).
 PARAM_TOLERANCE = 1e-4
 

@@ -1,0 +1,44 @@
+"""Run several compiled programs inside one torchrun process group (one start per rank count).
+
+    torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
+
+The manifest lists ``{"dir": ..., "steps": ..., "dump": ...}`` cases; each program's ``main`` is
+called in turn with the process group already up, so it neither starts nor ends it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+
+import torch.distributed as dist
+
+NEIGHBOURS = ("ops", "runtime", "seeded")
+
+
+def run_case(case: dict) -> None:
+    for name in NEIGHBOURS:  # each program imports its own neighbour files
+        sys.modules.pop(name, None)
+    sys.path.insert(0, case["dir"])
+    try:
+        spec = importlib.util.spec_from_file_location("program_under_test", f"{case['dir']}/program.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main(["--steps", str(case["steps"]), "--dump", case["dump"], "--quiet"])
+    finally:
+        sys.path.remove(case["dir"])
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    for case in cases:
+        run_case(case)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Compiled programs on 1, 2 and 4 gloo ranks equal the eager reference after several steps.
+
+One torchrun per rank count runs every case (tests/dist/driver.py). Tolerances are
+ultraplan.runner's: losses 1e-5 relative, final parameters 1e-4 relative (Frobenius; why: see
+runner.PARAM_TOLERANCE). The bytes each collective was handed
+must equal the plan's prediction exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import MODELS, ROOT
+from ultraplan import api
+from ultraplan.passes.plan import Plan
+from ultraplan.reference import relative_differences, train_reference
+from ultraplan.runner import LOSS_TOLERANCE, PARAM_TOLERANCE
+
+pytestmark = pytest.mark.slow
+
+STEPS = 6
+MESHES = {1: {"dense-tiny": "1", "dense-gqa-tied": "1", "dense-deep-groups": "1"},
+          2: {"dense-tiny": "2", "dense-gqa-tied": "2", "dense-deep-groups": "2"},
+          4: {"dense-tiny": "4", "dense-gqa-tied": "4", "dense-deep-groups": "2x2"}}
+
+
+@functools.cache
+def reference(spec: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    plan = api.plan(MODELS / f"{spec}.yaml", "1")
+    return train_reference(plan, STEPS, plan.training.seed)
+
+
+def torchrun(nproc: int, *args: str, cwd=None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module", params=sorted(MESHES))
+def rank_run(request, tmp_path_factory):
+    nproc = request.param
+    root = tmp_path_factory.mktemp(f"ranks{nproc}")
+    cases = []
+    for spec, mesh in MESHES[nproc].items():
+        out = root / spec
+        api.compile(MODELS / f"{spec}.yaml", mesh, out)
+        cases.append({"spec": spec, "dir": str(out), "steps": STEPS, "dump": str(out / "result.json")})
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps(cases))
+    result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return nproc, cases
+
+
+@pytest.mark.parametrize("spec", list(MESHES[4]))
+def test_program_equals_eager(rank_run, spec):
+    nproc, cases = rank_run
+    case = next(c for c in cases if c["spec"] == spec)
+    result = json.loads(open(case["dump"]).read())
+    params = torch.load(result["params"])
+    ref_losses, ref_params = reference(spec)
+    diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
+    assert diffs["loss"] <= LOSS_TOLERANCE, diffs
+    assert diffs["params"] <= PARAM_TOLERANCE, diffs
+    assert result["losses"][-1] < result["losses"][0]  # it learns
+
+
+@pytest.mark.parametrize("spec", list(MESHES[4]))
+def test_measured_bytes_equal_planned(rank_run, spec):
+    nproc, cases = rank_run
+    case = next(c for c in cases if c["spec"] == spec)
+    plan = Plan.from_json(open(f"{case['dir']}/plan.json").read())
+    result = json.loads(open(case["dump"]).read())
+    collectives = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing)
+    planned = sum(c.payload_bytes.value for c in collectives) * STEPS
+    assert result["comm"]["bytes"].get("all_reduce", 0) == planned
+    assert result["comm"]["calls"].get("all_reduce", 0) == len(collectives) * STEPS
+
+
+def test_cli_run_check(tmp_path):
+    out = tmp_path / "prog"
+    api.compile(MODELS / "dense-gqa-tied.yaml", "2", out)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "ultraplan", "run", str(out), "--check", "--steps", "3", "--json"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["nproc"] == 2 and len(report["losses"]) == 3
+    assert report["max_rel_diff_loss"] <= LOSS_TOLERANCE
