@@ -6,8 +6,12 @@ the context's point and adds the step totals:
     compute_time   = (forward + backward FLOPs) / (devices * peak)   (batch split over devices)
     comm_time      = sum over collectives of messages * latency + wire bytes / bandwidth
     step_time      = compute_time + comm_time                        (no overlap assumed)
-    memory         = 16 bytes per local parameter element (fp32 weight, gradient, two AdamW
-                     moments) + forward activations kept for backward (bytes written / devices)
+    memory         = train: 16 bytes per local parameter element (fp32 weight, gradient, two
+                     AdamW moments) + forward activations kept for backward (bytes written / devices);
+                     infer: 4 bytes per local parameter element + the largest single activation
+                     (a lower bound: two live activations overlap at each op)
+
+In ``infer`` mode backward FLOPs are zero.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     nodes, params = [], []
     param_bytes = sympy.Integer(0)
     fwd = bwd = written = comm_time = comm_wire = sympy.Integer(0)
+    largest: sympy.Expr = sympy.Integer(0)
+    train = ctx.mode == "train"
     for node in gm.graph.nodes:
         meta = node.meta
         sig = meta["ultraplan.sbp"]
@@ -82,7 +88,9 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             continue
         c = meta.get("ultraplan.cost")
         if c is not None:
-            fwd, bwd, written = fwd + c.flops, bwd + c.backward_flops, written + c.bytes_written
+            fwd, written = fwd + c.flops, written + c.bytes_written
+            bwd = bwd + c.backward_flops if train else bwd
+            largest = sympy.Max(largest, c.bytes_written)
         zero = Cost("0", 0.0)
         boxing = tuple((arg, tuple(collective_plan(b, ctx, values, f"{node.name} needs {arg} as {b.dst}")
                                    for b in steps)) for arg, steps in meta.get("ultraplan.boxing", {}).items())
@@ -101,7 +109,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
         "compute_time": compute_time, "comm_wire_bytes": comm_wire, "comm_time": comm_time,
         "step_time": compute_time + comm_time,
-        "memory_per_device": 4 * param_bytes + written / devices,
+        "memory_per_device": (4 * param_bytes + written / devices) if train else (param_bytes + largest / devices),
     }
     t = ctx.spec.train
     plan = Plan(

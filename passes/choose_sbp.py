@@ -13,6 +13,9 @@ Strategy ``data_parallel`` (the only one so far): the batch dim is split on ever
   (inside a node) to the first (across nodes);
 - the loss is boxed ``P -> B`` for logging.
 
+In ``infer`` mode there is no loss and no backward: the logits stay ``S(0)`` and parameters get
+no gradient collectives.
+
 Requires ``ultraplan.shape`` and ``ultraplan.op`` on every node. Promises ``ultraplan.sbp`` on
 every node, ``ultraplan.boxing`` (per input, possibly empty) on every op and the output, and
 ``ultraplan.grad_boxing`` on every parameter.
@@ -88,7 +91,8 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             node.meta["ultraplan.sbp"] = Signature((), split)
         elif node.op == "get_attr":
             node.meta["ultraplan.sbp"] = Signature((), bcast)
-            node.meta["ultraplan.grad_boxing"] = boxings(partial, bcast, node.meta["ultraplan.shape"], "float32")
+            node.meta["ultraplan.grad_boxing"] = (
+                boxings(partial, bcast, node.meta["ultraplan.shape"], "float32") if ctx.mode == "train" else [])
         elif node.op == "call_function":
             wanted = tuple(bcast if a.op == "get_attr" else split for a in node.all_input_nodes)
             if kind == "cross_entropy":
@@ -96,7 +100,10 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             else:
                 node.meta["ultraplan.sbp"] = Signature(wanted, split)
         if node.op in ("call_function", "output"):
-            wanted = node.meta["ultraplan.sbp"].inputs if node.op == "call_function" else (bcast,)
+            if node.op == "call_function":
+                wanted = node.meta["ultraplan.sbp"].inputs
+            else:  # training logs the loss everywhere; inference leaves each rank its rows of logits
+                wanted = (bcast,) if ctx.mode == "train" else (node.all_input_nodes[0].meta["ultraplan.sbp"].output,)
             node.meta["ultraplan.boxing"] = {}
             for arg, want in zip(node.all_input_nodes, wanted):
                 have = arg.meta["ultraplan.sbp"].output

@@ -18,12 +18,15 @@ from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import PIPELINE
 
 
-def _plan_args(p: argparse.ArgumentParser) -> None:
+def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
     p.add_argument("--batch", type=int, default=None, help="global batch B (default: the spec's train.batch_size)")
     p.add_argument("--seq", type=int, default=None, help="sequence length T (default: the spec's seq_len)")
-    p.add_argument("--mode", choices=("train", "infer"), default="train")
+    if modes:
+        p.add_argument("--mode", choices=("train", "infer"), default="train")
+    else:
+        p.set_defaults(mode="train")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -133,9 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan JSON")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.set_defaults(func=cmd_plan)
-    p = sub.add_parser("compile", help="write program.py, plan.json, plan.dot, plan.svg")
+    p = sub.add_parser("compile", help="write program.py (a training program), plan.json, plan.dot, plan.svg")
     p.add_argument("spec")
-    _plan_args(p)
+    _plan_args(p, modes=False)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("run", help="run a compiled directory with torchrun")

@@ -89,3 +89,12 @@ def test_cli_plan_json_and_explain(tmp_path, capsys):
     assert "# Constructed by choose_sbp" in text and "build_plan" not in text
     line = next(x for x in text.splitlines() if x.strip().startswith("layers_0_attention_q ="))
     assert line.endswith("# (B, T, 64)  [S(0)], [B] -> [S(0)]  flops=8192*B*T")
+
+
+def test_infer_plan_has_no_backward():
+    train = api.plan(MODELS / "dense-tiny.yaml", "4")
+    infer = api.plan(MODELS / "dense-tiny.yaml", "4", mode="infer")
+    assert infer.total("backward_flops").value == 0 and infer.total("comm_wire_bytes").value == 0
+    assert all(not p.grad_sync for p in infer.params) and not infer.output_boxing
+    assert infer.node(infer.output).sbp_out == "S(0)" and infer.output == "logits"
+    assert infer.total("memory_per_device").value < train.total("memory_per_device").value / 3
