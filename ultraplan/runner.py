@@ -27,6 +27,7 @@ PARAM_TOLERANCE = 1e-4
 
 def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False) -> int:
     """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code."""
+    out_dir = out_dir.resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed)]
     if dump is not None:
