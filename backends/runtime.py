@@ -92,7 +92,10 @@ def setup(mesh_shape):
 
 
 def teardown(owned):
+    """End the process group if ``setup`` started it. The barrier first keeps a fast rank from
+    tearing down gloo's connections while a slow one still uses them (that aborts the process)."""
     if owned and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
