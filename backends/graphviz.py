@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from ..passes.plan import Plan
+from .text import layer_group
 
 COLOURS = {
     "linear": "#cfe2f3", "causal_attention": "#f4cccc", "embedding": "#d9ead3", "rms_norm": "#fff2cc",
@@ -47,7 +48,7 @@ def plan_to_dot(plan: Plan) -> str:
         flops = f"\n{node.flops.value:.3g} FLOP" if node.flops.value else ""
         label = f"{node.name}\n{node.op}  [{node.sbp_out}]{flops}"
         decl = f"  {_q(node.name)} [label={_q(label)}, fillcolor={_q(COLOURS.get(node.op, '#ffffff'))}];"
-        group = node.layer.removesuffix(".norm") if node.layer else ""
+        group = layer_group(node.layer)
         clusters.setdefault(group, []).append(decl)
     for i, (group, decls) in enumerate(clusters.items()):
         if not group:

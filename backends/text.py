@@ -21,6 +21,12 @@ def literal(value: object) -> str:
     raise TypeError(f"not a plain literal: {value!r}")
 
 
+def layer_group(layer: str) -> str:
+    """The heading a node is shown under: its module path, with a sublayer's pre-norm folded
+    into the sublayer (``layers.0.attention.norm`` -> ``layers.0.attention``)."""
+    return layer.removesuffix(".norm")
+
+
 def identifier(text: str) -> str:
     """A valid, non-keyword Python identifier derived from ``text``."""
     out = re.sub(r"\W", "_", str(text), flags=re.ASCII) or "_"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from typing import Any, Literal, NamedTuple, get_args, get_origin
 
@@ -28,7 +29,7 @@ def type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " or ".join(repr(a) for a in get_args(tp))
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in get_args(tp) if a is not type(None))
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 

@@ -45,6 +45,16 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_modules=(ops,))
 
 
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    """The tensor inputs of an op node in call order, repeats kept.
+
+    Use this, not ``node.all_input_nodes``: fx de-duplicates that list, so ``ops.add(x, x)``
+    would show one input and lose an argument in shapes, costs, SBP and the emitted call.
+    Every op in ``ops.py`` takes its tensors positionally, before any attribute.
+    """
+    return [a for a in node.args if isinstance(a, fx.Node)]
+
+
 def _module_path(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
@@ -92,7 +102,9 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
                 raise NotImplementedError(f"lowering met {node.target} outside ops.py in {node.meta['ultraplan.layer']}")
             bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
             attrs = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
-            in_shapes: list[Shape] = [a.meta["ultraplan.shape"] for a in node.all_input_nodes]
+            if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+                raise NotImplementedError(f"{op} in {node.meta['ultraplan.layer']}: pass tensors positionally")
+            in_shapes: list[Shape] = [a.meta["ultraplan.shape"] for a in tensor_args(node)]
             node.meta.update({"ultraplan.op": op, "ultraplan.attrs": attrs,
                               "ultraplan.shape": SHAPE_RULES[op](in_shapes, attrs),
                               "ultraplan.dtype": "float32"})

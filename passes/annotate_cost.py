@@ -7,17 +7,19 @@ import time
 import sympy
 from torch import fx
 
+from ..compiler.lower import tensor_args
 from .context import PassReport, PlanContext
 from .cost import ZERO, OpCost, op_cost
 
 
-def annotate_cost(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+def annotate_cost(gm: fx.GraphModule, ctx: PlanContext | None) -> PassReport:
+    """Costs depend only on shapes, so ``ctx`` may be None (as for ``stats``)."""
     start = time.perf_counter()
     total = OpCost(ZERO, ZERO, ZERO, ZERO)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        inputs = [(a.meta["ultraplan.shape"], a.meta["ultraplan.dtype"]) for a in node.all_input_nodes]
+        inputs = [(a.meta["ultraplan.shape"], a.meta["ultraplan.dtype"]) for a in tensor_args(node)]
         output = (node.meta["ultraplan.shape"], node.meta["ultraplan.dtype"])
         cost = op_cost(node.meta["ultraplan.op"], inputs, output, node.meta["ultraplan.attrs"])
         node.meta["ultraplan.cost"] = cost

@@ -21,11 +21,12 @@ import time
 import sympy
 from torch import fx
 
+from ..compiler.lower import tensor_args
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .plan import PLAN_VERSION, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
-from .sbp import Boxing, Split, nd_str
-from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
+from .sbp import Boxing, local_dims, nd_str
+from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, device_count, evaluate
 
 
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
@@ -44,21 +45,11 @@ def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str) -> C
                           cost(b.wire, values), cost(collective_time(b), values), reason)
 
 
-def local_shape(shape, sbp, mesh: tuple[int, ...]) -> tuple[str, ...]:
-    """The shape one device holds, with mesh sizes filled in: ``(B/4, T, 64)``."""
-    dims = list(shape)
-    for axis, s in enumerate(sbp):
-        if isinstance(s, Split):
-            dims[s.dim] = dims[s.dim] / mesh[axis]
-    return tuple(str(d) for d in dims)
-
-
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     values = ctx.values()
-    devices = sympy.Integer(1)
-    for axis in range(len(ctx.mesh.shape)):
-        devices *= axis_size(axis)
+    devices = device_count(len(ctx.mesh.shape))
+    sizes = [axis_size(a) for a in range(len(ctx.mesh.shape))]
     nodes, params = [], []
     param_bytes = sympy.Integer(0)
     fwd = bwd = written = comm_time = comm_wire = sympy.Integer(0)
@@ -73,10 +64,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                           for b in meta["ultraplan.grad_boxing"])
             comm_time += sum((collective_time(b) for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
             comm_wire += sum((b.wire for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
-            local = numel(meta["ultraplan.shape"]) * BYTES_PER_ELEMENT["float32"]
-            for axis, s in enumerate(sig.output):
-                if isinstance(s, Split):
-                    local = local / axis_size(axis)
+            local = numel(local_dims(meta["ultraplan.shape"], sig.output, sizes)) * BYTES_PER_ELEMENT["float32"]
             param_bytes += local
             params.append(ParamPlan(info.name, node.name, info.shape, info.init, info.std, nd_str(sig.output),
                                     cost(local, values), grads))
@@ -84,7 +72,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
             output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P; sum it for logging")
                                   for b in out_steps)
-            output = node.all_input_nodes[0].name
+            output = node.args[0].name
             continue
         c = meta.get("ultraplan.cost")
         if c is not None:
@@ -96,9 +84,10 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                                    for b in steps)) for arg, steps in meta.get("ultraplan.boxing", {}).items())
         nodes.append(NodePlan(
             name=node.name, op=meta["ultraplan.op"], layer=meta["ultraplan.layer"],
-            args=tuple(a.name for a in node.all_input_nodes), attrs=tuple(meta["ultraplan.attrs"].items()),
+            args=tuple(a.name for a in tensor_args(node)), attrs=tuple(meta["ultraplan.attrs"].items()),
             shape=tuple(str(d) for d in meta["ultraplan.shape"]),
-            local_shape=local_shape(meta["ultraplan.shape"], sig.output, ctx.mesh.shape), dtype=meta["ultraplan.dtype"],
+            local_shape=tuple(str(d) for d in local_dims(meta["ultraplan.shape"], sig.output, ctx.mesh.shape)),
+            dtype=meta["ultraplan.dtype"],
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
             partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,

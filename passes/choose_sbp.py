@@ -29,10 +29,11 @@ from dataclasses import dataclass
 import sympy
 from torch import fx
 
+from ..compiler.lower import tensor_args
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
-from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, nd_str
-from .symbols import BYTES_PER_ELEMENT, axis_size
+from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, local_dims, nd_str
+from .symbols import BYTES_PER_ELEMENT, axis_size, device_count
 
 ONE = sympy.Integer(1)
 
@@ -52,21 +53,13 @@ class Signature:
         return f"{ins} -> [{nd_str(self.output)}]" if ins else f"[{nd_str(self.output)}]"
 
 
-def local_bytes(shape, dtype: str, sbp: NdSbp, mesh_rank: int, skip_axis: int) -> sympy.Expr:
-    """Bytes of a tensor seen on ``skip_axis``: divided by the sizes of other axes that split it."""
-    total = numel(shape) * BYTES_PER_ELEMENT[dtype]
-    for axis in range(mesh_rank):
-        if axis != skip_axis and isinstance(sbp[axis], Split):
-            total = total / axis_size(axis)
-    return total
-
-
 def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
     """Per-axis collectives turning ``src`` into ``dst``, innermost axis first."""
     out = []
     for axis in reversed(range(len(src))):
-        step = box(src[axis], dst[axis], axis=axis, nbytes=local_bytes(shape, dtype, src, len(src), axis),
-                   n=axis_size(axis))
+        sizes = [axis_size(a) for a in range(len(src))]
+        nbytes = numel(local_dims(shape, src, sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
+        step = box(src[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
         if step is not None:
             out.append(step)
     return out
@@ -81,9 +74,7 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     split: NdSbp = (Split(0),) * axes
     bcast: NdSbp = (Broadcast(),) * axes
     partial: NdSbp = (PartialSum(),) * axes
-    devices = sympy.Integer(1)
-    for axis in range(axes):
-        devices *= axis_size(axis)
+    devices = device_count(axes)
     num_boxed = 0
     for node in gm.graph.nodes:
         kind = node.meta["ultraplan.op"]
@@ -94,7 +85,7 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             node.meta["ultraplan.grad_boxing"] = (
                 boxings(partial, bcast, node.meta["ultraplan.shape"], "float32") if ctx.mode == "train" else [])
         elif node.op == "call_function":
-            wanted = tuple(bcast if a.op == "get_attr" else split for a in node.all_input_nodes)
+            wanted = tuple(bcast if a.op == "get_attr" else split for a in tensor_args(node))
             if kind == "cross_entropy":
                 node.meta["ultraplan.sbp"] = Signature(wanted, partial, 1 / devices)
             else:
@@ -103,9 +94,10 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             if node.op == "call_function":
                 wanted = node.meta["ultraplan.sbp"].inputs
             else:  # training logs the loss everywhere; inference leaves each rank its rows of logits
-                wanted = (bcast,) if ctx.mode == "train" else (node.all_input_nodes[0].meta["ultraplan.sbp"].output,)
+                wanted = (bcast,) if ctx.mode == "train" else (node.args[0].meta["ultraplan.sbp"].output,)
             node.meta["ultraplan.boxing"] = {}
-            for arg, want in zip(node.all_input_nodes, wanted):
+            inputs = tensor_args(node) if node.op == "call_function" else [node.args[0]]
+            for arg, want in zip(inputs, wanted, strict=True):
                 have = arg.meta["ultraplan.sbp"].output
                 steps = boxings(have, want, arg.meta["ultraplan.shape"], arg.meta["ultraplan.dtype"])
                 node.meta["ultraplan.boxing"][arg.name] = steps

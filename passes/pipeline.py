@@ -19,7 +19,7 @@ from ..compiler.lower import lower
 from ..compiler.schema import HardwareSpec, ModelSpec
 from .annotate_cost import annotate_cost
 from .build_plan import build_plan
-from .choose_sbp import choose_sbp
+from .choose_sbp import PlanError, choose_sbp
 from .context import Mesh, PassReport, PlanContext
 from .plan import Plan
 from .shape_prop import shape_prop
@@ -56,12 +56,26 @@ def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
     return lower(build_model(spec, device="meta"), mode=mode)
 
 
+def make_context(
+    spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
+    mode: str = "train", spec_text: str = "",
+) -> PlanContext:
+    """The question a plan answers; B and T default to the spec's train.batch_size and seq_len."""
+    batch = spec.train.batch_size if batch is None else batch
+    seq = spec.seq_len if seq is None else seq
+    if batch < 1 or seq < 1:
+        raise PlanError(f"batch and sequence length must be at least 1, got --batch {batch} --seq {seq}")
+    if mode not in ("train", "infer"):
+        raise PlanError(f"mode must be train or infer, got {mode!r}")
+    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text)
+
+
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "",
 ) -> tuple[Plan, fx.GraphModule, list[PassReport]]:
     """Run every pass; return the plan, the annotated graph and the pass reports."""
-    ctx = PlanContext(spec, hardware, mesh, batch or spec.train.batch_size, seq or spec.seq_len, mode, spec_text)
+    ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text)
     gm = lower_spec(spec, mode)
     reports = run_pipeline(gm, ctx)
     return gm.meta["ultraplan.plan"], gm, reports

@@ -51,6 +51,19 @@ Sbp = Split | Broadcast | PartialSum
 NdSbp = tuple[Sbp, ...]
 
 
+def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None) -> tuple:
+    """The dims one device holds: each ``S(d)`` on axis ``a`` divides dim ``d`` by ``sizes[a]``.
+
+    ``sizes`` are numbers or the symbols ``n{axis}``; ``skip_axis`` leaves that axis's split
+    out (the size a collective on that axis sees).
+    """
+    dims = list(shape)
+    for axis, entry in enumerate(sbp):
+        if axis != skip_axis and isinstance(entry, Split):
+            dims[entry.dim] = dims[entry.dim] / sizes[axis]
+    return tuple(dims)
+
+
 def parse_sbp(text: str) -> Sbp:
     """Inverse of ``str``: ``"S(0)"``, ``"B"`` or ``"P"``."""
     if text == "B":

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import sympy
 from torch import fx
 
+from ..compiler.schema import ModelSpec
 from ..compiler.shapes import B, T
+from .annotate_cost import annotate_cost
+from .pipeline import lower_spec
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,13 @@ class ModelStats:
         return {"params": self.params, "active_params": self.active_params,
                 "flops_per_token": int(value) if value.is_integer else float(value),
                 "flops_per_token_expr": str(self.flops_per_token), "seq_len": self.seq_len}
+
+
+def spec_stats(spec: ModelSpec) -> ModelStats:
+    """Accounting of ``spec`` at its seq_len, from its inference graph (no weights allocated)."""
+    gm = lower_spec(spec, mode="infer")
+    annotate_cost(gm, None)
+    return model_stats(gm, spec.seq_len)
 
 
 def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:

@@ -28,6 +28,11 @@ def axis_latency(axis: int) -> sympy.Symbol:
     return sympy.Symbol(f"lat{axis}", nonnegative=True)
 
 
+def device_count(num_axes: int) -> sympy.Expr:
+    """``n0 * n1 * ...``: the devices of a mesh with ``num_axes`` axes."""
+    return sympy.Mul(*(axis_size(a) for a in range(num_axes)))
+
+
 def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, float]) -> float:
     """The number an expression takes at ``values``; every free symbol must be given."""
     result = sympy.sympify(expr).subs(values)
@@ -36,4 +41,5 @@ def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, float]) -> float:
     return float(result)
 
 
-__all__ = ["BYTES_PER_ELEMENT", "PEAK", "B", "T", "axis_bandwidth", "axis_latency", "axis_size", "evaluate"]
+__all__ = ["BYTES_PER_ELEMENT", "PEAK", "B", "T", "axis_bandwidth", "axis_latency", "axis_size", "device_count",
+           "evaluate"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -48,6 +48,22 @@ def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None 
     return result
 
 
+def read_plan(path: str | Path) -> Plan:
+    """A plan.json (or the plan.json of a compiled directory); ValueError saying what to do otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.exists():
+        raise ValueError(f"{path}: not found; make it with `ultraplan compile SPEC --mesh N -o DIR` "
+                         "(or `ultraplan plan SPEC -o plan.json`)")
+    try:
+        return Plan.from_json(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: not an ultraplan plan (missing or malformed field {exc}); recompile it") from None
+
+
 def write_plan_files(result: Plan, out_dir: Path) -> list[Path]:
     """plan.json, plan.dot and (when graphviz's ``dot`` is installed) plan.svg."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -63,9 +79,10 @@ def write_plan_files(result: Plan, out_dir: Path) -> list[Path]:
 def compile(spec_path: str | Path, mesh: str, out_dir: str | Path, **plan_args) -> Plan:
     """Plan ``spec_path`` for ``mesh`` and write the program directory ``out_dir``."""
     out = Path(out_dir)
-    if out.exists() and (out / "program.py").exists():
-        shutil.rmtree(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; choose another -o")
     result = plan(spec_path, mesh, **plan_args)
+    (out / "plan.svg").unlink(missing_ok=True)  # a stale drawing must not outlive a re-plan without `dot`
     write_program(result, out)
     write_plan_files(result, out)
     return result

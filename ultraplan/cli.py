@@ -30,15 +30,10 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ultraplan.passes.annotate_cost import annotate_cost
-    from ultraplan.passes.context import PlanContext
-    from ultraplan.passes.pipeline import lower_spec
-    from ultraplan.passes.stats import model_stats
+    from ultraplan.passes.stats import spec_stats
 
     spec = api.load(args.spec)
-    gm = lower_spec(spec, mode="infer")
-    annotate_cost(gm, PlanContext(spec, api.load_hardware(None), Mesh((1,)), 1, spec.seq_len))
-    stats = model_stats(gm, spec.seq_len).as_dict()
+    stats = spec_stats(spec).as_dict()
     if args.json:
         print(json.dumps(stats, indent=1))
     else:
@@ -79,7 +74,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ultraplan.runner import run
 
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
-                 quiet=args.json)
+                 quiet=args.json, dtype=args.dtype)
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -94,9 +89,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_viz(args: argparse.Namespace) -> int:
     from ultraplan.backends.graphviz import plan_to_dot, render_svg
-    from ultraplan.passes.plan import Plan
 
-    plan = Plan.from_json(Path(args.plan).read_text())
+    plan = api.read_plan(args.plan)
     dot = plan_to_dot(plan)
     out = Path(args.output)
     if out.suffix == ".dot":
@@ -110,13 +104,12 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ultraplan.passes.context import PlanContext
     from ultraplan.passes.explain import explain_graph
-    from ultraplan.passes.pipeline import lower_spec, run_pipeline
+    from ultraplan.passes.pipeline import lower_spec, make_context, run_pipeline
 
     spec = api.load(args.spec)
-    ctx = PlanContext(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh), args.batch or spec.train.batch_size,
-                      args.seq or spec.seq_len, args.mode)
+    ctx = make_context(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh), batch=args.batch, seq=args.seq,
+                       mode=args.mode)
     gm = lower_spec(spec, args.mode)
     reports = run_pipeline(gm, ctx, stop_after=args.stage)
     print(explain_graph(gm, reports))
@@ -147,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--check", action="store_true", help="compare with the eager reference; exit 1 if off")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="float64 checks the plan to ~1e-10, free of fp32 rounding (default float32)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("viz", help="draw a plan.json with graphviz")

@@ -15,10 +15,15 @@ from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.plan import Plan
 
 
-def train_reference(plan: Plan, steps: int, seed: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """Losses per step and the final parameters (by canonical name) of the eager model."""
+def train_reference(
+    plan: Plan, steps: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses per step and the final parameters (by canonical name) of the eager model.
+
+    The weights are initialised in float32 (as the program does) and then cast to ``dtype``.
+    """
     spec = load_model_spec(plan.spec_source, text=plan.spec_text)
-    model = build_model(spec, seed=seed)
+    model = build_model(spec, seed=seed).to(dtype)
     t = plan.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                   weight_decay=t.weight_decay)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ultraplan.passes.plan import Plan
+from ultraplan.api import read_plan
 from ultraplan.reference import relative_differences, train_reference
 
 # fp32 tolerances. Splitting the batch over ranks changes the order of the gradient sums, which
@@ -20,16 +20,22 @@ LOSS_TOLERANCE = 1e-5
 # Parameters drift more: AdamW's first steps move every element by ~lr * sign(gradient), so an
 # element whose gradient is mostly cancellation carries its rounding noise into the update.
 # Measured on dense-tiny, 4 ranks: 4e-5 (Frobenius, relative) after 5 steps, 5e-5 after 30.
-# 1e-4 keeps a 2x margin and still catches any real error (a wrong
-# gradient scale or a missing all-reduce shows up at 1e-2 or more after one step).
+# 1e-4 keeps a 2x margin; a wrong gradient scale or a missing all-reduce shows up at 1e-2 or more
+# after one step. Errors smaller than 1e-4 are what `--dtype float64` is for (below).
 PARAM_TOLERANCE = 1e-4
+# float64: the same runs agree to ~1e-15 in the loss and ~1e-13 in the parameters (AdamW's
+# amplification works on float64 rounding now), so 1e-10 leaves a wide margin while catching any
+# error of the plan itself, however small.
+TOLERANCES = {"float32": {"loss": LOSS_TOLERANCE, "params": PARAM_TOLERANCE},
+              "float64": {"loss": 1e-10, "params": 1e-10}}
 
 
-def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False) -> int:
+def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False,
+           dtype: str = "float32") -> int:
     """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code."""
     out_dir = out_dir.resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed)]
+           str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed), "--dtype", dtype]
     if dump is not None:
         cmd += ["--dump", str(dump)]
     if quiet:
@@ -39,22 +45,27 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, dtype: str = "float32") -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
     """
-    plan = Plan.from_json((out_dir / "plan.json").read_text())
+    plan = read_plan(out_dir)
     devices = 1
     for n in plan.mesh:
         devices *= n
     nproc = nproc or devices
+    if nproc != devices:
+        raise ValueError(f"{out_dir} was compiled for mesh {'x'.join(map(str, plan.mesh))} ({devices} processes), "
+                         f"not {nproc}; recompile with --mesh {nproc} or drop --nproc")
     steps = plan.training.steps if steps is None else steps
     seed = plan.training.seed if seed is None else seed
-    report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed}
+    if dtype not in TOLERANCES:
+        raise ValueError(f"--dtype takes {' or '.join(TOLERANCES)}, got {dtype!r}")
+    report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "result.json" if check else None
-        code = launch(out_dir, nproc, steps, seed, dump, quiet)
+        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype)
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False
@@ -64,13 +75,14 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
             return report
         result = json.loads(dump.read_text())
         params = torch.load(result["params"])
-    ref_losses, ref_params = train_reference(plan, steps, seed)
+    ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
     diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
+    tolerance = TOLERANCES[dtype]
     report.update({
         "losses": result["losses"], "reference_losses": ref_losses,
         "max_rel_diff_loss": diffs["loss"], "max_rel_diff_params": diffs["params"],
-        "tolerance": {"loss": LOSS_TOLERANCE, "params": PARAM_TOLERANCE},
+        "tolerance": tolerance,
         "comm_bytes_measured": result["comm"]["bytes"],
-        "ok": diffs["loss"] <= LOSS_TOLERANCE and diffs["params"] <= PARAM_TOLERANCE,
+        "ok": diffs["loss"] <= tolerance["loss"] and diffs["params"] <= tolerance["params"],
     })
     return report

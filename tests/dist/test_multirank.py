@@ -1,8 +1,9 @@
 """Compiled programs on 1, 2 and 4 gloo ranks equal the eager reference after several steps.
 
-One torchrun per rank count runs every case (tests/dist/driver.py). Tolerances are
-ultraplan.runner's: losses 1e-5 relative, final parameters 1e-4 relative (Frobenius; why: see
-runner.PARAM_TOLERANCE). The bytes each collective was handed
+One torchrun per rank count runs every case (tests/dist/driver.py), each in float32 and in
+float64. Tolerances are ultraplan.runner's: in float32 losses 1e-5 relative and final parameters
+1e-4 relative (Frobenius; why: see runner.PARAM_TOLERANCE); in float64 1e-10 for both, which
+no plan error can hide under. The bytes each collective was handed
 must equal the plan's prediction exactly.
 """
 
@@ -21,7 +22,7 @@ from tests.conftest import MODELS, ROOT
 from ultraplan import api
 from ultraplan.passes.plan import Plan
 from ultraplan.reference import relative_differences, train_reference
-from ultraplan.runner import LOSS_TOLERANCE, PARAM_TOLERANCE
+from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES
 
 pytestmark = pytest.mark.slow
 
@@ -31,10 +32,13 @@ MESHES = {1: {"dense-tiny": "1", "dense-gqa-tied": "1", "dense-deep-groups": "1"
           4: {"dense-tiny": "4", "dense-gqa-tied": "4", "dense-deep-groups": "2x2"}}
 
 
+DTYPES = ("float32", "float64")
+
+
 @functools.cache
-def reference(spec: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(spec: str, dtype: str) -> tuple[list[float], dict[str, torch.Tensor]]:
     plan = api.plan(MODELS / f"{spec}.yaml", "1")
-    return train_reference(plan, STEPS, plan.training.seed)
+    return train_reference(plan, STEPS, plan.training.seed, getattr(torch, dtype))
 
 
 def torchrun(nproc: int, *args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -51,7 +55,9 @@ def rank_run(request, tmp_path_factory):
     for spec, mesh in MESHES[nproc].items():
         out = root / spec
         api.compile(MODELS / f"{spec}.yaml", mesh, out)
-        cases.append({"spec": spec, "dir": str(out), "steps": STEPS, "dump": str(out / "result.json")})
+        for dtype in DTYPES:
+            cases.append({"spec": spec, "dir": str(out), "steps": STEPS, "dtype": dtype,
+                          "dump": str(out / f"result-{dtype}.json")})
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(cases))
     result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
@@ -59,23 +65,29 @@ def rank_run(request, tmp_path_factory):
     return nproc, cases
 
 
+def find_case(cases: list[dict], spec: str, dtype: str) -> dict:
+    return next(c for c in cases if c["spec"] == spec and c["dtype"] == dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("spec", list(MESHES[4]))
-def test_program_equals_eager(rank_run, spec):
+def test_program_equals_eager(rank_run, spec, dtype):
     nproc, cases = rank_run
-    case = next(c for c in cases if c["spec"] == spec)
+    case = find_case(cases, spec, dtype)
     result = json.loads(open(case["dump"]).read())
     params = torch.load(result["params"])
-    ref_losses, ref_params = reference(spec)
+    assert all(p.dtype == getattr(torch, dtype) for p in params.values())
+    ref_losses, ref_params = reference(spec, dtype)
     diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
-    assert diffs["loss"] <= LOSS_TOLERANCE, diffs
-    assert diffs["params"] <= PARAM_TOLERANCE, diffs
+    assert diffs["loss"] <= TOLERANCES[dtype]["loss"], diffs
+    assert diffs["params"] <= TOLERANCES[dtype]["params"], diffs
     assert result["losses"][-1] < result["losses"][0]  # it learns
 
 
 @pytest.mark.parametrize("spec", list(MESHES[4]))
 def test_measured_bytes_equal_planned(rank_run, spec):
     nproc, cases = rank_run
-    case = next(c for c in cases if c["spec"] == spec)
+    case = find_case(cases, spec, "float32")  # the plan predicts bytes for fp32 tensors
     plan = Plan.from_json(open(f"{case['dir']}/plan.json").read())
     result = json.loads(open(case["dump"]).read())
     collectives = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing)

@@ -10,12 +10,9 @@ from ultraplan.compiler.build import build_model
 from ultraplan.compiler.lower import lower
 from ultraplan.compiler.shapes import B, T
 from ultraplan.compiler.validate import load_model_spec
-from ultraplan.passes.annotate_cost import annotate_cost
-from ultraplan.passes.context import Mesh, PlanContext
-from ultraplan.passes.stats import model_stats
+from ultraplan.passes.stats import spec_stats
 
 from tests.conftest import MODELS, RUNNABLE_SPECS
-from ultraplan.api import load_hardware
 
 
 class _Recorder(fx.Interpreter):
@@ -68,17 +65,11 @@ def test_every_op_is_its_own_node():
     assert "layers_1_attention_q" in names and "layers_0_ffn_w_gate" in names and "logits" in names
 
 
-def _stats(spec):
-    gm = lower(build_model(spec, device="meta"), mode="infer")
-    annotate_cost(gm, PlanContext(spec, load_hardware(None), Mesh((1,)), 1, spec.seq_len))
-    return model_stats(gm, spec.seq_len)
-
-
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)
 def test_param_count_equals_eager(name):
     spec = load_model_spec(MODELS / f"{name}.yaml")
     model = build_model(spec, seed=0)
-    stats = _stats(spec)
+    stats = spec_stats(spec)
     assert stats.params == sum(p.numel() for p in model.parameters())
     assert stats.active_params == stats.params
 
@@ -91,13 +82,28 @@ def test_flops_equal_flop_counter_mode(name, batch, seq):
     tokens = torch.randint(0, spec.vocab_size, (batch, seq))
     with FlopCounterMode(display=False) as counter:
         model(tokens)
-    per_token = _stats(spec).flops_per_token.subs(T, seq)
+    per_token = spec_stats(spec).flops_per_token.subs(T, seq)
     assert per_token * batch * seq == counter.get_total_flops()
 
 
 def test_tied_embedding_counted_once():
     spec = load_model_spec(MODELS / "dense-gqa-tied.yaml")
-    stats = _stats(spec)
+    stats = spec_stats(spec)
     d, v = spec.hidden_size, spec.vocab_size
     per_layer = (64 * 64 + 16 * 64 * 2 + 64 * 64) + (2 * 128 * 64) + 4 * 64  # attn, ffn, 2 layer norms
     assert stats.params == v * d + 3 * per_layer + 2 * d
+
+
+def test_tensor_args_keep_repeated_inputs():
+    """fx's all_input_nodes de-duplicates; an op fed one value twice must keep both arguments."""
+    from ultraplan.compiler import ops
+    from ultraplan.compiler.lower import tensor_args
+
+    class Double(torch.nn.Module):
+        def forward(self, x):
+            return ops.add(x, x)
+
+    graph = fx.Tracer(autowrap_modules=(ops,)).trace(Double())
+    node = next(n for n in graph.nodes if n.op == "call_function")
+    assert len(node.all_input_nodes) == 1
+    assert [a.name for a in tensor_args(node)] == ["x", "x"]

@@ -98,3 +98,33 @@ def test_infer_plan_has_no_backward():
     assert all(not p.grad_sync for p in infer.params) and not infer.output_boxing
     assert infer.node(infer.output).sbp_out == "S(0)" and infer.output == "logits"
     assert infer.total("memory_per_device").value < train.total("memory_per_device").value / 3
+
+
+def test_plan_file_errors_are_messages(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing")]) == 2
+    assert "not found; make it with `ultraplan compile" in capsys.readouterr().err
+    (tmp_path / "broken.json").write_text('{"version": 1,')
+    assert main(["viz", str(tmp_path / "broken.json"), "-o", str(tmp_path / "x.svg")]) == 2
+    assert f"{tmp_path / 'broken.json'}:1:15: not valid JSON" in capsys.readouterr().err
+    (tmp_path / "other.json").write_text('{"version": 1}')
+    assert main(["viz", str(tmp_path / "other.json"), "-o", str(tmp_path / "x.svg")]) == 2
+    assert "not an ultraplan plan" in capsys.readouterr().err
+
+
+def test_run_refuses_a_process_count_the_plan_was_not_made_for(tmp_path, capsys):
+    api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
+    assert main(["run", str(tmp_path), "--nproc", "3"]) == 2
+    assert "compiled for mesh 4 (4 processes), not 3" in capsys.readouterr().err
+
+
+def test_batch_and_seq_must_be_positive(capsys):
+    assert main(["plan", "dense-tiny", "--batch", "0"]) == 2
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_compile_keeps_unrelated_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    api.compile(MODELS / "dense-tiny.yaml", "1", tmp_path)
+    api.compile(MODELS / "dense-tiny.yaml", "2", tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert api.read_plan(tmp_path).mesh == (2,)

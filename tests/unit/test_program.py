@@ -42,11 +42,10 @@ def test_single_process_run_without_ultraplan(tmp_path):
     blocker = tmp_path / "block"
     (blocker / "ultraplan").mkdir(parents=True)
     (blocker / "ultraplan" / "__init__.py").write_text("raise ImportError('ultraplan must not be imported')\n")
+    # PYTHONPATH entries precede site-packages, so the blocker shadows the installed ultraplan
     env = {"PYTHONPATH": str(blocker), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0] = [p for p in "
-                             f"{[str(blocker)]!r}]; import site; site.main(); "
-                             "import runpy; runpy.run_path('program.py', run_name='__main__')", "--steps", "3"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "program.py", "--steps", "3"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("loss") == 3
 
