@@ -17,15 +17,15 @@ from . import ops, seeded
 from .components.attention import Attention
 from .components.base import InitRule, Norm, ResidualSublayer, named
 from .components.ffn import FFN
-from .schema import AttentionSpec, FFNSpec, LayerSpec, ModelSpec, SublayerSpec
+from .components.moe import MoE
+from .components.product_keys import PEER, PKM
+from .schema import LayerSpec, ModelSpec, SublayerSpec
+
+MODULES: dict[str, type[ResidualSublayer]] = {"attention": Attention, "ffn": FFN, "moe": MoE, "pkm": PKM, "peer": PEER}
 
 
 def build_sublayer(sub: SublayerSpec, dim: int) -> ResidualSublayer:
-    if isinstance(sub.config, AttentionSpec):
-        return Attention(sub.config, sub.norm, dim)
-    if isinstance(sub.config, FFNSpec):
-        return FFN(sub.config, sub.norm, dim)
-    raise TypeError(f"no module for sublayer kind {sub.kind}")  # validation makes this unreachable
+    return MODULES[sub.kind](sub.config, sub.norm, dim)
 
 
 class Block(nn.ModuleDict):

@@ -9,6 +9,7 @@ Then each node gets:
 - ``ultraplan.shape``: a tuple of sympy expressions in ``B`` and ``T``;
 - ``ultraplan.dtype``: ``float32`` or ``int64``;
 - ``ultraplan.layer``: the module path that produced it (``layers.0.attention``), for grouping;
+- ``ultraplan.component``: the sublayer kind it belongs to (``attention``, ``moe``, ``embedding``);
 
 and a readable name made of that module path and the label the component gave the value.
 """
@@ -25,7 +26,7 @@ from torch import fx
 
 from . import ops
 from .build import DecoderModel, TrainingGraph, init_rules
-from .shapes import SHAPE_RULES, B, Shape, T
+from .shapes import SHAPE_RULES, B, Shape, T, result_dtype
 
 OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
 
@@ -63,6 +64,23 @@ def _module_path(node: fx.Node) -> str:
     return re.sub(r"^model\.?", "", path)
 
 
+MODEL_LEVEL_COMPONENTS = {"embed": "embedding", "lm_head": "lm_head", "final_norm": "norm"}
+
+
+def _component(node: fx.Node) -> str:
+    """The sublayer kind a node belongs to (``attention``, ``moe``, ...), for per-component reports.
+
+    The outermost module on the stack that declares ``component`` wins, so a sublayer's norm
+    counts with its sublayer; model-level nodes are named by their module path.
+    """
+    for _, cls in (node.meta.get("nn_module_stack") or {}).values():
+        kind = getattr(cls, "component", None)
+        if kind:
+            return kind
+    path = _module_path(node) or (re.sub(r"^model\.", "", node.target) if node.op == "get_attr" else "")
+    return MODEL_LEVEL_COMPONENTS.get(path.split(".")[0], "model")
+
+
 def _rename(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -85,6 +103,7 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     params = dict(model.named_parameters())
     for node in gm.graph.nodes:
         node.meta["ultraplan.layer"] = _module_path(node)
+        node.meta["ultraplan.component"] = _component(node)
         if node.op == "placeholder":
             node.meta.update({"ultraplan.op": "input", "ultraplan.attrs": {},
                               "ultraplan.shape": (B, T), "ultraplan.dtype": "int64"})
@@ -105,14 +124,19 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
             if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
                 raise NotImplementedError(f"{op} in {node.meta['ultraplan.layer']}: pass tensors positionally")
             in_shapes: list[Shape] = [a.meta["ultraplan.shape"] for a in tensor_args(node)]
+            in_dtypes = [a.meta["ultraplan.dtype"] for a in tensor_args(node)]
             node.meta.update({"ultraplan.op": op, "ultraplan.attrs": attrs,
                               "ultraplan.shape": SHAPE_RULES[op](in_shapes, attrs),
-                              "ultraplan.dtype": "float32"})
+                              "ultraplan.dtype": result_dtype(op, in_dtypes)})
         elif node.op == "output":
             node.meta.update({"ultraplan.op": "output", "ultraplan.attrs": {},
                               "ultraplan.shape": node.args[0].meta["ultraplan.shape"], "ultraplan.dtype": "float32"})
         else:
             raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
+    for node in gm.graph.nodes:  # model-level ops (the embedding lookup, the LM head) go with their weight
+        params = [a for a in tensor_args(node) if a.op == "get_attr"] if node.op == "call_function" else []
+        if node.meta["ultraplan.component"] == "model" and params:
+            node.meta["ultraplan.component"] = params[0].meta["ultraplan.component"]
     _rename(gm)
     gm.recompile()
     return gm

@@ -90,3 +90,119 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over every position of this batch."""
     return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
+
+
+# ---- sparse retrieval (product keys, experts) -------------------------------------------------
+# Every step of a lookup is its own op (so its own graph node, shardable and fusable later), and
+# every op returns one tensor. Shape legend: H retrieval heads, C = 2 key halves, N keys per
+# half, K selected, S slots (N*N), R rows of a table, E experts.
+
+
+def pk_scores(q_BTX: torch.Tensor, keys_HCNQ: torch.Tensor) -> torch.Tensor:
+    """Score each half of each head's query against that half's sub-keys.
+
+    q is (B, T, H*C*Q) (C = 2 halves of width Q), keys (H, C, N, Q) -> (B, T, H, C, N).
+    """
+    b, t, _ = q_BTX.shape
+    h, c, _, width = keys_HCNQ.shape
+    q = q_BTX.view(b, t, h, c, width)
+    return torch.einsum("bthcq,hcnq->bthcn", q, keys_HCNQ)
+
+
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest entries along the last dim, largest first (int64)."""
+    return torch.topk(scores, k, dim=-1).indices
+
+
+def take(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``values`` at ``indices`` along the last dim (torch.gather); indices have values' leading dims."""
+    return torch.gather(values, -1, indices)
+
+
+def grid_scores(half_scores_BTHCK: torch.Tensor) -> torch.Tensor:
+    """All K*K sums of a row-half score and a column-half score: (B, T, H, 2, K) -> (B, T, H, K*K)."""
+    row, col = half_scores_BTHCK[..., 0, :], half_scores_BTHCK[..., 1, :]
+    return (row.unsqueeze(-1) + col.unsqueeze(-2)).flatten(-2)
+
+
+def grid_indices(half_indices_BTHCK: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """Slot index row*N + col of every K*K candidate: (B, T, H, 2, K) -> (B, T, H, K*K)."""
+    row, col = half_indices_BTHCK[..., 0, :], half_indices_BTHCK[..., 1, :]
+    return (row.unsqueeze(-1) * num_keys + col.unsqueeze(-2)).flatten(-2)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim."""
+    return torch.softmax(x, dim=-1)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(x)
+
+
+def normalize_sum(x: torch.Tensor) -> torch.Tensor:
+    """Divide by the sum over the last dim (renormalise the kept top-k gates)."""
+    return x / x.sum(dim=-1, keepdim=True)
+
+
+def gather_rows(table_RD: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of a table: (R, D) at indices (...) -> (..., D). Only the selected rows get gradients."""
+    return F.embedding(indices, table_RD)
+
+
+def weighted_sum(rows_BTHKD: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
+    """Sum of selected rows weighted by their gates, over heads and selections -> (B, T, D)."""
+    return torch.einsum("bthkd,bthk->btd", rows_BTHKD, weights_BTHK)
+
+
+def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
+    """Each token's dot product with each of its selected rows -> (B, T, H, K)."""
+    return torch.einsum("btd,bthkd->bthk", x_BTD, rows_BTHKD)
+
+
+def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """gelu (tanh approximation), relu or silu."""
+    if kind == "gelu":
+        return F.gelu(x, approximate="tanh")
+    if kind == "relu":
+        return F.relu(x)
+    if kind == "silu":
+        return F.silu(x)
+    raise ValueError(f"unknown activation {kind!r}")
+
+
+def mul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Elementwise product."""
+    return x * y
+
+
+def expert_ffn(
+    x_BTD: torch.Tensor,
+    indices_BTK: torch.Tensor,
+    gates_BTK: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_gate_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """Dropless mixture of experts: each token through each of its K experts, gate-weighted, summed.
+
+    No capacity factor, so no token is ever dropped and a token's output does not depend on the
+    rest of the batch. ``activation`` is ``swiglu`` (uses w_gate) or ``gelu`` (w_gate unused,
+    pass w_up again). Experts run on exactly the tokens routed to them, in expert order.
+    """
+    b, t, d = x_BTD.shape
+    x = x_BTD.reshape(b * t, d)
+    indices = indices_BTK.reshape(b * t, -1)
+    gates = gates_BTK.reshape(b * t, -1)
+    out = torch.zeros_like(x)
+    for expert in range(w_up_EFD.shape[0]):
+        token, slot = torch.nonzero(indices == expert, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token]
+        up = F.linear(h, w_up_EFD[expert])
+        act = F.silu(F.linear(h, w_gate_EFD[expert])) * up if activation == "swiglu" else F.gelu(up, approximate="tanh")
+        y = F.linear(act, w_down_EDF[expert]) * gates[token, slot].unsqueeze(-1)
+        out = out.index_add(0, token, y)
+    return out.reshape(b, t, d)

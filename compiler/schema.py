@@ -46,8 +46,47 @@ class FFNSpec:
     activation: Activation = field(default="swiglu", metadata=doc("swiglu (gated, three matrices) or gelu (two)"))
 
 
-SublayerConfig = AttentionSpec | FFNSpec
-SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec}
+@dataclass(frozen=True)
+class MoESpec:
+    """Routed experts (each a small FFN), top-k per token, dropless; optional shared experts."""
+
+    experts: int = field(metadata=doc("number of routed experts", minimum=1))
+    topk: int = field(metadata=doc("experts per token", minimum=1))
+    hidden: int = field(metadata=doc("inner width of each expert", minimum=1))
+    activation: Activation = field(default="swiglu", metadata=doc("swiglu or gelu, for every expert"))
+    router: Literal["softmax", "sigmoid"] = field(default="softmax", metadata=doc("gate function of the router"))
+    normalize_topk: bool = field(default=False, metadata=doc("renormalise the k kept gates to sum to 1"))
+    shared_experts: int = field(default=0, metadata=doc("always-on experts of the same width", minimum=0))
+
+
+@dataclass(frozen=True)
+class ProductKeySpec:
+    """Product-key retrieval (Lample et al. 2019): N = num_keys^2 slots, two half-key tables per head."""
+
+    num_keys: int = field(metadata=doc("keys per half table (n); slots N = n^2", minimum=1))
+    topk: int = field(metadata=doc("slots selected per head (k, also the per-half top-k)", minimum=1))
+    key_dim: int = field(metadata=doc("query/key width D_k per head, split into two halves", minimum=2))
+    heads: int = field(default=1, metadata=doc("retrieval heads; their outputs are summed", minimum=1))
+
+
+@dataclass(frozen=True)
+class PKMSpec(ProductKeySpec):
+    """Product Key Memory: softmax over the k selected scores, weighted sum of value rows."""
+
+    value_dim: int | None = field(default=None, metadata=doc("value width; defaults to hidden (else projected)",
+                                                             minimum=1))
+
+
+@dataclass(frozen=True)
+class PEERSpec(ProductKeySpec):
+    """PEER (He 2024): each slot is a one-neuron expert with a down and an up embedding."""
+
+    activation: Literal["gelu", "relu", "silu"] = field(default="gelu", metadata=doc("on the expert's hidden unit"))
+
+
+SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec
+SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec, "moe": MoESpec, "pkm": PKMSpec,
+                                   "peer": PEERSpec}
 
 
 @dataclass(frozen=True)

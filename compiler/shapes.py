@@ -36,6 +36,36 @@ def _scalar(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
     return ()
 
 
+def _pk_scores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    heads, halves, num_keys, _ = shapes[1]
+    return (*shapes[0][:-1], heads, halves, num_keys)
+
+
+def _topk(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[0][:-1], sympy.Integer(attrs["k"]))
+
+
+def _take(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return shapes[1]
+
+
+def _grid(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    k = shapes[0][-1]
+    return (*shapes[0][:-2], k * k)
+
+
+def _gather_rows(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[1], shapes[0][1])
+
+
+def _weighted_sum(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[0][:2], shapes[0][-1])
+
+
+def _row_dot(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return shapes[1][:-1]
+
+
 SHAPE_RULES: dict[str, Callable[[list[Shape], dict[str, Any]], Shape]] = {
     "embedding": _embedding,
     "rms_norm": _same,
@@ -47,7 +77,32 @@ SHAPE_RULES: dict[str, Callable[[list[Shape], dict[str, Any]], Shape]] = {
     "gelu": _same,
     "add": _same,
     "cross_entropy": _scalar,
+    "pk_scores": _pk_scores,
+    "topk_indices": _topk,
+    "take": _take,
+    "grid_scores": _grid,
+    "grid_indices": _grid,
+    "softmax": _same,
+    "sigmoid": _same,
+    "normalize_sum": _same,
+    "gather_rows": _gather_rows,
+    "weighted_sum": _weighted_sum,
+    "row_dot": _row_dot,
+    "activation": _same,
+    "mul": _same,
+    "expert_ffn": _same,
 }
+
+# Ops whose result is not float32: index-valued ops, and take (the dtype of what it takes from).
+INDEX_OPS = {"topk_indices", "grid_indices"}
+
+
+def result_dtype(op: str, input_dtypes: list[str]) -> str:
+    if op in INDEX_OPS:
+        return "int64"
+    if op == "take":
+        return input_dtypes[0]
+    return "float32"
 
 
 def numel(shape: Shape) -> sympy.Expr:

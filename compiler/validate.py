@@ -25,7 +25,9 @@ from .schema import (
     LayerSpec,
     LinkSpec,
     ModelSpec,
+    MoESpec,
     NormSpec,
+    ProductKeySpec,
     SublayerSpec,
     TrainSpec,
 )
@@ -88,6 +90,12 @@ def read_sublayer(
     config = read_dataclass(doc, SUBLAYER_KINDS[kind], items, kind_path)
     if isinstance(config, AttentionSpec):
         config = resolve_attention(doc, config, items, kind_path, hidden)
+    elif isinstance(config, MoESpec):
+        check_at_most(doc, items, kind_path, "topk", config.topk, "experts", config.experts)
+    elif isinstance(config, ProductKeySpec):
+        check_at_most(doc, items, kind_path, "topk", config.topk, "num_keys", config.num_keys)
+        if config.key_dim % 2:
+            raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
     return SublayerSpec(name=name, kind=kind, config=config, norm=norm)
 
 
@@ -112,6 +120,13 @@ def resolve_attention(
                         f"rotary embeddings need an even head_dim, got {head_dim}",
                         hint="use an even head_dim or set rotary: false")
     return dataclasses.replace(cfg, head_dim=head_dim, kv_heads=kv_heads)
+
+
+def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntry, ...], name: str, value: int,
+                  limit_name: str, limit: int) -> None:
+    if value > limit:
+        raise doc.error(items.get(name, Sourced(None, path)).path, f"{name} {value} exceeds {limit_name} {limit}",
+                        hint=f"choose {name} <= {limit_name}")
 
 
 def read_overrides(doc: Document, item: Sourced, block: list[Sourced]) -> dict[str, dict[str, Sourced]]:

@@ -25,11 +25,22 @@ from .symbols import BYTES_PER_ELEMENT
 
 
 @dataclass(frozen=True)
+class Touch:
+    """How much of an input tensor one token reads: ``rows_per_token`` of ``rows`` rows of
+    ``row_elems`` elements. A dense read is one row of everything (rows = rows_per_token = 1)."""
+
+    rows_per_token: sympy.Expr
+    rows: int
+    row_elems: int
+
+
+@dataclass(frozen=True)
 class OpCost:
     flops: sympy.Expr
     bytes_read: sympy.Expr
     bytes_written: sympy.Expr
     backward_flops: sympy.Expr
+    sparse_inputs: tuple[tuple[int, Touch], ...] = ()  # (argument position, touch) for rows-only reads
 
 
 ZERO = sympy.Integer(0)
@@ -56,4 +67,39 @@ def op_cost(op: str, inputs: list[tuple[Shape, str]], output: tuple[Shape, str],
     if op == "embedding":
         (ids_shape, ids_dtype), _ = inputs
         return OpCost(ZERO, _bytes(ids_shape, ids_dtype) + written, written, ZERO)
+    if op == "pk_scores":
+        (q_shape, _), (k_shape, _) = inputs
+        heads, halves, num_keys, width = k_shape
+        flops = 2 * numel(q_shape[:-1]) * heads * halves * num_keys * width
+        return OpCost(flops, read, written, 2 * flops)
+    if op in ("weighted_sum", "row_dot"):
+        rows_shape = inputs[0][0] if op == "weighted_sum" else inputs[1][0]
+        flops = 2 * numel(rows_shape)
+        return OpCost(flops, read, written, 2 * flops)
+    if op == "gather_rows":
+        (table_shape, _), (ids_shape, ids_dtype) = inputs
+        rows, row_elems = table_shape
+        per_token = numel(ids_shape[2:])  # ids are (B, T, ...)
+        return OpCost(ZERO, _bytes(ids_shape, ids_dtype) + written, written, ZERO,
+                      ((0, Touch(per_token, int(rows), int(row_elems))),))
+    if op == "expert_ffn":
+        return _expert_ffn(inputs, output, attrs, written)
     return OpCost(ZERO, read, written, ZERO)
+
+
+def _expert_ffn(inputs, output, attrs: dict, written: sympy.Expr) -> OpCost:
+    """Each token runs k experts of d -> f -> d; the unfused op reads the experts that any token
+    of the batch picked: E (1 - (1 - k/E)^tokens) of them in expectation under uniform routing."""
+    (x_shape, _), (ids_shape, _), _, (up_shape, _), _, _ = inputs
+    experts, hidden, dim = (int(s) for s in up_shape)
+    k = int(ids_shape[-1])
+    tokens = numel(x_shape[:-1])
+    matrices = 3 if attrs["activation"] == "swiglu" else 2
+    flops = 2 * tokens * k * hidden * dim * matrices
+    expected_experts = experts * (1 - (1 - sympy.Rational(k, experts)) ** tokens)
+    weight_bytes = expected_experts * matrices * hidden * dim * 4
+    act_bytes = sum((_bytes(*i) for i in inputs[:3]), ZERO)
+    touch = Touch(sympy.Integer(k), experts, hidden * dim)
+    # the gelu form passes w_up twice (as w_gate too); accounting counts a parameter once per op
+    sparse = ((3, touch), (4, touch), (5, touch))
+    return OpCost(flops, act_bytes + weight_bytes, written, 2 * flops, sparse)

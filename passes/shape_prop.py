@@ -1,7 +1,8 @@
 """shape_prop: check the symbolic shapes from lowering against torch, at the plan's B and T.
 
 Runs the graph on meta tensors (no memory, no arithmetic), so it works for specs far too large to
-allocate. Requires ``ultraplan.shape`` on every node; promises each equals torch's shape at
+allocate. Data-dependent ops (``DATA_DEPENDENT``) take their shape rule's word.
+Requires ``ultraplan.shape`` on every node; promises each equals torch's shape at
 ``B = ctx.batch, T = ctx.seq``.
 """
 
@@ -15,6 +16,11 @@ from torch import fx
 from .context import PassReport, PlanContext
 from .symbols import B, T
 
+# Ops whose kernels pick work by data (which tokens go to which expert) and so cannot run on
+# meta tensors. Their output shape is their input's by construction; the rule stands in for
+# torch here, and tests/unit/test_lower_and_stats.py checks it on real tensors.
+DATA_DEPENDENT = {"expert_ffn"}
+
 
 def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
     """Every node's shape when the graph runs on meta tensors of batch ``batch``, length ``seq``."""
@@ -25,6 +31,9 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
             value = torch.empty(batch, seq, dtype=torch.int64, device="meta")
         elif node.op == "get_attr":
             value = torch.empty(node.meta["ultraplan.param"].shape, device="meta")
+        elif node.op == "call_function" and node.meta["ultraplan.op"] in DATA_DEPENDENT:
+            shape = tuple(int(d.subs({B: batch, T: seq})) for d in node.meta["ultraplan.shape"])
+            value = torch.empty(shape, device="meta")
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])

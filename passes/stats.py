@@ -1,58 +1,73 @@
-"""Model accounting: parameters, activated parameters and forward FLOPs per token.
+"""Model accounting: parameters, activated parameters, FLOPs and memory traffic per token.
 
-Read from the annotated graph (``ultraplan.param`` and ``ultraplan.cost``), so the numbers are the
-ones the planner uses. Conventions (docs/accounting.md):
+Read from the annotated graph (``ultraplan.param``, ``ultraplan.cost``, ``ultraplan.component``),
+so the numbers are the ones the planner uses. Conventions (docs/accounting.md):
 
 - ``params``: every distinct parameter element once (a tied embedding counts once);
-- ``active_params``: the elements one token's forward touches; for a dense model that is all
-  of them (the token embedding is counted whole, the convention of MoE papers' tables);
+- ``active_params``: the elements one token's forward reads. A dense read counts the whole
+  tensor; a sparse read (``gather_rows`` of a value table, ``expert_ffn`` of stacked experts)
+  counts the rows one token selects (h*k value rows, k experts), summed over the ops that read the
+  tensor (a table shared by several layers) and capped at its size. The token embedding is counted
+  whole, the convention of the MoE and memory-layer papers' tables;
+- ``*_non_embedding``: the same without the token embedding and the LM head;
 - ``flops_per_token``: forward matrix-product FLOPs / (B T), the FlopCounterMode convention, as
-  a sympy expression in ``T`` (attention grows with T) and evaluated at the spec's seq_len.
+  a sympy expression in ``T`` evaluated at the spec's seq_len;
+- ``memory_access_bytes_per_token``: weight bytes a decode step (T = 1) of B tokens reads, per
+  token: dense tensors once per step; a sparse tensor's expected distinct rows
+  R (1 - (1 - r/R)^B) for r rows per token of R (uniform routing). Activations are left out: at
+  decode they are a few hidden-size vectors per token against megabytes of weights.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import sympy
 from torch import fx
 
+from ..compiler.lower import tensor_args
 from ..compiler.schema import ModelSpec
 from ..compiler.shapes import B, T
 from .annotate_cost import annotate_cost
+from .cost import Touch
 from .pipeline import lower_spec
+
+EMBEDDING_PARAMS = ("embed.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
 class ModelStats:
     params: int
     active_params: int
-    flops_per_token: sympy.Expr
+    params_non_embedding: int
+    active_params_non_embedding: int
+    flops_per_token: sympy.Expr  # in T
+    memory_access_bytes_per_token: sympy.Expr  # in B
     seq_len: int
+    by_component: dict[str, dict] = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        value = self.flops_per_token.subs(T, self.seq_len)
-        return {"params": self.params, "active_params": self.active_params,
-                "flops_per_token": int(value) if value.is_integer else float(value),
-                "flops_per_token_expr": str(self.flops_per_token), "seq_len": self.seq_len}
+    def as_dict(self, batch: int = 1, *, by_component: bool = False) -> dict:
+        out = {"params": self.params, "active_params": self.active_params,
+               "params_non_embedding": self.params_non_embedding,
+               "active_params_non_embedding": self.active_params_non_embedding,
+               "flops_per_token": _number(self.flops_per_token.subs(T, self.seq_len)),
+               "flops_per_token_expr": str(self.flops_per_token), "seq_len": self.seq_len,
+               "batch": batch,
+               "memory_access_bytes_per_token": _number(self.memory_access_bytes_per_token.subs(B, batch)),
+               "memory_access_bytes_per_token_expr": str(self.memory_access_bytes_per_token)}
+        if by_component:
+            out["by_component"] = {
+                name: {"params": c["params"], "active_params": c["active_params"],
+                       "flops_per_token": _number(c["flops_per_token"].subs(T, self.seq_len)),
+                       "memory_access_bytes_per_token": _number(c["memory_access"].subs(B, batch))}
+                for name, c in self.by_component.items()}
+        return out
 
 
-def spec_stats(spec: ModelSpec) -> ModelStats:
-    """Accounting of ``spec`` at its seq_len, from its inference graph (no weights allocated)."""
-    gm = lower_spec(spec, mode="infer")
-    annotate_cost(gm, None)
-    return model_stats(gm, spec.seq_len)
-
-
-def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
-    """Requires ``annotate_cost`` to have run on ``gm``."""
-    params = {n.meta["ultraplan.param"].name: n.meta["ultraplan.param"] for n in gm.graph.nodes if n.op == "get_attr"}
-    total = sum(_numel(p.shape) for p in params.values())
-    flops = sum((n.meta["ultraplan.cost"].flops for n in gm.graph.nodes if "ultraplan.cost" in n.meta),
-                sympy.Integer(0))
-    per_token = sympy.expand(sympy.simplify(flops / (B * T)))
-    assert B not in per_token.free_symbols, f"FLOPs per token should not depend on B: {per_token}"
-    return ModelStats(total, total, per_token, seq_len)
+def _number(value: sympy.Expr) -> int | float:
+    value = sympy.nsimplify(value) if value.is_Float else value
+    return int(value) if value.is_integer else float(value)
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -60,3 +75,65 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         out *= s
     return out
+
+
+def _reads(param: fx.Node) -> list[Touch | None]:
+    """How each op reading ``param`` reads it: a Touch for a sparse read, None for a dense one."""
+    reads = []
+    for user in param.users:
+        positions = [i for i, a in enumerate(tensor_args(user)) if a is param]
+        sparse = dict(user.meta["ultraplan.cost"].sparse_inputs)
+        touches = [sparse.get(i) for i in positions]
+        reads.append(None if any(t is None for t in touches) else touches[0])
+    return reads
+
+
+def _param_accounting(param: fx.Node) -> tuple[int, int, sympy.Expr]:
+    """(elements, active elements per token, distinct bytes read by a decode step of B tokens)."""
+    info = param.meta["ultraplan.param"]
+    numel = _numel(info.shape)
+    reads = _reads(param)
+    if not reads or any(r is None for r in reads):
+        return numel, numel, sympy.Integer(4 * numel)
+    first = reads[0]
+    rows_per_token = sympy.Min(first.rows, sum((r.rows_per_token for r in reads), sympy.Integer(0)))
+    active = int(rows_per_token) * first.row_elems
+    distinct_rows = first.rows * (1 - (1 - rows_per_token / first.rows) ** B)
+    return numel, min(active, numel), 4 * first.row_elems * distinct_rows
+
+
+def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
+    """Requires ``annotate_cost`` to have run on ``gm``."""
+    zero = sympy.Integer(0)
+    comp: dict[str, dict] = defaultdict(lambda: {"params": 0, "active_params": 0, "flops_per_token": zero,
+                                                 "memory_access": zero})
+    totals = {"params": 0, "active": 0, "params_ne": 0, "active_ne": 0, "access": zero}
+    for node in gm.graph.nodes:
+        c = comp[node.meta["ultraplan.component"]]
+        if node.op == "get_attr":
+            numel, active, access = _param_accounting(node)
+            embedding = node.meta["ultraplan.param"].name in EMBEDDING_PARAMS
+            totals["params"] += numel
+            totals["active"] += active
+            totals["params_ne"] += 0 if embedding else numel
+            totals["active_ne"] += 0 if embedding else active
+            totals["access"] += access / B
+            c["params"] += numel
+            c["active_params"] += active
+            c["memory_access"] += access / B
+        elif "ultraplan.cost" in node.meta:
+            c["flops_per_token"] += node.meta["ultraplan.cost"].flops / (B * T)
+    flops = sympy.expand(sympy.simplify(sum((c["flops_per_token"] for c in comp.values()), zero)))
+    assert B not in flops.free_symbols, f"FLOPs per token should not depend on B: {flops}"
+    for c in comp.values():
+        c["flops_per_token"] = sympy.expand(sympy.simplify(c["flops_per_token"]))
+    by_component = {k: v for k, v in comp.items() if v["params"] or v["flops_per_token"] != 0}
+    return ModelStats(totals["params"], totals["active"], totals["params_ne"], totals["active_ne"], flops,
+                      totals["access"], seq_len, by_component)
+
+
+def spec_stats(spec: ModelSpec) -> ModelStats:
+    """Accounting of ``spec`` at its seq_len, from its inference graph (no weights allocated)."""
+    gm = lower_spec(spec, mode="infer")
+    annotate_cost(gm, None)
+    return model_stats(gm, spec.seq_len)

@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "specs" / "models"
 HARDWARE = ROOT / "specs" / "hardware"
-RUNNABLE_SPECS = ["dense-tiny", "dense-gqa-tied", "dense-deep-groups"]
+RUNNABLE_SPECS = ["dense-tiny", "dense-gqa-tied", "dense-deep-groups", "moe-tiny", "pkm-tiny", "peer-tiny"]
 
 
 @pytest.fixture

@@ -32,13 +32,21 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
 def cmd_stats(args: argparse.Namespace) -> int:
     from ultraplan.passes.stats import spec_stats
 
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     spec = api.load(args.spec)
-    stats = spec_stats(spec).as_dict()
+    stats = spec_stats(spec).as_dict(args.batch, by_component=args.by == "component")
     if args.json:
         print(json.dumps(stats, indent=1))
-    else:
-        print(f"{spec.name}: {stats['params']:,} parameters, {stats['active_params']:,} active per token")
-        print(f"forward FLOPs per token: {stats['flops_per_token_expr']} = {stats['flops_per_token']:,} at T={spec.seq_len}")
+        return 0
+    print(f"{spec.name}: {stats['params']:,} parameters, {stats['active_params']:,} active per token "
+          f"({stats['params_non_embedding']:,} and {stats['active_params_non_embedding']:,} without embeddings)")
+    print(f"forward FLOPs per token: {stats['flops_per_token_expr']} = {stats['flops_per_token']:,} at T={spec.seq_len}")
+    print(f"weight bytes read per token, decode batch B={args.batch}: {stats['memory_access_bytes_per_token']:,.0f}"
+          f"  (= {stats['memory_access_bytes_per_token_expr']})")
+    for name, c in stats.get("by_component", {}).items():
+        print(f"  {name:10s} {c['params']:>14,} params {c['active_params']:>14,} active "
+              f"{c['flops_per_token']:>14,} FLOP/token {c['memory_access_bytes_per_token']:>16,.0f} B/token")
     return 0
 
 
@@ -119,8 +127,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultraplan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("stats", help="parameters, active parameters, FLOPs per token")
+    p = sub.add_parser("stats", help="parameters, active parameters, FLOPs and memory traffic per token")
     p.add_argument("spec")
+    p.add_argument("--batch", type=int, default=1, help="decode batch for memory_access_bytes_per_token (default 1)")
+    p.add_argument("--by", choices=("component",), default=None, help="add a breakdown by component")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser("plan", help="make a plan for a mesh")

@@ -11,6 +11,7 @@ from .base import InitRule, ResidualSublayer, named
 
 
 class Attention(ResidualSublayer):
+    component = "attention"
     def __init__(self, spec: AttentionSpec, norm: NormSpec | None, dim: int) -> None:
         super().__init__(norm, dim)
         self.spec = spec

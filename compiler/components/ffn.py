@@ -11,6 +11,7 @@ from .base import InitRule, ResidualSublayer, named
 
 
 class FFN(ResidualSublayer):
+    component = "ffn"
     def __init__(self, spec: FFNSpec, norm: NormSpec | None, dim: int) -> None:
         super().__init__(norm, dim)
         self.spec = spec

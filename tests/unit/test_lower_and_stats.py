@@ -71,7 +71,10 @@ def test_param_count_equals_eager(name):
     model = build_model(spec, seed=0)
     stats = spec_stats(spec)
     assert stats.params == sum(p.numel() for p in model.parameters())
-    assert stats.active_params == stats.params
+    if name.startswith("dense"):
+        assert stats.active_params == stats.params
+    else:
+        assert stats.active_params < stats.params
 
 
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)

@@ -1,0 +1,97 @@
+"""Product-key retrieval shared by PKM and PEER, and the two memory layers built on it.
+
+Retrieval, per head (Lample et al. 2019, §1 of research/memory_layers.md):
+    q = W_q x, split into halves q1, q2;  s1 = K1 q1, s2 = K2 q2  (n keys each)
+    top-k of s1 and of s2;  the k*k grid of sums s1[i] + s2[j] at slots i*n + j;  top-k of the grid.
+The grid holds the exact top-k of all n^2 slot scores (each is a sum of one row and one column
+score, so a top-k slot's row and column are both in their halves' top-k). Each step is one op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..schema import NormSpec, PEERSpec, PKMSpec, ProductKeySpec
+from .base import InitRule, ResidualSublayer, named
+
+
+class ProductKeyRetrieval(ResidualSublayer):
+    """Holds the query projection and the half-key tables; ``retrieve`` returns (scores, slots)."""
+
+    def __init__(self, spec: ProductKeySpec, norm: NormSpec | None, dim: int) -> None:
+        super().__init__(norm, dim)
+        self.spec = spec
+        self.w_query = nn.Parameter(torch.empty(spec.heads * spec.key_dim, dim))
+        self.keys = nn.Parameter(torch.empty(spec.heads, 2, spec.num_keys, spec.key_dim // 2))
+
+    def retrieval_init_rules(self, std: float) -> dict[str, InitRule]:
+        return {"w_query": InitRule("normal", std), "keys": InitRule("normal", 1 / math.sqrt(self.spec.key_dim))}
+
+    def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec
+        query = named("query", ops.linear(h, self.w_query))
+        half_scores = named("half_scores", ops.pk_scores(query, self.keys))
+        half_best = named("half_topk", ops.topk_indices(half_scores, s.topk))
+        half_kept = named("half_kept", ops.take(half_scores, half_best))
+        grid = named("grid_scores", ops.grid_scores(half_kept))
+        grid_slots = named("grid_slots", ops.grid_indices(half_best, s.num_keys))
+        best = named("topk", ops.topk_indices(grid, s.topk))
+        scores = named("scores", ops.take(grid, best))
+        slots = named("slots", ops.take(grid_slots, best))
+        return scores, slots
+
+
+class PKM(ProductKeyRetrieval):
+    """softmax over the selected scores; output sum over heads and slots of w * V[slot]."""
+
+    component = "pkm"
+
+    def __init__(self, spec: PKMSpec, norm: NormSpec | None, dim: int) -> None:
+        super().__init__(spec, norm, dim)
+        value_dim = spec.value_dim or dim
+        self.values = nn.Parameter(torch.empty(spec.num_keys**2, value_dim))
+        if value_dim != dim:
+            self.w_out = nn.Parameter(torch.empty(dim, value_dim))
+
+    def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        value_dim = self.values.shape[1]
+        rules = {**self.retrieval_init_rules(std), "values": InitRule("normal", 1 / math.sqrt(value_dim))}
+        if hasattr(self, "w_out"):
+            rules["w_out"] = InitRule("normal", out_std)
+        return rules
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        scores, slots = self.retrieve(h)
+        weights = named("weights", ops.softmax(scores))
+        rows = named("rows", ops.gather_rows(self.values, slots))
+        out = named("pooled", ops.weighted_sum(rows, weights))
+        if hasattr(self, "w_out"):
+            out = named("out", ops.linear(out, self.w_out))
+        return out
+
+
+class PEER(ProductKeyRetrieval):
+    """Each slot i is an expert act(u_i . x) v_i; gates are the softmax of the selected scores."""
+
+    component = "peer"
+
+    def __init__(self, spec: PEERSpec, norm: NormSpec | None, dim: int) -> None:
+        super().__init__(spec, norm, dim)
+        self.down = nn.Parameter(torch.empty(spec.num_keys**2, dim))
+        self.up = nn.Parameter(torch.empty(spec.num_keys**2, dim))
+
+    def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        return {**self.retrieval_init_rules(std), "down": InitRule("normal", std), "up": InitRule("normal", out_std)}
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        scores, slots = self.retrieve(h)
+        gates = named("gates", ops.softmax(scores))
+        down_rows = named("down_rows", ops.gather_rows(self.down, slots))
+        hidden = named("hidden", ops.activation(ops.row_dot(h, down_rows), self.spec.activation))
+        weights = named("weights", ops.mul(hidden, gates))
+        up_rows = named("up_rows", ops.gather_rows(self.up, slots))
+        return named("out", ops.weighted_sum(up_rows, weights))
