@@ -109,6 +109,13 @@ def pk_scores(q_BTX: torch.Tensor, keys_HCNQ: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bthcq,hcnq->bthcn", q, keys_HCNQ)
 
 
+def group_layer_norm(x: torch.Tensor, weight_G: torch.Tensor, bias_G: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over consecutive groups of G features of the last dim (one affine shared by all)."""
+    group = weight_G.shape[0]
+    shaped = x.view(*x.shape[:-1], -1, group)
+    return F.layer_norm(shaped, (group,), weight_G, bias_G, eps).view(x.shape)
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries along the last dim, largest first (int64)."""
     return torch.topk(scores, k, dim=-1).indices

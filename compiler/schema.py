@@ -67,6 +67,7 @@ class ProductKeySpec:
     topk: int = field(metadata=doc("slots selected per head (k, also the per-half top-k)", minimum=1))
     key_dim: int = field(metadata=doc("query/key width D_k per head, split into two halves", minimum=2))
     heads: int = field(default=1, metadata=doc("retrieval heads; their outputs are summed", minimum=1))
+    query_norm: bool = field(default=False, metadata=doc("LayerNorm each half-query (width key_dim/2) before scoring"))
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ SHAPE_RULES: dict[str, Callable[[list[Shape], dict[str, Any]], Shape]] = {
     "add": _same,
     "cross_entropy": _scalar,
     "pk_scores": _pk_scores,
+    "group_layer_norm": _same,
     "topk_indices": _topk,
     "take": _take,
     "grid_scores": _grid,

@@ -27,13 +27,21 @@ class ProductKeyRetrieval(ResidualSublayer):
         self.spec = spec
         self.w_query = nn.Parameter(torch.empty(spec.heads * spec.key_dim, dim))
         self.keys = nn.Parameter(torch.empty(spec.heads, 2, spec.num_keys, spec.key_dim // 2))
+        if spec.query_norm:
+            self.query_norm_weight = nn.Parameter(torch.empty(spec.key_dim // 2))
+            self.query_norm_bias = nn.Parameter(torch.empty(spec.key_dim // 2))
 
     def retrieval_init_rules(self, std: float) -> dict[str, InitRule]:
-        return {"w_query": InitRule("normal", std), "keys": InitRule("normal", 1 / math.sqrt(self.spec.key_dim))}
+        rules = {"w_query": InitRule("normal", std), "keys": InitRule("normal", 1 / math.sqrt(self.spec.key_dim))}
+        if self.spec.query_norm:
+            rules.update(query_norm_weight=InitRule("ones"), query_norm_bias=InitRule("zeros"))
+        return rules
 
     def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         query = named("query", ops.linear(h, self.w_query))
+        if s.query_norm:
+            query = named("query_normed", ops.group_layer_norm(query, self.query_norm_weight, self.query_norm_bias, 1e-5))
         half_scores = named("half_scores", ops.pk_scores(query, self.keys))
         half_best = named("half_topk", ops.topk_indices(half_scores, s.topk))
         half_kept = named("half_kept", ops.take(half_scores, half_best))
