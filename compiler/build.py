@@ -19,9 +19,12 @@ from .components.base import InitRule, Norm, ResidualSublayer, named
 from .components.ffn import FFN
 from .components.moe import MoE
 from .components.product_keys import PEER, PKM
+from .components.ultramem import MemoryTable, UltraMemV2
+from .memory_tables import table_shapes, table_slots
 from .schema import LayerSpec, ModelSpec, SublayerSpec
 
-MODULES: dict[str, type[ResidualSublayer]] = {"attention": Attention, "ffn": FFN, "moe": MoE, "pkm": PKM, "peer": PEER}
+MODULES: dict[str, type[ResidualSublayer]] = {"attention": Attention, "ffn": FFN, "moe": MoE, "pkm": PKM, "peer": PEER,
+                                              "ultramem_v2": UltraMemV2}
 
 
 def build_sublayer(sub: SublayerSpec, dim: int) -> ResidualSublayer:
@@ -29,14 +32,24 @@ def build_sublayer(sub: SublayerSpec, dim: int) -> ResidualSublayer:
 
 
 class Block(nn.ModuleDict):
-    """One layer: its sublayers applied in order, each a pre-norm residual."""
+    """One layer: its sublayers in order, each a pre-norm residual, some beside the one before."""
 
     def __init__(self, layer: LayerSpec, dim: int) -> None:
         super().__init__({sub.name: build_sublayer(sub, dim) for sub in layer.sublayers})
+        self.layer = layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for sublayer in self.values():
-            x = sublayer(x)
+    def forward(self, x: torch.Tensor, pending: dict[int, list[torch.Tensor]]) -> torch.Tensor:
+        """``pending`` collects outputs delivered to later layers (layer index -> outputs)."""
+        read = normed = None
+        for spec, sublayer in zip(self.layer.sublayers, self.values()):
+            if spec.parallel:
+                shared = normed if spec.norm is None else None
+                x, _, delayed = sublayer(x, read=read, normed=shared, deliver_later=bool(spec.deliver_after))
+            else:
+                read = x
+                x, normed, delayed = sublayer(x, deliver_later=bool(spec.deliver_after))
+            if delayed is not None:
+                pending.setdefault(self.layer.index + spec.deliver_after, []).append(delayed)
         return x
 
 
@@ -50,6 +63,10 @@ class DecoderModel(nn.Module):
         self.embed = nn.Module()
         self.embed.weight = nn.Parameter(torch.empty(spec.vocab_size, d))
         self.layers = nn.ModuleList(Block(layer, d) for layer in spec.layers)
+        slots = table_slots(spec)
+        self.memory_tables = nn.ModuleDict({name: MemoryTable(*shape) for name, shape in table_shapes(slots).items()})
+        for slot in slots:
+            self.layers[slot.layer][slot.sublayer].attach(self.memory_tables[slot.table], slot)
         self.final_norm = Norm(spec.final_norm, d)
         if not spec.tie_embeddings:
             self.lm_head = nn.Module()
@@ -57,8 +74,11 @@ class DecoderModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = named("x", ops.embedding(tokens, self.embed.weight))
-        for block in self.layers:
-            x = block(x)
+        pending: dict[int, list[torch.Tensor]] = {}
+        for index, block in enumerate(self.layers):
+            x = block(x, pending)
+            for delayed in pending.pop(index, []):
+                x = named(f"layers.{index}.delivered", ops.add(x, delayed))
         x = self.final_norm(x)
         head = self.embed.weight if self.spec.tie_embeddings else self.lm_head.weight
         return named("logits", ops.linear(x, head))
@@ -89,6 +109,9 @@ def init_rules(model: DecoderModel) -> dict[str, InitRule]:
             if sub.norm is not None:
                 for local, rule in sub.norm.init_rules().items():
                     rules[f"{prefix}.norm.{local}"] = rule
+    for table_name, table in model.memory_tables.items():
+        for local, rule in table.init_rules(std).items():
+            rules[f"memory_tables.{table_name}.{local}"] = rule
     for local, rule in model.final_norm.init_rules().items():
         rules[f"final_norm.{local}"] = rule
     if not spec.tie_embeddings:
@@ -99,13 +122,29 @@ def init_rules(model: DecoderModel) -> dict[str, InitRule]:
 
 
 def initialize(model: DecoderModel, seed: int) -> DecoderModel:
-    """Fill every parameter from ``seeded.init_full`` (the same values any rank count uses)."""
+    """Fill every parameter from ``seeded.init_full`` (the same values any rank count uses), the
+    fixed permutations likewise, then the state derived from parameters."""
     rules = init_rules(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             rule = rules[name]
             param.copy_(seeded.init_full(name, tuple(param.shape), rule.kind, rule.std, seed))
+        for name, buffer in model.named_buffers():
+            if name.endswith(".shuffle"):
+                buffer.copy_(seeded.init_full(name, tuple(buffer.shape), "permutation", 0.0, seed))
+    refresh_state(model)
     return model
+
+
+def refresh_state(model: nn.Module) -> None:
+    """Recompute non-parameter state derived from parameters (UltraMem's rank-1 vectors).
+
+    Call after every optimizer step, as the reference training loop and emitted programs do.
+    """
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "refresh_state") and module is not model:
+                module.refresh_state()
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None, device: str | torch.device = "cpu") -> DecoderModel:

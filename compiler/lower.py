@@ -41,6 +41,32 @@ class ParamInfo:
     std: float
 
 
+@dataclass(frozen=True)
+class BufferInfo:
+    """Non-parameter state: ``init`` is ``permutation`` (seeded by name) or ``derived``, recomputed
+    as ``op(source)`` from a parameter at start and after every optimizer step."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    init: str
+    op: str = ""
+    source: str = ""
+
+
+def state_rules(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Buffer name -> (init, op, source parameter), from each module's ``state_rules``."""
+    out: dict[str, tuple[str, ...]] = {}
+    for prefix, module in model.named_modules():
+        for local, rule in getattr(module, "state_rules", dict)().items():
+            if len(rule) == 3:
+                rule = (rule[0], rule[1], f"{prefix}.{rule[2]}")
+            out[f"{prefix}.{local}"] = rule
+    missing = set(dict(model.named_buffers())) ^ set(out)
+    assert not missing, f"buffers without a state rule: {sorted(missing)}"
+    return out
+
+
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(ops,))
@@ -101,12 +127,23 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
     rules = init_rules(model)
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    state = state_rules(model)
     for node in gm.graph.nodes:
         node.meta["ultraplan.layer"] = _module_path(node)
         node.meta["ultraplan.component"] = _component(node)
         if node.op == "placeholder":
             node.meta.update({"ultraplan.op": "input", "ultraplan.attrs": {},
                               "ultraplan.shape": (B, T), "ultraplan.dtype": "int64"})
+        elif node.op == "get_attr" and re.sub(r"^model\.", "", node.target) in buffers:
+            name = re.sub(r"^model\.", "", node.target)
+            buffer = buffers[name]
+            shape = tuple(int(s) for s in buffer.shape)
+            dtype = str(buffer.dtype).removeprefix("torch.")
+            node.meta.update({"ultraplan.op": "buffer", "ultraplan.attrs": {},
+                              "ultraplan.buffer": BufferInfo(name, shape, dtype, *state[name]),
+                              "ultraplan.shape": tuple(sympy.Integer(s) for s in shape),
+                              "ultraplan.dtype": dtype})
         elif node.op == "get_attr":
             name = re.sub(r"^model\.", "", node.target)
             rule = rules[name]

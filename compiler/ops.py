@@ -213,3 +213,82 @@ def expert_ffn(
         y = F.linear(act, w_down_EDF[expert]) * gates[token, slot].unsqueeze(-1)
         out = out.index_add(0, token, y)
     return out.reshape(b, t, d)
+
+
+# ---- Tucker-decomposed query-key retrieval (UltraMem / UltraMemV2) ------------------------------
+# R Tucker rank, C cores, M selected per half and in the end, P rows of a (possibly shared) table.
+
+
+def tucker_scores(q_BTX: torch.Tensor, keys_HCRND: torch.Tensor, query_ranks: int) -> torch.Tensor:
+    """Per-rank half scores: q (B, T, H*2*Rq*D) with Rq = 1 or R, keys (H, 2, R, N, D) -> (B, T, H, 2, R, N)."""
+    b, t, _ = q_BTX.shape
+    h, c, r, _, d = keys_HCRND.shape
+    q = q_BTX.view(b, t, h, c, query_ranks, d)
+    if query_ranks != r:
+        q = q.expand(b, t, h, c, r, d)
+    return torch.einsum("bthcrd,hcrnd->bthcrn", q, keys_HCRND)
+
+
+def rank_one_scores(scores_BTHCRN: torch.Tensor, rank_one_2HR: torch.Tensor) -> torch.Tensor:
+    """The rank-1 filter: row scores weighted by u, column scores by t -> (B, T, H, 2, N)."""
+    return torch.einsum("bthcrn,chr->bthcn", scores_BTHCRN, rank_one_2HR)
+
+
+def take_ranked(scores_BTHCRN: torch.Tensor, indices_BTHCM: torch.Tensor) -> torch.Tensor:
+    """Every rank's score at the selected keys: -> (B, T, H, 2, R, M)."""
+    ranks = scores_BTHCRN.shape[-2]
+    index = indices_BTHCM.unsqueeze(-2).expand(*indices_BTHCM.shape[:-1], ranks, indices_BTHCM.shape[-1])
+    return torch.gather(scores_BTHCRN, -1, index)
+
+
+def tucker_grid(kept_BTHCRM: torch.Tensor, cores_HKRR: torch.Tensor) -> torch.Tensor:
+    """Exact bilinear rescoring of the M x M grid by each core: row_i^T C_k col_j -> (B, T, H, K, M*M).
+
+    Two products in a fixed order (row by core, then by column) so the FLOP count is defined.
+    """
+    row, col = kept_BTHCRM[..., 0, :, :], kept_BTHCRM[..., 1, :, :]
+    row_core = torch.einsum("bthri,hkrs->bthksi", row, cores_HKRR)
+    return torch.einsum("bthksi,bthsj->bthkij", row_core, col).flatten(-2)
+
+
+def sum_cores(grid_BTHKS: torch.Tensor) -> torch.Tensor:
+    """Total score over cores -> (B, T, H, S)."""
+    return grid_BTHKS.sum(dim=-2)
+
+
+def take_cores(grid_BTHKS: torch.Tensor, indices_BTHM: torch.Tensor) -> torch.Tensor:
+    """Each core's score at the selected slots -> (B, T, H, K, M)."""
+    cores = grid_BTHKS.shape[-2]
+    index = indices_BTHM.unsqueeze(-2).expand(*indices_BTHM.shape[:-1], cores, indices_BTHM.shape[-1])
+    return torch.gather(grid_BTHKS, -1, index)
+
+
+def shuffle_rows(slots: torch.Tensor, permutation: torch.Tensor, offset: int, rows: int) -> torch.Tensor:
+    """Table row of each slot: a fixed permutation (IVE's shuffle), shifted to this layer's share, wrapped."""
+    return (permutation[slots] + offset) % rows
+
+
+def scale_cores(core_scores_BTHKM: torch.Tensor, gates_BTHM: torch.Tensor) -> torch.Tensor:
+    """Multiply every core's score by the slot's gate (UltraMemV2's pre-value product)."""
+    return core_scores_BTHKM * gates_BTHM.unsqueeze(-2)
+
+
+def core_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor) -> torch.Tensor:
+    """Multi-core scoring: the V columns split into K chunks, chunk k pooled with core k's weights -> (B, T, V)."""
+    b, t, h, m, v = rows_BTHMV.shape
+    cores = weights_BTHKM.shape[-2]
+    chunks = rows_BTHMV.view(b, t, h, m, cores, v // cores)
+    return torch.einsum("bthmkd,bthkm->btkd", chunks, weights_BTHKM).reshape(b, t, v)
+
+
+def rank_one_vectors(cores_HKRR: torch.Tensor) -> torch.Tensor:
+    """u and t: the leading left and right singular vectors of each head's summed core -> (2, H, R).
+
+    Sign convention (ours): the largest-magnitude entry of u is positive, so the result is a
+    function of the cores alone (the official code instead keeps the previous step's sign).
+    """
+    with torch.no_grad():
+        left, _, right_t = torch.linalg.svd(cores_HKRR.sum(dim=1).double())
+        u, t = left[..., 0], right_t[..., 0, :]
+        sign = torch.sign(torch.gather(u, -1, u.abs().argmax(dim=-1, keepdim=True)))
+        return torch.stack((u * sign, t * sign)).to(cores_HKRR.dtype)

@@ -85,19 +85,58 @@ class PEERSpec(ProductKeySpec):
     activation: Literal["gelu", "relu", "silu"] = field(default="gelu", metadata=doc("on the expert's hidden unit"))
 
 
-SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec
+@dataclass(frozen=True)
+class UltraMemV2Spec:
+    """UltraMemV2 (Huang et al. 2025): Tucker-decomposed retrieval (TDQKR), pre-value gates, multi-core
+    pooling of value rows, one output projection; value tables may be shared across layers.
+
+    ``share``: ``none`` (each layer owns n^2 rows), ``ring`` (one table of L_m n^2 rows; layer l
+    addresses share_layers * n^2 of them starting at l n^2, wrapping) or ``block`` (groups of
+    share_layers layers share share_layers * n^2 rows). A sharing layer addresses
+    n' = floor(sqrt(share_layers) n) keys per half (research/memory_layers.md §5.1).
+    """
+
+    num_keys: int = field(metadata=doc("keys per half of a layer's own share (n); its rows are n^2", minimum=1))
+    topk: int = field(metadata=doc("slots kept per head (m), also the per-half top-m", minimum=1))
+    key_dim: int = field(metadata=doc("query/key width D_k", minimum=1))
+    value_dim: int = field(metadata=doc("value width D_v", minimum=1))
+    pre_value_dim: int = field(default=0, metadata=doc("pre-value width D_p; 0 leaves pre-values out", minimum=0))
+    rank: int = field(default=2, metadata=doc("Tucker rank r", minimum=1))
+    cores: int = field(default=2, metadata=doc("Tucker cores c (multi-core scoring); divides value_dim", minimum=1))
+    heads: int = field(default=1, metadata=doc("retrieval heads", minimum=1))
+    query_per_rank: bool = field(default=False, metadata=doc("a separate query for each Tucker rank"))
+    share: Literal["none", "ring", "block"] = field(default="none", metadata=doc("value-table sharing scheme"))
+    share_layers: int = field(default=1, metadata=doc("layers' shares one layer addresses (g)", minimum=1))
+
+    @property
+    def effective_keys(self) -> int:
+        """n' = floor(sqrt(g) n): keys per half a layer addresses when it reads g layers' shares."""
+        import math
+
+        return math.isqrt(self.share_layers * self.num_keys**2)
+
+
+SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemV2Spec
 SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec, "moe": MoESpec, "pkm": PKMSpec,
-                                   "peer": PEERSpec}
+                                   "peer": PEERSpec, "ultramem_v2": UltraMemV2Spec}
 
 
 @dataclass(frozen=True)
 class SublayerSpec:
-    """One pre-norm residual sublayer of a block: ``x = x + f(norm(x))``."""
+    """One pre-norm residual sublayer of a block: ``x = x + f(norm(x))``.
+
+    ``parallel``: reads the residual stream the previous sublayer read (and, when it gives no
+    norm of its own, that sublayer's normed input), so both add to the same stream:
+    ``x + f(n(x)) + g(n(x))``, as UltraMemV2's memory beside the FFN. ``deliver_after``: its output
+    is added after the block that many layers later instead of now (UltraMem's skip-layer).
+    """
 
     name: str
     kind: str
     config: SublayerConfig
     norm: NormSpec | None
+    parallel: bool = False
+    deliver_after: int = 0
 
 
 @dataclass(frozen=True)

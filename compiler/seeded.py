@@ -23,9 +23,15 @@ def init_full(name: str, shape: tuple, kind: str, std: float, seed: int) -> torc
         return torch.ones(shape)
     if kind == "zeros":
         return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(stable_seed(seed, name))
     if kind == "normal":
-        generator = torch.Generator().manual_seed(stable_seed(seed, name))
         return torch.randn(shape, generator=generator) * std
+    if kind == "uniform":  # U(0, std)
+        return torch.rand(shape, generator=generator) * std
+    if kind == "constant":  # every element equals std
+        return torch.full(shape, float(std))
+    if kind == "permutation":  # a fixed random permutation of range(shape[0]), int64
+        return torch.randperm(shape[0], generator=generator)
     raise ValueError(f"unknown init kind {kind!r} for {name}")
 
 

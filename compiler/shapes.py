@@ -94,8 +94,44 @@ SHAPE_RULES: dict[str, Callable[[list[Shape], dict[str, Any]], Shape]] = {
     "expert_ffn": _same,
 }
 
+def _tucker_scores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    heads, halves, ranks, num_keys, _ = shapes[1]
+    return (*shapes[0][:-1], heads, halves, ranks, num_keys)
+
+
+def _rank_one(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[0][:-2], shapes[0][-1])
+
+
+def _take_ranked(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[1][:-1], shapes[0][-2], shapes[1][-1])
+
+
+def _tucker_grid(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    m = shapes[0][-1]
+    return (*shapes[0][:3], shapes[1][1], m * m)
+
+
+def _sum_cores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[0][:-2], shapes[0][-1])
+
+
+def _take_cores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[1][:-1], shapes[0][-2], shapes[1][-1])
+
+
+def _core_pool(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    return (*shapes[0][:2], shapes[0][-1])
+
+
+SHAPE_RULES.update({
+    "tucker_scores": _tucker_scores, "rank_one_scores": _rank_one, "take_ranked": _take_ranked,
+    "tucker_grid": _tucker_grid, "sum_cores": _sum_cores, "take_cores": _take_cores, "shuffle_rows": _same,
+    "scale_cores": _same, "core_pool": _core_pool,
+})
+
 # Ops whose result is not float32: index-valued ops, and take (the dtype of what it takes from).
-INDEX_OPS = {"topk_indices", "grid_indices"}
+INDEX_OPS = {"topk_indices", "grid_indices", "shuffle_rows"}
 
 
 def result_dtype(op: str, input_dtypes: list[str]) -> str:

@@ -30,6 +30,7 @@ from .schema import (
     ProductKeySpec,
     SublayerSpec,
     TrainSpec,
+    UltraMemV2Spec,
 )
 from .yaml_source import Document, load_document
 
@@ -86,17 +87,32 @@ def read_sublayer(
     items = sourced_mapping(expect_mapping(doc, Sourced(body, kind_path), f"the {kind} sublayer"), kind_path)
     name = check_identifier(doc, items.pop("name"), "a sublayer name") if "name" in items else kind
     items.update(overrides.get(name, {}))
-    norm = read_norm(doc, items.pop("norm", default_norm))
+    parallel = coerce(doc, items.pop("parallel"), bool) if "parallel" in items else False
+    deliver_after = 0
+    if "deliver_after" in items:
+        deliver_after = coerce(doc, items["deliver_after"], int)
+        if deliver_after < 0:
+            raise doc.error(items["deliver_after"].path, f"deliver_after counts layers ahead; got {deliver_after}")
+        items.pop("deliver_after")
+    # a parallel sublayer without its own norm shares the normed input of the sublayer before it
+    norm = read_norm(doc, items.pop("norm", Sourced(None, kind_path) if parallel else default_norm))
     config = read_dataclass(doc, SUBLAYER_KINDS[kind], items, kind_path)
     if isinstance(config, AttentionSpec):
         config = resolve_attention(doc, config, items, kind_path, hidden)
     elif isinstance(config, MoESpec):
         check_at_most(doc, items, kind_path, "topk", config.topk, "experts", config.experts)
+    elif isinstance(config, UltraMemV2Spec):
+        check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
+        if config.value_dim % config.cores:
+            raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
+                            "equal chunks, one per core", hint="choose cores dividing value_dim")
+        if config.share == "none" and config.share_layers != 1:
+            raise doc.error(items["share_layers"].path, "share_layers needs share: ring or block")
     elif isinstance(config, ProductKeySpec):
         check_at_most(doc, items, kind_path, "topk", config.topk, "num_keys", config.num_keys)
         if config.key_dim % 2:
             raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
-    return SublayerSpec(name=name, kind=kind, config=config, norm=norm)
+    return SublayerSpec(name=name, kind=kind, config=config, norm=norm, parallel=parallel, deliver_after=deliver_after)
 
 
 def resolve_attention(
@@ -201,6 +217,9 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
                     if "override" in gmap else {}
                 sublayers = tuple(read_sublayer(doc, s, overrides, hidden, default_norm) for s in subs)
                 seen: set[str] = set()
+                if sublayers[0].parallel:
+                    raise doc.error(subs[0].path, "the first sublayer of a block cannot be parallel (to what?)",
+                                    hint="put it after the sublayer it runs beside")
                 for s, sub in zip(subs, sublayers):
                     if sub.name in seen:
                         raise doc.error(s.path, f"two sublayers named '{sub.name}' in block '{ref.value}'",
@@ -209,6 +228,12 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
                 layers.append(LayerSpec(index=len(layers), block=ref.value, sublayers=sublayers))
     if not layers:
         raise doc.error(model["layers"].path, "the model has no layers")
+    for layer in layers:
+        for sub in layer.sublayers:
+            if layer.index + sub.deliver_after >= len(layers):
+                raise doc.error(model["layers"].path, f"layer {layer.index}'s {sub.name} delivers its output "
+                                f"{sub.deliver_after} layers later, past the last layer ({len(layers) - 1})",
+                                hint="lower deliver_after for the last layers, or add layers")
     return tuple(layers)
 
 

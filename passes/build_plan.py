@@ -24,7 +24,7 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
-from .plan import PLAN_VERSION, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
+from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
 from .sbp import Boxing, local_dims, nd_str
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, device_count, evaluate
 
@@ -50,7 +50,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     values = ctx.values()
     devices = device_count(len(ctx.mesh.shape))
     sizes = [axis_size(a) for a in range(len(ctx.mesh.shape))]
-    nodes, params = [], []
+    nodes, params, buffers = [], [], []
     param_bytes = sympy.Integer(0)
     fwd = bwd = written = comm_time = comm_wire = sympy.Integer(0)
     largest: sympy.Expr = sympy.Integer(0)
@@ -58,7 +58,10 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     for node in gm.graph.nodes:
         meta = node.meta
         sig = meta["ultraplan.sbp"]
-        if node.op == "get_attr":
+        if meta["ultraplan.op"] == "buffer":
+            b = meta["ultraplan.buffer"]
+            buffers.append(BufferPlan(b.name, node.name, b.shape, b.dtype, b.init, b.op, b.source))
+        if meta["ultraplan.op"] == "param":
             info = meta["ultraplan.param"]
             grads = tuple(collective_plan(b, ctx, values, "the weight is B and the batch S(0), so its gradient arrives as P")
                           for b in meta["ultraplan.grad_boxing"])
@@ -110,7 +113,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         mesh=ctx.mesh.shape, hardware=ctx.hardware.name, mode=ctx.mode, batch=ctx.batch, seq=ctx.seq,
         strategy="data_parallel",
         training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk"),
-        nodes=tuple(nodes), params=tuple(params), output=output, output_boxing=output_boxing,
+        nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,

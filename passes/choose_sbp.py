@@ -5,7 +5,8 @@ Strategy ``data_parallel`` (the only one so far): the batch dim is split on ever
 - inputs (tokens, targets): ``S(0)`` on every axis;
 - parameters: ``B`` on every axis (each device holds the whole model);
 - every op maps ``S(0)`` activations and ``B`` parameters to an ``S(0)`` output: each op here
-  acts on one sequence at a time, so splitting the batch commutes with it;
+  acts on one sequence at a time, so splitting the batch commutes with it; an op that reads only
+  parameters and state (normalising a key table) is computed whole on every device (``B``);
 - the loss is a mean over the batch: each device's local mean, scaled by its share
   ``1/devices``, is a partial sum ``P`` of the global mean (``partial_scale``);
 - backward: a ``B`` weight used by ``S(0)`` activations gets a ``P`` gradient, so each parameter
@@ -80,16 +81,19 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         kind = node.meta["ultraplan.op"]
         if node.op == "placeholder":
             node.meta["ultraplan.sbp"] = Signature((), split)
-        elif node.op == "get_attr":
+        elif node.op == "get_attr":  # parameters and state: whole on every device
             node.meta["ultraplan.sbp"] = Signature((), bcast)
+            train_param = kind == "param" and ctx.mode == "train"
             node.meta["ultraplan.grad_boxing"] = (
-                boxings(partial, bcast, node.meta["ultraplan.shape"], "float32") if ctx.mode == "train" else [])
+                boxings(partial, bcast, node.meta["ultraplan.shape"], "float32") if train_param else [])
         elif node.op == "call_function":
-            wanted = tuple(bcast if a.op == "get_attr" else split for a in tensor_args(node))
+            # each input as it comes (nothing is boxed); the output is split when any input is,
+            # broadcast when the op only reads parameters and state (e.g. normalising keys)
+            wanted = tuple(a.meta["ultraplan.sbp"].output for a in tensor_args(node))
             if kind == "cross_entropy":
                 node.meta["ultraplan.sbp"] = Signature(wanted, partial, 1 / devices)
             else:
-                node.meta["ultraplan.sbp"] = Signature(wanted, split)
+                node.meta["ultraplan.sbp"] = Signature(wanted, split if split in wanted else bcast)
         if node.op in ("call_function", "output"):
             if node.op == "call_function":
                 wanted = node.meta["ultraplan.sbp"].inputs
@@ -105,7 +109,7 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             if node.op == "output":
                 node.meta["ultraplan.sbp"] = Signature(wanted, bcast)
     assert all("ultraplan.sbp" in n.meta for n in gm.graph.nodes), "choose_sbp left a node without SBP"
-    params = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    params = [n for n in gm.graph.nodes if n.meta["ultraplan.op"] == "param"]
     grad_bytes = sum((b.wire for n in params for b in n.meta["ultraplan.grad_boxing"]), sympy.Integer(0))
     return PassReport("choose_sbp", time.perf_counter() - start, [
         f"data parallel over {ctx.mesh.size} devices (mesh {ctx.mesh}): batch S(0) on every axis, "

@@ -84,7 +84,24 @@ def op_cost(op: str, inputs: list[tuple[Shape, str]], output: tuple[Shape, str],
                       ((0, Touch(per_token, int(rows), int(row_elems))),))
     if op == "expert_ffn":
         return _expert_ffn(inputs, output, attrs, written)
+    if op in TUCKER_FLOPS:
+        flops = TUCKER_FLOPS[op]([shape for shape, _ in inputs], output[0])
+        return OpCost(flops, read, written, 2 * flops)
     return OpCost(ZERO, read, written, ZERO)
+
+
+# UltraMem's retrieval products (ops.py, "Tucker-decomposed query-key retrieval"), as torch runs them.
+TUCKER_FLOPS = {
+    # every key of every rank against the query: 2 * tokens * H * 2 * R * N * D_k
+    "tucker_scores": lambda ins, out: 2 * numel(out) * ins[1][-1],
+    # the rank-1 filter contracts R: 2 * tokens * H * 2 * N * R
+    "rank_one_scores": lambda ins, out: 2 * numel(out) * ins[0][-2],
+    # row x core (2 * tokens * H * C * R * R * M), then x column (2 * tokens * H * C * M * M * R)
+    "tucker_grid": lambda ins, out: 2 * numel(ins[0][:3]) * ins[1][1] * ins[1][2] * ins[1][3] * ins[0][-1]
+    + 2 * numel(out) * ins[1][2],
+    # each value element of each kept row, once: 2 * tokens * H * M * D_v
+    "core_pool": lambda ins, out: 2 * numel(ins[0]),
+}
 
 
 def _expert_ffn(inputs, output, attrs: dict, written: sympy.Expr) -> OpCost:

@@ -75,6 +75,20 @@ class ParamPlan:
 
 
 @dataclass(frozen=True)
+class BufferPlan:
+    """Non-parameter state on every device: a seeded ``permutation``, or ``derived`` as
+    ``op(source parameter)`` at start and after every optimizer step."""
+
+    name: str
+    node: str
+    shape: tuple[int, ...]
+    dtype: str
+    init: str
+    op: str
+    source: str
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     steps: int
     lr: float
@@ -103,6 +117,7 @@ class Plan:
     training: TrainingPlan
     nodes: tuple[NodePlan, ...]
     params: tuple[ParamPlan, ...]
+    buffers: tuple[BufferPlan, ...]
     output: str
     output_boxing: tuple[CollectivePlan, ...]
     totals: tuple[tuple[str, Cost], ...]

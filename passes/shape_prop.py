@@ -30,7 +30,8 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
         if node.op == "placeholder":
             value = torch.empty(batch, seq, dtype=torch.int64, device="meta")
         elif node.op == "get_attr":
-            value = torch.empty(node.meta["ultraplan.param"].shape, device="meta")
+            dims = tuple(int(d) for d in node.meta["ultraplan.shape"])
+            value = torch.empty(dims, dtype=getattr(torch, node.meta["ultraplan.dtype"]), device="meta")
         elif node.op == "call_function" and node.meta["ultraplan.op"] in DATA_DEPENDENT:
             shape = tuple(int(d.subs({B: batch, T: seq})) for d in node.meta["ultraplan.shape"])
             value = torch.empty(shape, device="meta")

@@ -110,7 +110,7 @@ def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
     totals = {"params": 0, "active": 0, "params_ne": 0, "active_ne": 0, "access": zero}
     for node in gm.graph.nodes:
         c = comp[node.meta["ultraplan.component"]]
-        if node.op == "get_attr":
+        if node.meta["ultraplan.op"] == "param":
             numel, active, access = _param_accounting(node)
             embedding = node.meta["ultraplan.param"].name in EMBEDDING_PARAMS
             totals["params"] += numel

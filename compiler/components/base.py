@@ -67,6 +67,19 @@ class ResidualSublayer(nn.Module):
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:  # pragma: no cover
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x) if self.norm is not None else x
-        return named("residual", ops.add(x, self.body(h)))
+    def forward(
+        self, x: torch.Tensor, read: torch.Tensor | None = None, normed: torch.Tensor | None = None,
+        deliver_later: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Returns (the residual stream after this sublayer, its normed input, a delayed output).
+
+        ``read`` is the stream to read when it is not ``x`` (a parallel sublayer), ``normed`` a
+        normed input to share instead of norming; with ``deliver_later`` the output is returned
+        for a later block to add instead of being added now.
+        """
+        source = x if read is None else read
+        h = normed if normed is not None else (self.norm(source) if self.norm is not None else source)
+        out = self.body(h)
+        if deliver_later:
+            return x, h, named("delayed", out)
+        return named("residual", ops.add(x, out)), h, None

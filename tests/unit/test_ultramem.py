@@ -1,0 +1,134 @@
+"""UltraMemV2 against a naive per-token, per-head loop implementation of TDQKR, shuffling,
+pre-value gates and multi-core pooling; the rank-1 state; and the block structures it needs."""
+
+from __future__ import annotations
+
+import textwrap
+
+import torch
+import torch.nn.functional as F
+from ultraplan.compiler import ops
+from ultraplan.compiler.build import build_model, refresh_state
+from ultraplan.compiler.validate import load_model_spec
+
+from tests.conftest import MODELS
+
+TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; the naive loops sum in another order
+
+
+def naive_ultramem_v2(mem, x: torch.Tensor) -> torch.Tensor:
+    """One token. Loops over heads, ranks and the m x m grid; no einsum, no batched gather."""
+    s = mem.spec
+    table = mem._table[0]
+    n, dk = s.effective_keys, s.key_dim
+    query_ranks = s.rank if s.query_per_rank else 1
+    q = (mem.w_query @ x).view(s.heads, 2, query_ranks, dk)
+    q = F.layer_norm(q, (dk,), mem.query_norm_weight, mem.query_norm_bias, 1e-5)
+    keys = F.layer_norm(mem.keys, (dk,), mem.key_norm_weight, mem.key_norm_bias, 1e-5)
+    pre = mem.w_pre @ x if s.pre_value_dim else None
+    chunk = s.value_dim // s.cores
+    pooled = torch.zeros(s.value_dim)
+    for h in range(s.heads):
+        scores = torch.zeros(2, s.rank, n)
+        for half in range(2):
+            for r in range(s.rank):
+                scores[half, r] = keys[h, half, r] @ q[h, half, r if query_ranks > 1 else 0]
+        u, t = mem.rank_one[0, h], mem.rank_one[1, h]
+        rows_best = torch.topk(u @ scores[0], s.topk).indices
+        cols_best = torch.topk(t @ scores[1], s.topk).indices
+        candidates = []
+        for i in rows_best.tolist():
+            for j in cols_best.tolist():
+                per_core = [float(scores[0, :, i] @ mem.cores[h, c] @ scores[1, :, j]) for c in range(s.cores)]
+                candidates.append((sum(per_core), i * n + j, per_core))
+        candidates.sort(key=lambda c: -c[0])
+        for _, slot, per_core in candidates[: s.topk]:
+            row = (int(mem.shuffle[slot]) + mem.offset) % mem.table_rows
+            gate = float(table.pre_values[row] @ pre) if pre is not None else 1.0
+            for c in range(s.cores):
+                pooled[c * chunk:(c + 1) * chunk] += per_core[c] * gate * table.values[row, c * chunk:(c + 1) * chunk]
+    return mem.w_out @ pooled
+
+
+def test_ultramem_v2_equals_naive_loops():
+    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), seed=5)
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        for layer in (0, 3):  # the ring wraps around for the last layer
+            mem = model.layers[layer]["ultramem_v2"]
+            out = mem.body(h)
+            for b in range(2):
+                for t in range(3):
+                    torch.testing.assert_close(out[b, t], naive_ultramem_v2(mem, h[b, t]), **TOL)
+
+
+def test_query_per_rank_and_heads_equal_naive(write_spec):
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace(
+        "share: ring, share_layers: 2,", "heads: 2, query_per_rank: true, share: block, share_layers: 2,")
+    model = build_model(load_model_spec(write_spec(text)), seed=6)
+    mem = model.layers[1]["ultramem_v2"]
+    h = torch.randn(1, 2, 32)
+    with torch.no_grad():
+        out = mem.body(h)
+        for t in range(2):
+            torch.testing.assert_close(out[0, t], naive_ultramem_v2(mem, h[0, t]), **TOL)
+
+
+def test_ring_and_block_tables():
+    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), device="meta")
+    assert list(model.memory_tables) == ["ring"] and tuple(model.memory_tables.ring.values.shape) == (4 * 64, 24)
+    offsets = [model.layers[i]["ultramem_v2"].offset for i in range(4)]
+    assert offsets == [0, 64, 128, 192] and model.layers[0]["ultramem_v2"].spec.effective_keys == 11
+
+
+def test_rank_one_vectors_are_the_leading_singular_pair():
+    cores = torch.rand(3, 2, 4, 4)
+    u, t = ops.rank_one_vectors(cores)
+    summed = cores.sum(dim=1)
+    for h in range(3):
+        sigma = torch.linalg.svdvals(summed[h])[0]
+        torch.testing.assert_close(summed[h] @ t[h], sigma * u[h], rtol=1e-5, atol=1e-5)
+        assert abs(float(u[h].norm()) - 1) < 1e-6 and u[h][u[h].abs().argmax()] > 0
+
+
+def test_refresh_state_follows_the_cores():
+    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), seed=0)
+    mem = model.layers[0]["ultramem_v2"]
+    with torch.no_grad():
+        mem.cores.mul_(torch.rand_like(mem.cores))
+    stale = mem.rank_one.clone()
+    refresh_state(model)
+    assert not torch.equal(stale, mem.rank_one)
+    torch.testing.assert_close(mem.rank_one, ops.rank_one_vectors(mem.cores))
+
+
+STRUCTURE = textwrap.dedent("""\
+    model:
+      vocab_size: 16
+      hidden_size: 8
+      seq_len: 4
+      blocks:
+        b:
+          - ffn: {hidden: 8, name: first}
+          - ffn: {hidden: 8, name: beside, parallel: true}
+          - ffn: {hidden: 8, name: later, deliver_after: 1}
+      layers:
+        - {block: b}
+        - {block: b, override: {later.deliver_after: 0}}
+    """)
+
+
+def test_parallel_and_delivered_sublayers(write_spec):
+    model = build_model(load_model_spec(write_spec(STRUCTURE)), seed=2)
+    x = torch.randn(1, 4, 8)
+    with torch.no_grad():
+        def run(layer, x):
+            blk = model.layers[layer]
+            normed = blk["first"].norm(x)
+            x = x + blk["first"].body(normed) + blk["beside"].body(normed)  # beside shares the normed input
+            return x, blk["later"].body(blk["later"].norm(x))
+        x0, delayed0 = run(0, x)
+        x1, now1 = run(1, x0)
+        expected = x1 + now1 + delayed0  # layer 0's "later" arrives after layer 1
+        got = model.layers[1](model.layers[0](x, pending := {}), pending)
+        torch.testing.assert_close(got + pending.pop(1)[0], expected)
