@@ -104,11 +104,12 @@ def _model_class(plan: Plan) -> list[str]:
         lines.append(f"        self.{identifier(p.node)} = runtime.param({literal(p.name)}, {literal(p.shape)}, "
                      f"{literal(p.init)}, {p.std!r}, seed, mesh, {literal(tuple(p.sbp.split(',')))}, "
                      "seeded.init_full)")
+    lines += _state_lines(plan)
     lines += ["", "    def forward(self, tokens, targets):"]
-    names = {p.node: f"self.{identifier(p.node)}" for p in plan.params}
+    names = {p.node: f"self.{identifier(p.node)}" for p in (*plan.params, *plan.buffers)}
     layer = None
     for node in plan.nodes:
-        if node.op in ("input", "param"):
+        if node.op in ("input", "param", "buffer"):
             names.setdefault(node.name, identifier(node.name))
             if node.op == "input":
                 lines.append(f"        # {node.name}: {_shape(node.local_shape)} [{node.sbp_out}]")
@@ -119,6 +120,31 @@ def _model_class(plan: Plan) -> list[str]:
             lines.append(f"        # ---- {comment(layer or 'model')}")
         lines += _node_lines(node, names)
     lines.append(f"        return {names[plan.output]}")
+    return lines
+
+
+def _state_lines(plan: Plan) -> list[str]:
+    """Buffers in __init__ and, when some derive from parameters, the refresh_state method."""
+    if not plan.buffers:
+        return []
+    lines = []
+    source_attr = {p.name: f"self.{identifier(p.node)}" for p in plan.params}
+    derived = [b for b in plan.buffers if b.init == "derived"]
+    for b in plan.buffers:
+        attr = identifier(b.node)
+        if b.init == "permutation":
+            lines.append(f"        # {comment(b.name)}: a fixed permutation, the same on every device (state, not trained)")
+            value = f"seeded.init_full({literal(b.name)}, {literal(b.shape)}, 'permutation', 0.0, seed)"
+        else:
+            lines.append(f"        # {comment(b.name)}: {b.op}({comment(b.source)}), recomputed after every optimizer step")
+            value = f"torch.empty({literal(b.shape)})"
+        lines.append(f"        self.register_buffer({literal(attr)}, {value}.to(mesh.device))")
+    if derived:
+        lines.append("        self.refresh_state()")
+        lines += ["", "    @torch.no_grad()", "    def refresh_state(self):",
+                  '        """State derived from parameters; the training loop calls this after every step."""']
+        for b in derived:
+            lines.append(f"        self.{identifier(b.node)}.copy_(ops.{b.op}({source_attr[b.source]}))")
     return lines
 
 
@@ -189,6 +215,8 @@ def main(argv=None):
         loss.backward()
         sync_gradients(model, mesh)
         optimizer.step()
+        if hasattr(model, "refresh_state"):
+            model.refresh_state()
         losses.append(loss_value(loss, mesh))
         if mesh.rank == 0 and not args.quiet:
             print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)

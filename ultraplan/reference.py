@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ultraplan.compiler import ops, seeded
-from ultraplan.compiler.build import build_model
+from ultraplan.compiler.build import build_model, refresh_state
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.plan import Plan
 
@@ -35,6 +35,7 @@ def train_reference(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        refresh_state(model)
         losses.append(loss.item())
     return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
 

@@ -231,6 +231,8 @@ def main(argv=None):
         loss.backward()
         sync_gradients(model, mesh)
         optimizer.step()
+        if hasattr(model, "refresh_state"):
+            model.refresh_state()
         losses.append(loss_value(loss, mesh))
         if mesh.rank == 0 and not args.quiet:
             print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
