@@ -19,12 +19,12 @@ from .components.base import InitRule, Norm, ResidualSublayer, named
 from .components.ffn import FFN
 from .components.moe import MoE
 from .components.product_keys import PEER, PKM
-from .components.ultramem import MemoryTable, UltraMemV2
+from .components.ultramem import MemoryTable, UltraMem, UltraMemV2
 from .memory_tables import table_shapes, table_slots
 from .schema import LayerSpec, ModelSpec, SublayerSpec
 
 MODULES: dict[str, type[ResidualSublayer]] = {"attention": Attention, "ffn": FFN, "moe": MoE, "pkm": PKM, "peer": PEER,
-                                              "ultramem_v2": UltraMemV2}
+                                              "ultramem": UltraMem, "ultramem_v2": UltraMemV2}
 
 
 def build_sublayer(sub: SublayerSpec, dim: int) -> ResidualSublayer:

@@ -219,11 +219,17 @@ def expert_ffn(
 # R Tucker rank, C cores, M selected per half and in the end, P rows of a (possibly shared) table.
 
 
-def tucker_scores(q_BTX: torch.Tensor, keys_HCRND: torch.Tensor, query_ranks: int) -> torch.Tensor:
-    """Per-rank half scores: q (B, T, H*2*Rq*D) with Rq = 1 or R, keys (H, 2, R, N, D) -> (B, T, H, 2, R, N)."""
+def tucker_scores(q_BTX: torch.Tensor, keys_HCRND: torch.Tensor, query_ranks: int, query_heads: int = 0) -> torch.Tensor:
+    """Per-rank half scores: q (B, T, Hq*2*Rq*D) with Rq = 1 or R, keys (H, 2, R, N, D) -> (B, T, H, 2, R, N).
+
+    ``query_heads`` Hq < H shares each query among H/Hq consecutive heads (UltraMem's shared query).
+    """
     b, t, _ = q_BTX.shape
     h, c, r, _, d = keys_HCRND.shape
-    q = q_BTX.view(b, t, h, c, query_ranks, d)
+    hq = query_heads or h
+    q = q_BTX.view(b, t, hq, c, query_ranks, d)
+    if hq != h:
+        q = q.repeat_interleave(h // hq, dim=2)
     if query_ranks != r:
         q = q.expand(b, t, h, c, r, d)
     return torch.einsum("bthcrd,hcrnd->bthcrn", q, keys_HCRND)
@@ -279,6 +285,32 @@ def core_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor) -> torch.Te
     cores = weights_BTHKM.shape[-2]
     chunks = rows_BTHMV.view(b, t, h, m, cores, v // cores)
     return torch.einsum("bthmkd,bthkm->btkd", chunks, weights_BTHKM).reshape(b, t, v)
+
+
+def block_of(virtual_rows: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """Implicit value expansion: which of the E virtual blocks a virtual row is in."""
+    return torch.div(virtual_rows, block_rows, rounding_mode="floor")
+
+
+def row_in_block(virtual_rows: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """Implicit value expansion: the physical table row behind a virtual row."""
+    return virtual_rows % block_rows
+
+
+def ive_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, blocks_BTHM: torch.Tensor,
+             num_blocks: int) -> torch.Tensor:
+    """Multi-core pooling into E virtual blocks: block e gets the rows whose virtual row lies in it,
+    column chunk k weighted by core k's score -> (B, T, E*V) (UltraMem's IVE with MCS).
+
+    A scatter-add, not a product: nothing is multiplied by the E-1 blocks a row is not in.
+    """
+    b, t, h, m, v = rows_BTHMV.shape
+    cores = weights_BTHKM.shape[-2]
+    chunks = rows_BTHMV.view(b, t, h * m, cores, v // cores)
+    weighted = chunks * weights_BTHKM.permute(0, 1, 2, 4, 3).reshape(b, t, h * m, cores, 1)
+    index = blocks_BTHM.reshape(b, t, h * m, 1, 1).expand(b, t, h * m, cores, v // cores)
+    out = weighted.new_zeros(b, t, num_blocks, cores, v // cores)
+    return out.scatter_add(2, index, weighted).reshape(b, t, num_blocks * v)
 
 
 def rank_one_vectors(cores_HKRR: torch.Tensor) -> torch.Tensor:

@@ -116,9 +116,38 @@ class UltraMemV2Spec:
         return math.isqrt(self.share_layers * self.num_keys**2)
 
 
-SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemV2Spec
+@dataclass(frozen=True)
+class UltraMemSpec:
+    """UltraMem (Huang et al., ICLR 2025): TDQKR retrieval, implicit value expansion (E virtual
+    blocks over one physical table, each with its own slice of the output projection) and
+    multi-core scoring; no softmax. Usually placed ``parallel`` to a block's FFN with
+    ``deliver_after`` set (the skip-layer arrangement, research/memory_layers.md §4.3)."""
+
+    num_keys: int = field(metadata=doc("physical keys per half (n); the table has n^2 rows", minimum=1))
+    topk: int = field(metadata=doc("slots kept per head (m)", minimum=1))
+    key_dim: int = field(metadata=doc("query/key width D_k", minimum=1))
+    value_dim: int = field(metadata=doc("value width D_v", minimum=1))
+    heads: int = field(default=2, metadata=doc("retrieval heads", minimum=1))
+    share_query: bool = field(default=True, metadata=doc("one query serves each pair of heads"))
+    rank: int = field(default=2, metadata=doc("Tucker rank r", minimum=1))
+    cores: int = field(default=2, metadata=doc("Tucker cores c; divides value_dim", minimum=1))
+    expansion: int = field(default=4, metadata=doc("IVE factor E, a perfect square: sqrt(E) n keys per half",
+                                                   minimum=1))
+
+    @property
+    def effective_keys(self) -> int:
+        import math
+
+        return math.isqrt(self.expansion) * self.num_keys
+
+    @property
+    def query_heads(self) -> int:
+        return self.heads // 2 if self.share_query else self.heads
+
+
+SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemSpec | UltraMemV2Spec
 SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec, "moe": MoESpec, "pkm": PKMSpec,
-                                   "peer": PEERSpec, "ultramem_v2": UltraMemV2Spec}
+                                   "peer": PEERSpec, "ultramem": UltraMemSpec, "ultramem_v2": UltraMemV2Spec}
 
 
 @dataclass(frozen=True)

@@ -127,11 +127,12 @@ def _core_pool(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
 SHAPE_RULES.update({
     "tucker_scores": _tucker_scores, "rank_one_scores": _rank_one, "take_ranked": _take_ranked,
     "tucker_grid": _tucker_grid, "sum_cores": _sum_cores, "take_cores": _take_cores, "shuffle_rows": _same,
-    "scale_cores": _same, "core_pool": _core_pool,
+    "scale_cores": _same, "core_pool": _core_pool, "block_of": _same, "row_in_block": _same,
+    "ive_pool": lambda shapes, attrs: (*shapes[0][:2], attrs["num_blocks"] * shapes[0][-1]),
 })
 
 # Ops whose result is not float32: index-valued ops, and take (the dtype of what it takes from).
-INDEX_OPS = {"topk_indices", "grid_indices", "shuffle_rows"}
+INDEX_OPS = {"topk_indices", "grid_indices", "shuffle_rows", "block_of", "row_in_block"}
 
 
 def result_dtype(op: str, input_dtypes: list[str]) -> str:

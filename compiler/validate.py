@@ -30,6 +30,7 @@ from .schema import (
     ProductKeySpec,
     SublayerSpec,
     TrainSpec,
+    UltraMemSpec,
     UltraMemV2Spec,
 )
 from .yaml_source import Document, load_document
@@ -101,6 +102,20 @@ def read_sublayer(
         config = resolve_attention(doc, config, items, kind_path, hidden)
     elif isinstance(config, MoESpec):
         check_at_most(doc, items, kind_path, "topk", config.topk, "experts", config.experts)
+    elif isinstance(config, UltraMemSpec):
+        import math
+
+        if math.isqrt(config.expansion) ** 2 != config.expansion:
+            raise doc.error(items["expansion"].path, f"expansion must be a perfect square (1, 4, 9, ...), "
+                            f"got {config.expansion}", hint="the key grid grows by sqrt(E) per half")
+        if config.share_query and config.heads % 2:
+            raise doc.error(items.get("heads", Sourced(None, kind_path)).path,
+                            f"share_query pairs heads, so heads must be even, got {config.heads}",
+                            hint="use an even number of heads or share_query: false")
+        check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
+        if config.value_dim % config.cores:
+            raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
+                            "equal chunks, one per core", hint="choose cores dividing value_dim")
     elif isinstance(config, UltraMemV2Spec):
         check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
         if config.value_dim % config.cores:

@@ -92,7 +92,7 @@ def op_cost(op: str, inputs: list[tuple[Shape, str]], output: tuple[Shape, str],
 
 # UltraMem's retrieval products (ops.py, "Tucker-decomposed query-key retrieval"), as torch runs them.
 TUCKER_FLOPS = {
-    # every key of every rank against the query: 2 * tokens * H * 2 * R * N * D_k
+    # every key of every rank against the query: 2 * tokens * H * 2 * R * N * D_k (shared queries too)
     "tucker_scores": lambda ins, out: 2 * numel(out) * ins[1][-1],
     # the rank-1 filter contracts R: 2 * tokens * H * 2 * N * R
     "rank_one_scores": lambda ins, out: 2 * numel(out) * ins[0][-2],

@@ -1,4 +1,6 @@
-"""UltraMemV2 (Huang, Bao, Min et al. 2025): a memory layer beside the FFN of every block.
+"""UltraMem (ICLR 2025) and UltraMemV2 (2025): memory layers with Tucker-decomposed retrieval.
+
+UltraMemV2: a memory layer beside the FFN of every block.
 
 Per token (research/memory_layers.md §5.2; D_k key width, r rank, c cores, m kept slots):
     q = LN(W_q x) split into row/column halves (one query, or one per Tucker rank)
@@ -22,7 +24,7 @@ from torch import nn
 
 from .. import ops
 from ..memory_tables import TableSlot
-from ..schema import NormSpec, UltraMemV2Spec
+from ..schema import NormSpec, UltraMemSpec, UltraMemV2Spec
 from .base import InitRule, ResidualSublayer, named
 
 
@@ -39,27 +41,101 @@ class MemoryTable(nn.Module):
         return {name: InitRule("normal", std) for name, _ in self.named_parameters()}
 
 
-class UltraMemV2(ResidualSublayer):
-    component = "ultramem_v2"
+class TuckerRetrieval(ResidualSublayer):
+    """TDQKR, shared by UltraMem and UltraMemV2: query and key LayerNorms, per-rank scores, the
+    rank-1 filter, exact bilinear rescoring of the m x m grid by each core, top-m."""
 
-    def __init__(self, spec: UltraMemV2Spec, norm: NormSpec | None, dim: int) -> None:
+    def __init__(self, spec: UltraMemSpec | UltraMemV2Spec, norm: NormSpec | None, dim: int,
+                 query_heads: int, query_ranks: int) -> None:
         super().__init__(norm, dim)
         self.spec = spec
         s = spec
         keys = s.effective_keys
-        query_ranks = s.rank if s.query_per_rank else 1
-        self.w_query = nn.Parameter(torch.empty(s.heads * 2 * query_ranks * s.key_dim, dim))
+        self.query_heads, self.query_ranks = query_heads, query_ranks
+        self.w_query = nn.Parameter(torch.empty(query_heads * 2 * query_ranks * s.key_dim, dim))
         self.query_norm_weight = nn.Parameter(torch.empty(s.key_dim))
         self.query_norm_bias = nn.Parameter(torch.empty(s.key_dim))
         self.keys = nn.Parameter(torch.empty(s.heads, 2, s.rank, keys, s.key_dim))
         self.key_norm_weight = nn.Parameter(torch.empty(s.key_dim))
         self.key_norm_bias = nn.Parameter(torch.empty(s.key_dim))
         self.cores = nn.Parameter(torch.empty(s.heads, s.cores, s.rank, s.rank))
-        if s.pre_value_dim:
-            self.w_pre = nn.Parameter(torch.empty(s.pre_value_dim, dim))
-        self.w_out = nn.Parameter(torch.empty(dim, s.value_dim))
         self.register_buffer("shuffle", torch.empty(keys * keys, dtype=torch.int64))
         self.register_buffer("rank_one", torch.empty(2, s.heads, s.rank))
+
+    def retrieval_init_rules(self, query_std: float, key_std: float, gain: float) -> dict[str, InitRule]:
+        return {"w_query": InitRule("normal", query_std), "keys": InitRule("normal", key_std),
+                "query_norm_weight": InitRule("constant", gain), "query_norm_bias": InitRule("zeros"),
+                "key_norm_weight": InitRule("constant", gain), "key_norm_bias": InitRule("zeros"),
+                "cores": InitRule("uniform", 1.0)}
+
+    def state_rules(self) -> dict[str, tuple[str, ...]]:
+        """How each buffer is made: the shuffle is a seeded permutation; u and t derive from the cores."""
+        return {"shuffle": ("permutation",), "rank_one": ("derived", "rank_one_vectors", "cores")}
+
+    def refresh_state(self) -> None:
+        """Recompute u and t from the cores (once per optimizer step, outside autograd)."""
+        self.rank_one.copy_(ops.rank_one_vectors(self.cores.detach()))
+
+    def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-core scores (B, T, H, C, m) and slots (B, T, H, m) of the m best virtual slots."""
+        s = self.spec
+        query = named("query", ops.linear(h, self.w_query))
+        query = named("query_normed", ops.group_layer_norm(query, self.query_norm_weight, self.query_norm_bias, 1e-5))
+        keys = named("keys_normed", ops.group_layer_norm(self.keys, self.key_norm_weight, self.key_norm_bias, 1e-5))
+        if self.query_heads != s.heads:
+            scores = ops.tucker_scores(query, keys, self.query_ranks, self.query_heads)
+        else:
+            scores = ops.tucker_scores(query, keys, self.query_ranks)
+        scores = named("key_scores", scores)
+        filtered = named("rank_one_scores", ops.rank_one_scores(scores, self.rank_one))
+        half_best = named("half_topk", ops.topk_indices(filtered, s.topk))
+        kept = named("half_kept", ops.take_ranked(scores, half_best))
+        grid = named("grid_scores", ops.tucker_grid(kept, self.cores))
+        total = named("grid_total", ops.sum_cores(grid))
+        best = named("topk", ops.topk_indices(total, s.topk))
+        core_scores = named("core_scores", ops.take_cores(grid, best))
+        slots = named("slots", ops.take(ops.grid_indices(half_best, s.effective_keys), best))
+        return core_scores, slots
+
+
+class UltraMem(TuckerRetrieval):
+    """UltraMem: IVE over E virtual blocks of one physical table, MCS, one projection per block."""
+
+    component = "ultramem"
+
+    def __init__(self, spec: UltraMemSpec, norm: NormSpec | None, dim: int) -> None:
+        super().__init__(spec, norm, dim, spec.query_heads, 1)
+        self.values = nn.Parameter(torch.empty(spec.num_keys**2, spec.value_dim))
+        self.w_out = nn.Parameter(torch.empty(dim, spec.expansion * spec.value_dim))
+
+    def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
+        """The official code's (research §4.5): W_q and keys N(0, 1/D_k), LN gains D_k^-0.33,
+        cores U(0, 1), values N(0, init_std^2), W_o N(0, 1/(E D_v))."""
+        s = self.spec
+        rules = self.retrieval_init_rules(s.key_dim**-0.5, s.key_dim**-0.5, s.key_dim**-0.33)
+        rules.update(values=InitRule("normal", std), w_out=InitRule("normal", (s.expansion * s.value_dim) ** -0.5))
+        return rules
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        s = self.spec
+        core_scores, slots = self.retrieve(h)
+        table_rows = s.num_keys**2
+        virtual = named("virtual_rows", ops.shuffle_rows(slots, self.shuffle, 0, s.expansion * table_rows))
+        blocks = named("blocks", ops.block_of(virtual, table_rows))
+        rows = named("rows", ops.row_in_block(virtual, table_rows))
+        value_rows = named("value_rows", ops.gather_rows(self.values, rows))
+        pooled = named("pooled", ops.ive_pool(value_rows, core_scores, blocks, s.expansion))
+        return named("out", ops.linear(pooled, self.w_out))
+
+
+class UltraMemV2(TuckerRetrieval):
+    component = "ultramem_v2"
+
+    def __init__(self, spec: UltraMemV2Spec, norm: NormSpec | None, dim: int) -> None:
+        super().__init__(spec, norm, dim, spec.heads, spec.rank if spec.query_per_rank else 1)
+        if spec.pre_value_dim:
+            self.w_pre = nn.Parameter(torch.empty(spec.pre_value_dim, dim))
+        self.w_out = nn.Parameter(torch.empty(dim, spec.value_dim))
         self._table: list[MemoryTable] = []  # set by attach(); a plain list keeps it out of this module's params
         self.offset = 0
         self.table_rows = 0
@@ -72,39 +148,16 @@ class UltraMemV2(ResidualSublayer):
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
         """The official code's choices (research §4.5, §5.1): LN gains D_k^-0.4, cores U(0, 1),
         linears N(0, init_std), the output projection scaled like every residual output."""
-        gain = InitRule("constant", self.spec.key_dim ** -0.4)
-        rules = {"w_query": InitRule("normal", std), "keys": InitRule("normal", std),
-                 "query_norm_weight": gain, "query_norm_bias": InitRule("zeros"),
-                 "key_norm_weight": gain, "key_norm_bias": InitRule("zeros"),
-                 "cores": InitRule("uniform", 1.0), "w_out": InitRule("normal", out_std)}
+        rules = self.retrieval_init_rules(std, std, self.spec.key_dim ** -0.4)
+        rules["w_out"] = InitRule("normal", out_std)
         if self.spec.pre_value_dim:
             rules["w_pre"] = InitRule("normal", std)
         return rules
 
-    def state_rules(self) -> dict[str, tuple[str, ...]]:
-        """How each buffer is made: the shuffle is a seeded permutation; u and t derive from the cores."""
-        return {"shuffle": ("permutation",), "rank_one": ("derived", "rank_one_vectors", "cores")}
-
-    def refresh_state(self) -> None:
-        """Recompute u and t from the cores (once per optimizer step, outside autograd)."""
-        self.rank_one.copy_(ops.rank_one_vectors(self.cores.detach()))
-
     def body(self, h: torch.Tensor) -> torch.Tensor:
         s = self.spec
         table = self._table[0]
-        query_ranks = s.rank if s.query_per_rank else 1
-        query = named("query", ops.linear(h, self.w_query))
-        query = named("query_normed", ops.group_layer_norm(query, self.query_norm_weight, self.query_norm_bias, 1e-5))
-        keys = named("keys_normed", ops.group_layer_norm(self.keys, self.key_norm_weight, self.key_norm_bias, 1e-5))
-        scores = named("key_scores", ops.tucker_scores(query, keys, query_ranks))
-        filtered = named("rank_one_scores", ops.rank_one_scores(scores, self.rank_one))
-        half_best = named("half_topk", ops.topk_indices(filtered, s.topk))
-        kept = named("half_kept", ops.take_ranked(scores, half_best))
-        grid = named("grid_scores", ops.tucker_grid(kept, self.cores))
-        total = named("grid_total", ops.sum_cores(grid))
-        best = named("topk", ops.topk_indices(total, s.topk))
-        core_scores = named("core_scores", ops.take_cores(grid, best))
-        slots = named("slots", ops.take(ops.grid_indices(half_best, s.effective_keys), best))
+        core_scores, slots = self.retrieve(h)
         rows = named("rows", ops.shuffle_rows(slots, self.shuffle, self.offset, self.table_rows))
         if s.pre_value_dim:
             pre = named("pre", ops.linear(h, self.w_pre))

@@ -27,11 +27,12 @@ from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-SPARSE = ("moe-tiny", "pkm-tiny", "peer-tiny", "ultramem-v2-tiny")
+SPARSE = ("moe-tiny", "pkm-tiny", "peer-tiny", "ultramem-tiny", "ultramem-v2-tiny")
 MESHES = {1: {"dense-tiny": "1", "dense-gqa-tied": "1", "dense-deep-groups": "1", **{s: "1" for s in SPARSE}},
           2: {"dense-tiny": "2", "dense-gqa-tied": "2", "dense-deep-groups": "2", **{s: "2" for s in SPARSE}},
           4: {"dense-tiny": "4", "dense-gqa-tied": "4", "dense-deep-groups": "2x2", "moe-tiny": "2x2",
-              "pkm-tiny": "4", "peer-tiny": "4", "ultramem-v2-tiny": "4"}}
+              "pkm-tiny": "4", "peer-tiny": "4", "ultramem-tiny": "2x2",
+              "ultramem-v2-tiny": "4"}}
 
 
 DTYPES = ("float32", "float64")

@@ -16,23 +16,20 @@ from tests.conftest import MODELS
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; the naive loops sum in another order
 
 
-def naive_ultramem_v2(mem, x: torch.Tensor) -> torch.Tensor:
-    """One token. Loops over heads, ranks and the m x m grid; no einsum, no batched gather."""
+def naive_retrieval(mem, x: torch.Tensor) -> list[list[tuple[int, list[float]]]]:
+    """One token, per head: the m best (slot, per-core scores), by loops over ranks and the grid."""
     s = mem.spec
-    table = mem._table[0]
     n, dk = s.effective_keys, s.key_dim
-    query_ranks = s.rank if s.query_per_rank else 1
-    q = (mem.w_query @ x).view(s.heads, 2, query_ranks, dk)
+    q = (mem.w_query @ x).view(mem.query_heads, 2, mem.query_ranks, dk)
     q = F.layer_norm(q, (dk,), mem.query_norm_weight, mem.query_norm_bias, 1e-5)
     keys = F.layer_norm(mem.keys, (dk,), mem.key_norm_weight, mem.key_norm_bias, 1e-5)
-    pre = mem.w_pre @ x if s.pre_value_dim else None
-    chunk = s.value_dim // s.cores
-    pooled = torch.zeros(s.value_dim)
+    per_head = []
     for h in range(s.heads):
+        qh = q[h * mem.query_heads // s.heads]  # heads h share query h // (heads / query heads)
         scores = torch.zeros(2, s.rank, n)
         for half in range(2):
             for r in range(s.rank):
-                scores[half, r] = keys[h, half, r] @ q[h, half, r if query_ranks > 1 else 0]
+                scores[half, r] = keys[h, half, r] @ qh[half, r if mem.query_ranks > 1 else 0]
         u, t = mem.rank_one[0, h], mem.rank_one[1, h]
         rows_best = torch.topk(u @ scores[0], s.topk).indices
         cols_best = torch.topk(t @ scores[1], s.topk).indices
@@ -42,12 +39,51 @@ def naive_ultramem_v2(mem, x: torch.Tensor) -> torch.Tensor:
                 per_core = [float(scores[0, :, i] @ mem.cores[h, c] @ scores[1, :, j]) for c in range(s.cores)]
                 candidates.append((sum(per_core), i * n + j, per_core))
         candidates.sort(key=lambda c: -c[0])
-        for _, slot, per_core in candidates[: s.topk]:
+        per_head.append([(slot, per_core) for _, slot, per_core in candidates[: s.topk]])
+    return per_head
+
+
+def naive_ultramem_v2(mem, x: torch.Tensor) -> torch.Tensor:
+    """One token: shuffled rows of the (shared) table, pre-value gates, multi-core pooling."""
+    s = mem.spec
+    table = mem._table[0]
+    pre = mem.w_pre @ x if s.pre_value_dim else None
+    chunk = s.value_dim // s.cores
+    pooled = torch.zeros(s.value_dim)
+    for selected in naive_retrieval(mem, x):
+        for slot, per_core in selected:
             row = (int(mem.shuffle[slot]) + mem.offset) % mem.table_rows
             gate = float(table.pre_values[row] @ pre) if pre is not None else 1.0
             for c in range(s.cores):
                 pooled[c * chunk:(c + 1) * chunk] += per_core[c] * gate * table.values[row, c * chunk:(c + 1) * chunk]
     return mem.w_out @ pooled
+
+
+def naive_ultramem(mem, x: torch.Tensor) -> torch.Tensor:
+    """One token: implicit value expansion (virtual row -> block, physical row) and MCS pooling."""
+    s = mem.spec
+    rows = s.num_keys**2
+    chunk = s.value_dim // s.cores
+    pooled = torch.zeros(s.expansion, s.value_dim)
+    for selected in naive_retrieval(mem, x):
+        for slot, per_core in selected:
+            virtual = int(mem.shuffle[slot])
+            block, row = virtual // rows, virtual % rows
+            for c in range(s.cores):
+                pooled[block, c * chunk:(c + 1) * chunk] += per_core[c] * mem.values[row, c * chunk:(c + 1) * chunk]
+    return mem.w_out @ pooled.flatten()
+
+
+def test_ultramem_equals_naive_loops():
+    model = build_model(load_model_spec(MODELS / "ultramem-tiny.yaml"), seed=4)
+    mem = model.layers[1]["ultramem"]
+    assert mem.query_heads == 1 and mem.spec.effective_keys == 24 and mem.shuffle.numel() == 4 * 144
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        out = mem.body(h)
+        for b in range(2):
+            for t in range(3):
+                torch.testing.assert_close(out[b, t], naive_ultramem(mem, h[b, t]), **TOL)
 
 
 def test_ultramem_v2_equals_naive_loops():
