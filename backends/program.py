@@ -85,6 +85,8 @@ def _constants(plan: Plan) -> list[str]:
         f"BATCH_SBP = {literal(tuple(tokens.sbp_out.split(',')))}  # how the batch is laid on the mesh",
         f"STEPS, SEED = {t.steps}, {t.seed}",
         f"LR, BETAS, EPS, WEIGHT_DECAY = {t.lr!r}, ({t.beta1!r}, {t.beta2!r}), {t.eps!r}, {t.weight_decay!r}",
+        "# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)",
+        f"VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = {t.value_lr_multiplier!r}, {t.value_lr_decay_steps!r}",
         "# bytes handed to each kind of collective per training step, as the plan predicts",
         f"PLANNED_PAYLOAD_PER_STEP = {{{', '.join(f'{k!r}: {int(v)}' for k, v in sorted(payload.items()))}}}",
     ]
@@ -199,13 +201,23 @@ MAIN = '''def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def value_lr_factor(step):
+    if VALUE_LR_DECAY_STEPS <= 0:
+        return VALUE_LR_MULTIPLIER
+    return 1 + (VALUE_LR_MULTIPLIER - 1) * max(0.0, 1 - step / VALUE_LR_DECAY_STEPS)
+
+
 def main(argv=None):
     args = parse_args(argv)
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.COMM_BYTES.clear()
     runtime.COMM_CALLS.clear()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    groups = {"default": [], "values": []}
+    for _, attr, _, group in PARAMS:
+        groups[group].append(getattr(model, attr))
+    optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
+                                  lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     losses = []
     for step in range(args.steps):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
@@ -214,6 +226,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(model, mesh)
+        for group in optimizer.param_groups:
+            group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
@@ -224,7 +238,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp in PARAMS]
+        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards)
     runtime.teardown(owned)
     return losses
@@ -236,9 +250,9 @@ if __name__ == "__main__":
 
 
 def emit_program(plan: Plan) -> str:
-    params_table = ["PARAMS = [  # (canonical name, attribute, placement) for checkpoints and checks"]
-    params_table += [f"    ({literal(p.name)}, {literal(identifier(p.node))}, {literal(tuple(p.sbp.split(',')))}),"
-                     for p in plan.params]
+    params_table = ["PARAMS = [  # (canonical name, attribute, placement, optimizer group)"]
+    params_table += [f"    ({literal(p.name)}, {literal(identifier(p.node))}, {literal(tuple(p.sbp.split(',')))}, "
+                     f"{literal(p.group)})," for p in plan.params]
     params_table.append("]")
     parts = [
         _header(plan),

@@ -121,6 +121,25 @@ def init_rules(model: DecoderModel) -> dict[str, InitRule]:
     return rules
 
 
+def optimizer_groups(model: nn.Module) -> dict[str, str]:
+    """Canonical parameter name -> optimizer group: ``values`` for memory value tables (modules
+    list them in ``value_tables``), ``default`` for the rest."""
+    groups = {name: "default" for name, _ in model.named_parameters()}
+    for prefix, module in model.named_modules():
+        for local in getattr(module, "value_tables", ()):
+            if hasattr(module, local):
+                groups[f"{prefix}.{local}"] = "values"
+    return groups
+
+
+def value_lr_factor(step: int, multiplier: float, decay_steps: int) -> float:
+    """The value tables' LR factor at ``step``: ``multiplier``, decaying linearly to 1 over
+    ``decay_steps`` (UltraMem's code: 1 + (k0 - 1) max(0, 1 - step / steps)); constant when 0."""
+    if decay_steps <= 0:
+        return multiplier
+    return 1 + (multiplier - 1) * max(0.0, 1 - step / decay_steps)
+
+
 def initialize(model: DecoderModel, seed: int) -> DecoderModel:
     """Fill every parameter from ``seeded.init_full`` (the same values any rank count uses), the
     fixed permutations likewise, then the state derived from parameters."""

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from . import ops
-from .build import DecoderModel, TrainingGraph, init_rules
+from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups
 from .shapes import SHAPE_RULES, B, Shape, T, result_dtype
 
 OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
@@ -39,6 +39,7 @@ class ParamInfo:
     shape: tuple[int, ...]
     init: str
     std: float
+    group: str = "default"  # optimizer group: "default", or "values" for memory value tables
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,7 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     rules = init_rules(model)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
+    groups = optimizer_groups(model)
     state = state_rules(model)
     for node in gm.graph.nodes:
         node.meta["ultraplan.layer"] = _module_path(node)
@@ -149,7 +151,7 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
             rule = rules[name]
             shape = tuple(int(s) for s in params[name].shape)
             node.meta.update({"ultraplan.op": "param", "ultraplan.attrs": {},
-                              "ultraplan.param": ParamInfo(name, shape, rule.kind, rule.std),
+                              "ultraplan.param": ParamInfo(name, shape, rule.kind, rule.std, groups[name]),
                               "ultraplan.shape": tuple(sympy.Integer(s) for s in shape),
                               "ultraplan.dtype": "float32"})
         elif node.op == "call_function":

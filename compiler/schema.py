@@ -190,6 +190,10 @@ class TrainSpec:
     eps: float = field(default=1e-8, metadata=doc("AdamW epsilon", minimum=0, exclusive=True))
     seed: int = field(default=0, metadata=doc("seed for initialisation and data", minimum=0))
     init_std: float = field(default=0.02, metadata=doc("std of normal weight init", minimum=0, exclusive=True))
+    value_lr_multiplier: float = field(default=1.0, metadata=doc(
+        "learning-rate multiplier of memory value tables (UltraMem's code starts at 4)", minimum=0, exclusive=True))
+    value_lr_decay_steps: int = field(default=0, metadata=doc(
+        "steps over which that multiplier decays linearly to 1 (0: constant)", minimum=0))
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             local = numel(local_dims(meta["ultraplan.shape"], sig.output, sizes)) * BYTES_PER_ELEMENT["float32"]
             param_bytes += local
             params.append(ParamPlan(info.name, node.name, info.shape, info.init, info.std, nd_str(sig.output),
-                                    cost(local, values), grads))
+                                    cost(local, values), grads, info.group))
         if node.op == "output":
             out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
             output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P; sum it for logging")
@@ -112,7 +112,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                ("tie_embeddings", ctx.spec.tie_embeddings)),
         mesh=ctx.mesh.shape, hardware=ctx.hardware.name, mode=ctx.mode, batch=ctx.batch, seq=ctx.seq,
         strategy="data_parallel",
-        training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk"),
+        training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk",
+                              t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     gm.meta["ultraplan.plan"] = plan

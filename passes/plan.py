@@ -72,6 +72,7 @@ class ParamPlan:
     sbp: str
     bytes_per_device: Cost
     grad_sync: tuple[CollectivePlan, ...]
+    group: str  # optimizer group: "default" or "values" (memory value tables)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class TrainingPlan:
     weight_decay: float
     seed: int
     task: str
+    value_lr_multiplier: float  # LR factor of the "values" group, decaying linearly to 1 over:
+    value_lr_decay_steps: int  # (0: constant) see compiler.build.value_lr_factor
 
 
 @dataclass(frozen=True)

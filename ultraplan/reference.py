@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ultraplan.compiler import ops, seeded
-from ultraplan.compiler.build import build_model, refresh_state
+from ultraplan.compiler.build import build_model, optimizer_groups, refresh_state, value_lr_factor
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.plan import Plan
 
@@ -25,8 +25,12 @@ def train_reference(
     spec = load_model_spec(plan.spec_source, text=plan.spec_text)
     model = build_model(spec, seed=seed).to(dtype)
     t = plan.training
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                                  weight_decay=t.weight_decay)
+    groups = optimizer_groups(model)
+    values = [p for name, p in model.named_parameters() if groups[name] == "values"]
+    default = [p for name, p in model.named_parameters() if groups[name] == "default"]
+    optimizer = torch.optim.AdamW([{"params": g} for g in (default, values) if g], lr=t.lr,
+                                  betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
+    value_group = optimizer.param_groups[-1] if values else None
     losses = []
     vocab = dict(plan.model)["vocab_size"]
     for step in range(steps):
@@ -34,6 +38,8 @@ def train_reference(
         loss = ops.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if value_group is not None:
+            value_group["lr"] = t.lr * value_lr_factor(step, t.value_lr_multiplier, t.value_lr_decay_steps)
         optimizer.step()
         refresh_state(model)
         losses.append(loss.item())

@@ -56,6 +56,8 @@ class ProductKeyRetrieval(ResidualSublayer):
 class PKM(ProductKeyRetrieval):
     """softmax over the selected scores; output sum over heads and slots of w * V[slot]."""
 
+    value_tables = ("values",)  # optimizer group 'values' (own LR multiplier)
+
     component = "pkm"
 
     def __init__(self, spec: PKMSpec, norm: NormSpec | None, dim: int) -> None:
@@ -84,6 +86,8 @@ class PKM(ProductKeyRetrieval):
 
 class PEER(ProductKeyRetrieval):
     """Each slot i is an expert act(u_i . x) v_i; gates are the softmax of the selected scores."""
+
+    value_tables = ("down", "up")  # optimizer group 'values' (own LR multiplier)
 
     component = "peer"
 

@@ -31,6 +31,8 @@ from .base import InitRule, ResidualSublayer, named
 class MemoryTable(nn.Module):
     """Value rows (and pre-value rows) that one or more memory layers read."""
 
+    value_tables = ("values", "pre_values")  # optimizer group 'values' (own LR multiplier)
+
     def __init__(self, rows: int, value_dim: int, pre_value_dim: int) -> None:
         super().__init__()
         self.values = nn.Parameter(torch.empty(rows, value_dim))
@@ -100,6 +102,8 @@ class TuckerRetrieval(ResidualSublayer):
 
 class UltraMem(TuckerRetrieval):
     """UltraMem: IVE over E virtual blocks of one physical table, MCS, one projection per block."""
+
+    value_tables = ("values",)  # optimizer group 'values' (own LR multiplier)
 
     component = "ultramem"
 

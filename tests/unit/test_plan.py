@@ -128,3 +128,17 @@ def test_compile_keeps_unrelated_files(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "2", tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert api.read_plan(tmp_path).mesh == (2,)
+
+
+def test_value_tables_get_their_own_optimizer_group():
+    from ultraplan.compiler.build import value_lr_factor
+
+    plan = api.plan(MODELS / "ultramem-v2-tiny.yaml", "2")
+    groups = {p.name: p.group for p in plan.params}
+    assert groups["memory_tables.ring.values"] == groups["memory_tables.ring.pre_values"] == "values"
+    assert groups["layers.0.ultramem_v2.keys"] == groups["embed.weight"] == "default"
+    assert (plan.training.value_lr_multiplier, plan.training.value_lr_decay_steps) == (4.0, 10)
+    assert [value_lr_factor(s, 4.0, 10) for s in (0, 5, 10, 20)] == [4.0, 2.5, 1.0, 1.0]
+    assert value_lr_factor(7, 2.0, 0) == 2.0
+    pkm = {p.name: p.group for p in api.plan(MODELS / "pkm-tiny.yaml", "1").params}
+    assert [n for n, g in pkm.items() if g == "values"] == ["layers.1.pkm.values"]

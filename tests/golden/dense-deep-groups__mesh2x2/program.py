@@ -29,96 +29,98 @@ VOCAB_SIZE = 64
 BATCH_SBP = ('S(0)', 'S(0)')  # how the batch is laid on the mesh
 STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
+# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
+VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
 # bytes handed to each kind of collective per training step, as the plan predicts
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 905992}
-PARAMS = [  # (canonical name, attribute, placement) for checkpoints and checks
-    ('embed.weight', 'embed_weight', ('B', 'B')),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B', 'B')),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B', 'B')),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B', 'B')),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B', 'B')),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B', 'B')),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B', 'B')),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B', 'B')),
-    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B', 'B')),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B', 'B')),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B', 'B')),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B', 'B')),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B', 'B')),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B', 'B')),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B', 'B')),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B', 'B')),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B', 'B')),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B', 'B')),
-    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('B', 'B')),
-    ('layers.2.attention.wq', 'layers_2_attention_wq', ('B', 'B')),
-    ('layers.2.attention.wk', 'layers_2_attention_wk', ('B', 'B')),
-    ('layers.2.attention.wv', 'layers_2_attention_wv', ('B', 'B')),
-    ('layers.2.attention.wo', 'layers_2_attention_wo', ('B', 'B')),
-    ('layers.2.ffn.norm.weight', 'layers_2_ffn_norm_weight', ('B', 'B')),
-    ('layers.2.ffn.w_up', 'layers_2_ffn_w_up', ('B', 'B')),
-    ('layers.2.ffn.w_gate', 'layers_2_ffn_w_gate', ('B', 'B')),
-    ('layers.2.ffn.w_down', 'layers_2_ffn_w_down', ('B', 'B')),
-    ('layers.3.attention.norm.weight', 'layers_3_attention_norm_weight', ('B', 'B')),
-    ('layers.3.attention.wq', 'layers_3_attention_wq', ('B', 'B')),
-    ('layers.3.attention.wk', 'layers_3_attention_wk', ('B', 'B')),
-    ('layers.3.attention.wv', 'layers_3_attention_wv', ('B', 'B')),
-    ('layers.3.attention.wo', 'layers_3_attention_wo', ('B', 'B')),
-    ('layers.3.ffn.norm.weight', 'layers_3_ffn_norm_weight', ('B', 'B')),
-    ('layers.3.ffn.w_up', 'layers_3_ffn_w_up', ('B', 'B')),
-    ('layers.3.ffn.w_down', 'layers_3_ffn_w_down', ('B', 'B')),
-    ('layers.4.attention.norm.weight', 'layers_4_attention_norm_weight', ('B', 'B')),
-    ('layers.4.attention.wq', 'layers_4_attention_wq', ('B', 'B')),
-    ('layers.4.attention.wk', 'layers_4_attention_wk', ('B', 'B')),
-    ('layers.4.attention.wv', 'layers_4_attention_wv', ('B', 'B')),
-    ('layers.4.attention.wo', 'layers_4_attention_wo', ('B', 'B')),
-    ('layers.4.ffn.norm.weight', 'layers_4_ffn_norm_weight', ('B', 'B')),
-    ('layers.4.ffn.w_up', 'layers_4_ffn_w_up', ('B', 'B')),
-    ('layers.4.ffn.w_gate', 'layers_4_ffn_w_gate', ('B', 'B')),
-    ('layers.4.ffn.w_down', 'layers_4_ffn_w_down', ('B', 'B')),
-    ('layers.5.attention.norm.weight', 'layers_5_attention_norm_weight', ('B', 'B')),
-    ('layers.5.attention.wq', 'layers_5_attention_wq', ('B', 'B')),
-    ('layers.5.attention.wk', 'layers_5_attention_wk', ('B', 'B')),
-    ('layers.5.attention.wv', 'layers_5_attention_wv', ('B', 'B')),
-    ('layers.5.attention.wo', 'layers_5_attention_wo', ('B', 'B')),
-    ('layers.5.ffn.norm.weight', 'layers_5_ffn_norm_weight', ('B', 'B')),
-    ('layers.5.ffn.w_up', 'layers_5_ffn_w_up', ('B', 'B')),
-    ('layers.5.ffn.w_down', 'layers_5_ffn_w_down', ('B', 'B')),
-    ('layers.6.attention.norm.weight', 'layers_6_attention_norm_weight', ('B', 'B')),
-    ('layers.6.attention.wq', 'layers_6_attention_wq', ('B', 'B')),
-    ('layers.6.attention.wk', 'layers_6_attention_wk', ('B', 'B')),
-    ('layers.6.attention.wv', 'layers_6_attention_wv', ('B', 'B')),
-    ('layers.6.attention.wo', 'layers_6_attention_wo', ('B', 'B')),
-    ('layers.6.ffn.norm.weight', 'layers_6_ffn_norm_weight', ('B', 'B')),
-    ('layers.6.ffn.w_up', 'layers_6_ffn_w_up', ('B', 'B')),
-    ('layers.6.ffn.w_gate', 'layers_6_ffn_w_gate', ('B', 'B')),
-    ('layers.6.ffn.w_down', 'layers_6_ffn_w_down', ('B', 'B')),
-    ('layers.7.attention.norm.weight', 'layers_7_attention_norm_weight', ('B', 'B')),
-    ('layers.7.attention.wq', 'layers_7_attention_wq', ('B', 'B')),
-    ('layers.7.attention.wk', 'layers_7_attention_wk', ('B', 'B')),
-    ('layers.7.attention.wv', 'layers_7_attention_wv', ('B', 'B')),
-    ('layers.7.attention.wo', 'layers_7_attention_wo', ('B', 'B')),
-    ('layers.7.ffn.norm.weight', 'layers_7_ffn_norm_weight', ('B', 'B')),
-    ('layers.7.ffn.w_up', 'layers_7_ffn_w_up', ('B', 'B')),
-    ('layers.7.ffn.w_down', 'layers_7_ffn_w_down', ('B', 'B')),
-    ('layers.8.attention.norm.weight', 'layers_8_attention_norm_weight', ('B', 'B')),
-    ('layers.8.attention.wq', 'layers_8_attention_wq', ('B', 'B')),
-    ('layers.8.attention.wk', 'layers_8_attention_wk', ('B', 'B')),
-    ('layers.8.attention.wv', 'layers_8_attention_wv', ('B', 'B')),
-    ('layers.8.attention.wo', 'layers_8_attention_wo', ('B', 'B')),
-    ('layers.8.ffn.w_up', 'layers_8_ffn_w_up', ('B', 'B')),
-    ('layers.8.ffn.w_gate', 'layers_8_ffn_w_gate', ('B', 'B')),
-    ('layers.8.ffn.w_down', 'layers_8_ffn_w_down', ('B', 'B')),
-    ('layers.9.attention.norm.weight', 'layers_9_attention_norm_weight', ('B', 'B')),
-    ('layers.9.attention.wq', 'layers_9_attention_wq', ('B', 'B')),
-    ('layers.9.attention.wk', 'layers_9_attention_wk', ('B', 'B')),
-    ('layers.9.attention.wv', 'layers_9_attention_wv', ('B', 'B')),
-    ('layers.9.attention.wo', 'layers_9_attention_wo', ('B', 'B')),
-    ('layers.9.ffn.w_up', 'layers_9_ffn_w_up', ('B', 'B')),
-    ('layers.9.ffn.w_gate', 'layers_9_ffn_w_gate', ('B', 'B')),
-    ('layers.9.ffn.w_down', 'layers_9_ffn_w_down', ('B', 'B')),
-    ('final_norm.weight', 'final_norm_weight', ('B', 'B')),
-    ('lm_head.weight', 'lm_head_weight', ('B', 'B')),
+PARAMS = [  # (canonical name, attribute, placement, optimizer group)
+    ('embed.weight', 'embed_weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B', 'B'), 'default'),
+    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B', 'B'), 'default'),
+    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B', 'B'), 'default'),
+    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B', 'B'), 'default'),
+    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B', 'B'), 'default'),
+    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B', 'B'), 'default'),
+    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B', 'B'), 'default'),
+    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B', 'B'), 'default'),
+    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.2.attention.wq', 'layers_2_attention_wq', ('B', 'B'), 'default'),
+    ('layers.2.attention.wk', 'layers_2_attention_wk', ('B', 'B'), 'default'),
+    ('layers.2.attention.wv', 'layers_2_attention_wv', ('B', 'B'), 'default'),
+    ('layers.2.attention.wo', 'layers_2_attention_wo', ('B', 'B'), 'default'),
+    ('layers.2.ffn.norm.weight', 'layers_2_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_up', 'layers_2_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_gate', 'layers_2_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_down', 'layers_2_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.3.attention.norm.weight', 'layers_3_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.3.attention.wq', 'layers_3_attention_wq', ('B', 'B'), 'default'),
+    ('layers.3.attention.wk', 'layers_3_attention_wk', ('B', 'B'), 'default'),
+    ('layers.3.attention.wv', 'layers_3_attention_wv', ('B', 'B'), 'default'),
+    ('layers.3.attention.wo', 'layers_3_attention_wo', ('B', 'B'), 'default'),
+    ('layers.3.ffn.norm.weight', 'layers_3_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.3.ffn.w_up', 'layers_3_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.3.ffn.w_down', 'layers_3_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.4.attention.norm.weight', 'layers_4_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.4.attention.wq', 'layers_4_attention_wq', ('B', 'B'), 'default'),
+    ('layers.4.attention.wk', 'layers_4_attention_wk', ('B', 'B'), 'default'),
+    ('layers.4.attention.wv', 'layers_4_attention_wv', ('B', 'B'), 'default'),
+    ('layers.4.attention.wo', 'layers_4_attention_wo', ('B', 'B'), 'default'),
+    ('layers.4.ffn.norm.weight', 'layers_4_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_up', 'layers_4_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_gate', 'layers_4_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_down', 'layers_4_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.5.attention.norm.weight', 'layers_5_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.5.attention.wq', 'layers_5_attention_wq', ('B', 'B'), 'default'),
+    ('layers.5.attention.wk', 'layers_5_attention_wk', ('B', 'B'), 'default'),
+    ('layers.5.attention.wv', 'layers_5_attention_wv', ('B', 'B'), 'default'),
+    ('layers.5.attention.wo', 'layers_5_attention_wo', ('B', 'B'), 'default'),
+    ('layers.5.ffn.norm.weight', 'layers_5_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.5.ffn.w_up', 'layers_5_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.5.ffn.w_down', 'layers_5_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.6.attention.norm.weight', 'layers_6_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.6.attention.wq', 'layers_6_attention_wq', ('B', 'B'), 'default'),
+    ('layers.6.attention.wk', 'layers_6_attention_wk', ('B', 'B'), 'default'),
+    ('layers.6.attention.wv', 'layers_6_attention_wv', ('B', 'B'), 'default'),
+    ('layers.6.attention.wo', 'layers_6_attention_wo', ('B', 'B'), 'default'),
+    ('layers.6.ffn.norm.weight', 'layers_6_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_up', 'layers_6_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_gate', 'layers_6_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_down', 'layers_6_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.7.attention.norm.weight', 'layers_7_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.7.attention.wq', 'layers_7_attention_wq', ('B', 'B'), 'default'),
+    ('layers.7.attention.wk', 'layers_7_attention_wk', ('B', 'B'), 'default'),
+    ('layers.7.attention.wv', 'layers_7_attention_wv', ('B', 'B'), 'default'),
+    ('layers.7.attention.wo', 'layers_7_attention_wo', ('B', 'B'), 'default'),
+    ('layers.7.ffn.norm.weight', 'layers_7_ffn_norm_weight', ('B', 'B'), 'default'),
+    ('layers.7.ffn.w_up', 'layers_7_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.7.ffn.w_down', 'layers_7_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.8.attention.norm.weight', 'layers_8_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.8.attention.wq', 'layers_8_attention_wq', ('B', 'B'), 'default'),
+    ('layers.8.attention.wk', 'layers_8_attention_wk', ('B', 'B'), 'default'),
+    ('layers.8.attention.wv', 'layers_8_attention_wv', ('B', 'B'), 'default'),
+    ('layers.8.attention.wo', 'layers_8_attention_wo', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_up', 'layers_8_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_gate', 'layers_8_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_down', 'layers_8_ffn_w_down', ('B', 'B'), 'default'),
+    ('layers.9.attention.norm.weight', 'layers_9_attention_norm_weight', ('B', 'B'), 'default'),
+    ('layers.9.attention.wq', 'layers_9_attention_wq', ('B', 'B'), 'default'),
+    ('layers.9.attention.wk', 'layers_9_attention_wk', ('B', 'B'), 'default'),
+    ('layers.9.attention.wv', 'layers_9_attention_wv', ('B', 'B'), 'default'),
+    ('layers.9.attention.wo', 'layers_9_attention_wo', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_up', 'layers_9_ffn_w_up', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_gate', 'layers_9_ffn_w_gate', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_down', 'layers_9_ffn_w_down', ('B', 'B'), 'default'),
+    ('final_norm.weight', 'final_norm_weight', ('B', 'B'), 'default'),
+    ('lm_head.weight', 'lm_head_weight', ('B', 'B'), 'default'),
 ]
 
 class Model(torch.nn.Module):
@@ -851,13 +853,23 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def value_lr_factor(step):
+    if VALUE_LR_DECAY_STEPS <= 0:
+        return VALUE_LR_MULTIPLIER
+    return 1 + (VALUE_LR_MULTIPLIER - 1) * max(0.0, 1 - step / VALUE_LR_DECAY_STEPS)
+
+
 def main(argv=None):
     args = parse_args(argv)
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.COMM_BYTES.clear()
     runtime.COMM_CALLS.clear()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    groups = {"default": [], "values": []}
+    for _, attr, _, group in PARAMS:
+        groups[group].append(getattr(model, attr))
+    optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
+                                  lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     losses = []
     for step in range(args.steps):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
@@ -866,6 +878,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(model, mesh)
+        for group in optimizer.param_groups:
+            group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
@@ -876,7 +890,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp in PARAMS]
+        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards)
     runtime.teardown(owned)
     return losses

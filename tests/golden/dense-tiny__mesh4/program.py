@@ -29,30 +29,32 @@ VOCAB_SIZE = 128
 BATCH_SBP = ('S(0)',)  # how the batch is laid on the mesh
 STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.003, (0.9, 0.95), 1e-08, 0.0
+# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
+VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
 # bytes handed to each kind of collective per training step, as the plan predicts
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 462084}
-PARAMS = [  # (canonical name, attribute, placement) for checkpoints and checks
-    ('embed.weight', 'embed_weight', ('B',)),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B',)),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B',)),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B',)),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B',)),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B',)),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B',)),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B',)),
-    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B',)),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B',)),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B',)),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B',)),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B',)),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B',)),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B',)),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B',)),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B',)),
-    ('layers.1.ffn.w_gate', 'layers_1_ffn_w_gate', ('B',)),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B',)),
-    ('final_norm.weight', 'final_norm_weight', ('B',)),
-    ('lm_head.weight', 'lm_head_weight', ('B',)),
+PARAMS = [  # (canonical name, attribute, placement, optimizer group)
+    ('embed.weight', 'embed_weight', ('B',), 'default'),
+    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B',), 'default'),
+    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B',), 'default'),
+    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B',), 'default'),
+    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B',), 'default'),
+    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B',), 'default'),
+    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B',), 'default'),
+    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B',), 'default'),
+    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B',), 'default'),
+    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B',), 'default'),
+    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B',), 'default'),
+    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B',), 'default'),
+    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B',), 'default'),
+    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B',), 'default'),
+    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B',), 'default'),
+    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B',), 'default'),
+    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B',), 'default'),
+    ('layers.1.ffn.w_gate', 'layers_1_ffn_w_gate', ('B',), 'default'),
+    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B',), 'default'),
+    ('final_norm.weight', 'final_norm_weight', ('B',), 'default'),
+    ('lm_head.weight', 'lm_head_weight', ('B',), 'default'),
 ]
 
 class Model(torch.nn.Module):
@@ -215,13 +217,23 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def value_lr_factor(step):
+    if VALUE_LR_DECAY_STEPS <= 0:
+        return VALUE_LR_MULTIPLIER
+    return 1 + (VALUE_LR_MULTIPLIER - 1) * max(0.0, 1 - step / VALUE_LR_DECAY_STEPS)
+
+
 def main(argv=None):
     args = parse_args(argv)
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.COMM_BYTES.clear()
     runtime.COMM_CALLS.clear()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    groups = {"default": [], "values": []}
+    for _, attr, _, group in PARAMS:
+        groups[group].append(getattr(model, attr))
+    optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
+                                  lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     losses = []
     for step in range(args.steps):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
@@ -230,6 +242,8 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sync_gradients(model, mesh)
+        for group in optimizer.param_groups:
+            group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
@@ -240,7 +254,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp in PARAMS]
+        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards)
     runtime.teardown(owned)
     return losses
