@@ -16,7 +16,7 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     "${PIP[@]}" torch==2.13.0
   fi
 fi
-"${PIP[@]}" -e ".[dev,triton,refs]"
+"${PIP[@]}" -e ".[dev,triton,refs,examples]"
 if ! command -v dot >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "installing graphviz (the dot binary) with apt-get"
