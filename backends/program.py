@@ -73,8 +73,12 @@ def _constants(plan: Plan) -> list[str]:
     t = plan.training
     model = dict(plan.model)
     payload: dict[str, float] = {}
-    for c in [*(c for p in plan.params for c in p.grad_sync), *plan.output_boxing]:
-        payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value
+    forward = [c for node in plan.nodes for _, steps in node.boxing for c in steps]
+    for c in [*(c for p in plan.params for c in p.grad_sync), *plan.output_boxing, *forward]:
+        if c.collective != "local":
+            payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value
+        if c.backward:
+            payload[c.backward] = payload.get(c.backward, 0) + c.payload_bytes.value
     tokens = plan.node("tokens")
     return [
         f"SPEC_NAME = {literal(plan.spec_name)}",
@@ -99,6 +103,7 @@ def _model_class(plan: Plan) -> list[str]:
         "",
         "    def __init__(self, mesh, seed):",
         "        super().__init__()",
+        "        self.mesh = mesh",
     ]
     for p in plan.params:
         lines.append(f"        # {comment(p.name)} {_shape(tuple(map(str, p.shape)))}: placed [{p.sbp}], "
@@ -150,14 +155,28 @@ def _state_lines(plan: Plan) -> list[str]:
     return lines
 
 
+FORWARD_BOXING = {("all_reduce", "P", "B"): "reduce_partial", ("local", "B", "P"): "partial_from_whole"}
+
+
 def _node_lines(node: NodePlan, names: dict[str, str]) -> list[str]:
     out = []
+    local = dict(names)
     for arg, steps in node.boxing:
+        current = names[arg]
         for c in steps:
-            out += ["        " + line for line in _collective_line(c, names[arg])]
+            fn = FORWARD_BOXING.get((c.collective, c.src, c.dst))
+            if fn is None:
+                raise NotImplementedError(f"no forward boxing {c.src} -> {c.dst} ({c.collective}) in the emitter yet")
+            boxed = f"{identifier(arg)}_{c.dst}{c.axis}"
+            dual = f"; backward: {c.backward} of its gradient" if c.backward else ""
+            out.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices): "
+                       f"{comment(c.reason)}; {c.collective}, {_fmt_bytes(c.payload_bytes.value)}{dual}")
+            out.append(f"        {boxed} = runtime.{fn}({current}, self.mesh, axis={c.axis})")
+            current = boxed
+        local[arg] = current
     var = identifier(node.name)
     names[node.name] = var
-    args = [names[a] for a in node.args] + [f"{k}={literal(v)}" for k, v in node.attrs]
+    args = [local[a] for a in node.args] + [f"{k}={literal(v)}" for k, v in node.attrs]
     call = f"ops.{node.op}({', '.join(args)})"
     note = f"  # {_shape(node.local_shape)} [{node.sbp_out}]"
     if node.partial_scale != "1":

@@ -136,6 +136,30 @@ def all_reduce(tensor, mesh, axis):
     return tensor
 
 
+class _SumOverAxis(torch.autograd.Function):
+    """P -> B inside the forward: all-reduce (sum); its backward all-reduces the gradient, since
+    every device's share of the loss used the summed value."""
+
+    @staticmethod
+    def forward(ctx, tensor, mesh, axis):
+        ctx.mesh, ctx.axis = mesh, axis
+        return all_reduce(tensor.clone(), mesh, axis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.clone(), ctx.mesh, ctx.axis), None, None
+
+
+def reduce_partial(tensor, mesh, axis):
+    """A partial sum made whole on mesh axis ``axis`` (P -> B), differentiably."""
+    return _SumOverAxis.apply(tensor, mesh, axis)
+
+
+def partial_from_whole(tensor, mesh, axis):
+    """A whole value as a partial sum on ``axis`` (B -> P): each device holds 1/n of it."""
+    return tensor / mesh.shape[axis]
+
+
 def all_gather(tensor, mesh, axis, dim):
     """Concatenate the shards of mesh axis ``axis`` along ``dim`` (S(dim) -> B), outside autograd."""
     _count("all_gather", tensor)

@@ -38,18 +38,22 @@ class Block(nn.ModuleDict):
         super().__init__({sub.name: build_sublayer(sub, dim) for sub in layer.sublayers})
         self.layer = layer
 
-    def forward(self, x: torch.Tensor, pending: dict[int, list[torch.Tensor]]) -> torch.Tensor:
-        """``pending`` collects outputs delivered to later layers (layer index -> outputs)."""
+    def forward(self, x: torch.Tensor, pending: dict[int, list[torch.Tensor]],
+                aux_losses: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """``pending`` collects outputs delivered to later layers (layer index -> outputs),
+        ``aux_losses`` the auxiliary losses of sublayers that have one."""
         read = normed = None
         for spec, sublayer in zip(self.layer.sublayers, self.values()):
             if spec.parallel:
                 shared = normed if spec.norm is None else None
-                x, _, delayed = sublayer(x, read=read, normed=shared, deliver_later=bool(spec.deliver_after))
+                x, _, delayed, aux = sublayer(x, read=read, normed=shared, deliver_later=bool(spec.deliver_after))
             else:
                 read = x
-                x, normed, delayed = sublayer(x, deliver_later=bool(spec.deliver_after))
+                x, normed, delayed, aux = sublayer(x, deliver_later=bool(spec.deliver_after))
             if delayed is not None:
                 pending.setdefault(self.layer.index + spec.deliver_after, []).append(delayed)
+            if aux is not None and aux_losses is not None:
+                aux_losses.append(aux)
         return x
 
 
@@ -73,15 +77,20 @@ class DecoderModel(nn.Module):
             self.lm_head.weight = nn.Parameter(torch.empty(spec.vocab_size, d))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_aux(tokens)[0]
+
+    def forward_with_aux(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the auxiliary losses (MoE load balancing) the training loss adds."""
         x = named("x", ops.embedding(tokens, self.embed.weight))
         pending: dict[int, list[torch.Tensor]] = {}
+        aux_losses: list[torch.Tensor] = []
         for index, block in enumerate(self.layers):
-            x = block(x, pending)
+            x = block(x, pending, aux_losses)
             for delayed in pending.pop(index, []):
                 x = named(f"layers.{index}.delivered", ops.add(x, delayed))
         x = self.final_norm(x)
         head = self.embed.weight if self.spec.tie_embeddings else self.lm_head.weight
-        return named("logits", ops.linear(x, head))
+        return named("logits", ops.linear(x, head)), aux_losses
 
 
 class TrainingGraph(nn.Module):
@@ -92,7 +101,11 @@ class TrainingGraph(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return named("loss", ops.cross_entropy(self.model(tokens), targets))
+        logits, aux_losses = self.model.forward_with_aux(tokens)
+        loss = named("loss", ops.cross_entropy(logits, targets))
+        for aux in aux_losses:
+            loss = named("loss_with_aux", ops.add(loss, aux))
+        return loss
 
 
 def init_rules(model: DecoderModel) -> dict[str, InitRule]:

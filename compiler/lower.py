@@ -10,6 +10,7 @@ Then each node gets:
 - ``ultraplan.dtype``: ``float32`` or ``int64``;
 - ``ultraplan.layer``: the module path that produced it (``layers.0.attention``), for grouping;
 - ``ultraplan.component``: the sublayer kind it belongs to (``attention``, ``moe``, ``embedding``);
+- ``ultraplan.differentiable``: whether a gradient flows back through the value;
 
 and a readable name made of that module path and the label the component gave the value.
 """
@@ -26,7 +27,7 @@ from torch import fx
 
 from . import ops
 from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups
-from .shapes import SHAPE_RULES, B, Shape, T, result_dtype
+from .shapes import NON_DIFFERENTIABLE, SHAPE_RULES, B, Shape, T, result_dtype
 
 OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
 
@@ -172,6 +173,14 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
                               "ultraplan.shape": node.args[0].meta["ultraplan.shape"], "ultraplan.dtype": "float32"})
         else:
             raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
+    for node in gm.graph.nodes:  # does a gradient flow through this value (to a parameter)?
+        if node.op == "get_attr":
+            node.meta["ultraplan.differentiable"] = node.meta["ultraplan.op"] == "param"
+        elif node.op == "call_function":
+            node.meta["ultraplan.differentiable"] = node.meta["ultraplan.op"] not in NON_DIFFERENTIABLE and any(
+                a.meta["ultraplan.differentiable"] for a in tensor_args(node))
+        else:
+            node.meta["ultraplan.differentiable"] = False
     for node in gm.graph.nodes:  # model-level ops (the embedding lookup, the LM head) go with their weight
         params = [a for a in tensor_args(node) if a.op == "get_attr"] if node.op == "call_function" else []
         if node.meta["ultraplan.component"] == "model" and params:

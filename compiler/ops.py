@@ -324,3 +324,26 @@ def rank_one_vectors(cores_HKRR: torch.Tensor) -> torch.Tensor:
         u, t = left[..., 0], right_t[..., 0, :]
         sign = torch.sign(torch.gather(u, -1, u.abs().argmax(dim=-1, keepdim=True)))
         return torch.stack((u * sign, t * sign)).to(cores_HKRR.dtype)
+
+
+# ---- mixture-of-experts load balancing (Switch Transformer, Fedus et al. 2021) ------------------
+
+
+def expert_counts(indices_BTK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many (token, slot) assignments each expert got in this batch -> (E,), no gradient."""
+    return torch.bincount(indices_BTK.flatten(), minlength=num_experts).to(torch.float32)
+
+
+def column_sums(probs_BTE: torch.Tensor) -> torch.Tensor:
+    """Router probabilities summed over every token of this batch -> (E,)."""
+    return probs_BTE.flatten(0, -2).sum(dim=0)
+
+
+def balance_loss(counts_E: torch.Tensor, prob_sums_E: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """weight * E * sum_i f_i P_i, with f_i the share of assignments to expert i and P_i its mean
+    router probability. Everything comes from whole-batch sums, so the token count is
+    sum(counts) / k and no shape is needed (the same on one device or after an all-reduce)."""
+    assignments = counts_E.sum()
+    share = counts_E / assignments
+    mean_prob = prob_sums_E / (assignments / k)
+    return weight * counts_E.shape[0] * (share * mean_prob).sum()

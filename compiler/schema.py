@@ -57,6 +57,8 @@ class MoESpec:
     router: Literal["softmax", "sigmoid"] = field(default="softmax", metadata=doc("gate function of the router"))
     normalize_topk: bool = field(default=False, metadata=doc("renormalise the k kept gates to sum to 1"))
     shared_experts: int = field(default=0, metadata=doc("always-on experts of the same width", minimum=0))
+    aux_loss_weight: float = field(default=0.0, metadata=doc(
+        "weight of the Switch load-balancing loss E * sum_i f_i P_i over the whole batch", minimum=0))
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,13 @@ SHAPE_RULES.update({
     "tucker_grid": _tucker_grid, "sum_cores": _sum_cores, "take_cores": _take_cores, "shuffle_rows": _same,
     "scale_cores": _same, "core_pool": _core_pool, "block_of": _same, "row_in_block": _same,
     "ive_pool": lambda shapes, attrs: (*shapes[0][:2], attrs["num_blocks"] * shapes[0][-1]),
+    "expert_counts": lambda shapes, attrs: (sympy.Integer(attrs["num_experts"]),),
+    "column_sums": lambda shapes, attrs: (shapes[0][-1],),
+    "balance_loss": _scalar,
 })
+
+# Ops through which no gradient flows (their results are indices or counts).
+NON_DIFFERENTIABLE = {"topk_indices", "grid_indices", "shuffle_rows", "block_of", "row_in_block", "expert_counts"}
 
 # Ops whose result is not float32: index-valued ops, and take (the dtype of what it takes from).
 INDEX_OPS = {"topk_indices", "grid_indices", "shuffle_rows", "block_of", "row_in_block"}

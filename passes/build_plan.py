@@ -40,9 +40,15 @@ def collective_time(b: Boxing) -> sympy.Expr:
     return b.messages * axis_latency(b.axis) + b.wire / axis_bandwidth(b.axis)
 
 
-def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str) -> CollectivePlan:
+def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str, backward: str = "") -> CollectivePlan:
     return CollectivePlan(b.collective, b.axis, ctx.mesh.shape[b.axis], b.src, b.dst, cost(b.payload, values),
-                          cost(b.wire, values), cost(collective_time(b), values), reason)
+                          cost(b.wire, values), cost(collective_time(b), values), reason, backward)
+
+
+def backward_dual(b: Boxing, differentiable: bool, train: bool) -> str:
+    """The backward of a forward all-reduce (P -> B) is an all-reduce of the gradient; local
+    boxings have local duals; nothing runs backward through a value without gradient."""
+    return "all_reduce" if train and differentiable and b.collective == "all_reduce" else ""
 
 
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
@@ -83,8 +89,16 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             bwd = bwd + c.backward_flops if train else bwd
             largest = sympy.Max(largest, c.bytes_written)
         zero = Cost("0", 0.0)
-        boxing = tuple((arg, tuple(collective_plan(b, ctx, values, f"{node.name} needs {arg} as {b.dst}")
-                                   for b in steps)) for arg, steps in meta.get("ultraplan.boxing", {}).items())
+        arg_nodes = {a.name: a for a in tensor_args(node)} if node.op == "call_function" else {}
+        boxing = []
+        for arg, steps in meta.get("ultraplan.boxing", {}).items():
+            dual = [backward_dual(b, arg_nodes[arg].meta["ultraplan.differentiable"], train) for b in steps]
+            boxing.append((arg, tuple(collective_plan(b, ctx, values, f"{node.name} needs {arg} as {b.dst}", d)
+                                      for b, d in zip(steps, dual))))
+            for b, d in zip(steps, dual):
+                comm_time += collective_time(b) * (2 if d else 1)
+                comm_wire += b.wire * (2 if d else 1)
+        boxing = tuple(boxing)
         nodes.append(NodePlan(
             name=node.name, op=meta["ultraplan.op"], layer=meta["ultraplan.layer"],
             args=tuple(a.name for a in tensor_args(node)), attrs=tuple(meta["ultraplan.attrs"].items()),

@@ -12,7 +12,11 @@ Strategy ``data_parallel`` (the only one so far): the batch dim is split on ever
 - backward: a ``B`` weight used by ``S(0)`` activations gets a ``P`` gradient, so each parameter
   gradient is boxed ``P -> B`` with an all-reduce on every axis, in axis order from the last
   (inside a node) to the first (across nodes);
-- the loss is boxed ``P -> B`` for logging.
+- the loss is boxed ``P -> B`` for logging;
+- whole-batch statistics (the MoE balance loss): per-device sums over the batch are ``P``; the op
+  that reads them wants ``B``, so they are all-reduced in the forward (an all-reduce of their
+  gradient in the backward); its ``B`` result joins the ``P`` loss as ``P`` (divided by the
+  devices, ``B -> P`` local).
 
 In ``infer`` mode there is no loss and no backward: the logits stay ``S(0)`` and parameters get
 no gradient collectives.
@@ -37,6 +41,8 @@ from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, local_dims, n
 from .symbols import BYTES_PER_ELEMENT, axis_size, device_count
 
 ONE = sympy.Integer(1)
+BATCH_SUMS = {"expert_counts", "column_sums"}
+WHOLE_BATCH = {"balance_loss"}
 
 
 class PlanError(Exception):
@@ -92,6 +98,12 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             wanted = tuple(a.meta["ultraplan.sbp"].output for a in tensor_args(node))
             if kind == "cross_entropy":
                 node.meta["ultraplan.sbp"] = Signature(wanted, partial, 1 / devices)
+            elif kind in BATCH_SUMS:  # a sum over this device's share of the batch: a partial sum
+                node.meta["ultraplan.sbp"] = Signature(wanted, partial)
+            elif kind in WHOLE_BATCH:  # reads whole-batch statistics: P inputs are all-reduced first
+                node.meta["ultraplan.sbp"] = Signature(tuple(bcast for _ in wanted), bcast)
+            elif partial in wanted:  # adding to a partial sum (the loss): every term must be P
+                node.meta["ultraplan.sbp"] = Signature(tuple(partial for _ in wanted), partial)
             else:
                 node.meta["ultraplan.sbp"] = Signature(wanted, split if split in wanted else bcast)
         if node.op in ("call_function", "output"):

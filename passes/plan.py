@@ -40,6 +40,7 @@ class CollectivePlan:
     wire_bytes: Cost  # bytes each device sends, ring model
     time: Cost  # seconds: messages * latency + wire / bandwidth
     reason: str
+    backward: str = ""  # the dual run in the backward pass ("all_reduce" of the gradient), or ""
 
 
 @dataclass(frozen=True)

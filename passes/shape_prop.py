@@ -16,10 +16,10 @@ from torch import fx
 from .context import PassReport, PlanContext
 from .symbols import B, T
 
-# Ops whose kernels pick work by data (which tokens go to which expert) and so cannot run on
-# meta tensors. Their output shape is their input's by construction; the rule stands in for
-# torch here, and tests/unit/test_lower_and_stats.py checks it on real tensors.
-DATA_DEPENDENT = {"expert_ffn"}
+# Ops whose kernels pick work by data (which tokens go to which expert, bincount) and so cannot
+# run on meta tensors. Their output shapes do not depend on the data (the input's, or (E,));
+# the rule stands in for torch here, and tests/unit/test_lower_and_stats.py checks it on real tensors.
+DATA_DEPENDENT = {"expert_ffn", "expert_counts"}
 
 
 def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple[int, ...]]:

@@ -35,7 +35,8 @@ def train_reference(
     vocab = dict(plan.model)["vocab_size"]
     for step in range(steps):
         batch = seeded.permutation_walk_batch(seed, step, plan.batch, plan.seq, vocab)
-        loss = ops.cross_entropy(model(batch[:, :-1]), batch[:, 1:])
+        logits, aux_losses = model.forward_with_aux(batch[:, :-1])
+        loss = ops.cross_entropy(logits, batch[:, 1:]) + sum(aux_losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if value_group is not None:

@@ -70,8 +70,9 @@ class ResidualSublayer(nn.Module):
     def forward(
         self, x: torch.Tensor, read: torch.Tensor | None = None, normed: torch.Tensor | None = None,
         deliver_later: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns (the residual stream after this sublayer, its normed input, a delayed output).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (the residual stream after this sublayer, its normed input, a delayed output,
+        an auxiliary loss or None); ``body`` may return (output, auxiliary loss).
 
         ``read`` is the stream to read when it is not ``x`` (a parallel sublayer), ``normed`` a
         normed input to share instead of norming; with ``deliver_later`` the output is returned
@@ -80,6 +81,9 @@ class ResidualSublayer(nn.Module):
         source = x if read is None else read
         h = normed if normed is not None else (self.norm(source) if self.norm is not None else source)
         out = self.body(h)
+        aux = None
+        if isinstance(out, tuple):
+            out, aux = out
         if deliver_later:
-            return x, h, named("delayed", out)
-        return named("residual", ops.add(x, out)), h, None
+            return x, h, named("delayed", out), aux
+        return named("residual", ops.add(x, out)), h, None, aux

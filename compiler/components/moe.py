@@ -38,7 +38,8 @@ class MoE(ResidualSublayer):
         return {name: InitRule("normal", out_std if "down" in name else std) for name, _ in self.named_parameters()
                 if not name.startswith("norm.")}
 
-    def body(self, h: torch.Tensor) -> torch.Tensor:
+    def body(self, h: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The routed (and shared) experts' output, with the balance loss when it is weighted."""
         s = self.spec
         logits = named("router_logits", ops.linear(h, self.w_router))
         probs = named("router_probs", ops.softmax(logits) if s.router == "softmax" else ops.sigmoid(logits))
@@ -46,6 +47,11 @@ class MoE(ResidualSublayer):
         gates = named("gates", ops.take(probs, chosen))
         if s.normalize_topk:
             gates = named("gates_normalized", ops.normalize_sum(gates))
+        aux = None
+        if s.aux_loss_weight:
+            counts = named("expert_counts", ops.expert_counts(chosen, s.experts))
+            prob_sums = named("prob_sums", ops.column_sums(probs))
+            aux = named("balance_loss", ops.balance_loss(counts, prob_sums, s.topk, s.aux_loss_weight))
         gate_weight = self.w_gate if s.activation == "swiglu" else self.w_up
         out = named("routed", ops.expert_ffn(h, chosen, gates, self.w_up, gate_weight, self.w_down, s.activation))
         if s.shared_experts:
@@ -55,4 +61,4 @@ class MoE(ResidualSublayer):
             else:
                 act = named("shared_act", ops.gelu(up))
             out = named("routed_and_shared", ops.add(out, named("shared_down", ops.linear(act, self.w_shared_down))))
-        return out
+        return (out, aux) if aux is not None else out

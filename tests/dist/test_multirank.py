@@ -93,10 +93,12 @@ def test_measured_bytes_equal_planned(rank_run, spec):
     case = find_case(cases, spec, "float32")  # the plan predicts bytes for fp32 tensors
     plan = Plan.from_json(open(f"{case['dir']}/plan.json").read())
     result = json.loads(open(case["dump"]).read())
-    collectives = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing)
-    planned = sum(c.payload_bytes.value for c in collectives) * STEPS
+    forward = [c for node in plan.nodes for _, steps in node.boxing for c in steps if c.collective == "all_reduce"]
+    collectives = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing) + forward
+    duals = [c for c in forward if c.backward == "all_reduce"]
+    planned = sum(c.payload_bytes.value for c in collectives + duals) * STEPS
     assert result["comm"]["bytes"].get("all_reduce", 0) == planned
-    assert result["comm"]["calls"].get("all_reduce", 0) == len(collectives) * STEPS
+    assert result["comm"]["calls"].get("all_reduce", 0) == len(collectives + duals) * STEPS
 
 
 def test_cli_run_check(tmp_path):

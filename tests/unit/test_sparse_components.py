@@ -23,6 +23,12 @@ def sublayer(spec_name: str, kind: str):
     raise AssertionError(f"no {kind} in {spec_name}")
 
 
+def routed(moe, h: torch.Tensor) -> torch.Tensor:
+    """The MoE's output without its balance loss."""
+    out = moe.body(h)
+    return out[0] if isinstance(out, tuple) else out
+
+
 def naive_retrieval(module, x: torch.Tensor, head: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Score all n^2 slots of one head for one token vector x; return (top-k scores, slots)."""
     s = module.spec
@@ -72,7 +78,7 @@ def test_moe_equals_naive_per_token_loop():
     s = moe.spec
     h = torch.randn(3, 4, 32)
     with torch.no_grad():
-        out = moe.body(h)
+        out = routed(moe, h)
         for b in range(3):
             for t in range(4):
                 x = h[b, t]
@@ -92,9 +98,9 @@ def test_moe_is_dropless_and_batch_independent():
     moe = sublayer("moe-tiny", "moe")
     h = torch.randn(4, 6, 32)
     with torch.no_grad():
-        together = moe.body(h)
+        together = routed(moe, h)
         for b in range(4):
-            torch.testing.assert_close(moe.body(h[b:b + 1])[0], together[b], **TOL)
+            torch.testing.assert_close(routed(moe, h[b:b + 1])[0], together[b], **TOL)
 
 
 def test_gradients_reach_only_the_selected_rows():
@@ -116,6 +122,36 @@ def test_moe_gradients_reach_only_chosen_experts():
     moe = sublayer("moe-tiny", "moe")
     h = torch.randn(1, 2, 32)  # 2 tokens x 4 of 16 experts: most experts unused
     chosen = torch.topk(torch.softmax(h @ moe.w_router.T, dim=-1), moe.spec.topk).indices.unique()
-    moe.body(h).sum().backward()
+    routed(moe, h).sum().backward()
     used = moe.w_up.grad.flatten(1).abs().sum(dim=1) > 0
     assert sorted(torch.nonzero(used).flatten().tolist()) == sorted(chosen.tolist())
+
+
+def test_balance_loss_equals_the_switch_definition():
+    """alpha * E * sum_i f_i P_i with f_i = (assignments to i) / (tokens * k), P_i = mean prob of i."""
+    moe = sublayer("moe-tiny", "moe")
+    s = moe.spec
+    h = torch.randn(3, 5, 32)
+    _, aux = moe.body(h)
+    probs = torch.softmax(h @ moe.w_router.T, dim=-1).reshape(-1, s.experts)
+    chosen = torch.topk(probs, s.topk).indices
+    tokens = probs.shape[0]
+    expected = 0.0
+    for i in range(s.experts):
+        f_i = float((chosen == i).sum()) / (tokens * s.topk)
+        expected += f_i * probs[:, i].mean()
+    torch.testing.assert_close(aux, s.aux_loss_weight * s.experts * expected, rtol=1e-5, atol=1e-8)
+
+
+def test_balance_loss_trains_the_router_and_is_in_the_graph():
+    moe = sublayer("moe-tiny", "moe")
+    _, aux = moe.body(torch.randn(2, 4, 32))
+    aux.backward()
+    assert moe.w_router.grad.abs().sum() > 0 and moe.w_up.grad is None  # only the router shapes the balance
+    from ultraplan.compiler.validate import load_model_spec as load
+    from ultraplan.passes.pipeline import lower_spec
+
+    gm = lower_spec(load(MODELS / "moe-tiny.yaml"))
+    ops_seen = [n.meta["ultraplan.op"] for n in gm.graph.nodes]
+    assert ops_seen.count("balance_loss") == 2 and ops_seen.count("expert_counts") == 2
+    assert [n.name for n in gm.graph.nodes if n.meta["ultraplan.op"] == "add"][-1] == "loss_with_aux_1"

@@ -128,6 +128,7 @@ class Model(torch.nn.Module):
 
     def __init__(self, mesh, seed):
         super().__init__()
+        self.mesh = mesh
         # embed.weight (64, 32): placed [B,B], 8.19 kB per device
         self.embed_weight = runtime.param('embed.weight', (64, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_full)
         # layers.0.attention.norm.weight (32): placed [B,B], 128 B per device

@@ -74,6 +74,7 @@ class Model(torch.nn.Module):
 
     def __init__(self, mesh, seed):
         super().__init__()
+        self.mesh = mesh
         # embed.weight (96, 64): placed [B], 24.58 kB per device
         self.embed_weight = runtime.param('embed.weight', (96, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_full)
         # layers.0.attention.norm.weight (64): placed [B], 256 B per device

@@ -62,6 +62,7 @@ class Model(torch.nn.Module):
 
     def __init__(self, mesh, seed):
         super().__init__()
+        self.mesh = mesh
         # embed.weight (128, 64): placed [B], 32.77 kB per device
         self.embed_weight = runtime.param('embed.weight', (128, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_full)
         # layers.0.attention.norm.weight (64): placed [B], 256 B per device
