@@ -10,6 +10,7 @@ must equal the plan's prediction exactly.
 from __future__ import annotations
 
 import functools
+import math
 import json
 import os
 import subprocess
@@ -111,3 +112,30 @@ def test_cli_run_check(tmp_path):
     report = json.loads(result.stdout)
     assert report["ok"] and report["nproc"] == 2 and len(report["losses"]) == 3
     assert report["max_rel_diff_loss"] <= LOSS_TOLERANCE
+
+
+HUNDRED_M = ("dense-100m", "moe-100m", "pkm-100m", "peer-100m", "ultramem-100m", "ultramem-v2-100m")
+
+
+def test_100m_specs_train_on_the_cpu(tmp_path):
+    """Every ~100M-parameter family spec compiles, trains one step on one rank and equals eager.
+
+    Small batch and sequence (2 x 32) keep it to seconds per model; one process group for all six.
+    """
+    cases = []
+    for spec in HUNDRED_M:
+        out = tmp_path / spec
+        api.compile(MODELS / f"{spec}.yaml", "1", out, batch=2, seq=32)
+        cases.append({"spec": spec, "dir": str(out), "steps": 1, "dtype": "float32", "dump": str(out / "r.json")})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(cases))
+    result = torchrun(1, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for case in cases:
+        out = json.loads(open(case["dump"]).read())
+        plan = api.read_plan(case["dir"])
+        assert 80e6 <= sum(math.prod(p.shape) for p in plan.params) <= 130e6
+        ref_losses, ref_params = train_reference(plan, 1, plan.training.seed)
+        diffs = relative_differences(out["losses"], ref_losses, torch.load(out["params"]), ref_params)
+        assert diffs["loss"] <= TOLERANCES["float32"]["loss"] and diffs["params"] <= TOLERANCES["float32"]["params"], \
+            (case["spec"], diffs)
