@@ -78,6 +78,10 @@ class PKMSpec(ProductKeySpec):
 
     value_dim: int | None = field(default=None, metadata=doc("value width; defaults to hidden (else projected)",
                                                              minimum=1))
+    gated: bool = field(default=False, metadata=doc(
+        "Memory+ output: W_out (pooled * silu(W_gate x)), two value_dim x hidden projections"))
+    shared_values: bool = field(default=False, metadata=doc(
+        "one value table for every pkm layer that sets this (Memory+'s shared values)"))
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import PathEntry, nearest
 from .fields import Sourced, coerce, expect_list, expect_mapping, read_dataclass, sourced_mapping
+from .memory_tables import table_shapes, table_slots
 from .schema import (
     MODEL_FIELDS,
     SUBLAYER_KINDS,
@@ -282,9 +283,15 @@ def read_model(doc: Document) -> ModelSpec:
     train_raw = top.get("train") or {}
     train = read_dataclass(doc, TrainSpec, sourced_mapping(
         expect_mapping(doc, Sourced(train_raw, ("train",)), "train"), ("train",)), ("train",))
-    return ModelSpec(name=name, vocab_size=vocab, hidden_size=hidden, seq_len=seq_len, tie_embeddings=tie,
+    spec = ModelSpec(name=name, vocab_size=vocab, hidden_size=hidden, seq_len=seq_len, tie_embeddings=tie,
                      final_norm=final, layers=layers, train=train, source=Path(doc.file).name,
                      sha256=hashlib.sha256(doc.text.encode()).hexdigest())
+    try:
+        table_shapes(table_slots(spec))
+    except ValueError as exc:
+        raise doc.error(model["layers"].path, str(exc),
+                        hint="layers that share a value table need the same num_keys, value_dim and pre_value_dim") from None
+    return spec
 
 
 def read_hardware(doc: Document) -> HardwareSpec:

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "specs" / "models"
 HARDWARE = ROOT / "specs" / "hardware"
 RUNNABLE_SPECS = ["dense-tiny", "dense-gqa-tied", "dense-deep-groups", "moe-tiny", "pkm-tiny", "peer-tiny",
-                  "ultramem-tiny", "ultramem-v2-tiny"]
+                  "ultramem-tiny", "ultramem-v2-tiny", "memory-plus-tiny"]
 
 
 @pytest.fixture

@@ -62,23 +62,37 @@ class PKM(ProductKeyRetrieval):
 
     def __init__(self, spec: PKMSpec, norm: NormSpec | None, dim: int) -> None:
         super().__init__(spec, norm, dim)
-        value_dim = spec.value_dim or dim
-        self.values = nn.Parameter(torch.empty(spec.num_keys**2, value_dim))
-        if value_dim != dim:
-            self.w_out = nn.Parameter(torch.empty(dim, value_dim))
+        self.value_dim = spec.value_dim or dim
+        if not spec.shared_values:
+            self.values = nn.Parameter(torch.empty(spec.num_keys**2, self.value_dim))
+        if spec.gated:
+            self.w_gate = nn.Parameter(torch.empty(self.value_dim, dim))
+        if spec.gated or self.value_dim != dim:
+            self.w_out = nn.Parameter(torch.empty(dim, self.value_dim))
+        self._table: list[nn.Module] = []  # the shared table, set by attach()
+
+    def attach(self, table: nn.Module, slot: object) -> None:
+        self._table = [table]
 
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
-        value_dim = self.values.shape[1]
-        rules = {**self.retrieval_init_rules(std), "values": InitRule("normal", 1 / math.sqrt(value_dim))}
+        rules = dict(self.retrieval_init_rules(std))
+        if not self.spec.shared_values:
+            rules["values"] = InitRule("normal", 1 / math.sqrt(self.value_dim))
+        if hasattr(self, "w_gate"):
+            rules["w_gate"] = InitRule("normal", std)
         if hasattr(self, "w_out"):
             rules["w_out"] = InitRule("normal", out_std)
         return rules
 
     def body(self, h: torch.Tensor) -> torch.Tensor:
+        values = self._table[0].values if self.spec.shared_values else self.values
         scores, slots = self.retrieve(h)
         weights = named("weights", ops.softmax(scores))
-        rows = named("rows", ops.gather_rows(self.values, slots))
+        rows = named("rows", ops.gather_rows(values, slots))
         out = named("pooled", ops.weighted_sum(rows, weights))
+        if self.spec.gated:
+            gate = named("gate", ops.activation(ops.linear(h, self.w_gate), "silu"))
+            out = named("gated", ops.mul(out, gate))
         if hasattr(self, "w_out"):
             out = named("out", ops.linear(out, self.w_out))
         return out

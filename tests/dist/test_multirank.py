@@ -28,12 +28,12 @@ from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-SPARSE = ("moe-tiny", "pkm-tiny", "peer-tiny", "ultramem-tiny", "ultramem-v2-tiny")
+SPARSE = ("moe-tiny", "pkm-tiny", "peer-tiny", "ultramem-tiny", "ultramem-v2-tiny", "memory-plus-tiny")
 MESHES = {1: {"dense-tiny": "1", "dense-gqa-tied": "1", "dense-deep-groups": "1", **{s: "1" for s in SPARSE}},
           2: {"dense-tiny": "2", "dense-gqa-tied": "2", "dense-deep-groups": "2", **{s: "2" for s in SPARSE}},
           4: {"dense-tiny": "4", "dense-gqa-tied": "4", "dense-deep-groups": "2x2", "moe-tiny": "2x2",
               "pkm-tiny": "4", "peer-tiny": "4", "ultramem-tiny": "2x2",
-              "ultramem-v2-tiny": "4"}}
+              "ultramem-v2-tiny": "4", "memory-plus-tiny": "4"}}
 
 
 DTYPES = ("float32", "float64")
@@ -102,12 +102,21 @@ def test_measured_bytes_equal_planned(rank_run, spec):
     assert result["comm"]["calls"].get("all_reduce", 0) == len(collectives + duals) * STEPS
 
 
+# Gloo can abort a rank at interpreter exit, after all its work is done, when a worker thread
+# still holds tensors ("terminate called without an active exception"; pytorch/pytorch PR #179291
+# explains it). Seen twice in this test in ~20 full-suite runs, never alone or under parallel
+# load (15 runs). Only that signature is retried, once; anything else fails at once.
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
+
 def test_cli_run_check(tmp_path):
     out = tmp_path / "prog"
     api.compile(MODELS / "dense-gqa-tied.yaml", "2", out)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "ultraplan", "run", str(out), "--check", "--steps", "3", "--json"],
-                            capture_output=True, text=True, timeout=600, env=env)
+    cmd = [sys.executable, "-m", "ultraplan", "run", str(out), "--check", "--steps", "3", "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if result.returncode != 0 and GLOO_EXIT_ABORT in result.stderr:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)
     assert report["ok"] and report["nproc"] == 2 and len(report["losses"]) == 3

@@ -155,3 +155,27 @@ def test_balance_loss_trains_the_router_and_is_in_the_graph():
     ops_seen = [n.meta["ultraplan.op"] for n in gm.graph.nodes]
     assert ops_seen.count("balance_loss") == 2 and ops_seen.count("expert_counts") == 2
     assert [n.name for n in gm.graph.nodes if n.meta["ultraplan.op"] == "add"][-1] == "loss_with_aux_1"
+
+
+def test_memory_plus_layers_share_one_table_and_gate_their_output():
+    spec = load_model_spec(MODELS / "memory-plus-tiny.yaml")
+    model = build_model(spec, seed=7)
+    first, second = model.layers[1]["pkm"], model.layers[3]["pkm"]
+    table = model.memory_tables["pkm_shared"].values
+    assert first._table[0].values is table and second._table[0].values is table
+    assert not hasattr(first, "values") and tuple(table.shape) == (256, 32)
+    h = torch.randn(2, 3, 32)
+    with torch.no_grad():
+        out = second.body(h)
+        for b in range(2):
+            for t in range(3):
+                pooled = torch.zeros(32)
+                q = (second.w_query @ h[b, t]).view(2, 2, 8)
+                q = F.layer_norm(q, (8,), second.query_norm_weight, second.query_norm_bias, 1e-5)
+                for head in range(2):
+                    full = (second.keys[head, 0] @ q[head, 0])[:, None] + (second.keys[head, 1] @ q[head, 1])[None, :]
+                    scores, slots = torch.topk(full.flatten(), 8)
+                    for w, slot in zip(torch.softmax(scores, dim=0), slots):
+                        pooled += w * table[slot]
+                gate = F.silu(second.w_gate @ h[b, t])
+                torch.testing.assert_close(out[b, t], second.w_out @ (pooled * gate), **TOL)
