@@ -15,25 +15,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import PathEntry, nearest
+from .errors import nearest
 from .fields import Sourced, coerce, expect_list, expect_mapping, read_dataclass, sourced_mapping
 from .memory_tables import table_shapes, table_slots
 from .schema import (
     MODEL_FIELDS,
     SUBLAYER_KINDS,
-    AttentionSpec,
     HardwareSpec,
     LayerSpec,
     LinkSpec,
     ModelSpec,
-    MoESpec,
     NormSpec,
-    ProductKeySpec,
     SublayerSpec,
     TrainSpec,
-    UltraMemSpec,
-    UltraMemV2Spec,
 )
+from .sublayer_checks import check_sublayer
 from .yaml_source import Document, load_document
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -99,66 +95,8 @@ def read_sublayer(
     # a parallel sublayer without its own norm shares the normed input of the sublayer before it
     norm = read_norm(doc, items.pop("norm", Sourced(None, kind_path) if parallel else default_norm))
     config = read_dataclass(doc, SUBLAYER_KINDS[kind], items, kind_path)
-    if isinstance(config, AttentionSpec):
-        config = resolve_attention(doc, config, items, kind_path, hidden)
-    elif isinstance(config, MoESpec):
-        check_at_most(doc, items, kind_path, "topk", config.topk, "experts", config.experts)
-    elif isinstance(config, UltraMemSpec):
-        import math
-
-        if math.isqrt(config.expansion) ** 2 != config.expansion:
-            raise doc.error(items["expansion"].path, f"expansion must be a perfect square (1, 4, 9, ...), "
-                            f"got {config.expansion}", hint="the key grid grows by sqrt(E) per half")
-        if config.share_query and config.heads % 2:
-            raise doc.error(items.get("heads", Sourced(None, kind_path)).path,
-                            f"share_query pairs heads, so heads must be even, got {config.heads}",
-                            hint="use an even number of heads or share_query: false")
-        check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
-        if config.value_dim % config.cores:
-            raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
-                            "equal chunks, one per core", hint="choose cores dividing value_dim")
-    elif isinstance(config, UltraMemV2Spec):
-        check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
-        if config.value_dim % config.cores:
-            raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
-                            "equal chunks, one per core", hint="choose cores dividing value_dim")
-        if config.share == "none" and config.share_layers != 1:
-            raise doc.error(items["share_layers"].path, "share_layers needs share: ring or block")
-    elif isinstance(config, ProductKeySpec):
-        check_at_most(doc, items, kind_path, "topk", config.topk, "num_keys", config.num_keys)
-        if config.key_dim % 2:
-            raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
+    config = check_sublayer(doc, config, items, kind_path, hidden)
     return SublayerSpec(name=name, kind=kind, config=config, norm=norm, parallel=parallel, deliver_after=deliver_after)
-
-
-def resolve_attention(
-    doc: Document, cfg: AttentionSpec, items: dict[str, Sourced], path: tuple[PathEntry, ...], hidden: int
-) -> AttentionSpec:
-    """Fill defaults that depend on other fields and check the cross-field facts."""
-    where = items.get("heads", Sourced(None, path)).path
-    head_dim = cfg.head_dim
-    if head_dim is None:
-        if hidden % cfg.heads:
-            raise doc.error(where, f"hidden_size {hidden} is not divisible by heads {cfg.heads}",
-                            hint="choose heads dividing hidden_size, or set head_dim explicitly")
-        head_dim = hidden // cfg.heads
-    kv_heads = cfg.kv_heads if cfg.kv_heads is not None else cfg.heads
-    if cfg.heads % kv_heads:
-        raise doc.error(items.get("kv_heads", Sourced(None, path)).path,
-                        f"kv_heads {kv_heads} must divide heads {cfg.heads} (each kv head serves a group of query heads)",
-                        hint=f"try kv_heads in {[d for d in range(1, cfg.heads + 1) if cfg.heads % d == 0]}")
-    if cfg.rotary and head_dim % 2:
-        raise doc.error(items.get("head_dim", Sourced(None, where)).path,
-                        f"rotary embeddings need an even head_dim, got {head_dim}",
-                        hint="use an even head_dim or set rotary: false")
-    return dataclasses.replace(cfg, head_dim=head_dim, kv_heads=kv_heads)
-
-
-def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntry, ...], name: str, value: int,
-                  limit_name: str, limit: int) -> None:
-    if value > limit:
-        raise doc.error(items.get(name, Sourced(None, path)).path, f"{name} {value} exceeds {limit_name} {limit}",
-                        hint=f"choose {name} <= {limit_name}")
 
 
 def read_overrides(doc: Document, item: Sourced, block: list[Sourced]) -> dict[str, dict[str, Sourced]]:

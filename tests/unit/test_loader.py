@@ -161,3 +161,36 @@ def test_hardware_errors(write_spec):
     with pytest.raises(SpecError) as info:
         load_hardware_spec(path)
     assert (info.value.line, info.value.column) == (3, 21) and "at least 1" in info.value.message
+
+
+SPARSE = GOOD.replace("      - ffn: {hidden: 32}", "      - ffn: {hidden: 32}\n      - {kind}")
+
+
+def sparse_error(write_spec, sublayer: str) -> SpecError:
+    return error_of(write_spec, SPARSE.replace("{kind}", sublayer))
+
+
+def test_sparse_sublayer_errors(write_spec):
+    err = sparse_error(write_spec, "moe: {experts: 4, topk: 5, hidden: 8}")
+    assert err.path[-1] == "topk" and "exceeds experts 4" in err.message
+    err = sparse_error(write_spec, "pkm: {num_keys: 4, topk: 2, key_dim: 7}")
+    assert err.path[-1] == "key_dim" and "even" in err.message
+    err = sparse_error(write_spec, "ultramem: {num_keys: 4, topk: 2, key_dim: 8, value_dim: 8, expansion: 2}")
+    assert err.path[-1] == "expansion" and "perfect square" in err.message
+    err = sparse_error(write_spec, "ultramem_v2: {num_keys: 4, topk: 2, key_dim: 8, value_dim: 9}")
+    assert err.path[-1] == "value_dim" and "2 equal chunks" in err.message
+    err = sparse_error(write_spec, "ultramem_v2: {num_keys: 2, topk: 3, key_dim: 8, value_dim: 8}")
+    assert err.path[-1] == "topk" and "exceeds keys addressed per half 2" in err.message
+    err = sparse_error(write_spec, "ultramem_v2: {num_keys: 4, topk: 2, key_dim: 8, value_dim: 8, share: rnig}")
+    assert err.path[-1] == "share" and "'ring'" in err.hint
+
+
+def test_structure_errors(write_spec):
+    err = error_of(write_spec, GOOD.replace("- attention: {heads: 4}", "- attention: {heads: 4, parallel: true}"))
+    assert "first sublayer of a block cannot be parallel" in err.message
+    err = error_of(write_spec, GOOD.replace("ffn: {hidden: 32}", "ffn: {hidden: 32, deliver_after: 2}"))
+    assert "past the last layer (1)" in err.message
+    shared = SPARSE.replace("{kind}", "pkm: {num_keys: 4, topk: 2, key_dim: 8, shared_values: true}")
+    shared = shared.replace("{block: dense, repeat: 2}", "{block: dense}\n    - {block: dense, override: {pkm.num_keys: 5}}")
+    err = error_of(write_spec, shared)
+    assert "sharing the 'pkm_shared' value table disagree" in err.message

@@ -1,0 +1,74 @@
+"""Cross-field checks of each sublayer kind, after its fields have been read and typed.
+
+Each check points at the field to change: hidden divisible by heads, kv heads dividing heads,
+even rotary width, top-k within what can be addressed, value width split over Tucker cores, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from .errors import PathEntry
+from .fields import Sourced
+from .schema import AttentionSpec, MoESpec, ProductKeySpec, SublayerConfig, UltraMemSpec, UltraMemV2Spec
+from .yaml_source import Document
+
+
+def check_sublayer(
+    doc: Document, config: SublayerConfig, items: dict[str, Sourced], kind_path: tuple[PathEntry, ...], hidden: int
+) -> SublayerConfig:
+    """Fill defaults that depend on other fields and check the cross-field facts; returns the config."""
+    if isinstance(config, AttentionSpec):
+        config = resolve_attention(doc, config, items, kind_path, hidden)
+    elif isinstance(config, MoESpec):
+        check_at_most(doc, items, kind_path, "topk", config.topk, "experts", config.experts)
+    elif isinstance(config, (UltraMemSpec, UltraMemV2Spec)):
+        if isinstance(config, UltraMemSpec) and math.isqrt(config.expansion) ** 2 != config.expansion:
+            raise doc.error(items["expansion"].path, f"expansion must be a perfect square (1, 4, 9, ...), "
+                            f"got {config.expansion}", hint="the key grid grows by sqrt(E) per half")
+        if isinstance(config, UltraMemSpec) and config.share_query and config.heads % 2:
+            raise doc.error(items.get("heads", Sourced(None, kind_path)).path,
+                            f"share_query pairs heads, so heads must be even, got {config.heads}",
+                            hint="use an even number of heads or share_query: false")
+        if isinstance(config, UltraMemV2Spec) and config.share == "none" and config.share_layers != 1:
+            raise doc.error(items["share_layers"].path, "share_layers needs share: ring or block")
+        check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
+        if config.value_dim % config.cores:
+            raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
+                            "equal chunks, one per core", hint="choose cores dividing value_dim")
+    elif isinstance(config, ProductKeySpec):
+        check_at_most(doc, items, kind_path, "topk", config.topk, "num_keys", config.num_keys)
+        if config.key_dim % 2:
+            raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
+    return config
+
+
+def resolve_attention(
+    doc: Document, cfg: AttentionSpec, items: dict[str, Sourced], path: tuple[PathEntry, ...], hidden: int
+) -> AttentionSpec:
+    """Fill defaults that depend on other fields and check the cross-field facts."""
+    where = items.get("heads", Sourced(None, path)).path
+    head_dim = cfg.head_dim
+    if head_dim is None:
+        if hidden % cfg.heads:
+            raise doc.error(where, f"hidden_size {hidden} is not divisible by heads {cfg.heads}",
+                            hint="choose heads dividing hidden_size, or set head_dim explicitly")
+        head_dim = hidden // cfg.heads
+    kv_heads = cfg.kv_heads if cfg.kv_heads is not None else cfg.heads
+    if cfg.heads % kv_heads:
+        raise doc.error(items.get("kv_heads", Sourced(None, path)).path,
+                        f"kv_heads {kv_heads} must divide heads {cfg.heads} (each kv head serves a group of query heads)",
+                        hint=f"try kv_heads in {[d for d in range(1, cfg.heads + 1) if cfg.heads % d == 0]}")
+    if cfg.rotary and head_dim % 2:
+        raise doc.error(items.get("head_dim", Sourced(None, where)).path,
+                        f"rotary embeddings need an even head_dim, got {head_dim}",
+                        hint="use an even head_dim or set rotary: false")
+    return dataclasses.replace(cfg, head_dim=head_dim, kv_heads=kv_heads)
+
+
+def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntry, ...], name: str, value: int,
+                  limit_name: str, limit: int) -> None:
+    if value > limit:
+        raise doc.error(items.get(name, Sourced(None, path)).path, f"{name} {value} exceeds {limit_name} {limit}",
+                        hint=f"choose {name} <= {limit_name}")
