@@ -20,8 +20,9 @@ from .components.ffn import FFN
 from .components.moe import MoE
 from .components.product_keys import PEER, PKM
 from .components.ultramem import MemoryTable, UltraMem, UltraMemV2
+from .components.ultramem_init import paper_init
 from .memory_tables import table_shapes, table_slots
-from .schema import LayerSpec, ModelSpec, SublayerSpec
+from .schema import FFNSpec, LayerSpec, ModelSpec, SublayerSpec
 
 MODULES: dict[str, type[ResidualSublayer]] = {"attention": Attention, "ffn": FFN, "moe": MoE, "pkm": PKM, "peer": PEER,
                                               "ultramem": UltraMem, "ultramem_v2": UltraMemV2}
@@ -70,7 +71,15 @@ class DecoderModel(nn.Module):
         slots = table_slots(spec)
         self.memory_tables = nn.ModuleDict({name: MemoryTable(*shape) for name, shape in table_shapes(slots).items()})
         for slot in slots:
-            self.layers[slot.layer][slot.sublayer].attach(self.memory_tables[slot.table], slot)
+            layer = self.layers[slot.layer]
+            sub = layer[slot.sublayer]
+            if isinstance(sub, UltraMemV2) and sub.spec.init == "paper":
+                ffn = next((s.config for s in spec.layers[slot.layer].sublayers if isinstance(s.config, FFNSpec)), None)
+                if ffn is None:
+                    raise ValueError(f"layer {slot.layer}: the paper's UltraMemV2 init needs an ffn in the same block")
+                sub.attach(self.memory_tables[slot.table], slot, paper_init(sub.spec, d, ffn.hidden, spec.num_layers))
+            else:
+                sub.attach(self.memory_tables[slot.table], slot)
         self.final_norm = Norm(spec.final_norm, d)
         if not spec.tie_embeddings:
             self.lm_head = nn.Module()

@@ -113,6 +113,8 @@ class UltraMemV2Spec:
     query_per_rank: bool = field(default=False, metadata=doc("a separate query for each Tucker rank"))
     share: Literal["none", "ring", "block"] = field(default="none", metadata=doc("value-table sharing scheme"))
     share_layers: int = field(default=1, metadata=doc("layers' shares one layer addresses (g)", minimum=1))
+    init: Literal["code", "paper"] = field(default="code", metadata=doc(
+        "code: the official scripts' init; paper: Appendix A (needs pre-values and an ffn in the block)"))
 
     @property
     def effective_keys(self) -> int:

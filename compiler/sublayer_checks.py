@@ -31,6 +31,9 @@ def check_sublayer(
             raise doc.error(items.get("heads", Sourced(None, kind_path)).path,
                             f"share_query pairs heads, so heads must be even, got {config.heads}",
                             hint="use an even number of heads or share_query: false")
+        if isinstance(config, UltraMemV2Spec) and config.init == "paper" and not config.pre_value_dim:
+            raise doc.error(items["init"].path, "the paper's initialisation sizes values through D_p: it needs "
+                            "pre_value_dim > 0", hint="set pre_value_dim, or init: code")
         if isinstance(config, UltraMemV2Spec) and config.share == "none" and config.share_layers != 1:
             raise doc.error(items["share_layers"].path, "share_layers needs share: ring or block")
         check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)

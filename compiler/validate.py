@@ -184,6 +184,10 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
         raise doc.error(model["layers"].path, "the model has no layers")
     for layer in layers:
         for sub in layer.sublayers:
+            if getattr(sub.config, "init", "code") == "paper" and not any(s.kind == "ffn" for s in layer.sublayers):
+                raise doc.error(model["layers"].path, f"layer {layer.index}'s {sub.name} uses the paper's init, "
+                                "which sizes values against the FFN of its block, but the block has no ffn",
+                                hint="add an ffn to the block, or use init: code")
             if layer.index + sub.deliver_after >= len(layers):
                 raise doc.error(model["layers"].path, f"layer {layer.index}'s {sub.name} delivers its output "
                                 f"{sub.deliver_after} layers later, past the last layer ({len(layers) - 1})",

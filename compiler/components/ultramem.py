@@ -26,6 +26,7 @@ from .. import ops
 from ..memory_tables import TableSlot
 from ..schema import NormSpec, UltraMemSpec, UltraMemV2Spec
 from .base import InitRule, ResidualSublayer, named
+from .ultramem_init import PaperInit
 
 
 class MemoryTable(nn.Module):
@@ -39,8 +40,10 @@ class MemoryTable(nn.Module):
         if pre_value_dim:
             self.pre_values = nn.Parameter(torch.empty(rows, pre_value_dim))
 
+    value_std: float | None = None  # set by a reader that initialises values by the paper's rule
+
     def init_rules(self, std: float) -> dict[str, InitRule]:
-        return {name: InitRule("normal", std) for name, _ in self.named_parameters()}
+        return {name: InitRule("normal", self.value_std or std) for name, _ in self.named_parameters()}
 
 
 class TuckerRetrieval(ResidualSublayer):
@@ -144,14 +147,24 @@ class UltraMemV2(TuckerRetrieval):
         self.offset = 0
         self.table_rows = 0
 
-    def attach(self, table: MemoryTable, slot: TableSlot) -> None:
+    def attach(self, table: MemoryTable, slot: TableSlot, paper: PaperInit | None = None) -> None:
         self._table = [table]
         self.offset = slot.offset
         self.table_rows = slot.rows
+        self.paper = paper
+        if paper is not None:
+            table.value_std = paper.value_std
 
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
-        """The official code's choices (research §4.5, §5.1): LN gains D_k^-0.4, cores U(0, 1),
-        linears N(0, init_std), the output projection scaled like every residual output."""
+        """``init: code``, the official code's choices (research §4.5, §5.1): LN gains D_k^-0.4,
+        cores U(0, 1), linears N(0, init_std), the output projection scaled like every residual
+        output. ``init: paper``: ultramem_init.py (linears sqrt(2/5h), gains for mean score 1)."""
+        paper = getattr(self, "paper", None)
+        if paper is not None:
+            rules = self.retrieval_init_rules(paper.linear_std, paper.linear_std, paper.norm_gain)
+            rules["w_out"] = InitRule("normal", paper.linear_std)
+            rules["w_pre"] = InitRule("normal", paper.linear_std)
+            return rules
         rules = self.retrieval_init_rules(std, std, self.spec.key_dim ** -0.4)
         rules["w_out"] = InitRule("normal", out_std)
         if self.spec.pre_value_dim:

@@ -168,3 +168,60 @@ def test_parallel_and_delivered_sublayers(write_spec):
         expected = x1 + now1 + delayed0  # layer 0's "later" arrives after layer 1
         got = model.layers[1](model.layers[0](x, pending := {}), pending)
         torch.testing.assert_close(got + pending.pop(1)[0], expected)
+
+
+def paper_config(**changes):
+    import dataclasses
+
+    spec = load_model_spec(MODELS / "ultramem-v2-tiny.yaml")
+    return dataclasses.replace(spec.layers[0].sublayers[2].config, init="paper", **changes)
+
+
+def test_paper_gain_makes_the_mean_selected_score_one():
+    """Independent simulations (other seeds) at the chosen gain average to 1 within 10%."""
+    from ultraplan.compiler.components.ultramem_init import paper_init, simulate_scores
+
+    config = paper_config()
+    init = paper_init(config, hidden=32, ffn_inner=64, num_layers=4)
+    means = [simulate_scores(config, gain=init.norm_gain, seed=seed)[0] for seed in (1, 2, 3)]
+    assert abs(sum(means) / 3 - 1) < 0.1, means
+
+
+def test_paper_value_std_solves_eq_22_equal_to_the_ffn_variance():
+    """sigma_V is the fourth root: eq. 22 with it equals the FFN's 0.064 k_inner / (2 L) exactly
+    (with the printed eq. 26 taken as sigma_V^2 it would not)."""
+    from ultraplan.compiler.components.ultramem_init import paper_init
+
+    config = paper_config()
+    hidden, inner, layers = 32, 64, 4
+    init = paper_init(config, hidden=hidden, ffn_inner=inner, num_layers=layers)
+    sigma_mem2 = (0.16 * (1 + init.score_variance) * init.value_std**4 * config.pre_value_dim * config.topk
+                  * config.heads * config.value_dim / hidden)
+    target = 0.064 * (inner / hidden) / (2 * layers)
+    assert abs(sigma_mem2 / target - 1) < 1e-12
+    printed = init.value_std**4  # what eq. 26 prints as sigma_V^2
+    assert abs(0.16 * (1 + init.score_variance) * printed**2 * config.pre_value_dim * config.topk
+               * config.heads * config.value_dim / hidden / target - 1) > 0.5
+
+
+def test_paper_init_is_applied(write_spec):
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring,", "init: paper, share: ring,")
+    model = build_model(load_model_spec(write_spec(text)), seed=0).requires_grad_(False)
+    mem = model.layers[0]["ultramem_v2"]
+    table = model.memory_tables.ring
+    assert abs(float(table.values.std()) / mem.paper.value_std - 1) < 0.05
+    assert abs(float(table.pre_values.std()) / mem.paper.value_std - 1) < 0.1
+    assert torch.all(mem.query_norm_weight == mem.paper.norm_gain) and torch.all(mem.key_norm_weight == mem.paper.norm_gain)
+    assert abs(float(mem.w_query.std()) / (2 / (5 * 32)) ** 0.5 - 1) < 0.05
+
+
+def test_paper_init_needs_pre_values(write_spec):
+    from ultraplan.compiler.errors import SpecError
+
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("pre_value_dim: 8,", "init: paper,")
+    try:
+        load_model_spec(write_spec(text))
+    except SpecError as err:
+        assert err.path[-1] == "init" and "pre_value_dim > 0" in err.message
+    else:
+        raise AssertionError("expected a SpecError")
