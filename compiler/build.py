@@ -77,7 +77,7 @@ class DecoderModel(nn.Module):
                 ffn = next((s.config for s in spec.layers[slot.layer].sublayers if isinstance(s.config, FFNSpec)), None)
                 if ffn is None:
                     raise ValueError(f"layer {slot.layer}: the paper's UltraMemV2 init needs an ffn in the same block")
-                sub.attach(self.memory_tables[slot.table], slot, paper_init(sub.spec, d, ffn.hidden, spec.num_layers))
+                sub.attach(self.memory_tables[slot.table], slot, paper_init(sub.spec, d, ffn.width, spec.num_layers))
             else:
                 sub.attach(self.memory_tables[slot.table], slot)
         self.final_norm = Norm(spec.final_norm, d)

@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Literal, NamedTuple, get_args, get_origin
 
-from .errors import PathEntry, nearest
+from .errors import PathEntry, SpecError, nearest
 from .yaml_source import Document
 
 
@@ -45,11 +45,19 @@ def coerce(doc: Document, item: Sourced, tp: Any) -> Any:
         guess = nearest(str(value), [str(c) for c in choices])
         raise doc.error(path, f"expected {type_name(tp)}, got {value!r}",
                         hint=f"did you mean {guess!r}?" if guess else None)
-    if origin is not None and type(None) in get_args(tp):
-        if value is None:
+    if origin in (typing.Union, types.UnionType):
+        alternatives = get_args(tp)
+        if value is None and type(None) in alternatives:
             return None
-        inner = [a for a in get_args(tp) if a is not type(None)]
-        return coerce(doc, item, inner[0])
+        inner = [a for a in alternatives if a is not type(None)]
+        if len(inner) == 1:
+            return coerce(doc, item, inner[0])
+        for alternative in inner:  # e.g. int | Literal["auto"]: the first that accepts the value
+            try:
+                return coerce(doc, item, alternative)
+            except SpecError:
+                continue
+        raise doc.error(path, f"expected {type_name(tp)}, got {value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -83,7 +91,7 @@ def coerce(doc: Document, item: Sourced, tp: Any) -> Any:
 
 def check_bounds(doc: Document, item: Sourced, value: Any, meta: dict) -> None:
     low = meta.get("min")
-    if low is None or value is None:
+    if low is None or not isinstance(value, (int, float)):  # None, or a word such as 'auto'
         return
     if meta.get("exclusive") and not value > low:
         raise doc.error(item.path, f"must be greater than {low:g}, got {value!r}")

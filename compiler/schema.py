@@ -40,10 +40,29 @@ class AttentionSpec:
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """A position-wise feed-forward network."""
+    """A position-wise feed-forward network.
 
-    hidden: int = field(metadata=doc("inner width", minimum=1))
+    ``hidden: auto`` leaves the width to ``passes/size_ffn.py``: the memory sublayer of the same
+    block that sets ``memory_to_ffn`` fixes the FFN's compute, and the width follows from it.
+    """
+
+    hidden: int | Literal["auto"] = field(metadata=doc(
+        "inner width, or auto: sized from the block's memory sublayer's memory_to_ffn", minimum=1))
     activation: Activation = field(default="swiglu", metadata=doc("swiglu (gated, three matrices) or gelu (two)"))
+    multiple_of: int = field(default=1, metadata=doc("an auto width is rounded to a multiple of this", minimum=1))
+
+    @property
+    def width(self) -> int:
+        """The inner width; only a sized spec (``passes.pipeline.prepare_spec``) has one."""
+        if self.hidden == "auto":
+            raise ValueError("ffn hidden: auto has not been sized: load the spec with ultraplan.load (or run "
+                             "ultraplan.passes.pipeline.prepare_spec) before building it")
+        return self.hidden
+
+
+MEMORY_TO_FFN_DOC = doc("memory-to-FFN compute ratio: memory FLOPs / FFN FLOPs per token of this block; sizes "
+                        "the block's ffn, which must say hidden: auto (UltraMemV2's rebalancing)",
+                        minimum=0, exclusive=True)
 
 
 @dataclass(frozen=True)
@@ -70,6 +89,7 @@ class ProductKeySpec:
     key_dim: int = field(metadata=doc("query/key width D_k per head, split into two halves", minimum=2))
     heads: int = field(default=1, metadata=doc("retrieval heads; their outputs are summed", minimum=1))
     query_norm: bool = field(default=False, metadata=doc("LayerNorm each half-query (width key_dim/2) before scoring"))
+    memory_to_ffn: float | None = field(default=None, metadata=MEMORY_TO_FFN_DOC)
 
 
 @dataclass(frozen=True)
@@ -115,6 +135,7 @@ class UltraMemV2Spec:
     share_layers: int = field(default=1, metadata=doc("layers' shares one layer addresses (g)", minimum=1))
     init: Literal["code", "paper"] = field(default="code", metadata=doc(
         "code: the official scripts' init; paper: Appendix A (needs pre-values and an ffn in the block)"))
+    memory_to_ffn: float | None = field(default=None, metadata=MEMORY_TO_FFN_DOC)
 
     @property
     def effective_keys(self) -> int:
@@ -141,6 +162,7 @@ class UltraMemSpec:
     cores: int = field(default=2, metadata=doc("Tucker cores c; divides value_dim", minimum=1))
     expansion: int = field(default=4, metadata=doc("IVE factor E, a perfect square: sqrt(E) n keys per half",
                                                    minimum=1))
+    memory_to_ffn: float | None = field(default=None, metadata=MEMORY_TO_FFN_DOC)
 
     @property
     def effective_keys(self) -> int:

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 from .errors import PathEntry
 from .fields import Sourced
-from .schema import AttentionSpec, MoESpec, ProductKeySpec, SublayerConfig, UltraMemSpec, UltraMemV2Spec
+from .schema import (
+    AttentionSpec,
+    FFNSpec,
+    MoESpec,
+    ProductKeySpec,
+    SublayerConfig,
+    SublayerSpec,
+    UltraMemSpec,
+    UltraMemV2Spec,
+)
 from .yaml_source import Document
 
 
@@ -75,3 +85,38 @@ def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntr
     if value > limit:
         raise doc.error(items.get(name, Sourced(None, path)).path, f"{name} {value} exceeds {limit_name} {limit}",
                         hint=f"choose {name} <= {limit_name}")
+
+
+def check_ffn_sizing(
+    doc: Document, block: str, sublayers: tuple[SublayerSpec, ...], where: Callable[[int, str], tuple[PathEntry, ...]]
+) -> None:
+    """``ffn: {hidden: auto}`` and a memory sublayer's ``memory_to_ffn`` come as a pair in one block:
+    the ratio fixes the FFN's width (passes/size_ffn.py). ``where(i, field)`` is the path to blame."""
+    autos = [i for i, s in enumerate(sublayers) if isinstance(s.config, FFNSpec) and s.config.hidden == "auto"]
+    ffns = [i for i, s in enumerate(sublayers) if isinstance(s.config, FFNSpec)]
+    ratios = [i for i, s in enumerate(sublayers) if getattr(s.config, "memory_to_ffn", None) is not None]
+    for i in ffns:
+        cfg = sublayers[i].config
+        if cfg.hidden != "auto" and cfg.multiple_of != 1:
+            raise doc.error(where(i, "multiple_of"), f"multiple_of rounds an auto width, but {sublayers[i].name}'s "
+                            f"hidden is fixed at {cfg.hidden}", hint="drop multiple_of, or write hidden: auto")
+    if len(ratios) > 1:
+        raise doc.error(where(ratios[1], "memory_to_ffn"), f"block '{block}': {sublayers[ratios[0]].name} already "
+                        "sets memory_to_ffn; one memory sublayer sizes the block's ffn",
+                        hint="keep memory_to_ffn on one memory sublayer of the block")
+    if len(autos) > 1:
+        raise doc.error(where(autos[1], "hidden"), f"block '{block}' has two ffns with hidden: auto; one memory "
+                        "ratio can size only one of them", hint="give all but one ffn a fixed hidden width")
+    if ratios and not autos:
+        i = ratios[0]
+        fixed = f"its ffn has a fixed width ({sublayers[ffns[0]].config.hidden})" if ffns else "it has no ffn"
+        blame = where(i, "memory_to_ffn")
+        if ffns and where(ffns[0], "hidden")[:2] != blame[:2]:  # the width came from a layer group's override
+            blame = where(ffns[0], "hidden")
+        raise doc.error(blame, f"{sublayers[i].name}'s memory_to_ffn sizes the ffn of block "
+                        f"'{block}', but {fixed}",
+                        hint="write the ffn as 'ffn: {hidden: auto}', or drop memory_to_ffn")
+    if autos and not ratios:
+        raise doc.error(where(autos[0], "hidden"), f"hidden: auto needs a memory sublayer in block '{block}' "
+                        "(pkm, peer, ultramem or ultramem_v2) that sets memory_to_ffn",
+                        hint="add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")

@@ -29,7 +29,7 @@ from .schema import (
     SublayerSpec,
     TrainSpec,
 )
-from .sublayer_checks import check_sublayer
+from .sublayer_checks import check_ffn_sizing, check_sublayer
 from .yaml_source import Document, load_document
 
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -179,6 +179,12 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
                         raise doc.error(s.path, f"two sublayers named '{sub.name}' in block '{ref.value}'",
                                         hint="give one of them 'name: ...'")
                     seen.add(sub.name)
+
+                def where(i: int, name: str, subs=subs, sublayers=sublayers, overrides=overrides) -> tuple:
+                    given = overrides.get(sublayers[i].name, {}).get(name)
+                    return given.path if given else (*subs[i].path, sublayers[i].kind, name)
+
+                check_ffn_sizing(doc, ref.value, sublayers, where)
                 layers.append(LayerSpec(index=len(layers), block=ref.value, sublayers=sublayers))
     if not layers:
         raise doc.error(model["layers"].path, "the model has no layers")

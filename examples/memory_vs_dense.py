@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from ultraplan.compiler.build import build_model, optimizer_groups, refresh_state, value_lr_factor
-from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.stats import spec_stats
+
+import ultraplan
 
 HERE = Path(__file__).resolve().parent
 SPECS = {"dense": HERE / "specs" / "recall-dense.yaml", "UltraMemV2": HERE / "specs" / "recall-ultramem-v2.yaml"}
@@ -41,7 +42,7 @@ def recall_batch(generator: torch.Generator, batch: int, seq_len: int, dictionar
 
 
 def train(spec_path: Path, steps: int, seed: int = 0) -> list[float]:
-    spec = load_model_spec(spec_path)
+    spec = ultraplan.load(spec_path)
     model = build_model(spec, seed=seed)
     t = spec.train
     groups = optimizer_groups(model)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     args = parser.parse_args(argv)
     curves, labels = {}, {}
     for name, path in SPECS.items():
-        stats = spec_stats(load_model_spec(path))
+        stats = spec_stats(ultraplan.load(path))
         labels[name] = f"{name}: {stats.params:,} params, {stats.active_params:,} active"
         curves[name] = train(path, args.steps)
         print(f"{labels[name]}: loss {curves[name][0]:.3f} -> {curves[name][-1]:.3f}", flush=True)

@@ -1,6 +1,9 @@
 """The pass pipeline: one ordered list, and the functions that run it.
 
 Order and why:
+0. ``size_ffn``      (on the spec, before lowering) gives ``ffn: {hidden: auto}`` the width its
+                     block's memory_to_ffn ratio asks for: a width is a shape, and everything
+                     below reads shapes. Idempotent: a sized spec passes through unchanged.
 1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
                      placement below is computed from those shapes.
 2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
@@ -23,8 +26,15 @@ from .choose_sbp import PlanError, choose_sbp
 from .context import Mesh, PassReport, PlanContext
 from .plan import Plan
 from .shape_prop import shape_prop
+from .size_ffn import size_ffn
+
+SpecPass = Callable[[ModelSpec], tuple[ModelSpec, PassReport]]
 
 Pass = Callable[[fx.GraphModule, PlanContext], PassReport]
+
+SPEC_PASSES: list[tuple[str, SpecPass]] = [
+    ("size_ffn", size_ffn),
+]
 
 PIPELINE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
@@ -51,8 +61,18 @@ def run_pipeline(gm: fx.GraphModule, ctx: PlanContext, *, stop_after: str | None
     return reports
 
 
+def prepare_spec(spec: ModelSpec) -> tuple[ModelSpec, list[PassReport]]:
+    """Run the spec passes: the spec every later stage (and the eager reference) builds."""
+    reports = []
+    for _, run in SPEC_PASSES:
+        spec, report = run(spec)
+        reports.append(report)
+    return spec, reports
+
+
 def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
-    """The annotated graph of ``spec``, built on the meta device (no weights are allocated)."""
+    """The graph of ``spec`` (spec passes applied), built on the meta device (no weights allocated)."""
+    spec, _ = prepare_spec(spec)
     return lower(build_model(spec, device="meta"), mode=mode)
 
 
@@ -75,7 +95,8 @@ def make_plan(
     mode: str = "train", spec_text: str = "",
 ) -> tuple[Plan, fx.GraphModule, list[PassReport]]:
     """Run every pass; return the plan, the annotated graph and the pass reports."""
+    spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text)
     gm = lower_spec(spec, mode)
-    reports = run_pipeline(gm, ctx)
+    reports = spec_reports + run_pipeline(gm, ctx)
     return gm.meta["ultraplan.plan"], gm, reports

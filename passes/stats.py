@@ -34,6 +34,7 @@ from .cost import Touch
 from .pipeline import lower_spec
 
 EMBEDDING_PARAMS = ("embed.weight", "lm_head.weight")
+MEMORY_COMPONENTS = ("pkm", "peer", "ultramem", "ultramem_v2")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,17 @@ class ModelStats:
     seq_len: int
     by_component: dict[str, dict] = field(default_factory=dict)
 
+    @property
+    def memory_to_ffn(self) -> float | None:
+        """Memory-layer FLOPs / FFN FLOPs per token over the model (UltraMemV2's rebalancing knob;
+        its "memory compute proportion" is r / (1 + r) if read as the memory's share of the two)."""
+        zero = sympy.Integer(0)
+        memory = sum((c["flops_per_token"] for k, c in self.by_component.items() if k in MEMORY_COMPONENTS), zero)
+        ffn = self.by_component.get("ffn", {}).get("flops_per_token", zero)
+        if memory == 0 or ffn == 0:
+            return None
+        return float((memory / ffn).subs(T, self.seq_len))
+
     def as_dict(self, batch: int = 1, *, by_component: bool = False) -> dict:
         out = {"params": self.params, "active_params": self.active_params,
                "params_non_embedding": self.params_non_embedding,
@@ -55,7 +67,8 @@ class ModelStats:
                "flops_per_token_expr": str(self.flops_per_token), "seq_len": self.seq_len,
                "batch": batch,
                "memory_access_bytes_per_token": _number(self.memory_access_bytes_per_token.subs(B, batch)),
-               "memory_access_bytes_per_token_expr": str(self.memory_access_bytes_per_token)}
+               "memory_access_bytes_per_token_expr": str(self.memory_access_bytes_per_token),
+               "memory_to_ffn": self.memory_to_ffn}
         if by_component:
             out["by_component"] = {
                 name: {"params": c["params"], "active_params": c["active_params"],

@@ -10,8 +10,8 @@ from ultraplan.backends.graphviz import plan_to_dot, render_svg
 from ultraplan.backends.program import write_program
 from ultraplan.compiler.schema import HardwareSpec, ModelSpec
 from ultraplan.compiler.validate import load_hardware_spec, load_model_spec
-from ultraplan.passes.context import Mesh
-from ultraplan.passes.pipeline import make_plan
+from ultraplan.passes.context import Mesh, PassReport
+from ultraplan.passes.pipeline import make_plan, prepare_spec
 from ultraplan.passes.plan import Plan
 
 DEFAULT_HARDWARE = "cpu"
@@ -23,16 +23,27 @@ def bundled(kind: str, name: str) -> Path:
 
 
 def resolve_spec_path(text: str | Path, kind: str) -> Path:
-    """A file path as given, or the name of a bundled spec (``dense-tiny``, ``h200-8``)."""
+    """A file path as given, or the name of a bundled spec (``dense-tiny``, ``h200-8``, ``olmoe-1b-7b``
+    from specs/models/paper/)."""
     path = Path(text)
     if path.exists() or path.suffix in (".yaml", ".yml"):
         return path
     candidate = bundled(kind, str(text))
-    return candidate if candidate.exists() else path
+    if candidate.exists():
+        return candidate
+    nested = sorted(candidate.parent.glob(f"*/{candidate.name}"))  # e.g. models/paper/olmoe-1b-7b.yaml
+    return nested[0] if len(nested) == 1 else path
 
 
-def load(path: str | Path) -> ModelSpec:
-    return load_model_spec(resolve_spec_path(path, "models"))
+def load(path: str | Path, text: str | None = None) -> ModelSpec:
+    """The spec at ``path`` (a file or a bundled name), validated and sized: every
+    ``ffn: {hidden: auto}`` has its width (passes/size_ffn.py), so it builds as it is."""
+    return load_with_reports(path, text)[0]
+
+
+def load_with_reports(path: str | Path, text: str | None = None) -> tuple[ModelSpec, list[PassReport]]:
+    """``load``, with the reports of the spec passes (the widths ``size_ffn`` chose, and why)."""
+    return prepare_spec(load_model_spec(resolve_spec_path(path, "models"), text=text))
 
 
 def load_hardware(path: str | Path | None = None) -> HardwareSpec:

@@ -34,16 +34,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    spec = api.load(args.spec)
+    spec, reports = api.load_with_reports(args.spec)
     stats = spec_stats(spec).as_dict(args.batch, by_component=args.by == "component")
+    sized = [d for r in reports if r.name == "size_ffn" and r.costs for d in r.decisions]
     if args.json:
-        print(json.dumps(stats, indent=1))
+        print(json.dumps(stats | ({"ffn_sizing": sized} if sized else {}), indent=1))
         return 0
+    for line in sized:
+        print(f"sized {line}")
     print(f"{spec.name}: {stats['params']:,} parameters, {stats['active_params']:,} active per token "
           f"({stats['params_non_embedding']:,} and {stats['active_params_non_embedding']:,} without embeddings)")
     print(f"forward FLOPs per token: {stats['flops_per_token_expr']} = {stats['flops_per_token']:,} at T={spec.seq_len}")
     print(f"weight bytes read per token, decode batch B={args.batch}: {stats['memory_access_bytes_per_token']:,.0f}"
           f"  (= {stats['memory_access_bytes_per_token_expr']})")
+    if stats["memory_to_ffn"] is not None:
+        print(f"memory-to-FFN FLOPs: {stats['memory_to_ffn']:.4f} (memory share of the two: "
+              f"{stats['memory_to_ffn'] / (1 + stats['memory_to_ffn']):.1%})")
     for name, c in stats.get("by_component", {}).items():
         print(f"  {name:10s} {c['params']:>14,} params {c['active_params']:>14,} active "
               f"{c['flops_per_token']:>14,} FLOP/token {c['memory_access_bytes_per_token']:>16,.0f} B/token")
@@ -115,12 +121,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ultraplan.passes.explain import explain_graph
     from ultraplan.passes.pipeline import lower_spec, make_context, run_pipeline
 
-    spec = api.load(args.spec)
+    spec, spec_reports = api.load_with_reports(args.spec)
     ctx = make_context(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh), batch=args.batch, seq=args.seq,
                        mode=args.mode)
     gm = lower_spec(spec, args.mode)
     reports = run_pipeline(gm, ctx, stop_after=args.stage)
-    print(explain_graph(gm, reports))
+    print(explain_graph(gm, spec_reports + reports))
     return 0
 
 

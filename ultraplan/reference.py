@@ -12,6 +12,7 @@ import torch
 from ultraplan.compiler import ops, seeded
 from ultraplan.compiler.build import build_model, optimizer_groups, refresh_state, value_lr_factor
 from ultraplan.compiler.validate import load_model_spec
+from ultraplan.passes.pipeline import prepare_spec
 from ultraplan.passes.plan import Plan
 
 
@@ -22,7 +23,7 @@ def train_reference(
 
     The weights are initialised in float32 (as the program does) and then cast to ``dtype``.
     """
-    spec = load_model_spec(plan.spec_source, text=plan.spec_text)
+    spec, _ = prepare_spec(load_model_spec(plan.spec_source, text=plan.spec_text))
     model = build_model(spec, seed=seed).to(dtype)
     t = plan.training
     groups = optimizer_groups(model)

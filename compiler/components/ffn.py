@@ -16,9 +16,9 @@ class FFN(ResidualSublayer):
         super().__init__(norm, dim)
         self.spec = spec
         if spec.activation == "swiglu":
-            self.w_gate = nn.Parameter(torch.empty(spec.hidden, dim))
-        self.w_up = nn.Parameter(torch.empty(spec.hidden, dim))
-        self.w_down = nn.Parameter(torch.empty(dim, spec.hidden))
+            self.w_gate = nn.Parameter(torch.empty(spec.width, dim))
+        self.w_up = nn.Parameter(torch.empty(spec.width, dim))
+        self.w_down = nn.Parameter(torch.empty(dim, spec.width))
 
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
         rules = {"w_up": InitRule("normal", std), "w_down": InitRule("normal", out_std)}

@@ -9,10 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from ultraplan.compiler.build import build_model
 from ultraplan.compiler.lower import lower
 from ultraplan.compiler.shapes import B, T
-from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.stats import spec_stats
 
 from tests.conftest import MODELS, RUNNABLE_SPECS
+from ultraplan import load
 
 
 class _Recorder(fx.Interpreter):
@@ -32,7 +32,7 @@ class _Recorder(fx.Interpreter):
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)
 @pytest.mark.parametrize("batch,seq", [(1, 1), (2, 5), (3, 16)])
 def test_symbolic_shapes_equal_traced_shapes(name, batch, seq):
-    spec = load_model_spec(MODELS / f"{name}.yaml")
+    spec = load(MODELS / f"{name}.yaml")
     gm = lower(build_model(spec, seed=0))
     tokens = torch.randint(0, spec.vocab_size, (batch, seq + 1))
     rec = _Recorder(gm)
@@ -49,7 +49,7 @@ def test_symbolic_shapes_equal_traced_shapes(name, batch, seq):
 
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)
 def test_lowered_graph_computes_the_eager_loss(name):
-    spec = load_model_spec(MODELS / f"{name}.yaml")
+    spec = load(MODELS / f"{name}.yaml")
     model = build_model(spec, seed=1)
     gm = lower(model)
     tokens = torch.randint(0, spec.vocab_size, (2, spec.seq_len + 1))
@@ -59,7 +59,7 @@ def test_lowered_graph_computes_the_eager_loss(name):
 
 
 def test_every_op_is_its_own_node():
-    gm = lower(build_model(load_model_spec(MODELS / "dense-tiny.yaml"), device="meta"))
+    gm = lower(build_model(load(MODELS / "dense-tiny.yaml"), device="meta"))
     ops = [n.meta["ultraplan.op"] for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count("causal_attention") == 2 and ops.count("rope") == 4 and ops.count("linear") == 2 * 7 + 1
     names = [n.name for n in gm.graph.nodes]
@@ -68,7 +68,7 @@ def test_every_op_is_its_own_node():
 
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)
 def test_param_count_equals_eager(name):
-    spec = load_model_spec(MODELS / f"{name}.yaml")
+    spec = load(MODELS / f"{name}.yaml")
     model = build_model(spec, seed=0)
     stats = spec_stats(spec)
     assert stats.params == sum(p.numel() for p in model.parameters())
@@ -81,7 +81,7 @@ def test_param_count_equals_eager(name):
 @pytest.mark.parametrize("name", RUNNABLE_SPECS)
 @pytest.mark.parametrize("batch,seq", [(1, 7), (2, 16)])
 def test_flops_equal_flop_counter_mode(name, batch, seq):
-    spec = load_model_spec(MODELS / f"{name}.yaml")
+    spec = load(MODELS / f"{name}.yaml")
     model = build_model(spec, seed=0)
     tokens = torch.randint(0, spec.vocab_size, (batch, seq))
     with FlopCounterMode(display=False) as counter:
@@ -91,7 +91,7 @@ def test_flops_equal_flop_counter_mode(name, batch, seq):
 
 
 def test_tied_embedding_counted_once():
-    spec = load_model_spec(MODELS / "dense-gqa-tied.yaml")
+    spec = load(MODELS / "dense-gqa-tied.yaml")
     stats = spec_stats(spec)
     d, v = spec.hidden_size, spec.vocab_size
     per_layer = (64 * 64 + 16 * 64 * 2 + 64 * 64) + (2 * 128 * 64) + 4 * 64  # attn, ffn, 2 layer norms

@@ -307,3 +307,10 @@ def test_100m_spec(name):
     family = name.removesuffix("-100m").replace("-", "_")
     kinds = {sub.kind for layer in s.layers for sub in layer.sublayers}
     assert (family == "dense" and kinds == {"attention", "ffn"}) or family in kinds
+
+
+def test_paper_specs_resolve_by_name():
+    from ultraplan.api import resolve_spec_path
+
+    assert resolve_spec_path("olmoe-1b-7b", "models") == PAPER / "olmoe-1b-7b.yaml"
+    assert resolve_spec_path("paper/olmoe-1b-7b", "models") == PAPER / "olmoe-1b-7b.yaml"

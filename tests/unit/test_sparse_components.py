@@ -6,16 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from ultraplan.compiler.build import build_model
-from ultraplan.compiler.validate import load_model_spec
 
 from tests.conftest import MODELS
+from ultraplan import load
 
 torch.manual_seed(0)
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp32: only the order of the sums differs
 
 
 def sublayer(spec_name: str, kind: str):
-    spec = load_model_spec(MODELS / f"{spec_name}.yaml")
+    spec = load(MODELS / f"{spec_name}.yaml")
     model = build_model(spec, seed=3)
     for block in model.layers:
         if kind in block:
@@ -148,7 +148,6 @@ def test_balance_loss_trains_the_router_and_is_in_the_graph():
     _, aux = moe.body(torch.randn(2, 4, 32))
     aux.backward()
     assert moe.w_router.grad.abs().sum() > 0 and moe.w_up.grad is None  # only the router shapes the balance
-    from ultraplan.compiler.validate import load_model_spec as load
     from ultraplan.passes.pipeline import lower_spec
 
     gm = lower_spec(load(MODELS / "moe-tiny.yaml"))
@@ -158,7 +157,7 @@ def test_balance_loss_trains_the_router_and_is_in_the_graph():
 
 
 def test_memory_plus_layers_share_one_table_and_gate_their_output():
-    spec = load_model_spec(MODELS / "memory-plus-tiny.yaml")
+    spec = load(MODELS / "memory-plus-tiny.yaml")
     model = build_model(spec, seed=7)
     first, second = model.layers[1]["pkm"], model.layers[3]["pkm"]
     table = model.memory_tables["pkm_shared"].values

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from ultraplan.compiler import ops
 from ultraplan.compiler.build import build_model, refresh_state
-from ultraplan.compiler.validate import load_model_spec
 
 from tests.conftest import MODELS
+from ultraplan import load
 
 TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; the naive loops sum in another order
 
@@ -75,7 +75,7 @@ def naive_ultramem(mem, x: torch.Tensor) -> torch.Tensor:
 
 
 def test_ultramem_equals_naive_loops():
-    model = build_model(load_model_spec(MODELS / "ultramem-tiny.yaml"), seed=4)
+    model = build_model(load(MODELS / "ultramem-tiny.yaml"), seed=4)
     mem = model.layers[1]["ultramem"]
     assert mem.query_heads == 1 and mem.spec.effective_keys == 24 and mem.shuffle.numel() == 4 * 144
     h = torch.randn(2, 3, 32)
@@ -87,7 +87,7 @@ def test_ultramem_equals_naive_loops():
 
 
 def test_ultramem_v2_equals_naive_loops():
-    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), seed=5)
+    model = build_model(load(MODELS / "ultramem-v2-tiny.yaml"), seed=5)
     h = torch.randn(2, 3, 32)
     with torch.no_grad():
         for layer in (0, 3):  # the ring wraps around for the last layer
@@ -101,7 +101,7 @@ def test_ultramem_v2_equals_naive_loops():
 def test_query_per_rank_and_heads_equal_naive(write_spec):
     text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace(
         "share: ring, share_layers: 2,", "heads: 2, query_per_rank: true, share: block, share_layers: 2,")
-    model = build_model(load_model_spec(write_spec(text)), seed=6)
+    model = build_model(load(write_spec(text)), seed=6)
     mem = model.layers[1]["ultramem_v2"]
     h = torch.randn(1, 2, 32)
     with torch.no_grad():
@@ -111,7 +111,7 @@ def test_query_per_rank_and_heads_equal_naive(write_spec):
 
 
 def test_ring_and_block_tables():
-    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), device="meta")
+    model = build_model(load(MODELS / "ultramem-v2-tiny.yaml"), device="meta")
     assert list(model.memory_tables) == ["ring"] and tuple(model.memory_tables.ring.values.shape) == (4 * 64, 24)
     offsets = [model.layers[i]["ultramem_v2"].offset for i in range(4)]
     assert offsets == [0, 64, 128, 192] and model.layers[0]["ultramem_v2"].spec.effective_keys == 11
@@ -128,7 +128,7 @@ def test_rank_one_vectors_are_the_leading_singular_pair():
 
 
 def test_refresh_state_follows_the_cores():
-    model = build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), seed=0)
+    model = build_model(load(MODELS / "ultramem-v2-tiny.yaml"), seed=0)
     mem = model.layers[0]["ultramem_v2"]
     with torch.no_grad():
         mem.cores.mul_(torch.rand_like(mem.cores))
@@ -155,7 +155,7 @@ STRUCTURE = textwrap.dedent("""\
 
 
 def test_parallel_and_delivered_sublayers(write_spec):
-    model = build_model(load_model_spec(write_spec(STRUCTURE)), seed=2)
+    model = build_model(load(write_spec(STRUCTURE)), seed=2)
     x = torch.randn(1, 4, 8)
     with torch.no_grad():
         def run(layer, x):
@@ -173,7 +173,7 @@ def test_parallel_and_delivered_sublayers(write_spec):
 def paper_config(**changes):
     import dataclasses
 
-    spec = load_model_spec(MODELS / "ultramem-v2-tiny.yaml")
+    spec = load(MODELS / "ultramem-v2-tiny.yaml")
     return dataclasses.replace(spec.layers[0].sublayers[2].config, init="paper", **changes)
 
 
@@ -206,7 +206,7 @@ def test_paper_value_std_solves_eq_22_equal_to_the_ffn_variance():
 
 def test_paper_init_is_applied(write_spec):
     text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring,", "init: paper, share: ring,")
-    model = build_model(load_model_spec(write_spec(text)), seed=0).requires_grad_(False)
+    model = build_model(load(write_spec(text)), seed=0).requires_grad_(False)
     mem = model.layers[0]["ultramem_v2"]
     table = model.memory_tables.ring
     assert abs(float(table.values.std()) / mem.paper.value_std - 1) < 0.05
@@ -220,7 +220,7 @@ def test_paper_init_needs_pre_values(write_spec):
 
     text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("pre_value_dim: 8,", "init: paper,")
     try:
-        load_model_spec(write_spec(text))
+        load(write_spec(text))
     except SpecError as err:
         assert err.path[-1] == "init" and "pre_value_dim > 0" in err.message
     else:

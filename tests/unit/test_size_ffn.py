@@ -1,0 +1,169 @@
+"""``memory_to_ffn`` with ``ffn: {hidden: auto}``: the loader's pairing rules, and the widths
+passes/size_ffn.py picks, checked against torch's FlopCounterMode on the eager sized model."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from ultraplan.compiler.build import build_model
+from ultraplan.compiler.errors import SpecError
+from ultraplan.compiler.schema import FFNSpec
+from ultraplan.compiler.validate import load_model_spec
+from ultraplan.passes.pipeline import prepare_spec
+from ultraplan.passes.stats import spec_stats
+
+from tests.conftest import MODELS
+from ultraplan import load
+
+SPEC = textwrap.dedent("""\
+    model:
+      name: sized
+      vocab_size: 40
+      hidden_size: 16
+      seq_len: 8
+      blocks:
+        dense:
+          - attention: {heads: 2}
+          - {ffn}
+          - {memory}
+        plain:
+          - attention: {heads: 2}
+          - ffn: {hidden: 24}
+      layers:
+        - {layers}
+    """)
+
+V2 = "ultramem_v2: {num_keys: 6, topk: 4, key_dim: 8, value_dim: 12, pre_value_dim: 4, parallel: true, " \
+     "memory_to_ffn: 0.3}"
+CASES = {
+    "ultramem_v2": ("ffn: {hidden: auto}", V2, "{block: dense, repeat: 2}"),
+    "ultramem_v2 ratio overridden per group": (
+        "ffn: {hidden: auto}", V2,
+        "{block: dense}\n    - {block: dense, override: {ultramem_v2.memory_to_ffn: 1.5}}"),
+    "pkm, gelu ffn, multiple_of 8": (
+        "ffn: {hidden: auto, activation: gelu, multiple_of: 8}",
+        "pkm: {num_keys: 8, topk: 4, key_dim: 8, heads: 2, memory_to_ffn: 0.25}", "{block: dense, repeat: 2}"),
+    "peer": ("ffn: {hidden: auto}", "peer: {num_keys: 8, topk: 4, key_dim: 8, heads: 2, memory_to_ffn: 1.0}",
+             "{block: dense, repeat: 2}"),
+    "ultramem skip-layer": (
+        "ffn: {hidden: auto, multiple_of: 4}",
+        "ultramem: {num_keys: 4, topk: 4, key_dim: 8, value_dim: 8, expansion: 4, parallel: true, deliver_after: 1, "
+        "memory_to_ffn: 0.1}",
+        "{pattern: [dense, plain], repeat: 2}"),
+}
+
+
+def spec_text(ffn: str, memory: str, layers: str) -> str:
+    return SPEC.replace("{ffn}", ffn).replace("{memory}", memory).replace("{layers}", layers)
+
+
+def flop_counts(spec, tokens: int = 2 * 8) -> dict[str, float]:
+    """FLOPs per token of each module, by torch's counter on the eager model."""
+    model = build_model(spec, seed=0)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randint(0, spec.vocab_size, (2, 8)))
+    return {name.removeprefix("DecoderModel."): sum(c.values()) / tokens
+            for name, c in counter.get_flop_counts().items()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_width_is_the_nearest_multiple_to_the_ratio(write_spec, case):
+    path = write_spec(spec_text(*CASES[case]))
+    raw, sized = load_model_spec(path), load(path)
+    counts = flop_counts(sized)
+    checked = 0
+    for before, after in zip(raw.layers, sized.layers):
+        for sub, done in zip(before.sublayers, after.sublayers):
+            if not (isinstance(sub.config, FFNSpec) and sub.config.hidden == "auto"):
+                assert done == sub  # nothing else changes
+                continue
+            memory = next(s for s in before.sublayers if getattr(s.config, "memory_to_ffn", None))
+            ratio, step, width = memory.config.memory_to_ffn, sub.config.multiple_of, done.config.hidden
+            mem_flops = counts[f"layers.{before.index}.{memory.name}"]
+            per_width = counts[f"layers.{before.index}.{sub.name}"] / width
+            ideal = mem_flops / (ratio * per_width)  # the real-valued width the ratio asks for
+            assert width % step == 0 and abs(ideal - width) <= step / 2 + 1e-9, (ideal, width)
+            assert ideal > 2 * step  # the cases are sized well away from the one-multiple floor
+            checked += 1
+    assert checked == sum(1 for layer in raw.layers for s in layer.sublayers
+                          if isinstance(s.config, FFNSpec) and s.config.hidden == "auto") >= 2
+
+
+def test_report_and_stats_agree_with_the_counter(write_spec):
+    path = write_spec(spec_text(*CASES["ultramem_v2 ratio overridden per group"]))
+    sized, reports = prepare_spec(load_model_spec(path))
+    counts = flop_counts(sized)
+    (report,) = reports
+    for i in (0, 1):
+        achieved = report.costs[f"layers.{i}.ffn.memory_to_ffn"]
+        assert float(achieved) == pytest.approx(counts[f"layers.{i}.ultramem_v2"] / counts[f"layers.{i}.ffn"],
+                                                rel=1e-12)
+    widths = [layer.sublayers[1].config.hidden for layer in sized.layers]
+    assert widths[0] > widths[1]  # 5x the ratio, about a fifth of the width
+    memory = sum(counts[f"layers.{i}.ultramem_v2"] for i in (0, 1))
+    ffn = sum(counts[f"layers.{i}.ffn"] for i in (0, 1))
+    assert spec_stats(sized).memory_to_ffn == pytest.approx(memory / ffn, rel=1e-12)
+    assert prepare_spec(sized)[0] == sized  # sizing a sized spec changes nothing
+
+
+def test_bundled_ultramem_v2_tiny_is_sized():
+    raw, sized = load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), load("ultramem-v2-tiny")
+    assert raw.layers[0].sublayers[1].config.hidden == "auto"
+    assert {layer.sublayers[1].config.hidden for layer in sized.layers} == {72}
+
+
+def test_an_unsized_spec_does_not_build():
+    with pytest.raises(ValueError, match=r"ultraplan\.load"):
+        build_model(load_model_spec(MODELS / "ultramem-v2-tiny.yaml"), device="meta")
+
+
+def error_of(write_spec, text: str) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        load_model_spec(write_spec(text))
+    return info.value
+
+
+def test_pairing_errors_name_the_field(write_spec):
+    two = "{block: dense, repeat: 2}"
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace(", memory_to_ffn: 0.3", ""), two))
+    assert err.path[-1] == "hidden" and "needs a memory sublayer" in err.message and "memory_to_ffn" in err.hint
+    err = error_of(write_spec, spec_text("ffn: {hidden: 32}", V2, two))
+    assert err.path[-1] == "memory_to_ffn" and "fixed width (32)" in err.message and "hidden: auto" in err.hint
+    assert (err.line, err.column) == (10, 121)  # the value of memory_to_ffn
+    err = error_of(write_spec, spec_text("attention: {heads: 2}", V2, two).replace(
+        "- attention: {heads: 2}\n      - attention", "- attention: {heads: 2, name: a}\n      - attention"))
+    assert "it has no ffn" in err.message
+    err = error_of(write_spec, spec_text("ffn: {hidden: 32, multiple_of: 8}", "ffn: {hidden: 8, name: f2}", two))
+    assert err.path[-1] == "multiple_of" and "fixed at 32" in err.message
+    err = error_of(write_spec, spec_text("ffn: {hidden: atuo}", V2, two))
+    assert err.path[-1] == "hidden" and "expected an integer or 'auto'" in err.message
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace("0.3", "0"), two))
+    assert err.path[-1] == "memory_to_ffn" and "greater than 0" in err.message
+    pkm = "pkm: {num_keys: 4, topk: 2, key_dim: 8, memory_to_ffn: 0.5}"
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, two).replace(V2, V2 + "\n      - " + pkm))
+    assert err.path[-1] == "memory_to_ffn" and "ultramem_v2 already sets" in err.message
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", "ffn: {hidden: auto, name: f2}", two))
+    assert err.path[-2:] == ("ffn", "hidden") and "two ffns with hidden: auto" in err.message
+
+
+def test_an_override_is_blamed_where_it_is_written(write_spec):
+    layers = "{block: dense}\n    - {block: dense, override: {ffn.hidden: 64}}"
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, layers))
+    assert "override" in err.path and (err.line, err.column) == (16, 45) and "fixed width (64)" in err.message
+
+
+def test_stats_cli_prints_the_sizing(capsys):
+    from ultraplan.cli import main
+
+    assert main(["stats", "ultramem-v2-tiny", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["ffn_sizing"]) == 4 and all("hidden auto -> 72" in line for line in out["ffn_sizing"])
+    counts = flop_counts(load("ultramem-v2-tiny"))
+    assert out["memory_to_ffn"] == pytest.approx(counts["layers.0.ultramem_v2"] / counts["layers.0.ffn"], rel=1e-12)
+    assert main(["stats", "ultramem-v2-tiny"]) == 0
+    text = capsys.readouterr().out
+    assert "sized layers.3.ffn: hidden auto -> 72" in text and "memory share of the two: 32.8%" in text
