@@ -225,3 +225,24 @@ def test_paper_init_needs_pre_values(write_spec):
         assert err.path[-1] == "init" and "pre_value_dim > 0" in err.message
     else:
         raise AssertionError("expected a SpecError")
+
+
+def test_gradients_reach_only_the_selected_rows():
+    """Through top-m, the shuffle and the gather, a value (and pre-value) row gets a gradient iff the
+    naive retrieval selected it for some token (rows mapped as the naive implementations map them)."""
+    h = torch.randn(2, 3, 32)
+    tokens = [h[b, t] for b in range(2) for t in range(3)]
+    v2 = build_model(load(MODELS / "ultramem-v2-tiny.yaml"), seed=7).layers[3]["ultramem_v2"]
+    v1 = build_model(load(MODELS / "ultramem-tiny.yaml"), seed=7).layers[1]["ultramem"]
+    v1_rows = v1.spec.num_keys**2
+    cases = ((v2, [v2._table[0].values, v2._table[0].pre_values],
+              lambda slot: (int(v2.shuffle[slot]) + v2.offset) % v2.table_rows),
+             (v1, [v1.values], lambda slot: int(v1.shuffle[slot]) % v1_rows))
+    for mem, tables, row_of in cases:
+        with torch.no_grad():
+            chosen = {row_of(slot) for x in tokens for head in naive_retrieval(mem, x) for slot, _ in head}
+        mem.body(h).square().sum().backward()
+        for table in tables:
+            touched = {int(i) for i in torch.nonzero(table.grad.abs().sum(dim=1)).flatten()}
+            assert touched == chosen, type(mem).__name__
+            assert 0 < len(chosen) < table.shape[0]
