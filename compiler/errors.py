@@ -55,3 +55,24 @@ class SpecError(Exception):
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text
+
+
+class Origin:
+    """Where a spec value was written, kept on the spec so that a later stage (a spec pass that finds
+    the value unworkable) can still blame the file, line, column and field, not raise a traceback."""
+
+    __slots__ = ("column", "file", "line", "path")
+
+    def __init__(self, file: str, path: Sequence[PathEntry], line: int, column: int) -> None:
+        self.file, self.path, self.line, self.column = file, tuple(path), line, column
+
+    def error(self, message: str, *, hint: str | None = None) -> SpecError:
+        return SpecError(message, file=self.file, line=self.line, column=self.column, path=self.path, hint=hint)
+
+    @property
+    def from_override(self) -> bool:
+        """Set by a layer group's ``override`` (model.layers[i].override...) rather than in its block."""
+        return self.path[:2] == ("model", "layers")
+
+    def __repr__(self) -> str:
+        return f"Origin({self.file}:{self.line}:{self.column} {format_path(self.path)})"

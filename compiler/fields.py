@@ -52,12 +52,13 @@ def coerce(doc: Document, item: Sourced, tp: Any) -> Any:
         inner = [a for a in alternatives if a is not type(None)]
         if len(inner) == 1:
             return coerce(doc, item, inner[0])
+        hints = []
         for alternative in inner:  # e.g. int | Literal["auto"]: the first that accepts the value
             try:
                 return coerce(doc, item, alternative)
-            except SpecError:
-                continue
-        raise doc.error(path, f"expected {type_name(tp)}, got {value!r}")
+            except SpecError as exc:
+                hints += [exc.hint] if exc.hint else []
+        raise doc.error(path, f"expected {type_name(tp)}, got {value!r}", hint=hints[0] if hints else None)
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import Origin
+
 NormKind = Literal["rms", "layer"]
 Activation = Literal["swiglu", "gelu"]
 
@@ -52,9 +54,13 @@ class FFNSpec:
     multiple_of: int = field(default=1, metadata=doc("an auto width is rounded to a multiple of this", minimum=1))
 
     @property
+    def auto(self) -> bool:
+        return self.hidden == "auto"
+
+    @property
     def width(self) -> int:
         """The inner width; only a sized spec (``passes.pipeline.prepare_spec``) has one."""
-        if self.hidden == "auto":
+        if self.auto:
             raise ValueError("ffn hidden: auto has not been sized: load the spec with ultraplan.load (or run "
                              "ultraplan.passes.pipeline.prepare_spec) before building it")
         return self.hidden
@@ -176,6 +182,7 @@ class UltraMemSpec:
 
 
 SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemSpec | UltraMemV2Spec
+MEMORY_KINDS = ("pkm", "peer", "ultramem", "ultramem_v2")  # the sublayers that may carry memory_to_ffn
 SUBLAYER_KINDS: dict[str, type] = {"attention": AttentionSpec, "ffn": FFNSpec, "moe": MoESpec, "pkm": PKMSpec,
                                    "peer": PEERSpec, "ultramem": UltraMemSpec, "ultramem_v2": UltraMemV2Spec}
 
@@ -196,6 +203,20 @@ class SublayerSpec:
     norm: NormSpec | None
     parallel: bool = False
     deliver_after: int = 0
+    origins: tuple[tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
+
+    def origin(self, name: str = "") -> Origin | None:
+        """Where field ``name`` was written (an override's line if one set it); ``""``: the sublayer."""
+        return dict(self.origins).get(name) or dict(self.origins).get("")
+
+    @property
+    def sizes_ffn(self) -> bool:
+        """This memory sublayer sets the compute ratio that sizes its block's ``hidden: auto`` FFN."""
+        return getattr(self.config, "memory_to_ffn", None) is not None
+
+    @property
+    def auto_ffn(self) -> bool:
+        return isinstance(self.config, FFNSpec) and self.config.auto
 
 
 @dataclass(frozen=True)
@@ -205,6 +226,13 @@ class LayerSpec:
     index: int
     block: str
     sublayers: tuple[SublayerSpec, ...]
+
+    def ffn_sizing(self) -> tuple[SublayerSpec, SublayerSpec] | None:
+        """(the ``hidden: auto`` FFN, the memory sublayer whose ratio sizes it), if this block has them
+        (validation guarantees they come as one pair)."""
+        ffn = next((s for s in self.sublayers if s.auto_ffn), None)
+        memory = next((s for s in self.sublayers if s.sizes_ffn), None)
+        return (ffn, memory) if ffn and memory else None
 
 
 @dataclass(frozen=True)

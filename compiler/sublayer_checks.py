@@ -1,18 +1,19 @@
 """Cross-field checks of each sublayer kind, after its fields have been read and typed.
 
 Each check points at the field to change: hidden divisible by heads, kv heads dividing heads,
-even rotary width, top-k within what can be addressed, value width split over Tucker cores, ...
+even rotary width, top-k within what can be addressed, value width split over Tucker cores, ...;
+and, per block, that an FFN of ``hidden: auto`` and a memory ratio ``memory_to_ffn`` come as a pair.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
-from .errors import PathEntry
+from .errors import Origin, PathEntry
 from .fields import Sourced
 from .schema import (
+    MEMORY_KINDS,
     AttentionSpec,
     FFNSpec,
     MoESpec,
@@ -87,36 +88,43 @@ def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntr
                         hint=f"choose {name} <= {limit_name}")
 
 
-def check_ffn_sizing(
-    doc: Document, block: str, sublayers: tuple[SublayerSpec, ...], where: Callable[[int, str], tuple[PathEntry, ...]]
-) -> None:
-    """``ffn: {hidden: auto}`` and a memory sublayer's ``memory_to_ffn`` come as a pair in one block:
-    the ratio fixes the FFN's width (passes/size_ffn.py). ``where(i, field)`` is the path to blame."""
-    autos = [i for i, s in enumerate(sublayers) if isinstance(s.config, FFNSpec) and s.config.hidden == "auto"]
-    ffns = [i for i, s in enumerate(sublayers) if isinstance(s.config, FFNSpec)]
-    ratios = [i for i, s in enumerate(sublayers) if getattr(s.config, "memory_to_ffn", None) is not None]
-    for i in ffns:
-        cfg = sublayers[i].config
-        if cfg.hidden != "auto" and cfg.multiple_of != 1:
-            raise doc.error(where(i, "multiple_of"), f"multiple_of rounds an auto width, but {sublayers[i].name}'s "
-                            f"hidden is fixed at {cfg.hidden}", hint="drop multiple_of, or write hidden: auto")
+def check_ffn_sizing(layer: int, block: str, sublayers: tuple[SublayerSpec, ...]) -> None:
+    """``ffn: {hidden: auto}`` and a memory sublayer's ``memory_to_ffn`` come as a pair, once per block:
+    the ratio fixes the FFN's width (passes/size_ffn.py). A conflict made by a layer group's override
+    is blamed at the override, since the block itself may be fine in its other groups."""
+    autos = [s for s in sublayers if s.auto_ffn]
+    ffns = [s for s in sublayers if isinstance(s.config, FFNSpec)]
+    ratios = [s for s in sublayers if s.sizes_ffn]
+    where = f"layer {layer} (block '{block}')"
+
+    def blame(*candidates: tuple[SublayerSpec, str]) -> Origin:
+        origins = [sub.origin(name) for sub, name in candidates]
+        return next((o for o in origins if o.from_override), origins[0])
+
+    for ffn in ffns:
+        if not ffn.config.auto and ffn.config.multiple_of != 1:
+            raise blame((ffn, "multiple_of"), (ffn, "hidden")).error(
+                f"{where}: multiple_of rounds an auto width, but {ffn.name}'s hidden is fixed at {ffn.config.hidden}",
+                hint="drop multiple_of, or write hidden: auto")
     if len(ratios) > 1:
-        raise doc.error(where(ratios[1], "memory_to_ffn"), f"block '{block}': {sublayers[ratios[0]].name} already "
-                        "sets memory_to_ffn; one memory sublayer sizes the block's ffn",
-                        hint="keep memory_to_ffn on one memory sublayer of the block")
+        raise blame((ratios[1], "memory_to_ffn")).error(
+            f"{where}: {ratios[0].name} already sets memory_to_ffn; one memory sublayer sizes the block's ffn",
+            hint="keep memory_to_ffn on one memory sublayer of the block")
     if len(autos) > 1:
-        raise doc.error(where(autos[1], "hidden"), f"block '{block}' has two ffns with hidden: auto; one memory "
-                        "ratio can size only one of them", hint="give all but one ffn a fixed hidden width")
+        raise blame((autos[1], "hidden")).error(
+            f"{where} has two ffns with hidden: auto; one memory ratio can size only one of them",
+            hint="give all but one ffn a fixed hidden width")
     if ratios and not autos:
-        i = ratios[0]
-        fixed = f"its ffn has a fixed width ({sublayers[ffns[0]].config.hidden})" if ffns else "it has no ffn"
-        blame = where(i, "memory_to_ffn")
-        if ffns and where(ffns[0], "hidden")[:2] != blame[:2]:  # the width came from a layer group's override
-            blame = where(ffns[0], "hidden")
-        raise doc.error(blame, f"{sublayers[i].name}'s memory_to_ffn sizes the ffn of block "
-                        f"'{block}', but {fixed}",
-                        hint="write the ffn as 'ffn: {hidden: auto}', or drop memory_to_ffn")
+        memory = ratios[0]
+        if ffns:
+            raise blame((memory, "memory_to_ffn"), (ffns[0], "hidden")).error(
+                f"{where}: {memory.name}'s memory_to_ffn sizes the block's ffn, but {ffns[0].name} has a fixed width "
+                f"({ffns[0].config.hidden})", hint="write the ffn as 'ffn: {hidden: auto}', or drop memory_to_ffn")
+        raise blame((memory, "memory_to_ffn")).error(
+            f"{where}: {memory.name}'s memory_to_ffn sizes the block's ffn, but the block has no ffn",
+            hint="add 'ffn: {hidden: auto}' to the block, or drop memory_to_ffn")
     if autos and not ratios:
-        raise doc.error(where(autos[0], "hidden"), f"hidden: auto needs a memory sublayer in block '{block}' "
-                        "(pkm, peer, ultramem or ultramem_v2) that sets memory_to_ffn",
-                        hint="add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")
+        memories = [s for s in sublayers if s.kind in MEMORY_KINDS]
+        raise blame((autos[0], "hidden"), *((m, "memory_to_ffn") for m in memories)).error(
+            f"{where}: hidden: auto needs a memory sublayer of the block ({', '.join(MEMORY_KINDS)}) that sets "
+            "memory_to_ffn", hint="add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .errors import nearest
+from .errors import Origin, nearest
 from .fields import Sourced, coerce, expect_list, expect_mapping, read_dataclass, sourced_mapping
 from .memory_tables import table_shapes, table_slots
 from .schema import (
@@ -85,6 +85,8 @@ def read_sublayer(
     items = sourced_mapping(expect_mapping(doc, Sourced(body, kind_path), f"the {kind} sublayer"), kind_path)
     name = check_identifier(doc, items.pop("name"), "a sublayer name") if "name" in items else kind
     items.update(overrides.get(name, {}))
+    origins = (("", Origin(doc.file, kind_path, *doc.where(kind_path, key=True))),
+               *((key, Origin(doc.file, item.path, *doc.where(item.path))) for key, item in items.items()))
     parallel = coerce(doc, items.pop("parallel"), bool) if "parallel" in items else False
     deliver_after = 0
     if "deliver_after" in items:
@@ -96,7 +98,8 @@ def read_sublayer(
     norm = read_norm(doc, items.pop("norm", Sourced(None, kind_path) if parallel else default_norm))
     config = read_dataclass(doc, SUBLAYER_KINDS[kind], items, kind_path)
     config = check_sublayer(doc, config, items, kind_path, hidden)
-    return SublayerSpec(name=name, kind=kind, config=config, norm=norm, parallel=parallel, deliver_after=deliver_after)
+    return SublayerSpec(name=name, kind=kind, config=config, norm=norm, parallel=parallel, deliver_after=deliver_after,
+                        origins=origins)
 
 
 def read_overrides(doc: Document, item: Sourced, block: list[Sourced]) -> dict[str, dict[str, Sourced]]:
@@ -179,12 +182,7 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
                         raise doc.error(s.path, f"two sublayers named '{sub.name}' in block '{ref.value}'",
                                         hint="give one of them 'name: ...'")
                     seen.add(sub.name)
-
-                def where(i: int, name: str, subs=subs, sublayers=sublayers, overrides=overrides) -> tuple:
-                    given = overrides.get(sublayers[i].name, {}).get(name)
-                    return given.path if given else (*subs[i].path, sublayers[i].kind, name)
-
-                check_ffn_sizing(doc, ref.value, sublayers, where)
+                check_ffn_sizing(len(layers), ref.value, sublayers)
                 layers.append(LayerSpec(index=len(layers), block=ref.value, sublayers=sublayers))
     if not layers:
         raise doc.error(model["layers"].path, "the model has no layers")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
+from ..compiler.shapes import B, T
 from .context import PassReport, PlanContext
 from .cost import ZERO, OpCost, op_cost
 
@@ -30,3 +33,14 @@ def annotate_cost(gm: fx.GraphModule, ctx: PlanContext | None) -> PassReport:
     return PassReport("annotate_cost", time.perf_counter() - start, [],
                       {"forward_flops": total.flops, "backward_flops": total.backward_flops,
                        "forward_bytes": sympy.expand(total.bytes_read + total.bytes_written)})
+
+
+def flops_per_token_by(gm: fx.GraphModule, key: Callable[[fx.Node], str | None]) -> dict[str, sympy.Expr]:
+    """Forward FLOPs per token (``/ (B T)``) of the annotated ``gm``, summed by ``key(node)`` (nodes
+    keyed None are left out): by component for ``stats``, by sublayer for ``size_ffn``."""
+    out: dict[str, sympy.Expr] = defaultdict(lambda: ZERO)
+    for node in gm.graph.nodes:
+        group = key(node) if "ultraplan.cost" in node.meta else None
+        if group is not None:
+            out[group] += node.meta["ultraplan.cost"].flops / (B * T)
+    return {group: sympy.expand(sympy.simplify(flops)) for group, flops in out.items()}

@@ -2,16 +2,19 @@
 
 UltraMemV2's fifth change rebalances compute between the memory layer and the FFN beside it (the
 paper's "memory compute proportion"; research/memory_layers.md §5.1). In a spec that is one number
-on the memory sublayer, ``memory_to_ffn: r``; the FFN of the same block then has the width ``h``
-at which
+on a memory sublayer, ``memory_to_ffn: r``, a property of its block: the block's auto FFN gets the
+width ``h`` at which
 
-    memory FLOPs per token = r * FFN FLOPs per token,
+    FLOPs per token of the block's memory sublayers = r * FLOPs per token of the block's FFNs,
 
-rounded to the FFN's ``multiple_of`` (at least one multiple). FLOPs are the cost model's
-(passes/cost.py), read from a probe lowering in which every auto FFN has width 1: an FFN's FLOPs
-are linear in its width with no constant term (SwiGLU 6 d h, GELU 4 d h), so the probe gives the
-FLOPs per unit of width, and the memory's FLOPs do not depend on the FFN at all. The ratio is per
-block; a memory sublayer delivered later (UltraMem's skip-layer) counts in the block that computes it.
+i.e. ``h = (M / r - F_fixed) / f``, with ``M`` the memory sublayers' FLOPs (pkm, peer, ultramem,
+ultramem_v2 computed in the block; a skip-layer's output delivered later still counts where it is
+computed), ``F_fixed`` the FLOPs of the block's other, fixed-width FFNs and ``f`` the auto FFN's
+FLOPs per unit of width; rounded to the nearest multiple of its ``multiple_of``. A ratio no
+multiple can reach (width below one multiple) or one asking for an absurd width is an error at
+the ratio's line. FLOPs are the cost model's (passes/cost.py), from a probe lowering in which each
+auto FFN has width 1: an FFN's FLOPs are linear in its width with no constant term (SwiGLU 6 d h,
+GELU 4 d h), and nothing else depends on that width.
 
 This is the one pass that runs before lowering, because what it decides is a shape.
 """
@@ -19,19 +22,20 @@ This is the one pass that runs before lowering, because what it decides is a sha
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
-from collections import defaultdict
 
 import sympy
+from torch import fx
 
 from ..compiler.build import build_model
 from ..compiler.lower import lower
-from ..compiler.schema import FFNSpec, ModelSpec, SublayerSpec
-from ..compiler.shapes import B, T
-from .annotate_cost import annotate_cost
+from ..compiler.schema import MEMORY_KINDS, FFNSpec, LayerSpec, ModelSpec, SublayerSpec
+from .annotate_cost import annotate_cost, flops_per_token_by
 from .context import PassReport
 
 PROBE_WIDTH = 1
+MAX_WIDTH = 2**31 - 1  # beyond int32 no kernel or allocator takes the FFN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,30 +46,20 @@ class Sizing:
     ffn: str
     memory: str
     target: float
-    memory_flops: int  # per token
-    ffn_flops_per_width: int  # per token and unit of inner width
+    memory_flops: int  # per token, every memory sublayer of the block
+    fixed_ffn_flops: int  # per token, the block's FFNs of fixed width
+    ffn_flops_per_width: int  # per token and unit of the auto FFN's inner width
     width: int
 
     @property
-    def achieved(self) -> float:
-        return self.memory_flops / (self.ffn_flops_per_width * self.width)
+    def achieved(self) -> sympy.Rational:
+        return sympy.Rational(self.memory_flops, self.fixed_ffn_flops + self.ffn_flops_per_width * self.width)
 
     def describe(self) -> str:
-        return (f"layers.{self.layer}.{self.ffn}: hidden auto -> {self.width}: layers.{self.layer}.{self.memory} "
-                f"{self.memory_flops:,} FLOP/token = {self.achieved:.4f} x FFN {self.ffn_flops_per_width:,} * "
-                f"{self.width} (memory_to_ffn {self.target:g})")
-
-
-def _auto_pairs(spec: ModelSpec) -> list[tuple[int, SublayerSpec, SublayerSpec]]:
-    """(layer, auto ffn, memory sublayer with the ratio) for each block that asks; validation
-    guarantees at most one of each per block and that they come together."""
-    pairs = []
-    for layer in spec.layers:
-        ffn = next((s for s in layer.sublayers if isinstance(s.config, FFNSpec) and s.config.hidden == "auto"), None)
-        memory = next((s for s in layer.sublayers if getattr(s.config, "memory_to_ffn", None) is not None), None)
-        if ffn is not None and memory is not None:
-            pairs.append((layer.index, ffn, memory))
-    return pairs
+        fixed = f"{self.fixed_ffn_flops:,} + " if self.fixed_ffn_flops else ""
+        return (f"layers.{self.layer}.{self.ffn}: hidden auto -> {self.width}: memory {self.memory_flops:,} FLOP/token "
+                f"= {float(self.achieved):.4f} x FFN {fixed}{self.ffn_flops_per_width:,} * {self.width} "
+                f"(layers.{self.layer}.{self.memory}.memory_to_ffn {self.target:g})")
 
 
 def with_widths(spec: ModelSpec, widths: dict[tuple[int, str], int]) -> ModelSpec:
@@ -78,45 +72,60 @@ def with_widths(spec: ModelSpec, widths: dict[tuple[int, str], int]) -> ModelSpe
     return dataclasses.replace(spec, layers=tuple(layers))
 
 
-def flops_by_sublayer(spec: ModelSpec) -> dict[str, sympy.Expr]:
-    """Forward FLOPs per token of each sublayer (``layers.3.ffn``), from the cost model."""
-    gm = lower(build_model(spec, device="meta"), mode="infer")
-    annotate_cost(gm, None)
-    out: dict[str, sympy.Expr] = defaultdict(lambda: sympy.Integer(0))
-    for node in gm.graph.nodes:
-        path = node.meta.get("ultraplan.layer", "").split(".")
-        if "ultraplan.cost" in node.meta and len(path) >= 3 and path[0] == "layers":
-            out[".".join(path[:3])] += node.meta["ultraplan.cost"].flops
-    return {k: sympy.simplify(v / (B * T)) for k, v in out.items()}
+def _sublayer_of(node: fx.Node) -> str | None:
+    """``layers.3.ffn`` for a node that a sublayer's module produced, else None."""
+    path = node.meta.get("ultraplan.layer", "").split(".")
+    return ".".join(path[:3]) if len(path) >= 3 and path[0] == "layers" else None
 
 
-def _constant(value: sympy.Expr, what: str) -> int:
-    if value.free_symbols:
-        raise ValueError(f"{what}: FLOPs per token depend on {sorted(map(str, value.free_symbols))} ({value}); "
-                         "memory_to_ffn needs a fixed number")
+def _integer(value: sympy.Expr, what: str) -> int:
+    if not value.is_Integer:  # memory and FFN FLOPs per token are whole numbers, free of B and T
+        raise ValueError(f"{what}: expected a whole number of FLOPs per token, got {value}")
     return int(value)
 
 
+def _size(layer: LayerSpec, flops: dict[str, sympy.Expr]) -> Sizing:
+    ffn, memory = layer.ffn_sizing()
+    def of(sub: SublayerSpec) -> int:
+        name = f"layers.{layer.index}.{sub.name}"
+        return _integer(flops.get(name, sympy.Integer(0)), name)
+
+    mem = sum(of(s) for s in layer.sublayers if s.kind in MEMORY_KINDS)
+    fixed = sum(of(s) for s in layer.sublayers if isinstance(s.config, FFNSpec) and s is not ffn)
+    unit = of(ffn) // PROBE_WIDTH
+    r, step = memory.config.memory_to_ffn, ffn.config.multiple_of
+    ideal = (mem / r - fixed) / unit
+    width = step * math.floor(ideal / step + 0.5) if math.isfinite(ideal) and ideal < MAX_WIDTH else MAX_WIDTH + 1
+    where = f"layer {layer.index} (block '{layer.block}')"
+    if width < step:
+        reach = Sizing(layer.index, ffn.name, memory.name, r, mem, fixed, unit, step).achieved
+        raise _error(memory, f"{where}: memory_to_ffn {r:g} is out of reach: the smallest width "
+                     f"{ffn.name} can have (multiple_of {step}) gives {float(reach):.4g}",
+                     f"use memory_to_ffn <= {float(reach):.4g}, or a smaller multiple_of")
+    if width > MAX_WIDTH:
+        raise _error(memory, f"{where}: memory_to_ffn {r:g} asks for an ffn of width {ideal:.3g}, more than "
+                     f"{MAX_WIDTH:,}", "a ratio this small leaves the memory negligible; raise it")
+    return Sizing(layer.index, ffn.name, memory.name, r, mem, fixed, unit, width)
+
+
+def _error(memory: SublayerSpec, message: str, hint: str) -> Exception:
+    origin = memory.origin("memory_to_ffn")
+    return origin.error(message, hint=hint) if origin else ValueError(f"{message} ({hint})")
+
+
 def size_ffn(spec: ModelSpec) -> tuple[ModelSpec, PassReport]:
-    """The spec with every auto FFN sized, and a report of each decision."""
+    """The spec with every auto FFN sized, and a report of each decision (none when nothing is auto)."""
     start = time.perf_counter()
     report = PassReport("size_ffn")
-    pairs = _auto_pairs(spec)
-    if not pairs:
-        report.decisions.append("no ffn says hidden: auto; widths are as written")
-        return spec, report
-    flops = flops_by_sublayer(with_widths(spec, {(i, ffn.name): PROBE_WIDTH for i, ffn, _ in pairs}))
-    sizings = []
-    for i, ffn, memory in pairs:
-        mem = _constant(flops[f"layers.{i}.{memory.name}"], f"layers.{i}.{memory.name}")
-        unit = _constant(flops[f"layers.{i}.{ffn.name}"], f"layers.{i}.{ffn.name}") // PROBE_WIDTH
-        target = memory.config.memory_to_ffn
-        step = ffn.config.multiple_of
-        width = max(step, step * round(mem / (target * unit * step)))
-        sizings.append(Sizing(i, ffn.name, memory.name, target, mem, unit, width))
-    report.decisions += [s.describe() for s in sizings]
-    report.costs.update({f"layers.{s.layer}.{s.ffn}.memory_to_ffn": sympy.Rational(s.memory_flops,
-                                                                                  s.ffn_flops_per_width * s.width)
-                         for s in sizings})
+    layers = [layer for layer in spec.layers if layer.ffn_sizing()]
+    if layers:
+        probe = with_widths(spec, {(layer.index, layer.ffn_sizing()[0].name): PROBE_WIDTH for layer in layers})
+        gm = lower(build_model(probe, device="meta"), mode="infer")
+        annotate_cost(gm, None)
+        flops = flops_per_token_by(gm, _sublayer_of)
+        sizings = [_size(layer, flops) for layer in layers]
+        report.decisions += [s.describe() for s in sizings]
+        report.costs.update({f"layers.{s.layer}.{s.ffn}.memory_to_ffn": s.achieved for s in sizings})
+        spec = with_widths(spec, {(s.layer, s.ffn): s.width for s in sizings})
     report.seconds = time.perf_counter() - start
-    return with_widths(spec, {(s.layer, s.ffn): s.width for s in sizings}), report
+    return spec, report

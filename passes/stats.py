@@ -27,14 +27,13 @@ import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
-from ..compiler.schema import ModelSpec
+from ..compiler.schema import MEMORY_KINDS, ModelSpec
 from ..compiler.shapes import B, T
-from .annotate_cost import annotate_cost
+from .annotate_cost import annotate_cost, flops_per_token_by
 from .cost import Touch
 from .pipeline import lower_spec
 
 EMBEDDING_PARAMS = ("embed.weight", "lm_head.weight")
-MEMORY_COMPONENTS = ("pkm", "peer", "ultramem", "ultramem_v2")
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ class ModelStats:
         """Memory-layer FLOPs / FFN FLOPs per token over the model (UltraMemV2's rebalancing knob;
         its "memory compute proportion" is r / (1 + r) if read as the memory's share of the two)."""
         zero = sympy.Integer(0)
-        memory = sum((c["flops_per_token"] for k, c in self.by_component.items() if k in MEMORY_COMPONENTS), zero)
+        memory = sum((c["flops_per_token"] for k, c in self.by_component.items() if k in MEMORY_KINDS), zero)
         ffn = self.by_component.get("ffn", {}).get("flops_per_token", zero)
         if memory == 0 or ffn == 0:
             return None
@@ -134,12 +133,10 @@ def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
             c["params"] += numel
             c["active_params"] += active
             c["memory_access"] += access / B
-        elif "ultraplan.cost" in node.meta:
-            c["flops_per_token"] += node.meta["ultraplan.cost"].flops / (B * T)
-    flops = sympy.expand(sympy.simplify(sum((c["flops_per_token"] for c in comp.values()), zero)))
+    for name, flops in flops_per_token_by(gm, lambda node: node.meta["ultraplan.component"]).items():
+        comp[name]["flops_per_token"] = flops
+    flops = sympy.expand(sum((c["flops_per_token"] for c in comp.values()), zero))
     assert B not in flops.free_symbols, f"FLOPs per token should not depend on B: {flops}"
-    for c in comp.values():
-        c["flops_per_token"] = sympy.expand(sympy.simplify(c["flops_per_token"]))
     by_component = {k: v for k, v in comp.items() if v["params"] or v["flops_per_token"] != 0}
     return ModelStats(totals["params"], totals["active"], totals["params_ne"], totals["active_ne"], flops,
                       totals["access"], seq_len, by_component)

@@ -31,7 +31,9 @@ def resolve_spec_path(text: str | Path, kind: str) -> Path:
     candidate = bundled(kind, str(text))
     if candidate.exists():
         return candidate
-    nested = sorted(candidate.parent.glob(f"*/{candidate.name}"))  # e.g. models/paper/olmoe-1b-7b.yaml
+    if len(path.parts) > 1:
+        return path
+    nested = sorted(candidate.parent.glob(f"*/{candidate.name}"))  # a bare name: models/paper/olmoe-1b-7b.yaml
     return nested[0] if len(nested) == 1 else path
 
 

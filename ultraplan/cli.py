@@ -36,7 +36,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
     spec, reports = api.load_with_reports(args.spec)
     stats = spec_stats(spec).as_dict(args.batch, by_component=args.by == "component")
-    sized = [d for r in reports if r.name == "size_ffn" and r.costs for d in r.decisions]
+    sized = [d for r in reports if r.name == "size_ffn" for d in r.decisions]
     if args.json:
         print(json.dumps(stats | ({"ffn_sizing": sized} if sized else {}), indent=1))
         return 0

@@ -51,9 +51,12 @@ def test_100m_spec(name):
     assert (family == "dense" and kinds == {"attention", "ffn"}) or family in kinds
 
 
-def test_paper_specs_resolve_by_name():
+def test_paper_specs_resolve_by_name(tmp_path):
     assert api.resolve_spec_path("olmoe-1b-7b", "models") == PAPER / "olmoe-1b-7b.yaml"
     assert api.resolve_spec_path("paper/olmoe-1b-7b", "models") == PAPER / "olmoe-1b-7b.yaml"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("model: {}\n")
+    assert api.resolve_spec_path(tmp_path / "mine", "models") == tmp_path / "mine"  # a path is taken as written
 
 
 def test_the_120b_spec_is_planned_without_allocating():

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ultraplan.compiler.build import build_model
 from ultraplan.compiler.errors import SpecError
-from ultraplan.compiler.schema import FFNSpec
+from ultraplan.compiler.schema import MEMORY_KINDS
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.pipeline import prepare_spec
 from ultraplan.passes.stats import spec_stats
@@ -49,6 +49,10 @@ CASES = {
         "pkm: {num_keys: 8, topk: 4, key_dim: 8, heads: 2, memory_to_ffn: 0.25}", "{block: dense, repeat: 2}"),
     "peer": ("ffn: {hidden: auto}", "peer: {num_keys: 8, topk: 4, key_dim: 8, heads: 2, memory_to_ffn: 1.0}",
              "{block: dense, repeat: 2}"),
+    "two memories and a fixed ffn in the block": (
+        "ffn: {hidden: auto, multiple_of: 2}",
+        V2 + "\n      - ffn: {hidden: 6, name: small}\n      - pkm: {num_keys: 4, topk: 2, key_dim: 8, parallel: true}",
+        "{block: dense, repeat: 2}"),
     "ultramem skip-layer": (
         "ffn: {hidden: auto, multiple_of: 4}",
         "ultramem: {num_keys: 4, topk: 4, key_dim: 8, value_dim: 8, expansion: 4, parallel: true, deliver_after: 1, "
@@ -72,25 +76,27 @@ def flop_counts(spec, tokens: int = 2 * 8) -> dict[str, float]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_width_is_the_nearest_multiple_to_the_ratio(write_spec, case):
+    """Per block: (memory sublayers' FLOPs) = r (FFNs' FLOPs), solved for the auto FFN's width, which
+    must be the multiple nearest that real-valued solution, all measured by FlopCounterMode."""
     path = write_spec(spec_text(*CASES[case]))
     raw, sized = load_model_spec(path), load(path)
     counts = flop_counts(sized)
     checked = 0
     for before, after in zip(raw.layers, sized.layers):
         for sub, done in zip(before.sublayers, after.sublayers):
-            if not (isinstance(sub.config, FFNSpec) and sub.config.hidden == "auto"):
+            if not sub.auto_ffn:
                 assert done == sub  # nothing else changes
                 continue
-            memory = next(s for s in before.sublayers if getattr(s.config, "memory_to_ffn", None))
-            ratio, step, width = memory.config.memory_to_ffn, sub.config.multiple_of, done.config.hidden
-            mem_flops = counts[f"layers.{before.index}.{memory.name}"]
-            per_width = counts[f"layers.{before.index}.{sub.name}"] / width
-            ideal = mem_flops / (ratio * per_width)  # the real-valued width the ratio asks for
+            flops = {s.name: counts.get(f"layers.{before.index}.{s.name}", 0.0) for s in before.sublayers}
+            memory = sum(flops[s.name] for s in before.sublayers if s.kind in MEMORY_KINDS)
+            fixed = sum(flops[s.name] for s in before.sublayers if s.kind == "ffn" and s is not sub)
+            ratio = next(s.config.memory_to_ffn for s in before.sublayers if s.sizes_ffn)
+            step, width = sub.config.multiple_of, done.config.hidden
+            ideal = (memory / ratio - fixed) / (flops[sub.name] / width)  # the real width the ratio asks for
             assert width % step == 0 and abs(ideal - width) <= step / 2 + 1e-9, (ideal, width)
             assert ideal > 2 * step  # the cases are sized well away from the one-multiple floor
             checked += 1
-    assert checked == sum(1 for layer in raw.layers for s in layer.sublayers
-                          if isinstance(s.config, FFNSpec) and s.config.hidden == "auto") >= 2
+    assert checked == sum(s.auto_ffn for layer in raw.layers for s in layer.sublayers) >= 2
 
 
 def test_report_and_stats_agree_with_the_counter(write_spec):
@@ -123,37 +129,75 @@ def test_an_unsized_spec_does_not_build():
 
 def error_of(write_spec, text: str) -> SpecError:
     with pytest.raises(SpecError) as info:
-        load_model_spec(write_spec(text))
+        load(write_spec(text))
     return info.value
 
 
+TWO = "{block: dense, repeat: 2}"
+
+
 def test_pairing_errors_name_the_field(write_spec):
-    two = "{block: dense, repeat: 2}"
-    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace(", memory_to_ffn: 0.3", ""), two))
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace(", memory_to_ffn: 0.3", ""), TWO))
     assert err.path[-1] == "hidden" and "needs a memory sublayer" in err.message and "memory_to_ffn" in err.hint
-    err = error_of(write_spec, spec_text("ffn: {hidden: 32}", V2, two))
+    err = error_of(write_spec, spec_text("ffn: {hidden: 32}", V2, TWO))
     assert err.path[-1] == "memory_to_ffn" and "fixed width (32)" in err.message and "hidden: auto" in err.hint
-    assert (err.line, err.column) == (10, 121)  # the value of memory_to_ffn
-    err = error_of(write_spec, spec_text("attention: {heads: 2}", V2, two).replace(
+    assert (err.line, err.column) == (10, 121) and err.message.startswith("layer 0 (block 'dense')")
+    err = error_of(write_spec, spec_text("attention: {heads: 2}", V2, TWO).replace(
         "- attention: {heads: 2}\n      - attention", "- attention: {heads: 2, name: a}\n      - attention"))
-    assert "it has no ffn" in err.message
-    err = error_of(write_spec, spec_text("ffn: {hidden: 32, multiple_of: 8}", "ffn: {hidden: 8, name: f2}", two))
+    assert "the block has no ffn" in err.message
+    err = error_of(write_spec, spec_text("ffn: {hidden: 32, multiple_of: 8}", "ffn: {hidden: 8, name: f2}", TWO))
     assert err.path[-1] == "multiple_of" and "fixed at 32" in err.message
-    err = error_of(write_spec, spec_text("ffn: {hidden: atuo}", V2, two))
-    assert err.path[-1] == "hidden" and "expected an integer or 'auto'" in err.message
-    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace("0.3", "0"), two))
+    err = error_of(write_spec, spec_text("ffn: {hidden: atuo}", V2, TWO))
+    assert err.path[-1] == "hidden" and "expected an integer or 'auto'" in err.message and "'auto'" in err.hint
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2.replace("0.3", "0"), TWO))
     assert err.path[-1] == "memory_to_ffn" and "greater than 0" in err.message
     pkm = "pkm: {num_keys: 4, topk: 2, key_dim: 8, memory_to_ffn: 0.5}"
-    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, two).replace(V2, V2 + "\n      - " + pkm))
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, TWO).replace(V2, V2 + "\n      - " + pkm))
     assert err.path[-1] == "memory_to_ffn" and "ultramem_v2 already sets" in err.message
-    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", "ffn: {hidden: auto, name: f2}", two))
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", "ffn: {hidden: auto, name: f2}", TWO))
     assert err.path[-2:] == ("ffn", "hidden") and "two ffns with hidden: auto" in err.message
 
 
-def test_an_override_is_blamed_where_it_is_written(write_spec):
-    layers = "{block: dense}\n    - {block: dense, override: {ffn.hidden: 64}}"
-    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, layers))
-    assert "override" in err.path and (err.line, err.column) == (16, 45) and "fixed width (64)" in err.message
+OVERRIDDEN = "{block: dense}\n    - {block: dense, override: {OVERRIDE}}"
+
+
+@pytest.mark.parametrize(("ffn", "memory", "override", "message"), [
+    ("ffn: {hidden: auto}", V2, "ffn.hidden: 64", "has a fixed width (64)"),
+    ("ffn: {hidden: 64}", V2.replace(", memory_to_ffn: 0.3", ""), "ultramem_v2.memory_to_ffn: 0.3",
+     "has a fixed width (64)"),
+    ("ffn: {hidden: auto, multiple_of: 8}", V2, "ffn.hidden: 64", "fixed at 64"),
+    ("ffn: {hidden: auto}", V2, "ultramem_v2.memory_to_ffn: null", "hidden: auto needs a memory sublayer"),
+])
+def test_an_override_is_blamed_where_it_is_written(write_spec, ffn, memory, override, message):
+    """The block is fine in its first group; the second group's override breaks the pair, so the
+    error points at that override (line 16) and names layer 1."""
+    err = error_of(write_spec, spec_text(ffn, memory, OVERRIDDEN.replace("OVERRIDE", override)))
+    assert err.path[:2] == ("model", "layers") and "override" in err.path and err.line == 16, err
+    assert message in err.message and err.message.startswith("layer 1 (block 'dense')")
+
+
+@pytest.mark.parametrize(("ratio", "multiple", "message"), [
+    ("1.0e6", 1, "out of reach: the smallest width ffn can have (multiple_of 1) gives"),
+    ("0.5", 1000, "out of reach: the smallest width ffn can have (multiple_of 1000) gives"),
+    ("1.0e-9", 1, "asks for an ffn of width"),
+    ("1.0e-320", 1, "asks for an ffn of width inf"),
+])
+def test_a_ratio_no_width_can_meet_is_an_error_at_the_ratio(write_spec, capsys, ratio, multiple, message):
+    path = write_spec(spec_text(f"ffn: {{hidden: auto, multiple_of: {multiple}}}", V2.replace("0.3", ratio), TWO))
+    with pytest.raises(SpecError) as info:
+        load(path)
+    assert info.value.path[-1] == "memory_to_ffn" and info.value.line == 10 and message in info.value.message
+    from ultraplan.cli import main
+
+    assert main(["stats", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:10:") and "Traceback" not in err
+
+
+def test_a_fixed_ffn_bigger_than_the_ratio_allows_is_out_of_reach(write_spec):
+    memory = V2 + "\n      - ffn: {hidden: 4000, name: wide}"
+    err = error_of(write_spec, spec_text("ffn: {hidden: auto}", memory, TWO))
+    assert err.path[-1] == "memory_to_ffn" and "out of reach" in err.message
 
 
 def test_stats_cli_prints_the_sizing(capsys):
