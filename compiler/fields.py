@@ -16,6 +16,11 @@ from .errors import PathEntry, SpecError, nearest
 from .yaml_source import Document
 
 
+def doc(text: str, *, minimum: float | None = None, exclusive: bool = False) -> dict:
+    """Metadata for a spec field: its help text and an optional lower bound."""
+    return {"doc": text, "min": minimum, "exclusive": exclusive}
+
+
 class Sourced(NamedTuple):
     value: Any
     path: tuple[PathEntry, ...]

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .schema import ModelSpec, PKMSpec, UltraMemV2Spec
+from .memory_specs import PKMSpec, UltraMemV2Spec
+from .schema import ModelSpec
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,8 @@ import math
 
 from .errors import Origin, PathEntry
 from .fields import Sourced
-from .schema import (
-    MEMORY_KINDS,
-    AttentionSpec,
-    FFNSpec,
-    MoESpec,
-    ProductKeySpec,
-    SublayerConfig,
-    SublayerSpec,
-    UltraMemSpec,
-    UltraMemV2Spec,
-)
+from .memory_specs import ProductKeySpec, UltraMemSpec, UltraMemV2Spec
+from .schema import MEMORY_KINDS, AttentionSpec, FFNSpec, MoESpec, SublayerConfig, SublayerSpec
 from .yaml_source import Document
 
 

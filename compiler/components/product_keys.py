@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..schema import NormSpec, PEERSpec, PKMSpec, ProductKeySpec
+from ..memory_specs import PEERSpec, PKMSpec, ProductKeySpec
+from ..schema import NormSpec
 from .base import InitRule, ResidualSublayer, named
 
 

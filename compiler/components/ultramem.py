@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..memory_specs import UltraMemSpec, UltraMemV2Spec
 from ..memory_tables import TableSlot
-from ..schema import NormSpec, UltraMemSpec, UltraMemV2Spec
+from ..schema import NormSpec
 from .base import InitRule, ResidualSublayer, named
 from .ultramem_init import PaperInit
 

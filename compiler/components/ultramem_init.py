@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from ..schema import UltraMemV2Spec
+from ..memory_specs import UltraMemV2Spec
 
 SIMULATION_TOKENS = 128
 SIMULATION_SEED = 20250826  # fixed: the same spec always gets the same gains

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 from functools import cache
 
-from ultraplan.compiler.schema import PKMSpec, UltraMemSpec, UltraMemV2Spec
+from ultraplan.compiler.memory_specs import PKMSpec, UltraMemSpec, UltraMemV2Spec
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.stats import spec_stats
 
