@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 PathEntry = str | int
 
@@ -25,8 +26,9 @@ def format_path(path: Sequence[PathEntry]) -> str:
 
 def nearest(word: str, choices: Iterable[str]) -> str | None:
     """The closest valid spelling of ``word``, for 'did you mean' hints."""
-    found = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return found[0] if found else None
+    by_lower = {str(c).lower(): c for c in choices}
+    found = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[found[0]] if found else None
 
 
 class SpecError(Exception):
@@ -57,14 +59,15 @@ class SpecError(Exception):
         return text
 
 
+@dataclass(frozen=True, slots=True)
 class Origin:
     """Where a spec value was written, kept on the spec so that a later stage (a spec pass that finds
     the value unworkable) can still blame the file, line, column and field, not raise a traceback."""
 
-    __slots__ = ("column", "file", "line", "path")
-
-    def __init__(self, file: str, path: Sequence[PathEntry], line: int, column: int) -> None:
-        self.file, self.path, self.line, self.column = file, tuple(path), line, column
+    file: str
+    path: tuple[PathEntry, ...]
+    line: int
+    column: int
 
     def error(self, message: str, *, hint: str | None = None) -> SpecError:
         return SpecError(message, file=self.file, line=self.line, column=self.column, path=self.path, hint=hint)
@@ -74,5 +77,9 @@ class Origin:
         """Set by a layer group's ``override`` (model.layers[i].override...) rather than in its block."""
         return self.path[:2] == ("model", "layers")
 
-    def __repr__(self) -> str:
-        return f"Origin({self.file}:{self.line}:{self.column} {format_path(self.path)})"
+
+def blame(origins: Iterable[Origin | None]) -> Origin | None:
+    """Which of the values behind a conflict to point at: one a layer group's override wrote (the
+    block may be fine in its other groups), else the first."""
+    known = [o for o in origins if o is not None]
+    return next((o for o in known if o.from_override), known[0] if known else None)

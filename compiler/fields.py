@@ -21,6 +21,9 @@ def doc(text: str, *, minimum: float | None = None, exclusive: bool = False) -> 
     return {"doc": text, "min": minimum, "exclusive": exclusive}
 
 
+INT64_MAX = 2**63 - 1
+
+
 class Sourced(NamedTuple):
     value: Any
     path: tuple[PathEntry, ...]
@@ -57,22 +60,28 @@ def coerce(doc: Document, item: Sourced, tp: Any) -> Any:
         inner = [a for a in alternatives if a is not type(None)]
         if len(inner) == 1:
             return coerce(doc, item, inner[0])
-        hints = []
+        errors = []
         for alternative in inner:  # e.g. int | Literal["auto"]: the first that accepts the value
             try:
                 return coerce(doc, item, alternative)
             except SpecError as exc:
-                hints += [exc.hint] if exc.hint else []
+                errors.append(exc)
+        specific = [e for e in errors if not e.message.startswith("expected")]  # right type, bad value
+        if specific:
+            raise specific[0]
+        hints = [e.hint for e in errors if e.hint]
         raise doc.error(path, f"expected {type_name(tp)}, got {value!r}", hint=hints[0] if hints else None)
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise doc.error(path, f"expected true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > INT64_MAX:  # no size or count here is that large, and torch could not take it
+                raise doc.error(path, f"{item.value!r} is too large (more than 2^63 - 1)")
+            return value
         raise doc.error(path, f"expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -104,8 +104,9 @@ class SublayerSpec:
     origins: tuple[tuple[str, Origin], ...] = field(default=(), compare=False, repr=False)
 
     def origin(self, name: str = "") -> Origin | None:
-        """Where field ``name`` was written (an override's line if one set it); ``""``: the sublayer."""
-        return dict(self.origins).get(name) or dict(self.origins).get("")
+        """Where field ``name`` was written (an override's line if one set it), None if it was not
+        written; ``""``: where the sublayer itself is."""
+        return dict(self.origins).get(name)
 
     @property
     def sizes_ffn(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from .errors import Origin, PathEntry
+from .errors import PathEntry, SpecError, blame
 from .fields import Sourced
 from .memory_specs import ProductKeySpec, UltraMemSpec, UltraMemV2Spec
 from .schema import MEMORY_KINDS, AttentionSpec, FFNSpec, MoESpec, SublayerConfig, SublayerSpec
@@ -81,41 +81,45 @@ def check_at_most(doc: Document, items: dict[str, Sourced], path: tuple[PathEntr
 
 def check_ffn_sizing(layer: int, block: str, sublayers: tuple[SublayerSpec, ...]) -> None:
     """``ffn: {hidden: auto}`` and a memory sublayer's ``memory_to_ffn`` come as a pair, once per block:
-    the ratio fixes the FFN's width (passes/size_ffn.py). A conflict made by a layer group's override
-    is blamed at the override, since the block itself may be fine in its other groups."""
+    the ratio fixes the FFN's width (passes/size_ffn.py). Every value behind a conflict is a suspect;
+    one written by a layer group's override is blamed first (``errors.blame``), since the block
+    itself may be fine in its other groups."""
     autos = [s for s in sublayers if s.auto_ffn]
     ffns = [s for s in sublayers if isinstance(s.config, FFNSpec)]
     ratios = [s for s in sublayers if s.sizes_ffn]
     where = f"layer {layer} (block '{block}')"
 
-    def blame(*candidates: tuple[SublayerSpec, str]) -> Origin:
-        origins = [sub.origin(name) for sub, name in candidates]
-        return next((o for o in origins if o.from_override), origins[0])
+    def error(suspects: list[tuple[SublayerSpec, str]], message: str, hint: str) -> SpecError:
+        origin = blame(sub.origin(name) for sub, name in suspects) or suspects[0][0].origin()
+        return origin.error(f"{where}: {message}", hint=hint)
+
+    def overridden(subs: list[SublayerSpec], name: str, default: SublayerSpec) -> SublayerSpec:
+        return next((s for s in subs if s.origin(name) and s.origin(name).from_override), default)
 
     for ffn in ffns:
         if not ffn.config.auto and ffn.config.multiple_of != 1:
-            raise blame((ffn, "multiple_of"), (ffn, "hidden")).error(
-                f"{where}: multiple_of rounds an auto width, but {ffn.name}'s hidden is fixed at {ffn.config.hidden}",
-                hint="drop multiple_of, or write hidden: auto")
+            raise error([(ffn, "multiple_of"), (ffn, "hidden")], f"multiple_of rounds an auto width, but "
+                        f"{ffn.name}'s hidden is fixed at {ffn.config.hidden}", "drop multiple_of, or write hidden: auto")
     if len(ratios) > 1:
-        raise blame((ratios[1], "memory_to_ffn")).error(
-            f"{where}: {ratios[0].name} already sets memory_to_ffn; one memory sublayer sizes the block's ffn",
-            hint="keep memory_to_ffn on one memory sublayer of the block")
+        second = overridden(ratios, "memory_to_ffn", ratios[1])
+        first = next(s for s in ratios if s is not second)
+        raise error([(second, "memory_to_ffn")], f"{first.name} already sets memory_to_ffn; one memory sublayer "
+                    "sizes the block's ffn", "keep memory_to_ffn on one memory sublayer of the block")
     if len(autos) > 1:
-        raise blame((autos[1], "hidden")).error(
-            f"{where} has two ffns with hidden: auto; one memory ratio can size only one of them",
-            hint="give all but one ffn a fixed hidden width")
+        extra = overridden(autos, "hidden", autos[1])
+        raise error([(extra, "hidden")], f"two ffns have hidden: auto ({', '.join(s.name for s in autos)}); one "
+                    "memory ratio can size only one of them", "give all but one ffn a fixed hidden width")
     if ratios and not autos:
         memory = ratios[0]
         if ffns:
-            raise blame((memory, "memory_to_ffn"), (ffns[0], "hidden")).error(
-                f"{where}: {memory.name}'s memory_to_ffn sizes the block's ffn, but {ffns[0].name} has a fixed width "
-                f"({ffns[0].config.hidden})", hint="write the ffn as 'ffn: {hidden: auto}', or drop memory_to_ffn")
-        raise blame((memory, "memory_to_ffn")).error(
-            f"{where}: {memory.name}'s memory_to_ffn sizes the block's ffn, but the block has no ffn",
-            hint="add 'ffn: {hidden: auto}' to the block, or drop memory_to_ffn")
+            fixed = overridden(ffns, "hidden", ffns[0])
+            raise error([(memory, "memory_to_ffn"), (fixed, "hidden")], f"{memory.name}'s memory_to_ffn sizes the "
+                        f"block's ffn, but {fixed.name} has a fixed width ({fixed.config.hidden})",
+                        "write the ffn as 'ffn: {hidden: auto}', or drop memory_to_ffn")
+        raise error([(memory, "memory_to_ffn")], f"{memory.name}'s memory_to_ffn sizes the block's ffn, but the "
+                    "block has no ffn", "add 'ffn: {hidden: auto}' to the block, or drop memory_to_ffn")
     if autos and not ratios:
         memories = [s for s in sublayers if s.kind in MEMORY_KINDS]
-        raise blame((autos[0], "hidden"), *((m, "memory_to_ffn") for m in memories)).error(
-            f"{where}: hidden: auto needs a memory sublayer of the block ({', '.join(MEMORY_KINDS)}) that sets "
-            "memory_to_ffn", hint="add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")
+        raise error([(autos[0], "hidden"), *((m, "memory_to_ffn") for m in memories)],
+                    f"hidden: auto needs a memory sublayer of the block ({', '.join(MEMORY_KINDS)}) that sets "
+                    "memory_to_ffn", "add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")

@@ -29,6 +29,7 @@ import sympy
 from torch import fx
 
 from ..compiler.build import build_model
+from ..compiler.errors import blame
 from ..compiler.lower import lower
 from ..compiler.schema import MEMORY_KINDS, FFNSpec, LayerSpec, ModelSpec, SublayerSpec
 from .annotate_cost import annotate_cost, flops_per_token_by
@@ -56,9 +57,10 @@ class Sizing:
         return sympy.Rational(self.memory_flops, self.fixed_ffn_flops + self.ffn_flops_per_width * self.width)
 
     def describe(self) -> str:
-        fixed = f"{self.fixed_ffn_flops:,} + " if self.fixed_ffn_flops else ""
+        ffn = f"{self.ffn_flops_per_width:,} * {self.width}"
+        ffn = f"({self.fixed_ffn_flops:,} + {ffn})" if self.fixed_ffn_flops else ffn
         return (f"layers.{self.layer}.{self.ffn}: hidden auto -> {self.width}: memory {self.memory_flops:,} FLOP/token "
-                f"= {float(self.achieved):.4f} x FFN {fixed}{self.ffn_flops_per_width:,} * {self.width} "
+                f"= {float(self.achieved):.4f} x FFN {ffn} "
                 f"(layers.{self.layer}.{self.memory}.memory_to_ffn {self.target:g})")
 
 
@@ -97,19 +99,32 @@ def _size(layer: LayerSpec, flops: dict[str, sympy.Expr]) -> Sizing:
     ideal = (mem / r - fixed) / unit
     width = step * math.floor(ideal / step + 0.5) if math.isfinite(ideal) and ideal < MAX_WIDTH else MAX_WIDTH + 1
     where = f"layer {layer.index} (block '{layer.block}')"
+    suspects = [(memory, "memory_to_ffn"), (ffn, "multiple_of"), (ffn, "hidden"),
+                *((s, "hidden") for s in layer.sublayers if isinstance(s.config, FFNSpec) and s is not ffn)]
     if width < step:
-        reach = Sizing(layer.index, ffn.name, memory.name, r, mem, fixed, unit, step).achieved
-        raise _error(memory, f"{where}: memory_to_ffn {r:g} is out of reach: the smallest width "
-                     f"{ffn.name} can have (multiple_of {step}) gives {float(reach):.4g}",
-                     f"use memory_to_ffn <= {float(reach):.4g}, or a smaller multiple_of")
+        smallest = Sizing(layer.index, ffn.name, memory.name, r, mem, fixed, unit, step).achieved
+        largest_r = mem / (fixed + unit * step / 2)  # nearest rounding still gives one multiple up to here
+        shrink = "narrow the block's fixed ffns" if fixed and step == 1 else "use a smaller multiple_of"
+        raise _error(suspects, f"{where}: memory_to_ffn {r:g} is out of reach: {ffn.name}'s smallest width "
+                     f"(multiple_of {step}) gives {float(smallest):.4g}",
+                     f"use memory_to_ffn <= {_round(largest_r, math.floor):g}, or {shrink}")
     if width > MAX_WIDTH:
-        raise _error(memory, f"{where}: memory_to_ffn {r:g} asks for an ffn of width {ideal:.3g}, more than "
-                     f"{MAX_WIDTH:,}", "a ratio this small leaves the memory negligible; raise it")
+        smallest_r = mem / (fixed + unit * MAX_WIDTH)
+        raise _error(suspects, f"{where}: memory_to_ffn {r:g} asks for an ffn of width {ideal:.3g}, more than "
+                     f"{MAX_WIDTH:,}", f"use memory_to_ffn >= {_round(smallest_r, math.ceil):g}")
     return Sizing(layer.index, ffn.name, memory.name, r, mem, fixed, unit, width)
 
 
-def _error(memory: SublayerSpec, message: str, hint: str) -> Exception:
-    origin = memory.origin("memory_to_ffn")
+def _round(value: float, direction, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant figures, rounded in ``direction`` (math.floor or math.ceil)
+    so that a bound quoted in a hint is itself inside the bound."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(value)))
+    return direction(value * scale) / scale
+
+
+def _error(suspects: list[tuple[SublayerSpec, str]], message: str, hint: str) -> Exception:
+    """At the value a layer group's override wrote, if one of the suspects is; else at the ratio."""
+    origin = blame(sub.origin(name) for sub, name in suspects)
     return origin.error(message, hint=hint) if origin else ValueError(f"{message} ({hint})")
 
 

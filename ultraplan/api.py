@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from importlib import resources
 from pathlib import Path
@@ -33,7 +34,7 @@ def resolve_spec_path(text: str | Path, kind: str) -> Path:
         return candidate
     if len(path.parts) > 1:
         return path
-    nested = sorted(candidate.parent.glob(f"*/{candidate.name}"))  # a bare name: models/paper/olmoe-1b-7b.yaml
+    nested = sorted(candidate.parent.glob(f"*/{glob.escape(candidate.name)}"))  # a bare name: models/paper/olmoe-1b-7b.yaml
     return nested[0] if len(nested) == 1 else path
 
 

@@ -4,6 +4,7 @@ the graph's parameter count, resolve by name, and plan without allocating weight
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import pytest
 from ultraplan.compiler.build import build_model
@@ -57,6 +58,7 @@ def test_paper_specs_resolve_by_name(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "mine.yaml").write_text("model: {}\n")
     assert api.resolve_spec_path(tmp_path / "mine", "models") == tmp_path / "mine"  # a path is taken as written
+    assert api.resolve_spec_path("olmoe-1b-*", "models") == Path("olmoe-1b-*")  # names are not patterns
 
 
 def test_the_120b_spec_is_planned_without_allocating():

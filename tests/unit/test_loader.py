@@ -194,3 +194,9 @@ def test_structure_errors(write_spec):
     shared = shared.replace("{block: dense, repeat: 2}", "{block: dense}\n    - {block: dense, override: {pkm.num_keys: 5}}")
     err = error_of(write_spec, shared)
     assert "sharing the 'pkm_shared' value table disagree" in err.message
+
+
+def test_integers_beyond_int64_are_refused(write_spec):
+    for text in ("100000000000000000000000", "1.0e+23"):
+        err = error_of(write_spec, GOOD.replace("ffn: {hidden: 32}", f"ffn: {{hidden: {text}}}"))
+        assert err.path[-1] == "hidden" and "too large" in err.message and (err.line, err.column) == (9, 23)

@@ -155,7 +155,7 @@ def test_pairing_errors_name_the_field(write_spec):
     err = error_of(write_spec, spec_text("ffn: {hidden: auto}", V2, TWO).replace(V2, V2 + "\n      - " + pkm))
     assert err.path[-1] == "memory_to_ffn" and "ultramem_v2 already sets" in err.message
     err = error_of(write_spec, spec_text("ffn: {hidden: auto}", "ffn: {hidden: auto, name: f2}", TWO))
-    assert err.path[-2:] == ("ffn", "hidden") and "two ffns with hidden: auto" in err.message
+    assert err.path[-2:] == ("ffn", "hidden") and "two ffns have hidden: auto (ffn, f2)" in err.message
 
 
 OVERRIDDEN = "{block: dense}\n    - {block: dense, override: {OVERRIDE}}"
@@ -177,8 +177,8 @@ def test_an_override_is_blamed_where_it_is_written(write_spec, ffn, memory, over
 
 
 @pytest.mark.parametrize(("ratio", "multiple", "message"), [
-    ("1.0e6", 1, "out of reach: the smallest width ffn can have (multiple_of 1) gives"),
-    ("0.5", 1000, "out of reach: the smallest width ffn can have (multiple_of 1000) gives"),
+    ("1.0e6", 1, "out of reach: ffn's smallest width (multiple_of 1) gives"),
+    ("0.5", 1000, "out of reach: ffn's smallest width (multiple_of 1000) gives"),
     ("1.0e-9", 1, "asks for an ffn of width"),
     ("1.0e-320", 1, "asks for an ffn of width inf"),
 ])
@@ -192,6 +192,10 @@ def test_a_ratio_no_width_can_meet_is_an_error_at_the_ratio(write_spec, capsys, 
     assert main(["stats", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}:10:") and "Traceback" not in err
+    bound = info.value.hint.split("memory_to_ffn ")[1].split(",")[0]  # '<= 0.1234' or '>= 1.2e-09'
+    path.write_text(path.read_text().replace(f"memory_to_ffn: {ratio}", f"memory_to_ffn: {bound.split()[1]}"))
+    width = load(path).layers[0].sublayers[1].config.hidden  # the quoted bound itself is reachable
+    assert width == multiple if bound.startswith("<=") else width <= 2**31 - 1
 
 
 def test_a_fixed_ffn_bigger_than_the_ratio_allows_is_out_of_reach(write_spec):
@@ -211,3 +215,35 @@ def test_stats_cli_prints_the_sizing(capsys):
     assert main(["stats", "ultramem-v2-tiny"]) == 0
     text = capsys.readouterr().out
     assert "sized layers.3.ffn: hidden auto -> 72" in text and "memory share of the two: 32.8%" in text
+
+
+TWO_FFNS = "ffn: {hidden: 64, name: f1}\n      - ffn: {hidden: auto, name: f2}"
+
+
+@pytest.mark.parametrize(("block_ffn", "override", "message"), [
+    (TWO_FFNS, "pkm.memory_to_ffn: 0.2", "ultramem_v2 already sets memory_to_ffn"),
+    (TWO_FFNS, "f1.hidden: auto", "two ffns have hidden: auto (f1, f2)"),
+    (TWO_FFNS, "f2.hidden: 32", "f2 has a fixed width (32)"),
+    (TWO_FFNS, "f1.hidden: 400000", "out of reach"),
+    ("ffn: {hidden: auto}", "ffn.multiple_of: 100000", "out of reach"),
+])
+def test_the_override_that_breaks_the_pair_is_blamed(write_spec, block_ffn, override, message):
+    memory = V2 + "\n      - pkm: {num_keys: 4, topk: 2, key_dim: 8, parallel: true}"
+    text = spec_text(block_ffn, memory, OVERRIDDEN.replace("OVERRIDE", override))
+    err = error_of(write_spec, text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "override" in row)
+    assert err.line == line and "override" in err.path and override.split(":")[0] in err.path, err
+    assert message in err.message and err.message.startswith("layer 1 (block 'dense')"), err
+
+
+def test_origins_do_not_change_what_a_spec_is(write_spec):
+    import pickle
+
+    path = write_spec(spec_text(*CASES["ultramem_v2"]))
+    one, two = load_model_spec(path), load_model_spec(path)
+    assert one == two and hash(one) == hash(two) and one.layers[0].sublayers[2].origin("memory_to_ffn").line == 10
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
+        again = pickle.loads(pickle.dumps(one, protocol))
+        assert again == one and again.layers[0].sublayers[2].origins == one.layers[0].sublayers[2].origins
+    err = error_of(write_spec, spec_text("ffn: {hidden: AUTO}", V2, TWO))
+    assert err.hint == "did you mean 'auto'?"
