@@ -10,18 +10,18 @@ must equal the plan's prediction exactly.
 from __future__ import annotations
 
 import functools
-import math
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from ultraplan.passes.plan import Plan
 
 from tests.conftest import MODELS, ROOT
 from ultraplan import api
-from ultraplan.passes.plan import Plan
 from ultraplan.reference import relative_differences, train_reference
 from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES
 
@@ -79,6 +79,7 @@ def test_program_equals_eager(rank_run, spec, dtype):
     nproc, cases = rank_run
     case = find_case(cases, spec, dtype)
     result = json.loads(open(case["dump"]).read())
+    assert result["world_size"] == nproc
     params = torch.load(result["params"])
     assert all(p.dtype == getattr(torch, dtype) for p in params.values())
     ref_losses, ref_params = reference(spec, dtype)
@@ -94,6 +95,7 @@ def test_measured_bytes_equal_planned(rank_run, spec):
     case = find_case(cases, spec, "float32")  # the plan predicts bytes for fp32 tensors
     plan = Plan.from_json(open(f"{case['dir']}/plan.json").read())
     result = json.loads(open(case["dump"]).read())
+    assert result["world_size"] == nproc
     forward = [c for node in plan.nodes for _, steps in node.boxing for c in steps if c.collective == "all_reduce"]
     collectives = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing) + forward
     duals = [c for c in forward if c.backward == "all_reduce"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import textwrap
 
 import pytest
@@ -9,7 +11,6 @@ from ultraplan.compiler.errors import SpecError
 from ultraplan.compiler.validate import load_hardware_spec, load_model_spec
 
 from tests.conftest import HARDWARE, MODELS, RUNNABLE_SPECS
-from ultraplan.cli import main
 
 GOOD = textwrap.dedent("""\
     model:
@@ -149,10 +150,13 @@ def test_groups_override_and_pattern(write_spec):
     assert spec.layers[0].sublayers[1].config.hidden == 96 and spec.layers[0].sublayers[1].norm is not None
 
 
-def test_cli_reports_error_without_traceback(write_spec, capsys):
+def test_cli_reports_error_without_traceback(write_spec):
+    """Through the real command (a subprocess), so that a traceback would show in its stderr."""
     path = write_spec(GOOD.replace("ffn: {hidden: 32}", "ffn: {hiden: 32}"))
-    assert main(["stats", str(path)]) == 2
-    err = capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "ultraplan", "stats", str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    err = result.stderr
     assert err.startswith(f"error: {path}:9:15: model.blocks.dense[1].ffn.hiden") and "Traceback" not in err
 
 

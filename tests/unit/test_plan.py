@@ -6,6 +6,9 @@ import json
 
 import pytest
 import sympy
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from ultraplan.compiler.build import build_model
 from ultraplan.passes.choose_sbp import PlanError
 from ultraplan.passes.plan import Plan
 from ultraplan.passes.sbp import Broadcast, PartialSum, Split, box, parse_sbp
@@ -45,10 +48,15 @@ def test_totals_are_symbolic_and_evaluated():
     step = plan.total("step_time")
     assert {"B", "T", "n0", "bw0", "lat0", "peak"} <= {str(s) for s in sympy.sympify(step.expr).free_symbols}
     expr = sympy.sympify(step.expr)
-    values = {"B": 8, "T": 32, "n0": 4, "bw0": 4.5e11, "lat0": 3e-6, "peak": 6.7e13}
+    hw = api.load_hardware("h200-8")
+    values = {"B": plan.batch, "T": plan.seq, "n0": plan.mesh[0], "bw0": hw.intra_node.bandwidth,
+              "lat0": hw.intra_node.latency, "peak": hw.peak_flops["fp32"]}
     assert float(expr.subs(values)) == pytest.approx(step.value, rel=1e-12)
-    fwd = plan.total("forward_flops").value
-    assert fwd == plan.total("flops_per_token").value * 8 * 32
+    model = build_model(api.load("dense-tiny"), seed=0)  # the FLOPs torch counts for the planned batch
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(plan.batch, plan.seq, dtype=torch.int64))
+    assert plan.total("forward_flops").value == counter.get_total_flops()
+    assert plan.total("flops_per_token").value * plan.batch * plan.seq == counter.get_total_flops()
 
 
 def test_batch_must_divide_over_mesh():
@@ -117,8 +125,9 @@ def test_run_refuses_a_process_count_the_plan_was_not_made_for(tmp_path, capsys)
     assert "compiled for mesh 4 (4 processes), not 3" in capsys.readouterr().err
 
 
-def test_batch_and_seq_must_be_positive(capsys):
-    assert main(["plan", "dense-tiny", "--batch", "0"]) == 2
+@pytest.mark.parametrize("flag", ["--batch", "--seq"])
+def test_batch_and_seq_must_be_positive(capsys, flag):
+    assert main(["plan", "dense-tiny", flag, "0"]) == 2
     assert "must be at least 1" in capsys.readouterr().err
 
 

@@ -11,7 +11,7 @@ from tests.conftest import MODELS
 from ultraplan import load
 
 torch.manual_seed(0)
-TOL = dict(rtol=1e-5, atol=1e-6)  # fp32: only the order of the sums differs
+TOL = dict(rtol=1e-5, atol=1e-7)  # fp32: only the order of the sums differs (outputs ~1e-4 and up)
 
 
 def sublayer(spec_name: str, kind: str):

@@ -13,7 +13,7 @@ from ultraplan.compiler.build import build_model, refresh_state
 from tests.conftest import MODELS
 from ultraplan import load
 
-TOL = dict(rtol=1e-4, atol=1e-5)  # fp32; the naive loops sum in another order
+TOL = dict(rtol=1e-5, atol=1e-7)  # fp32; the naive loops sum in another order (outputs are ~1e-5..1e-3)
 
 
 def naive_retrieval(mem, x: torch.Tensor) -> list[list[tuple[int, list[float]]]]:
