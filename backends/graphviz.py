@@ -96,6 +96,7 @@ def render_svg(dot_text: str, out_path: Path) -> bool:
     fmt = out_path.suffix.lstrip(".") or "svg"
     result = subprocess.run(["dot", f"-T{fmt}", "-o", str(out_path)], input=dot_text, text=True,
                             capture_output=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"dot failed: {result.stderr.strip()}")
+    if result.returncode != 0:  # a format dot lacks, or a folder that does not exist: the user's to fix
+        raise ValueError(f"{out_path}: graphviz dot could not write it ({result.stderr.strip()}); "
+                         "use .svg, .png, .pdf or .dot in an existing folder")
     return True

@@ -27,7 +27,7 @@ def resolve_spec_path(text: str | Path, kind: str) -> Path:
     """A file path as given, or the name of a bundled spec (``dense-tiny``, ``h200-8``, ``olmoe-1b-7b``
     from specs/models/paper/)."""
     path = Path(text)
-    if path.exists() or path.suffix in (".yaml", ".yml"):
+    if path.is_file() or (not path.exists() and path.suffix in (".yaml", ".yml")):
         return path
     candidate = bundled(kind, str(text))
     if candidate.exists():
@@ -74,6 +74,8 @@ def read_plan(path: str | Path) -> Plan:
         return Plan.from_json(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON ({exc.msg})") from None
+    except ValueError as exc:  # e.g. a plan of another version
+        raise ValueError(f"{path}: {exc}") from None
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path}: not an ultraplan plan (missing or malformed field {exc}); recompile it") from None
 

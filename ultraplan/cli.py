@@ -65,7 +65,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(text, end="")
     else:
         totals = dict(result.totals)
-        print(f"{result.spec_name}: {result.strategy} on mesh {'x'.join(map(str, result.mesh))} ({result.hardware}), "
+        print(f"{result.spec_name}: {result.strategy} on mesh {Mesh(result.mesh)} ({result.hardware}), "
               f"B={result.batch}, T={result.seq}")
         for key, cost in totals.items():
             print(f"  {key:18s} {cost.value:<14.6g} = {cost.expr}")
@@ -79,7 +79,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
                          mode=args.mode)
     files = sorted(p.name for p in out.iterdir())
-    print(f"compiled {result.spec_name} for mesh {'x'.join(map(str, result.mesh))} into {out}: {', '.join(files)}")
+    print(f"compiled {result.spec_name} for mesh {Mesh(result.mesh)} into {out}: {', '.join(files)}")
     print(f"run it: torchrun --nproc_per_node {Mesh(result.mesh).size} {out / 'program.py'}")
     return 0
 
@@ -181,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (PlanError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an output path that cannot be written, a directory given for a file, ...
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

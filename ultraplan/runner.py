@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ultraplan.api import read_plan
+from ultraplan.passes.context import Mesh
 from ultraplan.reference import relative_differences, train_reference
 
 # fp32 tolerances. Splitting the batch over ranks changes the order of the gradient sums, which
@@ -51,14 +52,19 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
     """
     plan = read_plan(out_dir)
-    devices = 1
-    for n in plan.mesh:
-        devices *= n
-    nproc = nproc or devices
-    if nproc != devices:
-        raise ValueError(f"{out_dir} was compiled for mesh {'x'.join(map(str, plan.mesh))} ({devices} processes), "
+    if not (Path(out_dir) / "program.py").is_file():
+        raise ValueError(f"{out_dir}: not a compiled program directory (no program.py); "
+                         "make one with `ultraplan compile SPEC --mesh N -o DIR` and pass DIR")
+    mesh = Mesh(tuple(plan.mesh))
+    nproc = mesh.size if nproc is None else nproc
+    if nproc != mesh.size:
+        raise ValueError(f"{out_dir} was compiled for mesh {mesh} ({mesh.size} processes), "
                          f"not {nproc}; recompile with --mesh {nproc} or drop --nproc")
     steps = plan.training.steps if steps is None else steps
+    if steps < 1 and check:
+        raise ValueError(f"--check compares training steps; --steps must be at least 1, got {steps}")
+    if steps < 0:
+        raise ValueError(f"--steps must be at least 0, got {steps}")
     seed = plan.training.seed if seed is None else seed
     if dtype not in TOLERANCES:
         raise ValueError(f"--dtype takes {' or '.join(TOLERANCES)}, got {dtype!r}")
