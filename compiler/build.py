@@ -162,6 +162,23 @@ def value_lr_factor(step: int, multiplier: float, decay_steps: int) -> float:
     return 1 + (multiplier - 1) * max(0.0, 1 - step / decay_steps)
 
 
+def make_optimizer(model: nn.Module, lr: float, betas: tuple[float, float], eps: float,
+                   weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over ``model`` with one param group per optimizer group (``default``, ``values``; empty
+    ones left out), each named so ``set_group_lrs`` can give the value tables their multiplier.
+    The eager reference and the examples train with it; emitted programs write their own."""
+    groups = optimizer_groups(model)
+    params = {g: [p for n, p in model.named_parameters() if groups[n] == g] for g in ("default", "values")}
+    return torch.optim.AdamW([{"params": p, "name": g} for g, p in params.items() if p], lr=lr, betas=betas,
+                             eps=eps, weight_decay=weight_decay)
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, step: int, lr: float, multiplier: float, decay_steps: int) -> None:
+    """The learning rate of each group at ``step``: ``lr``, times ``value_lr_factor`` for the value tables."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (value_lr_factor(step, multiplier, decay_steps) if group["name"] == "values" else 1)
+
+
 def initialize(model: DecoderModel, seed: int) -> DecoderModel:
     """Fill every parameter from ``seeded.init_full`` (the same values any rank count uses), the
     fixed permutations likewise, then the state derived from parameters."""

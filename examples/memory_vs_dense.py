@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from ultraplan.compiler.build import build_model, optimizer_groups, refresh_state, value_lr_factor
+from ultraplan.compiler.build import build_model, make_optimizer, refresh_state, set_group_lrs
 from ultraplan.passes.stats import spec_stats
 
 import ultraplan
@@ -45,10 +45,7 @@ def train(spec_path: Path, steps: int, seed: int = 0) -> list[float]:
     spec = ultraplan.load(spec_path)
     model = build_model(spec, seed=seed)
     t = spec.train
-    groups = optimizer_groups(model)
-    params = {g: [p for n, p in model.named_parameters() if groups[n] == g] for g in ("default", "values")}
-    optimizer = torch.optim.AdamW([{"params": p, "name": g} for g, p in params.items() if p], lr=t.lr,
-                                  betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
+    optimizer = make_optimizer(model, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     dictionary = torch.randint(0, SIDE, (PAIRS,), generator=torch.Generator().manual_seed(1234))
     data = torch.Generator().manual_seed(seed)
     losses = []
@@ -59,9 +56,7 @@ def train(spec_path: Path, steps: int, seed: int = 0) -> list[float]:
         loss = F.cross_entropy(logits[:, value_positions].flatten(0, 1), tokens[:, 1:][:, value_positions].flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for group in optimizer.param_groups:
-            factor = value_lr_factor(step, t.value_lr_multiplier, t.value_lr_decay_steps) if group["name"] == "values" else 1
-            group["lr"] = t.lr * factor
+        set_group_lrs(optimizer, step, t.lr, t.value_lr_multiplier, t.value_lr_decay_steps)
         optimizer.step()
         refresh_state(model)
         losses.append(loss.item())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ultraplan.compiler import ops, seeded
-from ultraplan.compiler.build import build_model, optimizer_groups, refresh_state, value_lr_factor
+from ultraplan.compiler.build import build_model, make_optimizer, refresh_state, set_group_lrs
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.pipeline import prepare_spec
 from ultraplan.passes.plan import Plan
@@ -26,12 +26,7 @@ def train_reference(
     spec, _ = prepare_spec(load_model_spec(plan.spec_source, text=plan.spec_text))
     model = build_model(spec, seed=seed).to(dtype)
     t = plan.training
-    groups = optimizer_groups(model)
-    values = [p for name, p in model.named_parameters() if groups[name] == "values"]
-    default = [p for name, p in model.named_parameters() if groups[name] == "default"]
-    optimizer = torch.optim.AdamW([{"params": g} for g in (default, values) if g], lr=t.lr,
-                                  betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay)
-    value_group = optimizer.param_groups[-1] if values else None
+    optimizer = make_optimizer(model, t.lr, (t.beta1, t.beta2), t.eps, t.weight_decay)
     losses = []
     vocab = dict(plan.model)["vocab_size"]
     for step in range(steps):
@@ -40,8 +35,7 @@ def train_reference(
         loss = ops.cross_entropy(logits, batch[:, 1:]) + sum(aux_losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if value_group is not None:
-            value_group["lr"] = t.lr * value_lr_factor(step, t.value_lr_multiplier, t.value_lr_decay_steps)
+        set_group_lrs(optimizer, step, t.lr, t.value_lr_multiplier, t.value_lr_decay_steps)
         optimizer.step()
         refresh_state(model)
         losses.append(loss.item())
