@@ -92,11 +92,12 @@ def make_context(
 
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
-    mode: str = "train", spec_text: str = "",
-) -> tuple[Plan, fx.GraphModule, list[PassReport]]:
-    """Run every pass; return the plan, the annotated graph and the pass reports."""
+    mode: str = "train", spec_text: str = "", stop_after: str | None = None,
+) -> tuple[Plan | None, fx.GraphModule, list[PassReport]]:
+    """Run the spec passes and the pipeline (up to ``stop_after``); return the plan (None when
+    stopped before build_plan), the annotated graph and every pass's report."""
     spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text)
     gm = lower_spec(spec, mode)
-    reports = spec_reports + run_pipeline(gm, ctx)
-    return gm.meta["ultraplan.plan"], gm, reports
+    reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
+    return gm.meta.get("ultraplan.plan"), gm, reports

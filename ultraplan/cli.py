@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -118,15 +119,14 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from ultraplan.compiler.validate import load_model_spec
     from ultraplan.passes.explain import explain_graph
-    from ultraplan.passes.pipeline import lower_spec, make_context, run_pipeline
+    from ultraplan.passes.pipeline import make_plan
 
-    spec, spec_reports = api.load_with_reports(args.spec)
-    ctx = make_context(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh), batch=args.batch, seq=args.seq,
-                       mode=args.mode)
-    gm = lower_spec(spec, args.mode)
-    reports = run_pipeline(gm, ctx, stop_after=args.stage)
-    print(explain_graph(gm, spec_reports + reports))
+    spec = load_model_spec(api.resolve_spec_path(args.spec, "models"))  # unsized: size_ffn's report shows
+    _, gm, reports = make_plan(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh),
+                               batch=args.batch, seq=args.seq, mode=args.mode, stop_after=args.stage)
+    print(explain_graph(gm, reports))
     return 0
 
 
@@ -182,8 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ultraplan explain ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # an output path that cannot be written, a directory given for a file, ...
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -248,3 +248,11 @@ def test_origins_do_not_change_what_a_spec_is(write_spec):
         assert again == one and again.layers[0].sublayers[2].origins == one.layers[0].sublayers[2].origins
     err = error_of(write_spec, spec_text("ffn: {hidden: AUTO}", V2, TWO))
     assert err.hint == "did you mean 'auto'?"
+
+
+def test_explain_lists_the_sizing_before_the_graph_passes(capsys):
+    from ultraplan.cli import main
+
+    assert main(["explain", "ultramem-v2-tiny", "--stage", "shape_prop"]) == 0
+    text = capsys.readouterr().out
+    assert text.index("hidden auto -> 72") < text.index("# Constructed by shape_prop") and "annotate_cost" not in text
