@@ -2,7 +2,7 @@
 
     make golden        (or: .venv/bin/python tools/regen_golden.py [--check])
 
-A refactor must leave tests/golden byte-identical (tests/unit/test_golden.py checks it); an
+A refactor must leave tests/golden byte-identical (tests/unit/test_program.py checks it); an
 intended change to the emitters reruns this and reviews the diff it prints.
 """
 

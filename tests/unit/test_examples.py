@@ -39,3 +39,10 @@ def test_recall_batches_follow_the_dictionary():
     assert batch.shape == (4, 30)
     a, b, v = batch[:, 0::3], batch[:, 1::3] - demo.SIDE, batch[:, 2::3] - 2 * demo.SIDE
     assert torch.equal(v, dictionary[a * demo.SIDE + b])
+
+
+def test_quickstart_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # it writes out/quickstart relative to the working directory
+    load_example("quickstart").main()
+    out = capsys.readouterr().out
+    assert "h200-8  mesh 8" in out and (tmp_path / "out" / "quickstart" / "program.py").is_file()
