@@ -7,10 +7,14 @@ A value travels with the path it came from (``Sourced``), so that a field set by
 from __future__ import annotations
 
 import dataclasses
+import keyword
 import math
+import re
 import types
 import typing
 from typing import Any, Literal, NamedTuple, get_args, get_origin
+
+from torch import nn
 
 from .errors import PathEntry, SpecError, nearest
 from .yaml_source import Document
@@ -158,3 +162,30 @@ def expect_list(doc: Document, item: Sourced, what: str) -> list:
     if not isinstance(item.value, list):
         raise doc.error(item.path, f"{what} must be a list ('- ...' lines), got {item.value!r}")
     return item.value
+
+
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_identifier(doc: Document, item: Sourced, what: str) -> str:
+    value = item.value
+    if not isinstance(value, str) or not IDENTIFIER.match(value) or keyword.iskeyword(value):
+        raise doc.error(item.path, f"{what} must be a plain identifier (letters, digits, _), got {value!r}",
+                        hint="names become Python identifiers in the emitted program; e.g. 'attn' or 'ffn_2'")
+    return value
+
+
+# A block is an nn.ModuleDict of its sublayers: their names must not shadow its own attributes.
+RESERVED_SUBLAYER_NAMES = frozenset(name for name in dir(nn.ModuleDict) if not name.startswith("__")) | {"layer"}
+
+
+def sublayer_name(doc: Document, item: Sourced, kind: str) -> str:
+    """A sublayer's ``name`` (default: its kind), checked; overrides address sublayers by it."""
+    body = item.value if isinstance(item.value, dict) else {}
+    if "name" not in body:
+        return kind
+    name = check_identifier(doc, Sourced(body["name"], (*item.path, "name")), "a sublayer name")
+    if name in RESERVED_SUBLAYER_NAMES or name.startswith("_"):
+        raise doc.error((*item.path, "name"), f"sublayer name {name!r} is taken by the block's own attributes",
+                        hint=f"choose another, e.g. '{name}_1'")
+    return name

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import keyword
-import re
 from pathlib import Path
 from typing import Any
 
 from .errors import Origin, nearest
-from .fields import Sourced, coerce, expect_list, expect_mapping, read_dataclass, sourced_mapping
+from .fields import (
+    Sourced,
+    check_identifier,
+    coerce,
+    expect_list,
+    expect_mapping,
+    read_dataclass,
+    sourced_mapping,
+    sublayer_name,
+)
 from .memory_tables import table_shapes, table_slots
 from .schema import (
     MODEL_FIELDS,
@@ -32,8 +39,6 @@ from .schema import (
 from .sublayer_checks import check_ffn_sizing, check_sublayer
 from .yaml_source import Document, load_document
 
-IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
 
 def check_top_level(doc: Document, allowed: dict[str, bool]) -> dict:
     """``allowed`` maps each top-level key to whether it is required."""
@@ -48,14 +53,6 @@ def check_top_level(doc: Document, allowed: dict[str, bool]) -> dict:
         if required and key not in doc.data:
             raise doc.error((), f"missing top-level key '{key}'", hint=f"add a '{key}:' section")
     return doc.data
-
-
-def check_identifier(doc: Document, item: Sourced, what: str) -> str:
-    value = item.value
-    if not isinstance(value, str) or not IDENTIFIER.match(value) or keyword.iskeyword(value):
-        raise doc.error(item.path, f"{what} must be a plain identifier (letters, digits, _), got {value!r}",
-                        hint="names become Python identifiers in the emitted program; e.g. 'attn' or 'ffn_2'")
-    return value
 
 
 def read_norm(doc: Document, item: Sourced) -> NormSpec | None:
@@ -83,7 +80,8 @@ def read_sublayer(
                         hint=(f"did you mean '{guess}'? " if guess else "") + "kinds: " + ", ".join(SUBLAYER_KINDS))
     body = entry[kind] if entry[kind] is not None else {}
     items = sourced_mapping(expect_mapping(doc, Sourced(body, kind_path), f"the {kind} sublayer"), kind_path)
-    name = check_identifier(doc, items.pop("name"), "a sublayer name") if "name" in items else kind
+    name = sublayer_name(doc, Sourced(body, kind_path), kind)
+    items.pop("name", None)
     items.update(overrides.get(name, {}))
     origins = (("", Origin(doc.file, kind_path, *doc.where(kind_path, key=True))),
                *((key, Origin(doc.file, item.path, *doc.where(item.path))) for key, item in items.items()))
@@ -109,7 +107,7 @@ def read_overrides(doc: Document, item: Sourced, block: list[Sourced]) -> dict[s
     for sub in block:
         if isinstance(sub.value, dict) and len(sub.value) == 1:
             kind, body = next(iter(sub.value.items()))
-            names.append(body.get("name", kind) if isinstance(body, dict) else kind)
+            names.append(sublayer_name(doc, Sourced(body, (*sub.path, kind)), kind))
     out: dict[str, dict[str, Sourced]] = {}
     for key, value in mapping.items():
         path = (*item.path, key)
@@ -159,6 +157,8 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
             repeat = coerce(doc, Sourced(gmap["repeat"], (*gpath, "repeat")), int)
             if repeat < 1:
                 raise doc.error((*gpath, "repeat"), f"repeat must be at least 1, got {repeat}")
+        for ref in pattern:
+            check_identifier(doc, ref, "a block name")
         for _ in range(repeat):
             for ref in pattern:
                 if ref.value not in blocks:
@@ -189,13 +189,13 @@ def read_layers(doc: Document, model: dict[str, Sourced], hidden: int, default_n
     for layer in layers:
         for sub in layer.sublayers:
             if getattr(sub.config, "init", "code") == "paper" and not any(s.kind == "ffn" for s in layer.sublayers):
-                raise doc.error(model["layers"].path, f"layer {layer.index}'s {sub.name} uses the paper's init, "
-                                "which sizes values against the FFN of its block, but the block has no ffn",
-                                hint="add an ffn to the block, or use init: code")
+                raise (sub.origin("init") or sub.origin()).error(
+                    f"layer {layer.index}'s {sub.name} uses the paper's init, which sizes values against the FFN of "
+                    "its block, but the block has no ffn", hint="add an ffn to the block, or use init: code")
             if layer.index + sub.deliver_after >= len(layers):
-                raise doc.error(model["layers"].path, f"layer {layer.index}'s {sub.name} delivers its output "
-                                f"{sub.deliver_after} layers later, past the last layer ({len(layers) - 1})",
-                                hint="lower deliver_after for the last layers, or add layers")
+                raise (sub.origin("deliver_after") or sub.origin()).error(
+                    f"layer {layer.index}'s {sub.name} delivers its output {sub.deliver_after} layers later, past "
+                    f"the last layer ({len(layers) - 1})", hint="lower deliver_after for the last layers, or add layers")
     return tuple(layers)
 
 
@@ -223,8 +223,10 @@ def read_model(doc: Document) -> ModelSpec:
     default_norm = model.get("norm", Sourced("rms", ("model", "norm")))
     read_norm(doc, default_norm)  # validate once even if every sublayer overrides it
     final = read_norm(doc, model.get("final_norm", default_norm))
-    if final is None:
-        final = NormSpec()
+    if final is None and "final_norm" in model:
+        raise doc.error(model["final_norm"].path, "the LM head always reads a normalised stream; final_norm "
+                        "cannot be none", hint="write final_norm: rms (or layer)")
+    final = final or NormSpec()  # norm: none for the sublayers still ends with an RMSNorm
     layers = read_layers(doc, model, hidden, default_norm)
     train_raw = top.get("train") or {}
     train = read_dataclass(doc, TrainSpec, sourced_mapping(

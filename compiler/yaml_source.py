@@ -56,9 +56,15 @@ class _Builder:
     def __init__(self, doc: Document) -> None:
         self.doc = doc
         self.constructor = yaml.constructor.SafeConstructor()
+        self.seen: set[int] = set()  # collection nodes already built: a second visit is an alias
 
     def build(self, node: yaml.Node, path: tuple[PathEntry, ...]) -> Any:
         self.doc.value_pos[path] = _mark(node)
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(node) in self.seen:  # '*name' of an '&name' mapping or list: may recurse or explode
+                raise self.doc.error(path, "YAML anchors and aliases (&name / *name) of mappings and lists are "
+                                     "not supported", hint="write the value out in full", key=True)
+            self.seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:

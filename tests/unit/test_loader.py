@@ -204,3 +204,36 @@ def test_integers_beyond_int64_are_refused(write_spec):
     for text in ("100000000000000000000000", "1.0e+23"):
         err = error_of(write_spec, GOOD.replace("ffn: {hidden: 32}", f"ffn: {{hidden: {text}}}"))
         assert err.path[-1] == "hidden" and "too large" in err.message and (err.line, err.column) == (9, 23)
+
+
+@pytest.mark.parametrize(("old", "new", "message", "line"), [
+    ("ffn: {hidden: 32}", "ffn: {hidden: 32, name: keys}", "taken by the block's own attributes", 9),
+    ("ffn: {hidden: 32}", "ffn: {hidden: 32, name: layer}", "taken by the block's own attributes", 9),
+    ("{block: dense, repeat: 2}", "{block: [dense]}", "a block name must be a plain identifier", 11),
+    ("{block: dense, repeat: 2}", "{pattern: [dense, {x: 1}]}", "a block name must be a plain identifier", 11),
+    ("ffn: {hidden: 32}", "ffn: {hidden: 32, deliver_after: 2}", "past the last layer (1)", 9),
+])
+def test_names_and_references_that_would_crash_the_build(write_spec, old, new, message, line):
+    err = error_of(write_spec, GOOD.replace(old, new))
+    assert message in err.message and err.line == line, err
+
+
+def test_override_names_are_checked_like_sublayer_names(write_spec):
+    text = GOOD.replace("ffn: {hidden: 32}", "ffn: {hidden: 32, name: [x]}").replace(
+        "{block: dense, repeat: 2}", "{block: dense, override: {ffn.hidden: 64}}")
+    assert "a sublayer name must be a plain identifier" in error_of(write_spec, text).message
+
+
+def test_aliases_of_collections_are_refused(write_spec):
+    text = GOOD.replace("  name: t\n", "  name: t\n  extra: &m {a: 1}\n  again: *m\n")
+    err = error_of(write_spec, text)
+    assert "anchors and aliases" in err.message and err.line == 4
+    recursive = "model: &m {vocab_size: 32, loop: *m}\n"
+    assert "anchors and aliases" in error_of(write_spec, recursive).message
+
+
+def test_final_norm_cannot_be_none(write_spec):
+    err = error_of(write_spec, GOOD.replace("  seq_len: 8\n", "  seq_len: 8\n  final_norm: none\n"))
+    assert err.path == ("model", "final_norm") and "cannot be none" in err.message
+    spec = load_model_spec(write_spec(GOOD.replace("  seq_len: 8\n", "  seq_len: 8\n  norm: none\n")))
+    assert spec.final_norm.kind == "rms" and spec.layers[0].sublayers[0].norm is None
