@@ -13,7 +13,8 @@ import math
 from .errors import PathEntry, SpecError, blame
 from .fields import Sourced
 from .memory_specs import ProductKeySpec, UltraMemSpec, UltraMemV2Spec
-from .schema import MEMORY_KINDS, AttentionSpec, FFNSpec, MoESpec, SublayerConfig, SublayerSpec
+from .memory_tables import TableSlot, table_slots
+from .schema import MEMORY_KINDS, AttentionSpec, FFNSpec, ModelSpec, MoESpec, SublayerConfig, SublayerSpec
 from .yaml_source import Document
 
 
@@ -123,3 +124,38 @@ def check_ffn_sizing(layer: int, block: str, sublayers: tuple[SublayerSpec, ...]
         raise error([(autos[0], "hidden"), *((m, "memory_to_ffn") for m in memories)],
                     f"hidden: auto needs a memory sublayer of the block ({', '.join(MEMORY_KINDS)}) that sets "
                     "memory_to_ffn", "add e.g. 'memory_to_ffn: 0.2' to the block's memory sublayer, or give a width")
+
+
+def check_shared_tables(spec: ModelSpec) -> None:
+    """Layers that share a value table agree on its shape and on how it is initialised: the table is
+    one tensor, built and filled once (with ``init: paper``, from the whole UltraMemV2 config). The
+    first sharer that disagrees with the first one is blamed, a layer group's override first."""
+    subs = {(layer.index, s.name): s for layer in spec.layers for s in layer.sublayers}
+    first: dict[str, tuple[TableSlot, SublayerSpec]] = {}
+    for slot in table_slots(spec):
+        sub = subs[slot.layer, slot.sublayer]
+        if slot.table not in first:
+            first[slot.table] = (slot, sub)
+            continue
+        slot0, sub0 = first[slot.table]
+        shape0, shape = (slot0.rows, slot0.value_dim, slot0.pre_value_dim), (slot.rows, slot.value_dim,
+                                                                              slot.pre_value_dim)
+        where = f"layers {slot0.layer} and {slot.layer} share the '{slot.table}' value table but"
+        fields = ("num_keys", "value_dim", "pre_value_dim", "share_layers")
+        if shape != shape0:
+            raise _sharers_error(sub0, sub, fields, f"{where} disagree on its (rows, value_dim, pre_value_dim): "
+                                 f"{shape0} vs {shape}", "give every sharer the same num_keys, value_dim and "
+                                 "pre_value_dim")
+        init0, init = getattr(sub0.config, "init", "code"), getattr(sub.config, "init", "code")
+        if init != init0 or (init == "paper" and dataclasses.replace(sub.config, memory_to_ffn=None)
+                             != dataclasses.replace(sub0.config, memory_to_ffn=None)):
+            raise _sharers_error(sub0, sub, ("init", *fields, "topk", "heads", "key_dim", "rank", "cores"),
+                                 f"{where} would initialise it differently (init {init0} vs {init}, or different "
+                                 "configs under init: paper)", "give every sharer the same init (and, with init: "
+                                 "paper, the same config)")
+
+
+def _sharers_error(sub0: SublayerSpec, sub: SublayerSpec, fields: tuple[str, ...], message: str,
+                   hint: str) -> SpecError:
+    origin = blame([*(sub.origin(f) for f in fields), *(sub0.origin(f) for f in fields)]) or sub.origin()
+    return origin.error(message, hint=hint)

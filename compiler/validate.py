@@ -24,7 +24,6 @@ from .fields import (
     sourced_mapping,
     sublayer_name,
 )
-from .memory_tables import table_shapes, table_slots
 from .schema import (
     MODEL_FIELDS,
     SUBLAYER_KINDS,
@@ -36,7 +35,7 @@ from .schema import (
     SublayerSpec,
     TrainSpec,
 )
-from .sublayer_checks import check_ffn_sizing, check_sublayer
+from .sublayer_checks import check_ffn_sizing, check_shared_tables, check_sublayer
 from .yaml_source import Document, load_document
 
 
@@ -234,11 +233,7 @@ def read_model(doc: Document) -> ModelSpec:
     spec = ModelSpec(name=name, vocab_size=vocab, hidden_size=hidden, seq_len=seq_len, tie_embeddings=tie,
                      final_norm=final, layers=layers, train=train, source=Path(doc.file).name,
                      sha256=hashlib.sha256(doc.text.encode()).hexdigest())
-    try:
-        table_shapes(table_slots(spec))
-    except ValueError as exc:
-        raise doc.error(model["layers"].path, str(exc),
-                        hint="layers that share a value table need the same num_keys, value_dim and pre_value_dim") from None
+    check_shared_tables(spec)
     return spec
 
 

@@ -197,7 +197,8 @@ def test_structure_errors(write_spec):
     shared = SPARSE.replace("{kind}", "pkm: {num_keys: 4, topk: 2, key_dim: 8, shared_values: true}")
     shared = shared.replace("{block: dense, repeat: 2}", "{block: dense}\n    - {block: dense, override: {pkm.num_keys: 5}}")
     err = error_of(write_spec, shared)
-    assert "sharing the 'pkm_shared' value table disagree" in err.message
+    assert "share the 'pkm_shared' value table but disagree" in err.message
+    assert err.path[-2:] == ("override", "pkm.num_keys")  # the override that broke it, not the block
 
 
 def test_integers_beyond_int64_are_refused(write_spec):
@@ -237,3 +238,13 @@ def test_final_norm_cannot_be_none(write_spec):
     assert err.path == ("model", "final_norm") and "cannot be none" in err.message
     spec = load_model_spec(write_spec(GOOD.replace("  seq_len: 8\n", "  seq_len: 8\n  norm: none\n")))
     assert spec.final_norm.kind == "rms" and spec.layers[0].sublayers[0].norm is None
+
+
+def test_sharers_of_a_table_initialise_it_one_way(write_spec):
+    v2 = "ultramem_v2: {num_keys: 4, topk: 2, key_dim: 8, value_dim: 8, pre_value_dim: 4, share: ring, init: paper}"
+    text = SPARSE.replace("{kind}", v2).replace(
+        "{block: dense, repeat: 2}", "{block: dense}\n    - {block: dense, override: {ultramem_v2.topk: 3}}")
+    err = error_of(write_spec, text)
+    assert "would initialise it differently" in err.message and err.path[-2:] == ("override", "ultramem_v2.topk")
+    mixed = text.replace("ultramem_v2.topk: 3", "ultramem_v2.init: code")
+    assert "init paper vs code" in error_of(write_spec, mixed).message
