@@ -11,7 +11,7 @@ import dataclasses
 import math
 
 from .errors import PathEntry, SpecError, blame
-from .fields import Sourced
+from .fields import INT64_MAX, Sourced
 from .memory_specs import ProductKeySpec, UltraMemSpec, UltraMemV2Spec
 from .memory_tables import TableSlot, table_slots
 from .schema import MEMORY_KINDS, AttentionSpec, FFNSpec, ModelSpec, MoESpec, SublayerConfig, SublayerSpec
@@ -22,6 +22,7 @@ def check_sublayer(
     doc: Document, config: SublayerConfig, items: dict[str, Sourced], kind_path: tuple[PathEntry, ...], hidden: int
 ) -> SublayerConfig:
     """Fill defaults that depend on other fields and check the cross-field facts; returns the config."""
+    check_tensor_fits(doc, items, kind_path, config, hidden)
     if isinstance(config, AttentionSpec):
         config = resolve_attention(doc, config, items, kind_path, hidden)
     elif isinstance(config, MoESpec):
@@ -48,6 +49,31 @@ def check_sublayer(
         if config.key_dim % 2:
             raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
     return config
+
+
+def largest_tensor(config: SublayerConfig, hidden: int) -> tuple[str, int]:
+    """(the field that drives it, element count) of the sublayer's largest tensor, without building it."""
+    if isinstance(config, FFNSpec):
+        return "hidden", (0 if config.auto else config.hidden) * hidden
+    if isinstance(config, MoESpec):
+        return "hidden", config.experts * config.hidden * hidden
+    if isinstance(config, (UltraMemSpec, UltraMemV2Spec)):
+        width = config.value_dim + getattr(config, "pre_value_dim", 0)
+        rows = config.num_keys**2 * getattr(config, "share_layers", 1)
+        keys = config.heads * 2 * config.rank * config.effective_keys * config.key_dim
+        return "num_keys", max(rows * width, keys)
+    if isinstance(config, ProductKeySpec):
+        return "num_keys", config.num_keys**2 * max(getattr(config, "value_dim", None) or hidden, hidden)
+    return "heads", 0
+
+
+def check_tensor_fits(doc: Document, items: dict[str, Sourced], path: tuple[PathEntry, ...], config: SublayerConfig,
+                      hidden: int) -> None:
+    """Each number may be fine while their product overflows torch's int64 element count."""
+    name, elements = largest_tensor(config, hidden)
+    if elements > INT64_MAX:
+        raise doc.error(items.get(name, Sourced(None, path)).path, f"{name} makes a tensor of {elements:.3g} "
+                        "elements, more than any tensor can hold (2^63 - 1)", hint=f"choose a smaller {name}")
 
 
 def resolve_attention(

@@ -15,6 +15,7 @@ from typing import Any
 
 from .errors import Origin, nearest
 from .fields import (
+    INT64_MAX,
     Sourced,
     check_identifier,
     coerce,
@@ -217,6 +218,9 @@ def read_model(doc: Document) -> ModelSpec:
     name = coerce(doc, model["name"], str) if "name" in model else Path(doc.file).stem
     vocab = required("vocab_size", int, 2)
     hidden = required("hidden_size", int, 1)
+    if vocab * hidden > INT64_MAX:
+        raise doc.error(("model", "vocab_size"), f"vocab_size x hidden_size = {vocab * hidden:.3g} elements is more "
+                        "than a tensor can hold (2^63 - 1)", hint="choose a smaller vocab_size or hidden_size")
     seq_len = required("seq_len", int, 1)
     tie = coerce(doc, model["tie_embeddings"], bool) if "tie_embeddings" in model else False
     default_norm = model.get("norm", Sourced("rms", ("model", "norm")))

@@ -248,3 +248,14 @@ def test_sharers_of_a_table_initialise_it_one_way(write_spec):
     assert "would initialise it differently" in err.message and err.path[-2:] == ("override", "ultramem_v2.topk")
     mixed = text.replace("ultramem_v2.topk: 3", "ultramem_v2.init: code")
     assert "init paper vs code" in error_of(write_spec, mixed).message
+
+
+@pytest.mark.parametrize(("old", "new", "field"), [
+    ("  vocab_size: 32\n", "  vocab_size: 4611686018427387904\n", "vocab_size"),
+    ("ffn: {hidden: 32}", "ffn: {hidden: 9000000000000000000}", "hidden"),
+    ("ffn: {hidden: 32}", "pkm: {num_keys: 4000000000, topk: 2, key_dim: 8}", "num_keys"),
+    ("ffn: {hidden: 32}", "moe: {experts: 9000000000, topk: 2, hidden: 9000000000}", "hidden"),
+])
+def test_a_tensor_too_large_for_torch_is_an_error_at_its_field(write_spec, old, new, field):
+    err = error_of(write_spec, GOOD.replace(old, new))
+    assert err.path[-1] == field and "2^63 - 1" in err.message, err
