@@ -187,22 +187,38 @@ def initialize(model: DecoderModel, seed: int) -> DecoderModel:
         for name, param in model.named_parameters():
             rule = rules[name]
             param.copy_(seeded.init_full(name, tuple(param.shape), rule.kind, rule.std, seed))
-        for name, buffer in model.named_buffers():
-            if name.endswith(".shuffle"):
+        for name, rule in state_rules(model).items():
+            if rule[0] == "permutation":
+                buffer = model.get_buffer(name)
                 buffer.copy_(seeded.init_full(name, tuple(buffer.shape), "permutation", 0.0, seed))
     refresh_state(model)
     return model
 
 
+def state_rules(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Buffer name -> (init, op, source parameter), from each module's ``state_rules``."""
+    out: dict[str, tuple[str, ...]] = {}
+    for prefix, module in model.named_modules():
+        for local, rule in getattr(module, "state_rules", dict)().items():
+            if len(rule) == 3:
+                rule = (rule[0], rule[1], f"{prefix}.{rule[2]}")
+            out[f"{prefix}.{local}"] = rule
+    missing = set(dict(model.named_buffers())) ^ set(out)
+    assert not missing, f"buffers without a state rule: {sorted(missing)}"
+    return out
+
+
 def refresh_state(model: nn.Module) -> None:
-    """Recompute non-parameter state derived from parameters (UltraMem's rank-1 vectors).
+    """Recompute the buffers derived from parameters (UltraMem's rank-1 vectors from the cores), by
+    the same ``state_rules`` the plan records and emitted programs follow.
 
     Call after every optimizer step, as the reference training loop and emitted programs do.
     """
     with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "refresh_state") and module is not model:
-                module.refresh_state()
+        for name, rule in state_rules(model).items():
+            if rule[0] == "derived":
+                _, op, source = rule
+                model.get_buffer(name).copy_(getattr(ops, op)(model.get_parameter(source).detach()))
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None, device: str | torch.device = "cpu") -> DecoderModel:

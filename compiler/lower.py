@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from . import ops
-from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups
+from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups, state_rules
 from .shapes import NON_DIFFERENTIABLE, SHAPE_RULES, B, Shape, T, result_dtype
 
 OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
@@ -54,19 +54,6 @@ class BufferInfo:
     init: str
     op: str = ""
     source: str = ""
-
-
-def state_rules(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Buffer name -> (init, op, source parameter), from each module's ``state_rules``."""
-    out: dict[str, tuple[str, ...]] = {}
-    for prefix, module in model.named_modules():
-        for local, rule in getattr(module, "state_rules", dict)().items():
-            if len(rule) == 3:
-                rule = (rule[0], rule[1], f"{prefix}.{rule[2]}")
-            out[f"{prefix}.{local}"] = rule
-    missing = set(dict(model.named_buffers())) ^ set(out)
-    assert not missing, f"buffers without a state rule: {sorted(missing)}"
-    return out
 
 
 class _Tracer(fx.Tracer):

@@ -14,7 +14,8 @@ Per token (research/memory_layers.md §5.2; D_k key width, r rank, c cores, m ke
     pooled = multi-core pooling of V[row] weighted by score_k * g                   (core_pool)
     y = W_o pooled
 u and t (the leading singular vectors of sum_k C_k) and the shuffle are state, not parameters:
-u and t are recomputed from the cores by ``refresh_state`` once per optimizer step.
+u and t are recomputed from the cores by ``build.refresh_state`` (following ``state_rules``) once per
+optimizer step.
 """
 
 from __future__ import annotations
@@ -77,10 +78,6 @@ class TuckerRetrieval(ResidualSublayer):
     def state_rules(self) -> dict[str, tuple[str, ...]]:
         """How each buffer is made: the shuffle is a seeded permutation; u and t derive from the cores."""
         return {"shuffle": ("permutation",), "rank_one": ("derived", "rank_one_vectors", "cores")}
-
-    def refresh_state(self) -> None:
-        """Recompute u and t from the cores (once per optimizer step, outside autograd)."""
-        self.rank_one.copy_(ops.rank_one_vectors(self.cores.detach()))
 
     def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-core scores (B, T, H, C, m) and slots (B, T, H, m) of the m best virtual slots."""
