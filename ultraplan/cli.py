@@ -52,7 +52,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(f"memory-to-FFN FLOPs: {stats['memory_to_ffn']:.4f} (memory share of the two: "
               f"{stats['memory_to_ffn'] / (1 + stats['memory_to_ffn']):.1%})")
     for name, c in stats.get("by_component", {}).items():
-        print(f"  {name:10s} {c['params']:>14,} params {c['active_params']:>14,} active "
+        print(f"  {name:12s} {c['params']:>14,} params {c['active_params']:>14,} active "
               f"{c['flops_per_token']:>14,} FLOP/token {c['memory_access_bytes_per_token']:>16,.0f} B/token")
     return 0
 

@@ -57,9 +57,11 @@ def groups(name: str) -> tuple[dict[str, int], dict[str, int]]:
     return base | {"values": LAYERS * n * n * (dv + dp)}, base | {"values": LAYERS * m * (dv + dp)}
 
 
-OURS_MINUS_OFFICIAL = {  # what our specs cannot express (QK-norm) or count differently (LayerNorm biases)
-    "olmoe-227m-1.2b": -LAYERS * 128, "memory-plus-227m-1.2b": -LAYERS * 128,
-    "ultramem-227m-1.2b": -LAYERS * 128 + 4 * 2 * 192, "ultramem-v2-227m-1.2b": -LAYERS * 128 + LAYERS * 2 * 192,
+QK_NORM = dense_groups(0)["qk_norm"]  # OLMo's per-head QK-norm, which our specs cannot express
+MEMORY_NORM_BIAS = 2 * 192  # our query/key LayerNorms have a bias (D_k each) where the official RMSNorms have none
+OURS_MINUS_OFFICIAL = {
+    "olmoe-227m-1.2b": -QK_NORM, "memory-plus-227m-1.2b": -QK_NORM,
+    "ultramem-227m-1.2b": -QK_NORM + 4 * MEMORY_NORM_BIAS, "ultramem-v2-227m-1.2b": -QK_NORM + LAYERS * MEMORY_NORM_BIAS,
 }
 
 
