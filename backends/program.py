@@ -269,6 +269,9 @@ if __name__ == "__main__":
 
 
 def emit_program(plan: Plan) -> str:
+    if plan.mode != "train":
+        raise ValueError(f"the program emitter writes training programs; this plan is for {plan.mode!r}: "
+                         "plan with --mode train (the default) to compile it")
     params_table = ["PARAMS = [  # (canonical name, attribute, placement, optimizer group)"]
     params_table += [f"    ({literal(p.name)}, {literal(identifier(p.node))}, {literal(tuple(p.sbp.split(',')))}, "
                      f"{literal(p.group)})," for p in plan.params]

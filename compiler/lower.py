@@ -113,6 +113,7 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     root: torch.nn.Module = TrainingGraph(model) if mode == "train" else model
     tracer = _Tracer()
     graph = tracer.trace(root)
+    graph.eliminate_dead_code()  # e.g. MoE balance losses in an inference graph: nothing reads them
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
     rules = init_rules(model)
     params = dict(model.named_parameters())

@@ -13,6 +13,7 @@ import time
 import torch
 from torch import fx
 
+from .choose_sbp import PlanError
 from .context import PassReport, PlanContext
 from .symbols import B, T
 
@@ -48,7 +49,11 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
 
 def shape_prop(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
-    real = concrete_shapes(gm, ctx.batch, ctx.seq)
+    try:
+        real = concrete_shapes(gm, ctx.batch, ctx.seq)
+    except RuntimeError as exc:  # e.g. B x T x vocab past what torch can size, even on meta tensors
+        raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq} ({exc}); "
+                        "lower --batch or --seq") from None
     for node in gm.graph.nodes:
         if node.name not in real:
             continue

@@ -35,7 +35,12 @@ def device_count(num_axes: int) -> sympy.Expr:
 
 def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, float]) -> float:
     """The number an expression takes at ``values``; every free symbol must be given."""
-    result = sympy.sympify(expr).subs(values)
+    expr = sympy.sympify(expr)
+    if any(not p.exp.is_number for p in expr.atoms(sympy.Pow)):
+        # (1 - k/E)^(B T) of MoE traffic: exact substitution builds a fraction with millions of digits
+        result = expr.evalf(17, subs=values)
+    else:
+        result = expr.subs(values)
     if result.free_symbols:
         raise ValueError(f"cost {expr} still has free symbols {sorted(map(str, result.free_symbols))}")
     return float(result)

@@ -58,3 +58,21 @@ def test_a_plan_of_another_version_names_its_file(tmp_path, compiled, capsys):
     (tmp_path / "old.json").write_text(json.dumps(plan | {"version": 2}))
     assert f"{tmp_path / 'old.json'}: plan version 2 is not 1" in error(
         capsys, "viz", str(tmp_path / "old.json"), "-o", str(tmp_path / "x.svg"))
+
+
+def test_sizes_torch_cannot_hold_are_a_plan_error(capsys):
+    assert "torch cannot size this graph at B=8, T=4000000000" in error(capsys, "plan", "dense-tiny", "--seq",
+                                                                          "4000000000")
+
+
+def test_an_inference_plan_is_not_compiled_into_a_training_program(tmp_path):
+    with pytest.raises(ValueError, match="writes training programs"):
+        api.compile(MODELS / "dense-tiny.yaml", "1", tmp_path / "infer", mode="infer")
+
+
+def test_an_inference_plan_moves_nothing_for_values_nothing_reads():
+    """moe-tiny's balance loss only exists for training: inference keeps neither it nor its all-reduce."""
+    infer = api.plan(MODELS / "moe-tiny.yaml", "2", mode="infer")
+    train = api.plan(MODELS / "moe-tiny.yaml", "2")
+    assert not any(n.op == "balance_loss" for n in infer.nodes) and any(n.op == "balance_loss" for n in train.nodes)
+    assert infer.total("comm_wire_bytes").value == 0
