@@ -81,6 +81,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
             output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P; sum it for logging")
                                   for b in out_steps)
+            comm_time += sum((collective_time(b) for b in out_steps), sympy.Integer(0))  # it runs every step
+            comm_wire += sum((b.wire for b in out_steps), sympy.Integer(0))
             output = node.args[0].name
             continue
         c = meta.get("ultraplan.cost")

@@ -151,3 +151,16 @@ def test_value_tables_get_their_own_optimizer_group():
     assert value_lr_factor(7, 2.0, 0) == 2.0
     pkm = {p.name: p.group for p in api.plan(MODELS / "pkm-tiny.yaml", "1").params}
     assert [n for n, g in pkm.items() if g == "values"] == ["layers.1.pkm.values"]
+
+
+@pytest.mark.parametrize(("spec", "mesh"), [("dense-tiny", "4"), ("moe-tiny", "2x2")])
+def test_comm_totals_count_every_collective_a_step_runs(spec, mesh):
+    """The same enumeration the multi-rank test measures: gradient syncs, the loss's all-reduce, and
+    forward boxings with their backward duals."""
+    plan = api.plan(MODELS / f"{spec}.yaml", mesh)
+    forward = [c for node in plan.nodes for _, steps in node.boxing for c in steps]
+    every = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing) + forward
+    every += [c for c in forward if c.backward]
+    assert plan.output_boxing and plan.total("comm_wire_bytes").value == pytest.approx(
+        sum(c.wire_bytes.value for c in every), rel=1e-12)
+    assert plan.total("comm_time").value == pytest.approx(sum(c.time.value for c in every), rel=1e-12)

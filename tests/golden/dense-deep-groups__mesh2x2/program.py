@@ -6,8 +6,8 @@
 #   model     vocab 64, hidden 32, 10 layers, 113,248 parameters
 #   predicted per step at B=4, T=16:
 #     forward+backward  4.64e+07 FLOP in all
-#     communication     905.98 kB sent per device
-#     step time         26.895 ms = 3840*B*T**2/(n0*n1*peak) + 663552*B*T/(n0*n1*peak) + 174*lat0*n0 - 174*lat0 + 174*lat1*n1 - 174*lat1 + 905984/bw1 - 905984/(bw1*n1) + 905984/bw0 - 905984/(bw0*n0)
+#     communication     905.99 kB sent per device
+#     step time         27.195 ms = 3840*B*T**2/(n0*n1*peak) + 663552*B*T/(n0*n1*peak) + 176*lat0*n0 - 176*lat0 + 176*lat1*n1 - 176*lat1 + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
 #     memory            2.19 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]

@@ -6,8 +6,8 @@
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
-#     communication     521.47 kB sent per device
-#     step time         10.435 ms = 2*(1152*B*T*bw0*(T + 224) + 33*bw0*lat0*n0*peak*(n0 - 1) + 347648*peak*(n0 - 1))/(bw0*n0*peak)
+#     communication     521.48 kB sent per device
+#     step time         10.735 ms = 4*(576*B*T*bw0*(T + 224) + 17*bw0*lat0*n0*peak*(n0 - 1) + 173826*peak*(n0 - 1))/(bw0*n0*peak)
 #     memory            1.94 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]

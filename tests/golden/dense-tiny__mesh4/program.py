@@ -6,8 +6,8 @@
 #   model     vocab 128, hidden 64, 2 layers, 115,520 parameters
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
-#     communication     693.12 kB sent per device
-#     step time         7.089 ms = 2*(768*B*T*bw0*(T + 418) + 21*bw0*lat0*n0*peak*(n0 - 1) + 462080*peak*(n0 - 1))/(bw0*n0*peak)
+#     communication     693.13 kB sent per device
+#     step time         7.389 ms = 4*(384*B*T*bw0*(T + 418) + 11*bw0*lat0*n0*peak*(n0 - 1) + 231042*peak*(n0 - 1))/(bw0*n0*peak)
 #     memory            2.57 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
