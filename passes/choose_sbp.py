@@ -61,14 +61,17 @@ class Signature:
 
 
 def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
-    """Per-axis collectives turning ``src`` into ``dst``, innermost axis first."""
+    """Per-axis collectives turning ``src`` into ``dst``, innermost axis first; each step is sized by
+    the layout the steps before it left (an all-gather on axis 1 has already grown the tensor)."""
     out = []
+    sizes = [axis_size(a) for a in range(len(src))]
+    layout = list(src)
     for axis in reversed(range(len(src))):
-        sizes = [axis_size(a) for a in range(len(src))]
-        nbytes = numel(local_dims(shape, src, sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
-        step = box(src[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
+        nbytes = numel(local_dims(shape, tuple(layout), sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
+        step = box(layout[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
         if step is not None:
             out.append(step)
+        layout[axis] = dst[axis]
     return out
 
 

@@ -46,6 +46,13 @@ class OpCost:
 ZERO = sympy.Integer(0)
 
 
+def expected_distinct(rows: int, per_token: sympy.Expr, draws: sympy.Expr) -> sympy.Expr:
+    """Expected distinct rows of ``rows`` that ``draws`` tokens read, each ``per_token`` distinct rows
+    chosen uniformly: R (1 - (1 - r/R)^draws). Used for experts (tokens of a batch) and value rows
+    (decode batch); tests/unit/test_accounting.py checks it against sampling."""
+    return rows * (1 - (1 - sympy.Rational(1, rows) * per_token) ** draws)
+
+
 def _bytes(shape: Shape, dtype: str) -> sympy.Expr:
     return numel(shape) * BYTES_PER_ELEMENT[dtype]
 
@@ -113,7 +120,7 @@ def _expert_ffn(inputs, output, attrs: dict, written: sympy.Expr) -> OpCost:
     tokens = numel(x_shape[:-1])
     matrices = 3 if attrs["activation"] == "swiglu" else 2
     flops = 2 * tokens * k * hidden * dim * matrices
-    expected_experts = experts * (1 - (1 - sympy.Rational(k, experts)) ** tokens)
+    expected_experts = expected_distinct(experts, sympy.Integer(k), tokens)
     weight_bytes = expected_experts * matrices * hidden * dim * 4
     act_bytes = sum((_bytes(*i) for i in inputs[:3]), ZERO)
     touch = Touch(sympy.Integer(k), experts, hidden * dim)

@@ -30,10 +30,10 @@ from ..compiler.lower import tensor_args
 from ..compiler.schema import MEMORY_KINDS, ModelSpec
 from ..compiler.shapes import B, T
 from .annotate_cost import annotate_cost, flops_per_token_by
-from .cost import Touch
+from .cost import Touch, expected_distinct
 from .pipeline import lower_spec
 
-EMBEDDING_PARAMS = ("embed.weight", "lm_head.weight")
+EMBEDDING_COMPONENTS = ("embedding", "lm_head")  # lowering tags the token embedding and the LM head so
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _param_accounting(param: fx.Node) -> tuple[int, int, sympy.Expr]:
     first = reads[0]
     rows_per_token = sympy.Min(first.rows, sum((r.rows_per_token for r in reads), sympy.Integer(0)))
     active = int(rows_per_token) * first.row_elems
-    distinct_rows = first.rows * (1 - (1 - rows_per_token / first.rows) ** B)
+    distinct_rows = expected_distinct(first.rows, rows_per_token, B)
     return numel, min(active, numel), 4 * first.row_elems * distinct_rows
 
 
@@ -124,7 +124,7 @@ def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
         c = comp[node.meta["ultraplan.component"]]
         if node.meta["ultraplan.op"] == "param":
             numel, active, access = _param_accounting(node)
-            embedding = node.meta["ultraplan.param"].name in EMBEDDING_PARAMS
+            embedding = node.meta["ultraplan.component"] in EMBEDDING_COMPONENTS
             totals["params"] += numel
             totals["active"] += active
             totals["params_ne"] += 0 if embedding else numel

@@ -164,3 +164,20 @@ def test_comm_totals_count_every_collective_a_step_runs(spec, mesh):
     assert plan.output_boxing and plan.total("comm_wire_bytes").value == pytest.approx(
         sum(c.wire_bytes.value for c in every), rel=1e-12)
     assert plan.total("comm_time").value == pytest.approx(sum(c.time.value for c in every), rel=1e-12)
+
+
+def test_multi_axis_boxing_sizes_each_step_by_the_layout_before_it():
+    """(S0, S0) -> (B, B): after the axis-1 all-gather a device holds B/n0 rows, which the axis-0 step
+    gathers; (P, S0) -> (B, B): the axis-0 all-reduce sums the whole, already gathered tensor."""
+    from ultraplan.compiler.shapes import B, T
+    from ultraplan.passes.choose_sbp import boxings
+
+    row = 64 * 4  # hidden 64, fp32
+    n0, n1 = sympy.Symbol("n0", positive=True, integer=True), sympy.Symbol("n1", positive=True, integer=True)
+    gather = boxings((Split(0), Split(0)), (Broadcast(), Broadcast()), (B, T, 64), "float32")
+    assert [(b.collective, b.axis) for b in gather] == [("all_gather", 1), ("all_gather", 0)]
+    assert sympy.simplify(gather[1].payload - row * B * T / n0) == 0
+    reduce = boxings((PartialSum(), Split(0)), (Broadcast(), Broadcast()), (B, T, 64), "float32")
+    assert [(b.collective, b.axis) for b in reduce] == [("all_gather", 1), ("all_reduce", 0)]
+    assert sympy.simplify(reduce[1].payload - row * B * T) == 0
+    assert sympy.simplify(gather[0].payload - row * B * T / (n0 * n1)) == 0  # unchanged first step
