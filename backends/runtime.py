@@ -113,8 +113,8 @@ def local_slice(full, mesh, sbp):
             if out.shape[dim] % n:
                 raise ValueError(f"dim {dim} of size {out.shape[dim]} does not split over {n} devices")
             out = out.chunk(n, dim=dim)[mesh.coords[axis]]
-        elif entry == "P" and mesh.coords[axis] != 0:
-            out = torch.zeros_like(out)
+        elif entry == "P":  # as partial_from_whole: each device's share is 1/n, the shares sum to the whole
+            out = out / mesh.shape[axis]
     return out.contiguous()
 
 

@@ -1,6 +1,8 @@
 """build_plan: read the annotations of every node into a ``Plan`` (stored as gm.meta["ultraplan.plan"]).
 
-It decides nothing: all choices were made by earlier passes. It evaluates every sympy cost at
+It chooses nothing: signatures and boxings come from choose_sbp; what it adds follows from them
+(a forward all-reduce's backward dual is an all-reduce of the gradient) or is the only option so
+far (the data-parallel strategy, the permutation-walk task). It evaluates every sympy cost at
 the context's point and adds the step totals:
 
     compute_time   = (forward + backward FLOPs) / (devices * peak)   (batch split over devices)

@@ -13,7 +13,7 @@ from OneFlow's ``sbp_infer_util.cpp`` and DTensor's ``_collective_utils.py``):
     P -> S  reduce_scatter     (n-1)/n * nbytes      (n-1) messages
     S(i) -> S(j) all_to_all    (n-1)/n^2 * nbytes    (n-1) messages
     B -> S  local slice        0
-    B -> P  local (keep on one device, zero elsewhere) 0
+    B -> P  local (each device keeps 1/n; the n shares sum to the whole) 0
     S -> P  and P(op1) -> P(op2): not allowed (research §0.5)
 
 ``payload`` is what the program hands the collective (the local tensor's bytes): that is what

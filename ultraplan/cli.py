@@ -119,8 +119,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    from ultraplan.backends.explain import explain_graph
     from ultraplan.compiler.validate import load_model_spec
-    from ultraplan.passes.explain import explain_graph
     from ultraplan.passes.pipeline import make_plan
 
     spec = load_model_spec(api.resolve_spec_path(args.spec, "models"))  # unsized: size_ffn's report shows

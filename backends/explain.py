@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..compiler.shapes import shape_str
-from .context import PassReport
+from ..passes.context import PassReport
 
 
 def annotation(node: fx.Node) -> str:
