@@ -85,6 +85,10 @@ def make_context(
     seq = spec.seq_len if seq is None else seq
     if batch < 1 or seq < 1:
         raise PlanError(f"batch and sequence length must be at least 1, got --batch {batch} --seq {seq}")
+    if mesh.size > hardware.num_devices:
+        raise PlanError(f"mesh {mesh} needs {mesh.size} devices, but hardware {hardware.name} has "
+                        f"{hardware.num_devices} ({hardware.nodes} node(s) x {hardware.devices_per_node}); "
+                        "use a smaller --mesh or another --hardware")
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
     return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text)

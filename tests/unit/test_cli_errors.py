@@ -76,3 +76,8 @@ def test_an_inference_plan_moves_nothing_for_values_nothing_reads():
     train = api.plan(MODELS / "moe-tiny.yaml", "2")
     assert not any(n.op == "balance_loss" for n in infer.nodes) and any(n.op == "balance_loss" for n in train.nodes)
     assert infer.total("comm_wire_bytes").value == 0
+
+
+def test_a_mesh_larger_than_the_hardware_is_refused(capsys):
+    err = error(capsys, "plan", "dense-tiny", "--mesh", "16", "--hardware", "h200-8")
+    assert "mesh 16 needs 16 devices, but hardware" in err and "has 8 (1 node(s) x 8)" in err
