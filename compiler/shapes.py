@@ -99,11 +99,13 @@ def _tucker_scores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
     return (*shapes[0][:-1], heads, halves, ranks, num_keys)
 
 
-def _rank_one(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+def _drop_second_last(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    """rank_one_scores (contracts the rank axis) and sum_cores (sums the cores axis)."""
     return (*shapes[0][:-2], shapes[0][-1])
 
 
-def _take_ranked(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+def _take_along_last(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
+    """take_ranked and take_cores: the index's batch axes, the source's second-last axis, k picks."""
     return (*shapes[1][:-1], shapes[0][-2], shapes[1][-1])
 
 
@@ -112,22 +114,10 @@ def _tucker_grid(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
     return (*shapes[0][:3], shapes[1][1], m * m)
 
 
-def _sum_cores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
-    return (*shapes[0][:-2], shapes[0][-1])
-
-
-def _take_cores(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
-    return (*shapes[1][:-1], shapes[0][-2], shapes[1][-1])
-
-
-def _core_pool(shapes: list[Shape], attrs: dict[str, Any]) -> Shape:
-    return (*shapes[0][:2], shapes[0][-1])
-
-
 SHAPE_RULES.update({
-    "tucker_scores": _tucker_scores, "rank_one_scores": _rank_one, "take_ranked": _take_ranked,
-    "tucker_grid": _tucker_grid, "sum_cores": _sum_cores, "take_cores": _take_cores, "shuffle_rows": _same,
-    "scale_cores": _same, "core_pool": _core_pool, "block_of": _same, "row_in_block": _same,
+    "tucker_scores": _tucker_scores, "rank_one_scores": _drop_second_last, "take_ranked": _take_along_last,
+    "tucker_grid": _tucker_grid, "sum_cores": _drop_second_last, "take_cores": _take_along_last,
+    "shuffle_rows": _same, "scale_cores": _same, "core_pool": _weighted_sum, "block_of": _same, "row_in_block": _same,
     "ive_pool": lambda shapes, attrs: (*shapes[0][:2], attrs["num_blocks"] * shapes[0][-1]),
     "expert_counts": lambda shapes, attrs: (sympy.Integer(attrs["num_experts"]),),
     "column_sums": lambda shapes, attrs: (shapes[0][-1],),
@@ -135,10 +125,11 @@ SHAPE_RULES.update({
 })
 
 # Ops through which no gradient flows (their results are indices or counts).
-NON_DIFFERENTIABLE = {"topk_indices", "grid_indices", "shuffle_rows", "block_of", "row_in_block", "expert_counts"}
-
 # Ops whose result is not float32: index-valued ops, and take (the dtype of what it takes from).
 INDEX_OPS = {"topk_indices", "grid_indices", "shuffle_rows", "block_of", "row_in_block"}
+
+# Ops through which no gradient flows (their results are indices or counts).
+NON_DIFFERENTIABLE = INDEX_OPS | {"expert_counts"}
 
 
 def result_dtype(op: str, input_dtypes: list[str]) -> str:
