@@ -27,10 +27,17 @@ class FFN(ResidualSublayer):
         return rules
 
     def body(self, h: torch.Tensor) -> torch.Tensor:
-        up = named("up", ops.linear(h, self.w_up))
-        if self.spec.activation == "swiglu":
-            gate = named("gate", ops.linear(h, self.w_gate))
-            act = named("act", ops.swiglu(gate, up))
-        else:
-            act = named("act", ops.gelu(up))
-        return named("down", ops.linear(act, self.w_down))
+        return ffn_body(h, self, self.spec.activation)
+
+
+def ffn_body(h: torch.Tensor, module: nn.Module, activation: str, prefix: str = "") -> torch.Tensor:
+    """up, (gate,) act, down, each a labelled node (``prefix`` + label), with weights
+    ``module.w_{prefix}up`` etc. read where they are used (the traced graph's order): the FFN's
+    body, and MoE's always-on shared experts (prefix ``shared_``)."""
+    up = named(f"{prefix}up", ops.linear(h, getattr(module, f"w_{prefix}up")))
+    if activation == "swiglu":
+        gate = named(f"{prefix}gate", ops.linear(h, getattr(module, f"w_{prefix}gate")))
+        act = named(f"{prefix}act", ops.swiglu(gate, up))
+    else:
+        act = named(f"{prefix}act", ops.gelu(up))
+    return named(f"{prefix}down", ops.linear(act, getattr(module, f"w_{prefix}down")))

@@ -13,6 +13,7 @@ from torch import nn
 from .. import ops
 from ..schema import MoESpec, NormSpec
 from .base import InitRule, ResidualSublayer, named
+from .ffn import ffn_body
 
 
 class MoE(ResidualSublayer):
@@ -55,10 +56,6 @@ class MoE(ResidualSublayer):
         gate_weight = self.w_gate if s.activation == "swiglu" else self.w_up
         out = named("routed", ops.expert_ffn(h, chosen, gates, self.w_up, gate_weight, self.w_down, s.activation))
         if s.shared_experts:
-            up = named("shared_up", ops.linear(h, self.w_shared_up))
-            if s.activation == "swiglu":
-                act = named("shared_act", ops.swiglu(named("shared_gate", ops.linear(h, self.w_shared_gate)), up))
-            else:
-                act = named("shared_act", ops.gelu(up))
-            out = named("routed_and_shared", ops.add(out, named("shared_down", ops.linear(act, self.w_shared_down))))
+            shared = ffn_body(h, self, s.activation, prefix="shared_")
+            out = named("routed_and_shared", ops.add(out, shared))
         return (out, aux) if aux is not None else out

@@ -54,7 +54,9 @@ def test_lowered_graph_computes_the_eager_loss(name):
     gm = lower(model)
     tokens = torch.randint(0, spec.vocab_size, (2, spec.seq_len + 1))
     logits, aux_losses = model.forward_with_aux(tokens[:, :-1])
-    eager = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()) + sum(aux_losses)
+    eager = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    for aux in aux_losses:  # in the training graph's order: (loss + a1) + a2, not loss + (0 + a1 + a2)
+        eager = eager + aux
     assert torch.equal(gm(tokens[:, :-1], tokens[:, 1:]), eager)
 
 
