@@ -1,32 +1,31 @@
 """Print an annotated graph as readable Python: one line per op, its analyses as a trailing comment.
 
 The body is torch.fx's own code generation (runnable Python); each op line gets
-``# (B, T, 64) S(0) -> [S(0)]  flops=2*B*T*4096`` from whatever ``ultraplan.*`` keys the passes so
-far have written, and the pass reports head the listing as ``# Constructed by ...`` lines.
+``# (B, T, 64) S(0) -> [S(0)]  flops=2*B*T*4096`` from whatever fields of its record the passes so
+far have filled, and the pass reports head the listing as ``# Constructed by ...`` lines.
 """
 
 from __future__ import annotations
 
 from torch import fx
 
+from ..compiler.node_info import info
 from ..compiler.shapes import shape_str
 from ..passes.context import PassReport
 
 
 def annotation(node: fx.Node) -> str:
-    meta = node.meta
-    parts = []
-    if "ultraplan.shape" in meta:
-        parts.append(shape_str(meta["ultraplan.shape"]))
-    if "ultraplan.sbp" in meta:
-        parts.append(str(meta["ultraplan.sbp"]))
-    cost = meta.get("ultraplan.cost")
-    if cost is not None and cost.flops != 0:
-        parts.append(f"flops={cost.flops}")
-    for arg, steps in meta.get("ultraplan.boxing", {}).items():
-        for b in steps:
-            parts.append(f"{arg}: {b.collective}@axis{b.axis} wire={b.wire}")
-    for b in meta.get("ultraplan.grad_boxing", []):
+    rec = info(node)
+    parts = [shape_str(rec.shape)]
+    if rec.sbp is not None:
+        parts.append(str(rec.sbp))
+    if rec.cost is not None and rec.cost.flops != 0:
+        parts.append(f"flops={rec.cost.flops}")
+    for b in rec.boxing:
+        parts.append(f"{b.collective}@axis{b.axis} wire={b.wire}")
+    if rec.reason and rec.op == "boxing":
+        parts.append(f"why: {rec.reason}")
+    for b in rec.grad_boxing:
         parts.append(f"grad {b.src}->{b.dst} {b.collective}@axis{b.axis}")
     return "  ".join(parts)
 

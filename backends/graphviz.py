@@ -1,9 +1,9 @@
 """Graphviz emitter: Plan -> DOT text (and SVG when the ``dot`` binary is present).
 
 One box per op, grouped into a cluster per layer; parameters as small notes beside the op that
-reads them; edges labelled with the local shape and SBP of the value they carry, and drawn red
-with the collective when the plan boxes them. Colours are per op kind and fixed, so two plans
-of one model look alike.
+reads them; edges labelled with the local shape and SBP of the value they carry; each boxing node
+a red ellipse naming its collectives, its edges red. Colours are the op table's, per op kind and
+fixed, so two plans of one model look alike.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..compiler.op_table import OP_TABLE
 from ..passes.plan import Plan
 from .text import layer_group
 
-COLOURS = {
-    "linear": "#cfe2f3", "causal_attention": "#f4cccc", "embedding": "#d9ead3", "rms_norm": "#fff2cc",
-    "layer_norm": "#fff2cc", "rope": "#ead1dc", "swiglu": "#fce5cd", "gelu": "#fce5cd", "add": "#eeeeee",
-    "cross_entropy": "#d9d2e9", "input": "#ffffff",
-}
+
+def colour(op: str) -> str:
+    return OP_TABLE[op].colour if op in OP_TABLE else "#ffffff"
 
 
 def _q(text: str) -> str:
@@ -46,8 +45,13 @@ def plan_to_dot(plan: Plan) -> str:
         if node.op == "param":
             continue
         flops = f"\n{node.flops.value:.3g} FLOP" if node.flops.value else ""
-        label = f"{node.name}\n{node.op}  [{node.sbp_out}]{flops}"
-        decl = f"  {_q(node.name)} [label={_q(label)}, fillcolor={_q(COLOURS.get(node.op, '#ffffff'))}];"
+        if node.op == "boxing":
+            steps = "\n".join(f"{c.collective} axis {c.axis}" for _, cs in node.boxing for c in cs) or "as is"
+            label = f"[{node.sbp_in[0]}] -> [{node.sbp_out}]\n{steps}"
+            decl = f"  {_q(node.name)} [shape=ellipse, color=red, fontcolor=red, label={_q(label)}];"
+        else:
+            label = f"{node.name}\n{node.op}  [{node.sbp_out}]{flops}"
+            decl = f"  {_q(node.name)} [label={_q(label)}, fillcolor={_q(colour(node.op))}];"
         group = layer_group(node.layer)
         clusters.setdefault(group, []).append(decl)
     for i, (group, decls) in enumerate(clusters.items()):
@@ -61,22 +65,18 @@ def plan_to_dot(plan: Plan) -> str:
     for node in plan.nodes:
         if node.op == "param":
             continue
-        boxing = dict(node.boxing)
         for arg in node.args:
             src = shapes[arg]
             if src.op == "param":
                 p = params[arg]
+                used = "" if p.used == p.sbp else f" -> [{p.used}]"
                 pid = f"param:{arg}"
-                note = f"{p.name}\n{_shape(map(str, p.shape))}  [{p.sbp}]"
+                note = f"{p.name}\n{_shape(map(str, p.shape))}  [{p.sbp}]{used}"
                 lines.append(f"  {_q(pid)} [shape=note, fillcolor=\"#ffffff\", fontsize=8, label={_q(note)}];")
                 lines.append(f"  {_q(pid)} -> {_q(node.name)} [style=dashed, arrowsize=0.5];")
                 continue
-            steps = boxing.get(arg, ())
             label = f"{_shape(src.local_shape)} [{src.sbp_out}]"
-            attrs = ""
-            if steps:
-                label += "\n" + "\n".join(f"{c.collective} axis {c.axis}" for c in steps)
-                attrs = ", color=red, fontcolor=red"
+            attrs = ", color=red, fontcolor=red" if "boxing" in (src.op, node.op) else ""
             lines.append(f"  {_q(arg)} -> {_q(node.name)} [label={_q(label)}{attrs}];")
     if plan.output_boxing:
         label = "\n".join(f"{c.collective} axis {c.axis}" for c in plan.output_boxing)

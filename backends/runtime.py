@@ -4,11 +4,24 @@ This file must import nothing but torch and the standard library: it is copied v
 to every emitted program. It holds no model knowledge; the program passes in every decision.
 
 - ``setup`` starts (or joins) the process group: NCCL when CUDA is present, gloo otherwise;
-  without torchrun's environment it runs as a single process.
-- ``Mesh`` maps ranks to mesh coordinates (row-major) and holds one process group per axis.
-- ``local_slice`` cuts a full tensor to this rank's shard for an nd-SBP such as ``("S(0)", "B")``.
-- Collectives count the bytes they are handed (``COMM_BYTES``), so a run can be compared with the
-  plan's predicted payload.
+  without torchrun's environment it runs as a single process. The mesh is torch's ``DeviceMesh``.
+- ``Mesh`` gives this rank's coordinates, one process group per axis and the index range a rank
+  holds of a split dim (``shard_range``).
+- Layouts are nd-SBPs: one of "S(d)" (split on dim d), "B" (broadcast) or "P" (partial sum) per
+  mesh axis. When several axes split one dim, axis 0 is the outer split (then each chunk over the
+  next axis, ...), everywhere in this file.
+- Collectives are differentiable (each is a ``torch.autograd.Function`` whose backward runs the
+  dual collective) and count what they are handed: every call, forward or backward, adds the
+  bytes of the local tensor given to the collective to ``COMM_BYTES[kind]`` and 1 to
+  ``COMM_CALLS[kind]``, so a run can be compared with the plan's predicted payload. Kinds:
+  "all_reduce", "all_gather", "reduce_scatter", "all_to_all".
+- ``vocab_parallel_cross_entropy`` and ``expert_parallel_ffn`` are ops whose shard-local form
+  needs collectives inside.
+  Every rank of an axis must make the same calls in the same order, backward included (an SPMD
+  program does); ``expert_parallel_ffn`` keeps that true even for a rank no token is routed to.
+- ``comm_debug`` counts the collectives torch itself sees (CommDebugMode), a check on ours;
+  ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
+- ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
 """
 
 import json
@@ -18,50 +31,76 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
-COMM_BYTES: Counter = Counter()  # collective name -> payload bytes handed to it on this rank
-COMM_CALLS: Counter = Counter()
+COMM_BYTES: Counter = Counter()  # collective kind -> payload bytes handed to it on this rank
+COMM_CALLS: Counter = Counter()  # collective kind -> calls on this rank (forward and backward)
+PARAM_BYTES = 0  # bytes of the parameter shards ``param`` made on this rank (as made: float32)
+INIT_PEAK_BYTES = 0  # the most bytes one init_shard call held on this rank (its shard + one block)
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def reset_counters():
+    """Zero COMM_BYTES, COMM_CALLS, PARAM_BYTES and INIT_PEAK_BYTES (one program run's record)."""
+    global PARAM_BYTES, INIT_PEAK_BYTES
+    COMM_BYTES.clear()
+    COMM_CALLS.clear()
+    PARAM_BYTES = 0
+    INIT_PEAK_BYTES = 0
+
+
+# ---- mesh and set-up ----------------------------------------------------------------------------
+
+
+def _prod(values):
+    out = 1
+    for v in values:
+        out *= v
+    return out
 
 
 class Mesh:
-    """Ranks laid out row-major on ``shape``; ``groups[axis]`` holds this rank's group on that axis."""
+    """Ranks laid out row-major on ``shape`` by torch's DeviceMesh (``init_device_mesh``).
+
+    ``coords[axis]`` is this rank's coordinate on each axis and ``group(axis)`` the process group
+    of the ranks that differ from this one only on that axis (what a collective on that axis uses).
+    """
 
     def __init__(self, shape, device):
-        self.shape = tuple(shape)
+        self.shape = tuple(int(n) for n in shape)
         self.device = device
         self.rank = dist.get_rank()
         self.size = dist.get_world_size()
-        expected = 1
-        for n in self.shape:
-            expected *= n
-        if expected != self.size:
+        expected = _prod(self.shape)
+        if expected != self.size:  # checked before DeviceMesh, whose own error names no remedy
             raise SystemExit(f"this program was compiled for a mesh of {expected} devices {self.shape}, "
                              f"but {self.size} processes started; run torchrun --nproc_per_node {expected}")
-        self.coords = self._coords(self.rank)
-        self.groups = {}
-        for axis in range(len(self.shape)):
-            if len(self.shape) == 1:
-                self.groups[axis] = dist.group.WORLD
-                continue
-            # every rank must create every group, in the same order
-            for ranks in self._axis_groups(axis):
-                group = dist.new_group(ranks)
-                if self.rank in ranks:
-                    self.groups[axis] = group
+        self.device_mesh = init_device_mesh(device.type, self.shape)
+        coords = self.device_mesh.get_coordinate()
+        self.coords = tuple(int(c) for c in coords)
+        self.groups = {axis: self.device_mesh.get_group(axis) for axis in range(len(self.shape))}
 
-    def _coords(self, rank):
-        coords = []
-        for n in reversed(self.shape):
-            coords.append(rank % n)
-            rank //= n
-        return tuple(reversed(coords))
+    def group(self, axis):
+        """The process group of mesh axis ``axis`` that this rank belongs to."""
+        return self.groups[axis]
 
-    def _axis_groups(self, axis):
-        seen = {}
-        for rank in range(self.size):
-            key = tuple(c for a, c in enumerate(self._coords(rank)) if a != axis)
-            seen.setdefault(key, []).append(rank)
-        return list(seen.values())
+    def shard_range(self, total, splits):
+        """(start, stop) of the indices this rank holds of a dim of size ``total`` split over the
+        mesh axes ``splits`` (outermost first: over splits[0], then each chunk over splits[1], ...).
+
+        Splits are even (torch.chunk of a divisible size); anything else is a ValueError.
+        """
+        start, size = 0, int(total)
+        for axis in splits:
+            n = self.shape[axis]
+            if size % n:
+                raise ValueError(f"a dim of size {total} does not split evenly over mesh axes {tuple(splits)} "
+                                 f"of sizes {tuple(self.shape[a] for a in splits)} (size {size} over {n})")
+            size //= n
+            start += self.coords[axis] * size
+        return start, start + size
 
 
 def _free_port():
@@ -99,96 +138,500 @@ def teardown(owned):
         dist.destroy_process_group()
 
 
+# ---- layouts ------------------------------------------------------------------------------------
+
+
+def split_dim(entry):
+    """The dim of an "S(d)" entry, None for "B" and "P"; anything else is a ValueError."""
+    if entry in ("B", "P"):
+        return None
+    if entry.startswith("S(") and entry.endswith(")") and entry[2:-1].isdigit():
+        return int(entry[2:-1])
+    raise ValueError(f"unknown SBP entry {entry!r} (expected 'S(d)', 'B' or 'P')")
+
+
+def _split_axes(sbp, ndim):
+    """dim -> the mesh axes splitting it, in axis order (axis 0 is the outer split)."""
+    axes = {d: [] for d in range(ndim)}
+    for axis, entry in enumerate(sbp):
+        dim = split_dim(entry)
+        if dim is not None:
+            if dim >= ndim:
+                raise ValueError(f"{entry} on mesh axis {axis} splits a {ndim}-dim tensor")
+            axes[dim].append(axis)
+    return axes
+
+
+def shard_ranges(shape, mesh, sbp):
+    """((start, stop), ...) per dim: the part of a ``shape`` tensor this rank holds under ``sbp``.
+
+    "B" and "P" entries leave the ranges whole (a P shard is a share of values, not of indices).
+    """
+    if len(sbp) != len(mesh.shape):
+        raise ValueError(f"sbp {tuple(sbp)} has {len(sbp)} entries for a {len(mesh.shape)}-axis mesh")
+    axes = _split_axes(sbp, len(shape))
+    return tuple(mesh.shard_range(size, tuple(axes[d])) for d, size in enumerate(shape))
+
+
 def local_slice(full, mesh, sbp):
     """This rank's shard of ``full`` under the nd-SBP ``sbp`` (one of "S(d)", "B", "P" per axis).
 
-    Splits are balanced like torch.chunk on an evenly divisible dim; the plan guarantees that.
-    For "P" the value is kept on coordinate 0 of that axis and zero elsewhere (B -> P, local).
+    Splits are even, several axes on one dim applied in axis order (as ``shard_ranges``).
+    For "P" each device keeps full / n on that axis (as ``to_partial``): the shares sum to the whole.
     """
-    out = full
+    ranges = shard_ranges(tuple(full.shape), mesh, sbp)
+    out = full[tuple(slice(a, b) for a, b in ranges)]
     for axis, entry in enumerate(sbp):
-        if entry.startswith("S("):
-            dim = int(entry[2:-1])
-            n = mesh.shape[axis]
-            if out.shape[dim] % n:
-                raise ValueError(f"dim {dim} of size {out.shape[dim]} does not split over {n} devices")
-            out = out.chunk(n, dim=dim)[mesh.coords[axis]]
-        elif entry == "P":  # as partial_from_whole: each device's share is 1/n, the shares sum to the whole
+        if entry == "P":
             out = out / mesh.shape[axis]
     return out.contiguous()
 
 
-def param(name, shape, init, std, seed, mesh, sbp, init_full):
-    """A parameter holding this rank's shard of the deterministic full initial value."""
-    full = init_full(name, tuple(shape), init, std, seed)
-    return torch.nn.Parameter(local_slice(full, mesh, sbp).to(mesh.device))
+# ---- collectives: raw (uncounted) ---------------------------------------------------------------
+# These do the communication and nothing else. The public, counted, differentiable functions below
+# call them; so does ``gather_full``, whose collectives are checks, not part of a step, and so are
+# deliberately not counted.
 
 
-def _count(name, tensor):
-    COMM_BYTES[name] += tensor.numel() * tensor.element_size()
-    COMM_CALLS[name] += 1
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (same arguments)
+# and warns on the old names; older torch has only the old ones.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-def all_reduce(tensor, mesh, axis):
-    """Sum ``tensor`` in place over the ranks of mesh axis ``axis`` (P -> B); returns it."""
-    _count("all_reduce", tensor)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=mesh.groups[axis])
-    return tensor
+def _all_reduce_raw(t, group, op=None):
+    """Reduce the contiguous tensor ``t`` over ``group`` in place (sum unless ``op``)."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
+    return t
 
 
-class _SumOverAxis(torch.autograd.Function):
-    """P -> B inside the forward: all-reduce (sum); its backward all-reduces the gradient, since
-    every device's share of the loss used the summed value."""
-
-    @staticmethod
-    def forward(ctx, tensor, mesh, axis):
-        ctx.mesh, ctx.axis = mesh, axis
-        return all_reduce(tensor.clone(), mesh, axis)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce(grad.clone(), ctx.mesh, ctx.axis), None, None
+def _all_gather_raw(x, group, n, dim):
+    """Concatenate the group's ``x`` along ``dim`` in coordinate (group rank) order."""
+    x = x.contiguous()
+    out = torch.empty((n * x.shape[0], *x.shape[1:]) if x.dim() else (n,), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x.reshape(x.shape if x.dim() else (1,)), group=group)
+    if x.dim() == 0 or dim == 0:
+        return out
+    # out is the shards stacked on a new leading axis: move that axis next to dim and merge them
+    return out.view(n, *x.shape).movedim(0, dim).reshape(*x.shape[:dim], n * x.shape[dim], *x.shape[dim + 1:])
 
 
-def reduce_partial(tensor, mesh, axis):
-    """A partial sum made whole on mesh axis ``axis`` (P -> B), differentiably."""
-    return _SumOverAxis.apply(tensor, mesh, axis)
+def _reduce_scatter_raw(x, group, n, dim):
+    """Sum ``x`` over the group; return chunk (group rank) of ``dim`` of the sum."""
+    if x.shape[dim] % n:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} does not split over {n} devices")
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
-def partial_from_whole(tensor, mesh, axis):
-    """A whole value as a partial sum on ``axis`` (B -> P): each device holds 1/n of it."""
-    return tensor / mesh.shape[axis]
+def _all_to_all_raw(x, group, n, src_dim, dst_dim):
+    """Split ``dst_dim`` in n chunks, chunk j to group rank j; concatenate what arrives along src_dim."""
+    if x.shape[dst_dim] % n:
+        raise ValueError(f"all_to_all: dim {dst_dim} of size {x.shape[dst_dim]} does not split over {n} devices")
+    send = torch.stack(x.chunk(n, dim=dst_dim)).contiguous()  # (n, *chunk shape): row j goes to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    shape = recv.shape[1:]
+    # recv[j] came from rank j: concatenate along src_dim (the stacked axis merges into src_dim, outer)
+    return recv.movedim(0, src_dim).reshape(*shape[:src_dim], n * shape[src_dim], *shape[src_dim + 1:])
 
 
-def all_gather(tensor, mesh, axis, dim):
-    """Concatenate the shards of mesh axis ``axis`` along ``dim`` (S(dim) -> B), outside autograd."""
-    _count("all_gather", tensor)
-    parts = [torch.empty_like(tensor) for _ in range(mesh.shape[axis])]
-    dist.all_gather(parts, tensor.contiguous(), group=mesh.groups[axis])
-    return torch.cat(parts, dim=dim)
-
-
-def gather_full(tensor, mesh, sbp):
-    """The full logical tensor from every rank's shard (for checkpoints and checks)."""
-    out = tensor.detach()
-    for axis in reversed(range(len(sbp))):
-        entry = sbp[axis]
-        if entry.startswith("S("):
-            out = all_gather(out, mesh, axis, int(entry[2:-1]))
-        elif entry == "P":
-            out = all_reduce(out.clone(), mesh, axis)
+def _all_to_all_rows_raw(x, group, send_counts, recv_counts):
+    """Variable all-to-all of dim-0 rows: send_counts[j] rows (in order) to group rank j, receive
+    recv_counts[j] rows from rank j, concatenated in rank order."""
+    x = x.contiguous()
+    out = torch.empty((sum(recv_counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
+                           group=group)
     return out
 
 
-def dump(path, mesh, losses, named_shards):
-    """Write losses, measured communication and the full final parameters (rank 0 only).
+def _count(kind, tensor):
+    COMM_BYTES[kind] += tensor.numel() * tensor.element_size()
+    COMM_CALLS[kind] += 1
+
+
+# ---- collectives: counted and differentiable ----------------------------------------------------
+# Integer tensors (indices) go through the same functions; autograd gives them no backward.
+
+
+class _AllReduce(torch.autograd.Function):
+    """P -> B (sum). Backward: all-reduce of the gradient (every rank's loss used the sum)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis):
+        ctx.mesh, ctx.axis = mesh, axis
+        out = x.detach().clone(memory_format=torch.contiguous_format)
+        _count("all_reduce", out)
+        return _all_reduce_raw(out, mesh.group(axis))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        _count("all_reduce", grad)
+        return _all_reduce_raw(grad, ctx.mesh.group(ctx.axis)), None, None
+
+
+class _AllGather(torch.autograd.Function):
+    """S(dim) -> B. Backward: reduce-scatter of the gradient along dim (each rank's gradient is a
+    partial sum of the whole gradient; this rank keeps the sum of its own chunk)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis, dim):
+        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
+        _count("all_gather", x)
+        return _all_gather_raw(x, mesh.group(axis), mesh.shape[axis], dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _count("reduce_scatter", grad)
+        n = ctx.mesh.shape[ctx.axis]
+        return _reduce_scatter_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dim), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """P -> S(dim). Backward: all-gather of the gradient along dim (the gradient of a sum reaches
+    every summand whole)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis, dim):
+        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
+        _count("reduce_scatter", x)
+        return _reduce_scatter_raw(x, mesh.group(axis), mesh.shape[axis], dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _count("all_gather", grad)
+        n = ctx.mesh.shape[ctx.axis]
+        return _all_gather_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dim), None, None, None
+
+
+class _AllToAll(torch.autograd.Function):
+    """S(src_dim) -> S(dst_dim). Backward: the inverse all-to-all, S(dst_dim) -> S(src_dim)."""
+
+    @staticmethod
+    def forward(ctx, x, mesh, axis, src_dim, dst_dim):
+        ctx.mesh, ctx.axis, ctx.src_dim, ctx.dst_dim = mesh, axis, src_dim, dst_dim
+        _count("all_to_all", x)
+        return _all_to_all_raw(x, mesh.group(axis), mesh.shape[axis], src_dim, dst_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _count("all_to_all", grad)
+        n = ctx.mesh.shape[ctx.axis]
+        return _all_to_all_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dst_dim, ctx.src_dim), None, None, None, None
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """Variable all-to-all of rows (expert dispatch). Backward: the same exchange reversed (the
+    gradient of each received row goes back to the rank and position it came from)."""
+
+    @staticmethod
+    def forward(ctx, x, group, send_counts, recv_counts):
+        ctx.group, ctx.send_counts, ctx.recv_counts = group, send_counts, recv_counts
+        _count("all_to_all", x)
+        return _all_to_all_rows_raw(x, group, send_counts, recv_counts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _count("all_to_all", grad)
+        return _all_to_all_rows_raw(grad, ctx.group, ctx.recv_counts, ctx.send_counts), None, None, None
+
+
+def all_reduce(x, mesh, axis):
+    """P -> B on mesh axis ``axis``: the sum over the axis, as a new tensor (x is not modified).
+    Counts the bytes of x. Backward: all-reduce (sum) of the gradient, counted the same way."""
+    return _AllReduce.apply(x, mesh, axis)
+
+
+def all_gather(x, mesh, axis, dim):
+    """S(dim) -> B on ``axis``: the axis's shards concatenated along ``dim`` in coordinate order.
+    Counts the bytes of the local shard x. Backward: reduce_scatter of the gradient along dim
+    (counted as reduce_scatter, the bytes of the whole local gradient)."""
+    return _AllGather.apply(x, mesh, axis, dim)
+
+
+def reduce_scatter(x, mesh, axis, dim):
+    """P -> S(dim) on ``axis``: the sum over the axis; this rank keeps chunk coords[axis] of dim.
+    Counts the bytes of the whole local input x. Backward: all_gather of the gradient along dim
+    (counted as all_gather, the bytes of the local gradient chunk)."""
+    return _ReduceScatter.apply(x, mesh, axis, dim)
+
+
+def all_to_all(x, mesh, axis, src_dim, dst_dim):
+    """S(src_dim) -> S(dst_dim) on ``axis``: split the local dst_dim in n chunks, send chunk j to
+    coordinate j, concatenate what arrives along src_dim in coordinate order. Counts the bytes of
+    the whole local x (the chunk that stays included). Backward: the inverse all_to_all."""
+    if src_dim == dst_dim:
+        raise ValueError(f"all_to_all from S({src_dim}) to S({dst_dim}) moves nothing")
+    return _AllToAll.apply(x, mesh, axis, src_dim, dst_dim)
+
+
+def slice_local(x, mesh, axis, dim):
+    """B -> S(dim) on ``axis``: chunk coords[axis] of dim, no communication. Its gradient is zero
+    outside the slice: a P gradient on that axis, which is what the dual of B -> S is."""
+    n = mesh.shape[axis]
+    if x.shape[dim] % n:
+        raise ValueError(f"slice_local: dim {dim} of size {x.shape[dim]} does not split over {n} devices")
+    return x.chunk(n, dim=dim)[mesh.coords[axis]]
+
+
+def to_partial(x, mesh, axis):
+    """B -> P on ``axis``: each device holds x / n, so the shares sum to x. No communication."""
+    return x / mesh.shape[axis]
+
+
+def all_reduce_(t, mesh, axis):
+    """Sum ``t`` in place over mesh axis ``axis`` and return it: gradient synchronisation after
+    backward and loss logging, outside autograd. Counted as "all_reduce" (the bytes of t)."""
+    if not t.is_contiguous():
+        raise ValueError("all_reduce_ needs a contiguous tensor (it reduces in place)")
+    _count("all_reduce", t)
+    return _all_reduce_raw(t, mesh.group(axis))
+
+
+# the names the emitter used before the collectives above; kept until it switches
+reduce_partial = all_reduce
+partial_from_whole = to_partial
+
+
+# c10d op names (and functional-collective names) -> our kinds, for ``comm_debug``
+TORCH_COMM_NAMES = {"allreduce_": "all_reduce", "_allgather_base_": "all_gather", "allgather_": "all_gather",
+                    "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
+                    "alltoall_base_": "all_to_all", "alltoall_": "all_to_all",
+                    "all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+                    "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
+
+
+class comm_debug:
+    """``with comm_debug() as seen:`` runs the block under torch's ``CommDebugMode`` and fills the
+    dict ``seen`` on exit with the number of collective calls torch itself saw, keyed by this
+    file's kind names (c10d op names mapped; anything else under its own name). A check on
+    COMM_CALLS that does not depend on our own counting. Collectives run inside autograd's
+    backward are seen too: the CPU backward runs on the calling thread, where the mode is active.
+    (On CUDA the backward of CUDA tensors runs on autograd's device thread instead; torch hands
+    its thread-local state to that thread, but this was verified on gloo/CPU only.)
+    ``comm_debug(enabled=False)`` does nothing and leaves the dict empty.
+    """
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled  # False: a no-op leaving ``seen`` empty (e.g. every step but the first)
+        self.mode = None
+        self.seen = {}
+
+    def __enter__(self):
+        if not self.enabled:
+            return self.seen
+        try:
+            from torch.distributed.tensor.debug import CommDebugMode
+        except ImportError:  # torch < 2.4
+            from torch.distributed._tensor.debug import CommDebugMode
+        self.mode = CommDebugMode()
+        self.mode.__enter__()
+        return self.seen
+
+    def __exit__(self, *exc):
+        if self.mode is None:
+            return False
+        self.mode.__exit__(*exc)
+        for op, calls in self.mode.get_comm_counts().items():
+            name = str(getattr(op, "__name__", op)).split(".")[-1]
+            kind = TORCH_COMM_NAMES.get(name, name)
+            self.seen[kind] = self.seen.get(kind, 0) + calls
+        return False
+
+
+# ---- ops whose shard-local form needs collectives -----------------------------------------------
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross entropy of logits split over the vocabulary, never gathering them.
+
+    Forward, per mesh axis in ``axes`` (one axis per call, so a multi-axis split reduces axis by
+    axis): one all_reduce MAX of the per-position max (b*t values, no gradient), then one
+    all_reduce SUM of the stacked [sum of exp(z - max); target logit] (2*b*t values; the rank
+    owning a position's target column contributes its logit, the others 0). Then
+    CE = log(sum exp) + max - target logit, exactly the full-vocabulary value at every position.
+
+    The output is L / n (L the mean CE over this rank's b*t positions, n the product of the axes'
+    sizes): a P value over ``axes``, the n ranks' outputs summing to L. Backward is local: the
+    gradient g reaching a P value is the same on every rank of the group (B), and the objective
+    contains L once (n shares of L/n), so d/dz_local = (softmax_local - onehot_local) * g / (b*t),
+    softmax taken over the full vocabulary (exp(z - max) / global sum). No backward collective.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, mesh, axes, vocab_start):
+        z = logits.detach()
+        v_local = z.shape[-1]
+        top = z.amax(dim=-1).contiguous()
+        for axis in axes:
+            _count("all_reduce", top)
+            _all_reduce_raw(top, mesh.group(axis), dist.ReduceOp.MAX)
+        exp = torch.exp(z - top.unsqueeze(-1))
+        local = targets - vocab_start
+        owned = (local >= 0) & (local < v_local)
+        column = local.clamp(0, v_local - 1).unsqueeze(-1)
+        picked = torch.where(owned, z.gather(-1, column).squeeze(-1), torch.zeros((), dtype=z.dtype, device=z.device))
+        sums = torch.stack([exp.sum(dim=-1), picked])  # (2, b, t): one all-reduce for both
+        for axis in axes:
+            _count("all_reduce", sums)
+            _all_reduce_raw(sums, mesh.group(axis))
+        total, target_logit = sums[0], sums[1]
+        n = _prod(mesh.shape[a] for a in axes)
+        loss = (total.log() + top - target_logit).mean() / n
+        ctx.save_for_backward(exp, total, owned, column)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        exp, total, owned, column = ctx.saved_tensors
+        b, t, _ = exp.shape
+        grad_logits = exp / total.unsqueeze(-1)
+        grad_logits.scatter_add_(-1, column, -owned.to(exp.dtype).unsqueeze(-1))
+        return grad_logits * (grad / (b * t)), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits, targets, mesh, axes, vocab_start):
+    """Mean cross entropy over this rank's positions of vocab-split logits, as a P share.
+
+    ``logits`` (b, t, V_local) hold vocabulary columns [vocab_start, vocab_start + V_local),
+    split over the mesh axes ``axes`` (a tuple, usually one axis); ``targets`` (b, t) int64 full
+    ids. Returns (mean CE) / (product of the axes' sizes), P over ``axes``. Collectives: 2 per
+    axis in the forward (all_reduce of b*t, then of 2*b*t elements of the logits' dtype), none
+    in the backward. See ``_VocabParallelCrossEntropy`` for the derivation.
+    """
+    return _VocabParallelCrossEntropy.apply(logits, targets, mesh, tuple(axes), int(vocab_start))
+
+
+def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, activation, mesh, axis, num_experts):
+    """Dropless mixture of experts with the experts split over mesh axis ``axis``.
+
+    x (b, t, d) are this rank's tokens; indices (b, t, k) int64 global expert ids; gates (b, t, k);
+    w_up, w_gate (E_local, f, d) and w_down (E_local, d, f) hold experts
+    [coord * E_local, (coord + 1) * E_local), E_local = num_experts / n. ``activation`` is
+    "swiglu" (uses w_gate) or "gelu" (tanh approximation; w_gate unused, pass w_up again).
+    Equals ops.expert_ffn on this rank's tokens with the full expert weights.
+
+    Steps: each (token, slot) assignment, sorted by expert id (so by owning rank, then expert),
+    sends its row of x to the rank owning its expert; that rank runs each local expert on the
+    rows that arrived for it (every local expert runs, on zero rows if none arrived, so every
+    weight gets a gradient, zero where unused); the results go back by the inverse exchange and
+    are gate-weighted and summed per token (in expert order, as ops.expert_ffn adds them).
+
+    Collectives, all on ``axis`` and counted as "all_to_all" (A = b*t*k assignments of this rank,
+    R = rows this rank receives, data-dependent; e the element size of x, d its width):
+      forward, 4 calls: counts (n int64: 8n B), expert ids (A int64: 8A B), rows (A*d*e B),
+        results back (R*d*e B: data-dependent);
+      backward, 2 calls: gradient of the results (A*d*e B), gradient of the rows (R*d*e B:
+        data-dependent). Counts and ids have no backward.
+    Over the axis's ranks R sums to the sum of A, so the group's total is routing-independent;
+    one rank's R is not. A rank that receives nothing still takes part in every call.
+    """
+    if activation not in ("swiglu", "gelu"):
+        raise ValueError(f"unknown expert activation {activation!r}")
+    n = mesh.shape[axis]
+    if num_experts % n:
+        raise ValueError(f"{num_experts} experts do not split over mesh axis {axis} of size {n}")
+    local_experts = num_experts // n
+    if w_up.shape[0] != local_experts:
+        raise ValueError(f"w_up holds {w_up.shape[0]} experts, expected {local_experts} = {num_experts} / {n}")
+    group = mesh.group(axis)
+    b, t, d = x.shape
+    k = indices.shape[-1]
+    flat_x = x.reshape(b * t, d)
+    expert = indices.reshape(-1)
+    order = torch.argsort(expert, stable=True)  # by expert id, so by owning rank, then expert
+    expert_sorted = expert[order]
+    token_sorted = torch.div(order, k, rounding_mode="floor")  # assignment a is token a // k, slot a % k
+    gate_sorted = gates.reshape(-1)[order]
+
+    send = torch.bincount(torch.div(expert_sorted, local_experts, rounding_mode="floor"), minlength=n)
+    recv = torch.empty_like(send)
+    _count("all_to_all", send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    send_counts, recv_counts = send.tolist(), recv.tolist()
+
+    ids = _AllToAllRows.apply(expert_sorted, group, send_counts, recv_counts)
+    rows = _AllToAllRows.apply(flat_x[token_sorted], group, send_counts, recv_counts)
+
+    local_ids = ids - mesh.coords[axis] * local_experts
+    out = torch.zeros_like(rows)
+    for e in range(local_experts):
+        sel = torch.nonzero(local_ids == e).squeeze(1)
+        h = rows[sel]
+        up = F.linear(h, w_up[e])
+        act = F.silu(F.linear(h, w_gate[e])) * up if activation == "swiglu" else F.gelu(up, approximate="tanh")
+        out = out.index_add(0, sel, F.linear(act, w_down[e]))
+
+    back = _AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order
+    weighted = back * gate_sorted.unsqueeze(-1)
+    return torch.zeros_like(flat_x).index_add(0, token_sorted, weighted).reshape(b, t, d)
+
+
+# ---- parameters, checks, results ----------------------------------------------------------------
+
+
+def param(name, shape, init, std, seed, mesh, sbp, init_shard):
+    """A Parameter holding only this rank's shard of ``name``'s deterministic initial value.
+
+    ``init_shard`` is ``seeded.init_shard``: it makes the shard alone (block-seeded draws), so no
+    rank ever holds a full parameter it does not own. A "P" entry is invalid (a parameter is not a
+    partial sum). Adds the shard's bytes to PARAM_BYTES and keeps the largest bytes one init call
+    held in INIT_PEAK_BYTES.
+    """
+    global PARAM_BYTES, INIT_PEAK_BYTES
+    if "P" in sbp:
+        raise ValueError(f"parameter {name} cannot be placed {tuple(sbp)}: a parameter is never a partial sum")
+    shape = tuple(int(s) for s in shape)
+    stats = {}
+    shard = init_shard(name, shape, init, std, seed, shard_ranges(shape, mesh, sbp), stats=stats)
+    peak = stats.get("peak_bytes", 0)
+    PARAM_BYTES += shard.numel() * shard.element_size()
+    INIT_PEAK_BYTES = max(INIT_PEAK_BYTES, peak)
+    return torch.nn.Parameter(shard.to(mesh.device))
+
+
+def gather_full(tensor, mesh, sbp):
+    """The full logical tensor from every rank's shard (for checkpoints and checks).
+
+    Uses the raw collectives: NOT counted in COMM_BYTES / COMM_CALLS (a check, not the step).
+    Axes are undone innermost first, the inverse of the axis-0-outer split order.
+    """
+    out = tensor.detach()
+    for axis in reversed(range(len(sbp))):
+        dim = split_dim(sbp[axis])
+        if dim is not None:
+            out = _all_gather_raw(out, mesh.group(axis), mesh.shape[axis], dim)
+        elif sbp[axis] == "P":
+            out = _all_reduce_raw(out.clone(memory_format=torch.contiguous_format), mesh.group(axis))
+    return out
+
+
+def dump(path, mesh, losses, named_shards, extra=None):
+    """Write losses, measured communication and the full final parameters (rank 0 writes).
 
     ``named_shards`` is a list of (canonical name, local tensor, sbp). Every rank must call it
-    (gathering is collective). Writes ``path`` (JSON) and ``path + '.pt'`` (a state dict).
+    (gathering is collective). Writes ``path`` (JSON) and ``path + '.pt'`` (a state dict). The
+    JSON holds rank 0's ``comm`` (bytes and calls by kind), every rank's in ``comm_by_rank``
+    (a list in rank order), and per rank ``param_bytes`` (the local shards' bytes as they are
+    now, in the run's dtype) and ``init_peak_bytes`` (INIT_PEAK_BYTES). None of the gathering
+    here is counted. ``extra`` (a dict of JSON values, rank 0's) is merged into the JSON.
     """
     comm = {"bytes": dict(COMM_BYTES), "calls": dict(COMM_CALLS)}
+    mine = {"comm": comm, "param_bytes": sum(t.numel() * t.element_size() for _, t, _ in named_shards),
+            "init_peak_bytes": INIT_PEAK_BYTES}
+    everyone = [None] * mesh.size
+    dist.all_gather_object(everyone, mine)
     state = {name: gather_full(t, mesh, sbp).cpu() for name, t, sbp in named_shards}
     if mesh.rank == 0:
         torch.save(state, path + ".pt")
+        result = {"losses": losses, "comm": comm, "world_size": mesh.size, "params": path + ".pt",
+                  "comm_by_rank": [r["comm"] for r in everyone],
+                  "param_bytes": [r["param_bytes"] for r in everyone],
+                  "init_peak_bytes": [r["init_peak_bytes"] for r in everyone]}
+        result.update(extra or {})
         with open(path, "w") as f:
-            json.dump({"losses": losses, "comm": comm, "world_size": mesh.size, "params": path + ".pt"}, f, indent=1)
+            json.dump(result, f, indent=1)

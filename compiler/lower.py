@@ -1,25 +1,17 @@
-"""Eager ``nn.Module`` -> ``torch.fx.GraphModule`` with ultraplan annotations in ``node.meta``.
+"""Eager ``nn.Module`` -> ``torch.fx.GraphModule`` with one ``NodeInfo`` per node in ``node.meta``.
 
-The model is traced with every function of ``ops.py`` as a leaf, so each op is one node.
-Then each node gets:
-
-- ``ultraplan.op``: the op kind (``linear``, ``rope``, ...; ``input``, ``param``, ``output``);
-- ``ultraplan.attrs``: the op's non-tensor arguments by name (``eps``, ``num_heads``, ...);
-- ``ultraplan.param``: for parameter nodes, a ``ParamInfo`` (canonical name, shape, init rule);
-- ``ultraplan.shape``: a tuple of sympy expressions in ``B`` and ``T``;
-- ``ultraplan.dtype``: ``float32`` or ``int64``;
-- ``ultraplan.layer``: the module path that produced it (``layers.0.attention``), for grouping;
-- ``ultraplan.component``: the sublayer kind it belongs to (``attention``, ``moe``, ``embedding``);
-- ``ultraplan.differentiable``: whether a gradient flows back through the value;
-
-and a readable name made of that module path and the label the component gave the value.
+The model is traced with every function of ``ops.py`` as a leaf, so each op is one node. Each node
+then gets its record (``node_info.py``): op kind (an op-table key, or ``input``, ``param``,
+``buffer``, ``output``), non-tensor arguments, symbolic shape in ``B`` and ``T`` (the op table's
+shape rule), dtype, module path, component, the parameter or buffer it reads, whether a gradient
+flows through it, and whether it is a value of the residual stream; and a readable name made of
+that module path and the label the component gave the value.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from dataclasses import dataclass
 
 import sympy
 import torch
@@ -27,33 +19,15 @@ from torch import fx
 
 from . import ops
 from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups, state_rules
-from .shapes import NON_DIFFERENTIABLE, SHAPE_RULES, B, Shape, T, result_dtype
+from .node_info import BufferInfo, NodeInfo, ParamInfo, info
+from .op_table import OP_TABLE
+from .shapes import B, Shape, T
 
-OPS = {name: fn for name, fn in vars(ops).items() if inspect.isfunction(fn) and fn.__module__ == ops.__name__}
+__all__ = ["BufferInfo", "ParamInfo", "lower", "tensor_args"]
 
-
-@dataclass(frozen=True)
-class ParamInfo:
-    """A parameter as the plan sees it."""
-
-    name: str
-    shape: tuple[int, ...]
-    init: str
-    std: float
-    group: str = "default"  # optimizer group: "default", or "values" for memory value tables
-
-
-@dataclass(frozen=True)
-class BufferInfo:
-    """Non-parameter state: ``init`` is ``permutation`` (seeded by name) or ``derived``, recomputed
-    as ``op(source)`` from a parameter at start and after every optimizer step."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    init: str
-    op: str = ""
-    source: str = ""
+# labels components give the residual stream's values: the embedding's output, each sublayer's
+# residual add, an add delivering a skip-layer's output (strategies pin how the stream is laid out)
+STREAM_LABELS = {"x", "residual", "delivered"}
 
 
 class _Tracer(fx.Tracer):
@@ -101,8 +75,7 @@ def _rename(gm: fx.GraphModule) -> None:
         if node.op == "get_attr":
             base = re.sub(r"^model\.", "", node.target)
         elif node.op == "call_function":
-            label = node.meta.get("ultraplan.label", node.target.__name__)
-            base = ".".join(p for p in (node.meta["ultraplan.layer"], label) if p)
+            base = ".".join(p for p in (info(node).layer, info(node).label or node.target.__name__) if p)
         else:
             continue
         node._rename(re.sub(r"\W", "_", base))
@@ -121,58 +94,54 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     groups = optimizer_groups(model)
     state = state_rules(model)
     for node in gm.graph.nodes:
-        node.meta["ultraplan.layer"] = _module_path(node)
-        node.meta["ultraplan.component"] = _component(node)
-        if node.op == "placeholder":
-            node.meta.update({"ultraplan.op": "input", "ultraplan.attrs": {},
-                              "ultraplan.shape": (B, T), "ultraplan.dtype": "int64"})
-        elif node.op == "get_attr" and re.sub(r"^model\.", "", node.target) in buffers:
-            name = re.sub(r"^model\.", "", node.target)
-            buffer = buffers[name]
-            shape = tuple(int(s) for s in buffer.shape)
-            dtype = str(buffer.dtype).removeprefix("torch.")
-            node.meta.update({"ultraplan.op": "buffer", "ultraplan.attrs": {},
-                              "ultraplan.buffer": BufferInfo(name, shape, dtype, *state[name]),
-                              "ultraplan.shape": tuple(sympy.Integer(s) for s in shape),
-                              "ultraplan.dtype": dtype})
-        elif node.op == "get_attr":
-            name = re.sub(r"^model\.", "", node.target)
-            rule = rules[name]
-            shape = tuple(int(s) for s in params[name].shape)
-            node.meta.update({"ultraplan.op": "param", "ultraplan.attrs": {},
-                              "ultraplan.param": ParamInfo(name, shape, rule.kind, rule.std, groups[name]),
-                              "ultraplan.shape": tuple(sympy.Integer(s) for s in shape),
-                              "ultraplan.dtype": "float32"})
-        elif node.op == "call_function":
-            op = node.target.__name__
-            if OPS.get(op) is not node.target:
-                raise NotImplementedError(f"lowering met {node.target} outside ops.py in {node.meta['ultraplan.layer']}")
-            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-            attrs = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
-            if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
-                raise NotImplementedError(f"{op} in {node.meta['ultraplan.layer']}: pass tensors positionally")
-            in_shapes: list[Shape] = [a.meta["ultraplan.shape"] for a in tensor_args(node)]
-            in_dtypes = [a.meta["ultraplan.dtype"] for a in tensor_args(node)]
-            node.meta.update({"ultraplan.op": op, "ultraplan.attrs": attrs,
-                              "ultraplan.shape": SHAPE_RULES[op](in_shapes, attrs),
-                              "ultraplan.dtype": result_dtype(op, in_dtypes)})
-        elif node.op == "output":
-            node.meta.update({"ultraplan.op": "output", "ultraplan.attrs": {},
-                              "ultraplan.shape": node.args[0].meta["ultraplan.shape"], "ultraplan.dtype": "float32"})
-        else:
-            raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")
+        node.meta["ultraplan"] = _record(node, rules, params, buffers, groups, state)
     for node in gm.graph.nodes:  # does a gradient flow through this value (to a parameter)?
+        record = info(node)
         if node.op == "get_attr":
-            node.meta["ultraplan.differentiable"] = node.meta["ultraplan.op"] == "param"
+            record.differentiable = record.op == "param"
         elif node.op == "call_function":
-            node.meta["ultraplan.differentiable"] = node.meta["ultraplan.op"] not in NON_DIFFERENTIABLE and any(
-                a.meta["ultraplan.differentiable"] for a in tensor_args(node))
-        else:
-            node.meta["ultraplan.differentiable"] = False
+            record.differentiable = OP_TABLE[record.op].differentiable and any(
+                info(a).differentiable for a in tensor_args(node))
     for node in gm.graph.nodes:  # model-level ops (the embedding lookup, the LM head) go with their weight
-        params = [a for a in tensor_args(node) if a.op == "get_attr"] if node.op == "call_function" else []
-        if node.meta["ultraplan.component"] == "model" and params:
-            node.meta["ultraplan.component"] = params[0].meta["ultraplan.component"]
+        weights = [a for a in tensor_args(node) if a.op == "get_attr"] if node.op == "call_function" else []
+        if info(node).component == "model" and weights:
+            info(node).component = info(weights[0]).component
     _rename(gm)
     gm.recompile()
     return gm
+
+
+def _record(node: fx.Node, rules, params, buffers, groups, state) -> NodeInfo:
+    layer, component = _module_path(node), _component(node)
+    label = node.meta.pop("ultraplan.label", "")
+    where = {"layer": layer, "component": component, "label": label}
+    if node.op == "placeholder":
+        return NodeInfo("input", {}, (B, T), "int64", **where)
+    if node.op == "get_attr":
+        name = re.sub(r"^model\.", "", node.target)
+        if name in buffers:
+            buffer = buffers[name]
+            shape = tuple(int(s) for s in buffer.shape)
+            dtype = str(buffer.dtype).removeprefix("torch.")
+            return NodeInfo("buffer", {}, tuple(sympy.Integer(s) for s in shape), dtype,
+                            buffer=BufferInfo(name, shape, dtype, *state[name]), **where)
+        rule = rules[name]
+        shape = tuple(int(s) for s in params[name].shape)
+        return NodeInfo("param", {}, tuple(sympy.Integer(s) for s in shape), "float32",
+                        param=ParamInfo(name, shape, rule.kind, rule.std, groups[name]), **where)
+    if node.op == "call_function":
+        op = node.target.__name__
+        record = OP_TABLE.get(op)
+        if record is None or record.fn is not node.target:
+            raise NotImplementedError(f"lowering met {node.target} outside the op table in {layer}")
+        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
+        attrs = {k: v for k, v in bound.arguments.items() if not isinstance(v, fx.Node)}
+        if any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            raise NotImplementedError(f"{op} in {layer}: pass tensors positionally")
+        in_shapes: list[Shape] = [info(a).shape for a in tensor_args(node)]
+        in_dtypes = [info(a).dtype for a in tensor_args(node)]
+        return NodeInfo(op, attrs, record.shape(in_shapes, attrs), record.result_dtype(in_dtypes),
+                        stream=label.rsplit(".", 1)[-1] in STREAM_LABELS, **where)
+    if node.op == "output":
+        return NodeInfo("output", {}, info(node.args[0]).shape, "float32", **where)
+    raise NotImplementedError(f"unexpected fx node {node.op} {node.target}")

@@ -17,6 +17,16 @@ def embedding(tokens_BT: torch.Tensor, weight_VD: torch.Tensor) -> torch.Tensor:
     return F.embedding(tokens_BT, weight_VD)
 
 
+def embedding_rows(tokens_BT: torch.Tensor, weight_RD: torch.Tensor, row_start: int) -> torch.Tensor:
+    """A vocabulary-split table's share of a lookup: this shard holds rows [row_start, row_start + R);
+    ids outside it look up zeros, so the shards' outputs sum to the whole lookup (and rows another
+    shard holds get no gradient here)."""
+    local = tokens_BT - row_start
+    inside = (local >= 0) & (local < weight_RD.shape[0])
+    rows = F.embedding(local.clamp(0, weight_RD.shape[0] - 1), weight_RD)
+    return rows * inside.unsqueeze(-1).to(rows.dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * weight, over the last dim."""
     return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight

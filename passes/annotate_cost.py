@@ -1,4 +1,4 @@
-"""annotate_cost: attach an ``OpCost`` (sympy in B, T) to every op node as ``ultraplan.cost``."""
+"""annotate_cost: attach an ``OpCost`` (sympy in B, T) to every op node's record (``cost``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
 from ..compiler.shapes import B, T
 from .context import PassReport, PlanContext
 from .cost import ZERO, OpCost, op_cost
@@ -22,14 +23,14 @@ def annotate_cost(gm: fx.GraphModule, ctx: PlanContext | None) -> PassReport:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        inputs = [(a.meta["ultraplan.shape"], a.meta["ultraplan.dtype"]) for a in tensor_args(node)]
-        output = (node.meta["ultraplan.shape"], node.meta["ultraplan.dtype"])
-        cost = op_cost(node.meta["ultraplan.op"], inputs, output, node.meta["ultraplan.attrs"])
-        node.meta["ultraplan.cost"] = cost
+        inputs = [(info(a).shape, info(a).dtype) for a in tensor_args(node)]
+        record = info(node)
+        cost = op_cost(record.op, inputs, (record.shape, record.dtype), record.attrs)
+        record.cost = cost
         total = OpCost(*(sympy.expand(a + b) for a, b in zip(
             (total.flops, total.bytes_read, total.bytes_written, total.backward_flops),
             (cost.flops, cost.bytes_read, cost.bytes_written, cost.backward_flops))))
-    assert all("ultraplan.cost" in n.meta for n in gm.graph.nodes if n.op == "call_function")
+    assert all(info(n).cost is not None for n in gm.graph.nodes if n.op == "call_function")
     return PassReport("annotate_cost", time.perf_counter() - start, [],
                       {"forward_flops": total.flops, "backward_flops": total.backward_flops,
                        "forward_bytes": sympy.expand(total.bytes_read + total.bytes_written)})
@@ -40,7 +41,7 @@ def flops_per_token_by(gm: fx.GraphModule, key: Callable[[fx.Node], str | None])
     keyed None are left out): by component for ``stats``, by sublayer for ``size_ffn``."""
     out: dict[str, sympy.Expr] = defaultdict(lambda: ZERO)
     for node in gm.graph.nodes:
-        group = key(node) if "ultraplan.cost" in node.meta else None
+        group = key(node) if info(node).cost is not None else None
         if group is not None:
-            out[group] += node.meta["ultraplan.cost"].flops / (B * T)
+            out[group] += info(node).cost.flops / (B * T)
     return {group: sympy.expand(sympy.simplify(flops)) for group, flops in out.items()}

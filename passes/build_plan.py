@@ -1,16 +1,21 @@
-"""build_plan: read the annotations of every node into a ``Plan`` (stored as gm.meta["ultraplan.plan"]).
+"""build_plan: read the records of every node into a ``Plan`` (stored as gm.meta["ultraplan.plan"]).
 
-It chooses nothing: signatures and boxings come from choose_sbp; what it adds follows from them
-(a forward all-reduce's backward dual is an all-reduce of the gradient) or is the only option so
-far (the data-parallel strategy, the permutation-walk task). It evaluates every sympy cost at
-the context's point and adds the step totals:
+It chooses nothing: signatures, boxing nodes and parameter placements come from choose_sbp, shard
+calls from localize. What it adds follows from them: each forward collective's dual in the
+backward (the gradient of a ``B`` value is ``P``, of ``P`` is ``B``, of ``S(d)`` is ``S(d)``:
+all_gather <-> reduce_scatter, all_reduce <-> all_reduce, all_to_all <-> its inverse), and one
+list of every collective a training step runs, in order: forward boxings and collectives inside
+variant calls, their backward duals, gradient synchronisation, the loss's logging all-reduce. It
+evaluates every sympy cost at the context's point and adds the step totals:
 
-    compute_time   = (forward + backward FLOPs) / (devices * peak)   (batch split over devices)
-    comm_time      = sum over collectives of messages * latency + wire bytes / bandwidth
+    compute_time   = sum over ops of (forward + backward FLOPs) / (devices its work is split
+                     over: axes whose signature splits a dim or runs a variant) / peak
+    comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
     step_time      = compute_time + comm_time                        (no overlap assumed)
-    memory         = train: 16 bytes per local parameter element (fp32 weight, gradient, two
-                     AdamW moments) + forward activations kept for backward (bytes written / devices);
-                     infer: 4 bytes per local parameter element + the largest single activation
+    memory         = train: 16 bytes per stored parameter element (fp32 weight, gradient, two
+                     AdamW moments) + gathered parameters kept for the backward (fsdp) + forward
+                     activations kept for backward (each op's bytes written / its split);
+                     infer: 4 bytes per parameter element in use + the largest single activation
                      (a lower bound: two live activations overlap at each op)
 
 In ``infer`` mode backward FLOPs are zero.
@@ -24,11 +29,16 @@ import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
+from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
+from .localize import internal_collectives, localize
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
-from .sbp import Boxing, local_dims, nd_str
-from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, device_count, evaluate
+from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
+from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
+
+ZERO = sympy.Integer(0)
 
 
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
@@ -42,84 +52,137 @@ def collective_time(b: Boxing) -> sympy.Expr:
     return b.messages * axis_latency(b.axis) + b.wire / axis_bandwidth(b.axis)
 
 
-def collective_plan(b: Boxing, ctx: PlanContext, values: dict, reason: str, backward: str = "") -> CollectivePlan:
-    return CollectivePlan(b.collective, b.axis, ctx.mesh.shape[b.axis], b.src, b.dst, cost(b.payload, values),
-                          cost(b.wire, values), cost(collective_time(b), values), reason, backward)
+def dual_of(b: Boxing) -> Boxing | None:
+    """The collective the backward runs on the gradient of a forward step ``b`` (None if local)."""
+    if b.collective == "local":
+        return None
+    n = axis_size(b.axis)
+    nbytes = b.payload * n if b.collective in ("all_gather", "all_to_all") else b.payload
+    return box(dual_sbp(parse_sbp(b.dst)), dual_sbp(parse_sbp(b.src)), axis=b.axis, nbytes=nbytes, n=n)
 
 
-def backward_dual(b: Boxing, differentiable: bool, train: bool) -> str:
-    """The backward of a forward all-reduce (P -> B) is an all-reduce of the gradient; local
-    boxings have local duals; nothing runs backward through a value without gradient."""
-    return "all_reduce" if train and differentiable and b.collective == "all_reduce" else ""
+class _Collectives:
+    """Accumulates the step's collectives as plans, with their time and wire-byte totals."""
+
+    def __init__(self, ctx: PlanContext, values: dict) -> None:
+        self.ctx, self.values = ctx, values
+        self.forward: list[CollectivePlan] = []
+        self.backward: list[CollectivePlan] = []
+        self.sync: list[CollectivePlan] = []
+        self.logging: list[CollectivePlan] = []
+        self.time = ZERO
+        self.wire = ZERO
+
+    def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False) -> CollectivePlan:
+        plan = CollectivePlan(b.collective, b.axis, self.ctx.mesh.shape[b.axis], b.src, b.dst,
+                              cost(b.payload, self.values), cost(b.wire, self.values),
+                              cost(collective_time(b), self.values), reason, phase, node, data_dependent)
+        if b.collective != "local":
+            {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
+             "loss_logging": self.logging}[phase].append(plan)
+            self.time += collective_time(b)
+            self.wire += b.wire
+        return plan
+
+    def step(self) -> tuple[CollectivePlan, ...]:
+        return tuple(self.forward + self.backward[::-1] + self.sync + self.logging)
+
+
+def _split_factor(splits: tuple[str, ...]) -> sympy.Expr:
+    factor = sympy.Integer(1)
+    for axis, split in enumerate(splits):
+        if split:
+            factor *= axis_size(axis)
+    return factor
+
+
+def _needs_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
+    """Does the backward reach this value? It must be differentiable and feed, through ops that pass
+    gradients on, the loss: a score read only by a top-k gets none, so its boxing has no dual."""
+    out: dict[fx.Node, bool] = {}
+    for node in reversed(gm.graph.nodes):
+        rec = info(node)
+        passes_on = [u for u in node.users if u.op == "output" or
+                     ((info(u).op == "boxing" or OP_TABLE[info(u).op].differentiable) and out.get(u, False))]
+        out[node] = rec.differentiable and bool(passes_on)
+    return out
 
 
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     values = ctx.values()
-    devices = device_count(len(ctx.mesh.shape))
     sizes = [axis_size(a) for a in range(len(ctx.mesh.shape))]
-    nodes, params, buffers = [], [], []
-    param_bytes = sympy.Integer(0)
-    fwd = bwd = written = comm_time = comm_wire = sympy.Integer(0)
-    largest: sympy.Expr = sympy.Integer(0)
     train = ctx.mode == "train"
+    comms = _Collectives(ctx, values)
+    nodes, params, buffers = [], [], []
+    param_bytes = gathered_bytes = fwd = bwd = compute = written = ZERO
+    largest: sympy.Expr = ZERO
+    output, output_boxing = "", ()
+    needs_grad = _needs_grad(gm)
     for node in gm.graph.nodes:
-        meta = node.meta
-        sig = meta["ultraplan.sbp"]
-        if meta["ultraplan.op"] == "buffer":
-            b = meta["ultraplan.buffer"]
+        rec = info(node)
+        sig = rec.sbp
+        if rec.op == "buffer":
+            b = rec.buffer
             buffers.append(BufferPlan(b.name, node.name, b.shape, b.dtype, b.init, b.op, b.source))
-        if meta["ultraplan.op"] == "param":
-            info = meta["ultraplan.param"]
-            grads = tuple(collective_plan(b, ctx, values, "the weight is B and the batch S(0), so its gradient arrives as P")
-                          for b in meta["ultraplan.grad_boxing"])
-            comm_time += sum((collective_time(b) for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
-            comm_wire += sum((b.wire for b in meta["ultraplan.grad_boxing"]), sympy.Integer(0))
-            local = numel(local_dims(meta["ultraplan.shape"], sig.output, sizes)) * BYTES_PER_ELEMENT["float32"]
+        if rec.op == "param":
+            p = rec.param
+            why = f"stored [{nd_str(rec.at_rest)}] ({rec.reason}); its gradient arrives P on the axes it is B"
+            grads = tuple(comms.add(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
+            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT["float32"]
             param_bytes += local
-            params.append(ParamPlan(info.name, node.name, info.shape, info.init, info.std, nd_str(sig.output),
-                                    cost(local, values), grads, info.group))
+            used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
+            used_sbp = info(used).sbp.output if used is not None else rec.at_rest
+            if used is not None and train:
+                gathered_bytes += numel(local_dims(rec.shape, used_sbp, sizes)) * BYTES_PER_ELEMENT["float32"]
+            params.append(ParamPlan(p.name, node.name, p.shape, p.init, p.std, nd_str(rec.at_rest), nd_str(used_sbp),
+                                    cost(local, values), grads, p.group))
         if node.op == "output":
-            out_steps = [b for steps in meta["ultraplan.boxing"].values() for b in steps]
-            output_boxing = tuple(collective_plan(b, ctx, values, "the loss is P; sum it for logging")
-                                  for b in out_steps)
-            comm_time += sum((collective_time(b) for b in out_steps), sympy.Integer(0))  # it runs every step
-            comm_wire += sum((b.wire for b in out_steps), sympy.Integer(0))
             output = node.args[0].name
+            output_boxing = tuple(comms.add(b, "loss_logging", node.name, "the loss is P; sum it for logging")
+                                  for b in rec.boxing)
             continue
-        c = meta.get("ultraplan.cost")
+        boxing: tuple = ()
+        if rec.op == "boxing":
+            arg = node.args[0].name
+            steps = tuple(comms.add(b, "forward", node.name, rec.reason) for b in rec.boxing)
+            boxing = ((arg, steps),)
+            if train and needs_grad[node]:
+                for b in rec.boxing:
+                    dual = dual_of(b)
+                    if dual is not None:
+                        comms.add(dual, "backward", node.name, f"the dual of {b.collective} on {arg}'s gradient")
+        call, local_attrs = (localize(node, ctx.mesh.shape) if node.op == "call_function" and rec.op != "boxing"
+                             else ("", ()))
+        if node.op == "call_function" and rec.op != "boxing":
+            for phase, b, dependent in internal_collectives(node, ctx.mesh.shape, train):
+                comms.add(b, phase, node.name, f"inside {call}: {b.src}", dependent)
+        c = rec.cost
         if c is not None:
-            fwd, written = fwd + c.flops, written + c.bytes_written
+            split = _split_factor(rec.splits)
+            fwd, written = fwd + c.flops, written + c.bytes_written / split
             bwd = bwd + c.backward_flops if train else bwd
-            largest = sympy.Max(largest, c.bytes_written)
+            compute += (c.flops + (c.backward_flops if train else ZERO)) / split
+            largest = sympy.Max(largest, c.bytes_written / split)
         zero = Cost("0", 0.0)
-        arg_nodes = {a.name: a for a in tensor_args(node)} if node.op == "call_function" else {}
-        boxing = []
-        for arg, steps in meta.get("ultraplan.boxing", {}).items():
-            dual = [backward_dual(b, arg_nodes[arg].meta["ultraplan.differentiable"], train) for b in steps]
-            boxing.append((arg, tuple(collective_plan(b, ctx, values, f"{node.name} needs {arg} as {b.dst}", d)
-                                      for b, d in zip(steps, dual))))
-            for b, d in zip(steps, dual):
-                comm_time += collective_time(b) * (2 if d else 1)
-                comm_wire += b.wire * (2 if d else 1)
-        boxing = tuple(boxing)
         nodes.append(NodePlan(
-            name=node.name, op=meta["ultraplan.op"], layer=meta["ultraplan.layer"],
-            args=tuple(a.name for a in tensor_args(node)), attrs=tuple(meta["ultraplan.attrs"].items()),
-            shape=tuple(str(d) for d in meta["ultraplan.shape"]),
-            local_shape=tuple(str(d) for d in local_dims(meta["ultraplan.shape"], sig.output, ctx.mesh.shape)),
-            dtype=meta["ultraplan.dtype"],
+            name=node.name, op=rec.op, layer=rec.layer,
+            args=tuple(a.name for a in tensor_args(node)), attrs=tuple(rec.attrs.items()),
+            shape=tuple(str(d) for d in rec.shape),
+            local_shape=tuple(str(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
+            dtype=rec.dtype,
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
             partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
+            call=call, local_attrs=local_attrs, splits=tuple(rec.splits),
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,
             bytes_read=cost(c.bytes_read, values) if c else zero,
             bytes_written=cost(c.bytes_written, values) if c else zero))
-    compute_time = (fwd + bwd) / (devices * PEAK)
+    compute_time = compute / PEAK
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
-        "compute_time": compute_time, "comm_wire_bytes": comm_wire, "comm_time": comm_time,
-        "step_time": compute_time + comm_time,
-        "memory_per_device": (4 * param_bytes + written / devices) if train else (param_bytes + largest / devices),
+        "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time,
+        "step_time": compute_time + comms.time,
+        "memory_per_device": (4 * param_bytes + gathered_bytes + written) if train else (param_bytes + largest),
     }
     t = ctx.spec.train
     plan = Plan(
@@ -129,11 +192,13 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                ("seq_len", ctx.spec.seq_len), ("num_layers", ctx.spec.num_layers),
                ("tie_embeddings", ctx.spec.tie_embeddings)),
         mesh=ctx.mesh.shape, hardware=ctx.hardware.name, mode=ctx.mode, batch=ctx.batch, seq=ctx.seq,
-        strategy="data_parallel",
+        strategy=",".join(ctx.strategies), forces=tuple(ctx.forces),
         training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk",
                               t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
+        collectives=comms.step(),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,
-                      [f"{len(nodes)} nodes, {len(params)} parameters"], {k: totals[k] for k in ("step_time",)})
+                      [f"{len(nodes)} nodes, {len(params)} parameters, {len(plan.collectives)} collectives per step"],
+                      {k: totals[k] for k in ("step_time",)})

@@ -1,133 +1,381 @@
-"""choose_sbp: give every node an SBP signature; record the boxing each edge needs.
+"""choose_sbp: give every node an SBP signature, and make every boxing an explicit graph node.
 
-Strategy ``data_parallel`` (the only one so far): the batch dim is split on every mesh axis.
+Each mesh axis has a named strategy (``passes/strategies.py``) that pins a few nodes: the inputs,
+the parameters (how each is stored, and how its consumers see it), and for tensor and sequence
+parallelism the residual stream. ``--force NODE=SBP`` pins more by hand. Everything else follows
+from one generic propagation over the op table, node by node in graph order:
 
-- inputs (tokens, targets): ``S(0)`` on every axis;
-- parameters: ``B`` on every axis (each device holds the whole model);
-- every op maps ``S(0)`` activations and ``B`` parameters to an ``S(0)`` output: each op here
-  acts on one sequence at a time, so splitting the batch commutes with it; an op that reads only
-  parameters and state (normalising a key table) is computed whole on every device (``B``);
-- the loss is a mean over the batch: each device's local mean, scaled by its share
-  ``1/devices``, is a partial sum ``P`` of the global mean (``partial_scale``);
-- backward: a ``B`` weight used by ``S(0)`` activations gets a ``P`` gradient, so each parameter
-  gradient is boxed ``P -> B`` with an all-reduce on every axis, in axis order from the last
-  (inside a node) to the first (across nodes);
-- the loss is boxed ``P -> B`` for logging;
-- whole-batch statistics (the MoE balance loss): per-device sums over the batch are ``P``; the op
-  that reads them wants ``B``, so they are all-reduced in the forward (an all-reduce of their
-  gradient in the backward); its ``B`` result joins the ``P`` loss as ``P`` (divided by the
-  devices, ``B -> P`` local).
+    for each op and each mesh axis a, among the op's signatures on a (passes/signatures.py) whose
+    parameter and state inputs are exactly as stored (a parameter is never re-laid out by its
+    consumer; fsdp's gather is the parameter's own boxing), choose the cheapest
 
-In ``infer`` mode there is no loss and no backward: the logits stay ``S(0)`` and parameters get
-no gradient collectives.
+        sum over inputs of  boxing cost (producer's SBP on a -> the signature's)
+      + boxing cost (the signature's output -> the node's pin on a), if pinned
+      + the all-reduce a P output will need, if not every consumer takes P,
 
-Requires ``ultraplan.shape`` and ``ultraplan.op`` on every node. Promises ``ultraplan.sbp`` on
-every node, ``ultraplan.boxing`` (per input, possibly empty) on every op and the output, and
-``ultraplan.grad_boxing`` on every parameter.
+    costs in bytes per device on that axis (then the number of collectives, then of local steps:
+    OneFlow's tie-breaking constant, so that doing nothing beats slicing), ties by signature order.
+
+The per-axis choices form the nd-signature. Wherever an input's SBP differs from what the
+signature wants, one ``boxing`` node is inserted (shared by every consumer wanting the same
+layout of the same value) holding the per-axis collective steps; a pinned node whose op makes
+another layout gets one boxing node after it. Parameters stored other than used (fsdp) get their
+gather as a boxing node too. Training: the loss is made ``P`` on every axis (a ``B -> P`` boxing
+where needed) so each device's backward starts from its share, and its logging all-reduce is
+recorded on the output. Gradients of parameters stored ``B`` on an axis arrive ``P`` there and
+are all-reduced after backward (``grad_boxing``); on axes where they are stored split, autograd's
+duals have already made them whole for the shard.
+
+Requires shapes (and ``concrete_shape`` from shape_prop). Promises an ``sbp`` on every node,
+``boxing`` steps on every boxing node, ``at_rest`` and ``grad_boxing`` on every parameter.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import time
-from dataclasses import dataclass
 
 import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
+from ..compiler.node_info import NodeInfo, info
+from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
-from .context import PassReport, PlanContext
-from .sbp import Boxing, Broadcast, NdSbp, PartialSum, Split, box, local_dims, nd_str
-from .symbols import BYTES_PER_ELEMENT, axis_size, device_count
+from .context import PassReport, PlanContext, PlanError
+from .sbp import (
+    Boxing,
+    Broadcast,
+    NdSbp,
+    PartialSum,
+    Sbp,
+    Signature,
+    Split,
+    box,
+    local_dims,
+    nd_str,
+    parse_nd,
+)
+from .signatures import AxisSignature, axis_signatures
+from .strategies import STRATEGIES, AxisPins, pin_axes
+from .symbols import BYTES_PER_ELEMENT, axis_size
 
-ONE = sympy.Integer(1)
-BATCH_SUMS = {"expert_counts", "column_sums"}
-WHOLE_BATCH = {"balance_loss"}
+__all__ = ["PlanError", "boxing", "boxings", "choose_sbp"]
+
+B_, P_ = Broadcast(), PartialSum()
 
 
-class PlanError(Exception):
-    """A plan that cannot be made as asked (e.g. a batch that does not divide over the mesh)."""
-
-
-@dataclass(frozen=True)
-class Signature:
-    inputs: tuple[NdSbp, ...]
-    output: NdSbp
-    partial_scale: sympy.Expr = ONE
-
-    def __str__(self) -> str:
-        ins = ", ".join(f"[{nd_str(s)}]" for s in self.inputs)
-        return f"{ins} -> [{nd_str(self.output)}]" if ins else f"[{nd_str(self.output)}]"
+def boxing(x):
+    """The target of a boxing node: the plan's collectives on a value, which the emitter spells."""
+    return x
 
 
 def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
     """Per-axis collectives turning ``src`` into ``dst``, innermost axis first; each step is sized by
-    the layout the steps before it left (an all-gather on axis 1 has already grown the tensor)."""
+    the layout the steps before it left (an all-gather on axis 1 has already grown the tensor).
+
+    A dim split on several axes is split outer axis first; changing an outer axis's split of a dim
+    that an inner axis still splits would need a strided layout, which is refused."""
     out = []
     sizes = [axis_size(a) for a in range(len(src))]
     layout = list(src)
     for axis in reversed(range(len(src))):
+        if layout[axis] != dst[axis]:
+            for entry in (layout[axis], dst[axis]):
+                if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(src))):
+                    raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}] changes how mesh axis {axis} splits "
+                                    f"dim {entry.dim} while an inner axis splits it too (a strided layout); "
+                                    "pin another SBP")
         nbytes = numel(local_dims(shape, tuple(layout), sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
-        step = box(layout[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
+        try:
+            step = box(layout[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
+        except ValueError as exc:
+            raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}]: {exc}") from None
         if step is not None:
             out.append(step)
         layout[axis] = dst[axis]
     return out
 
 
+def _box_cost(have: Sbp, want: Sbp, nbytes: float, n: int) -> tuple[float, int, int] | None:
+    """(bytes per device, collectives, local steps) of one axis's boxing; None when not allowed."""
+    if have == want:
+        return (0.0, 0, 0)
+    pair = (type(have), type(want))
+    if pair == (PartialSum, Broadcast):
+        return (2 * (n - 1) / n * nbytes, 1, 0)
+    if pair in ((Split, Broadcast), (PartialSum, Split)):
+        return ((n - 1) / n * nbytes, 1, 0)
+    if pair == (Split, Split):
+        return ((n - 1) / n**2 * nbytes, 1, 0)
+    if pair in ((Broadcast, Split), (Broadcast, PartialSum)):
+        return (0.0, 0, 1)
+    return None
+
+
+def _add(a: tuple, b: tuple | None) -> tuple | None:
+    return None if b is None else tuple(x + y for x, y in zip(a, b))
+
+
+def _nbytes(node: fx.Node, nd: NdSbp, axis: int, mesh: tuple[int, ...]) -> float:
+    """Bytes of the value a collective on ``axis`` sees (its other axes' splits divided out)."""
+    shape = info(node).concrete_shape or ()
+    total = float(numel(tuple(sympy.Integer(s) for s in shape))) * BYTES_PER_ELEMENT[info(node).dtype]
+    for a, entry in enumerate(nd):
+        if a != axis and isinstance(entry, Split):
+            total /= mesh[a]
+    return total
+
+
+def _state(node: fx.Node) -> bool:
+    """Parameters, buffers and their own boxings: consumers take them as they are."""
+    rec = info(node)
+    return rec.op in ("param", "buffer") or (rec.op == "boxing" and _state(node.args[0]))
+
+
+def _takes_partial(user: fx.Node, node: fx.Node) -> bool:
+    if user.op == "output":
+        return True
+    record = OP_TABLE.get(info(user).op)
+    return record is not None and record.linear in ("each", "all")
+
+
+class _Planner:
+    def __init__(self, gm: fx.GraphModule, ctx: PlanContext, pins: list[AxisPins]) -> None:
+        self.gm, self.ctx, self.pins = gm, ctx, pins
+        self.mesh = ctx.mesh.shape
+        self.boxes: dict[tuple[str, NdSbp], fx.Node] = {}
+        self.forced: dict[str, NdSbp] = {}
+        self.num_boxings = 0
+
+    def pin(self, node: fx.Node) -> NdSbp | None:
+        if node.name in self.forced:
+            return self.forced[node.name]
+        entries = [p.outputs.get(node.name) for p in self.pins]
+        if all(e is None for e in entries):
+            return None
+        return tuple(e if e is not None else B_ for e in entries)
+
+    def box_node(self, value: fx.Node, want: NdSbp, before: fx.Node, reason: str, layer: str) -> fx.Node:
+        """The boxing node turning ``value`` into ``want`` (made once per value and layout)."""
+        key = (value.name, want)
+        if key in self.boxes:
+            return self.boxes[key]
+        rec = info(value)
+        have = rec.sbp.output
+        try:
+            steps = boxings(have, want, rec.shape, rec.dtype)
+        except PlanError as exc:
+            raise PlanError(f"{value.name}: {exc}") from None
+        suffix = "_".join(str(e).replace("(", "").replace(")", "") for e in want)
+        with self.gm.graph.inserting_before(before):
+            node = self.gm.graph.create_node("call_function", boxing, (value,), {}, name=f"{value.name}_{suffix}")
+        node.meta["ultraplan"] = NodeInfo(
+            "boxing", {"src": nd_str(have), "dst": nd_str(want)}, rec.shape, rec.dtype, layer=layer,
+            component=rec.component, differentiable=rec.differentiable, concrete_shape=rec.concrete_shape,
+            sbp=Signature((have,), want), boxing=steps, reason=reason)
+        self.boxes[key] = node
+        self.num_boxings += bool(steps)
+        return node
+
+    def place_input(self, node: fx.Node) -> None:
+        pinned = self.pin(node) or (B_,) * len(self.mesh)
+        info(node).sbp = Signature((), pinned)
+
+    def place_state(self, node: fx.Node) -> None:
+        rec = info(node)
+        axes = len(self.mesh)
+        if rec.op == "buffer":
+            rec.sbp = Signature((), (B_,) * axes)
+            return
+        used = self.pin(node) or (B_,) * axes
+        if any(isinstance(e, PartialSum) for e in used):
+            raise PlanError(f"{node.name}: a parameter cannot be P (a partial sum); pin S(d) or B")
+        forced = node.name in self.forced
+        rest = used if forced else tuple(p.at_rest.get(node.name, used[a]) for a, p in enumerate(self.pins))
+        for axis, entry in enumerate(rest):
+            if isinstance(entry, Split) and (entry.dim >= len(rec.param.shape) or
+                                             rec.param.shape[entry.dim] % self.mesh[axis]):
+                raise PlanError(f"{node.name}: {rec.param.name} {rec.param.shape} cannot be {entry} over the mesh "
+                                f"{self.ctx.mesh} (the dim does not exist or does not divide)")
+        rec.at_rest = rest
+        rec.sbp = Signature((), rest)
+        train = self.ctx.mode == "train"
+        grad = tuple(P_ if isinstance(e, Broadcast) else e for e in rest)
+        rec.grad_boxing = boxings(grad, rest, rec.shape, "float32") if train else []
+        rec.reason = "; ".join(f"axis {a} {p.strategy}" for a, p in enumerate(self.pins))
+        if rest != used:
+            gathered = self.box_node(node, used, next(iter(node.users)), "stored sharded (fsdp), all-gathered "
+                                     "before use; the backward reduce-scatters its gradient", rec.layer)
+            node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+
+    def place_op(self, node: fx.Node) -> None:
+        rec = info(node)
+        record = OP_TABLE[rec.op]
+        args = tensor_args(node)
+        have = [info(a).sbp.output for a in args]
+        shapes = [info(a).concrete_shape for a in args]
+        pinned = self.pin(node)
+        chosen: list[AxisSignature] = []
+        for axis, n in enumerate(self.mesh):
+            best, best_cost = None, None
+            for cand in axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n):
+                cost = self._cost(node, args, have, cand, axis, n, pinned)
+                if cost is not None and (best_cost is None or cost < best_cost):
+                    best, best_cost = cand, cost
+            if best is None:
+                stored = ", ".join(f"{a.name} [{nd_str(h)}]" for a, h in zip(args, have) if _state(a))
+                raise PlanError(f"{node.name} ({rec.op}): no signature on mesh axis {axis} takes its parameters as "
+                                f"stored ({stored}); pin them differently")
+            chosen.append(best)
+        ins = tuple(tuple(c.inputs[i] for c in chosen) for i in range(len(args)))
+        out = tuple(c.output for c in chosen)
+        self._check_combined(node, record, ins, out, chosen, shapes)
+        scale = sympy.Integer(1)
+        for axis, c in enumerate(chosen):
+            if c.mean:
+                scale /= axis_size(axis)
+        rec.sbp = Signature(ins, out, scale)
+        rec.variant = tuple(c.variant for c in chosen) if any(c.variant for c in chosen) else None
+        rec.splits = tuple(c.variant.name if c.variant else c.split for c in chosen)
+        rec.attrs = dict(rec.attrs)
+        new_args = list(node.args)
+        for position, (arg, want) in enumerate(zip(args, ins)):
+            if info(arg).sbp.output != want:
+                boxed = self.box_node(arg, want, node, f"{node.name} ({rec.op}) takes {arg.name} as [{nd_str(want)}]",
+                                      rec.layer)
+                new_args[[i for i, a in enumerate(node.args) if isinstance(a, fx.Node)][position]] = boxed
+        node.args = tuple(new_args)
+        if pinned is not None and pinned != out:
+            users = list(node.users)
+            boxed = self.box_node(node, pinned, users[0] if users else node.next, f"{node.name} is pinned "
+                                  f"[{nd_str(pinned)}] ({self._why_pinned(node)})", rec.layer)
+            node.replace_all_uses_with(boxed, delete_user_cb=lambda user: user is not boxed)
+
+    def _why_pinned(self, node: fx.Node) -> str:
+        if node.name in self.forced:
+            return "--force"
+        return ", ".join(f"{p.strategy} on axis {p.axis}" for p in self.pins if node.name in p.outputs)
+
+    def _cost(self, node, args, have, cand: AxisSignature, axis: int, n: int, pinned) -> tuple | None:
+        total: tuple | None = (0.0, 0, 0)
+        for arg, h, want in zip(args, have, cand.inputs):
+            if _state(arg) and h[axis] != want:
+                return None
+            total = _add(total, _box_cost(h[axis], want, _nbytes(arg, h, axis, self.mesh), n))
+            if total is None:
+                return None
+        out_bytes = _nbytes(node, (), axis, self.mesh)
+        if pinned is not None:
+            total = _add(total, _box_cost(cand.output, pinned[axis], out_bytes, n))
+        elif isinstance(cand.output, PartialSum) and not all(_takes_partial(u, node) for u in node.users):
+            total = _add(total, _box_cost(P_, B_, out_bytes, n))
+        return total
+
+    def _check_combined(self, node, record, ins, out, chosen, shapes) -> None:
+        """Per-axis choices combine: a dim split on several axes, and head counts, must divide by the product."""
+        for nd, shape in [*zip(ins, shapes), (out, info(node).concrete_shape)]:
+            for dim in range(len(shape or ())):
+                factor = 1
+                for axis, entry in enumerate(nd):
+                    if entry == Split(dim):
+                        factor *= self.mesh[axis]
+                if shape[dim] % factor:
+                    raise PlanError(f"{node.name} ({info(node).op}): dim {dim} of size {shape[dim]} does not split "
+                                    f"over {factor} devices ([{nd_str(nd)}] on mesh {self.ctx.mesh})")
+        for letter, counts in record.heads.items():
+            factor = 1
+            for axis, c in enumerate(chosen):
+                if c.split == letter:
+                    factor *= self.mesh[axis]
+            for count in counts:
+                if info(node).attrs[count] % factor:
+                    raise PlanError(f"{node.name}: {count} = {info(node).attrs[count]} does not split over {factor} "
+                                    f"devices on mesh {self.ctx.mesh}")
+
+    def place_output(self, node: fx.Node) -> None:
+        value = node.args[0]
+        rec = info(node)
+        have = info(value).sbp.output
+        axes = len(self.mesh)
+        if self.ctx.mode != "train":
+            rec.sbp = Signature((have,), have)
+            return
+        partial = (P_,) * axes
+        if have != partial:  # each device's backward starts from its share of the loss
+            boxed = self.box_node(value, partial, node, "the loss is a partial sum on every axis, so each "
+                                  "device's backward starts from its share", info(value).layer)
+            node.args = (boxed,)
+        rec.sbp = Signature((partial,), (B_,) * axes)
+        rec.boxing = boxings(partial, (B_,) * axes, info(value).shape, info(value).dtype)  # logging, detached
+
+
+def _forces(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, NdSbp]:
+    out: dict[str, NdSbp] = {}
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    for pattern, text in ctx.forces:
+        try:
+            nd = parse_nd(text)
+        except ValueError as exc:
+            raise PlanError(f"--force {pattern}={text}: {exc}; write S(d), B or P, one per mesh axis "
+                            "separated by commas") from None
+        if len(nd) == 1 and len(ctx.mesh.shape) > 1:
+            nd = nd * len(ctx.mesh.shape)
+        if len(nd) != len(ctx.mesh.shape):
+            raise PlanError(f"--force {pattern}={text}: {len(nd)} SBPs for a mesh of {len(ctx.mesh.shape)} axes")
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise PlanError(f"--force {pattern}={text}: no node matches {pattern!r} (node names are as in "
+                            "`ultraplan explain`, e.g. layers_0_attention_q)")
+        for name in matched:
+            out[name] = nd
+    return out
+
+
+def _check_batch(gm: fx.GraphModule, ctx: PlanContext, pins: list[AxisPins]) -> None:
+    split = [p for p in pins if p.outputs.get("tokens") == Split(0)]
+    devices = 1
+    for p in split:
+        devices *= ctx.mesh.shape[p.axis]
+    if ctx.batch % devices:
+        axes = ", ".join(f"axis {p.axis} ({p.strategy})" for p in split)
+        raise PlanError(f"batch {ctx.batch} does not split evenly over the {devices} devices that split it ({axes} of "
+                        f"mesh {ctx.mesh}); use a batch that is a multiple of {devices} (--batch, or train.batch_size "
+                        "in the spec)")
+
+
 def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
-    axes = len(ctx.mesh.shape)
-    if ctx.batch % ctx.mesh.size:
-        raise PlanError(f"batch {ctx.batch} does not split evenly over the {ctx.mesh.size} devices of mesh "
-                        f"{ctx.mesh}; use a batch that is a multiple of {ctx.mesh.size} (--batch)")
-    split: NdSbp = (Split(0),) * axes
-    bcast: NdSbp = (Broadcast(),) * axes
-    partial: NdSbp = (PartialSum(),) * axes
-    devices = device_count(axes)
-    num_boxed = 0
-    for node in gm.graph.nodes:
-        kind = node.meta["ultraplan.op"]
+    names = ctx.strategies or ("dp",) * len(ctx.mesh.shape)
+    if len(names) != len(ctx.mesh.shape):
+        raise PlanError(f"--strategy names {len(names)} strategies ({','.join(names)}) for a mesh of "
+                        f"{len(ctx.mesh.shape)} axes ({ctx.mesh}); give one per axis, e.g. dp,tp")
+    unknown = [s for s in names if s not in STRATEGIES]
+    if unknown:
+        raise PlanError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+    ctx.strategies = tuple(names)
+    pins = pin_axes(gm, ctx)
+    _check_batch(gm, ctx, pins)
+    planner = _Planner(gm, ctx, pins)
+    planner.forced = _forces(gm, ctx)
+    for node in list(gm.graph.nodes):
+        rec = info(node)
+        if rec.op == "boxing":
+            continue
         if node.op == "placeholder":
-            node.meta["ultraplan.sbp"] = Signature((), split)
-        elif node.op == "get_attr":  # parameters and state: whole on every device
-            node.meta["ultraplan.sbp"] = Signature((), bcast)
-            train_param = kind == "param" and ctx.mode == "train"
-            node.meta["ultraplan.grad_boxing"] = (
-                boxings(partial, bcast, node.meta["ultraplan.shape"], "float32") if train_param else [])
+            planner.place_input(node)
+        elif node.op == "get_attr":
+            planner.place_state(node)
         elif node.op == "call_function":
-            # each input as it comes (nothing is boxed); the output is split when any input is,
-            # broadcast when the op only reads parameters and state (e.g. normalising keys)
-            wanted = tuple(a.meta["ultraplan.sbp"].output for a in tensor_args(node))
-            if kind == "cross_entropy":
-                node.meta["ultraplan.sbp"] = Signature(wanted, partial, 1 / devices)
-            elif kind in BATCH_SUMS:  # a sum over this device's share of the batch: a partial sum
-                node.meta["ultraplan.sbp"] = Signature(wanted, partial)
-            elif kind in WHOLE_BATCH:  # reads whole-batch statistics: P inputs are all-reduced first
-                node.meta["ultraplan.sbp"] = Signature(tuple(bcast for _ in wanted), bcast)
-            elif partial in wanted:  # adding to a partial sum (the loss): every term must be P
-                node.meta["ultraplan.sbp"] = Signature(tuple(partial for _ in wanted), partial)
-            else:
-                node.meta["ultraplan.sbp"] = Signature(wanted, split if split in wanted else bcast)
-        if node.op in ("call_function", "output"):
-            if node.op == "call_function":
-                wanted = node.meta["ultraplan.sbp"].inputs
-            else:  # training logs the loss everywhere; inference leaves each rank its rows of logits
-                wanted = (bcast,) if ctx.mode == "train" else (node.args[0].meta["ultraplan.sbp"].output,)
-            node.meta["ultraplan.boxing"] = {}
-            inputs = tensor_args(node) if node.op == "call_function" else [node.args[0]]
-            for arg, want in zip(inputs, wanted, strict=True):
-                have = arg.meta["ultraplan.sbp"].output
-                steps = boxings(have, want, arg.meta["ultraplan.shape"], arg.meta["ultraplan.dtype"])
-                node.meta["ultraplan.boxing"][arg.name] = steps
-                num_boxed += bool(steps) and node.op != "output"
-            if node.op == "output":
-                node.meta["ultraplan.sbp"] = Signature(wanted, bcast)
-    assert all("ultraplan.sbp" in n.meta for n in gm.graph.nodes), "choose_sbp left a node without SBP"
-    params = [n for n in gm.graph.nodes if n.meta["ultraplan.op"] == "param"]
-    grad_bytes = sum((b.wire for n in params for b in n.meta["ultraplan.grad_boxing"]), sympy.Integer(0))
-    return PassReport("choose_sbp", time.perf_counter() - start, [
-        f"data parallel over {ctx.mesh.size} devices (mesh {ctx.mesh}): batch S(0) on every axis, "
-        f"{len(params)} parameters B, gradients P -> B by all-reduce",
-        f"{num_boxed} forward edges need boxing",
-    ], {"gradient_wire_bytes_per_device": sympy.simplify(grad_bytes)})
+            planner.place_op(node)
+        elif node.op == "output":
+            planner.place_output(node)
+    gm.recompile()
+    assert all(info(n).sbp is not None for n in gm.graph.nodes), "choose_sbp left a node without SBP"
+    decisions = [d for p in pins for d in p.decisions]
+    decisions += [f"--force {name}=[{nd_str(nd)}]" for name, nd in planner.forced.items()]
+    decisions.append(f"{planner.num_boxings} boxing nodes with collectives or local steps")
+    params = [n for n in gm.graph.nodes if info(n).op == "param"]
+    grad_bytes = sum((b.wire for n in params for b in info(n).grad_boxing), sympy.Integer(0))
+    return PassReport("choose_sbp", time.perf_counter() - start, decisions,
+                      {"gradient_wire_bytes_per_device": sympy.simplify(grad_bytes)})

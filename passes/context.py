@@ -10,6 +10,11 @@ from ..compiler.schema import HardwareSpec, ModelSpec
 from .symbols import PEAK, B, T, axis_bandwidth, axis_latency, axis_size
 
 
+class PlanError(Exception):
+    """A plan that cannot be made as asked (a batch that does not split over the mesh, a strategy
+    the model's sizes do not divide, a forced SBP no signature of the op takes)."""
+
+
 @dataclass(frozen=True)
 class Mesh:
     """A device mesh: ``(4,)`` or ``(2, 4)``; axis 0 spans nodes when there are several."""
@@ -50,6 +55,8 @@ class PlanContext:
     seq: int
     mode: str = "train"
     spec_text: str = ""  # the spec file's text, carried into the plan
+    strategies: tuple[str, ...] = ()  # one named strategy per mesh axis (passes/strategies.py)
+    forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
 
     def axis_link(self, axis: int):
         """Axis 0 of a 2-d mesh crosses nodes; a 1-d mesh stays in a node when it fits."""

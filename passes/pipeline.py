@@ -7,7 +7,8 @@ Order and why:
 1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
                      placement below is computed from those shapes.
 2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
-3. ``choose_sbp``    needs shapes (for boxing bytes); picks signatures and boxing.
+3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
+                     signatures over the op table, inserts boxing nodes.
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
 """
 
@@ -22,8 +23,8 @@ from ..compiler.lower import lower
 from ..compiler.schema import HardwareSpec, ModelSpec
 from .annotate_cost import annotate_cost
 from .build_plan import build_plan
-from .choose_sbp import PlanError, choose_sbp
-from .context import Mesh, PassReport, PlanContext
+from .choose_sbp import choose_sbp
+from .context import Mesh, PassReport, PlanContext, PlanError
 from .plan import Plan
 from .shape_prop import shape_prop
 from .size_ffn import size_ffn
@@ -78,7 +79,8 @@ def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
 
 def make_context(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
-    mode: str = "train", spec_text: str = "",
+    mode: str = "train", spec_text: str = "", strategies: tuple[str, ...] = (),
+    forces: tuple[tuple[str, str], ...] = (),
 ) -> PlanContext:
     """The question a plan answers; B and T default to the spec's train.batch_size and seq_len."""
     batch = spec.train.batch_size if batch is None else batch
@@ -91,17 +93,19 @@ def make_context(
                         "use a smaller --mesh or another --hardware")
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
-    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text)
+    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces))
 
 
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
-    mode: str = "train", spec_text: str = "", stop_after: str | None = None,
+    mode: str = "train", spec_text: str = "", stop_after: str | None = None, strategies: tuple[str, ...] = (),
+    forces: tuple[tuple[str, str], ...] = (),
 ) -> tuple[Plan | None, fx.GraphModule, list[PassReport]]:
     """Run the spec passes and the pipeline (up to ``stop_after``); return the plan (None when
     stopped before build_plan), the annotated graph and every pass's report."""
     spec, spec_reports = prepare_spec(spec)
-    ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text)
+    ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text,
+                       strategies=strategies, forces=forces)
     gm = lower_spec(spec, mode)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
     return gm.meta.get("ultraplan.plan"), gm, reports

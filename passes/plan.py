@@ -1,8 +1,11 @@
 """The Plan: a versioned, JSON-serialisable record of every decision, read by the backends.
 
 Everything a backend needs is here and nothing it must decide: per node the op, its arguments,
-its SBP signature, the boxing collectives on its inputs and its costs; per parameter its
-placement, init rule and gradient collectives; totals. Every cost is kept twice: the sympy
+its SBP signature, the call its shard runs (``call``, ``local_attrs``: heads / n, a vocabulary
+offset, an expert range) and its costs; boxing nodes with their collectives; per parameter its
+placement at rest and in use, init rule and gradient collectives; the one list of every
+collective a training step runs (``collectives``), which the emitter, the comm totals and the
+tests all read; totals. Every cost is kept twice: the sympy
 expression (as text, in the symbols of ``symbols.py``) and its value at the plan's B, T, mesh
 and hardware. ``Plan.from_json(plan.to_json()) == plan`` holds exactly.
 """
@@ -16,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,9 @@ class CollectivePlan:
     wire_bytes: Cost  # bytes each device sends, ring model
     time: Cost  # seconds: messages * latency + wire / bandwidth
     reason: str
-    backward: str = ""  # the dual run in the backward pass ("all_reduce" of the gradient), or ""
+    phase: str = "forward"  # forward, backward (a forward collective's dual), gradient_sync, loss_logging
+    node: str = ""  # the graph node (or parameter node) it belongs to
+    data_dependent: bool = False  # payload depends on routing: the value is the mean over devices
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,10 @@ class NodePlan:
     sbp_in: tuple[str, ...]
     sbp_out: str
     partial_scale: str  # the factor a local result is multiplied by to form a P value ("1" if none)
-    boxing: tuple[tuple[str, tuple[CollectivePlan, ...]], ...]  # per input name
+    boxing: tuple[tuple[str, tuple[CollectivePlan, ...]], ...]  # boxing nodes: (input, forward steps)
+    call: str  # what the shard runs: "ops.linear", "runtime.vocab_parallel_cross_entropy", ...
+    local_attrs: tuple[tuple[str, Any], ...]  # its non-tensor arguments on a shard (see backends/program.py)
+    splits: tuple[str, ...]  # per mesh axis, the dim letter (or variant) the op's work is split by
     flops: Cost
     backward_flops: Cost
     bytes_read: Cost
@@ -70,7 +78,8 @@ class ParamPlan:
     shape: tuple[int, ...]
     init: str
     std: float
-    sbp: str
+    sbp: str  # as stored (at rest): what the optimizer and the gradient see
+    used: str  # as its consumers see it (fsdp gathers a stored shard to B)
     bytes_per_device: Cost
     grad_sync: tuple[CollectivePlan, ...]
     group: str  # optimizer group: "default" or "values" (memory value tables)
@@ -117,13 +126,15 @@ class Plan:
     mode: str
     batch: int
     seq: int
-    strategy: str
+    strategy: str  # one per mesh axis, comma separated: "dp", "fsdp,tp"
+    forces: tuple[tuple[str, str], ...]  # --force pins: (glob, nd-SBP)
     training: TrainingPlan
     nodes: tuple[NodePlan, ...]
     params: tuple[ParamPlan, ...]
     buffers: tuple[BufferPlan, ...]
     output: str
     output_boxing: tuple[CollectivePlan, ...]
+    collectives: tuple[CollectivePlan, ...]  # every collective one training step runs, in order
     totals: tuple[tuple[str, Cost], ...]
 
     def to_json(self) -> str:

@@ -14,7 +14,14 @@ from OneFlow's ``sbp_infer_util.cpp`` and DTensor's ``_collective_utils.py``):
     S(i) -> S(j) all_to_all    (n-1)/n^2 * nbytes    (n-1) messages
     B -> S  local slice        0
     B -> P  local (each device keeps 1/n; the n shares sum to the whole) 0
-    S -> P  and P(op1) -> P(op2): not allowed (research §0.5)
+    S -> P  and P(op1) -> P(op2): not allowed (OneFlow forbids a split producer feeding a
+            partial consumer in lazy mode, DTensor has no Shard -> Partial)
+
+Every boxing has a dual that runs on the gradient in the backward: the gradient of a ``S(d)``
+value is ``S(d)``, of a ``B`` value ``P`` (each device's gradient is its share), of a ``P`` value
+``B``; so the dual of ``X -> Y`` is ``dual(Y) -> dual(X)``: all_reduce <-> all_reduce, all_gather
+<-> reduce_scatter, all_to_all <-> the inverse all_to_all, a local slice <-> a local zero-fill
+(autograd's slice backward), B -> P (divide) <-> divide.
 
 ``payload`` is what the program hands the collective (the local tensor's bytes): that is what
 the emitted runtime counts, and what tests compare against a real collective.
@@ -91,6 +98,41 @@ class Boxing:
     wire: sympy.Expr  # bytes each device sends (ring model)
     messages: sympy.Expr
 
+    @property
+    def dual(self) -> str:
+        """The collective the backward runs on the gradient ("" for local steps)."""
+        return DUALS[self.collective]
+
+
+DUALS = {"all_reduce": "all_reduce", "all_gather": "reduce_scatter", "reduce_scatter": "all_gather",
+         "all_to_all": "all_to_all", "local": ""}
+
+
+def dual_sbp(sbp: Sbp) -> Sbp:
+    """The SBP of the gradient of a value laid out as ``sbp``."""
+    if isinstance(sbp, Broadcast):
+        return PartialSum()
+    if isinstance(sbp, PartialSum):
+        return Broadcast()
+    return sbp
+
+
+ONE = sympy.Integer(1)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """An op's nd-SBPs: one per tensor input, and its output's. A ``P`` output made by splitting a
+    mean (the loss) is the local mean times ``partial_scale``, this device's share."""
+
+    inputs: tuple[NdSbp, ...]
+    output: NdSbp
+    partial_scale: sympy.Expr = ONE
+
+    def __str__(self) -> str:
+        ins = ", ".join(f"[{nd_str(s)}]" for s in self.inputs)
+        return f"{ins} -> [{nd_str(self.output)}]" if ins else f"[{nd_str(self.output)}]"
+
 
 def box(src: Sbp, dst: Sbp, *, axis: int, nbytes: sympy.Expr, n: sympy.Expr) -> Boxing | None:
     """The collective that turns ``src`` into ``dst`` on ``axis``; ``None`` when nothing moves.
@@ -112,3 +154,8 @@ def box(src: Sbp, dst: Sbp, *, axis: int, nbytes: sympy.Expr, n: sympy.Expr) -> 
     if pair in ((Broadcast, Split), (Broadcast, PartialSum)):
         return Boxing("local", axis, str(src), str(dst), sympy.Integer(0), sympy.Integer(0), sympy.Integer(0))
     raise ValueError(f"no boxing from {src} to {dst}: a consumer may not take a partial value from a split one")
+
+
+def parse_nd(text: str) -> NdSbp:
+    """``"S(0),B"`` -> (Split(0), Broadcast())."""
+    return tuple(parse_sbp(part.strip()) for part in text.split(","))

@@ -31,6 +31,7 @@ from torch import fx
 from ..compiler.build import build_model
 from ..compiler.errors import blame
 from ..compiler.lower import lower
+from ..compiler.node_info import info
 from ..compiler.schema import MEMORY_KINDS, FFNSpec, LayerSpec, ModelSpec, SublayerSpec
 from .annotate_cost import annotate_cost, flops_per_token_by
 from .context import PassReport
@@ -76,7 +77,7 @@ def with_widths(spec: ModelSpec, widths: dict[tuple[int, str], int]) -> ModelSpe
 
 def _sublayer_of(node: fx.Node) -> str | None:
     """``layers.3.ffn`` for a node that a sublayer's module produced, else None."""
-    path = node.meta.get("ultraplan.layer", "").split(".")
+    path = info(node).layer.split(".")
     return ".".join(path[:3]) if len(path) >= 3 and path[0] == "layers" else None
 
 

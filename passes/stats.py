@@ -1,6 +1,6 @@
 """Model accounting: parameters, activated parameters, FLOPs and memory traffic per token.
 
-Read from the annotated graph (``ultraplan.param``, ``ultraplan.cost``, ``ultraplan.component``),
+Read from the annotated graph (each node's record: ``param``, ``cost``, ``component``),
 so the numbers are the ones the planner uses. Conventions (docs/accounting.md):
 
 - ``params``: every distinct parameter element once (a tied embedding counts once);
@@ -27,6 +27,7 @@ import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
 from ..compiler.schema import MEMORY_KINDS, ModelSpec
 from ..compiler.shapes import B, T
 from .annotate_cost import annotate_cost, flops_per_token_by
@@ -94,7 +95,7 @@ def _reads(param: fx.Node) -> list[Touch | None]:
     reads = []
     for user in param.users:
         positions = [i for i, a in enumerate(tensor_args(user)) if a is param]
-        sparse = dict(user.meta["ultraplan.cost"].sparse_inputs)
+        sparse = dict(info(user).cost.sparse_inputs)
         touches = [sparse.get(i) for i in positions]
         reads.append(None if any(t is None for t in touches) else touches[0])
     return reads
@@ -102,8 +103,7 @@ def _reads(param: fx.Node) -> list[Touch | None]:
 
 def _param_accounting(param: fx.Node) -> tuple[int, int, sympy.Expr]:
     """(elements, active elements per token, distinct bytes read by a decode step of B tokens)."""
-    info = param.meta["ultraplan.param"]
-    numel = _numel(info.shape)
+    numel = _numel(info(param).param.shape)
     reads = _reads(param)
     if not reads or any(r is None for r in reads):
         return numel, numel, sympy.Integer(4 * numel)
@@ -121,10 +121,10 @@ def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
                                                  "memory_access": zero})
     totals = {"params": 0, "active": 0, "params_ne": 0, "active_ne": 0, "access": zero}
     for node in gm.graph.nodes:
-        c = comp[node.meta["ultraplan.component"]]
-        if node.meta["ultraplan.op"] == "param":
+        c = comp[info(node).component]
+        if info(node).op == "param":
             numel, active, access = _param_accounting(node)
-            embedding = node.meta["ultraplan.component"] in EMBEDDING_COMPONENTS
+            embedding = info(node).component in EMBEDDING_COMPONENTS
             totals["params"] += numel
             totals["active"] += active
             totals["params_ne"] += 0 if embedding else numel
@@ -133,7 +133,7 @@ def model_stats(gm: fx.GraphModule, seq_len: int) -> ModelStats:
             c["params"] += numel
             c["active_params"] += active
             c["memory_access"] += access / B
-    for name, flops in flops_per_token_by(gm, lambda node: node.meta["ultraplan.component"]).items():
+    for name, flops in flops_per_token_by(gm, lambda node: info(node).component).items():
         comp[name]["flops_per_token"] = flops
     flops = sympy.expand(sum((c["flops_per_token"] for c in comp.values()), zero))
     assert B not in flops.free_symbols, f"FLOPs per token should not depend on B: {flops}"

@@ -15,27 +15,30 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = ROOT / "tests" / "golden"
-CASES = [("dense-tiny", "4"), ("dense-gqa-tied", "4"), ("dense-deep-groups", "2x2")]
+# (spec, mesh, strategy per axis): the three data-parallel ones, and one each of tp, ep and fsdp,sp
+CASES = [("dense-tiny", "4", "dp"), ("dense-gqa-tied", "4", "dp"), ("dense-deep-groups", "2x2", "dp,dp"),
+         ("dense-tiny", "2", "tp"), ("moe-tiny", "2x2", "dp,ep"), ("dense-gqa-tied", "2x2", "fsdp,sp")]
 FILES = ("program.py", "plan.json", "plan.dot")
 
 
-def case_dir(spec: str, mesh: str) -> Path:
-    return GOLDEN / f"{spec}__mesh{mesh}"
+def case_dir(spec: str, mesh: str, strategy: str) -> Path:
+    plain = all(s == "dp" for s in strategy.split(","))
+    return GOLDEN / (f"{spec}__mesh{mesh}" if plain else f"{spec}__mesh{mesh}__{strategy.replace(',', '-')}")
 
 
-def emit(spec: str, mesh: str, out: Path) -> None:
+def emit(spec: str, mesh: str, strategy: str, out: Path) -> None:
     from ultraplan import api
 
-    api.compile(ROOT / "specs" / "models" / f"{spec}.yaml", mesh, out)
+    api.compile(ROOT / "specs" / "models" / f"{spec}.yaml", mesh, out, strategy=strategy)
 
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv
     changed = 0
-    for spec, mesh in CASES:
+    for spec, mesh, strategy in CASES:
         with tempfile.TemporaryDirectory() as tmp:
-            emit(spec, mesh, Path(tmp))
-            target = case_dir(spec, mesh)
+            emit(spec, mesh, strategy, Path(tmp))
+            target = case_dir(spec, mesh, strategy)
             for name in FILES:
                 new = (Path(tmp) / name).read_text()
                 old_path = target / name

@@ -53,12 +53,37 @@ def load_hardware(path: str | Path | None = None) -> HardwareSpec:
     return load_hardware_spec(resolve_spec_path(path or DEFAULT_HARDWARE, "hardware"))
 
 
+def parse_strategy(text: str | None, mesh: Mesh) -> tuple[str, ...]:
+    """``"fsdp,tp"`` -> one name per mesh axis; a single name applies to every axis; default dp."""
+    if not text:
+        return ("dp",) * len(mesh.shape)
+    names = tuple(part.strip() for part in str(text).split(","))
+    return names * len(mesh.shape) if len(names) == 1 else names
+
+
+def parse_forces(items: list[str] | tuple[str, ...] | None) -> tuple[tuple[str, str], ...]:
+    """``["layers_*_q=S(2),B"]`` -> (("layers_*_q", "S(2),B"),); ValueError when a pin has no ``=``."""
+    out = []
+    for item in items or ():
+        pattern, sep, sbp = str(item).partition("=")
+        if not sep or not pattern or not sbp:
+            raise ValueError(f"--force takes NODE=SBP (a glob over node names and one SBP per mesh axis, "
+                             f"e.g. 'layers_*_attention_q=S(2)'), got {item!r}")
+        out.append((pattern.strip(), sbp.strip()))
+    return tuple(out)
+
+
 def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None = None, batch: int | None = None,
-         seq: int | None = None, mode: str = "train") -> Plan:
+         seq: int | None = None, mode: str = "train", strategy: str | None = None,
+         force: list[str] | tuple[str, ...] | None = None) -> Plan:
+    """Plan ``spec_path`` for ``mesh`` (``"4"``, ``"2x2"``) with a strategy per axis (``"fsdp,tp"``)
+    and hand pins (``["layers_*_q=S(2)"]``)."""
     path = resolve_spec_path(spec_path, "models")
     spec = load_model_spec(path)
-    result, _, _ = make_plan(spec, load_hardware(hardware), Mesh.parse(mesh), batch=batch, seq=seq, mode=mode,
-                             spec_text=path.read_text(encoding="utf-8"))
+    parsed = Mesh.parse(mesh)
+    result, _, _ = make_plan(spec, load_hardware(hardware), parsed, batch=batch, seq=seq, mode=mode,
+                             spec_text=path.read_text(encoding="utf-8"), strategies=parse_strategy(strategy, parsed),
+                             forces=parse_forces(force))
     return result
 
 

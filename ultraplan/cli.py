@@ -14,8 +14,7 @@ from pathlib import Path
 
 from ultraplan import api
 from ultraplan.compiler.errors import SpecError
-from ultraplan.passes.choose_sbp import PlanError
-from ultraplan.passes.context import Mesh
+from ultraplan.passes.context import Mesh, PlanError
 from ultraplan.passes.pipeline import PIPELINE
 
 
@@ -24,6 +23,11 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
     p.add_argument("--batch", type=int, default=None, help="global batch B (default: the spec's train.batch_size)")
     p.add_argument("--seq", type=int, default=None, help="sequence length T (default: the spec's seq_len)")
+    p.add_argument("--strategy", default=None,
+                   help="one per mesh axis, comma separated: dp, fsdp, tp, sp, ep (e.g. fsdp,tp); default dp")
+    p.add_argument("--force", action="append", default=None, metavar="NODE=SBP",
+                   help="pin the SBP consumers of NODE see (a glob over node names; one SBP per axis, e.g. "
+                        "'layers_*_attention_q=S(2)'); repeatable")
     if modes:
         p.add_argument("--mode", choices=("train", "infer"), default="train")
     else:
@@ -58,7 +62,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode)
+    result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
+                      strategy=args.strategy, force=args.force)
     text = result.to_json()
     if args.output:
         Path(args.output).write_text(text)
@@ -78,7 +83,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
-                         mode=args.mode)
+                         mode=args.mode, strategy=args.strategy, force=args.force)
     files = sorted(p.name for p in out.iterdir())
     print(f"compiled {result.spec_name} for mesh {Mesh(result.mesh)} into {out}: {', '.join(files)}")
     print(f"run it: torchrun --nproc_per_node {Mesh(result.mesh).size} {out / 'program.py'}")
@@ -124,8 +129,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ultraplan.passes.pipeline import make_plan
 
     spec = load_model_spec(api.resolve_spec_path(args.spec, "models"))  # unsized: size_ffn's report shows
-    _, gm, reports = make_plan(spec, api.load_hardware(args.hardware), Mesh.parse(args.mesh),
-                               batch=args.batch, seq=args.seq, mode=args.mode, stop_after=args.stage)
+    mesh = Mesh.parse(args.mesh)
+    _, gm, reports = make_plan(spec, api.load_hardware(args.hardware), mesh, batch=args.batch, seq=args.seq,
+                               mode=args.mode, stop_after=args.stage, strategies=api.parse_strategy(args.strategy, mesh),
+                               forces=api.parse_forces(args.force))
     print(explain_graph(gm, reports))
     return 0
 

@@ -8,6 +8,7 @@ from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 from ultraplan.compiler.build import build_model
 from ultraplan.compiler.lower import lower
+from ultraplan.compiler.node_info import info
 from ultraplan.compiler.shapes import B, T
 from ultraplan.passes.stats import spec_stats
 
@@ -41,7 +42,7 @@ def test_symbolic_shapes_equal_traced_shapes(name, batch, seq):
     checked = 0
     for node in gm.graph.nodes:
         if node.name in rec.shapes:
-            symbolic = tuple(int(d.subs({B: batch, T: seq})) for d in node.meta["ultraplan.shape"])
+            symbolic = tuple(int(d.subs({B: batch, T: seq})) for d in info(node).shape)
             assert symbolic == rec.shapes[node.name], node.name
             checked += 1
     assert checked == len(rec.shapes) > 20
@@ -62,7 +63,7 @@ def test_lowered_graph_computes_the_eager_loss(name):
 
 def test_every_op_is_its_own_node():
     gm = lower(build_model(load(MODELS / "dense-tiny.yaml"), device="meta"))
-    ops = [n.meta["ultraplan.op"] for n in gm.graph.nodes if n.op == "call_function"]
+    ops = [info(n).op for n in gm.graph.nodes if n.op == "call_function"]
     assert ops.count("causal_attention") == 2 and ops.count("rope") == 4 and ops.count("linear") == 2 * 7 + 1
     names = [n.name for n in gm.graph.nodes]
     assert "layers_1_attention_q" in names and "layers_0_ffn_w_gate" in names and "logits" in names

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from ultraplan.compiler.errors import SpecError
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS
+from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections"}
@@ -50,10 +51,10 @@ def test_single_process_run_without_ultraplan(tmp_path):
     assert result.stdout.count("loss") == 3
 
 
-@pytest.mark.parametrize("spec,mesh", [("dense-tiny", "4"), ("dense-gqa-tied", "4"), ("dense-deep-groups", "2x2")])
-def test_golden_programs_are_byte_identical(tmp_path, spec, mesh):
-    api.compile(MODELS / f"{spec}.yaml", mesh, tmp_path)
-    golden = ROOT / "tests" / "golden" / f"{spec}__mesh{mesh}"
+@pytest.mark.parametrize("spec,mesh,strategy", CASES)
+def test_golden_programs_are_byte_identical(tmp_path, spec, mesh, strategy):
+    api.compile(MODELS / f"{spec}.yaml", mesh, tmp_path, strategy=strategy)
+    golden = case_dir(spec, mesh, strategy)
     for name in ("program.py", "plan.json", "plan.dot"):
         assert (tmp_path / name).read_text() == (golden / name).read_text(), \
             f"{name} of {spec} changed; if intended, run `make golden` and review the diff"

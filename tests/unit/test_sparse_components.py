@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from ultraplan.compiler.build import build_model
+from ultraplan.compiler.node_info import info
 
 from tests.conftest import MODELS
 from ultraplan import load
@@ -151,9 +152,9 @@ def test_balance_loss_trains_the_router_and_is_in_the_graph():
     from ultraplan.passes.pipeline import lower_spec
 
     gm = lower_spec(load(MODELS / "moe-tiny.yaml"))
-    ops_seen = [n.meta["ultraplan.op"] for n in gm.graph.nodes]
+    ops_seen = [info(n).op for n in gm.graph.nodes]
     assert ops_seen.count("balance_loss") == 2 and ops_seen.count("expert_counts") == 2
-    assert [n.name for n in gm.graph.nodes if n.meta["ultraplan.op"] == "add"][-1] == "loss_with_aux_1"
+    assert [n.name for n in gm.graph.nodes if info(n).op == "add"][-1] == "loss_with_aux_1"
 
 
 def test_memory_plus_layers_share_one_table_and_gate_their_output():

@@ -1,0 +1,334 @@
+"""The op table: everything ultraplan knows about each op kind, as one record per op.
+
+Every pass and emitter reads these records; no other file keeps a set of op names. A record holds
+
+- ``fn``: the function in the op vocabulary (``ops.py``), the leaf lowering traces;
+- ``shape``: the output shape as sympy in ``B`` and ``T`` from the input shapes and attributes;
+- ``result``: the output dtype (``float``: the floating dtype; ``int64``; ``first``: the first
+  input's, as ``take`` keeps what it takes);
+- ``flops``: forward matrix-product FLOPs (the FlopCounterMode convention, passes/cost.py says
+  more); the backward of a product costs twice its forward (``6N``: one product for the input
+  gradient, one for the weight gradient), everything else is counted as free;
+- ``sparse``: for ops that read only some rows of a weight, which argument and how (a ``Touch``);
+- ``bytes_read``: the bytes an op reads when that is not each input once (a lookup reads the rows
+  it gathers, the MoE the experts its tokens picked);
+- traits: ``index`` (the result holds indices, no gradient), ``no_grad`` (no gradient flows
+  through, e.g. counts), ``data_dependent`` (which work is done depends on values: cannot run on
+  meta tensors; ``shape_prop`` takes the shape rule's word);
+- ``dims``: the op's dims as letters, einsum style (``"*i,oi->*o"`` for linear), from which the
+  planner derives the op's SBP signatures on one mesh axis as DTensor derives einsum strategies:
+  a letter kept in the output may be split (inputs and output split on it together); a letter in
+  ``sums`` (summed over by the op) may be split with a partial-sum output ``P``; one in ``mean``
+  (averaged, the loss) likewise, scaled by the share of the split; ``.`` is a dim that may never be
+  split, ``*`` any number of leading dims that may (aligned across the tensors that have it);
+  letters in ``whole`` may not be split either (a norm's feature dim, rope's positions);
+- ``linear``: ``each`` (multilinear: one input ``P`` with the others ``B`` gives ``P``) or ``all``
+  (a sum: every input ``P`` gives ``P``);
+- ``heads``: letters that hold heads, with the attributes that count them: splitting such a letter
+  over n devices needs each count divisible by n and divides them in the shard's call (``localize``);
+- ``variants``: shard forms that are not einsum splits, each with its own call: vocabulary-parallel
+  embedding and cross entropy, expert-parallel MoE (see ``Variant``);
+- ``colour``: the fill colour of its box in plan drawings.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+
+from . import ops
+from .shapes import Shape, numel
+
+ShapeRule = Callable[[list[Shape], dict[str, Any]], Shape]
+FlopRule = Callable[[list[Shape], Shape, dict[str, Any]], sympy.Expr]
+
+
+@dataclass(frozen=True)
+class Touch:
+    """How much of an input tensor one token reads: ``rows_per_token`` of ``rows`` rows of
+    ``row_elems`` elements. A dense read is one row of everything (rows = rows_per_token = 1)."""
+
+    rows_per_token: sympy.Expr
+    rows: int
+    row_elems: int
+
+
+SparseRule = Callable[[list[Shape], dict[str, Any]], tuple[tuple[int, Touch], ...]]
+# bytes an op reads when that is not every input once: (input shapes, input dtypes, output bytes, attrs)
+ReadRule = Callable[[list[Shape], list[str], sympy.Expr, dict[str, Any]], sympy.Expr]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A shard form of an op on one mesh axis that is not an einsum split.
+
+    ``inputs`` / ``output`` are the SBPs on that axis (``"S(0)"``, ``"B"``, ``"P"``); ``call`` names
+    the function the shard runs instead of the op's own (``runtime.vocab_parallel_cross_entropy``);
+    ``why`` says what it does. Variants that talk to other devices inside (``collectives``) say
+    so; the plan lists those collectives with the op.
+    """
+
+    name: str
+    inputs: tuple[str, ...]
+    output: str
+    call: str
+    why: str
+    collectives: bool = False
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    fn: Callable
+    shape: ShapeRule
+    result: str = "float"
+    flops: FlopRule | None = None
+    sparse: SparseRule | None = None
+    bytes_read: ReadRule | None = None
+    index: bool = False
+    no_grad: bool = False
+    data_dependent: bool = False
+    dims: str = ""
+    sums: str = ""
+    mean: str = ""
+    whole: str = ""
+    linear: str = ""
+    heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    variants: tuple[Variant, ...] = ()
+    colour: str = "#ffffff"
+
+    @property
+    def differentiable(self) -> bool:
+        return not (self.index or self.no_grad)
+
+    def result_dtype(self, input_dtypes: list[str]) -> str:
+        if self.index:
+            return "int64"
+        if self.result == "first":
+            return input_dtypes[0]
+        return "float32"
+
+    def backward_flops(self, forward: sympy.Expr) -> sympy.Expr:
+        return 2 * forward
+
+
+# ---- shape rules --------------------------------------------------------------------------------
+
+
+def _same(shapes: list[Shape], attrs: dict) -> Shape:
+    return shapes[0]
+
+
+def _scalar(shapes: list[Shape], attrs: dict) -> Shape:
+    return ()
+
+
+def _drop_second_last(shapes: list[Shape], attrs: dict) -> Shape:
+    """rank_one_scores (contracts the rank axis) and sum_cores (sums the cores axis)."""
+    return (*shapes[0][:-2], shapes[0][-1])
+
+
+def _take_along_last(shapes: list[Shape], attrs: dict) -> Shape:
+    """take_ranked and take_cores: the index's batch axes, the source's second-last axis, k picks."""
+    return (*shapes[1][:-1], shapes[0][-2], shapes[1][-1])
+
+
+def _grid(shapes: list[Shape], attrs: dict) -> Shape:
+    k = shapes[0][-1]
+    return (*shapes[0][:-2], k * k)
+
+
+def _tokens_by_last(shapes: list[Shape], attrs: dict) -> Shape:
+    """(B, T, ..., X) -> (B, T, X): weighted_sum and core_pool pool everything between."""
+    return (*shapes[0][:2], shapes[0][-1])
+
+
+# ---- FLOP rules (2 per multiply-add; passes/cost.py states the convention) ------------------------
+
+
+def _linear_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    out_features, in_features = ins[1]
+    return 2 * numel(ins[0][:-1]) * in_features * out_features
+
+
+def _attention_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    batch, seq = ins[0][0], ins[0][1]
+    return 4 * batch * attrs["num_heads"] * seq * seq * attrs["head_dim"]
+
+
+def _pk_scores_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    heads, halves, num_keys, width = ins[1]
+    return 2 * numel(ins[0][:-1]) * heads * halves * num_keys * width
+
+
+def _expert_ffn_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    _, hidden, dim = ins[3]
+    matrices = 3 if attrs["activation"] == "swiglu" else 2
+    return 2 * numel(ins[0][:-1]) * ins[1][-1] * hidden * dim * matrices
+
+
+# UltraMem's retrieval products (ops.py, "Tucker-decomposed query-key retrieval"), as torch runs them.
+def _tucker_scores_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    """every key of every rank against the query: 2 * tokens * H * 2 * R * N * D_k (shared queries too)"""
+    return 2 * numel(out) * ins[1][-1]
+
+
+def _tucker_grid_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    """row x core (2 * tokens * H * C * R * R * M), then x column (2 * tokens * H * C * M * M * R)"""
+    return 2 * numel(ins[0][:3]) * ins[1][1] * ins[1][2] * ins[1][3] * ins[0][-1] + 2 * numel(out) * ins[1][2]
+
+
+# ---- sparse reads -------------------------------------------------------------------------------
+
+
+def _gather_rows_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    rows, row_elems = ins[0]
+    return ((0, Touch(numel(ins[1][2:]), int(rows), int(row_elems))),)  # ids are (B, T, ...)
+
+
+def _expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    experts, hidden, dim = (int(s) for s in ins[3])
+    touch = Touch(sympy.Integer(int(ins[1][-1])), experts, hidden * dim)
+    # the gelu form passes w_up twice (as w_gate too); accounting counts a parameter once per op
+    return ((3, touch), (4, touch), (5, touch))
+
+
+BYTES = {"float32": 4, "float64": 8, "int64": 8}
+
+
+def _bytes(shape: Shape, dtype: str) -> sympy.Expr:
+    return numel(shape) * BYTES[dtype]
+
+
+def expected_distinct(rows: int, per_token: sympy.Expr, draws: sympy.Expr) -> sympy.Expr:
+    """Expected distinct rows of ``rows`` that ``draws`` tokens read, each ``per_token`` distinct rows
+    chosen uniformly: R (1 - (1 - r/R)^draws). Used for experts (tokens of a batch) and value rows
+    (decode batch); tests/unit/test_accounting.py checks it against sampling."""
+    return rows * (1 - (1 - sympy.Rational(1, rows) * per_token) ** draws)
+
+
+def _ids_and_rows(ids_arg: int) -> ReadRule:
+    """A lookup reads its ids and the rows it gathers (as many bytes as it writes), not the table."""
+    return lambda ins, dtypes, written, attrs: _bytes(ins[ids_arg], dtypes[ids_arg]) + written
+
+
+def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    """Tokens, routes and gates, and the experts any token of the batch picked: E (1 - (1 - k/E)^tokens)
+    of them in expectation under uniform routing."""
+    experts, hidden, dim = (int(s) for s in ins[3])
+    matrices = 3 if attrs["activation"] == "swiglu" else 2
+    picked = expected_distinct(experts, sympy.Integer(int(ins[1][-1])), numel(ins[0][:-1]))
+    return sum((_bytes(s, d) for s, d in zip(ins[:3], dtypes[:3])), sympy.Integer(0)) + picked * matrices * hidden * dim * 4
+
+
+# ---- shard variants -----------------------------------------------------------------------------
+
+VOCAB_EMBEDDING = Variant(
+    "vocab_parallel", ("B", "S(0)"), "P", "ops.embedding_rows",
+    "vocabulary-parallel embedding: each device looks up the ids in its rows of the table and "
+    "writes zeros for the rest, so the devices' outputs sum to the lookup (Megatron-LM, Shoeybi et al. 2019)")
+VOCAB_CROSS_ENTROPY = Variant(
+    "vocab_parallel", ("S(2)", "B"), "P", "runtime.vocab_parallel_cross_entropy",
+    "cross entropy over the split vocabulary: all-reduces of each position's max, sum of exponentials "
+    "and target logit, never the logits (Megatron-LM's vocab-parallel cross entropy)", collectives=True)
+EXPERT_PARALLEL = Variant(
+    "expert_parallel", ("S(0)", "S(0)", "S(0)", "S(0)", "S(0)", "S(0)"), "S(0)", "runtime.expert_parallel_ffn",
+    "expert parallelism: each (token, slot) goes to the device holding its expert by all_to_all with "
+    "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)", collectives=True)
+
+
+def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:
+    return OpDef(name, getattr(ops, name), shape, **kw)
+
+
+MATMUL = "#cfe2f3"
+NORM = "#fff2cc"
+ELEMENTWISE = "#fce5cd"
+RETRIEVAL = "#d0e0e3"
+INDEXING = "#eeeeee"
+
+OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
+    _def("embedding", lambda s, a: (*s[0], s[1][1]), dims="bt,vd->btd", variants=(VOCAB_EMBEDDING,),
+         bytes_read=_ids_and_rows(0), colour="#d9ead3"),
+    _def("rms_norm", _same, dims="*d,d->*d", whole="d", colour=NORM),
+    _def("layer_norm", _same, dims="*d,d,d->*d", whole="d", colour=NORM),
+    _def("linear", lambda s, a: (*s[0][:-1], s[1][0]), flops=_linear_flops, dims="*i,oi->*o", sums="i",
+         linear="each", colour=MATMUL),
+    _def("rope", _same, dims="bth->bth", whole="t", heads={"h": ("num_heads",)}, colour="#ead1dc"),
+    _def("causal_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
+         flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
+         colour="#f4cccc"),
+    _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
+    _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
+    _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
+    _def("cross_entropy", _scalar, dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,), colour="#d9d2e9"),
+    # sparse retrieval: product keys, experts
+    _def("pk_scores", lambda s, a: (*s[0][:-1], s[1][0], s[1][1], s[1][2]), flops=_pk_scores_flops,
+         dims="bt.,....->bt...", colour=RETRIEVAL),
+    _def("group_layer_norm", _same, dims="*.,.,.->*.", colour=NORM),
+    _def("topk_indices", lambda s, a: (*s[0][:-1], sympy.Integer(a["k"])), index=True, dims="*.->*.",
+         colour=INDEXING),
+    _def("take", lambda s, a: s[1], result="first", dims="*.,*.->*.", colour=INDEXING),
+    _def("grid_scores", _grid, dims="*..->*.", colour=RETRIEVAL),
+    _def("grid_indices", _grid, index=True, dims="*..->*.", colour=INDEXING),
+    _def("softmax", _same, dims="*.->*.", colour=ELEMENTWISE),
+    _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
+    _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),
+    _def("gather_rows", lambda s, a: (*s[1], s[0][1]), sparse=_gather_rows_touch, bytes_read=_ids_and_rows(1),
+         dims=".d,*->*d", colour=RETRIEVAL),
+    _def("weighted_sum", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bthkd,bthk->btd", sums="hk",
+         linear="each", colour=RETRIEVAL),
+    _def("row_dot", lambda s, a: s[1][:-1], flops=lambda i, o, a: 2 * numel(i[1]), dims="btd,bthkd->bthk", sums="d",
+         linear="each", colour=RETRIEVAL),
+    _def("activation", _same, dims="*->*", colour=ELEMENTWISE),
+    _def("mul", _same, dims="*,*->*", linear="each", colour=ELEMENTWISE),
+    _def("expert_ffn", _same, flops=_expert_ffn_flops, sparse=_expert_touch, bytes_read=_expert_reads,
+         data_dependent=True,
+         dims="btd,btk,btk,efd,efd,edf->btd", sums="f", whole="dk", variants=(EXPERT_PARALLEL,), colour="#f9cb9c"),
+    # Tucker-decomposed retrieval (UltraMem, UltraMemV2): token dims split, the rest whole
+    _def("tucker_scores", lambda s, a: (*s[0][:-1], *s[1][:4]), flops=_tucker_scores_flops,
+         dims="bt.,.....->bt....", colour=RETRIEVAL),
+    _def("rank_one_scores", _drop_second_last, flops=lambda i, o, a: 2 * numel(o) * i[0][-2],
+         dims="bt....,...->bt...", colour=RETRIEVAL),
+    _def("take_ranked", _take_along_last, dims="bt....,bt...->bt....", colour=INDEXING),
+    _def("tucker_grid", lambda s, a: (*s[0][:3], s[1][1], s[0][-1] * s[0][-1]), flops=_tucker_grid_flops,
+         dims="bt....,....->bt...", colour=RETRIEVAL),
+    _def("sum_cores", _drop_second_last, dims="bt...->bt..", colour=RETRIEVAL),
+    _def("take_cores", _take_along_last, dims="bt...,bt..->bt...", colour=INDEXING),
+    _def("shuffle_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
+    _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
+    _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
+         colour=RETRIEVAL),
+    _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
+    _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
+    _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
+         colour=RETRIEVAL),
+    # mixture-of-experts load balancing: whole-batch statistics
+    _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), no_grad=True, data_dependent=True,
+         dims="btk->.", sums="btk", colour=INDEXING),
+    _def("column_sums", lambda s, a: (s[0][-1],), dims="*e->e", sums="*", linear="each", colour=INDEXING),
+    _def("balance_loss", _scalar, dims=".,.->", colour="#d9d2e9"),
+)}
+
+# ops.py functions that are not graph ops: state derived from parameters between steps, and the
+# shard forms variants call
+NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows"}
+
+
+def op_def(name: str) -> OpDef:
+    return OP_TABLE[name]
+
+
+def _check_table() -> None:
+    """Every function of ops.py is an op here (or a documented non-graph helper), and back."""
+    functions = {n for n, f in vars(ops).items() if inspect.isfunction(f) and f.__module__ == ops.__name__}
+    missing = functions - set(OP_TABLE) - NOT_GRAPH_OPS
+    assert not missing, f"ops.py functions without an op record: {sorted(missing)}"
+    assert set(OP_TABLE) <= functions, f"op records without a function: {sorted(set(OP_TABLE) - functions)}"
+
+
+_check_table()

@@ -1,0 +1,180 @@
+"""Named strategies, one short function per mesh axis: each pins the few nodes it decides.
+
+A strategy says, for its mesh axis, how the inputs are laid out, how each parameter is stored
+(``at_rest``) and how its consumers see it, and for tensor and sequence parallelism how the
+residual stream is laid out. Everything else is left to the one generic propagation in
+``choose_sbp`` over the op table. A pin says what a node's *consumers* see; when the op makes
+something else, choose_sbp boxes its output once (e.g. the vocabulary-parallel embedding's ``P``
+is all-reduced to the ``B`` stream under ``tp``, reduce-scattered to ``S(1)`` under ``sp``).
+
+- ``dp``:   inputs ``S(0)`` (the batch), parameters ``B``; gradients ``P -> B`` (all-reduce).
+- ``fsdp``: inputs ``S(0)``; each parameter stored ``S(d)`` on the first dim that divides and that no
+            other axis splits (ZeRO-3, Rajbhandari et al. 2020; PyTorch FSDP), all-gathered to ``B``
+            before its first use in the forward. Autograd keeps the gathered parameter for the
+            backward (not gathered again: costs its memory until its gradient is made, saves an
+            all-gather); the gather's dual reduce-scatters the gradient back to ``S(d)``, so the
+            optimizer holds state for the owned shard only. Parameters a derived buffer is computed
+            from (UltraMem's cores) stay ``B``: every device recomputes the buffer from them.
+- ``tp``:   Megatron-LM (Shoeybi et al. 2019): inputs ``B``; attention q/k/v and the FFN's up/gate
+            column-parallel (``S(0)``, heads split; GQA's kv heads split with them), their output
+            projections row-parallel (``S(1)``, a ``P`` output); the MoE's experts split on their
+            hidden width; the embedding and LM head vocabulary-parallel (``S(0)``) with the cross
+            entropy over the split vocabulary; norms and memory layers replicated; the residual
+            stream ``B``.
+- ``sp``:   ``tp`` with the residual stream sequence-split ``S(1)`` (Korthikanti et al. 2022): norms,
+            residual adds and per-token work on a 1/n of the positions; all-gather into and
+            reduce-scatter out of each tensor-parallel region.
+- ``ep``:   as ``dp``, with each MoE's experts split over the axis (``S(0)`` on the expert index):
+            tokens go to their experts' devices and back by all_to_all (GShard, Lepikhin et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from ..compiler.node_info import info
+from .context import PlanContext, PlanError
+from .sbp import Broadcast, Sbp, Split
+
+B_ = Broadcast()
+
+
+@dataclass
+class AxisPins:
+    """What one axis's strategy decided: the SBP consumers see per pinned node, how parameters are
+    stored when that differs, and the decisions in words."""
+
+    axis: int
+    strategy: str
+    outputs: dict[str, Sbp] = field(default_factory=dict)
+    at_rest: dict[str, Sbp] = field(default_factory=dict)
+    decisions: list[str] = field(default_factory=list)
+
+
+# Megatron roles: (component, parameter's own name) -> the dim tensor parallelism splits
+TP_ROLES: dict[tuple[str, str], int] = {
+    ("attention", "wq"): 0, ("attention", "wk"): 0, ("attention", "wv"): 0, ("attention", "wo"): 1,
+    ("ffn", "w_up"): 0, ("ffn", "w_gate"): 0, ("ffn", "w_down"): 1,
+    ("moe", "w_up"): 1, ("moe", "w_gate"): 1, ("moe", "w_down"): 2,
+    ("moe", "w_shared_up"): 0, ("moe", "w_shared_gate"): 0, ("moe", "w_shared_down"): 1,
+    ("embedding", "weight"): 0, ("lm_head", "weight"): 0,
+}
+EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down")}
+
+
+def _params(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if info(n).op == "param"]
+
+
+def _role(node: fx.Node) -> tuple[str, str]:
+    return info(node).component, info(node).param.name.rsplit(".", 1)[-1]
+
+
+def _inputs(gm: fx.GraphModule, sbp: Sbp, pins: AxisPins) -> None:
+    for node in gm.graph.nodes:
+        if info(node).op == "input":
+            pins.outputs[node.name] = sbp
+
+
+def dp(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[AxisPins]) -> AxisPins:
+    pins = AxisPins(axis, "dp")
+    _inputs(gm, Split(0), pins)
+    pins.decisions.append(f"axis {axis} dp: batch S(0) over {n}, parameters B, gradients all-reduced")
+    return pins
+
+
+def fsdp(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[AxisPins]) -> AxisPins:
+    pins = AxisPins(axis, "fsdp")
+    _inputs(gm, Split(0), pins)
+    sources = {info(b).buffer.source for b in gm.graph.nodes if info(b).op == "buffer" and info(b).buffer.source}
+    kept = []
+    for node in _params(gm):
+        taken = {p.at_rest.get(node.name, p.outputs.get(node.name)) for p in others}
+        shape = info(node).param.shape
+        dim = next((d for d, size in enumerate(shape) if size % n == 0 and Split(d) not in taken), None)
+        if dim is None or info(node).param.name in sources:
+            kept.append(info(node).param.name)
+            continue
+        pins.outputs[node.name] = B_
+        pins.at_rest[node.name] = Split(dim)
+    pins.decisions.append(f"axis {axis} fsdp: batch S(0) over {n}; parameters stored S(d), all-gathered before "
+                          "use and kept for the backward; gradients reduce-scattered")
+    if kept:
+        pins.decisions.append(f"axis {axis} fsdp keeps {len(kept)} parameter(s) B (no dim divides by {n}, or a "
+                              f"derived buffer reads them): {', '.join(kept[:4])}{' ...' if len(kept) > 4 else ''}")
+    return pins
+
+
+def _tensor_parallel(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, name: str, stream: Sbp) -> AxisPins:
+    pins = AxisPins(axis, name)
+    _inputs(gm, B_, pins)
+    for node in gm.graph.nodes:
+        if info(node).op == "causal_attention":
+            for count in ("num_heads", "num_kv_heads"):
+                if info(node).attrs[count] % n:
+                    raise PlanError(f"{name} on mesh axis {axis} splits attention heads over {n} devices, but "
+                                    f"{info(node).layer} has {count.removeprefix('num_').replace('_', ' ')} = "
+                                    f"{info(node).attrs[count]}, not divisible by {n}; use an axis of a size that "
+                                    "divides it, or another strategy on this axis")
+        if info(node).stream:
+            pins.outputs[node.name] = stream
+    for node in _params(gm):
+        dim = TP_ROLES.get(_role(node))
+        if dim is None:
+            continue
+        size = info(node).param.shape[dim]
+        if size % n:
+            raise PlanError(f"{name} on mesh axis {axis} splits {info(node).param.name} {info(node).param.shape} "
+                            f"on dim {dim} over {n} devices, but {size} is not divisible by {n}; use an axis of a "
+                            "size that divides it, or another strategy on this axis")
+        pins.outputs[node.name] = Split(dim)
+    pins.decisions.append(f"axis {axis} {name}: column- then row-parallel linears, heads split, vocabulary-parallel "
+                          f"embedding, LM head and cross entropy; residual stream {stream}")
+    return pins
+
+
+def tp(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[AxisPins]) -> AxisPins:
+    return _tensor_parallel(gm, axis, n, ctx, "tp", B_)
+
+
+def sp(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[AxisPins]) -> AxisPins:
+    if ctx.seq % n:
+        raise PlanError(f"sp on mesh axis {axis} splits the sequence over {n} devices, but the sequence length is "
+                        f"{ctx.seq}, not divisible by {n}; use --seq a multiple of {n}, or tp on this axis")
+    return _tensor_parallel(gm, axis, n, ctx, "sp", Split(1))
+
+
+def ep(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[AxisPins]) -> AxisPins:
+    pins = AxisPins(axis, "ep")
+    _inputs(gm, Split(0), pins)
+    experts = [node for node in _params(gm) if _role(node) in EXPERT_WEIGHTS]
+    for node in experts:
+        count = info(node).param.shape[0]
+        if count % n:
+            raise PlanError(f"ep on mesh axis {axis} splits the experts of {info(node).param.name} over {n} devices, "
+                            f"but there are {count}, not divisible by {n}; use an axis of a size that divides it")
+        pins.outputs[node.name] = Split(0)
+    if experts:
+        pins.decisions.append(f"axis {axis} ep: batch S(0) over {n}, experts S(0) ({len(experts)} expert weights), "
+                              "tokens dispatched by all_to_all; other parameters B")
+    else:
+        pins.decisions.append(f"axis {axis} ep: the model has no experts, so ep acts as dp on this axis")
+    return pins
+
+
+Strategy = Callable[[fx.GraphModule, int, int, PlanContext, list[AxisPins]], AxisPins]
+STRATEGIES: dict[str, Strategy] = {"dp": dp, "fsdp": fsdp, "tp": tp, "sp": sp, "ep": ep}
+# fsdp chooses its dims after the others have split theirs (a dim split twice would need a strided layout)
+ORDER = {"fsdp": 1}
+
+
+def pin_axes(gm: fx.GraphModule, ctx: PlanContext) -> list[AxisPins]:
+    """Run each axis's strategy; returns the pins in axis order."""
+    names = ctx.strategies
+    done: dict[int, AxisPins] = {}
+    for axis in sorted(range(len(names)), key=lambda a: ORDER.get(names[a], 0)):
+        done[axis] = STRATEGIES[names[axis]](gm, axis, ctx.mesh.shape[axis], ctx, list(done.values()))
+    return [done[a] for a in range(len(names))]

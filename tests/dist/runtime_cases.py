@@ -1,0 +1,395 @@
+"""Every runtime.py collective and sharded op against single-process math, on 4 gloo ranks.
+
+    torchrun --nproc_per_node 4 tests/dist/runtime_cases.py OUT_DIR
+
+Runs each case on mesh (4,) and then on mesh (2, 2) in one process group. Every rank builds the
+same global tensors from seeds (keyed by what they stand for, never by who computes them), so
+each rank can compute the single-process answer for its own shard and assert on it. float64
+throughout: comparisons are exact where no sum is reordered and within 1e-12 where one is.
+Every call's counted bytes and calls are checked against the expected per-call payload, and
+torch's CommDebugMode must see the same number of collectives as COMM_CALLS.
+
+A failed assertion raises on that rank; torchrun then stops every rank and exits non-zero.
+Rank 0 writes OUT_DIR/report.json (cases run, seconds each) and a runtime.dump of a few
+parameters to OUT_DIR/dump.json for the test to read.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT / "backends"), str(ROOT / "compiler")]  # the files as an emitted program sees them
+
+import ops  # noqa: E402
+import runtime  # noqa: E402
+import seeded  # noqa: E402
+
+TOL = 1e-12
+F64 = torch.float64
+F64_BYTES = 8
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def randn(key, shape):
+    """A float64 tensor determined by ``key`` alone (every rank draws the same for the same key)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seeded.stable_seed(0, str(key))), dtype=F64)
+
+
+def peers(mesh, axis):
+    """The coordinates of this rank's group on ``axis``, in group order (coordinate 0, 1, ...)."""
+    return [tuple(j if a == axis else c for a, c in enumerate(mesh.coords)) for j in range(mesh.shape[axis])]
+
+
+def close(a, b, what):
+    assert a.shape == b.shape, (what, a.shape, b.shape)
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= TOL, f"{what}: max abs difference {err}"
+
+
+def equal(a, b, what):
+    assert a.shape == b.shape and torch.equal(a, b), f"{what}: not equal"
+
+
+class Expect:
+    """Run a block; on exit check the counted calls and bytes it added and that CommDebugMode saw
+    the same calls: ``with Expect({"all_gather": (1, 64)}):``  kind -> (calls, bytes)."""
+
+    def __init__(self, expected):
+        self.expected = {k: v for k, v in expected.items() if v[0]}
+
+    def __enter__(self):
+        self.calls, self.bytes = dict(runtime.COMM_CALLS), dict(runtime.COMM_BYTES)
+        self.debug = runtime.comm_debug()
+        self.seen = self.debug.__enter__()
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.debug.__exit__(kind, value, tb)
+        if kind is not None:
+            return False
+        calls = {k: v - self.calls.get(k, 0) for k, v in runtime.COMM_CALLS.items() if v != self.calls.get(k, 0)}
+        sizes = {k: v - self.bytes.get(k, 0) for k, v in runtime.COMM_BYTES.items() if v != self.bytes.get(k, 0)}
+        assert calls == {k: c for k, (c, _) in self.expected.items()}, (calls, self.expected)
+        assert sizes == {k: b for k, (_, b) in self.expected.items()}, (sizes, self.expected)
+        assert self.seen == calls, ("CommDebugMode", self.seen, calls)
+        return False
+
+
+def nbytes(shape, size=F64_BYTES):
+    n = size
+    for s in shape:
+        n *= s
+    return n
+
+
+def runtime_rank(mesh, coords):
+    """The rank at ``coords`` (row-major, as DeviceMesh lays ranks out)."""
+    rank = 0
+    for c, n in zip(coords, mesh.shape):
+        rank = rank * n + c
+    return rank
+
+
+# ---- cases --------------------------------------------------------------------------------------
+
+
+def case_shard_range(mesh):
+    if mesh.shape == (2, 2):
+        a, b = mesh.coords
+        assert mesh.shard_range(16, (0, 1)) == (a * 8 + b * 4, a * 8 + b * 4 + 4)
+        assert mesh.shard_range(16, (1, 0)) == (b * 8 + a * 4, b * 8 + a * 4 + 4)
+        assert mesh.shard_range(16, (1,)) == (b * 8, b * 8 + 8)
+        assert mesh.shard_range(16, ()) == (0, 16)
+        try:
+            mesh.shard_range(6, (0, 1))
+        except ValueError as e:
+            assert "6" in str(e)
+        else:
+            raise AssertionError("shard_range(6) over 2 x 2 must fail")
+        full = torch.arange(16 * 6).reshape(16, 6)
+        assert runtime.shard_ranges((16, 6), mesh, ("S(0)", "S(0)")) == ((a * 8 + b * 4, a * 8 + b * 4 + 4), (0, 6))
+        assert runtime.shard_ranges((16, 6), mesh, ("S(1)", "S(0)")) == ((b * 8, b * 8 + 8), (a * 3, a * 3 + 3))
+        equal(runtime.local_slice(full, mesh, ("S(0)", "S(0)")), full[a * 8 + b * 4:a * 8 + b * 4 + 4], "local_slice")
+        equal(runtime.local_slice(full.double(), mesh, ("P", "S(1)")), full.double()[:, b * 3:b * 3 + 3] / 2, "P")
+    else:
+        (c,) = mesh.coords
+        assert mesh.shard_range(16, (0,)) == (4 * c, 4 * c + 4)
+    assert mesh.device_mesh.shape == mesh.shape
+    assert mesh.rank == runtime_rank(mesh, mesh.coords)
+
+
+def case_collectives(mesh):
+    shape = (4, 8, 12)  # every dim splits over 4 and 2
+    for axis, n in enumerate(mesh.shape):
+        me = mesh.coords[axis]
+        group = peers(mesh, axis)
+        # all_reduce: P -> B; backward all_reduce of the gradient
+        x = randn(("ar", mesh.coords), shape).requires_grad_()
+        g = randn(("ar-g", mesh.coords), shape)
+        with Expect({"all_reduce": (2, 2 * nbytes(shape))}):
+            before = x.detach().clone()
+            y = runtime.all_reduce(x, mesh, axis)
+            equal(x.detach(), before, "all_reduce leaves x alone")
+            y.backward(g)
+        close(y.detach(), sum(randn(("ar", c), shape) for c in group), "all_reduce")
+        close(x.grad, sum(randn(("ar-g", c), shape) for c in group), "all_reduce backward")
+
+        for dim in range(3):
+            # all_gather: S(dim) -> B; backward reduce_scatter along dim
+            full = randn(("ag", axis, dim, [c for a, c in enumerate(mesh.coords) if a != axis]), shape)
+            x = full.chunk(n, dim)[me].clone().requires_grad_()
+            g = randn(("ag-g", mesh.coords), shape)
+            with Expect({"all_gather": (1, nbytes(x.shape)), "reduce_scatter": (1, nbytes(shape))}):
+                y = runtime.all_gather(x, mesh, axis, dim)
+                y.backward(g)
+            equal(y.detach(), full, f"all_gather dim {dim}")
+            close(x.grad, sum(randn(("ag-g", c), shape) for c in group).chunk(n, dim)[me], "all_gather backward")
+
+            # reduce_scatter: P -> S(dim); backward all_gather along dim
+            x = randn(("rs", mesh.coords, dim), shape).requires_grad_()
+            local = list(shape)
+            local[dim] //= n
+            g = randn(("rs-g", mesh.coords, dim), local)
+            with Expect({"reduce_scatter": (1, nbytes(shape)), "all_gather": (1, nbytes(local))}):
+                y = runtime.reduce_scatter(x, mesh, axis, dim)
+                y.backward(g)
+            close(y.detach(), sum(randn(("rs", c, dim), shape) for c in group).chunk(n, dim)[me], "reduce_scatter")
+            equal(x.grad, torch.cat([randn(("rs-g", c, dim), local) for c in group], dim), "reduce_scatter backward")
+
+            # slice_local: B -> S(dim), no communication; to_partial: B -> P
+            x = randn(("sl", dim), shape).requires_grad_()
+            with Expect({}):
+                y = runtime.slice_local(x, mesh, axis, dim)
+                (y.sum() + runtime.to_partial(x, mesh, axis).sum()).backward()
+            equal(y.detach(), x.detach().chunk(n, dim)[me], "slice_local")
+            mask = torch.zeros(shape, dtype=F64)
+            mask.chunk(n, dim)[me].fill_(1)
+            equal(x.grad, mask + 1 / n, "slice_local/to_partial backward")
+
+            # all_to_all: S(src) -> S(dst); backward the inverse
+            for src in range(3):
+                if src == dim:
+                    continue
+                full = randn(("a2a", axis, src, dim, [c for a, c in enumerate(mesh.coords) if a != axis]), shape)
+                gfull = randn(("a2a-g", axis, src, dim, [c for a, c in enumerate(mesh.coords) if a != axis]), shape)
+                x = full.chunk(n, src)[me].clone().requires_grad_()
+                with Expect({"all_to_all": (2, 2 * nbytes(x.shape))}):
+                    y = runtime.all_to_all(x, mesh, axis, src, dim)
+                    y.backward(gfull.chunk(n, dim)[me])
+                equal(y.detach(), full.chunk(n, dim)[me], f"all_to_all {src}->{dim}")
+                equal(x.grad, gfull.chunk(n, src)[me], f"all_to_all {src}->{dim} backward")
+
+        # integer tensors pass through with no gradient
+        ids = torch.arange(6).reshape(2, 3) + 10 * me
+        with Expect({"all_gather": (1, nbytes(ids.shape)), "all_reduce": (1, nbytes(ids.shape))}):
+            gathered = runtime.all_gather(ids, mesh, axis, 1)
+            summed = runtime.all_reduce(ids, mesh, axis)
+        equal(gathered, torch.cat([torch.arange(6).reshape(2, 3) + 10 * j for j in range(n)], 1), "int all_gather")
+        equal(summed, sum(torch.arange(6).reshape(2, 3) + 10 * j for j in range(n)), "int all_reduce")
+        assert not gathered.requires_grad and gathered.dtype == torch.int64
+
+        # all_reduce_: in place, outside autograd; aliases
+        t = randn(("ar_", mesh.coords), (5,))
+        with Expect({"all_reduce": (1, nbytes((5,)))}):
+            out = runtime.all_reduce_(t, mesh, axis)
+        assert out is t
+        close(t, sum(randn(("ar_", c), (5,)) for c in group), "all_reduce_")
+        assert runtime.reduce_partial is runtime.all_reduce and runtime.partial_from_whole is runtime.to_partial
+
+
+def case_vocab_cross_entropy(mesh):
+    b, t, vocab = 3, 5, 24
+    axes_list = [(0,)] if len(mesh.shape) == 1 else [(1,), (0,), (0, 1)]
+    for axes in axes_list:
+        others = tuple(c for a, c in enumerate(mesh.coords) if a not in axes)  # data-parallel coords
+        full = randn(("ce", axes, others), (b, t, vocab)) * 3
+        targets = torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(hash(others) % 1000))
+        start, stop = mesh.shard_range(vocab, axes)
+        logits = full[:, :, start:stop].clone().requires_grad_()
+        n = 1
+        for a in axes:
+            n *= mesh.shape[a]
+        per_axis = nbytes((b, t)) + nbytes((2, b, t))
+        with Expect({"all_reduce": (2 * len(axes), per_axis * len(axes))}):
+            loss = runtime.vocab_parallel_cross_entropy(logits, targets, mesh, axes, start)
+            loss.backward()
+        reference = full.clone().requires_grad_()
+        ref = F.cross_entropy(reference.flatten(0, 1), targets.flatten())
+        ref.backward()
+        assert loss.dim() == 0
+        close(loss.detach() * n, ref.detach(), f"vocab CE {axes}")
+        total = loss.detach().clone()
+        for a in axes:
+            runtime._all_reduce_raw(total, mesh.group(a))
+        close(total, ref.detach(), f"vocab CE {axes}: the shares sum to the mean")
+        close(logits.grad, reference.grad[:, :, start:stop], f"vocab CE backward {axes}")
+
+
+def expert_case(mesh, axis, num_experts, activation, routing):
+    """ep ffn on this rank's tokens vs ops.expert_ffn; weights' gradients vs the sum of every
+    group member's reference gradients. ``routing(coords)`` gives (b, t, k) indices."""
+    b, t, d, f, k = 2, 3, 4, 5, 2
+    n = mesh.shape[axis]
+    me = mesh.coords[axis]
+    local = num_experts // n
+    w_up, w_gate, w_down = (randn(("w", i), s) for i, s in
+                            enumerate([(num_experts, f, d), (num_experts, f, d), (num_experts, d, f)]))
+    if activation == "gelu":
+        w_gate = w_up
+
+    def tokens(coords):
+        return randn(("x", coords), (b, t, d)), routing(coords), randn(("gates", coords), (b, t, k)).softmax(-1)
+
+    def reference(coords):
+        x, idx, gates = tokens(coords)
+        leaves = [x.requires_grad_(), gates.requires_grad_(), w_up.clone().requires_grad_(),
+                  w_gate.clone().requires_grad_(), w_down.clone().requires_grad_()]
+        wg = leaves[2] if activation == "gelu" else leaves[3]
+        y = ops.expert_ffn(leaves[0], idx, leaves[1], leaves[2], wg, leaves[4], activation)
+        (y * randn(("g", coords), (b, t, d))).sum().backward()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in leaves]
+        return y.detach(), grads
+
+    x, idx, gates = tokens(mesh.coords)
+    x.requires_grad_()
+    gates.requires_grad_()
+    shard = slice(me * local, (me + 1) * local)
+    mine = [w_up[shard].clone().requires_grad_(), w_gate[shard].clone().requires_grad_(),
+            w_down[shard].clone().requires_grad_()]
+    wg = mine[0] if activation == "gelu" else mine[1]
+    assignments = b * t * k
+    received = sum(int(((routing(c) // local) == me).sum()) for c in peers(mesh, axis))
+    forward_bytes = 8 * n + 8 * assignments + nbytes((assignments, d)) + nbytes((received, d))
+    backward_bytes = nbytes((assignments, d)) + nbytes((received, d))
+    with Expect({"all_to_all": (6, forward_bytes + backward_bytes)}):
+        y = runtime.expert_parallel_ffn(x, idx, gates, mine[0], wg, mine[2], activation, mesh, axis, num_experts)
+        (y * randn(("g", mesh.coords), (b, t, d))).sum().backward()
+    ref_y, ref_grads = reference(mesh.coords)
+    what = f"ep ffn {activation} axis {axis}"
+    close(y.detach(), ref_y, what)
+    close(x.grad, ref_grads[0], what + " dx")
+    close(gates.grad, ref_grads[1], what + " dgates")
+    summed = [torch.zeros_like(w) for w in (w_up, w_gate, w_down)]
+    for c in peers(mesh, axis):
+        _, grads = reference(c)
+        for s, g in zip(summed, grads[2:]):
+            s += g
+    names = ("w_up", "w_gate", "w_down")
+    for name, p, s in zip(names, mine, summed):
+        if activation == "gelu" and name == "w_gate":
+            continue  # the same tensor as w_up here
+        assert p.grad is not None, f"{what}: {name} has no gradient (received {received} rows)"
+        close(p.grad, s[shard], f"{what} d{name}")
+    return received
+
+
+def case_expert_parallel(mesh):
+    def topk_routing(num_experts):
+        def route(coords):
+            scores = randn(("route", num_experts, coords), (2, 3, num_experts))
+            return scores.topk(2, dim=-1).indices
+        return route
+
+    axes = [0] if len(mesh.shape) == 1 else [0, 1]
+    for axis in axes:
+        n = mesh.shape[axis]
+        for activation in ("swiglu", "gelu"):
+            expert_case(mesh, axis, 2 * n, activation, topk_routing(2 * n))
+        # every token picks experts of coordinate 0 only: the other coordinates receive nothing
+        starved = expert_case(mesh, axis, 2 * n, "swiglu", lambda coords: torch.tensor([0, 1]).expand(2, 3, 2).clone())
+        assert (starved == 0) == (mesh.coords[axis] != 0), starved
+    # one expert per rank on the world axis, experts with uneven loads
+    expert_case(mesh, 0, mesh.shape[0], "swiglu", topk_routing(mesh.shape[0]))
+
+
+def case_params(mesh, out_dir):
+    shape = (1024, 512)  # 2 MB in float32; 128 rows (256 kB) a block
+    layouts = [("S(0)",), ("S(1)",), ("B",)] if len(mesh.shape) == 1 else \
+        [("S(0)", "S(0)"), ("S(1)", "S(0)"), ("B", "S(1)"), ("S(0)", "B"), ("B", "B")]
+    full = seeded.init_full("layers.0.w", shape, "normal", 0.02, 5)
+    runtime.reset_counters()
+    named = []
+    for sbp in layouts:
+        p = runtime.param("layers.0.w", shape, "normal", 0.02, 5, mesh, sbp, seeded.init_shard)
+        assert isinstance(p, torch.nn.Parameter)
+        equal(p.detach(), runtime.local_slice(full, mesh, sbp), f"param {sbp}")
+        before = (dict(runtime.COMM_BYTES), dict(runtime.COMM_CALLS))
+        with runtime.comm_debug() as seen:
+            equal(runtime.gather_full(p, mesh, sbp), full, f"param {sbp} assembled")
+        # gather_full's collectives ran (torch saw one all_gather per split axis) but are checks,
+        # not the step: nothing was counted
+        assert seen == ({"all_gather": sum(e != "B" for e in sbp)} if "S(0)" in sbp or "S(1)" in sbp else {}), seen
+        assert (dict(runtime.COMM_BYTES), dict(runtime.COMM_CALLS)) == before
+        named.append((f"w{sbp}", p, sbp))
+    split = layouts[0]
+    local_bytes = nbytes(shape, 4) // 4
+    assert runtime.PARAM_BYTES == sum(p.numel() * 4 for _, p, _ in named)
+    if "B" not in split:  # a fully split parameter: this rank held its quarter and one block, never 2 MB
+        stats = {}
+        seeded.init_shard("layers.0.w", shape, "normal", 0.02, 5,
+                          runtime.shard_ranges(shape, mesh, split), stats=stats)
+        assert stats["peak_bytes"] <= local_bytes + 128 * 512 * 4
+    assert runtime.INIT_PEAK_BYTES == nbytes(shape, 4) + 128 * 512 * 4  # the "B" layouts made the whole
+    try:
+        runtime.param("x", (4, 4), "normal", 0.02, 5, mesh, ("P",) * len(mesh.shape), seeded.init_shard)
+    except ValueError as e:
+        assert "partial" in str(e)
+    else:
+        raise AssertionError("a P parameter must be refused")
+
+    # dump: every rank's counters reach rank 0; its own gathering is not counted
+    runtime.reset_counters()
+    small = [runtime.param("a", (8, 4), "normal", 0.02, 5, mesh, split, seeded.init_shard)]
+    x = runtime.all_reduce(torch.ones(3, dtype=F64) * (mesh.rank + 1), mesh, 0)
+    close(x, sum(torch.ones(3, dtype=F64) * (runtime_rank(mesh, c) + 1) for c in peers(mesh, 0)), "all_reduce")
+    runtime.COMM_BYTES["probe"] = mesh.rank  # a per-rank marker the test finds in comm_by_rank
+    dump_path = str(out_dir / f"dump-{'x'.join(map(str, mesh.shape))}.json")
+    before = dict(runtime.COMM_BYTES)
+    with runtime.comm_debug(enabled=False) as seen:
+        runtime.dump(dump_path, mesh, [1.0, 0.5], [("a", small[0], split)], {"steps": 2})
+    assert seen == {}  # disabled: nothing recorded
+    assert dict(runtime.COMM_BYTES) == before
+
+
+CASES = [("shard_range", case_shard_range), ("collectives", case_collectives),
+         ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel)]
+
+
+def main():
+    out_dir = Path(sys.argv[1])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    report = []
+    for shape in [(4,), (2, 2)]:
+        start = time.perf_counter()
+        mesh, owned = runtime.setup(shape)
+        assert not owned
+        report.append({"mesh": shape, "case": "setup", "seconds": time.perf_counter() - start})
+        for name, case in CASES:
+            start = time.perf_counter()
+            case(mesh)
+            report.append({"mesh": shape, "case": name, "seconds": time.perf_counter() - start})
+        start = time.perf_counter()
+        case_params(mesh, out_dir)
+        report.append({"mesh": shape, "case": "params", "seconds": time.perf_counter() - start})
+        dist.barrier()
+    if dist.get_rank() == 0:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
