@@ -12,9 +12,9 @@ Every pass and emitter reads these records; no other file keeps a set of op name
 - ``sparse``: for ops that read only some rows of a weight, which argument and how (a ``Touch``);
 - ``bytes_read``: the bytes an op reads when that is not each input once (a lookup reads the rows
   it gathers, the MoE the experts its tokens picked);
-- traits: ``index`` (the result holds indices, no gradient), ``no_grad`` (no gradient flows
-  through, e.g. counts), ``data_dependent`` (which work is done depends on values: cannot run on
-  meta tensors; ``shape_prop`` takes the shape rule's word);
+- traits: ``index`` (the result holds indices or counts, int64: no gradient flows through),
+  ``data_dependent`` (which work is done depends on values: cannot run on meta tensors;
+  ``shape_prop`` takes the shape rule's word);
 - ``dims``: the op's dims as letters, einsum style (``"*i,oi->*o"`` for linear), from which the
   planner derives the op's SBP signatures on one mesh axis as DTensor derives einsum strategies:
   a letter kept in the output may be split (inputs and output split on it together); a letter in
@@ -90,7 +90,6 @@ class OpDef:
     sparse: SparseRule | None = None
     bytes_read: ReadRule | None = None
     index: bool = False
-    no_grad: bool = False
     data_dependent: bool = False
     dims: str = ""
     sums: str = ""
@@ -103,7 +102,7 @@ class OpDef:
 
     @property
     def differentiable(self) -> bool:
-        return not (self.index or self.no_grad)
+        return not self.index
 
     def result_dtype(self, input_dtypes: list[str]) -> str:
         if self.index:
@@ -308,7 +307,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
          colour=RETRIEVAL),
     # mixture-of-experts load balancing: whole-batch statistics
-    _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), no_grad=True, data_dependent=True,
+    _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), index=True, data_dependent=True,
          dims="btk->.", sums="btk", colour=INDEXING),
     _def("column_sums", lambda s, a: (s[0][-1],), dims="*e->e", sums="*", linear="each", colour=INDEXING),
     _def("balance_loss", _scalar, dims=".,.->", colour="#d9d2e9"),

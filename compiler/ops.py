@@ -340,8 +340,9 @@ def rank_one_vectors(cores_HKRR: torch.Tensor) -> torch.Tensor:
 
 
 def expert_counts(indices_BTK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """How many (token, slot) assignments each expert got in this batch -> (E,), no gradient."""
-    return torch.bincount(indices_BTK.flatten(), minlength=num_experts).to(torch.float32)
+    """How many (token, slot) assignments each expert got in this batch -> (E,) int64, no gradient
+    (exact integers: summing them over devices is exact in any float precision of the model)."""
+    return torch.bincount(indices_BTK.flatten(), minlength=num_experts)
 
 
 def column_sums(probs_BTE: torch.Tensor) -> torch.Tensor:
@@ -353,6 +354,7 @@ def balance_loss(counts_E: torch.Tensor, prob_sums_E: torch.Tensor, k: int, weig
     """weight * E * sum_i f_i P_i, with f_i the share of assignments to expert i and P_i its mean
     router probability. Everything comes from whole-batch sums, so the token count is
     sum(counts) / k and no shape is needed (the same on one device or after an all-reduce)."""
+    counts_E = counts_E.to(prob_sums_E.dtype)
     assignments = counts_E.sum()
     share = counts_E / assignments
     mean_prob = prob_sums_E / (assignments / k)

@@ -41,11 +41,26 @@ from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency
 ZERO = sympy.Integer(0)
 
 
+class Values(dict):
+    """The numbers of every symbol at the plan's point, remembering each expression's Cost: a plan
+    evaluates the same few shapes hundreds of times, and sympy substitution is the slow part."""
+
+    def __init__(self, values: dict) -> None:
+        super().__init__(values)
+        self.memo: dict[sympy.Expr, Cost] = {}
+
+
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
     expr = sympy.sympify(expr)
     if simplify:
         expr = sympy.simplify(expr)
-    return Cost(str(expr), evaluate(expr, values))
+    memo = getattr(values, "memo", None)
+    if memo is not None and expr in memo:
+        return memo[expr]
+    result = Cost(str(expr), evaluate(expr, values))
+    if memo is not None:
+        memo[expr] = result
+    return result
 
 
 def collective_time(b: Boxing) -> sympy.Expr:
@@ -73,10 +88,11 @@ class _Collectives:
         self.time = ZERO
         self.wire = ZERO
 
-    def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False) -> CollectivePlan:
+    def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
+            dtype: str = "float32") -> CollectivePlan:
         plan = CollectivePlan(b.collective, b.axis, self.ctx.mesh.shape[b.axis], b.src, b.dst,
                               cost(b.payload, self.values), cost(b.wire, self.values),
-                              cost(collective_time(b), self.values), reason, phase, node, data_dependent)
+                              cost(collective_time(b), self.values), reason, phase, node, data_dependent, dtype)
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
@@ -110,7 +126,7 @@ def _needs_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
 
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
-    values = ctx.values()
+    values = Values(ctx.values())
     sizes = [axis_size(a) for a in range(len(ctx.mesh.shape))]
     train = ctx.mode == "train"
     comms = _Collectives(ctx, values)
@@ -145,25 +161,27 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         boxing: tuple = ()
         if rec.op == "boxing":
             arg = node.args[0].name
-            steps = tuple(comms.add(b, "forward", node.name, rec.reason) for b in rec.boxing)
+            steps = tuple(comms.add(b, "forward", node.name, rec.reason, dtype=rec.dtype) for b in rec.boxing)
             boxing = ((arg, steps),)
             if train and needs_grad[node]:
                 for b in rec.boxing:
                     dual = dual_of(b)
                     if dual is not None:
-                        comms.add(dual, "backward", node.name, f"the dual of {b.collective} on {arg}'s gradient")
+                        comms.add(dual, "backward", node.name, f"the dual of {b.collective} on {arg}'s gradient",
+                                  dtype=rec.dtype)
         call, local_attrs = (localize(node, ctx.mesh.shape) if node.op == "call_function" and rec.op != "boxing"
                              else ("", ()))
         if node.op == "call_function" and rec.op != "boxing":
-            for phase, b, dependent in internal_collectives(node, ctx.mesh.shape, train):
-                comms.add(b, phase, node.name, f"inside {call}: {b.src}", dependent)
+            for phase, b, dependent, dtype in internal_collectives(node, ctx.mesh.shape, train):
+                comms.add(b, phase, node.name, f"inside {call}: {b.src}", dependent, dtype)
         c = rec.cost
         if c is not None:
             split = _split_factor(rec.splits)
             fwd, written = fwd + c.flops, written + c.bytes_written / split
             bwd = bwd + c.backward_flops if train else bwd
             compute += (c.flops + (c.backward_flops if train else ZERO)) / split
-            largest = sympy.Max(largest, c.bytes_written / split)
+            if not train:  # sympy.Max of hundreds of terms is slow; only inference plans need it
+                largest = sympy.Max(largest, c.bytes_written / split)
         zero = Cost("0", 0.0)
         nodes.append(NodePlan(
             name=node.name, op=rec.op, layer=rec.layer,

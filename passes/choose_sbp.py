@@ -148,13 +148,12 @@ class _Planner:
         self.forced: dict[str, NdSbp] = {}
         self.num_boxings = 0
 
-    def pin(self, node: fx.Node) -> NdSbp | None:
+    def pin(self, node: fx.Node) -> tuple[Sbp | None, ...] | None:
+        """What the node's consumers must see, per axis (None: whatever its op makes there)."""
         if node.name in self.forced:
             return self.forced[node.name]
-        entries = [p.outputs.get(node.name) for p in self.pins]
-        if all(e is None for e in entries):
-            return None
-        return tuple(e if e is not None else B_ for e in entries)
+        entries = tuple(p.outputs.get(node.name) for p in self.pins)
+        return None if all(e is None for e in entries) else entries
 
     def box_node(self, value: fx.Node, want: NdSbp, before: fx.Node, reason: str, layer: str) -> fx.Node:
         """The boxing node turning ``value`` into ``want`` (made once per value and layout)."""
@@ -179,8 +178,8 @@ class _Planner:
         return node
 
     def place_input(self, node: fx.Node) -> None:
-        pinned = self.pin(node) or (B_,) * len(self.mesh)
-        info(node).sbp = Signature((), pinned)
+        pinned = self.pin(node) or (None,) * len(self.mesh)
+        info(node).sbp = Signature((), tuple(e or B_ for e in pinned))
 
     def place_state(self, node: fx.Node) -> None:
         rec = info(node)
@@ -188,7 +187,7 @@ class _Planner:
         if rec.op == "buffer":
             rec.sbp = Signature((), (B_,) * axes)
             return
-        used = self.pin(node) or (B_,) * axes
+        used = tuple(e or B_ for e in (self.pin(node) or (None,) * axes))
         if any(isinstance(e, PartialSum) for e in used):
             raise PlanError(f"{node.name}: a parameter cannot be P (a partial sum); pin S(d) or B")
         forced = node.name in self.forced
@@ -246,10 +245,11 @@ class _Planner:
                                       rec.layer)
                 new_args[[i for i, a in enumerate(node.args) if isinstance(a, fx.Node)][position]] = boxed
         node.args = tuple(new_args)
-        if pinned is not None and pinned != out:
+        target = tuple(p or o for p, o in zip(pinned, out)) if pinned is not None else out
+        if target != out:
             users = list(node.users)
-            boxed = self.box_node(node, pinned, users[0] if users else node.next, f"{node.name} is pinned "
-                                  f"[{nd_str(pinned)}] ({self._why_pinned(node)})", rec.layer)
+            boxed = self.box_node(node, target, users[0] if users else node.next, f"{node.name} is pinned "
+                                  f"[{nd_str(target)}] ({self._why_pinned(node)})", rec.layer)
             node.replace_all_uses_with(boxed, delete_user_cb=lambda user: user is not boxed)
 
     def _why_pinned(self, node: fx.Node) -> str:
@@ -266,7 +266,7 @@ class _Planner:
             if total is None:
                 return None
         out_bytes = _nbytes(node, (), axis, self.mesh)
-        if pinned is not None:
+        if pinned is not None and pinned[axis] is not None:
             total = _add(total, _box_cost(cand.output, pinned[axis], out_bytes, n))
         elif isinstance(cand.output, PartialSum) and not all(_takes_partial(u, node) for u in node.users):
             total = _add(total, _box_cost(P_, B_, out_bytes, n))

@@ -63,8 +63,8 @@ def localize(node: fx.Node, mesh: tuple[int, ...]) -> tuple[str, tuple[tuple[str
     raise AssertionError(f"no shard call for variant {name} of {rec.op}")
 
 
-def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> list[tuple[str, Boxing, bool]]:
-    """(phase, collective, data_dependent) that a variant runs inside its call, per device."""
+def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> list[tuple[str, Boxing, bool, str]]:
+    """(phase, collective, data_dependent, dtype) that a variant runs inside its call, per device."""
     rec = info(node)
     names = {v.name for v in (rec.variant or ()) if v is not None}
     if not names:
@@ -72,7 +72,7 @@ def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> l
     (name,) = names
     sizes = [axis_size(a) for a in range(len(mesh))]
     args = tensor_args(node)
-    out: list[tuple[str, Boxing, bool]] = []
+    out: list[tuple[str, Boxing, bool, str]] = []
     if rec.op == "cross_entropy":
         positions = numel(local_dims(info(args[1]).shape, info(args[1]).sbp.output, sizes))
         for axis in _axes(node, name):  # runtime.vocab_parallel_cross_entropy: two all-reduces per axis
@@ -80,7 +80,7 @@ def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> l
             for what, nbytes in (("each position's max", positions * 4),
                                  ("each position's sum of exponentials and target logit", 2 * positions * 4)):
                 out.append(("forward", Boxing("all_reduce", axis, what, "B", nbytes, 2 * (n - 1) / n * nbytes,
-                                              2 * (n - 1)), False))
+                                              2 * (n - 1)), False, "float32"))
     if rec.op == "expert_ffn":
         (axis,) = _axes(node, name)
         n = axis_size(axis)
@@ -92,11 +92,11 @@ def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> l
         def a2a(what: str, nbytes: sympy.Expr) -> Boxing:
             return Boxing("all_to_all", axis, what, "S", nbytes, (n - 1) / n * nbytes, n - 1)
 
-        out += [("forward", a2a("routing counts", n * 8), False),
-                ("forward", a2a("expert ids", assignments * 8), False),
-                ("forward", a2a("token rows", rows), False),
-                ("forward", a2a("expert outputs", rows), True)]
+        out += [("forward", a2a("routing counts", n * 8), False, "int64"),
+                ("forward", a2a("expert ids", assignments * 8), False, "int64"),
+                ("forward", a2a("token rows", rows), False, "float32"),
+                ("forward", a2a("expert outputs", rows), True, "float32")]
         if train:
-            out += [("backward", a2a("expert output gradients", rows), False),
-                    ("backward", a2a("token row gradients", rows), True)]
+            out += [("backward", a2a("expert output gradients", rows), False, "float32"),
+                    ("backward", a2a("token row gradients", rows), True, "float32")]
     return out

@@ -46,6 +46,7 @@ class CollectivePlan:
     phase: str = "forward"  # forward, backward (a forward collective's dual), gradient_sync, loss_logging
     node: str = ""  # the graph node (or parameter node) it belongs to
     data_dependent: bool = False  # payload depends on routing: the value is the mean over devices
+    dtype: str = "float32"  # what it carries (a float64 run hands twice the bytes of float values)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 
 from ultraplan.api import read_plan
 from ultraplan.passes.context import Mesh
+from ultraplan.passes.plan import Plan
 from ultraplan.reference import relative_differences, train_reference
 
 # fp32 tolerances. Splitting the batch over ranks changes the order of the gradient sums, which
@@ -81,6 +82,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
             return report
         result = json.loads(dump.read_text())
         params = torch.load(result["params"])
+    comm = comm_report(plan, result, steps)
     ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
     diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
     tolerance = TOLERANCES[dtype]
@@ -88,7 +90,31 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         "losses": result["losses"], "reference_losses": ref_losses,
         "max_rel_diff_loss": diffs["loss"], "max_rel_diff_params": diffs["params"],
         "tolerance": tolerance,
-        "comm_bytes_measured": result["comm"]["bytes"],
+        **comm,
         "ok": diffs["loss"] <= tolerance["loss"] and diffs["params"] <= tolerance["params"],
     })
     return report
+
+
+def comm_report(plan: Plan, result: dict, steps: int) -> dict:
+    """Per step and kind: bytes handed to collectives (the mean over ranks: routed all_to_all payloads
+    differ between ranks, their mean is what the plan predicts) and calls, measured and predicted
+    (the plan's one list of collectives), and the calls torch's CommDebugMode saw in the first step.
+    The plan's bytes are for float32 values; a float64 run (``result["dtype"]``) hands twice as many
+    for those, the same for int64 ones (indices, counts)."""
+    ranks = result["comm_by_rank"]
+    kinds = sorted({k for r in ranks for k in r["bytes"]} | {c.collective for c in plan.collectives})
+    predicted_bytes: dict[str, float] = {}
+    predicted_calls: dict[str, int] = {}
+    scale = 2 if result.get("dtype") == "float64" else 1
+    for c in plan.collectives:
+        factor = scale if c.dtype == "float32" else 1
+        predicted_bytes[c.collective] = predicted_bytes.get(c.collective, 0) + c.payload_bytes.value * factor
+        predicted_calls[c.collective] = predicted_calls.get(c.collective, 0) + 1
+    return {
+        "comm_bytes_measured": {k: sum(r["bytes"].get(k, 0) for r in ranks) / len(ranks) / steps for k in kinds},
+        "comm_bytes_predicted": {k: predicted_bytes.get(k, 0) for k in kinds},
+        "comm_calls_measured": {k: result["comm"]["calls"].get(k, 0) / steps for k in kinds},
+        "comm_calls_predicted": {k: predicted_calls.get(k, 0) for k in kinds},
+        "comm_calls_torch_first_step": {k: result.get("comm_debug_first_step", {}).get(k, 0) for k in kinds},
+    }
