@@ -26,8 +26,9 @@ Every pass and emitter reads these records; no other file keeps a set of op name
   (a sum: every input ``P`` gives ``P``);
 - ``heads``: letters that hold heads, with the attributes that count them: splitting such a letter
   over n devices needs each count divisible by n and divides them in the shard's call (``localize``);
-- ``variants``: shard forms that are not einsum splits, each with its own call: vocabulary-parallel
-  embedding and cross entropy, expert-parallel MoE (see ``Variant``);
+- ``variants``: shard forms that are not einsum splits, each with its own call, arguments and the
+  collectives it runs inside: vocabulary-parallel embedding and cross entropy, expert-parallel
+  MoE (see ``Variant``);
 - ``colour``: the fill colour of its box in plan drawings.
 """
 
@@ -62,14 +63,42 @@ SparseRule = Callable[[list[Shape], dict[str, Any]], tuple[tuple[int, Touch], ..
 ReadRule = Callable[[list[Shape], list[str], sympy.Expr, dict[str, Any]], sympy.Expr]
 
 
+# Values of a shard call that depend on which device runs it, as data the emitter spells: where this
+# device's share of a dim of ``size`` split over mesh ``axes`` starts, and the program's mesh.
+MESH: dict[str, list] = {"mesh": []}
+
+
+def shard_start(size: Any, axes: list[int]) -> dict[str, list]:
+    return {"shard_start": [int(size), list(axes)]}
+
+
+@dataclass(frozen=True)
+class InternalComm:
+    """A collective a variant's call runs inside, per device: ``payload`` bytes handed to it (sympy
+    in the local shapes and the axis size), in the ``forward`` or the ``backward``."""
+
+    phase: str
+    collective: str
+    what: str
+    payload: sympy.Expr
+    data_dependent: bool = False  # depends on routing: the payload is the mean over devices
+    dtype: str = "float32"
+
+
+# (global input shapes, attrs, mesh axes it runs over) -> the call's non-tensor arguments
+ArgsRule = Callable[[list[Shape], dict[str, Any], list[int]], tuple[tuple[str, Any], ...]]
+# (local input shapes, attrs, axis size, training?) -> the collectives inside the call
+CommRule = Callable[[list[Shape], dict[str, Any], sympy.Expr, bool], list[InternalComm]]
+
+
 @dataclass(frozen=True)
 class Variant:
     """A shard form of an op on one mesh axis that is not an einsum split.
 
     ``inputs`` / ``output`` are the SBPs on that axis (``"S(0)"``, ``"B"``, ``"P"``); ``call`` names
-    the function the shard runs instead of the op's own (``runtime.vocab_parallel_cross_entropy``);
-    ``why`` says what it does. Variants that talk to other devices inside (``collectives``) say
-    so; the plan lists those collectives with the op.
+    the function the shard runs instead of the op's own (``runtime.vocab_parallel_cross_entropy``),
+    ``args`` its non-tensor arguments; ``comms`` the collectives it runs inside, which the plan
+    lists with every other collective; ``why`` says what it does.
     """
 
     name: str
@@ -77,7 +106,8 @@ class Variant:
     output: str
     call: str
     why: str
-    collectives: bool = False
+    args: ArgsRule
+    comms: CommRule | None = None
 
 
 @dataclass(frozen=True)
@@ -226,18 +256,50 @@ def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attr
 
 # ---- shard variants -----------------------------------------------------------------------------
 
+def _cross_entropy_comms(ins: list[Shape], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+    """runtime.vocab_parallel_cross_entropy: per axis, one all-reduce of each position's max, one of
+    its sum of exponentials stacked with its target logit; the backward is local."""
+    positions = numel(ins[1])
+    return [InternalComm("forward", "all_reduce", "each position's max", positions * 4),
+            InternalComm("forward", "all_reduce", "each position's sum of exponentials and target logit",
+                         2 * positions * 4)]
+
+
+def _expert_parallel_comms(ins: list[Shape], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+    """runtime.expert_parallel_ffn: the routing counts, then each (token, slot)'s expert id and row
+    to the expert's device, the results back; the backward sends the result gradients out and the
+    row gradients back. What a device receives depends on routing; its mean over devices is what
+    each sends, so the plan predicts that mean."""
+    assignments = numel(ins[0][:-1]) * ins[1][-1]
+    rows = assignments * ins[0][-1] * 4
+    out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "expert ids", assignments * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "token rows", rows),
+           InternalComm("forward", "all_to_all", "expert outputs", rows, data_dependent=True)]
+    if train:
+        out += [InternalComm("backward", "all_to_all", "expert output gradients", rows),
+                InternalComm("backward", "all_to_all", "token row gradients", rows, data_dependent=True)]
+    return out
+
+
 VOCAB_EMBEDDING = Variant(
     "vocab_parallel", ("B", "S(0)"), "P", "ops.embedding_rows",
     "vocabulary-parallel embedding: each device looks up the ids in its rows of the table and "
-    "writes zeros for the rest, so the devices' outputs sum to the lookup (Megatron-LM, Shoeybi et al. 2019)")
+    "writes zeros for the rest, so the devices' outputs sum to the lookup (Megatron-LM, Shoeybi et al. 2019)",
+    args=lambda s, a, axes: (("row_start", shard_start(s[1][0], axes)),))
 VOCAB_CROSS_ENTROPY = Variant(
     "vocab_parallel", ("S(2)", "B"), "P", "runtime.vocab_parallel_cross_entropy",
     "cross entropy over the split vocabulary: all-reduces of each position's max, sum of exponentials "
-    "and target logit, never the logits (Megatron-LM's vocab-parallel cross entropy)", collectives=True)
+    "and target logit, never the logits (Megatron-LM's vocab-parallel cross entropy)",
+    args=lambda s, a, axes: (("mesh", MESH), ("axes", tuple(axes)), ("vocab_start", shard_start(s[0][-1], axes))),
+    comms=_cross_entropy_comms)
 EXPERT_PARALLEL = Variant(
     "expert_parallel", ("S(0)", "S(0)", "S(0)", "S(0)", "S(0)", "S(0)"), "S(0)", "runtime.expert_parallel_ffn",
     "expert parallelism: each (token, slot) goes to the device holding its expert by all_to_all with "
-    "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)", collectives=True)
+    "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
+    args=lambda s, a, axes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
+                             ("num_experts", int(s[3][0]))),
+    comms=_expert_parallel_comms)
 
 
 def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:

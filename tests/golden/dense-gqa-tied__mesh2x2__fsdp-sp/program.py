@@ -2,13 +2,13 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  fsdp,sp (one per mesh axis)
-#   collectives per step  all_gather x48, all_reduce x18, reduce_scatter x47
+#   collectives per step  all_gather x47, all_reduce x18, reduce_scatter x47
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
-#     communication     867.46 kB sent per device
-#     step time         11.070 ms = (2304*B*T*bw0*bw1*n0*(T + 224) + bw0*bw1*n0*n1*peak*(69*lat0*(n0 - 1) + 62*lat1*(n1 - 1)) + 8*bw0*n0*peak*(896*B*T*(n1 - 1) + n1 - 1) + 8*bw0*peak*(3*B*T*(n1 - 1) + 896*n1 - 896) + 8*bw1*n1*peak*(B*T*(n0 - 1) + 897*n0 - 897) + 688128*bw1*peak*(n0 - 1))/(bw0*bw1*n0*n1*peak)
-#     memory            1.63 MB per device
+#     communication     522.63 kB sent per device
+#     step time         10.523 ms = 2*(1152*B*T*bw0*bw1*(T + 224) + bw0*bw1*n0*n1*peak*(34*lat0*(n0 - 1) + 31*lat1*(n1 - 1)) + 4*bw0*n0*peak*(n1 - 1) + 4*bw0*peak*(899*B*T*(n1 - 1) + 896*n1 - 896) + 3588*bw1*n1*peak*(n0 - 1) + 344064*bw1*peak*(n0 - 1))/(bw0*bw1*n0*n1*peak)
+#     memory            1.08 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -33,8 +33,8 @@ LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
-PLANNED_PAYLOAD_PER_STEP = {'all_gather': 432640, 'all_reduce': 2952, 'reduce_scatter': 863744}
-PLANNED_CALLS_PER_STEP = {'all_gather': 48, 'all_reduce': 18, 'reduce_scatter': 47}
+PLANNED_PAYLOAD_PER_STEP = {'all_gather': 259840, 'all_reduce': 2952, 'reduce_scatter': 519680}
+PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 18, 'reduce_scatter': 47}
 PARAMS = [  # (canonical name, attribute, placement, optimizer group)
     ('embed.weight', 'embed_weight', ('S(1)', 'S(0)'), 'default'),
     ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('S(0)', 'B'), 'default'),
@@ -150,156 +150,152 @@ class Model(torch.nn.Module):
         # ---- model
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 6.14 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         embed_weight_B_S0 = runtime.all_gather(self.embed_weight, self.mesh, axis=0, dim=1)  # (48, 64) [B,S(0)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 768 B: x (embedding) takes tokens as [B,B]
-        tokens_B_B = runtime.all_gather(tokens, self.mesh, axis=0, dim=0)  # (B, T) [B,B]
-        x = ops.embedding_rows(tokens_B_B, embed_weight_B_S0, row_start=self.mesh.shard_range(96, (1,))[0])  # (B, T, 64) [B,P] embedding as a shard (vocab_parallel)
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: x is pinned [B,S(1)] (sp on axis 1)
-        x_B_S1 = runtime.reduce_scatter(x, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
+        x = ops.embedding_rows(tokens, embed_weight_B_S0, row_start=self.mesh.shard_range(96, (1,))[0])  # (B/2, T, 64) [S(0),P] embedding as a shard (b, vocab_parallel)
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: x is pinned [S(0),S(1)] (sp on axis 1)
+        x_S0_S1 = runtime.reduce_scatter(x, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.0.attention
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_norm_weight_B_B = runtime.all_gather(self.layers_0_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_norm_bias_B_B = runtime.all_gather(self.layers_0_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_0_attention_norm_normed = ops.layer_norm(x_B_S1, layers_0_attention_norm_weight_B_B, layers_0_attention_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_0_attention_norm_normed = ops.layer_norm(x_S0_S1, layers_0_attention_norm_weight_B_B, layers_0_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_wq_B_S0 = runtime.all_gather(self.layers_0_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_0_attention_q (linear) takes layers_0_attention_norm_normed as [B,B]
-        layers_0_attention_norm_normed_B_B = runtime.all_gather(layers_0_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed_B_B, layers_0_attention_wq_B_S0)  # (B, T, 32) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_0_attention_q (linear) takes layers_0_attention_norm_normed as [S(0),B]
+        layers_0_attention_norm_normed_S0_B = runtime.all_gather(layers_0_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_wk_B_S0 = runtime.all_gather(self.layers_0_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed_B_B, layers_0_attention_wk_B_S0)  # (B, T, 8) [B,S(2)]
+        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_wv_B_S0 = runtime.all_gather(self.layers_0_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed_B_B, layers_0_attention_wv_B_S0)  # (B, T, 8) [B,S(2)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B, T, 32) [B,S(2)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B, T, 8) [B,S(2)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B, T, 32) [B,S(2)]
+        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
+        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_attention_wo_B_S1 = runtime.all_gather(self.layers_0_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, layers_0_attention_wo_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_0_attention_residual (add) takes layers_0_attention_out as [B,S(1)]
-        layers_0_attention_out_B_S1 = runtime.reduce_scatter(layers_0_attention_out, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_0_attention_residual = ops.add(x_B_S1, layers_0_attention_out_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_0_attention_out = ops.linear(layers_0_attention_mixed, layers_0_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_0_attention_residual (add) takes layers_0_attention_out as [S(0),S(1)]
+        layers_0_attention_out_S0_S1 = runtime.reduce_scatter(layers_0_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_0_attention_residual = ops.add(x_S0_S1, layers_0_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.0.ffn
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_ffn_norm_weight_B_B = runtime.all_gather(self.layers_0_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_ffn_norm_bias_B_B = runtime.all_gather(self.layers_0_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_0_ffn_norm_normed = ops.layer_norm(layers_0_attention_residual, layers_0_ffn_norm_weight_B_B, layers_0_ffn_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_0_ffn_norm_normed = ops.layer_norm(layers_0_attention_residual, layers_0_ffn_norm_weight_B_B, layers_0_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_ffn_w_up_B_S0 = runtime.all_gather(self.layers_0_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_0_ffn_up (linear) takes layers_0_ffn_norm_normed as [B,B]
-        layers_0_ffn_norm_normed_B_B = runtime.all_gather(layers_0_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed_B_B, layers_0_ffn_w_up_B_S0)  # (B, T, 64) [B,S(2)]
-        layers_0_ffn_act = ops.gelu(layers_0_ffn_up)  # (B, T, 64) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_0_ffn_up (linear) takes layers_0_ffn_norm_normed as [S(0),B]
+        layers_0_ffn_norm_normed_S0_B = runtime.all_gather(layers_0_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed_S0_B, layers_0_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
+        layers_0_ffn_act = ops.gelu(layers_0_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_0_ffn_w_down_B_S1 = runtime.all_gather(self.layers_0_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, layers_0_ffn_w_down_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_0_ffn_residual (add) takes layers_0_ffn_down as [B,S(1)]
-        layers_0_ffn_down_B_S1 = runtime.reduce_scatter(layers_0_ffn_down, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_0_ffn_down = ops.linear(layers_0_ffn_act, layers_0_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_0_ffn_residual (add) takes layers_0_ffn_down as [S(0),S(1)]
+        layers_0_ffn_down_S0_S1 = runtime.reduce_scatter(layers_0_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.1.attention
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_norm_weight_B_B = runtime.all_gather(self.layers_1_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_norm_bias_B_B = runtime.all_gather(self.layers_1_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_1_attention_norm_normed = ops.layer_norm(layers_0_ffn_residual, layers_1_attention_norm_weight_B_B, layers_1_attention_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_1_attention_norm_normed = ops.layer_norm(layers_0_ffn_residual, layers_1_attention_norm_weight_B_B, layers_1_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_wq_B_S0 = runtime.all_gather(self.layers_1_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_1_attention_q (linear) takes layers_1_attention_norm_normed as [B,B]
-        layers_1_attention_norm_normed_B_B = runtime.all_gather(layers_1_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed_B_B, layers_1_attention_wq_B_S0)  # (B, T, 32) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_1_attention_q (linear) takes layers_1_attention_norm_normed as [S(0),B]
+        layers_1_attention_norm_normed_S0_B = runtime.all_gather(layers_1_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_wk_B_S0 = runtime.all_gather(self.layers_1_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed_B_B, layers_1_attention_wk_B_S0)  # (B, T, 8) [B,S(2)]
+        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_wv_B_S0 = runtime.all_gather(self.layers_1_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed_B_B, layers_1_attention_wv_B_S0)  # (B, T, 8) [B,S(2)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B, T, 32) [B,S(2)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B, T, 8) [B,S(2)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B, T, 32) [B,S(2)]
+        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
+        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_attention_wo_B_S1 = runtime.all_gather(self.layers_1_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, layers_1_attention_wo_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_1_attention_residual (add) takes layers_1_attention_out as [B,S(1)]
-        layers_1_attention_out_B_S1 = runtime.reduce_scatter(layers_1_attention_out, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_1_attention_out = ops.linear(layers_1_attention_mixed, layers_1_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_1_attention_residual (add) takes layers_1_attention_out as [S(0),S(1)]
+        layers_1_attention_out_S0_S1 = runtime.reduce_scatter(layers_1_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.1.ffn
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_ffn_norm_weight_B_B = runtime.all_gather(self.layers_1_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_ffn_norm_bias_B_B = runtime.all_gather(self.layers_1_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_1_ffn_norm_normed = ops.layer_norm(layers_1_attention_residual, layers_1_ffn_norm_weight_B_B, layers_1_ffn_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_1_ffn_norm_normed = ops.layer_norm(layers_1_attention_residual, layers_1_ffn_norm_weight_B_B, layers_1_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_ffn_w_up_B_S0 = runtime.all_gather(self.layers_1_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_1_ffn_up (linear) takes layers_1_ffn_norm_normed as [B,B]
-        layers_1_ffn_norm_normed_B_B = runtime.all_gather(layers_1_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed_B_B, layers_1_ffn_w_up_B_S0)  # (B, T, 64) [B,S(2)]
-        layers_1_ffn_act = ops.gelu(layers_1_ffn_up)  # (B, T, 64) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_1_ffn_up (linear) takes layers_1_ffn_norm_normed as [S(0),B]
+        layers_1_ffn_norm_normed_S0_B = runtime.all_gather(layers_1_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed_S0_B, layers_1_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
+        layers_1_ffn_act = ops.gelu(layers_1_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_1_ffn_w_down_B_S1 = runtime.all_gather(self.layers_1_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_1_ffn_down = ops.linear(layers_1_ffn_act, layers_1_ffn_w_down_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_1_ffn_residual (add) takes layers_1_ffn_down as [B,S(1)]
-        layers_1_ffn_down_B_S1 = runtime.reduce_scatter(layers_1_ffn_down, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_1_ffn_down = ops.linear(layers_1_ffn_act, layers_1_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_1_ffn_residual (add) takes layers_1_ffn_down as [S(0),S(1)]
+        layers_1_ffn_down_S0_S1 = runtime.reduce_scatter(layers_1_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.2.attention
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_norm_weight_B_B = runtime.all_gather(self.layers_2_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_norm_bias_B_B = runtime.all_gather(self.layers_2_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_2_attention_norm_normed = ops.layer_norm(layers_1_ffn_residual, layers_2_attention_norm_weight_B_B, layers_2_attention_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_2_attention_norm_normed = ops.layer_norm(layers_1_ffn_residual, layers_2_attention_norm_weight_B_B, layers_2_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_wq_B_S0 = runtime.all_gather(self.layers_2_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_2_attention_q (linear) takes layers_2_attention_norm_normed as [B,B]
-        layers_2_attention_norm_normed_B_B = runtime.all_gather(layers_2_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed_B_B, layers_2_attention_wq_B_S0)  # (B, T, 32) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_2_attention_q (linear) takes layers_2_attention_norm_normed as [S(0),B]
+        layers_2_attention_norm_normed_S0_B = runtime.all_gather(layers_2_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_wk_B_S0 = runtime.all_gather(self.layers_2_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed_B_B, layers_2_attention_wk_B_S0)  # (B, T, 8) [B,S(2)]
+        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_wv_B_S0 = runtime.all_gather(self.layers_2_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed_B_B, layers_2_attention_wv_B_S0)  # (B, T, 8) [B,S(2)]
-        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B, T, 32) [B,S(2)]
-        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B, T, 8) [B,S(2)]
-        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B, T, 32) [B,S(2)]
+        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
+        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
+        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_attention_wo_B_S1 = runtime.all_gather(self.layers_2_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_2_attention_out = ops.linear(layers_2_attention_mixed, layers_2_attention_wo_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_2_attention_residual (add) takes layers_2_attention_out as [B,S(1)]
-        layers_2_attention_out_B_S1 = runtime.reduce_scatter(layers_2_attention_out, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_2_attention_residual = ops.add(layers_1_ffn_residual, layers_2_attention_out_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_2_attention_out = ops.linear(layers_2_attention_mixed, layers_2_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_2_attention_residual (add) takes layers_2_attention_out as [S(0),S(1)]
+        layers_2_attention_out_S0_S1 = runtime.reduce_scatter(layers_2_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_2_attention_residual = ops.add(layers_1_ffn_residual, layers_2_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers.2.ffn
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_ffn_norm_weight_B_B = runtime.all_gather(self.layers_2_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_ffn_norm_bias_B_B = runtime.all_gather(self.layers_2_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_2_ffn_norm_normed = ops.layer_norm(layers_2_attention_residual, layers_2_ffn_norm_weight_B_B, layers_2_ffn_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        layers_2_ffn_norm_normed = ops.layer_norm(layers_2_attention_residual, layers_2_ffn_norm_weight_B_B, layers_2_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_ffn_w_up_B_S0 = runtime.all_gather(self.layers_2_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: layers_2_ffn_up (linear) takes layers_2_ffn_norm_normed as [B,B]
-        layers_2_ffn_norm_normed_B_B = runtime.all_gather(layers_2_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        layers_2_ffn_up = ops.linear(layers_2_ffn_norm_normed_B_B, layers_2_ffn_w_up_B_S0)  # (B, T, 64) [B,S(2)]
-        layers_2_ffn_act = ops.gelu(layers_2_ffn_up)  # (B, T, 64) [B,S(2)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_2_ffn_up (linear) takes layers_2_ffn_norm_normed as [S(0),B]
+        layers_2_ffn_norm_normed_S0_B = runtime.all_gather(layers_2_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        layers_2_ffn_up = ops.linear(layers_2_ffn_norm_normed_S0_B, layers_2_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
+        layers_2_ffn_act = ops.gelu(layers_2_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         layers_2_ffn_w_down_B_S1 = runtime.all_gather(self.layers_2_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_2_ffn_down = ops.linear(layers_2_ffn_act, layers_2_ffn_w_down_B_S1)  # (B, T, 64) [B,P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 49.15 kB: layers_2_ffn_residual (add) takes layers_2_ffn_down as [B,S(1)]
-        layers_2_ffn_down_B_S1 = runtime.reduce_scatter(layers_2_ffn_down, self.mesh, axis=1, dim=1)  # (B, T/2, 64) [B,S(1)]
-        layers_2_ffn_residual = ops.add(layers_2_attention_residual, layers_2_ffn_down_B_S1)  # (B, T/2, 64) [B,S(1)]
+        layers_2_ffn_down = ops.linear(layers_2_ffn_act, layers_2_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_2_ffn_residual (add) takes layers_2_ffn_down as [S(0),S(1)]
+        layers_2_ffn_down_S0_S1 = runtime.reduce_scatter(layers_2_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        layers_2_ffn_residual = ops.add(layers_2_attention_residual, layers_2_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- final_norm
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         final_norm_weight_B_B = runtime.all_gather(self.final_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         final_norm_bias_B_B = runtime.all_gather(self.final_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        final_norm_normed = ops.layer_norm(layers_2_ffn_residual, final_norm_weight_B_B, final_norm_bias_B_B, eps=1e-05)  # (B, T/2, 64) [B,S(1)]
+        final_norm_normed = ops.layer_norm(layers_2_ffn_residual, final_norm_weight_B_B, final_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- model
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 24.58 kB: logits (linear) takes final_norm_normed as [B,B]
-        final_norm_normed_B_B = runtime.all_gather(final_norm_normed, self.mesh, axis=1, dim=1)  # (B, T, 64) [B,B]
-        logits = ops.linear(final_norm_normed_B_B, embed_weight_B_S0)  # (B, T, 48) [B,S(2)]
-        # plan: B -> S(0) on mesh axis 0 (2 devices), local, 0 B: loss (cross_entropy) takes logits as [S(0),S(2)]
-        logits_S0_S2 = runtime.slice_local(logits, self.mesh, axis=0, dim=0)  # (B/2, T, 48) [S(0),S(2)]
-        loss = runtime.vocab_parallel_cross_entropy(logits_S0_S2, targets, mesh=self.mesh, axes=(1,), vocab_start=self.mesh.shard_range(96, (1,))[0]) * (1/2)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: logits (linear) takes final_norm_normed as [S(0),B]
+        final_norm_normed_S0_B = runtime.all_gather(final_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        logits = ops.linear(final_norm_normed_S0_B, embed_weight_B_S0)  # (B/2, T, 48) [S(0),S(2)]
+        loss = runtime.vocab_parallel_cross_entropy(logits, targets, mesh=self.mesh, axes=(1,), vocab_start=self.mesh.shard_range(96, (1,))[0]) * (1/2)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
         return loss
 
 
@@ -399,7 +395,8 @@ def main(argv=None):
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
         shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
-        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "calls_in_first_step": calls_in_first_step,
+        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
+                                                        "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})
     runtime.teardown(owned)
     return losses

@@ -241,7 +241,8 @@ def main(argv=None):
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
         shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
-        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "calls_in_first_step": calls_in_first_step,
+        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
+                                                        "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})
     runtime.teardown(owned)
     return losses

@@ -6,8 +6,8 @@
 #   model     vocab 96, hidden 32, 3 layers, 107,232 parameters
 #   predicted per step at B=8, T=16:
 #     forward+backward  3.971e+07 FLOP in all
-#     communication     482.84 kB sent per device
-#     step time         13.982 ms = 1152*B*T**2/(n0*n1*peak) + 291840*B*T/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 90*lat0*n0 - 90*lat0 + 90*lat1*n1 - 90*lat1 + 16*n1/bw1 + 268792/bw1 - 268808/(bw1*n1) + 268808/bw0 + 589824/(bw0*n1) - 268808/(bw0*n0) - 589824/(bw0*n0*n1)
+#     communication     483.10 kB sent per device
+#     step time         13.982 ms = 1152*B*T**2/(n0*n1*peak) + 291840*B*T/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 90*lat0*n0 - 90*lat0 + 90*lat1*n1 - 90*lat1 + 16*n1/bw1 + 269048/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
 #     memory            1.38 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -33,7 +33,7 @@ LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
-PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 416264, 'all_to_all': 133152}
+PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 416520, 'all_to_all': 133152}
 PLANNED_CALLS_PER_STEP = {'all_reduce': 84, 'all_to_all': 12}
 PARAMS = [  # (canonical name, attribute, placement, optimizer group)
     ('embed.weight', 'embed_weight', ('B', 'B'), 'default'),
@@ -199,9 +199,9 @@ class Model(torch.nn.Module):
         layers_1_moe_gates = ops.take(layers_1_moe_router_probs, layers_1_moe_experts)  # (B/4, T, 4) [S(0),S(0)]
         layers_1_moe_expert_counts = ops.expert_counts(layers_1_moe_experts, num_experts=16)  # (16) [P,P]
         layers_1_moe_prob_sums = ops.column_sums(layers_1_moe_router_probs)  # (16) [P,P]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 128 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
         layers_1_moe_expert_counts_B_B = runtime.all_reduce(layers_1_moe_expert_counts, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 64 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 128 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
         layers_1_moe_expert_counts_B_B = runtime.all_reduce(layers_1_moe_expert_counts_B_B, self.mesh, axis=0)  # (16) [B,B]
         # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_prob_sums as [B,B]
         layers_1_moe_prob_sums_B_B = runtime.all_reduce(layers_1_moe_prob_sums, self.mesh, axis=1)
@@ -233,9 +233,9 @@ class Model(torch.nn.Module):
         layers_2_moe_gates = ops.take(layers_2_moe_router_probs, layers_2_moe_experts)  # (B/4, T, 4) [S(0),S(0)]
         layers_2_moe_expert_counts = ops.expert_counts(layers_2_moe_experts, num_experts=16)  # (16) [P,P]
         layers_2_moe_prob_sums = ops.column_sums(layers_2_moe_router_probs)  # (16) [P,P]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 128 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
         layers_2_moe_expert_counts_B_B = runtime.all_reduce(layers_2_moe_expert_counts, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 64 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 128 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
         layers_2_moe_expert_counts_B_B = runtime.all_reduce(layers_2_moe_expert_counts_B_B, self.mesh, axis=0)  # (16) [B,B]
         # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_prob_sums as [B,B]
         layers_2_moe_prob_sums_B_B = runtime.all_reduce(layers_2_moe_prob_sums, self.mesh, axis=1)
@@ -475,7 +475,8 @@ def main(argv=None):
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
         shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
-        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "calls_in_first_step": calls_in_first_step,
+        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
+                                                        "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})
     runtime.teardown(owned)
     return losses
