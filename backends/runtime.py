@@ -27,6 +27,7 @@ to every emitted program. It holds no model knowledge; the program passes in eve
 import json
 import os
 import socket
+import warnings
 from collections import Counter
 
 import torch
@@ -428,6 +429,9 @@ class comm_debug:
             from torch.distributed.tensor.debug import CommDebugMode
         except ImportError:  # torch < 2.4
             from torch.distributed._tensor.debug import CommDebugMode
+        # its module tracker warns about full backward hooks on the model's first backward; the
+        # counts are what we want from it, so that one warning is noise here
+        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
         self.mode = CommDebugMode()
         self.mode.__enter__()
         return self.seen

@@ -15,7 +15,8 @@ from tests.conftest import MODELS
 from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
-ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections"}
+ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
+                   "warnings"}
 
 
 def imported_modules(source: str) -> set[str]:
