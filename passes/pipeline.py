@@ -20,6 +20,7 @@ from torch import fx
 from ..compiler.build import build_model
 from ..compiler.lower import lower
 from ..compiler.schema import HardwareSpec, ModelSpec
+from ..compiler.tensor_sizes import too_large
 from .annotate_cost import annotate_cost
 from .build_plan import build_plan
 from .choose_sbp import PlanError, choose_sbp
@@ -85,6 +86,11 @@ def make_context(
     seq = spec.seq_len if seq is None else seq
     if batch < 1 or seq < 1:
         raise PlanError(f"batch and sequence length must be at least 1, got --batch {batch} --seq {seq}")
+    big = too_large(spec, batch, seq)
+    if big is not None:  # torch sizes storage in int64 bytes, even on the meta device
+        owner = f"{big.sublayer.name}'s " if big.sublayer else ""
+        raise PlanError(f"torch cannot size this graph at B={batch}, T={seq}: {owner}{big.what} would be "
+                        f"{big.elements:.3g} elements = {big.nbytes:.3g} bytes, past 2^63 - 1; lower --batch or --seq")
     if mesh.size > hardware.num_devices:
         raise PlanError(f"mesh {mesh} needs {mesh.size} devices, but hardware {hardware.name} has "
                         f"{hardware.num_devices} ({hardware.nodes} node(s) x {hardware.devices_per_node}); "
