@@ -20,7 +20,8 @@ from torch import fx
 from ..compiler.build import build_model
 from ..compiler.lower import lower
 from ..compiler.schema import HardwareSpec, ModelSpec
-from ..compiler.tensor_sizes import too_large
+from ..compiler.shapes import B, T
+from ..compiler.tensor_sizes import ELEMENT_BYTES, MAX_TENSOR_BYTES, too_large
 from .annotate_cost import annotate_cost
 from .build_plan import build_plan
 from .choose_sbp import PlanError, choose_sbp
@@ -100,6 +101,21 @@ def make_context(
     return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text)
 
 
+def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
+    """Every value of the graph at the plan's B and T fits torch's int64 byte count (at float64, as
+    compiler/tensor_sizes.py counts): the spec-level check names the usual suspects, this one sees
+    every tensor lowering made."""
+    point = {B: ctx.batch, T: ctx.seq}
+    for node in gm.graph.nodes:
+        elements = 1
+        for dim in node.meta.get("ultraplan.shape", ()):
+            elements *= int(dim.subs(point)) if hasattr(dim, "subs") else int(dim)
+        if elements * ELEMENT_BYTES > MAX_TENSOR_BYTES:
+            raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq}: {node.name} would be "
+                            f"{elements:.3g} elements = {elements * ELEMENT_BYTES:.3g} bytes, past 2^63 - 1; "
+                            "lower --batch or --seq")
+
+
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", stop_after: str | None = None,
@@ -109,5 +125,6 @@ def make_plan(
     spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text)
     gm = lower_spec(spec, mode)
+    check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
     return gm.meta.get("ultraplan.plan"), gm, reports

@@ -97,3 +97,19 @@ def test_valid_field_hints_list_every_accepted_field():
     err = spec_error(DENSE.replace("activation: swiglu", "activaton: swiglu"))
     for name in ("hidden", "activation", "multiple_of", "name", "norm", "parallel", "deliver_after"):
         assert name in err.hint
+
+
+def test_every_graph_value_is_checked_at_the_plans_batch_and_seq():
+    """Beyond the spec-level list, planning checks each lowered value's bytes at B and T."""
+    from ultraplan.passes.choose_sbp import PlanError
+    from ultraplan.passes.context import Mesh, PlanContext
+    from ultraplan.passes.pipeline import check_graph_sizes, lower_spec
+
+    from ultraplan import api
+
+    spec = api.load("dense-tiny")
+    gm = lower_spec(spec, mode="infer")
+    hardware = api.load_hardware()
+    check_graph_sizes(gm, PlanContext(spec, hardware, Mesh.parse("1"), 8, 32, "infer", ""))
+    with pytest.raises(PlanError, match="torch cannot size this graph at B=4611686018427387904"):
+        check_graph_sizes(gm, PlanContext(spec, hardware, Mesh.parse("1"), 2**62, 1, "infer", ""))
