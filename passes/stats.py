@@ -42,7 +42,7 @@ from ..compiler.shapes import B, T
 from .annotate_cost import annotate_cost, flops_per_token_by
 from .cost import Touch, expected_distinct
 from .pipeline import lower_spec
-from .symbols import BYTES_PER_ELEMENT
+from .symbols import BYTES_PER_ELEMENT, evaluate
 
 EMBEDDING_COMPONENTS = ("embedding", "lm_head")  # lowering tags the token embedding and the LM head so
 
@@ -76,16 +76,24 @@ class ModelStats:
                "flops_per_token": _number(self.flops_per_token.subs(T, self.seq_len)),
                "flops_per_token_expr": str(self.flops_per_token), "seq_len": self.seq_len,
                "batch": batch,
-               "memory_access_bytes_per_token": _number(self.memory_access_bytes_per_token.subs(B, batch)),
+               "memory_access_bytes_per_token": _at_batch(self.memory_access_bytes_per_token, batch),
                "memory_access_bytes_per_token_expr": str(self.memory_access_bytes_per_token),
                "memory_to_ffn": self.memory_to_ffn}
         if by_component:
             out["by_component"] = {
                 name: {"params": c["params"], "active_params": c["active_params"],
                        "flops_per_token": _number(c["flops_per_token"].subs(T, self.seq_len)),
-                       "memory_access_bytes_per_token": _number(c["memory_access"].subs(B, batch))}
+                       "memory_access_bytes_per_token": _at_batch(c["memory_access"], batch)}
                 for name, c in self.by_component.items()}
         return out
+
+
+def _at_batch(expr: sympy.Expr, batch: int) -> int | float:
+    """``expr`` at B = ``batch``; (1 - r/R)^B is evaluated in floating point, since exact powers at a
+    large B (``stats --batch 2**62``) build fractions with more digits than memory holds."""
+    if any(not p.exp.is_number for p in sympy.sympify(expr).atoms(sympy.Pow)):
+        return evaluate(expr, {B: batch})
+    return _number(sympy.sympify(expr).subs(B, batch))
 
 
 def _number(value: sympy.Expr) -> int | float:

@@ -99,7 +99,7 @@ def mutate(rng: random.Random) -> tuple[str, str, str]:
     return source.stem, "; ".join(done)[:300], text
 
 
-POSITIONED = re.compile(r"^error: .*:\d+:\d+: \S+: ", re.S)
+POSITIONED = re.compile(r"^error: .*:\d+:\d+: .+?: ", re.S)
 
 
 def classify(text: str, path: Path, *, cli: bool) -> tuple[str, str]:

@@ -113,3 +113,9 @@ def test_every_graph_value_is_checked_at_the_plans_batch_and_seq():
     check_graph_sizes(gm, PlanContext(spec, hardware, Mesh.parse("1"), 8, 32, "infer", ""))
     with pytest.raises(PlanError, match="torch cannot size this graph at B=4611686018427387904"):
         check_graph_sizes(gm, PlanContext(spec, hardware, Mesh.parse("1"), 2**62, 1, "infer", ""))
+
+
+def test_stats_at_a_huge_decode_batch_answers(capsys):
+    """(1 - r/R)^B at B = 2^62 is evaluated in floating point, not as an exact fraction (which hung)."""
+    assert main(["stats", "moe-tiny", "--batch", str(2**62), "--json"]) == 0
+    assert '"memory_access_bytes_per_token": ' in capsys.readouterr().out
