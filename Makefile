@@ -1,10 +1,11 @@
 # make demo: compile the bundled default spec for 4 ranks, draw the plan, run it with --check.
 # make test: the whole test suite (unit, golden, multi-rank). Both set up .venv when missing.
+# make docs: regenerate docs/spec-reference.md from the schema.
 PY      := .venv/bin/python
 STAMP   := .venv/.ultraplan-installed
 DEMO    := out/demo
 
-.PHONY: demo test lint golden setup clean
+.PHONY: demo test lint golden setup clean docs
 
 setup: $(STAMP)
 
@@ -21,6 +22,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check . tests/dist  # ruff skips folders named dist unless named
 	$(PY) -m pytest -q
+
+docs: $(STAMP)
+	$(PY) tools/gen_spec_reference.py
 
 golden: $(STAMP)
 	$(PY) tools/regen_golden.py

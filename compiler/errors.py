@@ -7,10 +7,21 @@ never a traceback; everything else that goes wrong is our bug and may show a tra
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 PathEntry = str | int
+
+
+def printable(text: str) -> str:
+    """``text`` with control and format characters escaped (``\\x1b``, ``\\u202e``): a name in a spec
+    must not move the cursor, recolour the terminal or reorder the line of the error that quotes it."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in UNPRINTABLE else ch
+                   for ch in str(text))
+
+
+UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 def format_path(path: Sequence[PathEntry]) -> str:
@@ -53,10 +64,38 @@ class SpecError(Exception):
         super().__init__(str(self))
 
     def __str__(self) -> str:
-        text = f"{self.file}:{self.line}:{self.column}: {format_path(self.path)}: {self.message}"
+        text = f"{printable(self.file)}:{self.line}:{self.column}: {printable(format_path(self.path))}: " \
+               f"{printable(self.message)}"
         if self.hint:
-            text += f"\n  hint: {self.hint}"
+            text += f"\n  hint: {printable(self.hint)}"
         return text
+
+
+class SpecErrors(SpecError):
+    """Every problem one read of a spec found, in the order it was read; behaves as the first for callers that
+    look at one (``.line``, ``.message``), and prints them all."""
+
+    def __init__(self, errors: Sequence[SpecError]) -> None:
+        flat: list[SpecError] = []
+        for error in errors:
+            flat.extend(error.errors if isinstance(error, SpecErrors) else [error])
+        unique = {str(e): e for e in flat}  # a block read by two layer groups reports its mistake once
+        self.errors = list(unique.values())  # reading order: fields before the absences they explain
+        first = self.errors[0]
+        super().__init__(first.message, file=first.file, line=first.line, column=first.column, path=first.path,
+                         hint=first.hint)
+
+    def __str__(self) -> str:
+        text = "\n".join(SpecError.__str__(e) for e in self.errors)
+        return text + (f"\n({len(self.errors)} errors)" if len(self.errors) > 1 else "")
+
+
+def raise_all(errors: Sequence[SpecError]) -> None:
+    """Raise the collected ``errors``: the one, or a ``SpecErrors`` of several; nothing when empty."""
+    if len(errors) == 1 and not isinstance(errors[0], SpecErrors):
+        raise errors[0]
+    if errors:
+        raise SpecErrors(errors)
 
 
 @dataclass(frozen=True, slots=True)

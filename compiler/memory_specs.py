@@ -55,7 +55,7 @@ class UltraMemV2Spec:
     ``share``: ``none`` (each layer owns n^2 rows), ``ring`` (one table of L_m n^2 rows; layer l
     addresses share_layers * n^2 of them starting at l n^2, wrapping) or ``block`` (groups of
     share_layers layers share share_layers * n^2 rows). A sharing layer addresses
-    n' = floor(sqrt(share_layers) n) keys per half (research/memory_layers.md §5.1).
+    n' = floor(sqrt(share_layers) n) keys per half (UltraMemV2, Huang et al. 2025, arXiv:2508.18756).
     """
 
     num_keys: int = field(metadata=doc("keys per half of a layer's own share (n); its rows are n^2", minimum=1))
@@ -86,7 +86,7 @@ class UltraMemSpec:
     """UltraMem (Huang et al., ICLR 2025): TDQKR retrieval, implicit value expansion (E virtual
     blocks over one physical table, each with its own slice of the output projection) and
     multi-core scoring; no softmax. Usually placed ``parallel`` to a block's FFN with
-    ``deliver_after`` set (the skip-layer arrangement, research/memory_layers.md §4.3)."""
+    ``deliver_after`` set (the skip-layer arrangement of UltraMem, arXiv:2411.12364)."""
 
     num_keys: int = field(metadata=doc("physical keys per half (n); the table has n^2 rows", minimum=1))
     topk: int = field(metadata=doc("slots kept per head (m)", minimum=1))

@@ -153,6 +153,12 @@ class TrainSpec:
         "steps over which that multiplier decays linearly to 1 (0: constant)", minimum=0))
 
 
+# The most layers a spec may have. The deepest published decoders have a few hundred layers; past
+# this, a `repeat` is almost surely a typo, and planning would lower a graph of that many blocks
+# (validation expands nothing larger). Checked at the `repeat` that passes it (compiler/layers.py).
+MAX_LAYERS = 4096
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """A whole decoder-only model, with layer groups expanded into one LayerSpec per layer."""

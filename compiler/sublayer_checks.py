@@ -19,10 +19,12 @@ from .yaml_source import Document
 
 
 def check_sublayer(
-    doc: Document, config: SublayerConfig, items: dict[str, Sourced], kind_path: tuple[PathEntry, ...], hidden: int
+    doc: Document, config: SublayerConfig, items: dict[str, Sourced], kind_path: tuple[PathEntry, ...],
+    hidden: int | None,
 ) -> SublayerConfig:
     """Fill defaults that depend on other fields and check the cross-field facts; returns the config."""
-    check_tensor_fits(doc, items, kind_path, config, hidden)
+    if hidden is not None:  # None: hidden_size itself was wrong, already reported
+        check_tensor_fits(doc, items, kind_path, config, hidden)
     if isinstance(config, AttentionSpec):
         config = resolve_attention(doc, config, items, kind_path, hidden)
     elif isinstance(config, MoESpec):
@@ -77,11 +79,13 @@ def check_tensor_fits(doc: Document, items: dict[str, Sourced], path: tuple[Path
 
 
 def resolve_attention(
-    doc: Document, cfg: AttentionSpec, items: dict[str, Sourced], path: tuple[PathEntry, ...], hidden: int
+    doc: Document, cfg: AttentionSpec, items: dict[str, Sourced], path: tuple[PathEntry, ...], hidden: int | None
 ) -> AttentionSpec:
     """Fill defaults that depend on other fields and check the cross-field facts."""
     where = items.get("heads", Sourced(None, path)).path
     head_dim = cfg.head_dim
+    if head_dim is None and hidden is None:
+        head_dim = 2  # hidden_size was wrong (reported); check the rest with a stand-in width
     if head_dim is None:
         if hidden % cfg.heads:
             raise doc.error(where, f"hidden_size {hidden} is not divisible by heads {cfg.heads}",

@@ -8,6 +8,8 @@ place to fix. Duplicate keys, which plain ``yaml.safe_load`` silently accepts, a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import PathEntry, SpecError
+from .yaml_guard import check_size, read_capped, scan_events
 
 Position = tuple[int, int]
 
@@ -28,6 +31,16 @@ class Document:
     value_pos: dict[tuple[PathEntry, ...], Position] = field(default_factory=dict)
     key_pos: dict[tuple[PathEntry, ...], Position] = field(default_factory=dict)
     text: str = ""
+    errors: list[SpecError] = field(default_factory=list)  # collected so that one run reports them all
+
+    @contextmanager
+    def collecting(self) -> Iterator[None]:
+        """Run the body; a ``SpecError`` it raises is kept in ``errors`` and reading goes on after it
+        (the caller leaves a fallback in place), so one run shows every mistake, not only the first."""
+        try:
+            yield
+        except SpecError as exc:
+            self.errors.append(exc)
 
     def where(self, path: tuple[PathEntry, ...], *, key: bool = False) -> Position:
         """Position of ``path`` (its key if ``key``), falling back to the nearest enclosing path."""
@@ -85,22 +98,25 @@ class _Builder:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        if node.tag in SEXAGESIMAL_TAGS and ":" in node.value:  # YAML 1.1 reads 1:20 as 80
+            raise self.doc.error(path, f"{node.value!r} is a base-60 number in YAML 1.1 (1:20 reads as 80)",
+                                 hint="write the number out, or quote it if you meant text")
         return self.constructor.construct_object(node)
+
+
+SEXAGESIMAL_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
 def load_document(source: str | Path, text: str | None = None) -> Document:
     """Parse ``source`` (a path; ``text`` overrides reading it) into a positioned ``Document``."""
     name = str(source)
     if text is None:
-        try:
-            text = Path(source).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise SpecError("file not found", file=name, line=1, column=1,
-                            hint="check the path; bundled specs live in specs/models/ and specs/hardware/") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SpecError(f"cannot read file: {exc}", file=name, line=1, column=1) from None
+        text = read_capped(source)
+    else:
+        check_size(name, len(text.encode("utf-8", "surrogatepass")))
     doc = Document(file=name, data=None, text=text)
     try:
+        scan_events(name, text)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark

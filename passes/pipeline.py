@@ -20,7 +20,10 @@ from torch import fx
 
 from ..compiler.build import build_model
 from ..compiler.lower import lower
+from ..compiler.node_info import info
 from ..compiler.schema import HardwareSpec, ModelSpec
+from ..compiler.shapes import B, T
+from ..compiler.tensor_sizes import ELEMENT_BYTES, MAX_TENSOR_BYTES, too_large
 from .annotate_cost import annotate_cost
 from .build_plan import build_plan
 from .choose_sbp import choose_sbp
@@ -87,6 +90,11 @@ def make_context(
     seq = spec.seq_len if seq is None else seq
     if batch < 1 or seq < 1:
         raise PlanError(f"batch and sequence length must be at least 1, got --batch {batch} --seq {seq}")
+    big = too_large(spec, batch, seq)
+    if big is not None:  # torch sizes storage in int64 bytes, even on the meta device
+        owner = f"{big.sublayer.name}'s " if big.sublayer else ""
+        raise PlanError(f"torch cannot size this graph at B={batch}, T={seq}: {owner}{big.what} would be "
+                        f"{big.elements:.3g} elements = {big.nbytes:.3g} bytes, past 2^63 - 1; lower --batch or --seq")
     if mesh.size > hardware.num_devices:
         raise PlanError(f"mesh {mesh} needs {mesh.size} devices, but hardware {hardware.name} has "
                         f"{hardware.num_devices} ({hardware.nodes} node(s) x {hardware.devices_per_node}); "
@@ -94,6 +102,21 @@ def make_context(
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
     return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces))
+
+
+def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
+    """Every value of the graph at the plan's B and T fits torch's int64 byte count (at float64, as
+    compiler/tensor_sizes.py counts): the spec-level check names the usual suspects, this one sees
+    every tensor lowering made."""
+    point = {B: ctx.batch, T: ctx.seq}
+    for node in gm.graph.nodes:
+        elements = 1
+        for dim in info(node).shape:
+            elements *= int(dim.subs(point)) if hasattr(dim, "subs") else int(dim)
+        if elements * ELEMENT_BYTES > MAX_TENSOR_BYTES:
+            raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq}: {node.name} would be "
+                            f"{elements:.3g} elements = {elements * ELEMENT_BYTES:.3g} bytes, past 2^63 - 1; "
+                            "lower --batch or --seq")
 
 
 def make_plan(
@@ -107,5 +130,6 @@ def make_plan(
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text,
                        strategies=strategies, forces=forces)
     gm = lower_spec(spec, mode)
+    check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
     return gm.meta.get("ultraplan.plan"), gm, reports

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import glob
 import json
-from importlib import resources
 from pathlib import Path
 
 from ultraplan.backends.graphviz import plan_to_dot, render_svg
 from ultraplan.backends.program import write_program
 from ultraplan.compiler.schema import HardwareSpec, ModelSpec
 from ultraplan.compiler.validate import load_hardware_spec, load_model_spec
+from ultraplan.compiler.yaml_guard import read_capped
 from ultraplan.passes.context import Mesh, PassReport
 from ultraplan.passes.pipeline import make_plan, prepare_spec
 from ultraplan.passes.plan import Plan
+from ultraplan.paths import bundled, resolve_spec_path
+
+__all__ = ["bundled", "compile", "load", "load_hardware", "load_with_reports", "plan", "read_plan", "resolve_spec_path"]
 
 DEFAULT_HARDWARE = "cpu"
-
-
-def bundled(kind: str, name: str) -> Path:
-    """Path of a bundled spec, e.g. ``bundled("hardware", "cpu")``."""
-    return Path(str(resources.files("ultraplan.specs") / kind / f"{name}.yaml"))
-
-
-def resolve_spec_path(text: str | Path, kind: str) -> Path:
-    """A file path as given, or the name of a bundled spec (``dense-tiny``, ``h200-8``, ``olmoe-1b-7b``
-    from specs/models/paper/)."""
-    path = Path(text)
-    if path.is_file() or (not path.exists() and path.suffix in (".yaml", ".yml")):
-        return path
-    candidate = bundled(kind, str(text))
-    if candidate.exists():
-        return candidate
-    if len(path.parts) > 1:
-        return path
-    nested = sorted(candidate.parent.glob(f"*/{glob.escape(candidate.name)}"))  # a bare name: models/paper/olmoe-1b-7b.yaml
-    return nested[0] if len(nested) == 1 else path
 
 
 def load(path: str | Path, text: str | None = None) -> ModelSpec:
@@ -82,7 +64,7 @@ def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None 
     spec = load_model_spec(path)
     parsed = Mesh.parse(mesh)
     result, _, _ = make_plan(spec, load_hardware(hardware), parsed, batch=batch, seq=seq, mode=mode,
-                             spec_text=path.read_text(encoding="utf-8"), strategies=parse_strategy(strategy, parsed),
+                             spec_text=read_capped(path), strategies=parse_strategy(strategy, parsed),
                              forces=parse_forces(force))
     return result
 

@@ -1,7 +1,9 @@
-"""The ``ultraplan`` command: stats, plan, compile, run, viz, explain.
+"""The ``ultraplan`` command: stats, plan, compile, run, viz, explain, fields.
 
 Spec and plan errors print one message (file:line:column: field: what and how to fix) and exit 2;
-a failed ``run --check`` exits 1.
+a failed ``run --check`` exits 1. Heavy modules (the planner, torch) are imported inside the
+commands, after the spec has been validated: ``--help``, ``fields`` and a spec's mistakes answer
+in a fraction of a second (tests/unit/test_fast_cli.py).
 """
 
 from __future__ import annotations
@@ -12,10 +14,29 @@ import os
 import sys
 from pathlib import Path
 
-from ultraplan import api
-from ultraplan.compiler.errors import SpecError
-from ultraplan.passes.context import Mesh, PlanError
-from ultraplan.passes.pipeline import PIPELINE
+from ultraplan.compiler.errors import SpecError, nearest
+from ultraplan.paths import resolve_spec_path
+
+STAGES = ("shape_prop", "annotate_cost", "choose_sbp", "build_plan")  # passes.pipeline.PIPELINE's names (tested)
+INT64_MAX = 2**63 - 1
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """--batch and --seq are whole numbers from 1 to 2^63 - 1 (torch sizes tensors in int64); a
+    ValueError (exit 2) otherwise, before anything is loaded."""
+    for flag in ("batch", "seq"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+        if value is not None and value > INT64_MAX:
+            raise ValueError(f"--{flag} must be at most 2^63 - 1, got {value}")
+
+
+def validated(spec: str) -> None:
+    """Load and validate SPEC without the planner, so that its mistakes are reported before torch loads."""
+    from ultraplan.compiler.validate import load_model_spec
+
+    load_model_spec(resolve_spec_path(spec, "models"))
 
 
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
@@ -35,10 +56,10 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    validated(args.spec)
+    from ultraplan import api
     from ultraplan.passes.stats import spec_stats
 
-    if args.batch < 1:
-        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     spec, reports = api.load_with_reports(args.spec)
     stats = spec_stats(spec).as_dict(args.batch, by_component=args.by == "component")
     sized = [d for r in reports if r.name == "size_ffn" for d in r.decisions]
@@ -62,6 +83,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    validated(args.spec)
+    from ultraplan import api
+    from ultraplan.passes.context import Mesh
+
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
                       strategy=args.strategy, force=args.force)
     text = result.to_json()
@@ -81,6 +106,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    validated(args.spec)
+    from ultraplan import api
+    from ultraplan.passes.context import Mesh
+
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
                          mode=args.mode, strategy=args.strategy, force=args.force)
@@ -108,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
+    from ultraplan import api
     from ultraplan.backends.graphviz import plan_to_dot, render_svg
 
     plan = api.read_plan(args.plan)
@@ -124,16 +154,33 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from ultraplan.backends.explain import explain_graph
+    if args.stage not in STAGES:
+        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
-    from ultraplan.passes.pipeline import make_plan
 
-    spec = load_model_spec(api.resolve_spec_path(args.spec, "models"))  # unsized: size_ffn's report shows
+    spec = load_model_spec(resolve_spec_path(args.spec, "models"))
+    from ultraplan import api
+    from ultraplan.backends.explain import explain_graph
+    from ultraplan.passes.context import Mesh
+    from ultraplan.passes.pipeline import make_plan
+  # unsized: size_ffn's report shows
     mesh = Mesh.parse(args.mesh)
     _, gm, reports = make_plan(spec, api.load_hardware(args.hardware), mesh, batch=args.batch, seq=args.seq,
                                mode=args.mode, stop_after=args.stage, strategies=api.parse_strategy(args.strategy, mesh),
                                forces=api.parse_forces(args.force))
     print(explain_graph(gm, reports))
+    return 0
+
+
+def cmd_fields(args: argparse.Namespace) -> int:
+    from ultraplan.compiler.reference import render, sections
+
+    kinds = list(sections())
+    if args.kind is not None and args.kind not in kinds:
+        guess = nearest(args.kind, kinds)
+        raise ValueError(f"no spec section or sublayer kind {args.kind!r}; "
+                         + (f"did you mean {guess!r}? " if guess else "") + "kinds: " + ", ".join(kinds))
+    print(render(args.kind), end="")
     return 0
 
 
@@ -174,19 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="print the annotated graph after a pass as readable Python")
     p.add_argument("spec")
     _plan_args(p)
-    p.add_argument("--stage", default=PIPELINE[-1][0], choices=[name for name, _ in PIPELINE])
+    p.add_argument("--stage", default=STAGES[-1], help="the pass after which to stop: " + ", ".join(STAGES))
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("fields", help="the spec language's fields: type, default, constraint, meaning")
+    p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "
+                   "moe, ...), norm, train, hardware or link; all when left out")
+    p.set_defaults(func=cmd_fields)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_counts(args)
         return args.func(args)
-    except SpecError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (PlanError, ValueError) as exc:
+    except (SpecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `ultraplan explain ... | head`: the reader has what it wanted
@@ -195,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an output path that cannot be written, a directory given for a file, ...
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        planner = sys.modules.get("ultraplan.passes.context")  # no PlanError unless the planner was loaded
+        if planner is None or not isinstance(exc, planner.PlanError):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
