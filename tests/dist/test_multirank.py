@@ -99,7 +99,7 @@ def test_measured_bytes_equal_planned(rank_run, spec):
     comm = comm_report(plan, result, STEPS)
     assert comm["comm_bytes_measured"] == comm["comm_bytes_predicted"]
     assert comm["comm_calls_measured"] == comm["comm_calls_predicted"] == comm["comm_calls_torch_first_step"]
-    assert set(comm["comm_calls_predicted"]) <= {"all_reduce"}  # data parallel: all-reduces only
+    assert {k for k, v in comm["comm_calls_predicted"].items() if v} <= {"all_reduce"}  # data parallel
 
 
 # Gloo can abort a rank at interpreter exit, after all its work is done, when a worker thread
