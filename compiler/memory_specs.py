@@ -73,6 +73,8 @@ class UltraMemV2Spec:
     query_per_rank: bool = field(default=False, metadata=doc("a separate query for each Tucker rank"))
     query_norm: TuckerNorm = field(default="auto", metadata=doc("the query norm: " + TUCKER_NORM_DOC))
     key_norm: TuckerNorm = field(default="auto", metadata=doc("the key norm: " + TUCKER_NORM_DOC))
+    pre_value_gelu: bool = field(default=False, metadata=doc(
+        "GELU (exact) on the pre-value score, the official mem_use_glu_act; off in the published configs"))
     share: Literal["none", "ring", "block"] = field(default="none", metadata=doc("value-table sharing scheme"))
     share_layers: int = field(default=1, metadata=doc("layers' shares one layer addresses (g)", minimum=1))
     init: Literal["code", "paper"] = field(default="code", metadata=doc(

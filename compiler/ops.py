@@ -187,9 +187,11 @@ def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
 
 
 def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """gelu (tanh approximation), relu or silu."""
+    """gelu (tanh approximation), gelu_erf (exact, torch's default), relu or silu."""
     if kind == "gelu":
         return F.gelu(x, approximate="tanh")
+    if kind == "gelu_erf":
+        return F.gelu(x)
     if kind == "relu":
         return F.relu(x)
     if kind == "silu":

@@ -200,6 +200,8 @@ class UltraMemV2(TuckerRetrieval):
             pre = named("pre", ops.linear(h, self.w_pre))
             pre_rows = named("pre_rows", ops.gather_rows(table.pre_values, rows))
             gates = named("pre_gates", ops.row_dot(pre, pre_rows))
+            if s.pre_value_gelu:  # mem_use_glu_act: F.gelu (exact) on the score (ultramem_layer_v2.py:490-491)
+                gates = named("pre_gates_gelu", ops.activation(gates, "gelu_erf"))
             core_scores = named("weights", ops.scale_cores(core_scores, gates))
         value_rows = named("value_rows", ops.gather_rows(table.values, rows))
         pooled = named("pooled", ops.core_pool(value_rows, core_scores))

@@ -67,7 +67,7 @@ def tdqkr(w: OfficialWeights, query: torch.Tensor, keys: torch.Tensor, knn: int)
 
 
 def ultramem_v2(w: OfficialWeights, x: torch.Tensor, kdim: int, knn: int, offset: int, all_value_num: int,
-                value_num: int) -> torch.Tensor:
+                value_num: int, use_glu_act: bool = False) -> torch.Tensor:
     """ultramem_layer_v2.py:299-333 with the non-fused IVE (:498-518), value_expand_time 1,
     mem_q_for_each_tucker_rank (qtr = 2: the only setting whose shapes agree in :50-55)."""
     bs = x.shape[0]
@@ -81,6 +81,8 @@ def ultramem_v2(w: OfficialWeights, x: torch.Tensor, kdim: int, knn: int, offset
     weights = best_scores.unsqueeze(-1)
     if w.pre_values is not None:
         pre_scores = torch.einsum("bd,bkd->bk", x @ w.pre_values_proj.T, w.pre_values[real])
+        if use_glu_act:  # mem_use_glu_act, applied in the fused branch (:490-491)
+            pre_scores = torch.nn.functional.gelu(pre_scores)
         weights = weights * pre_scores[..., None, None]
     return (values * weights).view(bs, best.shape[1], -1).sum(1) @ w.values_proj.T
 

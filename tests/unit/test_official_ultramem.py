@@ -60,18 +60,22 @@ def compare(mem, ours_out, theirs_out, w: official.OfficialWeights, x: torch.Ten
     return float((ours_out - theirs_out).detach().abs().max())
 
 
-@pytest.mark.parametrize("layer", [0, 3])  # layer 3 addresses past the ring's end and wraps to its start
-def test_ultramem_v2_equals_the_official_forward_and_gradients(layer):
-    model = build_model(load(MODELS / "ultramem-v2-tiny.yaml"), seed=11).double()
+@pytest.mark.parametrize("layer, gelu", [(0, False), (3, False), (3, True)])  # layer 3 wraps around the ring
+def test_ultramem_v2_equals_the_official_forward_and_gradients(write_spec, layer, gelu):
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text()
+    if gelu:  # the official mem_use_glu_act
+        text = text.replace("share: ring,", "pre_value_gelu: true, share: ring,")
+    model = build_model(load(write_spec(text)), seed=11).double()
     mem = model.layers[layer]["ultramem_v2"]
     assert mem.norm_kinds == {"query": "rms", "key": "rms"} and not hasattr(mem, "query_norm_bias")
+    assert mem.spec.pre_value_gelu == gelu
     assert layer == 0 or mem.offset + mem.spec.effective_keys**2 > mem.table_rows  # it does wrap
     w = official_weights(mem, dead_query_rows=2 * mem.spec.key_dim)
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     ours = mem.body(x)
     theirs = official.ultramem_v2(w, x_ref.view(10, 32), mem.spec.key_dim, mem.spec.topk, mem.offset,
-                                  mem.table_rows, mem.spec.effective_keys**2).view(2, 5, 32)
+                                  mem.table_rows, mem.spec.effective_keys**2, gelu).view(2, 5, 32)
     assert compare(mem, ours, theirs, w, x, x_ref) < 1e-12
 
 
