@@ -135,8 +135,8 @@ def test_olmoe_227m_matches_table_10_exactly():
 
 def test_ultramem_v2_227m():
     """UltraMemV2-227M/1.2B. Our stats equal the official module up to the QK-norm we lack (-20 * 128);
-    the memory's query/key norms are RMSNorms with a weight only, as the official ones. Ring sharing: 20 layers' 360^2-row shares in
-    one table, each layer addressing share_ratio 0.5 of it, n' = 1138 keys per half.
+    the memory's query/key norms are RMSNorms with a weight only, as the official ones. Ring sharing:
+    20 layers' 360^2-row shares in one table, each layer addressing share_ratio 0.5 of it, n' = 1138 keys per half.
 
     Published 225M activated / 1.18B total. Under the OLMoE rows' rule (total without, activated with
     the tied embedding) the official module has 230.4M / 1.1869B: +2.4% / +0.6%. No rule we tried
