@@ -188,14 +188,15 @@ def _state_lines(plan: Plan) -> list[str]:
             value = f"seeded.init_full({literal(b.name)}, {literal(b.shape)}, 'permutation', 0.0, seed)"
         else:
             lines.append(f"        # {comment(b.name)}: {b.op}({comment(b.source)}), recomputed after every optimizer step")
-            value = f"torch.empty({literal(b.shape)})"
+            value = f"torch.zeros({literal(b.shape)})"  # the rule reads its previous value
         lines.append(f"        self.register_buffer({literal(attr)}, {value}.to(mesh.device))")
     if derived:
         lines.append("        self.refresh_state()")
         lines += ["", "    @torch.no_grad()", "    def refresh_state(self):",
                   '        """State derived from parameters; the training loop calls this after every step."""']
         for b in derived:
-            lines.append(f"        self.{identifier(b.node)}.copy_(ops.{b.op}({source_attr[b.source]}))")
+            attr = f"self.{identifier(b.node)}"
+            lines.append(f"        {attr}.copy_(ops.{b.op}({source_attr[b.source]}, {attr}))")
     return lines
 
 

@@ -191,6 +191,8 @@ def initialize(model: DecoderModel, seed: int) -> DecoderModel:
             if rule[0] == "permutation":
                 buffer = model.get_buffer(name)
                 buffer.copy_(seeded.init_full(name, tuple(buffer.shape), "permutation", 0.0, seed))
+            else:
+                model.get_buffer(name).zero_()  # derived state starts at zero, as the official code's
     refresh_state(model)
     return model
 
@@ -210,7 +212,8 @@ def state_rules(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
 
 def refresh_state(model: nn.Module) -> None:
     """Recompute the buffers derived from parameters (UltraMem's rank-1 vectors from the cores), by
-    the same ``state_rules`` the plan records and emitted programs follow.
+    the same ``state_rules`` the plan records and emitted programs follow: ``op(source, previous)``,
+    the buffer's previous value passed so a rule can keep continuity (the rank-1 vectors' sign).
 
     Call after every optimizer step, as the reference training loop and emitted programs do.
     """
@@ -218,7 +221,8 @@ def refresh_state(model: nn.Module) -> None:
         for name, rule in state_rules(model).items():
             if rule[0] == "derived":
                 _, op, source = rule
-                model.get_buffer(name).copy_(getattr(ops, op)(model.get_parameter(source).detach()))
+                buffer = model.get_buffer(name)  # its previous value: the rule may keep its sign
+                buffer.copy_(getattr(ops, op)(model.get_parameter(source).detach(), buffer))
 
 
 def build_model(spec: ModelSpec, *, seed: int | None = None, device: str | torch.device = "cpu") -> DecoderModel:

@@ -10,6 +10,8 @@ per group and per sublayer, so one run reports all of them.
 
 from __future__ import annotations
 
+import dataclasses
+
 from .errors import Origin, PathEntry, SpecError, nearest, raise_all
 from .fields import (
     Sourced,
@@ -37,6 +39,17 @@ def read_norm(doc: Document, item: Sourced) -> NormSpec | None:
         return read_dataclass(doc, NormSpec, {"kind": item}, item.path)
     mapping = expect_mapping(doc, item, "a norm")
     return read_dataclass(doc, NormSpec, sourced_mapping(mapping, item.path), item.path)
+
+
+def resolve_tucker_norms(config: object, norm: NormSpec | None) -> object:
+    """``query_norm: auto`` / ``key_norm: auto`` of UltraMem(V2) -> the kind of the norm the sublayer
+    reads (its own, else the model's; layer where there is none): the official code builds both with
+    ``LayerNormBase.build(config)``, i.e. the model's ``layer_norm_type``
+    (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py:193-194, olmo/ultramem_layer.py:104-105)."""
+    if not hasattr(config, "key_norm"):
+        return config
+    kind = norm.kind if norm is not None else "layer"
+    return dataclasses.replace(config, **{f: kind for f in ("query_norm", "key_norm") if getattr(config, f) == "auto"})
 
 
 def read_sublayer(
@@ -73,6 +86,7 @@ def read_sublayer(
     norm = read_norm(doc, items.pop("norm", Sourced(None, kind_path) if parallel else default_norm))
     config = read_dataclass(doc, SUBLAYER_KINDS[kind], items, kind_path, also=SUBLAYER_KEYS)
     config = check_sublayer(doc, config, items, kind_path, hidden)
+    config = resolve_tucker_norms(config, norm or read_norm(doc, default_norm))
     return SublayerSpec(name=name, kind=kind, config=config, norm=norm, parallel=parallel, deliver_after=deliver_after,
                         origins=origins)
 

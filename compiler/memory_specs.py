@@ -11,6 +11,10 @@ from typing import Literal
 
 from .fields import doc
 
+TuckerNorm = Literal["auto", "rms", "layer"]
+TUCKER_NORM_DOC = ("rms (RMSNorm, weight only) or layer (LayerNorm, weight and bias); auto: the kind of this "
+                   "sublayer's norm (else the model's), as the official code builds it from layer_norm_type")
+
 MEMORY_TO_FFN_DOC = doc("memory-to-FFN compute ratio: memory FLOPs / FFN FLOPs per token of this block; sizes "
                         "the block's ffn, which must say hidden: auto (UltraMemV2's rebalancing)",
                         minimum=0, exclusive=True)
@@ -67,6 +71,10 @@ class UltraMemV2Spec:
     cores: int = field(default=2, metadata=doc("Tucker cores c (multi-core scoring); divides value_dim", minimum=1))
     heads: int = field(default=1, metadata=doc("retrieval heads", minimum=1))
     query_per_rank: bool = field(default=False, metadata=doc("a separate query for each Tucker rank"))
+    query_norm: TuckerNorm = field(default="auto", metadata=doc("the query norm: " + TUCKER_NORM_DOC))
+    key_norm: TuckerNorm = field(default="auto", metadata=doc("the key norm: " + TUCKER_NORM_DOC))
+    pre_value_gelu: bool = field(default=False, metadata=doc(
+        "GELU (exact) on the pre-value score, the official mem_use_glu_act; off in the published configs"))
     share: Literal["none", "ring", "block"] = field(default="none", metadata=doc("value-table sharing scheme"))
     share_layers: int = field(default=1, metadata=doc("layers' shares one layer addresses (g)", minimum=1))
     init: Literal["code", "paper"] = field(default="code", metadata=doc(
@@ -94,6 +102,8 @@ class UltraMemSpec:
     value_dim: int = field(metadata=doc("value width D_v", minimum=1))
     heads: int = field(default=2, metadata=doc("retrieval heads", minimum=1))
     share_query: bool = field(default=True, metadata=doc("one query serves each pair of heads"))
+    query_norm: TuckerNorm = field(default="auto", metadata=doc("the query norm: " + TUCKER_NORM_DOC))
+    key_norm: TuckerNorm = field(default="auto", metadata=doc("the key norm: " + TUCKER_NORM_DOC))
     rank: int = field(default=2, metadata=doc("Tucker rank r", minimum=1))
     cores: int = field(default=2, metadata=doc("Tucker cores c; divides value_dim", minimum=1))
     expansion: int = field(default=4, metadata=doc("IVE factor E, a perfect square: sqrt(E) n keys per half",

@@ -2,7 +2,7 @@
 
 Tables are owned by the model, not by a layer, because sharing lets several layers read one
 table. PKM layers with ``shared_values`` all read ``pkm_shared`` (Memory+'s one value table).
-UltraMemV2 (research/memory_layers.md §5.1, the official code's ring scheme):
+UltraMemV2 (the official code's ring scheme, Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py:124-131):
 
 - ``none``:  layer l owns a table of n^2 rows, offset 0;
 - ``ring``:  one table of L_m n^2 rows for all ring layers; layer l (its ordinal among them)

@@ -331,6 +331,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("pk_scores", lambda s, a: (*s[0][:-1], s[1][0], s[1][1], s[1][2]), flops=_pk_scores_flops,
          dims="bt.,....->bt...", colour=RETRIEVAL),
     _def("group_layer_norm", _same, dims="*.,.,.->*.", colour=NORM),
+    _def("group_rms_norm", _same, dims="*.,.->*.", colour=NORM),
     _def("topk_indices", lambda s, a: (*s[0][:-1], sympy.Integer(a["k"])), index=True, dims="*.->*.",
          colour=INDEXING),
     _def("take", lambda s, a: s[1], result="first", dims="*.,*.->*.", colour=INDEXING),

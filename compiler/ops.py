@@ -126,6 +126,15 @@ def group_layer_norm(x: torch.Tensor, weight_G: torch.Tensor, bias_G: torch.Tens
     return F.layer_norm(shaped, (group,), weight_G, bias_G, eps).view(x.shape)
 
 
+def group_rms_norm(x: torch.Tensor, weight_G: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (weight only) over consecutive groups of G features of the last dim: the query and
+    key norms of the official UltraMem code under the OLMoE configs (``layer_norm_type: rms``,
+    ``bias_for_layer_norm: false``; Ultra-Sparse-Memory-Network olmo/model.py RMSLayerNorm)."""
+    group = weight_G.shape[0]
+    shaped = x.view(*x.shape[:-1], -1, group)
+    return (shaped * torch.rsqrt(shaped.pow(2).mean(-1, keepdim=True) + eps) * weight_G).view(x.shape)
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest entries along the last dim, largest first (int64)."""
     return torch.topk(scores, k, dim=-1).indices
@@ -178,9 +187,11 @@ def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
 
 
 def activation(x: torch.Tensor, kind: str) -> torch.Tensor:
-    """gelu (tanh approximation), relu or silu."""
+    """gelu (tanh approximation), gelu_erf (exact, torch's default), relu or silu."""
     if kind == "gelu":
         return F.gelu(x, approximate="tanh")
+    if kind == "gelu_erf":
+        return F.gelu(x)
     if kind == "relu":
         return F.relu(x)
     if kind == "silu":
@@ -323,16 +334,25 @@ def ive_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, blocks_BTHM:
     return out.scatter_add(2, index, weighted).reshape(b, t, num_blocks * v)
 
 
-def rank_one_vectors(cores_HKRR: torch.Tensor) -> torch.Tensor:
+def rank_one_vectors(cores_HKRR: torch.Tensor, previous_2HR: torch.Tensor) -> torch.Tensor:
     """u and t: the leading left and right singular vectors of each head's summed core -> (2, H, R).
 
-    Sign convention (ours): the largest-magnitude entry of u is positive, so the result is a
-    function of the cores alone (the official code instead keeps the previous step's sign).
+    Sign: per head, the sign of (u, t) nearer (L1) to the previous step's, as the official code does
+    (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py:284-296, ultramem_layer.py:158-169), so
+    retrieval cannot flip between steps when two entries of u are nearly equal in size. Where both
+    signs are equally near (the zero state at initialisation) the largest-magnitude entry of u is
+    made positive, so the initial state is a function of the cores alone (the official code keeps
+    whatever sign the SVD returned there).
     """
     with torch.no_grad():
         left, _, right_t = torch.linalg.svd(cores_HKRR.sum(dim=1).double())
         u, t = left[..., 0], right_t[..., 0, :]
-        sign = torch.sign(torch.gather(u, -1, u.abs().argmax(dim=-1, keepdim=True)))
+        prev_u, prev_t = previous_2HR.double()
+        keep = (u - prev_u).abs().sum(-1) + (t - prev_t).abs().sum(-1)
+        flip = (u + prev_u).abs().sum(-1) + (t + prev_t).abs().sum(-1)
+        sign = torch.sign(flip - keep)
+        largest = torch.sign(torch.gather(u, -1, u.abs().argmax(dim=-1, keepdim=True))).squeeze(-1)
+        sign = torch.where(sign == 0, largest, sign).unsqueeze(-1)
         return torch.stack((u * sign, t * sign)).to(cores_HKRR.dtype)
 
 

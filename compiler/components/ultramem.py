@@ -2,7 +2,7 @@
 
 UltraMemV2: a memory layer beside the FFN of every block.
 
-Per token (research/memory_layers.md §5.2; D_k key width, r rank, c cores, m kept slots):
+Per token (UltraMemV2, arXiv 2508.18756 §4.2; D_k key width, r rank, c cores, m kept slots):
     q = LN(W_q x) split into row/column halves (one query, or one per Tucker rank)
     S_row[r], S_col[r] = keys[r] q            scores of every key, per rank          (tucker_scores)
     s_row = u . S_row, s_col = t . S_col      rank-1 filter; u, t from the cores      (rank_one_scores)
@@ -28,7 +28,14 @@ from ..memory_specs import UltraMemSpec, UltraMemV2Spec
 from ..memory_tables import TableSlot
 from ..schema import NormSpec
 from .base import InitRule, ResidualSublayer, named
-from .ultramem_init import PaperInit
+from .ultramem_init import OFFICIAL_VALUE_STD, PaperInit
+
+
+def _norm_kind(field: str, norm: NormSpec | None) -> str:
+    """A spec built in Python may still say ``auto`` (the loader resolves it): the sublayer's norm."""
+    if field != "auto":
+        return field
+    return norm.kind if norm is not None else "layer"
 
 
 class MemoryTable(nn.Module):
@@ -60,20 +67,29 @@ class TuckerRetrieval(ResidualSublayer):
         keys = s.effective_keys
         self.query_heads, self.query_ranks = query_heads, query_ranks
         self.w_query = nn.Parameter(torch.empty(query_heads * 2 * query_ranks * s.key_dim, dim))
-        self.query_norm_weight = nn.Parameter(torch.empty(s.key_dim))
-        self.query_norm_bias = nn.Parameter(torch.empty(s.key_dim))
         self.keys = nn.Parameter(torch.empty(s.heads, 2, s.rank, keys, s.key_dim))
-        self.key_norm_weight = nn.Parameter(torch.empty(s.key_dim))
-        self.key_norm_bias = nn.Parameter(torch.empty(s.key_dim))
+        self.norm_kinds = {which: _norm_kind(getattr(s, f"{which}_norm"), norm) for which in ("query", "key")}
+        for which, kind in self.norm_kinds.items():
+            setattr(self, f"{which}_norm_weight", nn.Parameter(torch.empty(s.key_dim)))
+            if kind == "layer":
+                setattr(self, f"{which}_norm_bias", nn.Parameter(torch.empty(s.key_dim)))
         self.cores = nn.Parameter(torch.empty(s.heads, s.cores, s.rank, s.rank))
         self.register_buffer("shuffle", torch.empty(keys * keys, dtype=torch.int64))
         self.register_buffer("rank_one", torch.empty(2, s.heads, s.rank))
 
     def retrieval_init_rules(self, query_std: float, key_std: float, gain: float) -> dict[str, InitRule]:
-        return {"w_query": InitRule("normal", query_std), "keys": InitRule("normal", key_std),
-                "query_norm_weight": InitRule("constant", gain), "query_norm_bias": InitRule("zeros"),
-                "key_norm_weight": InitRule("constant", gain), "key_norm_bias": InitRule("zeros"),
-                "cores": InitRule("uniform", 1.0)}
+        rules = {"w_query": InitRule("normal", query_std), "keys": InitRule("normal", key_std),
+                 "query_norm_weight": InitRule("constant", gain), "key_norm_weight": InitRule("constant", gain),
+                 "cores": InitRule("uniform", 1.0)}
+        rules.update({f"{which}_norm_bias": InitRule("zeros") for which, k in self.norm_kinds.items() if k == "layer"})
+        return rules
+
+    def _normed(self, which: str, x: torch.Tensor) -> torch.Tensor:
+        """The query or key norm over groups of D_k: RMSNorm (weight only) or LayerNorm (with bias)."""
+        weight = getattr(self, f"{which}_norm_weight")
+        if self.norm_kinds[which] == "rms":
+            return ops.group_rms_norm(x, weight, 1e-5)
+        return ops.group_layer_norm(x, weight, getattr(self, f"{which}_norm_bias"), 1e-5)
 
     def state_rules(self) -> dict[str, tuple[str, ...]]:
         """How each buffer is made: the shuffle is a seeded permutation; u and t derive from the cores."""
@@ -83,8 +99,8 @@ class TuckerRetrieval(ResidualSublayer):
         """Per-core scores (B, T, H, C, m) and slots (B, T, H, m) of the m best virtual slots."""
         s = self.spec
         query = named("query", ops.linear(h, self.w_query))
-        query = named("query_normed", ops.group_layer_norm(query, self.query_norm_weight, self.query_norm_bias, 1e-5))
-        keys = named("keys_normed", ops.group_layer_norm(self.keys, self.key_norm_weight, self.key_norm_bias, 1e-5))
+        query = named("query_normed", self._normed("query", query))
+        keys = named("keys_normed", self._normed("key", self.keys))
         if self.query_heads != s.heads:
             scores = ops.tucker_scores(query, keys, self.query_ranks, self.query_heads)
         else:
@@ -114,11 +130,13 @@ class UltraMem(TuckerRetrieval):
         self.w_out = nn.Parameter(torch.empty(dim, spec.expansion * spec.value_dim))
 
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
-        """The official code's (research §4.5): W_q and keys N(0, 1/D_k), LN gains D_k^-0.33,
-        cores U(0, 1), values N(0, init_std^2), W_o N(0, 1/(E D_v))."""
+        """``UltraMemLayerV1.reset_parameters`` (Ultra-Sparse-Memory-Network olmo/ultramem_layer.py:
+        111-127): norm gains D_k^-0.33 (:112-113), W_q and keys N(0, 1/D_k) (:115, :119), W_o
+        N(0, 1/(E D_v)) (:116), values N(0, 0.02^2) whatever init_std is (:122-123), cores U(0, 1) (:127)."""
         s = self.spec
         rules = self.retrieval_init_rules(s.key_dim**-0.5, s.key_dim**-0.5, s.key_dim**-0.33)
-        rules.update(values=InitRule("normal", std), w_out=InitRule("normal", (s.expansion * s.value_dim) ** -0.5))
+        rules.update(values=InitRule("normal", OFFICIAL_VALUE_STD),
+                     w_out=InitRule("normal", (s.expansion * s.value_dim) ** -0.5))
         return rules
 
     def body(self, h: torch.Tensor) -> torch.Tensor:
@@ -141,6 +159,7 @@ class UltraMemV2(TuckerRetrieval):
         if spec.pre_value_dim:
             self.w_pre = nn.Parameter(torch.empty(spec.pre_value_dim, dim))
         self.w_out = nn.Parameter(torch.empty(dim, spec.value_dim))
+        self.hidden = dim
         self._table: list[MemoryTable] = []  # set by attach(); a plain list keeps it out of this module's params
         self.offset = 0
         self.table_rows = 0
@@ -150,23 +169,26 @@ class UltraMemV2(TuckerRetrieval):
         self.offset = slot.offset
         self.table_rows = slot.rows
         self.paper = paper
-        if paper is not None:
-            table.value_std = paper.value_std
+        table.value_std = paper.value_std if paper is not None else OFFICIAL_VALUE_STD
 
     def local_init_rules(self, std: float, out_std: float) -> dict[str, InitRule]:
-        """``init: code``, the official code's choices (research §4.5, §5.1): LN gains D_k^-0.4,
-        cores U(0, 1), linears N(0, init_std), the output projection scaled like every residual
-        output. ``init: paper``: ultramem_init.py (linears sqrt(2/5h), gains for mean score 1)."""
+        """``init: code``, ``UltraMemLayerV2.reset_parameters`` (Ultra-Sparse-Memory-Network
+        olmo/ultramem_layer_v2.py:200-253): norm gains D_k^-0.4 (:240-241), W_q N(0, 1/D_k) (:243),
+        W_o N(0, 1/D_v) (:244; its input is D_v wide without key expansion), keys N(0, 1/D_k) (:246),
+        W_pre N(0, 1/h) (:248), cores U(0, 1) (:252-253); values and pre-values N(0, 0.02^2) whatever
+        init_std is (:203-238, set on the table in ``attach``). ``init: paper``: ultramem_init.py
+        (linears sqrt(2/5h), gains for mean score 1)."""
         paper = getattr(self, "paper", None)
         if paper is not None:
             rules = self.retrieval_init_rules(paper.linear_std, paper.linear_std, paper.norm_gain)
             rules["w_out"] = InitRule("normal", paper.linear_std)
             rules["w_pre"] = InitRule("normal", paper.linear_std)
             return rules
-        rules = self.retrieval_init_rules(std, std, self.spec.key_dim ** -0.4)
-        rules["w_out"] = InitRule("normal", out_std)
-        if self.spec.pre_value_dim:
-            rules["w_pre"] = InitRule("normal", std)
+        s = self.spec
+        rules = self.retrieval_init_rules(s.key_dim**-0.5, s.key_dim**-0.5, s.key_dim**-0.4)
+        rules["w_out"] = InitRule("normal", s.value_dim**-0.5)
+        if s.pre_value_dim:
+            rules["w_pre"] = InitRule("normal", self.hidden**-0.5)
         return rules
 
     def body(self, h: torch.Tensor) -> torch.Tensor:
@@ -178,6 +200,8 @@ class UltraMemV2(TuckerRetrieval):
             pre = named("pre", ops.linear(h, self.w_pre))
             pre_rows = named("pre_rows", ops.gather_rows(table.pre_values, rows))
             gates = named("pre_gates", ops.row_dot(pre, pre_rows))
+            if s.pre_value_gelu:  # mem_use_glu_act: F.gelu (exact) on the score (ultramem_layer_v2.py:490-491)
+                gates = named("pre_gates_gelu", ops.activation(gates, "gelu_erf"))
             core_scores = named("weights", ops.scale_cores(core_scores, gates))
         value_rows = named("value_rows", ops.gather_rows(table.values, rows))
         pooled = named("pooled", ops.core_pool(value_rows, core_scores))

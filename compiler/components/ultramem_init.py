@@ -10,7 +10,7 @@
   set equal to the FFN's sigma_ffn^2 = 0.064 k_inner / (2 L), k_inner = FFN inner / h:
       sigma_V^4 = 0.2 k_inner h / (m h_heads (1 + sigma_s^2) D_p D_v L).
   The paper prints this right-hand side as sigma_V^2 (eq. 26); substituting eq. 22 into eq. 25
-  gives sigma_V^4 (research/memory_layers.md §5.1 flags the same), so we take its fourth root.
+  gives sigma_V^4, so we take its fourth root.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..memory_specs import UltraMemV2Spec
+
+# values and pre-values under init: code (and UltraMem's values): a fixed 0.02, not init_std
+# (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py:203, olmo/ultramem_layer.py:122)
+OFFICIAL_VALUE_STD = 0.02
 
 SIMULATION_TOKENS = 128
 SIMULATION_SEED = 20250826  # fixed: the same spec always gets the same gains
@@ -58,7 +62,8 @@ def simulate_scores(spec: UltraMemV2Spec, gain: float = 1.0, tokens: int = SIMUL
     keys = F.layer_norm(keys, (spec.key_dim,)) * gain
     cores = torch.rand(heads, spec.cores, spec.rank, spec.rank, **shape)
     scores = ops.tucker_scores(q.reshape(1, tokens, -1), keys, query_ranks)
-    half_best = ops.topk_indices(ops.rank_one_scores(scores, ops.rank_one_vectors(cores)), spec.topk)
+    rank_one = ops.rank_one_vectors(cores, cores.new_zeros(2, heads, spec.rank))  # no previous step
+    half_best = ops.topk_indices(ops.rank_one_scores(scores, rank_one), spec.topk)
     total = ops.sum_cores(ops.tucker_grid(ops.take_ranked(scores, half_best), cores))
     selected = ops.take(total, ops.topk_indices(total, spec.topk))
     return float(selected.mean()), float(selected.var())

@@ -58,10 +58,9 @@ def groups(name: str) -> tuple[dict[str, int], dict[str, int]]:
 
 
 QK_NORM = dense_groups(0)["qk_norm"]  # OLMo's per-head QK-norm, which our specs cannot express
-MEMORY_NORM_BIAS = 2 * 192  # our query/key LayerNorms have a bias (D_k each) where the official RMSNorms have none
 OURS_MINUS_OFFICIAL = {
     "olmoe-227m-1.2b": -QK_NORM, "memory-plus-227m-1.2b": -QK_NORM,
-    "ultramem-227m-1.2b": -QK_NORM + 4 * MEMORY_NORM_BIAS, "ultramem-v2-227m-1.2b": -QK_NORM + LAYERS * MEMORY_NORM_BIAS,
+    "ultramem-227m-1.2b": -QK_NORM, "ultramem-v2-227m-1.2b": -QK_NORM,  # memory norms: RMS weights, as official
 }
 
 

@@ -3,6 +3,7 @@ pre-value gates and multi-core pooling; the rank-1 state; and the block structur
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import torch
@@ -16,13 +17,21 @@ from ultraplan import load
 TOL = dict(rtol=1e-5, atol=1e-7)  # fp32; the naive loops sum in another order (outputs are ~1e-5..1e-3)
 
 
+def naive_norm(mem, which: str, x: torch.Tensor) -> torch.Tensor:
+    """The query or key norm over the last dim: LayerNorm with bias or RMSNorm with a weight only."""
+    weight = getattr(mem, f"{which}_norm_weight")
+    if mem.norm_kinds[which] == "layer":
+        return F.layer_norm(x, (x.shape[-1],), weight, getattr(mem, f"{which}_norm_bias"), 1e-5)
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * weight
+
+
 def naive_retrieval(mem, x: torch.Tensor) -> list[list[tuple[int, list[float]]]]:
     """One token, per head: the m best (slot, per-core scores), by loops over ranks and the grid."""
     s = mem.spec
     n, dk = s.effective_keys, s.key_dim
     q = (mem.w_query @ x).view(mem.query_heads, 2, mem.query_ranks, dk)
-    q = F.layer_norm(q, (dk,), mem.query_norm_weight, mem.query_norm_bias, 1e-5)
-    keys = F.layer_norm(mem.keys, (dk,), mem.key_norm_weight, mem.key_norm_bias, 1e-5)
+    q = naive_norm(mem, "query", q)
+    keys = naive_norm(mem, "key", mem.keys)
     per_head = []
     for h in range(s.heads):
         qh = q[h * mem.query_heads // s.heads]  # heads h share query h // (heads / query heads)
@@ -119,7 +128,7 @@ def test_ring_and_block_tables():
 
 def test_rank_one_vectors_are_the_leading_singular_pair():
     cores = torch.rand(3, 2, 4, 4)
-    u, t = ops.rank_one_vectors(cores)
+    u, t = ops.rank_one_vectors(cores, torch.zeros(2, 3, 4))  # no previous sign: largest |u_i| positive
     summed = cores.sum(dim=1)
     for h in range(3):
         sigma = torch.linalg.svdvals(summed[h])[0]
@@ -135,7 +144,19 @@ def test_refresh_state_follows_the_cores():
     stale = mem.rank_one.clone()
     refresh_state(model)
     assert not torch.equal(stale, mem.rank_one)
-    torch.testing.assert_close(mem.rank_one, ops.rank_one_vectors(mem.cores))
+    torch.testing.assert_close(mem.rank_one, ops.rank_one_vectors(mem.cores, stale))
+
+
+def test_rank_one_sign_follows_the_previous_step():
+    """Two entries of u nearly equal in size: the largest-entry rule would flip u between steps as
+    they trade places; keeping the previous step's sign (the official code's rule) does not."""
+    core = torch.tensor([[[[1.0, 0.0], [0.0, 0.2]]]]).expand(1, 2, 2, 2).clone()
+    angles = (-0.7853, -0.7855)  # u = (cos, sin): |u_0| > |u_1| first, then |u_1| > |u_0|
+    rotate = [torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]) for a in angles]
+    state = ops.rank_one_vectors(rotate[0] @ core @ rotate[0].T, torch.zeros(2, 1, 2))
+    following = ops.rank_one_vectors(rotate[1] @ core @ rotate[1].T, state)
+    assert (following[0] * state[0]).sum() > 0.99  # continuous: u moved by a hair, not negated
+    torch.testing.assert_close(ops.rank_one_vectors(rotate[1] @ core @ rotate[1].T, -state), -following)
 
 
 STRUCTURE = textwrap.dedent("""\
