@@ -1,4 +1,5 @@
-# make demo: compile the bundled default spec for 4 ranks, draw the plan, run it with --check.
+# make demo: compile the bundled default spec for 4 ranks (a 2x2 mesh: data parallel across, tensor parallel
+# within), draw the plan, run it with --check.
 # make test: the whole test suite (unit, golden, multi-rank). Both set up .venv when missing.
 # make docs: regenerate docs/spec-reference.md from the schema.
 PY      := .venv/bin/python
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(PY) -m ultraplan stats dense-tiny
-	$(PY) -m ultraplan compile dense-tiny --mesh 4 -o $(DEMO)
+	$(PY) -m ultraplan compile dense-tiny --mesh 2x2 --strategy dp,tp -o $(DEMO)
 	$(PY) -m ultraplan viz $(DEMO)/plan.json -o $(DEMO)/plan.svg
 	$(PY) -m ultraplan run $(DEMO) --check
 
