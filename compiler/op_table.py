@@ -85,8 +85,8 @@ class InternalComm:
     dtype: str = "float32"
 
 
-# (global input shapes, attrs, mesh axes it runs over) -> the call's non-tensor arguments
-ArgsRule = Callable[[list[Shape], dict[str, Any], list[int]], tuple[tuple[str, Any], ...]]
+# (global input shapes, attrs, mesh axes it runs over, their sizes) -> the call's non-tensor arguments
+ArgsRule = Callable[[list[Shape], dict[str, Any], list[int], list[int]], tuple[tuple[str, Any], ...]]
 # (local input shapes, attrs, axis size, training?) -> the collectives inside the call
 CommRule = Callable[[list[Shape], dict[str, Any], sympy.Expr, bool], list[InternalComm]]
 
@@ -108,6 +108,7 @@ class Variant:
     why: str
     args: ArgsRule
     comms: CommRule | None = None
+    applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
 
 
 @dataclass(frozen=True)
@@ -286,20 +287,39 @@ VOCAB_EMBEDDING = Variant(
     "vocab_parallel", ("B", "S(0)"), "P", "ops.embedding_rows",
     "vocabulary-parallel embedding: each device looks up the ids in its rows of the table and "
     "writes zeros for the rest, so the devices' outputs sum to the lookup (Megatron-LM, Shoeybi et al. 2019)",
-    args=lambda s, a, axes: (("row_start", shard_start(s[1][0], axes)),))
+    args=lambda s, a, axes, sizes: (("row_start", shard_start(s[1][0], axes)),))
 VOCAB_CROSS_ENTROPY = Variant(
     "vocab_parallel", ("S(2)", "B"), "P", "runtime.vocab_parallel_cross_entropy",
     "cross entropy over the split vocabulary: all-reduces of each position's max, sum of exponentials "
     "and target logit, never the logits (Megatron-LM's vocab-parallel cross entropy)",
-    args=lambda s, a, axes: (("mesh", MESH), ("axes", tuple(axes)), ("vocab_start", shard_start(s[0][-1], axes))),
+    args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)),
+                                    ("vocab_start", shard_start(s[0][-1], axes))),
     comms=_cross_entropy_comms)
 EXPERT_PARALLEL = Variant(
     "expert_parallel", ("S(0)", "S(0)", "S(0)", "S(0)", "S(0)", "S(0)"), "S(0)", "runtime.expert_parallel_ffn",
     "expert parallelism: each (token, slot) goes to the device holding its expert by all_to_all with "
     "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
-    args=lambda s, a, axes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
-                             ("num_experts", int(s[3][0]))),
+    args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
+                                    ("num_experts", int(s[3][0]))),
     comms=_expert_parallel_comms)
+
+
+def _prod(sizes: list[int]) -> int:
+    out = 1
+    for n in sizes:
+        out *= n
+    return out
+
+
+KV_REPLICATED = Variant(
+    "kv_replicated", ("S(2)", "B", "B"), "S(2)", "ops.attention_kv_shard",
+    "query heads split, key/value heads replicated because there are fewer of them than devices (MQA, "
+    "small-group GQA): each device reads the kv head its query heads use (Megatron-LM's GQA tensor "
+    "parallelism replicates kv heads the same way)",
+    args=lambda s, a, axes, sizes: (("num_heads", a["num_heads"] // _prod(sizes)), ("total_heads", a["num_heads"]),
+                                    ("num_kv_heads", a["num_kv_heads"]), ("head_dim", a["head_dim"]),
+                                    ("q_head_start", shard_start(a["num_heads"], axes))),
+    applies=lambda a, n: a["num_heads"] % n == 0 and a["num_kv_heads"] % n != 0 and n % a["num_kv_heads"] == 0)
 
 
 def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:
@@ -322,7 +342,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("rope", _same, dims="bth->bth", whole="t", heads={"h": ("num_heads",)}, colour="#ead1dc"),
     _def("causal_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
-         colour="#f4cccc"),
+         variants=(KV_REPLICATED,), colour="#f4cccc"),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
@@ -378,7 +398,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 
 # ops.py functions that are not graph ops: state derived from parameters between steps, and the
 # shard forms variants call
-NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows"}
+NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard"}
 
 
 def op_def(name: str) -> OpDef:

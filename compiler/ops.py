@@ -82,6 +82,18 @@ def causal_attention(
     return out.transpose(1, 2).reshape(b, t, num_heads * head_dim)
 
 
+def attention_kv_shard(q_BTX: torch.Tensor, k_BTY: torch.Tensor, v_BTY: torch.Tensor, num_heads: int,
+                       total_heads: int, num_kv_heads: int, head_dim: int, q_head_start: int) -> torch.Tensor:
+    """Causal attention of a shard holding query heads [q_head_start, q_head_start + num_heads) of
+    ``total_heads`` and every one of the ``num_kv_heads`` key/value heads: it reads the kv heads its
+    query heads use (head h uses kv head h // (total_heads / num_kv_heads))."""
+    group = total_heads // num_kv_heads
+    first, last = q_head_start // group, (q_head_start + num_heads - 1) // group
+    k = k_BTY[..., first * head_dim:(last + 1) * head_dim]
+    v = v_BTY[..., first * head_dim:(last + 1) * head_dim]
+    return causal_attention(q_BTX, k, v, num_heads, last - first + 1, head_dim)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU gating (Shazeer 2020): silu(gate) * up."""
     return F.silu(gate) * up

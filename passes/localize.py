@@ -48,7 +48,7 @@ def localize(node: fx.Node, mesh: tuple[int, ...]) -> tuple[str, tuple[tuple[str
     variant, axes = _variant(node)
     if variant is None:
         return f"ops.{rec.op}", tuple(attrs.items())
-    return variant.call, variant.args([info(a).shape for a in tensor_args(node)], attrs, axes)
+    return variant.call, variant.args([info(a).shape for a in tensor_args(node)], attrs, axes, [mesh[a] for a in axes])
 
 
 def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> list[tuple[str, Boxing, bool, str]]:

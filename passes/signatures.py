@@ -96,6 +96,8 @@ def axis_signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tup
         found.append(AxisSignature((P_,) * count, P_))
     for variant in record.variants:
         ins = tuple(parse_sbp(s) for s in variant.inputs)
+        if variant.applies is not None and not variant.applies(attrs, n):
+            continue
         if all(_fits(sbp, shape, n) for sbp, shape in zip(ins, shapes)):
             found.append(AxisSignature(ins, parse_sbp(variant.output), variant=variant))
     return found

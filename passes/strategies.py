@@ -16,7 +16,8 @@ is all-reduced to the ``B`` stream under ``tp``, reduce-scattered to ``S(1)`` un
             optimizer holds state for the owned shard only. Parameters a derived buffer is computed
             from (UltraMem's cores) stay ``B``: every device recomputes the buffer from them.
 - ``tp``:   Megatron-LM (Shoeybi et al. 2019): inputs ``B``; attention q/k/v and the FFN's up/gate
-            column-parallel (``S(0)``, heads split; GQA's kv heads split with them), their output
+            column-parallel (``S(0)``, heads split; GQA's kv heads split with them while they divide
+            the axis, else replicated, each device reading the kv heads its query heads use), their output
             projections row-parallel (``S(1)``, a ``P`` output); the MoE's experts split on their
             hidden width; the embedding and LM head vocabulary-parallel (``S(0)``) with the cross
             entropy over the split vocabulary; norms and memory layers replicated; the residual
@@ -111,19 +112,26 @@ def fsdp(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[A
 def _tensor_parallel(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, name: str, stream: Sbp) -> AxisPins:
     pins = AxisPins(axis, name)
     _inputs(gm, B_, pins)
+    replicated_kv: set[str] = set()  # layers whose kv heads are fewer than the devices: k, v replicated
     for node in gm.graph.nodes:
         if info(node).op == "causal_attention":
-            for count in ("num_heads", "num_kv_heads"):
-                if info(node).attrs[count] % n:
-                    raise PlanError(f"{name} on mesh axis {axis} splits attention heads over {n} devices, but "
-                                    f"{info(node).layer} has {count.removeprefix('num_').replace('_', ' ')} = "
-                                    f"{info(node).attrs[count]}, not divisible by {n}; use an axis of a size that "
-                                    "divides it, or another strategy on this axis")
+            heads, kv = info(node).attrs["num_heads"], info(node).attrs["num_kv_heads"]
+            if heads % n or (kv % n and n % kv):
+                count, value = ("heads", heads) if heads % n else ("kv heads", kv)
+                raise PlanError(f"{name} on mesh axis {axis} splits attention heads over {n} devices, but "
+                                f"{info(node).layer} has {count} = {value}, not divisible by {n}"
+                                f"{'' if count == 'heads' else f' (nor {n} by it, to replicate them)'}; use an axis "
+                                "of a size that divides it, or another strategy on this axis")
+            if kv % n:
+                replicated_kv.add(info(node).layer)
         if info(node).stream:
             pins.outputs[node.name] = stream
     for node in _params(gm):
         dim = TP_ROLES.get(_role(node))
         if dim is None:
+            continue
+        if info(node).layer in replicated_kv and _role(node)[1] in ("wk", "wv"):
+            pins.outputs[node.name] = B_
             continue
         size = info(node).param.shape[dim]
         if size % n:

@@ -113,9 +113,34 @@ def test_two_axes_split_different_dims_of_a_parameter():
     assert params["layers.0.attention.wo"].sbp == "S(0),S(1)"
 
 
+def test_kv_heads_fewer_than_devices_are_replicated():
+    """MQA (one kv head) over 2 devices: q split by heads, k and v whole, each device reads the kv
+    head its query heads use (tested against eager on ranks in tests/dist/test_strategies.py)."""
+    plan = api.plan(MODELS / "dense-deep-groups.yaml", "2", strategy="tp")
+    mixed = plan.node("layers_1_attention_mixed")
+    assert mixed.sbp_in == ("S(2)", "B", "B") and mixed.call == "ops.attention_kv_shard"
+    assert dict(mixed.local_attrs)["q_head_start"] == {"shard_start": [4, [0]]}
+    params = {p.name: p.sbp for p in plan.params}
+    assert params["layers.1.attention.wk"] == "B" and params["layers.1.attention.wq"] == "S(0)"
+
+
+def test_attention_shard_reads_the_kv_heads_its_query_heads_use():
+    import torch
+    from ultraplan.compiler import ops
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 8 * 3), torch.randn(2, 5, 2 * 3), torch.randn(2, 5, 2 * 3)
+    whole = ops.causal_attention(q, k, v, 8, 2, 3)
+    for shards in (2, 4, 8):
+        width = 8 // shards * 3
+        parts = [ops.attention_kv_shard(q[..., i * width:(i + 1) * width], k, v, 8 // shards, 8, 2, 3, i * 8 // shards)
+                 for i in range(shards)]
+        assert torch.allclose(torch.cat(parts, dim=-1), whole, atol=1e-6)
+
+
 def test_strategy_errors_name_the_size(capsys):
-    with pytest.raises(PlanError, match=r"kv heads = 2, not divisible by 4"):
-        api.plan(MODELS / "dense-gqa-tied.yaml", "4", strategy="tp")
+    with pytest.raises(PlanError, match=r"layers.0.attention has heads = 8, not divisible by 3"):
+        api.plan(MODELS / "dense-gqa-tied.yaml", "3", strategy="tp", batch=3)
     with pytest.raises(PlanError, match="sequence length is 32, not divisible by 3"):
         api.plan(MODELS / "dense-tiny.yaml", "3", strategy="sp", batch=3)
     with pytest.raises(PlanError, match=r"axis 0 \(dp\)"):
