@@ -12,17 +12,19 @@ evaluates every sympy cost at the context's point and adds the step totals:
                      over: axes whose signature splits a dim or runs a variant) / peak
     comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
     step_time      = compute_time + comm_time                        (no overlap assumed)
-    memory         = train: 16 bytes per stored parameter element (fp32 weight, gradient, two
-                     AdamW moments) + gathered parameters kept for the backward (fsdp) + forward
-                     activations kept for backward (each op's bytes written / its split);
+    memory_*       = train: parameters, gradients, optimizer (4 + 4 + 8 bytes per stored fp32
+                     element), gathered parameters and activations autograd saves for the backward
+                     (passes/memory.py gives the rule); memory_per_device is their sum;
                      infer: 4 bytes per parameter element in use + the largest single activation
                      (a lower bound: two live activations overlap at each op)
+    fits           = memory_per_device <= the hardware's device memory (HardwareSpec.memory_bytes)
 
 In ``infer`` mode backward FLOPs are zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import sympy
@@ -34,6 +36,7 @@ from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .localize import internal_collectives, localize
+from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
@@ -124,6 +127,19 @@ def _needs_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return out
 
 
+def memory_terms(gm: fx.GraphModule, sizes: list, param_bytes: sympy.Expr, largest: sympy.Expr,
+                 train: bool) -> dict[str, sympy.Expr]:
+    """The memory totals: each term, then their sum (passes/memory.py says what each holds)."""
+    if not train:
+        terms = {"memory_parameters": param_bytes, "memory_activations": largest}
+    else:
+        activations, gathered = saved_bytes(gm, sizes)
+        terms = {"memory_parameters": param_bytes, "memory_gradients": param_bytes,
+                 "memory_optimizer": 2 * param_bytes, "memory_gathered_parameters": gathered,
+                 "memory_activations": activations}
+    return terms | {"memory_per_device": sympy.Add(*terms.values())}
+
+
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     values = Values(ctx.values())
@@ -131,7 +147,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     train = ctx.mode == "train"
     comms = _Collectives(ctx, values)
     nodes, params, buffers = [], [], []
-    param_bytes = gathered_bytes = fwd = bwd = compute = written = ZERO
+    param_bytes = fwd = bwd = compute = ZERO
     largest: sympy.Expr = ZERO
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
@@ -149,8 +165,6 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             param_bytes += local
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest
-            if used is not None and train:
-                gathered_bytes += numel(local_dims(rec.shape, used_sbp, sizes)) * BYTES_PER_ELEMENT["float32"]
             params.append(ParamPlan(p.name, node.name, p.shape, p.init, p.std, nd_str(rec.at_rest), nd_str(used_sbp),
                                     cost(local, values), grads, p.group))
         if node.op == "output":
@@ -177,7 +191,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         c = rec.cost
         if c is not None:
             split = _split_factor(rec.splits)
-            fwd, written = fwd + c.flops, written + c.bytes_written / split
+            fwd = fwd + c.flops
             bwd = bwd + c.backward_flops if train else bwd
             compute += (c.flops + (c.backward_flops if train else ZERO)) / split
             if not train:  # sympy.Max of hundreds of terms is slow; only inference plans need it
@@ -200,8 +214,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
         "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time,
         "step_time": compute_time + comms.time,
-        "memory_per_device": (4 * param_bytes + gathered_bytes + written) if train else (param_bytes + largest),
     }
+    totals.update(memory_terms(gm, sizes, param_bytes, largest, train))
     t = ctx.spec.train
     plan = Plan(
         version=PLAN_VERSION, spec_name=ctx.spec.name, spec_source=ctx.spec.source, spec_sha256=ctx.spec.sha256,
@@ -216,6 +230,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         collectives=comms.step(),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
+    plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes)
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,
                       [f"{len(nodes)} nodes, {len(params)} parameters, {len(plan.collectives)} collectives per step"],
