@@ -230,7 +230,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         collectives=comms.step(),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
-    plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes)
+    plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
+                               device_memory=float(ctx.hardware.memory_bytes))
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,
                       [f"{len(nodes)} nodes, {len(params)} parameters, {len(plan.collectives)} collectives per step"],

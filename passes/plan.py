@@ -137,7 +137,8 @@ class Plan:
     output_boxing: tuple[CollectivePlan, ...]
     collectives: tuple[CollectivePlan, ...]  # every collective one training step runs, in order
     totals: tuple[tuple[str, Cost], ...]
-    fits: bool = True  # memory_per_device <= the hardware's device memory
+    fits: bool = True  # memory_per_device <= device_memory
+    device_memory: float = 0.0  # bytes of memory one device of the hardware has
 
     def to_json(self) -> str:
         return json.dumps(_encode(self), indent=1, sort_keys=False) + "\n"
