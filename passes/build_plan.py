@@ -51,12 +51,16 @@ class Values(dict):
     def __init__(self, values: dict) -> None:
         super().__init__(values)
         self.memo: dict[sympy.Expr, Cost] = {}
+        self.scales: dict[object, str] = {}
 
 
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
+    """The expression and its value at ``values``; ``simplify`` puts a total in a readable form with
+    ``sympy.factor`` (common factors out, one fraction), several times faster than
+    ``sympy.simplify``, which was most of a large plan's time (bench/plan_speed.py)."""
     expr = sympy.sympify(expr)
     if simplify:
-        expr = sympy.simplify(expr)
+        expr = sympy.factor(expr)
     memo = getattr(values, "memo", None)
     if memo is not None and expr in memo:
         return memo[expr]
@@ -64,6 +68,16 @@ def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
     if memo is not None:
         memo[expr] = result
     return result
+
+
+def _scale_text(scale: object, values: dict) -> str:
+    """A partial-sum scale at the plan's point, as text ("1/2"); memoised like ``cost``."""
+    memo = getattr(values, "scales", None)
+    if memo is None:
+        return str(sympy.sympify(scale).xreplace(values))
+    if scale not in memo:
+        memo[scale] = str(sympy.sympify(scale).xreplace(values))
+    return memo[scale]
 
 
 def collective_time(b: Boxing) -> sympy.Expr:
@@ -88,8 +102,8 @@ class _Collectives:
         self.backward: list[CollectivePlan] = []
         self.sync: list[CollectivePlan] = []
         self.logging: list[CollectivePlan] = []
-        self.time = ZERO
-        self.wire = ZERO
+        self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
+        self.wires: list[sympy.Expr] = []
 
     def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
             dtype: str = "float32") -> CollectivePlan:
@@ -99,9 +113,17 @@ class _Collectives:
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
-            self.time += collective_time(b)
-            self.wire += b.wire
+            self.times.append(collective_time(b))
+            self.wires.append(b.wire)
         return plan
+
+    @property
+    def time(self) -> sympy.Expr:
+        return sympy.Add(*self.times)
+
+    @property
+    def wire(self) -> sympy.Expr:
+        return sympy.Add(*self.wires)
 
     def step(self) -> tuple[CollectivePlan, ...]:
         return tuple(self.forward + self.backward[::-1] + self.sync + self.logging)
@@ -147,8 +169,11 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     train = ctx.mode == "train"
     comms = _Collectives(ctx, values)
     nodes, params, buffers = [], [], []
-    param_bytes = fwd = bwd = compute = ZERO
-    largest: sympy.Expr = ZERO
+    param_terms: list[sympy.Expr] = []  # sums are built once at the end: sympy re-flattens on every +
+    fwd_terms: list[sympy.Expr] = []
+    bwd_terms: list[sympy.Expr] = []
+    compute_terms: list[sympy.Expr] = []
+    largest_terms: list[sympy.Expr] = []
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
     for node in gm.graph.nodes:
@@ -162,7 +187,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             why = f"stored [{nd_str(rec.at_rest)}] ({rec.reason}); its gradient arrives P on the axes it is B"
             grads = tuple(comms.add(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
             local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT["float32"]
-            param_bytes += local
+            param_terms.append(local)
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest
             params.append(ParamPlan(p.name, node.name, p.shape, p.init, p.std, nd_str(rec.at_rest), nd_str(used_sbp),
@@ -191,11 +216,12 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         c = rec.cost
         if c is not None:
             split = _split_factor(rec.splits)
-            fwd = fwd + c.flops
-            bwd = bwd + c.backward_flops if train else bwd
-            compute += (c.flops + (c.backward_flops if train else ZERO)) / split
-            if not train:  # sympy.Max of hundreds of terms is slow; only inference plans need it
-                largest = sympy.Max(largest, c.bytes_written / split)
+            fwd_terms.append(c.flops)
+            if train:
+                bwd_terms.append(c.backward_flops)
+            compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
+            if not train:
+                largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)
         nodes.append(NodePlan(
             name=node.name, op=rec.op, layer=rec.layer,
@@ -204,12 +230,14 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             local_shape=tuple(str(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
             dtype=rec.dtype,
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
-            partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
+            partial_scale=_scale_text(sig.partial_scale, values), boxing=boxing,
             call=call, local_attrs=local_attrs, splits=tuple(rec.splits),
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,
             bytes_read=cost(c.bytes_read, values) if c else zero,
             bytes_written=cost(c.bytes_written, values) if c else zero))
-    compute_time = compute / PEAK
+    param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
+    compute_time = sympy.Add(*compute_terms) / PEAK
+    largest = sympy.Max(*largest_terms) if largest_terms else ZERO
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
         "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time,

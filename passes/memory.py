@@ -122,7 +122,7 @@ def saved_bytes(gm: fx.GraphModule, sizes: list) -> tuple[sympy.Expr, sympy.Expr
     """(activations, gathered parameters) autograd keeps for the backward, per device."""
     values: dict[str, sympy.Expr] = {}
     gathered: dict[str, sympy.Expr] = {}
-    internal = ZERO
+    internal: list[sympy.Expr] = []  # summed once: sympy re-flattens a sum on every +
     for node in gm.graph.nodes:
         rec = info(node)
         if node.op != "call_function" or rec.op == "boxing" or rec.op not in SAVES:
@@ -140,5 +140,5 @@ def saved_bytes(gm: fx.GraphModule, sizes: list) -> tuple[sympy.Expr, sympy.Expr
             target = gathered if _is_gathered_param(value) else values
             target[value.name] = _local_bytes(value, sizes)[0]
         if rule.internal is not None:
-            internal += rule.internal(out, ins, node, dims)
-    return internal + sympy.Add(*values.values()), sympy.Add(*gathered.values())
+            internal.append(rule.internal(out, ins, node, dims))
+    return sympy.Add(*internal, *values.values()), sympy.Add(*gathered.values())

@@ -39,8 +39,8 @@ def evaluate(expr: sympy.Expr, values: dict[sympy.Symbol, float]) -> float:
     if any(not p.exp.is_number for p in expr.atoms(sympy.Pow)):
         # (1 - k/E)^(B T) of MoE traffic: exact substitution builds a fraction with millions of digits
         result = expr.evalf(17, subs=values)
-    else:
-        result = expr.subs(values)
+    else:  # xreplace: a plain substitution, many times faster than subs (no rewriting of the tree)
+        result = expr.xreplace(values)
     if result.free_symbols:
         raise ValueError(f"cost {expr} still has free symbols {sorted(map(str, result.free_symbols))}")
     return float(result)

@@ -4,10 +4,10 @@ NVLink speed when each of its groups lies on one node (PlanContext.axis_link).""
 from __future__ import annotations
 
 import pytest
-
-from ultraplan import api
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import make_context
+
+from ultraplan import api
 
 INTRA, INTER = "intra", "inter"
 
