@@ -39,7 +39,7 @@ from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
-from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
+from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
 
 ZERO = sympy.Integer(0)
 
@@ -55,12 +55,11 @@ class Values(dict):
 
 
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
-    """The expression and its value at ``values``; ``simplify`` puts a total in a readable form with
-    ``sympy.factor`` (common factors out, one fraction), several times faster than
-    ``sympy.simplify``, which was most of a large plan's time (bench/plan_speed.py)."""
+    """The expression and its value at ``values``; ``simplify`` puts a total in readable form
+    (``symbols.readable``, much cheaper than ``sympy.simplify``)."""
     expr = sympy.sympify(expr)
     if simplify:
-        expr = sympy.factor(expr)
+        expr = readable(expr)
     memo = getattr(values, "memo", None)
     if memo is not None and expr in memo:
         return memo[expr]

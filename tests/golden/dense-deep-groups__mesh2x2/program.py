@@ -7,7 +7,7 @@
 #   predicted per step at B=4, T=16:
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
-#     step time         18.169 ms = 3840*B*T**2/(n0*n1*peak) + 663552*B*T/(n0*n1*peak) + 176*lat0*n0 - 176*lat0 + 176*lat1*n1 - 176*lat1 + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
+#     step time         18.169 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 176*lat0*(n0 - 1) + 176*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
 #     memory            2.25 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]

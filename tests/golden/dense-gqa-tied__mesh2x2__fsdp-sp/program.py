@@ -7,7 +7,7 @@
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
-#     step time         7.036 ms = 2*(1152*B*T*bw0*bw1*(T + 224) + bw0*bw1*n0*n1*peak*(34*lat0*(n0 - 1) + 31*lat1*(n1 - 1)) + 4*bw0*n0*peak*(n1 - 1) + 4*bw0*peak*(899*B*T*(n1 - 1) + 896*n1 - 896) + 3588*bw1*n1*peak*(n0 - 1) + 344064*bw1*peak*(n0 - 1))/(bw0*bw1*n0*n1*peak)
+#     step time         7.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 62*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
 #     memory            1.21 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]

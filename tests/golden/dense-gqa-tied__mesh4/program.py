@@ -7,7 +7,7 @@
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     521.48 kB sent per device
-#     step time         10.735 ms = 4*(576*B*T*bw0*(T + 224) + 17*bw0*lat0*n0*peak*(n0 - 1) + 173826*peak*(n0 - 1))/(bw0*n0*peak)
+#     step time         10.735 ms = 2304*B*T*(T + 224)/(n0*peak) + 68*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
 #     memory            1.99 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]

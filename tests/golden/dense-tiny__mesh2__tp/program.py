@@ -7,7 +7,7 @@
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     659.72 kB sent per device
-#     step time         3.015 ms = 4*(384*B*T*bw0*(T + 418) + 9*bw0*lat0*n0*peak*(n0 - 1) + 2*peak*(643*B*T*(n0 - 1) + 321*n0 - 321))/(bw0*n0*peak)
+#     step time         3.015 ms = 1536*B*T*(T + 418)/(n0*peak) + 36*lat0*(n0 - 1) + 8*(643*B*T + 321)/bw0 - 8*(643*B*T + 321)/(bw0*n0)
 #     memory            3.09 MB per device
 #
 # Run: torchrun --nproc_per_node 2 program.py [--steps K] [--seed S]

@@ -7,7 +7,7 @@
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     693.13 kB sent per device
-#     step time         7.389 ms = 4*(384*B*T*bw0*(T + 418) + 11*bw0*lat0*n0*peak*(n0 - 1) + 231042*peak*(n0 - 1))/(bw0*n0*peak)
+#     step time         7.389 ms = 1536*B*T*(T + 418)/(n0*peak) + 44*lat0*(n0 - 1) + 924168/bw0 - 924168/(bw0*n0)
 #     memory            2.68 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
