@@ -25,6 +25,7 @@ In ``infer`` mode backward FLOPs are zero.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import sympy
@@ -67,6 +68,12 @@ def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
     if memo is not None:
         memo[expr] = result
     return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(dim: object) -> str:
+    """A dim as text; cached, as printing sympy is slow and a graph has few distinct dims."""
+    return str(dim)
 
 
 def _scale_text(scale: object, values: dict) -> str:
@@ -225,8 +232,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         nodes.append(NodePlan(
             name=node.name, op=rec.op, layer=rec.layer,
             args=tuple(a.name for a in tensor_args(node)), attrs=tuple(rec.attrs.items()),
-            shape=tuple(str(d) for d in rec.shape),
-            local_shape=tuple(str(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
+            shape=tuple(_text(d) for d in rec.shape),
+            local_shape=tuple(_text(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
             dtype=rec.dtype,
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
             partial_scale=_scale_text(sig.partial_scale, values), boxing=boxing,
