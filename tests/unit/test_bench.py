@@ -9,7 +9,8 @@ from tests.conftest import ROOT
 
 def test_plan_speed_bench_runs_on_a_tiny_spec(capsys):
     bench = runpy.run_path(str(ROOT / "bench" / "plan_speed.py"))
-    results = bench["main"](["--spec", "dense-tiny", "--mesh", "2", "--hardware", "cpu", "--strategies", "dp,fsdp"])
+    results = bench["main"](["--spec", "dense-tiny", "--mesh", "2", "--hardware", "cpu", "--strategies", "dp,fsdp",
+                               "--repeat", "1"])
     out = capsys.readouterr().out
     assert "machine:" in out and "s per plan" in out
     assert [r["strategy"] for r in results] == ["dp", "fsdp"]
