@@ -280,8 +280,10 @@ def main(argv=None):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
+        # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
-            loss = model(local[:, :-1], local[:, 1:])
+            with runtime.count_saved(model, enabled=step == 0):
+                loss = model(local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(model, mesh)

@@ -447,6 +447,42 @@ class comm_debug:
         return False
 
 
+SAVED_BYTES = 0  # bytes of the distinct tensors autograd saved in the forward count_saved watched
+
+
+class count_saved:
+    """``with count_saved(model):`` counts what autograd saves for the backward in the block, via
+    ``torch.autograd.graph.saved_tensors_hooks``: each distinct storage once (a value several ops
+    save is one tensor in memory), the model's parameters excluded. The total is kept in
+    SAVED_BYTES, which ``dump`` reports per rank. ``count_saved(model, enabled=False)`` does nothing.
+    """
+
+    def __init__(self, model, enabled=True):
+        self.enabled = enabled
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages = {}
+        self.hooks = None
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self.params and storage.device.type != "meta":
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self):
+        if self.enabled:
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        global SAVED_BYTES
+        if self.hooks is not None:
+            self.hooks.__exit__(*exc)
+            SAVED_BYTES = sum(self.storages.values())
+        return False
+
+
 # ---- ops whose shard-local form needs collectives -----------------------------------------------
 
 
@@ -621,12 +657,13 @@ def dump(path, mesh, losses, named_shards, extra=None):
     (gathering is collective). Writes ``path`` (JSON) and ``path + '.pt'`` (a state dict). The
     JSON holds rank 0's ``comm`` (bytes and calls by kind), every rank's in ``comm_by_rank``
     (a list in rank order), and per rank ``param_bytes`` (the local shards' bytes as they are
-    now, in the run's dtype) and ``init_peak_bytes`` (INIT_PEAK_BYTES). None of the gathering
+    now, in the run's dtype), ``init_peak_bytes`` (INIT_PEAK_BYTES) and ``saved_activation_bytes``
+    (SAVED_BYTES, the first step's). None of the gathering
     here is counted. ``extra`` (a dict of JSON values, rank 0's) is merged into the JSON.
     """
     comm = {"bytes": dict(COMM_BYTES), "calls": dict(COMM_CALLS)}
     mine = {"comm": comm, "param_bytes": sum(t.numel() * t.element_size() for _, t, _ in named_shards),
-            "init_peak_bytes": INIT_PEAK_BYTES}
+            "init_peak_bytes": INIT_PEAK_BYTES, "saved_bytes": SAVED_BYTES}
     everyone = [None] * mesh.size
     dist.all_gather_object(everyone, mine)
     state = {name: gather_full(t, mesh, sbp).cpu() for name, t, sbp in named_shards}
@@ -635,7 +672,8 @@ def dump(path, mesh, losses, named_shards, extra=None):
         result = {"losses": losses, "comm": comm, "world_size": mesh.size, "params": path + ".pt",
                   "comm_by_rank": [r["comm"] for r in everyone],
                   "param_bytes": [r["param_bytes"] for r in everyone],
-                  "init_peak_bytes": [r["init_peak_bytes"] for r in everyone]}
+                  "init_peak_bytes": [r["init_peak_bytes"] for r in everyone],
+                  "saved_activation_bytes": [r["saved_bytes"] for r in everyone]}
         result.update(extra or {})
         with open(path, "w") as f:
             json.dump(result, f, indent=1)

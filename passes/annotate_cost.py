@@ -19,7 +19,8 @@ from .cost import ZERO, OpCost, op_cost
 def annotate_cost(gm: fx.GraphModule, ctx: PlanContext | None) -> PassReport:
     """Costs depend only on shapes, so ``ctx`` may be None (as for ``stats``)."""
     start = time.perf_counter()
-    total = OpCost(ZERO, ZERO, ZERO, ZERO)
+    # one sympy.Add at the end: adding term by term re-flattens the growing sum each time (quadratic)
+    terms: tuple[list, list, list, list] = ([], [], [], [])
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -27,9 +28,9 @@ def annotate_cost(gm: fx.GraphModule, ctx: PlanContext | None) -> PassReport:
         record = info(node)
         cost = op_cost(record.op, inputs, (record.shape, record.dtype), record.attrs)
         record.cost = cost
-        total = OpCost(*(sympy.expand(a + b) for a, b in zip(
-            (total.flops, total.bytes_read, total.bytes_written, total.backward_flops),
-            (cost.flops, cost.bytes_read, cost.bytes_written, cost.backward_flops))))
+        for acc, term in zip(terms, (cost.flops, cost.bytes_read, cost.bytes_written, cost.backward_flops)):
+            acc.append(term)
+    total = OpCost(*(sympy.expand(sympy.Add(*acc)) for acc in terms))
     assert all(info(n).cost is not None for n in gm.graph.nodes if n.op == "call_function")
     return PassReport("annotate_cost", time.perf_counter() - start, [],
                       {"forward_flops": total.flops, "backward_flops": total.backward_flops,

@@ -12,17 +12,20 @@ evaluates every sympy cost at the context's point and adds the step totals:
                      over: axes whose signature splits a dim or runs a variant) / peak
     comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
     step_time      = compute_time + comm_time                        (no overlap assumed)
-    memory         = train: 16 bytes per stored parameter element (fp32 weight, gradient, two
-                     AdamW moments) + gathered parameters kept for the backward (fsdp) + forward
-                     activations kept for backward (each op's bytes written / its split);
+    memory_*       = train: parameters, gradients, optimizer (4 + 4 + 8 bytes per stored fp32
+                     element), gathered parameters and activations autograd saves for the backward
+                     (passes/memory.py gives the rule); memory_per_device is their sum;
                      infer: 4 bytes per parameter element in use + the largest single activation
                      (a lower bound: two live activations overlap at each op)
+    fits           = memory_per_device <= the hardware's device memory (HardwareSpec.memory_bytes)
 
 In ``infer`` mode backward FLOPs are zero.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 
 import sympy
@@ -34,9 +37,10 @@ from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .localize import internal_collectives, localize
+from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
-from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate
+from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
 
 ZERO = sympy.Integer(0)
 
@@ -48,12 +52,15 @@ class Values(dict):
     def __init__(self, values: dict) -> None:
         super().__init__(values)
         self.memo: dict[sympy.Expr, Cost] = {}
+        self.scales: dict[object, str] = {}
 
 
 def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
+    """The expression and its value at ``values``; ``simplify`` puts a total in readable form
+    (``symbols.readable``, much cheaper than ``sympy.simplify``)."""
     expr = sympy.sympify(expr)
     if simplify:
-        expr = sympy.simplify(expr)
+        expr = readable(expr)
     memo = getattr(values, "memo", None)
     if memo is not None and expr in memo:
         return memo[expr]
@@ -61,6 +68,22 @@ def cost(expr: sympy.Expr, values: dict, *, simplify: bool = False) -> Cost:
     if memo is not None:
         memo[expr] = result
     return result
+
+
+@functools.lru_cache(maxsize=4096)
+def _text(dim: object) -> str:
+    """A dim as text; cached, as printing sympy is slow and a graph has few distinct dims."""
+    return str(dim)
+
+
+def _scale_text(scale: object, values: dict) -> str:
+    """A partial-sum scale at the plan's point, as text ("1/2"); memoised like ``cost``."""
+    memo = getattr(values, "scales", None)
+    if memo is None:
+        return str(sympy.sympify(scale).xreplace(values))
+    if scale not in memo:
+        memo[scale] = str(sympy.sympify(scale).xreplace(values))
+    return memo[scale]
 
 
 def collective_time(b: Boxing) -> sympy.Expr:
@@ -85,8 +108,8 @@ class _Collectives:
         self.backward: list[CollectivePlan] = []
         self.sync: list[CollectivePlan] = []
         self.logging: list[CollectivePlan] = []
-        self.time = ZERO
-        self.wire = ZERO
+        self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
+        self.wires: list[sympy.Expr] = []
 
     def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
             dtype: str = "float32") -> CollectivePlan:
@@ -96,9 +119,17 @@ class _Collectives:
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
-            self.time += collective_time(b)
-            self.wire += b.wire
+            self.times.append(collective_time(b))
+            self.wires.append(b.wire)
         return plan
+
+    @property
+    def time(self) -> sympy.Expr:
+        return sympy.Add(*self.times)
+
+    @property
+    def wire(self) -> sympy.Expr:
+        return sympy.Add(*self.wires)
 
     def step(self) -> tuple[CollectivePlan, ...]:
         return tuple(self.forward + self.backward[::-1] + self.sync + self.logging)
@@ -124,6 +155,19 @@ def _needs_grad(gm: fx.GraphModule) -> dict[fx.Node, bool]:
     return out
 
 
+def memory_terms(gm: fx.GraphModule, sizes: list, param_bytes: sympy.Expr, largest: sympy.Expr,
+                 train: bool) -> dict[str, sympy.Expr]:
+    """The memory totals: each term, then their sum (passes/memory.py says what each holds)."""
+    if not train:
+        terms = {"memory_parameters": param_bytes, "memory_activations": largest}
+    else:
+        activations, gathered = saved_bytes(gm, sizes)
+        terms = {"memory_parameters": param_bytes, "memory_gradients": param_bytes,
+                 "memory_optimizer": 2 * param_bytes, "memory_gathered_parameters": gathered,
+                 "memory_activations": activations}
+    return terms | {"memory_per_device": sympy.Add(*terms.values())}
+
+
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     values = Values(ctx.values())
@@ -131,8 +175,11 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     train = ctx.mode == "train"
     comms = _Collectives(ctx, values)
     nodes, params, buffers = [], [], []
-    param_bytes = gathered_bytes = fwd = bwd = compute = written = ZERO
-    largest: sympy.Expr = ZERO
+    param_terms: list[sympy.Expr] = []  # sums are built once at the end: sympy re-flattens on every +
+    fwd_terms: list[sympy.Expr] = []
+    bwd_terms: list[sympy.Expr] = []
+    compute_terms: list[sympy.Expr] = []
+    largest_terms: list[sympy.Expr] = []
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
     for node in gm.graph.nodes:
@@ -146,11 +193,9 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             why = f"stored [{nd_str(rec.at_rest)}] ({rec.reason}); its gradient arrives P on the axes it is B"
             grads = tuple(comms.add(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
             local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT["float32"]
-            param_bytes += local
+            param_terms.append(local)
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest
-            if used is not None and train:
-                gathered_bytes += numel(local_dims(rec.shape, used_sbp, sizes)) * BYTES_PER_ELEMENT["float32"]
             params.append(ParamPlan(p.name, node.name, p.shape, p.init, p.std, nd_str(rec.at_rest), nd_str(used_sbp),
                                     cost(local, values), grads, p.group))
         if node.op == "output":
@@ -177,31 +222,34 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         c = rec.cost
         if c is not None:
             split = _split_factor(rec.splits)
-            fwd, written = fwd + c.flops, written + c.bytes_written / split
-            bwd = bwd + c.backward_flops if train else bwd
-            compute += (c.flops + (c.backward_flops if train else ZERO)) / split
-            if not train:  # sympy.Max of hundreds of terms is slow; only inference plans need it
-                largest = sympy.Max(largest, c.bytes_written / split)
+            fwd_terms.append(c.flops)
+            if train:
+                bwd_terms.append(c.backward_flops)
+            compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
+            if not train:
+                largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)
         nodes.append(NodePlan(
             name=node.name, op=rec.op, layer=rec.layer,
             args=tuple(a.name for a in tensor_args(node)), attrs=tuple(rec.attrs.items()),
-            shape=tuple(str(d) for d in rec.shape),
-            local_shape=tuple(str(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
+            shape=tuple(_text(d) for d in rec.shape),
+            local_shape=tuple(_text(d) for d in local_dims(rec.shape, sig.output, ctx.mesh.shape)),
             dtype=rec.dtype,
             sbp_in=tuple(nd_str(s) for s in sig.inputs), sbp_out=nd_str(sig.output),
-            partial_scale=str(sympy.sympify(sig.partial_scale).subs(values)), boxing=boxing,
+            partial_scale=_scale_text(sig.partial_scale, values), boxing=boxing,
             call=call, local_attrs=local_attrs, splits=tuple(rec.splits),
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,
             bytes_read=cost(c.bytes_read, values) if c else zero,
             bytes_written=cost(c.bytes_written, values) if c else zero))
-    compute_time = compute / PEAK
+    param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
+    compute_time = sympy.Add(*compute_terms) / PEAK
+    largest = sympy.Max(*largest_terms) if largest_terms else ZERO
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
         "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time,
         "step_time": compute_time + comms.time,
-        "memory_per_device": (4 * param_bytes + gathered_bytes + written) if train else (param_bytes + largest),
     }
+    totals.update(memory_terms(gm, sizes, param_bytes, largest, train))
     t = ctx.spec.train
     plan = Plan(
         version=PLAN_VERSION, spec_name=ctx.spec.name, spec_source=ctx.spec.source, spec_sha256=ctx.spec.sha256,
@@ -216,6 +264,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         collectives=comms.step(),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
+    plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
+                               device_memory=float(ctx.hardware.memory_bytes))
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,
                       [f"{len(nodes)} nodes, {len(params)} parameters, {len(plan.collectives)} collectives per step"],

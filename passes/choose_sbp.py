@@ -33,6 +33,7 @@ Requires shapes (and ``concrete_shape`` from shape_prop). Promises an ``sbp`` on
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
 
 import sympy
@@ -58,7 +59,7 @@ from .sbp import (
 )
 from .signatures import AxisSignature, axis_signatures
 from .strategies import STRATEGIES, AxisPins, pin_axes
-from .symbols import BYTES_PER_ELEMENT, axis_size
+from .symbols import BYTES_PER_ELEMENT, axis_size, readable
 
 __all__ = ["PlanError", "boxing", "boxings", "choose_sbp"]
 
@@ -120,7 +121,7 @@ def _add(a: tuple, b: tuple | None) -> tuple | None:
 def _nbytes(node: fx.Node, nd: NdSbp, axis: int, mesh: tuple[int, ...]) -> float:
     """Bytes of the value a collective on ``axis`` sees (its other axes' splits divided out)."""
     shape = info(node).concrete_shape or ()
-    total = float(numel(tuple(sympy.Integer(s) for s in shape))) * BYTES_PER_ELEMENT[info(node).dtype]
+    total = float(math.prod(int(s) for s in shape)) * BYTES_PER_ELEMENT[info(node).dtype]  # plain ints: hot
     for a, entry in enumerate(nd):
         if a != axis and isinstance(entry, Split):
             total /= mesh[a]
@@ -376,6 +377,6 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     decisions += [f"--force {name}=[{nd_str(nd)}]" for name, nd in planner.forced.items()]
     decisions.append(f"{planner.num_boxings} boxing nodes with collectives or local steps")
     params = [n for n in gm.graph.nodes if info(n).op == "param"]
-    grad_bytes = sum((b.wire for n in params for b in info(n).grad_boxing), sympy.Integer(0))
+    grad_bytes = sympy.Add(*(b.wire for n in params for b in info(n).grad_boxing))
     return PassReport("choose_sbp", time.perf_counter() - start, decisions,
-                      {"gradient_wire_bytes_per_device": sympy.simplify(grad_bytes)})
+                      {"gradient_wire_bytes_per_device": readable(grad_bytes)})

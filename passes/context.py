@@ -17,7 +17,8 @@ class PlanError(Exception):
 
 @dataclass(frozen=True)
 class Mesh:
-    """A device mesh: ``(4,)`` or ``(2, 4)``; axis 0 spans nodes when there are several."""
+    """A device mesh: ``(4,)`` or ``(2, 4)``; ranks are laid row-major (the last axis fastest), so an
+    axis whose groups span nodes is the one priced at inter-node speed (PlanContext.axis_link)."""
 
     shape: tuple[int, ...]
 
@@ -59,11 +60,23 @@ class PlanContext:
     forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
 
     def axis_link(self, axis: int):
-        """Axis 0 of a 2-d mesh crosses nodes; a 1-d mesh stays in a node when it fits."""
+        """The link an axis's collectives cross: intra-node when every group of the axis (the ranks
+        that differ only in this axis's coordinate) lies on one node, else inter-node. Ranks are laid
+        on devices row-major (the last axis varies fastest, as torch's DeviceMesh numbers them:
+        ``torch.arange(n).view(shape)``), ``devices_per_node`` consecutive ranks per node."""
         hw = self.hardware
-        if len(self.mesh.shape) > 1:
-            return hw.inter_node if axis == 0 else hw.intra_node
-        return hw.intra_node if self.mesh.shape[0] <= hw.devices_per_node else hw.inter_node
+        per_node = hw.devices_per_node
+        shape = self.mesh.shape
+        stride = 1
+        for n in shape[axis + 1:]:
+            stride *= n
+        for rank in range(self.mesh.size):
+            if (rank // stride) % shape[axis]:
+                continue  # not the first rank of its group
+            nodes = {(rank + k * stride) // per_node for k in range(shape[axis])}
+            if len(nodes) > 1:
+                return hw.inter_node
+        return hw.intra_node
 
     def values(self) -> dict[sympy.Symbol, float]:
         """Numbers for every symbol a cost may contain."""

@@ -137,6 +137,8 @@ class Plan:
     output_boxing: tuple[CollectivePlan, ...]
     collectives: tuple[CollectivePlan, ...]  # every collective one training step runs, in order
     totals: tuple[tuple[str, Cost], ...]
+    fits: bool = True  # memory_per_device <= device_memory
+    device_memory: float = 0.0  # bytes of memory one device of the hardware has
 
     def to_json(self) -> str:
         return json.dumps(_encode(self), indent=1, sort_keys=False) + "\n"
@@ -167,7 +169,8 @@ def _decode(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         hints = typing.get_type_hints(tp)
-        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)})
+        return tp(**{f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(tp)
+                     if f.name in value or f.default is dataclasses.MISSING})
     if origin is tuple:
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:

@@ -10,8 +10,10 @@ Requires a symbolic shape on every node; promises each equals torch's shape at
 
 from __future__ import annotations
 
+import functools
 import time
 
+import sympy
 import torch
 from torch import fx
 
@@ -21,10 +23,25 @@ from .context import PassReport, PlanContext, PlanError
 from .symbols import B, T
 
 
+def _key(value: object) -> object:
+    """A hashable stand-in for an op argument: a meta tensor by its shape and dtype."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _key(v)) for k, v in value.items())))
+    return value
+
+
 def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
-    """Every node's shape when the graph runs on meta tensors of batch ``batch``, length ``seq``."""
+    """Every node's shape when the graph runs on meta tensors of batch ``batch``, length ``seq``.
+
+    A call is run once per distinct (op, argument shapes, other arguments): the 32 layers of a
+    large model repeat the same few calls, and running an op on meta tensors is what costs."""
     env: dict[fx.Node, object] = {}
     out: dict[str, tuple[int, ...]] = {}
+    seen: dict[object, object] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             value = torch.empty(batch, seq, dtype=torch.int64, device="meta")
@@ -32,17 +49,33 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
             dims = tuple(int(d) for d in info(node).shape)
             value = torch.empty(dims, dtype=getattr(torch, info(node).dtype), device="meta")
         elif node.op == "call_function" and OP_TABLE[info(node).op].data_dependent:
-            shape = tuple(int(d.subs({B: batch, T: seq})) for d in info(node).shape)
+            shape = tuple(_dim(d, batch, seq) for d in info(node).shape)
             value = torch.empty(shape, device="meta")
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            value = node.target(*args, **kwargs)
+            try:
+                key = (node.target, _key(args), _key(kwargs))
+                hash(key)
+            except TypeError:  # an unhashable argument: run it
+                key = None
+            if key is None or key not in seen:
+                value = node.target(*args, **kwargs)
+                if key is not None:
+                    seen[key] = value
+            else:
+                value = seen[key]
         else:
             continue
         env[node] = value
         out[node.name] = tuple(value.shape)
     return out
+
+
+@functools.cache
+def _dim(dim: object, batch: int, seq: int) -> int:
+    """A symbolic dim at B=batch, T=seq (cached: a graph has few distinct dims)."""
+    return int(sympy.sympify(dim).xreplace({B: batch, T: seq}))
 
 
 def shape_prop(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
@@ -55,7 +88,7 @@ def shape_prop(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     for node in gm.graph.nodes:
         if node.name not in real:
             continue
-        symbolic = tuple(int(d.subs({B: ctx.batch, T: ctx.seq})) for d in info(node).shape)
+        symbolic = tuple(_dim(d, ctx.batch, ctx.seq) for d in info(node).shape)
         assert symbolic == real[node.name], f"{node.name}: shape rule says {symbolic}, torch says {real[node.name]}"
         info(node).concrete_shape = symbolic
     for node in gm.graph.nodes:

@@ -10,7 +10,7 @@ from ultraplan.backends.program import write_program
 from ultraplan.compiler.schema import HardwareSpec, ModelSpec
 from ultraplan.compiler.validate import load_hardware_spec, load_model_spec
 from ultraplan.compiler.yaml_guard import read_capped
-from ultraplan.passes.context import Mesh, PassReport
+from ultraplan.passes.context import Mesh, PassReport, PlanError
 from ultraplan.passes.pipeline import make_plan, prepare_spec
 from ultraplan.passes.plan import Plan
 from ultraplan.paths import bundled, resolve_spec_path
@@ -99,12 +99,27 @@ def write_plan_files(result: Plan, out_dir: Path) -> list[Path]:
     return written
 
 
-def compile(spec_path: str | Path, mesh: str, out_dir: str | Path, **plan_args) -> Plan:
-    """Plan ``spec_path`` for ``mesh`` and write the program directory ``out_dir``."""
+def memory_warning(result: Plan) -> str:
+    """One line saying a plan does not fit its device memory and which term is the largest."""
+    totals = dict(result.totals)
+    terms = {k: c.value for k, c in totals.items() if k.startswith("memory_") and k != "memory_per_device"}
+    largest = max(terms, key=terms.__getitem__)
+    return (f"plan needs {totals['memory_per_device'].value / 1e9:.3g} GB per device but {result.hardware} has "
+            f"{result.device_memory / 1e9:.3g} GB; the largest term is {largest} "
+            f"({terms[largest] / 1e9:.3g} GB)")
+
+
+def compile(spec_path: str | Path, mesh: str, out_dir: str | Path, *, allow_oversubscribe: bool = False,
+            **plan_args) -> Plan:
+    """Plan ``spec_path`` for ``mesh`` and write the program directory ``out_dir``; a plan that does
+    not fit the device memory is refused (PlanError) unless ``allow_oversubscribe``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory; choose another -o")
     result = plan(spec_path, mesh, **plan_args)
+    if not result.fits and not allow_oversubscribe:
+        raise PlanError(f"{memory_warning(result)}; use more devices, fsdp, a smaller --batch, or pass "
+                        "--allow-oversubscribe to compile it anyway")
     (out / "plan.svg").unlink(missing_ok=True)  # a stale drawing must not outlive a re-plan without `dot`
     write_program(result, out)
     write_plan_files(result, out)

@@ -90,6 +90,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
                       strategy=args.strategy, force=args.force)
     text = result.to_json()
+    if not result.fits:
+        print(f"warning: {api.memory_warning(result)}", file=sys.stderr)
     if args.output:
         Path(args.output).write_text(text)
     if args.json:
@@ -99,7 +101,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{result.spec_name}: {result.strategy} on mesh {Mesh(result.mesh)} ({result.hardware}), "
               f"B={result.batch}, T={result.seq}")
         for key, cost in totals.items():
-            print(f"  {key:18s} {cost.value:<14.6g} = {cost.expr}")
+            print(f"  {key:26s} {cost.value:<14.6g} = {cost.expr}")
+        print(f"  fits in device memory      {result.fits} ({result.device_memory:.4g} bytes)")
         if args.output:
             print(f"wrote {args.output}")
     return 0
@@ -112,7 +115,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
-                         mode=args.mode, strategy=args.strategy, force=args.force)
+                         mode=args.mode, strategy=args.strategy, force=args.force,
+                         allow_oversubscribe=args.allow_oversubscribe)
+    if not result.fits:
+        print(f"warning: {api.memory_warning(result)} (compiled anyway: --allow-oversubscribe)", file=sys.stderr)
     files = sorted(p.name for p in out.iterdir())
     print(f"compiled {result.spec_name} for mesh {Mesh(result.mesh)} into {out}: {', '.join(files)}")
     print(f"run it: torchrun --nproc_per_node {Mesh(result.mesh).size} {out / 'program.py'}")
@@ -203,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     _plan_args(p, modes=False)
     p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--allow-oversubscribe", action="store_true",
+                   help="compile a plan that does not fit the device memory (refused otherwise)")
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("run", help="run a compiled directory with torchrun")
     p.add_argument("dir")

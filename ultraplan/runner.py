@@ -83,6 +83,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         result = json.loads(dump.read_text())
         params = torch.load(result["params"])
     comm = comm_report(plan, result, steps)
+    comm |= saved_report(plan, result)
     ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
     diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
     tolerance = TOLERANCES[dtype]
@@ -94,6 +95,17 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         "ok": diffs["loss"] <= tolerance["loss"] and diffs["params"] <= tolerance["params"],
     })
     return report
+
+
+def saved_report(plan: Plan, result: dict) -> dict:
+    """Bytes autograd saved for the backward in the first step (the mean over ranks; parameters
+    excluded) beside the plan's prediction (activations + gathered parameters, float32 values;
+    a float64 run saves twice the bytes of float values, so its measure is not comparable)."""
+    measured = result.get("saved_activation_bytes") or [0]
+    totals = dict(plan.totals)
+    predicted = sum(totals[k].value for k in ("memory_activations", "memory_gathered_parameters") if k in totals)
+    return {"saved_activation_bytes_measured": sum(measured) / len(measured),
+            "saved_activation_bytes_predicted": predicted}
 
 
 def comm_report(plan: Plan, result: dict, steps: int) -> dict:

@@ -7,8 +7,8 @@
 #   predicted per step at B=4, T=16:
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
-#     step time         27.195 ms = 3840*B*T**2/(n0*n1*peak) + 663552*B*T/(n0*n1*peak) + 176*lat0*n0 - 176*lat0 + 176*lat1*n1 - 176*lat1 + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
-#     memory            2.19 MB per device
+#     step time         18.169 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 176*lat0*(n0 - 1) + 176*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
+#     memory            2.25 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -878,8 +878,10 @@ def main(argv=None):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
+        # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
-            loss = model(local[:, :-1], local[:, 1:])
+            with runtime.count_saved(model, enabled=step == 0):
+                loss = model(local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(model, mesh)

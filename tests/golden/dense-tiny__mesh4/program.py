@@ -7,8 +7,8 @@
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     693.13 kB sent per device
-#     step time         7.389 ms = 4*(384*B*T*bw0*(T + 418) + 11*bw0*lat0*n0*peak*(n0 - 1) + 231042*peak*(n0 - 1))/(bw0*n0*peak)
-#     memory            2.57 MB per device
+#     step time         7.389 ms = 1536*B*T*(T + 418)/(n0*peak) + 44*lat0*(n0 - 1) + 924168/bw0 - 924168/(bw0*n0)
+#     memory            2.68 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -242,8 +242,10 @@ def main(argv=None):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
+        # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
-            loss = model(local[:, :-1], local[:, 1:])
+            with runtime.count_saved(model, enabled=step == 0):
+                loss = model(local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(model, mesh)

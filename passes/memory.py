@@ -1,0 +1,144 @@
+"""Memory per device: what a training step keeps alive, term by term (sympy in B, T, n{axis}).
+
+    parameters           4 B per stored fp32 parameter element (its shard at rest)
+    gradients            4 B per stored element (the gradient has the parameter's layout after sync)
+    optimizer            8 B per stored element: AdamW's two fp32 moments (exp_avg, exp_avg_sq;
+                         torch.optim.AdamW, https://pytorch.org/docs/stable/generated/torch.optim.AdamW.html)
+    gathered_parameters  fsdp gathers that the backward keeps (a linear saves its gathered weight)
+    activations          the tensors autograd saves for the backward, parameters excluded
+
+Saved tensors follow one rule per op kind (``SAVES``), calibrated against what autograd really
+saves (``torch.autograd.graph.saved_tensors_hooks`` on each op of every bundled tiny spec, the
+same hooks the emitted program uses to measure): an op saves nothing unless some tensor input
+needs a gradient; then it saves some of its inputs, perhaps its output, and intermediates of its
+own (``internal``, in bytes of its output ``O`` and inputs ``I``). A value saved by several ops
+(``x`` read by the q, k and v projections) is counted once. Inputs that are parameters are not
+activations; inputs that are fsdp gathers of parameters are ``gathered_parameters``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sympy
+from torch import fx
+
+from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
+from ..compiler.shapes import numel
+from .sbp import local_dims
+from .symbols import BYTES_PER_ELEMENT
+
+ZERO = sympy.Integer(0)
+Internal = Callable[[sympy.Expr, list[sympy.Expr], fx.Node, tuple], sympy.Expr]
+
+
+@dataclass(frozen=True)
+class Saves:
+    """What an op kind keeps for its backward: input positions, its output, and intermediates."""
+
+    inputs: tuple[int, ...] = ()
+    output: bool = False
+    internal: Internal | None = None
+
+
+def _attention(out, ins, node, local_out):
+    # q, k, v made contiguous (k, v repeated to all heads) for the batched matmuls: 3 O; the
+    # softmax probabilities (B, H, T, T): O * T / head_dim; the causal mask (T, T) of bools
+    t, e = local_out[1], _attr(node, "head_dim")
+    return 3 * out + out * t / e + t * t
+
+
+def _attr(node: fx.Node, name: str):
+    return info(node).attrs[name]
+
+
+def _norm_stats(out, ins, node, local_out):  # mean and 1/std per row (layer_norm) or 1/rms (rms_norm)
+    return 2 * out / local_out[-1]
+
+
+SAVES: dict[str, Saves] = {
+    "linear": Saves((0, 1)),
+    "embedding": Saves((0,)),
+    "embedding_rows": Saves((0,)),
+    "rms_norm": Saves((0, 1), internal=lambda o, i, n, s: o + _norm_stats(o, i, n, s)),  # x * rsqrt(...)
+    "layer_norm": Saves((0, 1, 2), internal=_norm_stats),
+    "group_layer_norm": Saves((0, 1, 2), internal=lambda o, i, n, s: 2 * o * 4 / i[1]),  # per group
+    "causal_attention": Saves(internal=_attention),
+    "swiglu": Saves((0, 1), internal=lambda o, i, n, s: o),  # silu(gate)
+    "gelu": Saves((0,)),
+    "activation": Saves((0,)),
+    "mul": Saves((0, 1)),
+    "add": Saves(),
+    "softmax": Saves(output=True),
+    "topk_indices": Saves(output=True),
+    "cross_entropy": Saves(internal=lambda o, i, n, s: i[0] + i[1] + o),  # log-probabilities, targets
+    "pk_scores": Saves((0, 1)),
+    "row_dot": Saves((0, 1)),
+    "scale_cores": Saves((0, 1)),
+    "weighted_sum": Saves((0, 1)),
+    "take": Saves((0, 1)),
+    "take_cores": Saves((0, 1)),
+    "take_ranked": Saves((0, 1)),
+    "gather_rows": Saves((1,)),
+    "rank_one_scores": Saves((1,)),
+    "core_pool": Saves((1,), internal=lambda o, i, n, s: i[0]),  # the rows regrouped into chunks
+    "ive_pool": Saves((0, 2), internal=lambda o, i, n, s: i[1]),
+    "tucker_grid": Saves((0,), internal=lambda o, i, n, s: 1.5 * i[0]),  # row x core
+    "tucker_scores": Saves((1,), internal=lambda o, i, n, s: 4 * i[0]),  # q split into query ranks
+    "balance_loss": Saves(internal=lambda o, i, n, s: 17 * o),
+}
+
+
+def _expert_ffn(out, ins, node, local_out):
+    # per routed token (B T K of them): h and y (D each), up, gate, silu(gate), act (F each), and
+    # its token index, slot and gate (three more words): about 2 D + 4 F + 3 four-byte words
+    args = tensor_args(node)
+    k, width, d = info(args[1]).shape[-1], info(args[3]).shape[1], local_out[-1]
+    tokens = out / 4 / d
+    return tokens * k * (2 * d + 4 * width + 3) * 4
+
+
+SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
+
+
+def _local_bytes(node: fx.Node, sizes: list) -> tuple[sympy.Expr, tuple]:
+    rec = info(node)
+    sbp = rec.sbp.output if rec.sbp is not None else rec.at_rest
+    dims = local_dims(rec.shape, sbp, sizes) if sbp is not None else tuple(rec.shape)
+    return numel(dims) * BYTES_PER_ELEMENT.get(rec.dtype, 4), dims
+
+
+def _is_param(node: fx.Node) -> bool:
+    return info(node).op == "param"
+
+
+def _is_gathered_param(node: fx.Node) -> bool:
+    return info(node).op == "boxing" and _is_param(node.args[0])
+
+
+def saved_bytes(gm: fx.GraphModule, sizes: list) -> tuple[sympy.Expr, sympy.Expr]:
+    """(activations, gathered parameters) autograd keeps for the backward, per device."""
+    values: dict[str, sympy.Expr] = {}
+    gathered: dict[str, sympy.Expr] = {}
+    internal: list[sympy.Expr] = []  # summed once: sympy re-flattens a sum on every +
+    for node in gm.graph.nodes:
+        rec = info(node)
+        if node.op != "call_function" or rec.op == "boxing" or rec.op not in SAVES:
+            continue
+        args = tensor_args(node)
+        if not any(info(a).differentiable for a in args):
+            continue
+        rule = SAVES[rec.op]
+        out, dims = _local_bytes(node, sizes)
+        ins = [_local_bytes(a, sizes)[0] for a in args]
+        kept = [args[i] for i in rule.inputs if i < len(args)] + ([node] if rule.output else [])
+        for value in kept:
+            if _is_param(value):
+                continue
+            target = gathered if _is_gathered_param(value) else values
+            target[value.name] = _local_bytes(value, sizes)[0]
+        if rule.internal is not None:
+            internal.append(rule.internal(out, ins, node, dims))
+    return sympy.Add(*internal, *values.values()), sympy.Add(*gathered.values())

@@ -1,0 +1,17 @@
+"""bench/plan_speed.py runs (at a tiny size, in seconds) so that it cannot rot."""
+
+from __future__ import annotations
+
+import runpy
+
+from tests.conftest import ROOT
+
+
+def test_plan_speed_bench_runs_on_a_tiny_spec(capsys):
+    bench = runpy.run_path(str(ROOT / "bench" / "plan_speed.py"))
+    results = bench["main"](["--spec", "dense-tiny", "--mesh", "2", "--hardware", "cpu", "--strategies", "dp,fsdp",
+                               "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "machine:" in out and "s per plan" in out
+    assert [r["strategy"] for r in results] == ["dp", "fsdp"]
+    assert all(r["seconds"] > 0 and r["traced_peak_bytes"] > 0 and r["fits"] for r in results)
