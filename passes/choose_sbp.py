@@ -32,7 +32,6 @@ Requires shapes (and ``concrete_shape`` from shape_prop). Promises an ``sbp`` on
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 
@@ -42,26 +41,13 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import NodeInfo, info
 from ..compiler.op_table import OP_TABLE
-from ..compiler.shapes import numel
 from .context import PassReport, PlanContext, PlanError
-from .sbp import (
-    Boxing,
-    Broadcast,
-    NdSbp,
-    PartialSum,
-    Sbp,
-    Signature,
-    Split,
-    box,
-    local_dims,
-    nd_str,
-    parse_nd,
-)
+from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Signature, Split, box_cost, boxings, nd_str
 from .signatures import AxisSignature, axis_signatures
-from .strategies import STRATEGIES, AxisPins, pin_axes
+from .strategies import STRATEGIES, AxisPins, check_batch, forced_pins, pin_axes
 from .symbols import BYTES_PER_ELEMENT, axis_size, readable
 
-__all__ = ["PlanError", "boxing", "boxings", "choose_sbp"]
+__all__ = ["PlanError", "boxing", "boxings", "choose_sbp"]  # boxings: passes.sbp's, re-exported
 
 B_, P_ = Broadcast(), PartialSum()
 
@@ -69,49 +55,6 @@ B_, P_ = Broadcast(), PartialSum()
 def boxing(x):
     """The target of a boxing node: the plan's collectives on a value, which the emitter spells."""
     return x
-
-
-def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
-    """Per-axis collectives turning ``src`` into ``dst``, innermost axis first; each step is sized by
-    the layout the steps before it left (an all-gather on axis 1 has already grown the tensor).
-
-    A dim split on several axes is split outer axis first; changing an outer axis's split of a dim
-    that an inner axis still splits would need a strided layout, which is refused."""
-    out = []
-    sizes = [axis_size(a) for a in range(len(src))]
-    layout = list(src)
-    for axis in reversed(range(len(src))):
-        if layout[axis] != dst[axis]:
-            for entry in (layout[axis], dst[axis]):
-                if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(src))):
-                    raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}] changes how mesh axis {axis} splits "
-                                    f"dim {entry.dim} while an inner axis splits it too (a strided layout); "
-                                    "pin another SBP")
-        nbytes = numel(local_dims(shape, tuple(layout), sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
-        try:
-            step = box(layout[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
-        except ValueError as exc:
-            raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}]: {exc}") from None
-        if step is not None:
-            out.append(step)
-        layout[axis] = dst[axis]
-    return out
-
-
-def _box_cost(have: Sbp, want: Sbp, nbytes: float, n: int) -> tuple[float, int, int] | None:
-    """(bytes per device, collectives, local steps) of one axis's boxing; None when not allowed."""
-    if have == want:
-        return (0.0, 0, 0)
-    pair = (type(have), type(want))
-    if pair == (PartialSum, Broadcast):
-        return (2 * (n - 1) / n * nbytes, 1, 0)
-    if pair in ((Split, Broadcast), (PartialSum, Split)):
-        return ((n - 1) / n * nbytes, 1, 0)
-    if pair == (Split, Split):
-        return ((n - 1) / n**2 * nbytes, 1, 0)
-    if pair in ((Broadcast, Split), (Broadcast, PartialSum)):
-        return (0.0, 0, 1)
-    return None
 
 
 def _add(a: tuple, b: tuple | None) -> tuple | None:
@@ -263,14 +206,14 @@ class _Planner:
         for arg, h, want in zip(args, have, cand.inputs):
             if _state(arg) and h[axis] != want:
                 return None
-            total = _add(total, _box_cost(h[axis], want, _nbytes(arg, h, axis, self.mesh), n))
+            total = _add(total, box_cost(h[axis], want, _nbytes(arg, h, axis, self.mesh), n))
             if total is None:
                 return None
         out_bytes = _nbytes(node, (), axis, self.mesh)
         if pinned is not None and pinned[axis] is not None:
-            total = _add(total, _box_cost(cand.output, pinned[axis], out_bytes, n))
+            total = _add(total, box_cost(cand.output, pinned[axis], out_bytes, n))
         elif isinstance(cand.output, PartialSum) and not all(_takes_partial(u, node) for u in node.users):
-            total = _add(total, _box_cost(P_, B_, out_bytes, n))
+            total = _add(total, box_cost(P_, B_, out_bytes, n))
         return total
 
     def _check_combined(self, node, record, ins, out, chosen, shapes) -> None:
@@ -311,40 +254,6 @@ class _Planner:
         rec.boxing = boxings(partial, (B_,) * axes, info(value).shape, info(value).dtype)  # logging, detached
 
 
-def _forces(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, NdSbp]:
-    out: dict[str, NdSbp] = {}
-    names = [n.name for n in gm.graph.nodes if n.op != "output"]
-    for pattern, text in ctx.forces:
-        try:
-            nd = parse_nd(text)
-        except ValueError as exc:
-            raise PlanError(f"--force {pattern}={text}: {exc}; write S(d), B or P, one per mesh axis "
-                            "separated by commas") from None
-        if len(nd) == 1 and len(ctx.mesh.shape) > 1:
-            nd = nd * len(ctx.mesh.shape)
-        if len(nd) != len(ctx.mesh.shape):
-            raise PlanError(f"--force {pattern}={text}: {len(nd)} SBPs for a mesh of {len(ctx.mesh.shape)} axes")
-        matched = fnmatch.filter(names, pattern)
-        if not matched:
-            raise PlanError(f"--force {pattern}={text}: no node matches {pattern!r} (node names are as in "
-                            "`ultraplan explain`, e.g. layers_0_attention_q)")
-        for name in matched:
-            out[name] = nd
-    return out
-
-
-def _check_batch(gm: fx.GraphModule, ctx: PlanContext, pins: list[AxisPins]) -> None:
-    split = [p for p in pins if p.outputs.get("tokens") == Split(0)]
-    devices = 1
-    for p in split:
-        devices *= ctx.mesh.shape[p.axis]
-    if ctx.batch % devices:
-        axes = ", ".join(f"axis {p.axis} ({p.strategy})" for p in split)
-        raise PlanError(f"batch {ctx.batch} does not split evenly over the {devices} devices that split it ({axes} of "
-                        f"mesh {ctx.mesh}); use a batch that is a multiple of {devices} (--batch, or train.batch_size "
-                        "in the spec)")
-
-
 def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     names = ctx.strategies or ("dp",) * len(ctx.mesh.shape)
@@ -356,9 +265,9 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         raise PlanError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     ctx.strategies = tuple(names)
     pins = pin_axes(gm, ctx)
-    _check_batch(gm, ctx, pins)
+    check_batch(ctx, pins)
     planner = _Planner(gm, ctx, pins)
-    planner.forced = _forces(gm, ctx)
+    planner.forced = forced_pins(gm, ctx)
     for node in list(gm.graph.nodes):
         rec = info(node)
         if rec.op == "boxing":

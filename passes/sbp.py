@@ -33,6 +33,10 @@ from dataclasses import dataclass
 
 import sympy
 
+from ..compiler.shapes import numel
+from .context import PlanError
+from .symbols import BYTES_PER_ELEMENT, axis_size
+
 
 @dataclass(frozen=True)
 class Split:
@@ -159,3 +163,47 @@ def box(src: Sbp, dst: Sbp, *, axis: int, nbytes: sympy.Expr, n: sympy.Expr) -> 
 def parse_nd(text: str) -> NdSbp:
     """``"S(0),B"`` -> (Split(0), Broadcast())."""
     return tuple(parse_sbp(part.strip()) for part in text.split(","))
+
+
+def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
+    """Per-axis collectives turning ``src`` into ``dst``, innermost axis first; each step is sized by
+    the layout the steps before it left (an all-gather on axis 1 has already grown the tensor).
+
+    A dim split on several axes is split outer axis first; changing an outer axis's split of a dim
+    that an inner axis still splits would need a strided layout, which is refused."""
+    out = []
+    sizes = [axis_size(a) for a in range(len(src))]
+    layout = list(src)
+    for axis in reversed(range(len(src))):
+        if layout[axis] != dst[axis]:
+            for entry in (layout[axis], dst[axis]):
+                if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(src))):
+                    raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}] changes how mesh axis {axis} splits "
+                                    f"dim {entry.dim} while an inner axis splits it too (a strided layout); "
+                                    "pin another SBP")
+        nbytes = numel(local_dims(shape, tuple(layout), sizes, skip_axis=axis)) * BYTES_PER_ELEMENT[dtype]
+        try:
+            step = box(layout[axis], dst[axis], axis=axis, nbytes=nbytes, n=axis_size(axis))
+        except ValueError as exc:
+            raise PlanError(f"boxing [{nd_str(src)}] -> [{nd_str(dst)}]: {exc}") from None
+        if step is not None:
+            out.append(step)
+        layout[axis] = dst[axis]
+    return out
+
+
+def box_cost(have: Sbp, want: Sbp, nbytes: float, n: int) -> tuple[float, int, int] | None:
+    """(bytes per device, collectives, local steps) of one axis's boxing, as plain numbers for the
+    search (``box`` gives the same as sympy); None when not allowed."""
+    if have == want:
+        return (0.0, 0, 0)
+    pair = (type(have), type(want))
+    if pair == (PartialSum, Broadcast):
+        return (2 * (n - 1) / n * nbytes, 1, 0)
+    if pair in ((Split, Broadcast), (PartialSum, Split)):
+        return ((n - 1) / n * nbytes, 1, 0)
+    if pair == (Split, Split):
+        return ((n - 1) / n**2 * nbytes, 1, 0)
+    if pair in ((Broadcast, Split), (Broadcast, PartialSum)):
+        return (0.0, 0, 1)
+    return None

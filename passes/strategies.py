@@ -31,6 +31,7 @@ is all-reduced to the ``B`` stream under ``tp``, reduce-scattered to ``S(1)`` un
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +39,7 @@ from torch import fx
 
 from ..compiler.node_info import info
 from .context import PlanContext, PlanError
-from .sbp import Broadcast, Sbp, Split
+from .sbp import Broadcast, NdSbp, Sbp, Split, parse_nd
 
 B_ = Broadcast()
 
@@ -186,3 +187,40 @@ def pin_axes(gm: fx.GraphModule, ctx: PlanContext) -> list[AxisPins]:
     for axis in sorted(range(len(names)), key=lambda a: ORDER.get(names[a], 0)):
         done[axis] = STRATEGIES[names[axis]](gm, axis, ctx.mesh.shape[axis], ctx, list(done.values()))
     return [done[a] for a in range(len(names))]
+
+
+def forced_pins(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, NdSbp]:
+    """``--force GLOB=SBP`` pins: node name -> the nd-SBP its consumers must see (one SBP given for a
+    2-D mesh applies to every axis); clear errors for text that is not an SBP or matches nothing."""
+    out: dict[str, NdSbp] = {}
+    names = [n.name for n in gm.graph.nodes if n.op != "output"]
+    for pattern, text in ctx.forces:
+        try:
+            nd = parse_nd(text)
+        except ValueError as exc:
+            raise PlanError(f"--force {pattern}={text}: {exc}; write S(d), B or P, one per mesh axis "
+                            "separated by commas") from None
+        if len(nd) == 1 and len(ctx.mesh.shape) > 1:
+            nd = nd * len(ctx.mesh.shape)
+        if len(nd) != len(ctx.mesh.shape):
+            raise PlanError(f"--force {pattern}={text}: {len(nd)} SBPs for a mesh of {len(ctx.mesh.shape)} axes")
+        matched = fnmatch.filter(names, pattern)
+        if not matched:
+            raise PlanError(f"--force {pattern}={text}: no node matches {pattern!r} (node names are as in "
+                            "`ultraplan explain`, e.g. layers_0_attention_q)")
+        for name in matched:
+            out[name] = nd
+    return out
+
+
+def check_batch(ctx: PlanContext, pins: list[AxisPins]) -> None:
+    """The batch divides over the devices of the axes that split it (and only those)."""
+    split = [p for p in pins if p.outputs.get("tokens") == Split(0)]
+    devices = 1
+    for p in split:
+        devices *= ctx.mesh.shape[p.axis]
+    if ctx.batch % devices:
+        axes = ", ".join(f"axis {p.axis} ({p.strategy})" for p in split)
+        raise PlanError(f"batch {ctx.batch} does not split evenly over the {devices} devices that split it ({axes} of "
+                        f"mesh {ctx.mesh}); use a batch that is a multiple of {devices} (--batch, or train.batch_size "
+                        "in the spec)")
