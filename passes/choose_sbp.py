@@ -213,7 +213,8 @@ class _Planner:
         if pinned is not None and pinned[axis] is not None:
             total = _add(total, box_cost(cand.output, pinned[axis], out_bytes, n))
         elif isinstance(cand.output, PartialSum) and not all(_takes_partial(u, node) for u in node.users):
-            total = _add(total, box_cost(P_, B_, out_bytes, n))
+            later = box_cost(P_, B_, out_bytes, n)  # the all-reduce a consumer will ask for: its bytes only,
+            total = _add(total, (later[0], 0, 0))  # as it is not decided here (and free on one device)
         return total
 
     def _check_combined(self, node, record, ins, out, chosen, shapes) -> None:

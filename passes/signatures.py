@@ -67,9 +67,7 @@ def axis_signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tup
     """Every signature of ``record`` on an axis of ``n`` devices, for these concrete shapes."""
     dims, out = expand_dims(record.dims, [len(s) for s in shapes], len(out_shape))
     count = len(shapes)
-    found = [AxisSignature((B_,) * count, B_)]
-    if n == 1:
-        return found
+    found = [AxisSignature((B_,) * count, B_)]  # on an axis of one device every split is the whole, and free
     letters = [c for c in dict.fromkeys("".join(dims) + out) if c != "."]
     sums = set(record.sums.replace("*", "")) | ({c for c in "".join(dims) if c.isdigit()} if "*" in record.sums else set())
     mean = set(record.mean)
