@@ -42,6 +42,25 @@ def linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight_OI)
 
 
+def bias_add(x: torch.Tensor, bias_O: torch.Tensor) -> torch.Tensor:
+    """A projection's bias: x (..., O) + bias (O,). Its own op (not a linear with bias) so a
+    row-parallel layer's bias is added once, after the all-reduce (Megatron-LM's RowParallelLinear)."""
+    return x + bias_O
+
+
+def head_rms_norm(x_BTX: torch.Tensor, weight_E: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+    """RMSNorm of each head's slice of (B, T, num_heads * E), one (E,) scale shared by every head:
+    Qwen3's q_norm / k_norm (HF transformers modeling_qwen3.py, applied before RoPE)."""
+    b, t, _ = x_BTX.shape
+    x = x_BTX.view(b, t, num_heads, -1)
+    return (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight_E).reshape(b, t, -1)
+
+
+def add_positions(x_BTD: torch.Tensor, weight_PD: torch.Tensor) -> torch.Tensor:
+    """Learned absolute positions (GPT-2's wpe): row t of the table added at position t, t = 0..T-1."""
+    return x_BTD + weight_PD[: x_BTD.shape[1]]
+
+
 def rope(x_BTX: torch.Tensor, num_heads: int, head_dim: int, theta: float) -> torch.Tensor:
     """Rotary position embedding (Su et al. 2021), rotating the two halves of each head.
 

@@ -61,6 +61,13 @@ TP_ROLES: dict[tuple[str, str], int] = {
     ("moe", "w_up"): 1, ("moe", "w_gate"): 1, ("moe", "w_down"): 2,
     ("moe", "w_shared_up"): 0, ("moe", "w_shared_gate"): 0, ("moe", "w_shared_down"): 1,
     ("embedding", "weight"): 0, ("lm_head", "weight"): 0,
+    # biases of column-parallel projections split with their output features; row-parallel biases
+    # (bo, b_down) stay B and are added after the all-reduce (Megatron-LM's RowParallelLinear), as are
+    # the learned position table (position_embedding) and the QK-norm scales (q_norm, k_norm): a
+    # full-width norm needs the whole q (its bias_add/rms_norm dim is whole, so the propagation
+    # gathers it), a per-head norm runs on the split heads with its (head_dim,) scale whole
+    ("attention", "bq"): 0, ("attention", "bk"): 0, ("attention", "bv"): 0,
+    ("ffn", "b_up"): 0, ("ffn", "b_gate"): 0, ("moe", "b_shared_up"): 0, ("moe", "b_shared_gate"): 0,
 }
 EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down")}
 
