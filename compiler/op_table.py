@@ -226,6 +226,18 @@ def _expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...
     return ((3, touch), (4, touch), (5, touch))
 
 
+def _biased_expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    """The weights' reads, and each picked expert's up (and gate) bias rows."""
+    experts, hidden = (int(s) for s in ins[6])
+    touch = Touch(sympy.Integer(int(ins[1][-1])), experts, hidden)
+    return (*_expert_touch(ins, attrs), (6, touch), (7, touch))
+
+
+def _expert_bias_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    experts, dim = (int(s) for s in ins[2])
+    return ((2, Touch(sympy.Integer(int(ins[0][-1])), experts, dim)),)
+
+
 BYTES = {"float32": 4, "float64": 8, "int64": 8}
 
 
@@ -243,6 +255,20 @@ def expected_distinct(rows: int, per_token: sympy.Expr, draws: sympy.Expr) -> sy
 def _ids_and_rows(ids_arg: int) -> ReadRule:
     """A lookup reads its ids and the rows it gathers (as many bytes as it writes), not the table."""
     return lambda ins, dtypes, written, attrs: _bytes(ins[ids_arg], dtypes[ids_arg]) + written
+
+
+def _biased_expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    """``_expert_reads`` plus the picked experts' up (and gate) bias rows."""
+    experts, hidden = (int(s) for s in ins[6])
+    vectors = 2 if attrs["activation"] == "swiglu" else 1
+    picked = expected_distinct(experts, sympy.Integer(int(ins[1][-1])), numel(ins[0][:-1]))
+    return _expert_reads(ins, dtypes, written, attrs) + picked * vectors * hidden * 4
+
+
+def _expert_bias_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    experts, dim = (int(s) for s in ins[2])
+    picked = expected_distinct(experts, sympy.Integer(int(ins[0][-1])), numel(ins[0][:-1]))
+    return _bytes(ins[0], dtypes[0]) + _bytes(ins[1], dtypes[1]) + picked * dim * 4
 
 
 def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
@@ -301,6 +327,11 @@ EXPERT_PARALLEL = Variant(
                              ("num_experts", int(s[3][0]))),
     comms=_expert_parallel_comms)
 
+EXPERT_PARALLEL_BIASED = Variant(
+    "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
+    EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms)
+
 
 def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:
     return OpDef(name, getattr(ops, name), shape, **kw)
@@ -353,6 +384,11 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expert_ffn", _same, flops=_expert_ffn_flops, sparse=_expert_touch, bytes_read=_expert_reads,
          data_dependent=True,
          dims="btd,btk,btk,efd,efd,edf->btd", sums="f", whole="dk", variants=(EXPERT_PARALLEL,), colour="#f9cb9c"),
+    _def("expert_ffn_biased", _same, flops=_expert_ffn_flops, sparse=_biased_expert_touch,
+         bytes_read=_biased_expert_reads, data_dependent=True, dims="btd,btk,btk,efd,efd,edf,ef,ef->btd", sums="f",
+         whole="dk", variants=(EXPERT_PARALLEL_BIASED,), colour="#f9cb9c"),
+    _def("expert_bias", lambda s, a: (*s[0][:-1], s[2][1]), sparse=_expert_bias_touch, bytes_read=_expert_bias_reads,
+         dims="btk,btk,.d->btd", whole="k", linear="each", colour="#f9cb9c"),
     # Tucker-decomposed retrieval (UltraMem, UltraMemV2): token dims split, the rest whole
     _def("tucker_scores", lambda s, a: (*s[0][:-1], *s[1][:4]), flops=_tucker_scores_flops,
          dims="bt.,.....->bt....", colour=RETRIEVAL),

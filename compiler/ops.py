@@ -244,6 +244,43 @@ def expert_ffn(
     return out.reshape(b, t, d)
 
 
+def expert_ffn_biased(
+    x_BTD: torch.Tensor,
+    indices_BTK: torch.Tensor,
+    gates_BTK: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_gate_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    b_up_EF: torch.Tensor,
+    b_gate_EF: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """``expert_ffn`` with each expert's up (and gate) biases inside it (gelu: pass b_up again). The
+    down projection's biases are ``expert_bias``'s, added outside, so that a split of the experts'
+    hidden width (a partial-sum output) still adds them once."""
+    b, t, d = x_BTD.shape
+    x = x_BTD.reshape(b * t, d)
+    indices = indices_BTK.reshape(b * t, -1)
+    gates = gates_BTK.reshape(b * t, -1)
+    out = torch.zeros_like(x)
+    for expert in range(w_up_EFD.shape[0]):
+        token, slot = torch.nonzero(indices == expert, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token]
+        up = F.linear(h, w_up_EFD[expert], b_up_EF[expert])
+        act = (F.silu(F.linear(h, w_gate_EFD[expert], b_gate_EF[expert])) * up if activation == "swiglu"
+               else F.gelu(up, approximate="tanh"))
+        y = F.linear(act, w_down_EDF[expert]) * gates[token, slot].unsqueeze(-1)
+        out = out.index_add(0, token, y)
+    return out.reshape(b, t, d)
+
+
+def expert_bias(indices_BTK: torch.Tensor, gates_BTK: torch.Tensor, b_down_ED: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' down-projection biases, gate-weighted and summed -> (B, T, D)."""
+    return (b_down_ED[indices_BTK] * gates_BTK.unsqueeze(-1)).sum(dim=-2)
+
+
 # ---- Tucker-decomposed query-key retrieval (UltraMem / UltraMemV2) ------------------------------
 # R Tucker rank, C cores, M selected per half and in the end, P rows of a (possibly shared) table.
 

@@ -88,6 +88,8 @@ class MoESpec:
     shared_experts: int = field(default=0, metadata=doc("always-on experts of the same width", minimum=0))
     aux_loss_weight: float = field(default=0.0, metadata=doc(
         "weight of the Switch load-balancing loss E * sum_i f_i P_i over the whole batch", minimum=0))
+    bias: bool = field(default=False, metadata=doc(
+        "biases on every expert's up (and gate) and down projections, and on the shared experts'"))
 
 
 SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemSpec | UltraMemV2Spec

@@ -68,8 +68,10 @@ TP_ROLES: dict[tuple[str, str], int] = {
     # gathers it), a per-head norm runs on the split heads with its (head_dim,) scale whole
     ("attention", "bq"): 0, ("attention", "bk"): 0, ("attention", "bv"): 0,
     ("ffn", "b_up"): 0, ("ffn", "b_gate"): 0, ("moe", "b_shared_up"): 0, ("moe", "b_shared_gate"): 0,
+    ("moe", "b_up"): 1, ("moe", "b_gate"): 1,  # experts' up/gate biases split with their width; b_down B
 }
-EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down")}
+# split over the experts by ep; the experts' down biases stay B (expert_bias adds them outside the all_to_all)
+EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down"), ("moe", "b_up"), ("moe", "b_gate")}
 
 
 def _params(gm: fx.GraphModule) -> list[fx.Node]:

@@ -148,3 +148,21 @@ def test_tp_roles_of_the_new_parameters():
     assert out.op == "bias_add" and out.sbp_in[0] != "P"  # the equal-cost reduce-scatter with bo sliced
     olmoe = {n.name: n for n in api.plan(MODELS / "olmoe-tiny.yaml", "2", strategy="tp").nodes}
     assert olmoe["layers_0_attention_q_normed"].sbp_in[0] != "S(2)"  # full width: never split on the normed dim
+
+
+def test_moe_biases_count_and_split():
+    """olmoe-tiny's second MoE has per-expert biases (k of E counted active) and a biased shared expert;
+    tp splits the experts' up/gate biases with their width, ep with the experts, b_down stays B."""
+    stats = spec_stats(load_model_spec(MODELS / "olmoe-tiny.yaml"))
+    d, f, experts, topk, vocab = 32, 16, 8, 2, 64
+    attention = 4 * d * d + 2 * d + d  # q, k, v, o; full-width q_norm, k_norm; pre-norm
+    moe = experts * d + experts * 3 * f * d + d  # router, experts, pre-norm
+    biases, shared = experts * (2 * f + d), 3 * f * d + 2 * f + d
+    total = 2 * vocab * d + d + 2 * (attention + moe) + biases + shared
+    assert stats.params == total
+    active_moe = experts * d + topk * 3 * f * d + d
+    assert stats.active_params == 2 * vocab * d + d + 2 * (attention + active_moe) + topk * (2 * f + d) + shared
+    for strategy, split in (("tp", "S(1)"), ("ep", "S(0)")):
+        sbp = {p.name: p.sbp for p in api.plan(MODELS / "olmoe-tiny.yaml", "2", strategy=strategy).params}
+        assert sbp["layers.1.moe.b_up"] == sbp["layers.1.moe.b_gate"] == split
+        assert sbp["layers.1.moe.b_down"] == "B"
