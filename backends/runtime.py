@@ -546,14 +546,15 @@ def vocab_parallel_cross_entropy(logits, targets, mesh, axes, vocab_start):
     return _VocabParallelCrossEntropy.apply(logits, targets, mesh, tuple(axes), int(vocab_start))
 
 
-def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, activation, mesh, axis, num_experts):
+def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activation, mesh, axis, num_experts):
     """Dropless mixture of experts with the experts split over mesh axis ``axis``.
 
     x (b, t, d) are this rank's tokens; indices (b, t, k) int64 global expert ids; gates (b, t, k);
     w_up, w_gate (E_local, f, d) and w_down (E_local, d, f) hold experts
     [coord * E_local, (coord + 1) * E_local), E_local = num_experts / n. ``activation`` is
     "swiglu" (uses w_gate) or "gelu" (tanh approximation; w_gate unused, pass w_up again).
-    Equals ops.expert_ffn on this rank's tokens with the full expert weights.
+    ``biases``: none, or the local experts' (b_up, b_gate), each (E_local, f) (ops.expert_ffn_biased).
+    Equals ops.expert_ffn (or expert_ffn_biased) on this rank's tokens with the full expert weights.
 
     Steps: each (token, slot) assignment, sorted by expert id (so by owning rank, then expert),
     sends its row of x to the rank owning its expert; that rank runs each local expert on the
@@ -602,8 +603,9 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, activation, mes
     for e in range(local_experts):
         sel = torch.nonzero(local_ids == e).squeeze(1)
         h = rows[sel]
-        up = F.linear(h, w_up[e])
-        act = F.silu(F.linear(h, w_gate[e])) * up if activation == "swiglu" else F.gelu(up, approximate="tanh")
+        b_up, b_gate = (biases[0][e], biases[1][e]) if biases else (None, None)
+        up = F.linear(h, w_up[e], b_up)
+        act = F.silu(F.linear(h, w_gate[e], b_gate)) * up if activation == "swiglu" else F.gelu(up, approximate="tanh")
         out = out.index_add(0, sel, F.linear(act, w_down[e]))
 
     back = _AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order

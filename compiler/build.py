@@ -67,6 +67,9 @@ class DecoderModel(nn.Module):
         d = spec.hidden_size
         self.embed = nn.Module()
         self.embed.weight = nn.Parameter(torch.empty(spec.vocab_size, d))
+        if spec.position_embedding == "learned":  # GPT-2's wpe: one row per position up to seq_len
+            self.pos_embed = nn.Module()
+            self.pos_embed.weight = nn.Parameter(torch.empty(spec.seq_len, d))
         self.layers = nn.ModuleList(Block(layer, d) for layer in spec.layers)
         slots = table_slots(spec)
         self.memory_tables = nn.ModuleDict({name: MemoryTable(*shape) for name, shape in table_shapes(slots).items()})
@@ -90,7 +93,11 @@ class DecoderModel(nn.Module):
 
     def forward_with_aux(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits and the auxiliary losses (MoE load balancing) the training loss adds."""
-        x = named("x", ops.embedding(tokens, self.embed.weight))
+        if self.spec.position_embedding == "learned":
+            tokens_x = named("token_x", ops.embedding(tokens, self.embed.weight))
+            x = named("x", ops.add_positions(tokens_x, self.pos_embed.weight))
+        else:
+            x = named("x", ops.embedding(tokens, self.embed.weight))
         pending: dict[int, list[torch.Tensor]] = {}
         aux_losses: list[torch.Tensor] = []
         for index, block in enumerate(self.layers):
@@ -123,6 +130,8 @@ def init_rules(model: DecoderModel) -> dict[str, InitRule]:
     std = spec.train.init_std
     out_std = std / math.sqrt(2 * spec.num_layers)
     rules = {"embed.weight": InitRule("normal", std)}
+    if spec.position_embedding == "learned":
+        rules["pos_embed.weight"] = InitRule("normal", std)
     for i, block in enumerate(model.layers):
         for name, sub in block.items():
             prefix = f"layers.{i}.{name}"

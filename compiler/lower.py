@@ -53,7 +53,8 @@ def _module_path(node: fx.Node) -> str:
     return re.sub(r"^model\.?", "", path)
 
 
-MODEL_LEVEL_COMPONENTS = {"embed": "embedding", "lm_head": "lm_head", "final_norm": "norm"}
+MODEL_LEVEL_COMPONENTS = {"embed": "embedding", "pos_embed": "position_embedding", "lm_head": "lm_head",
+                          "final_norm": "norm"}
 
 
 def _component(node: fx.Node) -> str:

@@ -227,6 +227,18 @@ def _expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...
     return ((3, touch), (4, touch), (5, touch))
 
 
+def _biased_expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    """The weights' reads, and each picked expert's up (and gate) bias rows."""
+    experts, hidden = (int(s) for s in ins[6])
+    touch = Touch(sympy.Integer(int(ins[1][-1])), experts, hidden)
+    return (*_expert_touch(ins, attrs), (6, touch), (7, touch))
+
+
+def _expert_bias_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
+    experts, dim = (int(s) for s in ins[2])
+    return ((2, Touch(sympy.Integer(int(ins[0][-1])), experts, dim)),)
+
+
 BYTES = {"float32": 4, "float64": 8, "int64": 8}
 
 
@@ -244,6 +256,20 @@ def expected_distinct(rows: int, per_token: sympy.Expr, draws: sympy.Expr) -> sy
 def _ids_and_rows(ids_arg: int) -> ReadRule:
     """A lookup reads its ids and the rows it gathers (as many bytes as it writes), not the table."""
     return lambda ins, dtypes, written, attrs: _bytes(ins[ids_arg], dtypes[ids_arg]) + written
+
+
+def _biased_expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    """``_expert_reads`` plus the picked experts' up (and gate) bias rows."""
+    experts, hidden = (int(s) for s in ins[6])
+    vectors = 2 if attrs["activation"] == "swiglu" else 1
+    picked = expected_distinct(experts, sympy.Integer(int(ins[1][-1])), numel(ins[0][:-1]))
+    return _expert_reads(ins, dtypes, written, attrs) + picked * vectors * hidden * 4
+
+
+def _expert_bias_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    experts, dim = (int(s) for s in ins[2])
+    picked = expected_distinct(experts, sympy.Integer(int(ins[0][-1])), numel(ins[0][:-1]))
+    return _bytes(ins[0], dtypes[0]) + _bytes(ins[1], dtypes[1]) + picked * dim * 4
 
 
 def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
@@ -303,6 +329,11 @@ EXPERT_PARALLEL = Variant(
                                     ("num_experts", int(s[3][0]))),
     comms=_expert_parallel_comms)
 
+EXPERT_PARALLEL_BIASED = Variant(
+    "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
+    EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms)
+
 
 def _prod(sizes: list[int]) -> int:
     out = 1
@@ -339,6 +370,9 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("layer_norm", _same, dims="*d,d,d->*d", whole="d", colour=NORM),
     _def("linear", lambda s, a: (*s[0][:-1], s[1][0]), flops=_linear_flops, dims="*i,oi->*o", sums="i",
          linear="each", colour=MATMUL),
+    _def("bias_add", _same, dims="*o,o->*o", colour=ELEMENTWISE),
+    _def("head_rms_norm", _same, dims="bth,.->bth", heads={"h": ("num_heads",)}, colour=NORM),
+    _def("add_positions", _same, dims="btd,.d->btd", whole="t", colour="#d9ead3"),
     _def("rope", _same, dims="bth->bth", whole="t", heads={"h": ("num_heads",)}, colour="#ead1dc"),
     _def("causal_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
@@ -371,6 +405,11 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expert_ffn", _same, flops=_expert_ffn_flops, sparse=_expert_touch, bytes_read=_expert_reads,
          data_dependent=True,
          dims="btd,btk,btk,efd,efd,edf->btd", sums="f", whole="dk", variants=(EXPERT_PARALLEL,), colour="#f9cb9c"),
+    _def("expert_ffn_biased", _same, flops=_expert_ffn_flops, sparse=_biased_expert_touch,
+         bytes_read=_biased_expert_reads, data_dependent=True, dims="btd,btk,btk,efd,efd,edf,ef,ef->btd", sums="f",
+         whole="dk", variants=(EXPERT_PARALLEL_BIASED,), colour="#f9cb9c"),
+    _def("expert_bias", lambda s, a: (*s[0][:-1], s[2][1]), sparse=_expert_bias_touch, bytes_read=_expert_bias_reads,
+         dims="btk,btk,.d->btd", whole="k", linear="each", colour="#f9cb9c"),
     # Tucker-decomposed retrieval (UltraMem, UltraMemV2): token dims split, the rest whole
     _def("tucker_scores", lambda s, a: (*s[0][:-1], *s[1][:4]), flops=_tucker_scores_flops,
          dims="bt.,.....->bt....", colour=RETRIEVAL),

@@ -42,6 +42,25 @@ def linear(x: torch.Tensor, weight_OI: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight_OI)
 
 
+def bias_add(x: torch.Tensor, bias_O: torch.Tensor) -> torch.Tensor:
+    """A projection's bias: x (..., O) + bias (O,). Its own op (not a linear with bias) so a
+    row-parallel layer's bias is added once, after the all-reduce (Megatron-LM's RowParallelLinear)."""
+    return x + bias_O
+
+
+def head_rms_norm(x_BTX: torch.Tensor, weight_E: torch.Tensor, num_heads: int, eps: float) -> torch.Tensor:
+    """RMSNorm of each head's slice of (B, T, num_heads * E), one (E,) scale shared by every head:
+    Qwen3's q_norm / k_norm (HF transformers modeling_qwen3.py, applied before RoPE)."""
+    b, t, _ = x_BTX.shape
+    x = x_BTX.view(b, t, num_heads, -1)
+    return (x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps) * weight_E).reshape(b, t, -1)
+
+
+def add_positions(x_BTD: torch.Tensor, weight_PD: torch.Tensor) -> torch.Tensor:
+    """Learned absolute positions (GPT-2's wpe): row t of the table added at position t, t = 0..T-1."""
+    return x_BTD + weight_PD[: x_BTD.shape[1]]
+
+
 def rope(x_BTX: torch.Tensor, num_heads: int, head_dim: int, theta: float) -> torch.Tensor:
     """Rotary position embedding (Su et al. 2021), rotating the two halves of each head.
 
@@ -246,6 +265,43 @@ def expert_ffn(
         y = F.linear(act, w_down_EDF[expert]) * gates[token, slot].unsqueeze(-1)
         out = out.index_add(0, token, y)
     return out.reshape(b, t, d)
+
+
+def expert_ffn_biased(
+    x_BTD: torch.Tensor,
+    indices_BTK: torch.Tensor,
+    gates_BTK: torch.Tensor,
+    w_up_EFD: torch.Tensor,
+    w_gate_EFD: torch.Tensor,
+    w_down_EDF: torch.Tensor,
+    b_up_EF: torch.Tensor,
+    b_gate_EF: torch.Tensor,
+    activation: str,
+) -> torch.Tensor:
+    """``expert_ffn`` with each expert's up (and gate) biases inside it (gelu: pass b_up again). The
+    down projection's biases are ``expert_bias``'s, added outside, so that a split of the experts'
+    hidden width (a partial-sum output) still adds them once."""
+    b, t, d = x_BTD.shape
+    x = x_BTD.reshape(b * t, d)
+    indices = indices_BTK.reshape(b * t, -1)
+    gates = gates_BTK.reshape(b * t, -1)
+    out = torch.zeros_like(x)
+    for expert in range(w_up_EFD.shape[0]):
+        token, slot = torch.nonzero(indices == expert, as_tuple=True)
+        if token.numel() == 0:
+            continue
+        h = x[token]
+        up = F.linear(h, w_up_EFD[expert], b_up_EF[expert])
+        act = (F.silu(F.linear(h, w_gate_EFD[expert], b_gate_EF[expert])) * up if activation == "swiglu"
+               else F.gelu(up, approximate="tanh"))
+        y = F.linear(act, w_down_EDF[expert]) * gates[token, slot].unsqueeze(-1)
+        out = out.index_add(0, token, y)
+    return out.reshape(b, t, d)
+
+
+def expert_bias(indices_BTK: torch.Tensor, gates_BTK: torch.Tensor, b_down_ED: torch.Tensor) -> torch.Tensor:
+    """The chosen experts' down-projection biases, gate-weighted and summed -> (B, T, D)."""
+    return (b_down_ED[indices_BTK] * gates_BTK.unsqueeze(-1)).sum(dim=-2)
 
 
 # ---- Tucker-decomposed query-key retrieval (UltraMem / UltraMemV2) ------------------------------

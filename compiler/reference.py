@@ -33,6 +33,7 @@ MODEL_TYPES: dict[str, tuple[str, str, str]] = {  # field -> (type, default, con
     "hidden_size": ("an integer", "required", ">= 1"),
     "seq_len": ("an integer", "required", ">= 1"),
     "tie_embeddings": ("true or false", "false", ""),
+    "position_embedding": ("'none' or 'learned'", "none", ""),
     "norm": ("rms, layer, none or a norm mapping", "rms", ""),
     "final_norm": ("rms, layer or a norm mapping", "the value of norm", "not none"),
     "blocks": ("a mapping of block name -> list of sublayers", "required", "names are identifiers"),

@@ -36,6 +36,16 @@ class AttentionSpec:
     head_dim: int | None = field(default=None, metadata=doc("per-head width; defaults to hidden_size / heads", minimum=1))
     rotary: bool = field(default=True, metadata=doc("apply rotary position embeddings to queries and keys"))
     rope_theta: float = field(default=10000.0, metadata=doc("rotary base frequency", minimum=0, exclusive=True))
+    qk_norm: bool | Literal["full", "head"] = field(default=False, metadata=doc(
+        "RMSNorm of queries and keys before rotary: true or full normalises the whole q and k projections "
+        "(OLMoE, OLMo-2), head each head with one scale of head_dim (Qwen3)"))
+    qk_norm_eps: float = field(default=1e-5, metadata=doc("eps of the qk_norm RMSNorms", minimum=0, exclusive=True))
+    bias: bool = field(default=False, metadata=doc("biases on the q, k, v and output projections (GPT-2)"))
+
+    @property
+    def qk_norm_mode(self) -> str | None:
+        """``full``, ``head`` or None (``qk_norm: true`` is ``full``, as OLMoE and OLMo-2 do)."""
+        return "full" if self.qk_norm is True else (self.qk_norm or None)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class FFNSpec:
         "inner width, or auto: sized from the block's memory sublayer's memory_to_ffn", minimum=1))
     activation: Activation = field(default="swiglu", metadata=doc("swiglu (gated, three matrices) or gelu (two)"))
     multiple_of: int = field(default=1, metadata=doc("an auto width is rounded to a multiple of this", minimum=1))
+    bias: bool = field(default=False, metadata=doc("biases on the up (and gate) and down projections (GPT-2)"))
 
     @property
     def auto(self) -> bool:
@@ -77,6 +88,8 @@ class MoESpec:
     shared_experts: int = field(default=0, metadata=doc("always-on experts of the same width", minimum=0))
     aux_loss_weight: float = field(default=0.0, metadata=doc(
         "weight of the Switch load-balancing loss E * sum_i f_i P_i over the whole batch", minimum=0))
+    bias: bool = field(default=False, metadata=doc(
+        "biases on every expert's up (and gate) and down projections, and on the shared experts'"))
 
 
 SublayerConfig = AttentionSpec | FFNSpec | MoESpec | PKMSpec | PEERSpec | UltraMemSpec | UltraMemV2Spec
@@ -173,10 +186,21 @@ class ModelSpec:
     train: TrainSpec
     source: str
     sha256: str
+    position_embedding: Literal["none", "learned"] = "none"
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def position_warning(self) -> str | None:
+        """A warning when nothing tells the model where a token is (no rotary attention, no learned
+        positions): allowed, but then attention sees its context as an unordered set (only the
+        causal mask orders it), which is rarely what a user meant."""
+        attentions = [s.config for layer in self.layers for s in layer.sublayers if isinstance(s.config, AttentionSpec)]
+        if self.position_embedding != "none" or not attentions or any(a.rotary for a in attentions):
+            return None
+        return (f"warning: {self.name}: the model has no position information (no attention has rotary: true and "
+                "model.position_embedding is none); add one of them unless this is meant")
 
 
 # The top-level fields of a model spec, with their docs (read by validation and the docs).
@@ -186,6 +210,8 @@ MODEL_FIELDS: dict[str, str] = {
     "hidden_size": "residual stream width",
     "seq_len": "training sequence length (the T at which numbers are reported)",
     "tie_embeddings": "share the token embedding with the LM head (default false)",
+    "position_embedding": "none, or learned: absolute positions, a (seq_len, hidden) table added to the token "
+                          "embedding (GPT-2); default none (use attention's rotary)",
     "norm": "default pre-norm for every sublayer (rms, layer or none); default rms",
     "final_norm": "norm before the LM head; default: the value of norm",
     "blocks": "named blocks: each a list of sublayers such as '- attention: {heads: 4}'",

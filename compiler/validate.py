@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import nearest, raise_all
 from .fields import Sourced, coerce, expect_mapping, read_dataclass, sourced_mapping
@@ -67,6 +67,10 @@ def read_model(doc: Document) -> ModelSpec:
     seq_len = required("seq_len", int, 1)
     with doc.collecting():
         tie = coerce(doc, model["tie_embeddings"], bool) if "tie_embeddings" in model else False
+    positions = "none"
+    with doc.collecting():
+        if "position_embedding" in model:
+            positions = coerce(doc, model["position_embedding"], Literal["none", "learned"])
     default_norm = model.get("norm", Sourced("rms", ("model", "norm")))
     with doc.collecting():
         read_norm(doc, default_norm)  # validate once even if every sublayer overrides it
@@ -86,6 +90,7 @@ def read_model(doc: Document) -> ModelSpec:
             expect_mapping(doc, Sourced(train_raw, ("train",)), "train"), ("train",)), ("train",))
     raise_all(doc.errors)
     spec = ModelSpec(name=name, vocab_size=vocab, hidden_size=hidden, seq_len=seq_len, tie_embeddings=tie,
+                     position_embedding=positions,
                      final_norm=final, layers=layers, train=train, source=Path(doc.file).name,
                      sha256=hashlib.sha256(doc.text.encode("utf-8", "surrogatepass")).hexdigest())
     check_shared_tables(spec)

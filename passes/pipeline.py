@@ -90,6 +90,9 @@ def make_context(
     seq = spec.seq_len if seq is None else seq
     if batch < 1 or seq < 1:
         raise PlanError(f"batch and sequence length must be at least 1, got --batch {batch} --seq {seq}")
+    if spec.position_embedding == "learned" and seq > spec.seq_len:
+        raise PlanError(f"the learned position table has {spec.seq_len} rows (the spec's seq_len), so --seq "
+                        f"{seq} has positions without an embedding; use --seq at most {spec.seq_len}")
     big = too_large(spec, batch, seq)
     if big is not None:  # torch sizes storage in int64 bytes, even on the meta device
         owner = f"{big.sublayer.name}'s " if big.sublayer else ""

@@ -45,7 +45,9 @@ from .cost import Touch, expected_distinct
 from .pipeline import lower_spec
 from .symbols import BYTES_PER_ELEMENT, evaluate
 
-EMBEDDING_COMPONENTS = ("embedding", "lm_head")  # lowering tags the token embedding and the LM head so
+# lowering tags the token and position embeddings and the LM head so (Kaplan et al. 2020 leave
+# positional embeddings out of the non-embedding count too)
+EMBEDDING_COMPONENTS = ("embedding", "position_embedding", "lm_head")
 
 
 @dataclass(frozen=True)

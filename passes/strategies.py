@@ -63,8 +63,17 @@ TP_ROLES: dict[tuple[str, str], int] = {
     ("moe", "w_up"): 1, ("moe", "w_gate"): 1, ("moe", "w_down"): 2,
     ("moe", "w_shared_up"): 0, ("moe", "w_shared_gate"): 0, ("moe", "w_shared_down"): 1,
     ("embedding", "weight"): 0, ("lm_head", "weight"): 0,
+    # biases of column-parallel projections split with their output features; row-parallel biases
+    # (bo, b_down) stay B and are added after the all-reduce (Megatron-LM's RowParallelLinear), as are
+    # the learned position table (position_embedding) and the QK-norm scales (q_norm, k_norm): a
+    # full-width norm needs the whole q (its bias_add/rms_norm dim is whole, so the propagation
+    # gathers it), a per-head norm runs on the split heads with its (head_dim,) scale whole
+    ("attention", "bq"): 0, ("attention", "bk"): 0, ("attention", "bv"): 0,
+    ("ffn", "b_up"): 0, ("ffn", "b_gate"): 0, ("moe", "b_shared_up"): 0, ("moe", "b_shared_gate"): 0,
+    ("moe", "b_up"): 1, ("moe", "b_gate"): 1,  # experts' up/gate biases split with their width; b_down B
 }
-EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down")}
+# split over the experts by ep; the experts' down biases stay B (expert_bias adds them outside the all_to_all)
+EXPERT_WEIGHTS = {("moe", "w_up"), ("moe", "w_gate"), ("moe", "w_down"), ("moe", "b_up"), ("moe", "b_gate")}
 
 
 def _params(gm: fx.GraphModule) -> list[fx.Node]:

@@ -32,11 +32,15 @@ def check_counts(args: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be at most 2^63 - 1, got {value}")
 
 
-def validated(spec: str) -> None:
-    """Load and validate SPEC without the planner, so that its mistakes are reported before torch loads."""
+def validated(spec: str, *, warn: bool = False) -> None:
+    """Load and validate SPEC without the planner, so that its mistakes are reported before torch loads;
+    with ``warn``, print the spec's warnings (a model with no position information) to stderr."""
     from ultraplan.compiler.validate import load_model_spec
 
-    load_model_spec(resolve_spec_path(spec, "models"))
+    model = load_model_spec(resolve_spec_path(spec, "models"))
+    warning = model.position_warning() if warn else None
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
@@ -56,7 +60,7 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    validated(args.spec)
+    validated(args.spec, warn=True)
     from ultraplan import api
     from ultraplan.passes.stats import spec_stats
 
@@ -83,7 +87,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    validated(args.spec)
+    validated(args.spec, warn=True)
     from ultraplan import api
     from ultraplan.passes.context import Mesh
 

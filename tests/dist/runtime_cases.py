@@ -274,7 +274,8 @@ def expert_case(mesh, axis, num_experts, activation, routing):
     forward_bytes = 8 * n + 8 * assignments + nbytes((assignments, d)) + nbytes((received, d))
     backward_bytes = nbytes((assignments, d)) + nbytes((received, d))
     with Expect({"all_to_all": (6, forward_bytes + backward_bytes)}):
-        y = runtime.expert_parallel_ffn(x, idx, gates, mine[0], wg, mine[2], activation, mesh, axis, num_experts)
+        y = runtime.expert_parallel_ffn(x, idx, gates, mine[0], wg, mine[2], activation=activation, mesh=mesh,
+                                          axis=axis, num_experts=num_experts)
         (y * randn(("g", mesh.coords), (b, t, d))).sum().backward()
     ref_y, ref_grads = reference(mesh.coords)
     what = f"ep ffn {activation} axis {axis}"
