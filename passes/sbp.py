@@ -5,8 +5,8 @@ A tensor on a mesh axis of n devices is either split along a dim ``S(d)`` (each 
 the sum of the devices' tensors). An nd-SBP is one value per mesh axis.
 
 Boxing turns one SBP into another with a collective. Bytes are *per device*, ring algorithms,
-for a logical tensor of ``nbytes`` on an axis of ``n`` devices (research/sbp_autoparallel.md §6,
-from OneFlow's ``sbp_infer_util.cpp`` and DTensor's ``_collective_utils.py``):
+for a logical tensor of ``nbytes`` on an axis of ``n`` devices (OneFlow's
+``oneflow/core/framework/sbp_infer_util.cpp`` and DTensor's ``torch/distributed/tensor/_collective_utils.py``):
 
     P -> B  all_reduce       2 (n-1)/n * nbytes     2(n-1) messages
     S -> B  all_gather         (n-1)/n * nbytes      (n-1) messages

@@ -1,7 +1,7 @@
 """Spec-level pass: give every ``ffn: {hidden: auto}`` the width its block's memory ratio asks for.
 
 UltraMemV2's fifth change rebalances compute between the memory layer and the FFN beside it (the
-paper's "memory compute proportion"; research/memory_layers.md §5.1). In a spec that is one number
+paper's "memory compute proportion"; UltraMemV2, Huang et al. 2025). In a spec that is one number
 on a memory sublayer, ``memory_to_ffn: r``, a property of its block: the block's auto FFN gets the
 width ``h`` at which
 

@@ -43,6 +43,30 @@ def validated(spec: str, *, warn: bool = False) -> None:
         print(warning, file=sys.stderr)
 
 
+def defaults_used(args: argparse.Namespace, plan) -> str | None:
+    """The values that change a plan's result and that nobody wrote: a batch or sequence length no
+    flag gave, a learning rate the spec does not set. Said on stderr so that a JSON reader is not
+    disturbed and a reader of the numbers knows where they came from."""
+    import yaml
+
+    train = (yaml.safe_load(plan.spec_text) or {}).get("train") or {}
+    notes = []
+    if args.batch is None:
+        where = "train.batch_size" if "batch_size" in train else "the default train.batch_size"
+        notes.append(f"batch {plan.batch} ({where}; --batch to change)")
+    if args.seq is None:
+        notes.append(f"sequence length {plan.seq} (model.seq_len; --seq to change)")
+    if "lr" not in train:
+        notes.append(f"learning rate {plan.training.lr:g} (the default: the spec sets no train.lr)")
+    return "defaults: " + "; ".join(notes) if notes else None
+
+
+def _say_defaults(args: argparse.Namespace, plan) -> None:
+    line = defaults_used(args, plan)
+    if line:
+        print(line, file=sys.stderr)
+
+
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
@@ -94,6 +118,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
                       strategy=args.strategy, force=args.force)
     text = result.to_json()
+    _say_defaults(args, result)
     if not result.fits:
         print(f"warning: {api.memory_warning(result)}", file=sys.stderr)
     if args.output:
@@ -121,6 +146,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
                          mode=args.mode, strategy=args.strategy, force=args.force,
                          allow_oversubscribe=args.allow_oversubscribe)
+    _say_defaults(args, result)
     if not result.fits:
         print(f"warning: {api.memory_warning(result)} (compiled anyway: --allow-oversubscribe)", file=sys.stderr)
     files = sorted(p.name for p in out.iterdir())

@@ -1,6 +1,6 @@
 """Product-key retrieval shared by PKM and PEER, and the two memory layers built on it.
 
-Retrieval, per head (Lample et al. 2019, §1 of research/memory_layers.md):
+Retrieval, per head (Lample et al. 2019, "Large Memory Layers with Product Keys"):
     q = W_q x, split into halves q1, q2;  s1 = K1 q1, s2 = K2 q2  (n keys each)
     top-k of s1 and of s2;  the k*k grid of sums s1[i] + s2[j] at slots i*n + j;  top-k of the grid.
 The grid holds the exact top-k of all n^2 slot scores (each is a sum of one row and one column

@@ -178,3 +178,19 @@ def test_forced_choices_that_cannot_work_are_errors(capsys):
     plan = api.plan(MODELS / "dense-tiny.yaml", "2", force=["layers_0_attention_q=P"])
     assert plan.node("layers_0_attention_q").sbp_out == "B"
     assert plan.node("layers_0_attention_q_P").sbp_out == "P"
+
+
+def test_plan_and_compile_say_which_defaults_they_used(tmp_path, capsys):
+    """A batch, sequence length or learning rate nobody wrote changes the numbers: say where it came from."""
+    assert main(["plan", "dense-tiny", "--mesh", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "batch 8 (train.batch_size; --batch to change)" in err and "sequence length 32 (model.seq_len" in err
+    assert "learning rate" not in err  # dense-tiny sets train.lr
+    assert main(["plan", "dense-tiny", "--mesh", "2", "--batch", "4", "--seq", "8"]) == 0
+    assert "defaults" not in capsys.readouterr().err
+    spec = tmp_path / "bare.yaml"
+    text = (MODELS / "dense-tiny.yaml").read_text()
+    spec.write_text(text[:text.index("train:")])
+    assert main(["compile", str(spec), "--mesh", "2", "-o", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "batch 8 (the default train.batch_size" in err and "learning rate 0.003 (the default" in err
