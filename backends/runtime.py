@@ -131,6 +131,18 @@ def setup(mesh_shape):
     return Mesh(mesh_shape, device), owned
 
 
+def finish():
+    """Leave the process now that every rank's work is done and written, skipping the interpreter's
+    teardown: there gloo can abort a finished rank ("terminate called without an active exception",
+    a worker thread still holding tensors; pytorch/pytorch PR #179291), which torchrun reports as a
+    failed run after training succeeded. Measured on this project's programs: 1 exit in 8."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def teardown(owned):
     """End the process group if ``setup`` started it. The barrier first keeps a fast rank from
     tearing down gloo's connections while a slow one still uses them (that aborts the process)."""

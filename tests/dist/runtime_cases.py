@@ -394,3 +394,4 @@ def main():
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    runtime.finish()  # without interpreter teardown, where gloo can abort a finished rank
