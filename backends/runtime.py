@@ -27,6 +27,7 @@ to every emitted program. It holds no model knowledge; the program passes in eve
 import json
 import os
 import socket
+import sys
 import warnings
 from collections import Counter
 
@@ -136,8 +137,6 @@ def finish():
     teardown: there gloo can abort a finished rank ("terminate called without an active exception",
     a worker thread still holding tensors; pytorch/pytorch PR #179291), which torchrun reports as a
     failed run after training succeeded. Measured on this project's programs: 1 exit in 8."""
-    import sys
-
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

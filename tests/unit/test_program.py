@@ -16,7 +16,7 @@ from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
-                   "warnings"}
+                   "warnings", "sys"}
 
 
 def imported_modules(source: str) -> set[str]:
