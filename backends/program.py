@@ -95,18 +95,8 @@ def _forces(plan: Plan) -> str:
 
 
 def _count_line(plan: Plan) -> str:
-    calls = _planned(plan)[1]
+    calls = plan.step_collectives()[1]
     return ", ".join(f"{k} x{v}" for k, v in sorted(calls.items())) or "none"
-
-
-def _planned(plan: Plan) -> tuple[dict[str, float], dict[str, int]]:
-    """Bytes handed to each kind of collective, and calls, per training step (the plan's one list)."""
-    payload: dict[str, float] = {}
-    calls: dict[str, int] = {}
-    for c in plan.collectives:
-        payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value
-        calls[c.collective] = calls.get(c.collective, 0) + 1
-    return payload, calls
 
 
 def _numel(shape) -> int:
@@ -119,7 +109,7 @@ def _numel(shape) -> int:
 def _constants(plan: Plan) -> list[str]:
     t = plan.training
     model = dict(plan.model)
-    payload, calls = _planned(plan)
+    payload, calls = plan.step_collectives()
     tokens = plan.node("tokens")
     return [
         f"SPEC_NAME = {literal(plan.spec_name)}",

@@ -156,6 +156,18 @@ class Plan:
     def total(self, key: str) -> Cost:
         return dict(self.totals)[key]
 
+    def step_collectives(self, float_scale: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+        """Bytes handed to each kind of collective per step and device, and calls, from the one list.
+        The payloads are planned for float32 values; ``float_scale`` 2 gives a float64 run's (int64
+        values, such as indices and counts, keep their size)."""
+        payload: dict[str, float] = {}
+        calls: dict[str, int] = {}
+        for c in self.collectives:
+            factor = float_scale if c.dtype == "float32" else 1
+            payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value * factor
+            calls[c.collective] = calls.get(c.collective, 0) + 1
+        return payload, calls
+
 
 def _encode(value: Any) -> Any:
     if dataclasses.is_dataclass(value):

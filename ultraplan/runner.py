@@ -116,13 +116,7 @@ def comm_report(plan: Plan, result: dict, steps: int) -> dict:
     for those, the same for int64 ones (indices, counts)."""
     ranks = result["comm_by_rank"]
     kinds = sorted({k for r in ranks for k in r["bytes"]} | {c.collective for c in plan.collectives})
-    predicted_bytes: dict[str, float] = {}
-    predicted_calls: dict[str, int] = {}
-    scale = 2 if result.get("dtype") == "float64" else 1
-    for c in plan.collectives:
-        factor = scale if c.dtype == "float32" else 1
-        predicted_bytes[c.collective] = predicted_bytes.get(c.collective, 0) + c.payload_bytes.value * factor
-        predicted_calls[c.collective] = predicted_calls.get(c.collective, 0) + 1
+    predicted_bytes, predicted_calls = plan.step_collectives(2 if result.get("dtype") == "float64" else 1)
     return {
         "comm_bytes_measured": {k: sum(r["bytes"].get(k, 0) for r in ranks) / len(ranks) / steps for k in kinds},
         "comm_bytes_predicted": {k: predicted_bytes.get(k, 0) for k in kinds},
