@@ -386,6 +386,9 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          dims="bt.,....->bt...", colour=RETRIEVAL),
     _def("group_layer_norm", _same, dims="*.,.,.->*.", colour=NORM),
     _def("group_rms_norm", _same, dims="*.,.->*.", colour=NORM),
+    _def("group_rms_norm_biased", _same, dims="*.,.,.->*.", colour=NORM),
+    _def("group_layer_norm_unbiased", _same, dims="*.,.->*.", colour=NORM),
+    _def("leading_features", lambda s, a: (*s[0][:-1], sympy.Integer(a["width"])), dims="*.->*.", colour=INDEXING),
     _def("topk_indices", lambda s, a: (*s[0][:-1], sympy.Integer(a["k"])), index=True, dims="*.->*.",
          colour=INDEXING),
     _def("take", lambda s, a: s[1], result="first", dims="*.,*.->*.", colour=INDEXING),
@@ -421,6 +424,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("sum_cores", _drop_second_last, dims="bt...->bt..", colour=RETRIEVAL),
     _def("take_cores", _take_along_last, dims="bt...,bt..->bt...", colour=INDEXING),
     _def("shuffle_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
+    _def("expanded_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
     _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
     _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
          colour=RETRIEVAL),
@@ -433,6 +437,12 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          dims="btk->.", sums="btk", colour=INDEXING),
     _def("column_sums", lambda s, a: (s[0][-1],), dims="*e->e", sums="*", linear="each", colour=INDEXING),
     _def("balance_loss", _scalar, dims=".,.->", colour="#d9d2e9"),
+    # UltraMemV2's key-balance loss: whole-batch statistics per key half
+    _def("half_key_counts", lambda s, a: (s[0][-2], sympy.Integer(a["num_keys"])), index=True, data_dependent=True,
+         dims="bt...->..", sums="bt", colour=INDEXING),
+    _def("half_prob_sums", lambda s, a: tuple(s[0][-2:]), dims="bt...->..", sums="bt", linear="each",
+         colour=INDEXING),
+    _def("key_balance_loss", _scalar, dims="..,..->", colour="#d9d2e9"),
 )}
 
 # ops.py functions that are not graph ops: state derived from parameters between steps, and the
