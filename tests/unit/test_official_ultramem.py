@@ -81,6 +81,7 @@ V2_CASES = {  # extra fields of the tiny spec's memory layer, and the layer to c
     "rms-with-bias-expand-3": ("query_norm_bias: true, key_norm_bias: true, key_expand: 3, ", 1),
     "layer-without-bias-2-heads": ("query_norm: layer, key_norm: layer, query_norm_bias: false, key_norm_bias: false, "
                                    "heads: 2, official_query: true, key_balance_weight: 0.5, ", 3),
+    "official-query-4-heads": ("heads: 4, official_query: true, ", 3),  # heads 2, 3 read query group 1
 }
 
 
@@ -96,7 +97,7 @@ def test_ultramem_v2_equals_the_official_forward_and_gradients(write_spec, case)
     assert (s.key_balance_weight > 0) == ("balance" in fields)
     assert layer in (0, 1) or mem.offset + s.addressed_keys**2 > mem.table_rows  # it does wrap
     if s.official_query:  # our projection is the official 2 rank D_k rows; head h reads group h // 2
-        assert mem.query_rows == 2 * s.rank * s.key_dim and mem.query_read == 2 * s.key_dim
+        assert mem.query_rows == 2 * s.rank * s.key_dim and mem.query_read == 2 * s.key_dim * (1 + (s.heads > 2))
         w = official_weights(mem)
     else:  # ours holds the rows that are read; the official 2 D_k more stay dead
         w = official_weights(mem, dead_query_rows=2 * s.key_dim)
