@@ -16,6 +16,11 @@ Per token (UltraMemV2, arXiv 2508.18756 §4.2; D_k key width, r rank, c cores, m
 u and t (the leading singular vectors of sum_k C_k) and the shuffle are state, not parameters:
 u and t are recomputed from the cores by ``build.refresh_state`` (following ``state_rules``) once per
 optimizer step.
+
+The official code's options (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py): key expansion
+E (E n' keys per half, E^2 virtual slots per row, summed: ``expanded_rows``, :120-131, :328-331), the
+key-balance loss on the rank-1 scores (``key_balance``, :380-394) and the official query projection
+(2 r D_k rows, head h reading group h // 2: ``official_query``, :50-55, :119).
 """
 
 from __future__ import annotations

@@ -71,10 +71,6 @@ def norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     return weight * x + bias if bias is not None else weight * x
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return norm(x, weight)
-
-
 def key_balance_loss(scores1: torch.Tensor, scores2: torch.Tensor, indices1: torch.Tensor,
                      indices2: torch.Tensor) -> torch.Tensor:
     """ultramem_layer_v2.py:380-394 (bs tokens, head_num heads, key_num keys per half)."""
@@ -149,8 +145,9 @@ def ultramem_v2(w: OfficialWeights, x: torch.Tensor, kdim: int, knn: int, offset
 def ultramem_v1(w: OfficialWeights, x: torch.Tensor, kdim: int, knn: int, expansion: int) -> torch.Tensor:
     """ultramem_layer.py:171-202 with the non-fused IVE (:184-197): ScatterAdd into E blocks."""
     bs = x.shape[0]
-    query = rms_norm((x @ w.query_proj.T).view(bs, 1, 2, kdim), w.query_norm).view(bs, 1, 2 * kdim)
-    keys = rms_norm(w.keys.transpose(-1, -2), w.keys_norm).transpose(-1, -2)
+    query = norm((x @ w.query_proj.T).view(bs, 1, 2, kdim), w.query_norm, w.query_norm_bias,
+                 w.norm_type).view(bs, 1, 2 * kdim)
+    keys = norm(w.keys.transpose(-1, -2), w.keys_norm, w.keys_norm_bias, w.norm_type).transpose(-1, -2)
     best_scores, best = tdqkr(w, query, keys, knn)
     shuffled = w.shuffle_index[best]
     value_num = w.values.shape[0]

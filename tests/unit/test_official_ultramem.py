@@ -116,9 +116,15 @@ def test_ultramem_v2_equals_the_official_forward_and_gradients(write_spec, case)
     assert compare(mem, ours, theirs.view(2, 5, 32), w, x, x_ref, ours_aux) < 1e-12
 
 
-def test_ultramem_equals_the_official_forward_and_gradients():
-    model = build_model(load(MODELS / "ultramem-tiny.yaml"), seed=12).double()
+@pytest.mark.parametrize("fields", ["", "query_norm: layer, key_norm: layer, query_norm_bias: false, "
+                                    "key_norm_bias: false, ", "query_norm_bias: true, key_norm_bias: true, ",
+                                    "query_norm: layer, key_norm: layer, "])  # auto: LayerNorm with its bias
+def test_ultramem_equals_the_official_forward_and_gradients(write_spec, fields):
+    text = (MODELS / "ultramem-tiny.yaml").read_text().replace("ultramem: {", "ultramem: {" + fields)
+    model = build_model(load(write_spec(text)), seed=12).double()
     mem = model.layers[1]["ultramem"]
+    assert hasattr(mem, "query_norm_bias") == ("bias: true" in fields or fields.endswith("key_norm: layer, "))
+    assert mem.norm_kinds["key"] == ("layer" if "layer" in fields else "rms")
     assert mem.query_heads == 1 and mem.spec.heads == 2  # two heads read one query, as the official i // 2
     w = official_weights(mem)
     x = torch.randn(3, 4, 32, dtype=torch.float64, requires_grad=True)
