@@ -313,13 +313,19 @@ def test_official_query_and_new_fields_are_checked(write_spec):
     from ultraplan.compiler.validate import load_model_spec
 
     base = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("rank: 2,", "")
-    for fields, words in (("official_query: true, query_per_rank: true, ", "exclude each other"),
-                          ("official_query: true, rank: 3, ", "needs rank 2"),
-                          ("official_query: true, heads: 3, ", "1, 2 or 4 heads"),
-                          ("key_expand: 0, ", "key_expand"),
-                          ("key_balance_weight: -1, ", "key_balance_weight"),
-                          ("query_norm_bias: maybe, ", "query_norm_bias")):
+    huge_query = ("key_dim: 16,", "key_dim: 1000000000000,"), ("hidden_size: 32", "hidden_size: 4000000")
+    for fields, words, edits in (("official_query: true, query_per_rank: true, ", "exclude each other", ()),
+                                 ("official_query: true, rank: 3, ", "needs rank 2", ()),
+                                 ("official_query: true, heads: 3, ", "1, 2 or 4 heads", ()),
+                                 ("key_expand: 0, ", "key_expand", ()),
+                                 ("key_balance_weight: -1, ", "key_balance_weight", ()),
+                                 ("query_norm_bias: maybe, ", "query_norm_bias", ()),
+                                 ("key_expand: 3000000000, ", "slot shuffle", ()),  # (E n')^2 past 2^63 bytes
+                                 ("official_query: true, ", "query projection", huge_query)):
+        text = base.replace("share: ring,", fields + "share: ring,")
+        for old, new in edits:
+            text = text.replace(old, new)
         with pytest.raises(SpecError) as info:
-            load_model_spec(write_spec(base.replace("share: ring,", fields + "share: ring,")))
+            load_model_spec(write_spec(text))
         assert words in str(info.value), (fields, str(info.value))
     load_model_spec(write_spec(base.replace("share: ring,", "official_query: true, heads: 4, share: ring,")))
