@@ -16,7 +16,8 @@ from pathlib import Path
 from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
 from . import runtime
-from .emit_model import attr_path, model_lines
+from .emit_model import model_lines
+from .emit_ops import attr_path
 from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 

@@ -164,12 +164,12 @@ def class_name(spec_blocks: list[str], taken: set[str]) -> str:
     return name
 
 
-def _input_names(layer: _Layer, plan: Plan, stream: set[str]) -> tuple[str, ...]:
-    """The block's argument names: ``x`` for the residual stream (or a boxing of it), else the
-    value's name without its layer prefix."""
+def _local_names(values: list[str], plan: Plan, stream: set[str]) -> tuple[str, ...]:
+    """Names of a block's arguments (or results): ``x`` for the residual stream (or a boxing of
+    it), else the value's name without its layer prefix."""
     nodes = {n.name: n for n in plan.nodes}
     out: list[str] = []
-    for name in layer.inputs:
+    for name in values:
         base = name
         while base not in stream and nodes[base].op == "boxing":
             base = nodes[base].args[0]
@@ -241,7 +241,8 @@ def find_blocks(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                 constants.append((node, attr, values))
         block = BlockPlan(class_name(names, taken), tuple(names), tuple(layer.index for layer in group),
                           tuple(n.name for n in first.nodes), tuple(first.params), tuple(first.buffers),
-                          _input_names(first, plan, stream), tuple(first.outputs), tuple(constants))
+                          _local_names(first.inputs, plan, stream), tuple(first.outputs),
+                          _local_names(first.outputs, plan, stream), tuple(constants))
         blocks.append(block)
         block_of.update({layer.index: block.name for layer in group})
     calls = [LayerCallPlan(layer.index, block_of[layer.index], f"layers.{layer.index}.",

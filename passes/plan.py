@@ -114,6 +114,7 @@ class BlockPlan:
     buffers: tuple[str, ...]  # the first layer's buffers (canonical names)
     inputs: tuple[str, ...]  # the forward's arguments, as named inside the block ("x" for the stream)
     outputs: tuple[str, ...]  # the first layer's nodes the forward returns, in order
+    output_names: tuple[str, ...]  # what a caller names them: "x" for the residual stream, else the node's name
     # number attributes that differ between its layers (a ring table's row offset): (node of the
     # first layer, attribute, one value per layer of ``layers``), passed to each layer's constructor
     constants: tuple[tuple[str, str, tuple[Any, ...]], ...]

@@ -230,14 +230,14 @@ class Model(torch.nn.Module):
         # ---- model
         x = ops.embedding(tokens, self.embed.weight)  # (B/4, T, 32) [S(0),S(0)]
         # ---- layer 0: DenseBlock
-        layers_0_ffn_residual = self.layers[0](x)
+        x = self.layers[0](x)
         # ---- layers 1-2: MoeBlock
         moe_balance_loss_per_layer = []
         for layer in self.layers[1:3]:
-            moe_balance_loss, layers_0_ffn_residual = layer(layers_0_ffn_residual)
+            moe_balance_loss, x = layer(x)
             moe_balance_loss_per_layer.append(moe_balance_loss)
         # ---- final_norm
-        final_norm_normed = ops.rms_norm(layers_0_ffn_residual, self.final_norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        final_norm_normed = ops.rms_norm(x, self.final_norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
         # ---- model
         logits = ops.linear(final_norm_normed, self.lm_head.weight)  # (B/4, T, 96) [S(0),S(0)]
         loss = ops.cross_entropy(logits, targets) * (1/4)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
