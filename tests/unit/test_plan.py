@@ -114,7 +114,7 @@ def test_plan_file_errors_are_messages(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"version": 1,')
     assert main(["viz", str(tmp_path / "broken.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert f"{tmp_path / 'broken.json'}:1:15: not valid JSON" in capsys.readouterr().err
-    (tmp_path / "other.json").write_text('{"version": 2}')
+    (tmp_path / "other.json").write_text('{"version": 3}')
     assert main(["viz", str(tmp_path / "other.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert "not an ultraplan plan" in capsys.readouterr().err
 
