@@ -4,8 +4,8 @@ The program reads top to bottom like nanoGPT's train.py: the plan's constants, o
 distinct block and a model class looping over the layers (emit_model.py), holding only this rank's
 shards under the spec's canonical names, each value's local shape and SBP in a comment, the
 gradient collectives each commented with the plan decision that produced them, and a training
-loop. It imports torch and its three neighbour files, nothing of ultraplan. Every
-decision is read from the Plan; this file only spells it.
+loop. It imports torch and its three neighbour files, nothing of ultraplan. Every decision is read
+from the Plan; this file only spells it.
 """
 
 from __future__ import annotations
