@@ -10,6 +10,8 @@ Order and why:
 3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
                      signatures over the op table, inserts boxing nodes.
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
+5. ``find_blocks``   needs the Plan's per-node records; groups layers that compute the same on
+                     their shards into distinct blocks, and consecutive ones into loops.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..compiler.schema import HardwareSpec, ModelSpec
 from ..compiler.shapes import B, T
 from ..compiler.tensor_sizes import ELEMENT_BYTES, MAX_TENSOR_BYTES, too_large
 from .annotate_cost import annotate_cost
+from .blocks import find_blocks
 from .build_plan import build_plan
 from .choose_sbp import choose_sbp
 from .context import Mesh, PassReport, PlanContext, PlanError
@@ -45,6 +48,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("annotate_cost", annotate_cost),
     ("choose_sbp", choose_sbp),
     ("build_plan", build_plan),
+    ("find_blocks", find_blocks),
 ]
 
 

@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,50 @@ class BufferPlan:
 
 
 @dataclass(frozen=True)
+class BlockPlan:
+    """One distinct block: layers whose shard-local computation is the same up to the layer index
+    (the same ops, attributes, local shapes, SBPs, collectives and parameter placements), which the
+    program writes once as a class. ``passes/blocks.py`` decides which layers share one."""
+
+    name: str  # the program's class name ("WideBlock")
+    spec_blocks: tuple[str, ...]  # the spec's block names its layers come from
+    layers: tuple[int, ...]  # the layer indices that run it
+    nodes: tuple[str, ...]  # the first layer's nodes, in order: what the block's forward runs
+    params: tuple[str, ...]  # the first layer's parameters (canonical names), in order
+    buffers: tuple[str, ...]  # the first layer's buffers (canonical names)
+    inputs: tuple[str, ...]  # the forward's arguments, as named inside the block ("x" for the stream)
+    outputs: tuple[str, ...]  # the first layer's nodes the forward returns, in order
+    output_names: tuple[str, ...]  # what a caller names them: "x" for the residual stream, else the node's name
+    # number attributes that differ between its layers (a ring table's row offset): (node of the
+    # first layer, attribute, one value per layer of ``layers``), passed to each layer's constructor
+    constants: tuple[tuple[str, str, tuple[Any, ...]], ...]
+
+
+@dataclass(frozen=True)
+class LayerCallPlan:
+    """One layer as a call of its block: what it reads from outside and what it hands on."""
+
+    index: int
+    block: str  # its BlockPlan's name
+    prefix: str  # the canonical names' prefix of its parameters ("layers.3.")
+    nodes: tuple[str, ...]  # its nodes, position by position the block's
+    inputs: tuple[str, ...]  # the values passed in (plan nodes), in the block's argument order
+    outputs: tuple[str, ...]  # its nodes the block returns, in order
+
+
+@dataclass(frozen=True)
+class LayerRunPlan:
+    """Consecutive layers the program runs as one loop: each reads the same values, except where
+    ``carry`` feeds a layer's output ``k`` to the next layer's input ``j``; outputs in ``collected``
+    are read elsewhere (a balance loss, a skip-layer delivery) and kept in a list per position."""
+
+    start: int
+    stop: int
+    carry: tuple[tuple[int, int], ...]  # (output position, input position)
+    collected: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TrainingPlan:
     steps: int
     lr: float
@@ -137,6 +181,9 @@ class Plan:
     output_boxing: tuple[CollectivePlan, ...]
     collectives: tuple[CollectivePlan, ...]  # every collective one training step runs, in order
     totals: tuple[tuple[str, Cost], ...]
+    blocks: tuple[BlockPlan, ...] = ()  # passes/blocks.py: the distinct blocks
+    layer_calls: tuple[LayerCallPlan, ...] = ()  # every layer as a call of its block
+    layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
 

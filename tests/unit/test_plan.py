@@ -91,7 +91,7 @@ def test_cli_plan_json_and_explain(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["plan", "dense-tiny", "--mesh", "4", "--json", "-o", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["version"] == 2 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
+    assert data["version"] == 3 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
     assert main(["explain", "dense-tiny", "--mesh", "2", "--stage", "choose_sbp"]) == 0
     text = capsys.readouterr().out
     assert "# Constructed by choose_sbp" in text and "build_plan" not in text
@@ -114,7 +114,7 @@ def test_plan_file_errors_are_messages(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"version": 1,')
     assert main(["viz", str(tmp_path / "broken.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert f"{tmp_path / 'broken.json'}:1:15: not valid JSON" in capsys.readouterr().err
-    (tmp_path / "other.json").write_text('{"version": 2}')
+    (tmp_path / "other.json").write_text('{"version": 3}')
     assert main(["viz", str(tmp_path / "other.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert "not an ultraplan plan" in capsys.readouterr().err
 
