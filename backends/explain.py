@@ -23,6 +23,8 @@ def annotation(node: fx.Node) -> str:
         parts.append(f"flops={rec.cost.flops}")
     for b in rec.boxing:
         parts.append(f"{b.collective}@axis{b.axis} wire={b.wire}")
+    if rec.fusion is not None:
+        parts.append(f"fused {'+'.join(rec.fusion.replaced)} by {rec.fusion.rule}: saves {rec.fusion.bytes_saved} B")
     if rec.reason and rec.op == "boxing":
         parts.append(f"why: {rec.reason}")
     for b in rec.grad_boxing:

@@ -69,6 +69,7 @@ class NodeInfo:
     boxing: list[Any] = field(default_factory=list)  # choose_sbp, boxing nodes: passes.sbp.Boxing steps
     grad_boxing: list[Any] = field(default_factory=list)  # choose_sbp, parameters: gradient sync steps
     reason: str = ""  # choose_sbp: the decision behind a boxing node or a parameter's placement
+    fusion: Any = None  # fuse: passes.fuse.Fusion, on the node a fusion rule rewrote
 
 
 def info(node: fx.Node) -> NodeInfo:

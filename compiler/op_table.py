@@ -34,6 +34,7 @@ Every pass and emitter reads these records; no other file keeps a set of op name
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -353,6 +354,10 @@ KV_REPLICATED = Variant(
     applies=lambda a, n: a["num_heads"] % n == 0 and a["num_kv_heads"] % n != 0 and n % a["num_kv_heads"] == 0)
 
 
+# the fused attention's shard form: as KV_REPLICATED, through scaled_dot_product_attention
+KV_REPLICATED_SDPA = dataclasses.replace(KV_REPLICATED, call="ops.sdpa_attention_kv_shard")
+
+
 def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:
     return OpDef(name, getattr(ops, name), shape, **kw)
 
@@ -377,6 +382,10 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("causal_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
          variants=(KV_REPLICATED,), colour="#f4cccc"),
+    # fused ops (passes/fuse.py puts them in place of the subgraphs they compute)
+    _def("sdpa_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
+         flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
+         variants=(KV_REPLICATED_SDPA,), colour="#f4cccc"),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
@@ -447,7 +456,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 
 # ops.py functions that are not graph ops: state derived from parameters between steps, and the
 # shard forms variants call
-NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard"}
+NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard"}
 
 
 def op_def(name: str) -> OpDef:

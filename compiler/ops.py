@@ -113,6 +113,32 @@ def attention_kv_shard(q_BTX: torch.Tensor, k_BTY: torch.Tensor, v_BTY: torch.Te
     return causal_attention(q_BTX, k, v, num_heads, last - first + 1, head_dim)
 
 
+def sdpa_attention(
+    q_BTX: torch.Tensor, k_BTY: torch.Tensor, v_BTY: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int
+) -> torch.Tensor:
+    """``causal_attention`` through torch's fused ``scaled_dot_product_attention`` (is_causal, kv
+    heads shared by ``enable_gqa``): the same function, but the (B, H, T, T) scores and probabilities
+    never reach memory and are not saved for the backward (FlashAttention, Dao et al. 2022 sec. 3.1;
+    on the CPU torch runs its tiled flash kernel). The fusion pass (passes/fuse.py) puts it in place
+    of ``causal_attention``; the scale is the default 1/sqrt(head_dim), as there."""
+    b, t, _ = q_BTX.shape
+    q = q_BTX.view(b, t, num_heads, head_dim).transpose(1, 2)
+    k = k_BTY.view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_BTY.view(b, t, num_kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=num_heads != num_kv_heads)
+    return out.transpose(1, 2).reshape(b, t, num_heads * head_dim)
+
+
+def sdpa_attention_kv_shard(q_BTX: torch.Tensor, k_BTY: torch.Tensor, v_BTY: torch.Tensor, num_heads: int,
+                            total_heads: int, num_kv_heads: int, head_dim: int, q_head_start: int) -> torch.Tensor:
+    """``attention_kv_shard`` through ``sdpa_attention``: the kv heads this shard's query heads use."""
+    group = total_heads // num_kv_heads
+    first, last = q_head_start // group, (q_head_start + num_heads - 1) // group
+    k = k_BTY[..., first * head_dim:(last + 1) * head_dim]
+    v = v_BTY[..., first * head_dim:(last + 1) * head_dim]
+    return sdpa_attention(q_BTX, k, v, num_heads, last - first + 1, head_dim)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """SwiGLU gating (Shazeer 2020): silu(gate) * up."""
     return F.silu(gate) * up

@@ -36,6 +36,7 @@ from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
+from .fuse import fusion_plans
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -266,6 +267,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
                                device_memory=float(ctx.hardware.memory_bytes))
+    plan = dataclasses.replace(plan, fusions=fusion_plans(gm, values))
     gm.meta["ultraplan.plan"] = plan
     return PassReport("build_plan", time.perf_counter() - start,
                       [f"{len(nodes)} nodes, {len(params)} parameters, {len(plan.collectives)} collectives per step"],

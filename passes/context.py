@@ -58,6 +58,7 @@ class PlanContext:
     spec_text: str = ""  # the spec file's text, carried into the plan
     strategies: tuple[str, ...] = ()  # one named strategy per mesh axis (passes/strategies.py)
     forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
+    fuse: bool = True  # run the fusion pass (passes/fuse.py); --no-fuse turns it off
 
     def axis_link(self, axis: int):
         """The link an axis's collectives cross: intra-node when every group of the axis (the ranks

@@ -100,6 +100,9 @@ def _expert_ffn(out, ins, node, local_out):
     return tokens * k * (2 * d + 4 * width + 3) * 4
 
 
+# scaled_dot_product_attention (CPU flash kernel, torch 2.x) keeps q, k, v, its output and one
+# float logsumexp per (batch, head, position), never the (B, H, T, T) probabilities
+SAVES["sdpa_attention"] = Saves((0, 1, 2), output=True, internal=lambda o, i, n, s: o / _attr(n, "head_dim"))
 SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
 
 

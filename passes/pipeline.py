@@ -7,6 +7,8 @@ Order and why:
 1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
                      placement below is computed from those shapes.
 2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
+2b. ``fuse``         needs costs (the bytes a fusion saves); rewrites subgraphs into fused op-table
+                     records before placement, so strategies and signatures see the fused ops.
 3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
                      signatures over the op table, inserts boxing nodes.
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
@@ -31,6 +33,7 @@ from .blocks import find_blocks
 from .build_plan import build_plan
 from .choose_sbp import choose_sbp
 from .context import Mesh, PassReport, PlanContext, PlanError
+from .fuse import fuse
 from .plan import Plan
 from .shape_prop import shape_prop
 from .size_ffn import size_ffn
@@ -46,6 +49,7 @@ SPEC_PASSES: list[tuple[str, SpecPass]] = [
 PIPELINE: list[tuple[str, Pass]] = [
     ("shape_prop", shape_prop),
     ("annotate_cost", annotate_cost),
+    ("fuse", fuse),
     ("choose_sbp", choose_sbp),
     ("build_plan", build_plan),
     ("find_blocks", find_blocks),
@@ -87,7 +91,7 @@ def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
 def make_context(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (),
+    forces: tuple[tuple[str, str], ...] = (), fuse: bool = True,
 ) -> PlanContext:
     """The question a plan answers; B and T default to the spec's train.batch_size and seq_len."""
     batch = spec.train.batch_size if batch is None else batch
@@ -108,7 +112,7 @@ def make_context(
                         "use a smaller --mesh or another --hardware")
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
-    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces))
+    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces), fuse)
 
 
 def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
@@ -129,13 +133,13 @@ def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", stop_after: str | None = None, strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (),
+    forces: tuple[tuple[str, str], ...] = (), fuse: bool = True,
 ) -> tuple[Plan | None, fx.GraphModule, list[PassReport]]:
     """Run the spec passes and the pipeline (up to ``stop_after``); return the plan (None when
     stopped before build_plan), the annotated graph and every pass's report."""
     spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text,
-                       strategies=strategies, forces=forces)
+                       strategies=strategies, forces=forces, fuse=fuse)
     gm = lower_spec(spec, mode)
     check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)

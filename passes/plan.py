@@ -50,6 +50,20 @@ class CollectivePlan:
 
 
 @dataclass(frozen=True)
+class FusionPlan:
+    """A fusion the fuse pass made (passes/fuse.py): the node that now runs ``fused``, the nodes it
+    replaced, the bytes of memory traffic it saves and the FLOPs it adds per step (whole model)."""
+
+    node: str
+    rule: str
+    fused: str
+    replaced: tuple[str, ...]
+    bytes_saved: Cost
+    extra_flops: Cost
+    why: str
+
+
+@dataclass(frozen=True)
 class NodePlan:
     name: str
     op: str
@@ -186,6 +200,7 @@ class Plan:
     layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
+    fusions: tuple[FusionPlan, ...] = ()  # passes/fuse.py: each fusion and the bytes it saves
 
     def to_json(self) -> str:
         return json.dumps(_encode(self), indent=1, sort_keys=False) + "\n"

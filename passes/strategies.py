@@ -124,7 +124,7 @@ def _tensor_parallel(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, na
     _inputs(gm, B_, pins)
     replicated_kv: set[str] = set()  # layers whose kv heads are fewer than the devices: k, v replicated
     for node in gm.graph.nodes:
-        if info(node).op == "causal_attention":
+        if "num_kv_heads" in info(node).attrs:  # attention, fused or not
             heads, kv = info(node).attrs["num_heads"], info(node).attrs["num_kv_heads"]
             if heads % n or (kv % n and n % kv):
                 count, value = ("heads", heads) if heads % n else ("kv heads", kv)

@@ -57,7 +57,7 @@ def parse_forces(items: list[str] | tuple[str, ...] | None) -> tuple[tuple[str, 
 
 def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None = None, batch: int | None = None,
          seq: int | None = None, mode: str = "train", strategy: str | None = None,
-         force: list[str] | tuple[str, ...] | None = None) -> Plan:
+         force: list[str] | tuple[str, ...] | None = None, fuse: bool = True) -> Plan:
     """Plan ``spec_path`` for ``mesh`` (``"4"``, ``"2x2"``) with a strategy per axis (``"fsdp,tp"``)
     and hand pins (``["layers_*_q=S(2)"]``)."""
     path = resolve_spec_path(spec_path, "models")
@@ -65,7 +65,7 @@ def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None 
     parsed = Mesh.parse(mesh)
     result, _, _ = make_plan(spec, load_hardware(hardware), parsed, batch=batch, seq=seq, mode=mode,
                              spec_text=read_capped(path), strategies=parse_strategy(strategy, parsed),
-                             forces=parse_forces(force))
+                             forces=parse_forces(force), fuse=fuse)
     return result
 
 

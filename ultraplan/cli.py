@@ -18,7 +18,7 @@ from ultraplan.compiler.errors import SpecError, nearest
 from ultraplan.paths import resolve_spec_path
 
 # passes.pipeline.PIPELINE's names (tested)
-STAGES = ("shape_prop", "annotate_cost", "choose_sbp", "build_plan", "find_blocks")
+STAGES = ("shape_prop", "annotate_cost", "fuse", "choose_sbp", "build_plan", "find_blocks")
 INT64_MAX = 2**63 - 1
 
 
@@ -78,6 +78,8 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--force", action="append", default=None, metavar="NODE=SBP",
                    help="pin the SBP consumers of NODE see (a glob over node names; one SBP per axis, e.g. "
                         "'layers_*_attention_q=S(2)'); repeatable")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep every op as written (no fused ops: passes/fuse.py)")
     if modes:
         p.add_argument("--mode", choices=("train", "infer"), default="train")
     else:
@@ -117,7 +119,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ultraplan.passes.context import Mesh
 
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
-                      strategy=args.strategy, force=args.force)
+                      strategy=args.strategy, force=args.force, fuse=args.fuse)
     text = result.to_json()
     _say_defaults(args, result)
     if not result.fits:
@@ -145,7 +147,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
-                         mode=args.mode, strategy=args.strategy, force=args.force,
+                         mode=args.mode, strategy=args.strategy, force=args.force, fuse=args.fuse,
                          allow_oversubscribe=args.allow_oversubscribe)
     _say_defaults(args, result)
     if not result.fits:
@@ -204,7 +206,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     mesh = Mesh.parse(args.mesh)
     _, gm, reports = make_plan(spec, api.load_hardware(args.hardware), mesh, batch=args.batch, seq=args.seq,
                                mode=args.mode, stop_after=args.stage, strategies=api.parse_strategy(args.strategy, mesh),
-                               forces=api.parse_forces(args.force))
+                               forces=api.parse_forces(args.force), fuse=args.fuse)
     print(explain_graph(gm, reports))
     return 0
 

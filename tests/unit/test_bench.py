@@ -15,3 +15,12 @@ def test_plan_speed_bench_runs_on_a_tiny_spec(capsys):
     assert "machine:" in out and "s per plan" in out
     assert [r["strategy"] for r in results] == ["dp", "fsdp"]
     assert all(r["seconds"] > 0 and r["traced_peak_bytes"] > 0 and r["fits"] for r in results)
+
+
+def test_attention_bench_runs_tiny(capsys):
+    bench = runpy.run_path(str(ROOT / "bench" / "attention.py"))
+    out = bench["main"](["--batch", "1", "--seq", "16", "--heads", "2", "--kv-heads", "1", "--head-dim", "4",
+                         "--repeat", "1", "--device", "cpu"])
+    assert "speedup" in capsys.readouterr().out
+    # the fused attention does not keep the (B, H, T, T) probabilities (nor the causal mask)
+    assert out["causal_attention_saved"] - out["sdpa_attention_saved"] >= 1 * 2 * 16 * 16 * 4

@@ -118,7 +118,9 @@ def test_kv_heads_fewer_than_devices_are_replicated():
     head its query heads use (tested against eager on ranks in tests/dist/test_strategies.py)."""
     plan = api.plan(MODELS / "dense-deep-groups.yaml", "2", strategy="tp")
     mixed = plan.node("layers_1_attention_mixed")
-    assert mixed.sbp_in == ("S(2)", "B", "B") and mixed.call == "ops.attention_kv_shard"
+    assert mixed.sbp_in == ("S(2)", "B", "B") and mixed.call == "ops.sdpa_attention_kv_shard"  # fused (passes/fuse.py)
+    unfused = api.plan(MODELS / "dense-deep-groups.yaml", "2", strategy="tp", fuse=False)
+    assert unfused.node("layers_1_attention_mixed").call == "ops.attention_kv_shard"
     assert dict(mixed.local_attrs)["q_head_start"] == {"shard_start": [4, [0]]}
     params = {p.name: p.sbp for p in plan.params}
     assert params["layers.1.attention.wk"] == "B" and params["layers.1.attention.wq"] == "S(0)"

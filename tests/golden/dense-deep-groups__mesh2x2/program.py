@@ -8,7 +8,7 @@
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
 #     step time         18.169 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 176*lat0*(n0 - 1) + 176*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
-#     memory            2.25 MB per device
+#     memory            2.20 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -164,7 +164,7 @@ class WideBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
@@ -213,7 +213,7 @@ class NarrowBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 8) [S(0),S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
@@ -260,7 +260,7 @@ class WideBlock2(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn

@@ -8,7 +8,7 @@
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
 #     step time         7.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 62*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
-#     memory            1.21 MB per device
+#     memory            1.05 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -124,7 +124,7 @@ class GqaBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed_S0_B, attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
         attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         attention_wo_B_S1 = runtime.all_gather(self.attention.wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
         attention_out = ops.linear(attention_mixed, attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]

@@ -8,7 +8,7 @@
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     521.48 kB sent per device
 #     step time         10.735 ms = 2304*B*T*(T + 224)/(n0*peak) + 68*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
-#     memory            1.99 MB per device
+#     memory            1.83 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -112,7 +112,7 @@ class GqaBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 16) [S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=8, head_dim=8, theta=500000.0)  # (B/4, T, 64) [S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=2, head_dim=8, theta=500000.0)  # (B/4, T, 16) [S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 64) [S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 64) [S(0)]
         # ---- ffn

@@ -8,7 +8,7 @@
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     693.13 kB sent per device
 #     step time         7.389 ms = 1536*B*T*(T + 418)/(n0*peak) + 44*lat0*(n0 - 1) + 924168/bw0 - 924168/(bw0*n0)
-#     memory            2.68 MB per device
+#     memory            2.62 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -98,7 +98,7 @@ class DenseBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 64) [S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=16, theta=10000.0)  # (B/4, T, 64) [S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=16, theta=10000.0)  # (B/4, T, 64) [S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=16)  # (B/4, T, 64) [S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=16)  # (B/4, T, 64) [S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 64) [S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 64) [S(0)]
         # ---- ffn

@@ -8,7 +8,7 @@
 #     forward+backward  3.971e+07 FLOP in all
 #     communication     483.10 kB sent per device
 #     step time         9.341 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 90*lat0*(n0 - 1) + 90*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
-#     memory            1.55 MB per device
+#     memory            1.52 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -115,7 +115,7 @@ class DenseBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
@@ -174,7 +174,7 @@ class MoeBlock(torch.nn.Module):
         attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
         attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
         # ---- moe

@@ -1,0 +1,189 @@
+"""fuse: rewrite subgraphs into fused ops when the cost model says the bytes saved are worth it.
+
+A fusion is worth it when the memory traffic it removes (intermediates that no longer round-trip
+to memory) takes longer, at the hardware's memory bandwidth, than the work the fused op adds
+(a recomputation) takes at its peak FLOP rate:
+
+    bytes_saved / memory_bandwidth  >  extra_flops / peak_flops        (at the plan's B and T)
+
+The rules are data (``RULES``): a pattern of op kinds and how they connect, the op-table record
+that replaces them, and the cost-model functions of the matched nodes giving the bytes saved and
+the FLOPs added. The fused op is an ordinary op-table record, so annotate_cost's FLOP rule,
+choose_sbp's strategies and signature propagation, memory accounting and the emitter treat it as
+any other op, on local shards. Each decision is written into the fused node's record
+(``NodeInfo.fusion``) and, through build_plan, into the Plan (``Plan.fusions``), which ``explain``
+lists. ``ultraplan plan --no-fuse`` (``PlanContext.fuse = False``) turns the pass off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sympy
+from torch import fx
+
+from ..compiler.lower import tensor_args
+from ..compiler.node_info import KEY, NodeInfo, info
+from ..compiler.op_table import OP_TABLE
+from .context import PassReport, PlanContext
+from .cost import ZERO, op_cost
+from .plan import Cost, FusionPlan
+from .symbols import BYTES_PER_ELEMENT, evaluate
+
+# (records of the matched nodes, in pattern order; training?) -> bytes or FLOPs, sympy in B, T
+CostRule = Callable[[list[NodeInfo], bool], sympy.Expr]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of a pattern: its kind, and which of its tensor arguments is the previous step's
+    output (``via``; unused for the first step). Every step but the last must have one user."""
+
+    op: str
+    via: int = 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A fusion rule: ``pattern`` (a chain of steps) becomes one ``fused`` op, whose arguments are
+    the chain's tensor arguments from outside it, in order, and whose attributes are the steps'."""
+
+    name: str
+    pattern: tuple[Step, ...]
+    fused: str
+    bytes_saved: CostRule
+    extra_flops: CostRule
+    why: str
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One decision, kept in the fused node's record: the rule, the nodes it replaced, the bytes
+    it saves and the FLOPs it adds per step (sympy in B, T)."""
+
+    rule: str
+    fused: str
+    replaced: tuple[str, ...]
+    bytes_saved: sympy.Expr
+    extra_flops: sympy.Expr
+    why: str
+
+
+def _scores_elements(recs: list[NodeInfo]) -> sympy.Expr:
+    """B H T^2: one attention node's score matrix (global shape; shards divide it alike)."""
+    batch, seq = recs[0].shape[0], recs[0].shape[1]
+    return batch * recs[0].attrs["num_heads"] * seq * seq
+
+
+def _attention_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    """ops.causal_attention writes the scores (first matmul), reads and writes them in the scale,
+    the mask and the softmax, and reads the probabilities in the second matmul: 4 writes and 4 reads
+    of B H T^2 elements. Its backward does at least as much (the saved probabilities read back, the
+    softmax, mask and scale gradients); the fused kernel keeps all of it in tiles (FlashAttention,
+    Dao et al. 2022, sec. 3.1)."""
+    per_pass = 8 * _scores_elements(recs) * BYTES_PER_ELEMENT.get(recs[0].dtype, 4)
+    return per_pass * (2 if train else 1)
+
+
+def _attention_recompute(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    """The flash backward recomputes the scores q k^T (2 B H T^2 E FLOPs; Dao et al. 2022, alg. 4)."""
+    return 2 * _scores_elements(recs) * recs[0].attrs["head_dim"] if train else ZERO
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("attention->sdpa", (Step("causal_attention"),), "sdpa_attention",
+         _attention_bytes_saved, _attention_recompute,
+         "scaled_dot_product_attention (is_causal, enable_gqa): the T x T scores stay in tiles"),
+)
+
+
+def _match(node: fx.Node, rule: Rule) -> list[fx.Node] | None:
+    """The chain of nodes ``rule`` matches ending at ``node``, or None."""
+    chain = [node]
+    for i in range(len(rule.pattern) - 1, -1, -1):
+        step, current = rule.pattern[i], chain[0]
+        if current.op != "call_function" or info(current).op != step.op:
+            return None
+        if i == 0:
+            break
+        args = tensor_args(current)
+        if step.via >= len(args):
+            return None
+        previous = args[step.via]
+        if len(previous.users) != 1:
+            return None  # its value is needed elsewhere: it must be stored anyway
+        chain.insert(0, previous)
+    return chain
+
+
+def _worth(fusion: Fusion, ctx: PlanContext) -> tuple[bool, float, float]:
+    values = ctx.values()
+    saved = float(sympy.sympify(fusion.bytes_saved).subs(values)) / ctx.hardware.memory_bandwidth
+    added = float(sympy.sympify(fusion.extra_flops).subs(values)) / ctx.hardware.peak_flops["fp32"]
+    return saved > added, saved, added
+
+
+def _rewrite(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion: Fusion) -> None:
+    """The last node of ``chain`` becomes the fused op over the chain's outside arguments."""
+    last = chain[-1]
+    inside = set(chain)
+    outside = [a for n in chain for a in tensor_args(n) if a not in inside]
+    attrs: dict = {}
+    for n in chain:
+        attrs.update(info(n).attrs)
+    record = info(last)
+    fused = OP_TABLE[rule.fused]
+    if len(chain) > 1:
+        last.args, last.kwargs = (*outside,), attrs
+    last.target = fused.fn
+    record.op, record.attrs, record.fusion = rule.fused, attrs, fusion
+    record.cost = op_cost(rule.fused, [(info(a).shape, info(a).dtype) for a in outside],
+                          (record.shape, record.dtype), attrs)
+    for n in reversed(chain[:-1]):
+        gm.graph.erase_node(n)
+
+
+def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+    """Apply every rule wherever it matches and is worth it; record each decision."""
+    start = time.perf_counter()
+    decisions: list[str] = []
+    train = ctx.mode == "train"
+    if not getattr(ctx, "fuse", True):
+        return PassReport("fuse", time.perf_counter() - start, ["off (--no-fuse)"])
+    total = ZERO
+    for node in list(gm.graph.nodes):
+        for rule in RULES:
+            chain = _match(node, rule)
+            if chain is None:
+                continue
+            recs = [info(n) for n in chain]
+            fusion = Fusion(rule.name, rule.fused, tuple(n.name for n in chain),
+                            rule.bytes_saved(recs, train), rule.extra_flops(recs, train), rule.why)
+            ok, saved_s, added_s = _worth(fusion, ctx)
+            verdict = "fused" if ok else "kept"
+            decisions.append(f"{rule.name} at {node.name}: {verdict}, saves {fusion.bytes_saved} bytes "
+                             f"({saved_s:.3g} s of memory traffic), adds {fusion.extra_flops} FLOPs "
+                             f"({added_s:.3g} s)")
+            if ok:
+                _rewrite(gm, chain, rule, fusion)
+                total += fusion.bytes_saved
+            break
+    gm.graph.lint()
+    gm.recompile()
+    return PassReport("fuse", time.perf_counter() - start, decisions, {"bytes_saved": sympy.expand(total)})
+
+
+
+def fusion_plans(gm: fx.GraphModule, values: dict) -> tuple[FusionPlan, ...]:
+    """The fusions recorded in ``gm``'s node records, for the Plan (build_plan calls this)."""
+    out = []
+    for node in gm.graph.nodes:
+        f = info(node).fusion if KEY in node.meta else None
+        if f is None:
+            continue
+        saved, added = sympy.sympify(f.bytes_saved), sympy.sympify(f.extra_flops)
+        out.append(FusionPlan(node.name, f.rule, f.fused, f.replaced, Cost(str(saved), evaluate(saved, values)),
+                              Cost(str(added), evaluate(added, values)), f.why))
+    return tuple(out)

@@ -1,0 +1,122 @@
+"""The fusion pass (passes/fuse.py) and its fused ops: each fused op against the unfused ops it
+replaces (forward and backward, float64), its FLOP rule against torch's FlopCounterMode, its
+saved-activation rule against autograd's saved tensors, and the pass's decisions in the Plan,
+``--no-fuse`` and ``explain``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from ultraplan.compiler import ops
+from ultraplan.compiler.op_table import OP_TABLE
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.fuse import RULES
+from ultraplan.passes.pipeline import make_plan
+
+from tests.conftest import MODELS
+from ultraplan import api
+from ultraplan.cli import main
+
+
+def _qkv(b: int, t: int, heads: int, kv: int, e: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(heads * 100 + kv * 10 + t)
+    return tuple(torch.randn(b, t, n * e, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for n in (heads, kv, kv))
+
+
+@pytest.mark.parametrize(("b", "t", "heads", "kv", "e"), [(2, 7, 4, 4, 8), (1, 5, 6, 2, 3), (3, 1, 4, 1, 5),
+                                                          (2, 9, 3, 1, 2)])
+def test_sdpa_attention_equals_masked_softmax(b, t, heads, kv, e):
+    q, k, v = _qkv(b, t, heads, kv, e)
+    want = ops.causal_attention(q, k, v, heads, kv, e)
+    got = ops.sdpa_attention(q, k, v, heads, kv, e)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    for g_want, g_got in zip(torch.autograd.grad(want, (q, k, v), grad), torch.autograd.grad(got, (q, k, v), grad)):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-10, atol=1e-10)
+
+
+def test_sdpa_kv_shard_equals_the_whole():
+    q, k, v = (x.detach() for x in _qkv(2, 5, 8, 2, 3))
+    whole = ops.causal_attention(q, k, v, 8, 2, 3)
+    for shards in (2, 4, 8):
+        width = 8 // shards * 3
+        parts = [ops.sdpa_attention_kv_shard(q[..., i * width:(i + 1) * width], k, v, 8 // shards, 8, 2, 3,
+                                             i * 8 // shards) for i in range(shards)]
+        torch.testing.assert_close(torch.cat(parts, dim=-1), whole, rtol=1e-12, atol=1e-12)
+
+
+def test_sdpa_flop_rule_is_what_torch_counts():
+    """torch's CPU flash kernel has no FlopCounterMode formula; its math backend (the same
+    products) is counted, and the record's rule must equal it, as the masked softmax's does."""
+    b, t, heads, kv, e = 2, 6, 4, 2, 8
+    q, k, v = (x.float() for x in _qkv(b, t, heads, kv, e))
+    attrs = {"num_heads": heads, "num_kv_heads": kv, "head_dim": e}
+    shapes = [tuple(x.shape) for x in (q, k, v)]
+    rule = OP_TABLE["sdpa_attention"].flops(shapes, (b, t, heads * e), attrs)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fused:
+        ops.sdpa_attention(q, k, v, heads, kv, e)
+    with FlopCounterMode(display=False) as unfused:
+        ops.causal_attention(q, k, v, heads, kv, e)
+    assert rule == fused.get_total_flops() == unfused.get_total_flops()
+
+
+def test_sdpa_saves_what_its_memory_rule_says():
+    """passes/memory.py: q, k, v, the output and a float logsumexp per (batch, head, position)."""
+    b, t, heads, kv, e = 2, 16, 4, 2, 8
+    q, k, v = (x.detach().float().requires_grad_() for x in _qkv(b, t, heads, kv, e))
+    storages: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = ops.sdpa_attention(q, k, v, heads, kv, e)
+    predicted = (q.numel() + k.numel() + v.numel() + out.numel() + b * heads * t) * 4
+    assert sum(storages.values()) == predicted
+
+
+def test_plan_records_each_fusion_and_no_fuse_turns_it_off():
+    fused = api.plan(MODELS / "dense-gqa-tied.yaml", "2", strategy="tp")
+    plain = api.plan(MODELS / "dense-gqa-tied.yaml", "2", strategy="tp", fuse=False)
+    attention = [n.name for n in plain.nodes if n.op == "causal_attention"]
+    assert attention and [f.node for f in fused.fusions] == attention and not plain.fusions
+    assert all(fused.node(name).op == "sdpa_attention" for name in attention)
+    heads = dict(fused.node(attention[0]).attrs)["num_heads"]
+    assert fused.fusions[0].bytes_saved.value == 2 * 8 * fused.batch * heads * fused.seq ** 2 * 4
+    # FLOPs are counted as before; the T x T probabilities are no longer saved for the backward
+    assert fused.total("forward_flops").value == plain.total("forward_flops").value
+    probs = fused.batch * (heads // 2) * fused.seq ** 2 * 4 * len(attention)  # per device, heads split in 2
+    saved = plain.total("memory_activations").value - fused.total("memory_activations").value
+    assert saved >= probs
+
+
+def test_fusion_is_declined_when_memory_is_fast_enough():
+    """The decision is the cost model's: with memory traffic free, the backward's recomputation
+    of the scores is not worth it and every attention stays as written."""
+    spec = api.load("dense-tiny")
+    hw = dataclasses.replace(api.load_hardware("cpu"), memory_bandwidth=1e30)
+    plan, _, reports = make_plan(spec, hw, Mesh((1,)))
+    assert not plan.fusions and any(n.op == "causal_attention" for n in plan.nodes)
+    assert any("kept" in d for r in reports if r.name == "fuse" for d in r.decisions)
+    infer, _, _ = make_plan(spec, hw, Mesh((1,)), mode="infer")  # no backward, nothing recomputed
+    assert len(infer.fusions) == spec.num_layers
+
+
+def test_rules_are_op_table_records():
+    for rule in RULES:
+        assert rule.fused in OP_TABLE and all(step.op in OP_TABLE for step in rule.pattern)
+
+
+def test_cli_explain_lists_fusions_and_no_fuse(capsys):
+    assert main(["explain", "dense-tiny", "--stage", "fuse"]) == 0
+    out = capsys.readouterr().out
+    assert "attention->sdpa at layers_0_attention_mixed: fused, saves" in out and "ops_sdpa_attention" in out
+    assert main(["explain", "dense-tiny", "--stage", "fuse", "--no-fuse"]) == 0
+    out = capsys.readouterr().out
+    assert "off (--no-fuse)" in out and "sdpa_attention" not in out
