@@ -12,7 +12,6 @@ import platform
 import time
 
 import torch
-
 from ultraplan.compiler import ops
 
 
