@@ -27,6 +27,7 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import KEY, NodeInfo, info
 from ..compiler.op_table import OP_TABLE
+from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .cost import ZERO, op_cost
 from .plan import Cost, FusionPlan
@@ -43,6 +44,7 @@ class Step:
 
     op: str
     via: int = 0
+    attrs: tuple[tuple[str, object], ...] = ()  # attribute values the node must have
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Rule:
     bytes_saved: CostRule
     extra_flops: CostRule
     why: str
+    keep: tuple[str, ...] | None = None  # the attributes the fused op takes (None: all the steps')
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,27 @@ def _attention_recompute(recs: list[NodeInfo], train: bool) -> sympy.Expr:
     return 2 * _scores_elements(recs) * recs[0].attrs["head_dim"] if train else ZERO
 
 
+def _gate_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    """silu(gate) * up as two ops writes silu(gate) and reads it back; fused, it stays in registers.
+    In training the backward likewise no longer writes and reads the gradient of silu(gate)."""
+    per_pass = 2 * numel(recs[-1].shape) * BYTES_PER_ELEMENT.get(recs[-1].dtype, 4)
+    return per_pass * (2 if train else 1)
+
+
+def _nothing(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    return ZERO
+
+
 RULES: tuple[Rule, ...] = (
     Rule("attention->sdpa", (Step("causal_attention"),), "sdpa_attention",
          _attention_bytes_saved, _attention_recompute,
          "scaled_dot_product_attention (is_causal, enable_gqa): the T x T scores stay in tiles"),
+    # up * silu(gate) written as an activation and a product (Memory+'s gated memory output, PEER's
+    # silu experts) is SwiGLU (Shazeer 2020): the swiglu op, gate first
+    Rule("silu*mul->swiglu", (Step("activation", attrs=(("kind", "silu"),)), Step("mul", via=1)), "swiglu",
+         _gate_bytes_saved, _nothing, "silu(gate) * up in one op: silu(gate) is not written", keep=()),
+    Rule("silu*mul->swiglu", (Step("activation", attrs=(("kind", "silu"),)), Step("mul", via=0)), "swiglu",
+         _gate_bytes_saved, _nothing, "silu(gate) * up in one op: silu(gate) is not written", keep=()),
 )
 
 
@@ -105,6 +125,8 @@ def _match(node: fx.Node, rule: Rule) -> list[fx.Node] | None:
     for i in range(len(rule.pattern) - 1, -1, -1):
         step, current = rule.pattern[i], chain[0]
         if current.op != "call_function" or info(current).op != step.op:
+            return None
+        if any(info(current).attrs.get(k) != v for k, v in step.attrs):
             return None
         if i == 0:
             break
@@ -133,6 +155,8 @@ def _rewrite(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion: Fusio
     attrs: dict = {}
     for n in chain:
         attrs.update(info(n).attrs)
+    if rule.keep is not None:
+        attrs = {k: v for k, v in attrs.items() if k in rule.keep}
     record = info(last)
     fused = OP_TABLE[rule.fused]
     if len(chain) > 1:

@@ -120,3 +120,32 @@ def test_cli_explain_lists_fusions_and_no_fuse(capsys):
     assert main(["explain", "dense-tiny", "--stage", "fuse", "--no-fuse"]) == 0
     out = capsys.readouterr().out
     assert "off (--no-fuse)" in out and "sdpa_attention" not in out
+
+
+@pytest.mark.parametrize("via", [0, 1])
+def test_swiglu_equals_silu_then_mul(via):
+    gen = torch.Generator().manual_seed(via)
+    gate, up = (torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    act = ops.activation(gate, "silu")
+    want = ops.mul(act, up) if via == 0 else ops.mul(up, act)
+    got = ops.swiglu(gate, up)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(want, (gate, up), grad), torch.autograd.grad(got, (gate, up), grad)):
+        torch.testing.assert_close(b, a, rtol=1e-14, atol=1e-14)
+
+
+def test_silu_gate_times_output_becomes_swiglu():
+    """Memory+'s gated output, mul(out, silu(linear(h))), is one swiglu(gate, out) node."""
+    fused = api.plan(MODELS / "memory-plus-tiny.yaml", "1")
+    plain = api.plan(MODELS / "memory-plus-tiny.yaml", "1", fuse=False)
+    gated = [f for f in fused.fusions if f.rule == "silu*mul->swiglu"]
+    assert gated and all(len(f.replaced) == 2 for f in gated)
+    for f in gated:
+        act, mul = (plain.node(n) for n in f.replaced)
+        assert act.op == "activation" and dict(act.attrs)["kind"] == "silu" and mul.op == "mul"
+        node = fused.node(f.node)
+        outside = [a for a in mul.args if a != act.name]
+        assert node.op == "swiglu" and node.args == (act.args[0], *outside) and not node.attrs
+        assert f.bytes_saved.value == 2 * 2 * fused.batch * fused.seq * int(node.shape[-1]) * 4
+    assert {n.name for n in plain.nodes} - {n.name for n in fused.nodes} == {f.replaced[0] for f in gated}
