@@ -221,6 +221,11 @@ def _gather_rows_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch]
     return ((0, Touch(numel(ins[1][2:]), int(rows), int(row_elems))),)  # ids are (B, T, ...)
 
 
+def _bag_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    """gather_weighted_sum reads the ids, the weights and every row it picks (one per id)."""
+    return _bytes(ins[1], dtypes[1]) + _bytes(ins[2], dtypes[2]) + numel(ins[1]) * ins[0][1] * BYTES[dtypes[0]]
+
+
 def _expert_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch], ...]:
     experts, hidden, dim = (int(s) for s in ins[3])
     touch = Touch(sympy.Integer(int(ins[1][-1])), experts, hidden * dim)
@@ -386,6 +391,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("sdpa_attention", lambda s, a: (*s[0][:-1], sympy.Integer(a["num_heads"] * a["head_dim"])),
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
          variants=(KV_REPLICATED_SDPA,), colour="#f4cccc"),
+    _def("gather_weighted_sum", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd", colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),

@@ -259,6 +259,19 @@ def weighted_sum(rows_BTHKD: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.
     return torch.einsum("bthkd,bthk->btd", rows_BTHKD, weights_BTHK)
 
 
+def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
+    """``weighted_sum(gather_rows(table, indices), weights)`` without the (B, T, H, K, D) gathered
+    rows: torch's ``embedding_bag`` (mode="sum", per_sample_weights) sums each token's H*K weighted
+    rows as it reads them, and its backward scatter-adds the weighted output gradient into the rows
+    and dots it with them for the weights' gradient. The fusion pass (passes/fuse.py) puts it in
+    place of the two ops; Meta's memory layers use the same op (Berges et al. 2024, sec. 3.2)."""
+    b, t = indices_BTHK.shape[:2]
+    per_token = indices_BTHK.shape[2:].numel()
+    out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,
+                          per_sample_weights=weights_BTHK.reshape(b * t, per_token), mode="sum")
+    return out.view(b, t, table_RD.shape[1])
+
+
 def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
     """Each token's dot product with each of its selected rows -> (B, T, H, K)."""
     return torch.einsum("btd,bthkd->bthk", x_BTD, rows_BTHKD)

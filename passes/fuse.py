@@ -102,6 +102,14 @@ def _gate_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
     return per_pass * (2 if train else 1)
 
 
+def _rows_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    """gather_rows writes the (B, T, H, K, D) rows and weighted_sum reads them back; in training the
+    backward writes their gradient and the scatter-add reads it. Fused, each row is read once from
+    the table and summed as it arrives (as EmbeddingBag does)."""
+    per_pass = 2 * numel(recs[0].shape) * BYTES_PER_ELEMENT.get(recs[0].dtype, 4)
+    return per_pass * (2 if train else 1)
+
+
 def _nothing(recs: list[NodeInfo], train: bool) -> sympy.Expr:
     return ZERO
 
@@ -110,6 +118,8 @@ RULES: tuple[Rule, ...] = (
     Rule("attention->sdpa", (Step("causal_attention"),), "sdpa_attention",
          _attention_bytes_saved, _attention_recompute,
          "scaled_dot_product_attention (is_causal, enable_gqa): the T x T scores stay in tiles"),
+    Rule("gather+weighted_sum", (Step("gather_rows"), Step("weighted_sum", via=0)), "gather_weighted_sum",
+         _rows_bytes_saved, _nothing, "embedding_bag: the gathered value rows are never stored", keep=()),
     # up * silu(gate) written as an activation and a product (Memory+'s gated memory output, PEER's
     # silu experts) is SwiGLU (Shazeer 2020): the swiglu op, gate first
     Rule("silu*mul->swiglu", (Step("activation", attrs=(("kind", "silu"),)), Step("mul", via=1)), "swiglu",

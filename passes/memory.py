@@ -103,6 +103,9 @@ def _expert_ffn(out, ins, node, local_out):
 # scaled_dot_product_attention (CPU flash kernel, torch 2.x) keeps q, k, v, its output and one
 # float logsumexp per (batch, head, position), never the (B, H, T, T) probabilities
 SAVES["sdpa_attention"] = Saves((0, 1, 2), output=True, internal=lambda o, i, n, s: o / _attr(n, "head_dim"))
+# embedding_bag (mode="sum", per_sample_weights) keeps the ids, the weights and three int64 arrays
+# of one entry per token (offsets, bag sizes), never the (B, T, H, K, D) gathered rows
+SAVES["gather_weighted_sum"] = Saves((1, 2), internal=lambda o, i, n, s: 3 * 8 * numel(s[:-1]))
 SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
 
 
