@@ -49,3 +49,15 @@ def test_kernel_equals_gather_then_sum(kernels, b, t, h, k, rows, d):
     grad = torch.randn(want.shape, generator=gen)
     for a, g in zip(torch.autograd.grad(want, (table, weights), grad), torch.autograd.grad(got, (table, weights), grad)):
         torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
+    """bench/kernels.py's CPU path (the GPU sizes need a device) runs every path, so it cannot rot."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "bench" / "kernels.py"))
+    results = bench["main"](["--rows", "37", "--dim", "6", "--topk", "3", "--tokens", "5", "--repeat", "1",
+                             "--device", "cpu"])
+    assert [r["path"] for r in results] == ["unfused", "embedding_bag", "triton"]
+    assert all(r["forward_s"] > 0 and r["forward_fraction"] > 0 for r in results)
+    assert "triton vs unfused" in capsys.readouterr().out
