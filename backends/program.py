@@ -16,6 +16,7 @@ from pathlib import Path
 from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
 from . import runtime
+from .emit_kernels import kernels_source
 from .emit_model import model_lines
 from .emit_ops import attr_path
 from .text import comment, literal
@@ -124,6 +125,8 @@ MAIN = '''def parse_args(argv):
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float64 separates plan errors from fp32 rounding when checking against eager")
+    parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                        help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
     return parser.parse_args(argv)
 
 
@@ -135,6 +138,10 @@ def value_lr_factor(step):
 
 def main(argv=None):
     args = parse_args(argv)
+    if (args.kernels or ("triton" if torch.cuda.is_available() else "torch")) == "triton":
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
+            import kernels
+            ops.KERNELS.update(kernels.KERNELS)
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
@@ -195,7 +202,8 @@ def emit_program(plan: Plan) -> str:
     params_table.append("]")
     parts = [
         _header(plan),
-        ["", "import argparse", "", "import torch", "", "import ops", "import runtime", "import seeded", ""],
+        ["", "import argparse", "import os", "", "import torch", "", "import ops", "import runtime",
+         "import seeded", ""],
         _constants(plan), params_table, ["", ""], model_lines(plan), ["", ""], _sync_gradients(plan), ["", ""],
         _loss_value(plan), ["", ""], [MAIN],
     ]
@@ -210,6 +218,12 @@ def write_program(plan: Plan, out_dir: Path) -> list[Path]:
         path = out_dir / filename
         path.write_text(inspect.getsource(module))
         written.append(path)
+    kernels = out_dir / "kernels.py"
+    kernels.unlink(missing_ok=True)
+    source = kernels_source(plan)
+    if source is not None:
+        kernels.write_text(source)
+        written.append(kernels)
     path = out_dir / "program.py"
     path.write_text(emit_program(plan))
     return [path, *written]

@@ -259,12 +259,20 @@ def weighted_sum(rows_BTHKD: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.
     return torch.einsum("bthkd,bthk->btd", rows_BTHKD, weights_BTHK)
 
 
+# Generated kernels of fused ops by op name: an emitted program run with ``--kernels triton`` fills
+# this from its kernels.py; left empty (the eager reference, ``--kernels torch``) the torch code runs.
+KERNELS: dict = {}
+
+
 def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
     """``weighted_sum(gather_rows(table, indices), weights)`` without the (B, T, H, K, D) gathered
     rows: torch's ``embedding_bag`` (mode="sum", per_sample_weights) sums each token's H*K weighted
     rows as it reads them, and its backward scatter-adds the weighted output gradient into the rows
     and dots it with them for the weights' gradient. The fusion pass (passes/fuse.py) puts it in
     place of the two ops; Meta's memory layers use the same op (Berges et al. 2024, sec. 3.2)."""
+    kernel = KERNELS.get("gather_weighted_sum")
+    if kernel is not None:
+        return kernel(table_RD, indices_BTHK, weights_BTHK)
     b, t = indices_BTHK.shape[:2]
     per_token = indices_BTHK.shape[2:].numel()
     out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,

@@ -16,7 +16,7 @@ from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
-                   "warnings", "sys"}
+                   "warnings", "sys", "kernels"}  # kernels: the generated kernels.py beside it
 
 
 def imported_modules(source: str) -> set[str]:

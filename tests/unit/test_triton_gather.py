@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: its stdlib jit functions read it
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/unit/conftest.py does it first)
 
 import pytest
 import torch
@@ -61,3 +61,32 @@ def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
     assert [r["path"] for r in results] == ["unfused", "embedding_bag", "triton"]
     assert all(r["forward_s"] > 0 and r["forward_fraction"] > 0 for r in results)
     assert "triton vs unfused" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, monkeypatch):
+    """pkm-tiny on 2 ranks (tp) with `--kernels triton` under the interpreter: kernels.py is written
+    beside the program, and a training step through it equals the eager reference; the same step
+    with a broken forward kernel does not (so the kernels are what ran)."""
+    import subprocess
+
+    from ultraplan import api, runner
+
+    api.compile("pkm-tiny", "2", tmp_path, strategy="tp")
+    assert "KERNELS = {'gather_weighted_sum'" in (tmp_path / "kernels.py").read_text()
+    real_run = subprocess.run
+    commands = []
+
+    def with_triton(cmd, **kw):
+        commands.append([*cmd, "--kernels", "triton"])
+        return real_run(commands[-1], **kw)
+
+    monkeypatch.setattr(runner.subprocess, "run", with_triton)
+    report = runner.run(tmp_path, nproc=None, steps=1, seed=None, check=True, quiet=True)
+    assert commands and report["ok"], report
+    source = (tmp_path / "kernels.py").read_text()
+    broken = source.replace("acc += tl.sum(vals.to(tl.float32) * w[:, None], axis=0)",
+                            "acc += 2 * tl.sum(vals.to(tl.float32) * w[:, None], axis=0)")
+    assert broken != source
+    (tmp_path / "kernels.py").write_text(broken)
+    assert not runner.run(tmp_path, nproc=None, steps=1, seed=None, check=True, quiet=True)["ok"]

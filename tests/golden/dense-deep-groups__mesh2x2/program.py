@@ -14,6 +14,7 @@
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
 
 import argparse
+import os
 
 import torch
 
@@ -685,6 +686,8 @@ def parse_args(argv):
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="float64 separates plan errors from fp32 rounding when checking against eager")
+    parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                        help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
     return parser.parse_args(argv)
 
 
@@ -696,6 +699,10 @@ def value_lr_factor(step):
 
 def main(argv=None):
     args = parse_args(argv)
+    if (args.kernels or ("triton" if torch.cuda.is_available() else "torch")) == "triton":
+        if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
+            import kernels
+            ops.KERNELS.update(kernels.KERNELS)
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
