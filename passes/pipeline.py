@@ -10,6 +10,7 @@ Order and why:
 3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
                      signatures over the op table, inserts boxing nodes.
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
+5. ``record_search`` under ``--strategy auto``: adds the search's optimum to the plan's totals.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .build_plan import build_plan
 from .choose_sbp import choose_sbp
 from .context import Mesh, PassReport, PlanContext, PlanError
 from .plan import Plan
+from .search import record_search
 from .shape_prop import shape_prop
 from .size_ffn import size_ffn
 
@@ -45,6 +47,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("annotate_cost", annotate_cost),
     ("choose_sbp", choose_sbp),
     ("build_plan", build_plan),
+    ("record_search", record_search),
 ]
 
 
