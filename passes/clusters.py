@@ -32,7 +32,7 @@ def _describe(node: fx.Node, index: dict[fx.Node, int], prefix: str, extra: Call
     rec = info(node)
     param = rec.param
     param_key = (param.name.removeprefix(prefix), param.shape, param.group) if param is not None else None
-    args = tuple(("in", index[a]) if a in index else ("out", info(a).op, info(a).concrete_shape)
+    args = tuple(("in", index[a]) if a in index else ("out", info(a).concrete_shape, info(a).dtype)
                  for a in tensor_args(node))
     return (rec.op, repr(sorted(rec.attrs.items())), rec.concrete_shape, rec.dtype, param_key,
             repr(rec.buffer), rec.stream, rec.differentiable, rec.component, args, extra(node))

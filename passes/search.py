@@ -47,6 +47,7 @@ class Search:
     memory: float
     seconds: float
     blocks: dict[str, int]
+    fits: bool = True
 
 
 def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
@@ -112,10 +113,12 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
             continue
         uses = [(u, i) for u in v.users if u.op != "output" for i, a in enumerate(tensor_args(u)) if a is v]
         key = (cls[v], tuple(sorted((cls[u], i) for u, i in uses)))
-        keys.setdefault(key, [v, uses, 0])[2] += 1
+        entry = keys.setdefault(key, [v, uses, 0, False])
+        entry[2] += 1
+        entry[3] |= any(block_of(u) != block_of(v) and (block_of(u) or block_of(v)) for u, _ in uses)
     out = []
     lid = layouts.__getitem__
-    for (producer, _), (v, uses, count) in keys.items():
+    for (producer, _), (v, uses, count, boundary) in keys.items():
         rec = info(v)
         state = rec.op in ("param", "buffer")
         found = []
@@ -144,23 +147,33 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
         boxes = {(o, w): costing.box_time(outs[o], nds[w], v) for o in outs for w in wanted}
         saved = {w: costing.local_bytes(v, nds[w]) for use in found if use.keeps for w in use.takes}
         out.append(Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
-                          {k: b[1] for k, b in boxes.items() if b}, saved, state))
+                          {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary))
     return out
+
+
+def boundary_bound(problem: Problem) -> float:
+    """What tying identical layers can lose at most, in modelled seconds (docs/search.md): every
+    value read across a layer boundary paying, for each of its uses, its dearest boxing and dual."""
+    total = 0.0
+    for d in problem.demands:
+        if d.boundary:
+            dearest = max((m + d.dual.get(k, 0.0) for k, m in d.move.items() if m is not None), default=0.0)
+            total += d.count * sum(u.moves for u in d.uses) * dearest
+    return total
 
 
 def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
            *, cluster: bool = True) -> Search:
     start = time.perf_counter()
     problem, cands, cls, _ = build_problem(gm, ctx, named, forced, cluster=cluster)
+    fits = True
     try:
         solution = solve(problem)
-    except Infeasible:
-        replicated = _replicated_memory(problem, cands)
-        raise PlanError(f"auto: no plan of {ctx.spec.name} fits {problem.capacity / 2**30:.1f} GiB per device on "
-                        f"mesh {ctx.mesh} at batch {ctx.batch}, seq {ctx.seq} (even the parameters alone, "
-                        f"replicated, take {replicated / 2**30:.1f} GiB); use more devices or a smaller batch") from None
+    except Infeasible:  # nothing fits: plan the fastest anyway, which build_plan marks "fits": false
+        fits = False
+        solution = solve(dataclasses.replace(problem, capacity=float("inf")))
     return Search(problem, solution.choice, cands, cls, solution.time, solution.memory, time.perf_counter() - start,
-                  count_blocks(gm, cls))
+                  count_blocks(gm, cls), fits)
 
 
 def _replicated_memory(problem: Problem, cands: list[list[Cand]]) -> float:
@@ -285,6 +298,9 @@ def annotate(found: Search, gm: fx.GraphModule, ctx: PlanContext) -> list[str]:
            f"{len(problem.demands)} demands) for {len(found.group_of)} nodes, solved exactly by HiGHS in "
            f"{found.seconds:.3f} s: modelled step {found.objective:.6g} s, {found.memory / 2**30:.2f} GiB of "
            f"{cap:.1f} GiB per device"]
+    if not found.fits:
+        out.append(f"auto: no plan fits {cap:.1f} GiB per device (this one needs {found.memory / 2**30:.1f} GiB); "
+                   "the fastest is planned: use more devices, a smaller batch or a shorter sequence")
     replicated = _replicated_memory(problem, found.cands)
     if replicated > problem.capacity:
         out.append(f"auto: parameters stored whole would take {replicated / 2**30:.1f} GiB per device (with their "

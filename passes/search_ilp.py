@@ -79,6 +79,7 @@ class Demand:
     dual: dict[tuple[int, int], float] = field(default_factory=dict)  # (o, w) -> seconds of the backward dual
     saved: dict[int, float] = field(default_factory=dict)  # w -> bytes per device autograd keeps
     state: bool = False  # a parameter or buffer: consumers take it as stored
+    boundary: bool = False  # read across a layer boundary (passes/clusters.py's bound sums these)
 
 
 @dataclass
