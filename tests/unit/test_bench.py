@@ -15,3 +15,13 @@ def test_plan_speed_bench_runs_on_a_tiny_spec(capsys):
     assert "machine:" in out and "s per plan" in out
     assert [r["strategy"] for r in results] == ["dp", "fsdp"]
     assert all(r["seconds"] > 0 and r["traced_peak_bytes"] > 0 and r["fits"] for r in results)
+
+
+def test_plan_scale_bench_runs_on_a_tiny_spec(capsys):
+    bench = runpy.run_path(str(ROOT / "bench" / "plan_scale.py"))
+    results = bench["main"](["--cases", "dense-tiny:2x2:h200-8", "--warmup", ""])
+    out = capsys.readouterr().out
+    assert "machine:" in out and "s per plan" in out and "layers.0 x2: axis 0" in out
+    (r,) = results
+    assert r["seconds"] > r["search_seconds"] > 0 and r["fits"] and r["traced_peak_bytes"] > 0
+    assert abs(r["objective"] - r["step_time"]) <= 1e-9 * r["step_time"]
