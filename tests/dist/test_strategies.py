@@ -2,7 +2,7 @@
 
 For every bundled tiny spec and each strategy that applies to it (dp is tests/dist/test_multirank.py's;
 here fsdp, tp, sp on every spec, ep on the MoE), on meshes 2 and 4, and on 2x2 for dp,tp, fsdp,tp,
-dp,ep and fsdp,sp: after several AdamW steps the losses and final parameters equal the eager
+dp,ep and fsdp,sp (and dense-tiny with auto, what the search chose): after several AdamW steps the losses and final parameters equal the eager
 single-process run in float64 to 1e-10 (every case) and in float32 (the 1-D meshes; the 2x2 ones
 only in float64, to keep CI short) to runner.TOLERANCES, whose comment says why; the bytes handed
 to each kind of collective and the calls equal the plan's one list of collectives, the calls equal
@@ -54,6 +54,8 @@ def strategies_for(spec: str, nproc: int) -> list[tuple[str, str]]:
         pairs += [("2x2", s) for s in ("dp,tp", "fsdp,tp", "fsdp,sp")]
         if spec.startswith("moe"):
             pairs.append(("2x2", "dp,ep"))
+        if spec == "dense-tiny":  # the search's choice (passes/search.py), built by the same backends
+            pairs.append(("2x2", "auto"))
     return pairs
 
 
