@@ -29,7 +29,7 @@ from .memory import SAVES
 from .plan import Cost
 from .sbp import Broadcast, NdSbp, PartialSum, Split, nd_str
 from .search_costs import Cand, Costing
-from .search_ilp import Demand, Group, Infeasible, Problem, Use, evaluate, solve
+from .search_ilp import Demand, Group, Infeasible, Problem, Use, evaluate, leanest, solve
 from .strategies import AxisPins
 
 KEY = "ultraplan.search"
@@ -169,9 +169,9 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
     fits = True
     try:
         solution = solve(problem)
-    except Infeasible:  # nothing fits: plan the fastest anyway, which build_plan marks "fits": false
+    except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false
         fits = False
-        solution = solve(dataclasses.replace(problem, capacity=float("inf")))
+        solution = leanest(problem)
     return Search(problem, solution.choice, cands, cls, solution.time, solution.memory, time.perf_counter() - start,
                   count_blocks(gm, cls), fits)
 
@@ -299,8 +299,8 @@ def annotate(found: Search, gm: fx.GraphModule, ctx: PlanContext) -> list[str]:
            f"{found.seconds:.3f} s: modelled step {found.objective:.6g} s, {found.memory / 2**30:.2f} GiB of "
            f"{cap:.1f} GiB per device"]
     if not found.fits:
-        out.append(f"auto: no plan fits {cap:.1f} GiB per device (this one needs {found.memory / 2**30:.1f} GiB); "
-                   "the fastest is planned: use more devices, a smaller batch or a shorter sequence")
+        out.append(f"auto: no plan fits {cap:.1f} GiB per device (the leanest needs {found.memory / 2**30:.1f} GiB); "
+                   "that one is planned: use more devices, a smaller batch or a shorter sequence")
     replicated = _replicated_memory(problem, found.cands)
     if replicated > problem.capacity:
         out.append(f"auto: parameters stored whole would take {replicated / 2**30:.1f} GiB per device (with their "

@@ -5,6 +5,9 @@ expressions of the cost model, collectives from ``sbp.boxings`` and their duals 
 ``build_plan.dual_of``, memory by ``memory.SAVES``), so that the search's objective is the plan's
 ``step_time`` and its memory row the plan's ``memory_per_device``:
 
+Collectives are timed as build_plan times them (messages * latency + wire bytes / bandwidth per
+axis link), in plain numbers here (``box_time``).
+
 - an input: per axis ``B`` or ``S(0)`` (the batch), unless pinned;
 - a parameter: per axis (stored, used) in ``(B, B)``, ``(S(d), S(d))`` (Megatron-like: its
   consumers take the shard) or ``(S(d), B)`` (ZeRO-3 / FSDP: gathered before use); time: the
@@ -27,13 +30,13 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
-from .build_plan import _needs_grad, collective_time, dual_of
-from .context import PlanContext, PlanError
+from .build_plan import _needs_grad
+from .context import PlanContext
 from .memory import SAVES
-from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split, boxings
+from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
 from .signatures import axis_signatures
 from .strategies import AxisPins
-from .symbols import BYTES_PER_ELEMENT, PEAK, evaluate
+from .symbols import BYTES_PER_ELEMENT, PEAK, axis_bandwidth, axis_latency, evaluate
 
 B_, P_ = Broadcast(), PartialSum()
 
@@ -70,21 +73,48 @@ class Costing:
         return evaluate(expr, self.values) if hasattr(expr, "free_symbols") else float(expr)
 
     def box_time(self, have: NdSbp, want: NdSbp, node: fx.Node) -> tuple[float, float] | None:
-        """(forward, backward dual) seconds of boxing ``node``'s value; None when not allowed."""
+        """(forward, backward dual) seconds of boxing ``node``'s value; None when not allowed.
+
+        ``sbp.boxings`` step by step in plain numbers (its sympy is the slow part of a search):
+        innermost axis first, each step sized by the layout the steps before it left; a dual moves
+        the bytes of its forward step the other way (all_gather <-> reduce_scatter of the same
+        tensor, all_reduce and all_to_all their own), so it takes the same time; local steps are
+        free both ways. tests/unit/test_search.py checks the sum against the plan's step_time."""
         if have == want:
             return (0.0, 0.0)
         rec = info(node)
         key = (have, want, rec.concrete_shape, rec.dtype)
         if key not in self.box_memo:
-            try:
-                steps = boxings(have, want, rec.concrete_shape, rec.dtype)
-            except PlanError:
-                self.box_memo[key] = None
-            else:
-                duals = [d for d in map(dual_of, steps) if d is not None]
-                self.box_memo[key] = (sum(self.num(collective_time(b)) for b in steps),
-                                      sum(self.num(collective_time(b)) for b in duals))
+            self.box_memo[key] = self._box_seconds(have, want, rec.concrete_shape, rec.dtype)
         return self.box_memo[key]
+
+    def _box_seconds(self, have: NdSbp, want: NdSbp, shape: tuple, dtype: str) -> tuple[float, float] | None:
+        layout, total = list(have), 0.0
+        elements = float(math.prod(shape or ()))
+        for axis in reversed(range(len(have))):
+            src, dst = layout[axis], want[axis]
+            if src == dst:
+                continue
+            for entry in (src, dst):  # a strided layout (sbp.boxings refuses it)
+                if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(have))):
+                    return None
+            n = self.mesh[axis]
+            nbytes = elements * BYTES_PER_ELEMENT[dtype]
+            for a, e in enumerate(layout):
+                if a != axis and isinstance(e, Split):
+                    nbytes /= self.mesh[a]
+            pair = (type(src), type(dst))
+            if pair == (Split, PartialSum):
+                return None
+            bw, lat = self._link(axis)
+            if pair == (PartialSum, Broadcast):
+                total += 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw
+            elif pair == (Split, Split):
+                total += (n - 1) * lat + (n - 1) / n**2 * nbytes / bw
+            elif pair in ((Split, Broadcast), (PartialSum, Split)):
+                total += (n - 1) * lat + (n - 1) / n * nbytes / bw
+            layout[axis] = dst
+        return total, total
 
     def local_bytes(self, node: fx.Node, nd: NdSbp) -> float:
         rec = info(node)
@@ -241,6 +271,4 @@ class Costing:
         return total
 
     def _link(self, axis: int) -> tuple[float, float]:
-        from .symbols import axis_bandwidth, axis_latency
-
         return self.values[axis_bandwidth(axis)], self.values[axis_latency(axis)]

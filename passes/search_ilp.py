@@ -36,6 +36,10 @@ order is passes/signatures.py's, axis by axis). HiGHS itself runs single-threade
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 
 import highspy
@@ -210,8 +214,28 @@ def _demand(lp: _Lp, d: Demand, producer: Group, x: list[list[int]], memory: dic
                     lp.row(0.0, inf, {paid[kind, o, w]: 1.0, e: -1.0})
 
 
+def _quiet_highs() -> highspy.Highs:
+    """A solver that prints nothing: HiGHS writes its banner to the process's stdout (file
+    descriptor 1, from C) when the first one is made, which would corrupt ``plan --json``."""
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    try:
+        h = highspy.Highs()
+        h.setOptionValue("output_flag", False)
+    finally:
+        try:
+            ctypes.CDLL(None).fflush(None)  # C's buffered stdout, before fd 1 is given back
+        except (OSError, AttributeError):
+            pass
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+    return h
+
+
 def _highs(lp: _Lp) -> highspy.Highs:
-    h = highspy.Highs()
+    h = _quiet_highs()
     for name, value in (("output_flag", False), ("threads", 1), ("random_seed", 0), ("mip_rel_gap", 1e-9),
                         ("mip_abs_gap", 1e-9), ("presolve", "on")):
         h.setOptionValue(name, value)
@@ -263,3 +287,24 @@ def solve(problem: Problem) -> Solution:
     choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
+
+
+def leanest(problem: Problem) -> Solution:
+    """When nothing fits: the assignment with the least memory per device, and among those the
+    fastest (so the plan shows how far from fitting the model is)."""
+    lp, x, _ = build(dataclasses.replace(problem, capacity=float("inf")))
+    memory_row = lp.rows.pop()[2]
+    h = _highs(lp)
+    n = len(lp.cost)
+    weights = np.zeros(n)
+    for c, m in memory_row.items():
+        weights[c] = m
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), weights)
+    values = _run(h)
+    least = float(sum(m * values[c] for c, m in memory_row.items()))
+    _rows(h, [(-highspy.kHighsInf, least * (1 + 1e-9) + 1e-9, memory_row)])
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
+    values = _run(h)
+    choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
+    time, memory, _ = evaluate(problem, choice)
+    return Solution(choice, time, memory, "leanest")

@@ -73,7 +73,8 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--batch", type=int, default=None, help="global batch B (default: the spec's train.batch_size)")
     p.add_argument("--seq", type=int, default=None, help="sequence length T (default: the spec's seq_len)")
     p.add_argument("--strategy", default=None,
-                   help="one per mesh axis, comma separated: dp, fsdp, tp, sp, ep (e.g. fsdp,tp); default dp")
+                   help="one per mesh axis, comma separated: dp, fsdp, tp, sp, ep or auto (the search: the "
+                        "cheapest signatures that fit; e.g. fsdp,tp, dp,auto or auto); default dp")
     p.add_argument("--force", action="append", default=None, metavar="NODE=SBP",
                    help="pin the SBP consumers of NODE see (a glob over node names; one SBP per axis, e.g. "
                         "'layers_*_attention_q=S(2)'); repeatable")
