@@ -4,7 +4,8 @@ seconds, peak memory, and the chosen strategy per block of identical layers.
     python bench/plan_scale.py                      # the cases below (a few minutes on 2 cores)
     python bench/plan_scale.py --cases dense-tiny:2:cpu     # one case: SPEC:MESH:HARDWARE[:BATCH[:SEQ]]
 
-Cases: a Llama-3-8B-shaped spec on 8x8 and on 64 devices, the constructed 120B UltraMemV2 spec on
+Cases: a Llama-3-8B-shaped spec on 8x8 (its batch 8 of 8192 tokens) and on 64 devices (batch 64 of 1024
+tokens: on 64 devices the 8-sequence batch cannot split, and no layout of it fits), the constructed 120B UltraMemV2 spec on
 128x8, and the UltraMemV2 paper's Table 10 models on 8, all on H200 nodes of 8 (h200-128x8.yaml).
 Peak memory: the process's peak resident set (``resource.getrusage``; torch included) and the peak of
 Python allocations while planning (``tracemalloc``, in a second plan so that it does not touch the
@@ -23,11 +24,11 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plan_speed import machine  # noqa: E402
+from plan_speed import machine
 
 TABLE10 = ("olmoe-227m-1.2b", "ultramem-227m-1.2b", "memory-plus-227m-1.2b", "ultramem-v2-227m-1.2b", "olmoe-1b-7b",
            "ultramem-v2-1b-7b")
-CASES = ("llama3-8b-shape:8x8:h200-128x8", "llama3-8b-shape:64:h200-128x8",
+CASES = ("llama3-8b-shape:8x8:h200-128x8", "llama3-8b-shape:64:h200-128x8:64:1024",
          "paper/ultramem-v2-2.5b-120b-top256:128x8:h200-128x8", *(f"paper/{s}:8:h200-8" for s in TABLE10))
 
 

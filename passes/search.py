@@ -301,9 +301,17 @@ def annotate(found: Search, gm: fx.GraphModule, ctx: PlanContext) -> list[str]:
     if not found.fits:
         out.append(f"auto: no plan fits {cap:.1f} GiB per device (the leanest needs {found.memory / 2**30:.1f} GiB); "
                    "that one is planned: use more devices, a smaller batch or a shorter sequence")
+    params = [g for g, options in enumerate(found.cands) if isinstance(options[0].axes[0], tuple)]
+    chosen = sum(problem.groups[g].count * problem.groups[g].memory[found.choice[g]] for g in params)
     replicated = _replicated_memory(problem, found.cands)
-    if replicated > problem.capacity:
+    whole = found.memory - chosen + replicated
+    if whole > problem.capacity:
         out.append(f"auto: parameters stored whole would take {replicated / 2**30:.1f} GiB per device (with their "
-                   f"gradients and AdamW moments) > {cap:.1f} GiB: they must be sharded to fit at all")
+                   f"gradients and AdamW moments), {whole / 2**30:.1f} GiB with this plan's activations > {cap:.1f} GiB: "
+                   "they must be sharded to fit at all")
+        for node, g in found.group_of.items():
+            if g in params and found.choice[g] != 0:
+                info(node).reason += (f"; sharded because, stored whole with every other parameter, the plan would "
+                                      f"need {whole / 2**30:.1f} GiB per device > {cap:.1f} GiB")
     out += [f"auto block {b} {text}" for b, text in block_summary(found, gm, len(ctx.mesh.shape)).items()]
     return out

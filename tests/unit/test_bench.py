@@ -19,7 +19,7 @@ def test_plan_speed_bench_runs_on_a_tiny_spec(capsys):
 
 def test_plan_scale_bench_runs_on_a_tiny_spec(capsys):
     bench = runpy.run_path(str(ROOT / "bench" / "plan_scale.py"))
-    results = bench["main"](["--cases", "dense-tiny:2x2:h200-8", "--warmup", ""])
+    results = bench["main"](["--cases", "dense-tiny:2:h200-8", "--warmup", ""])
     out = capsys.readouterr().out
     assert "machine:" in out and "s per plan" in out and "layers.0 x2: axis 0" in out
     (r,) = results

@@ -120,7 +120,7 @@ def test_the_search_models_the_plan_it_makes(mesh, mode, spec):
 
 def test_clustering_loses_at_most_its_bound():
     text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
-    gm, ctx = annotated(text, mesh="2x2", hardware="h200-8")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8")
     whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
     tied, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=True)
     assert len(tied.groups) < len(whole.groups) / 2
@@ -153,12 +153,12 @@ def test_a_large_model_on_eight_devices_needs_sharded_parameters():
                                   Mesh.parse("8"), batch=8, seq=1024, strategies=("auto",))
     dp = api.plan(MODELS / "llama3-8b-shape.yaml", "8", hardware="h200-8", batch=8, seq=1024, strategy="dp")
     assert not dp.fits and plan.fits
-    matrices = [p for p in plan.params if p.name.startswith("layers.") and len(p.shape) == 2]
-    assert len(matrices) == 32 * 7 and all(p.sbp != "B" for p in matrices)
+    split = sum(math.prod(p.shape) for p in plan.params if p.sbp != "B")
+    assert split > 0.5 * sum(math.prod(p.shape) for p in plan.params)
     decisions = next(r for r in reports if r.name == "choose_sbp").decisions
     assert any("must be sharded to fit at all" in d for d in decisions)
-    wq = next(n for n in gm.graph.nodes if n.name == "layers_0_attention_wq")
-    assert info(wq).reason.startswith("auto: stored [S(") and "GiB per device >" in info(wq).reason
+    w_up = next(n for n in gm.graph.nodes if n.name == "layers_0_ffn_w_up")
+    assert info(w_up).reason.startswith("auto: stored [S(") and "GiB per device >" in info(w_up).reason
 
 
 def test_force_works_under_auto():
