@@ -1,7 +1,8 @@
-"""Every strategy's program on 2 and 4 gloo ranks (1-D and 2x2 meshes) equals the eager reference. For
-every bundled tiny spec and each strategy that applies to it (dp is tests/dist/test_multirank.py's; here
-fsdp, tp, sp on every spec, ep on the MoE), on meshes 2 and 4, and on 2x2 for dp,tp, fsdp,tp, dp,ep and
-fsdp,sp (and dense-tiny with auto, what the search chose): after several AdamW steps the losses and
+"""Every strategy's program on 2 and 4 gloo ranks (1-D and 2x2 meshes) equals the eager reference.
+
+For every bundled tiny spec and each strategy that applies to it (dp is tests/dist/test_multirank.py's;
+here fsdp, tp, sp on every spec, ep on the MoE), on meshes 2 and 4, and on 2x2 for dp,tp, fsdp,tp, dp,ep
+and fsdp,sp (and dense-tiny with auto, what the search chose): after several AdamW steps the losses and
 final parameters equal the eager single-process run in float64 to 1e-10 (every case) and in float32 (the
 1-D meshes; the 2x2 ones only in float64, to keep CI short) to runner.TOLERANCES, whose comment says
 why; the bytes handed to each kind of collective and the calls equal the plan's one list of collectives,
