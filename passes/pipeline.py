@@ -10,7 +10,8 @@ Order and why:
 3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
                      signatures over the op table, inserts boxing nodes.
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
-5. ``record_search`` under ``--strategy auto``: adds the search's optimum to the plan's totals.
+Under ``--strategy auto`` make_plan then records the search's optimum in the plan's totals
+(``search.record_search``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("annotate_cost", annotate_cost),
     ("choose_sbp", choose_sbp),
     ("build_plan", build_plan),
-    ("record_search", record_search),
 ]
 
 
@@ -138,4 +138,6 @@ def make_plan(
     gm = lower_spec(spec, mode)
     check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
+    if "ultraplan.search" in gm.meta and "ultraplan.plan" in gm.meta:
+        reports.append(record_search(gm, ctx))
     return gm.meta.get("ultraplan.plan"), gm, reports

@@ -9,8 +9,8 @@ answer becomes per-axis pins (``AxisPins``: inputs' layout, each parameter store
 each op's signature in ``signatures``), so the plan is made by the same propagation and boxing
 insertion as a named strategy's, and the backends see nothing new. Each decision gets a reason:
 its time per step, the next best candidate and what it would cost, and the cheaper ones that do
-not fit the device memory. ``record_search`` (a pass after build_plan) writes the optimum into
-the plan's totals as ``search_objective``.
+not fit the device memory. ``record_search`` (run by make_plan after build_plan) writes the optimum
+into the plan's totals as ``search_objective``.
 """
 
 from __future__ import annotations
