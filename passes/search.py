@@ -128,7 +128,7 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
             for k, c in enumerate(cands[g]):
                 takes.setdefault(lid(c.ins[i]), []).append(k)
             grad = train and rec.differentiable and OP_TABLE[info(u).op].differentiable and costing.needs_grad[u]
-            keeps = train and not state and costing._saves(u, v) and i in SAVES[info(u).op].inputs
+            keeps = train and not state and costing.saves(u, v) and i in SAVES[info(u).op].inputs
             found.append(Use(g, takes, bool(grad), bool(keeps)))
         rule = SAVES.get(rec.op)
         if train and rule is not None and rule.output and any(info(a).differentiable for a in tensor_args(v)):

@@ -171,7 +171,7 @@ class Costing:
                 dims = [Split(d) for d, size in enumerate(shape) if size % n == 0] if n > 1 else []
                 gathered = [] if rec.param.name in self.sources else [(s, B_) for s in dims]
                 options.append([(B_, B_), *[(s, s) for s in dims], *gathered])
-        saved = self.train and any(self._saves(user, node) for user in node.users)
+        saved = self.train and any(self.saves(user, node) for user in node.users)
         out = []
         for axes in itertools.product(*options):
             rest, used = tuple(a[0] for a in axes), tuple(a[1] for a in axes)
@@ -191,7 +191,7 @@ class Costing:
             out.append(Cand(axes, (), used, used, time, memory))
         return out
 
-    def _saves(self, user: fx.Node, value: fx.Node) -> bool:
+    def saves(self, user: fx.Node, value: fx.Node) -> bool:
         """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""
         if user.op != "call_function" or info(user).op not in SAVES:
             return False

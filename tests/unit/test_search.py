@@ -133,19 +133,23 @@ def test_clustering_loses_at_most_its_bound():
 NAMED = ("dp", "fsdp", "tp", "sp", "ep")
 
 
-@pytest.mark.parametrize("spec,mesh,batch,mode", [("dense-tiny", "2x4", 8, "train"), ("moe-tiny", "4", 64, "train"),
-                                                  ("dense-gqa-tied", "8", 4096, "infer"), ("pkm-tiny", "2", 1, "train")])
-def test_auto_is_never_worse_than_a_named_strategy_that_fits(spec, mesh, batch, mode):
+@pytest.mark.parametrize("spec,mesh,batch,mode,names", [
+    ("moe-tiny", "4", 64, "train", NAMED), ("dense-gqa-tied", "8", 4096, "infer", NAMED),
+    ("dense-tiny", "2x2", 8, "train", NAMED[:4])])  # a sample; bench/auto_vs_named.py runs the cross product
+def test_auto_is_never_worse_than_a_named_strategy_that_fits(spec, mesh, batch, mode, names):
     auto = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", batch=batch, mode=mode, strategy="auto")
     assert auto.fits
-    for names in itertools.product(NAMED, repeat=len(mesh.split("x"))):
+    fits = 0
+    for combination in itertools.product(names, repeat=len(mesh.split("x"))):
         try:
             plan = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", batch=batch, mode=mode,
-                            strategy=",".join(names))
+                            strategy=",".join(combination))
         except api.PlanError:
             continue
         if plan.fits:
-            assert auto.total("step_time").value <= plan.total("step_time").value * (1 + 1e-9), names
+            fits += 1
+            assert auto.total("step_time").value <= plan.total("step_time").value * (1 + 1e-9), combination
+    assert fits >= 3
 
 
 def test_a_large_model_on_eight_devices_needs_sharded_parameters():
