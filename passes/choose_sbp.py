@@ -298,7 +298,7 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     assert all(info(n).sbp is not None for n in gm.graph.nodes), "choose_sbp left a node without SBP"
     decisions = [d for p in pins for d in p.decisions]
     if found is not None:
-        from .search import annotate
+        from .search_explain import annotate
 
         decisions += annotate(found, gm, ctx)
     decisions += [f"--force {name}=[{nd_str(nd)}]" for name, nd in planner.forced.items()]
