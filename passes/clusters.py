@@ -14,6 +14,7 @@ is bounded in docs/search.md (``boundary_bound`` computes it).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from torch import fx
@@ -31,11 +32,18 @@ def block_of(node: fx.Node) -> str | None:
 def _describe(node: fx.Node, index: dict[fx.Node, int], prefix: str, extra: Callable[[fx.Node], object]) -> tuple:
     rec = info(node)
     param = rec.param
-    param_key = (param.name.removeprefix(prefix), param.shape, param.group) if param is not None else None
+    number = re.compile(rf"(?<![0-9]){re.escape(prefix.split('.')[1])}(?![0-9])")
+
+    def own(name: str) -> str:  # the layer's own names without its number (layers.3.x, memory_tables.layer3_x)
+        return number.sub("#", name)
+
+    param_key = (own(param.name), param.shape, param.group) if param is not None else None
+    buf = rec.buffer
+    buffer_key = (own(buf.name), buf.shape, buf.dtype, buf.init, buf.op, own(buf.source)) if buf is not None else None
     args = tuple(("in", index[a]) if a in index else ("out", info(a).concrete_shape, info(a).dtype)
                  for a in tensor_args(node))
     return (rec.op, repr(sorted(rec.attrs.items())), rec.concrete_shape, rec.dtype, param_key,
-            repr(rec.buffer), rec.stream, rec.differentiable, rec.component, args, extra(node))
+            buffer_key, rec.stream, rec.differentiable, rec.component, args, extra(node))
 
 
 def classes(gm: fx.GraphModule, extra: Callable[[fx.Node], object], *, cluster: bool = True) -> dict[fx.Node, int]:
