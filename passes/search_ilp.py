@@ -272,6 +272,15 @@ def _run(h: highspy.Highs) -> np.ndarray:
     return np.array(h.getSolution().col_value)
 
 
+def _second(h: highspy.Highs, first: np.ndarray) -> np.ndarray:
+    """The second stage's answer; the first's when the solver's tolerances make the added row look
+    infeasible (its bound is the first optimum itself, at huge memory values a hair tight)."""
+    try:
+        return _run(h)
+    except Infeasible:
+        return first
+
+
 def solve(problem: Problem) -> Solution:
     """The optimal assignment, ties broken by the smallest sum of candidate indices."""
     lp, x, objective = build(problem)
@@ -286,7 +295,7 @@ def solve(problem: Problem) -> Solution:
         for k, c in enumerate(cols):
             ranks[c] = k
     h.changeColsCost(n, np.arange(n, dtype=np.int32), ranks)
-    values = _run(h)
+    values = _second(h, values)
     choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
@@ -307,7 +316,7 @@ def leanest(problem: Problem) -> Solution:
     least = float(sum(m * values[c] for c, m in memory_row.items()))
     _rows(h, [(-highspy.kHighsInf, least * (1 + 1e-9) + 1e-9, memory_row)])
     h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
-    values = _run(h)
+    values = _second(h, values)
     choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "leanest")
