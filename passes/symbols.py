@@ -13,7 +13,7 @@ import sympy
 from ..compiler.shapes import B, T
 
 PEAK = sympy.Symbol("peak", positive=True)
-BYTES_PER_ELEMENT = {"float32": 4, "float64": 8, "int64": 8}
+BYTES_PER_ELEMENT = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8}
 
 
 def axis_size(axis: int) -> sympy.Symbol:

@@ -99,11 +99,13 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
 
 def saved_report(plan: Plan, result: dict) -> dict:
     """Bytes autograd saved for the backward in the first step (the mean over ranks; parameters
-    excluded) beside the plan's prediction (activations + gathered parameters, float32 values;
-    a float64 run saves twice the bytes of float values, so its measure is not comparable)."""
+    excluded) beside the plan's prediction (activations + gathered parameters + weight compute
+    copies, in the plan's dtypes; a float64 run saves every float value in float64, so its measure
+    is not comparable)."""
     measured = result.get("saved_activation_bytes") or [0]
     totals = dict(plan.totals)
-    predicted = sum(totals[k].value for k in ("memory_activations", "memory_gathered_parameters") if k in totals)
+    saved = ("memory_activations", "memory_gathered_parameters", "memory_param_copies")
+    predicted = sum(totals[k].value for k in saved if k in totals)
     return {"saved_activation_bytes_measured": sum(measured) / len(measured),
             "saved_activation_bytes_predicted": predicted}
 
@@ -112,11 +114,11 @@ def comm_report(plan: Plan, result: dict, steps: int) -> dict:
     """Per step and kind: bytes handed to collectives (the mean over ranks: routed all_to_all payloads
     differ between ranks, their mean is what the plan predicts) and calls, measured and predicted
     (the plan's one list of collectives), and the calls torch's CommDebugMode saw in the first step.
-    The plan's bytes are for float32 values; a float64 run (``result["dtype"]``) hands twice as many
-    for those, the same for int64 ones (indices, counts)."""
+    The plan's bytes are in each collective's dtype; a float64 run (``result["dtype"]``) hands every
+    floating value in float64, int64 ones (indices, counts) as planned."""
     ranks = result["comm_by_rank"]
     kinds = sorted({k for r in ranks for k in r["bytes"]} | {c.collective for c in plan.collectives})
-    predicted_bytes, predicted_calls = plan.step_collectives(2 if result.get("dtype") == "float64" else 1)
+    predicted_bytes, predicted_calls = plan.step_collectives("float64" if result.get("dtype") == "float64" else None)
     return {
         "comm_bytes_measured": {k: sum(r["bytes"].get(k, 0) for r in ranks) / len(ranks) / steps for k in kinds},
         "comm_bytes_predicted": {k: predicted_bytes.get(k, 0) for k in kinds},
