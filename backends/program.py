@@ -122,14 +122,21 @@ def _constants(plan: Plan) -> list[str]:
         f"LR, BETAS, EPS, WEIGHT_DECAY = {t.lr!r}, ({t.beta1!r}, {t.beta2!r}), {t.eps!r}, {t.weight_decay!r}",
         "# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)",
         f"VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = {t.value_lr_multiplier!r}, {t.value_lr_decay_steps!r}",
-        f"# precision: the forward and backward on {plan.precision.compute} copies of the {plan.precision.master} "
-        f"master weights; gradients and optimizer state {plan.precision.gradients}, the loss {plan.precision.loss}",
+        _precision_comment(plan),
         f"COMPUTE_DTYPE = {plan.precision.compute!r}",
         "# bytes handed to each kind of collective per training step and device, and calls, as the plan",
         "# predicts (all_to_all of routed tokens: the mean over devices)",
         f"PLANNED_PAYLOAD_PER_STEP = {{{', '.join(f'{k!r}: {int(v)}' for k, v in sorted(payload.items()))}}}",
         f"PLANNED_CALLS_PER_STEP = {{{', '.join(f'{k!r}: {v}' for k, v in sorted(calls.items()))}}}",
     ]
+
+
+def _precision_comment(plan: Plan) -> str:
+    p = plan.precision
+    if p.compute == p.master:
+        return f"# precision: {p.compute} throughout (train.precision)"
+    return (f"# mixed precision: forward and backward on {p.compute} copies of the {p.master} master weights "
+            f"(runtime.forward_in); gradients and optimizer state {p.gradients}, the loss {p.loss}")
 
 
 def _model_class(plan: Plan) -> list[str]:

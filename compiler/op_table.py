@@ -388,7 +388,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
-    _def("cross_entropy", _scalar, result="fp32", dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,), colour="#d9d2e9"),
+    _def("cross_entropy", _scalar, result="fp32", dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,),
+         colour="#d9d2e9"),
     # sparse retrieval: product keys, experts
     _def("pk_scores", lambda s, a: (*s[0][:-1], s[1][0], s[1][1], s[1][2]), flops=_pk_scores_flops,
          dims="bt.,....->bt...", colour=RETRIEVAL),

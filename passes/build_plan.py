@@ -39,8 +39,8 @@ from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
-from .precision import MASTER, precision_plan
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
+from .precision import MASTER, precision_plan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
 

@@ -52,7 +52,7 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int,
             value = torch.empty(dims, dtype=getattr(torch, info(node).dtype), device="meta")
         elif node.op == "call_function" and OP_TABLE[info(node).op].data_dependent:
             shape = tuple(_dim(d, batch, seq) for d in info(node).shape)
-            value = torch.empty(shape, device="meta")
+            value = torch.empty(shape, dtype=getattr(torch, info(node).dtype), device="meta")
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
