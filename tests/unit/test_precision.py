@@ -123,8 +123,9 @@ def test_memory_follows_the_dtypes_and_matches_autograd(tmp_path, spec):
     assert abs(predicted - measured) <= 0.1 * measured, (measured, predicted)
     ratio_measured = measured / measured_saved(MODELS / f"{spec}.yaml", torch.float32)
     ratio_predicted = predicted / sum(fp32.get(k, 0) for k in SAVED)
-    assert 0.45 < ratio_predicted < 0.65 and abs(ratio_predicted - ratio_measured) < 0.05, \
-        (ratio_predicted, ratio_measured)
+    assert abs(ratio_predicted - ratio_measured) < 0.05, (ratio_predicted, ratio_measured)
+    # activations alone about halve (float32 log-probabilities keep them a little above one half)
+    assert 0.5 <= bf16["memory_activations"] / fp32["memory_activations"] < 0.6
 
 
 def test_stats_weight_bytes_in_the_compute_dtype(tmp_path):
