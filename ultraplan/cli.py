@@ -17,7 +17,8 @@ from pathlib import Path
 from ultraplan.compiler.errors import SpecError, nearest
 from ultraplan.paths import resolve_spec_path
 
-STAGES = ("shape_prop", "annotate_cost", "choose_sbp", "build_plan")  # passes.pipeline.PIPELINE's names (tested)
+# passes.pipeline.PIPELINE's names (tested)
+STAGES = ("precision", "shape_prop", "annotate_cost", "choose_sbp", "build_plan")
 INT64_MAX = 2**63 - 1
 
 
