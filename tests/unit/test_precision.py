@@ -142,3 +142,10 @@ def test_program_runs_the_forward_on_bf16_copies(tmp_path):
     assert "COMPUTE_DTYPE = 'bfloat16'" in text
     assert "runtime.forward_in(compute_dtype, model," in text
     assert "PLANNED_PAYLOAD_PER_STEP = {'all_gather': 115520, 'all_reduce': 4, 'reduce_scatter': 231040}" in text
+
+
+def test_compute_time_at_the_bf16_peak(tmp_path):
+    """A bf16 step is priced at the hardware's bf16 FLOP/s (h200-8: 989e12 against 67e12 in fp32)."""
+    fp32 = totals(api.plan("dense-tiny", "8", hardware="h200-8"))
+    bf16 = totals(api.plan(bf16_spec(tmp_path, "dense-tiny"), "8", hardware="h200-8"))
+    assert bf16["compute_time"] == pytest.approx(fp32["compute_time"] * 6.7e13 / 9.89e14, rel=1e-12)
