@@ -22,6 +22,8 @@ to every emitted program. It holds no model knowledge; the program passes in eve
 - ``comm_debug`` counts the collectives torch itself sees (CommDebugMode), a check on ours;
   ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
 - ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
+- ``forward_in`` runs the model on copies of its weights in the plan's compute dtype (mixed
+  precision: bfloat16 copies of float32 master weights).
 """
 
 import json

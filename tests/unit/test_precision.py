@@ -123,6 +123,8 @@ def test_memory_follows_the_dtypes_and_matches_autograd(tmp_path, spec):
     for term in ("memory_parameters", "memory_gradients", "memory_optimizer"):
         assert bf16[term] == fp32[term]
     assert "memory_param_copies" not in fp32 and bf16["memory_param_copies"] > 0
+    terms = [v for k, v in bf16.items() if k.startswith("memory_") and k != "memory_per_device"]
+    assert bf16["memory_per_device"] == pytest.approx(sum(terms))
     predicted = sum(bf16.get(k, 0) for k in SAVED)
     measured = measured_saved(path, torch.bfloat16)
     assert abs(predicted - measured) <= 0.1 * measured, (measured, predicted)
