@@ -32,13 +32,14 @@ PARAM_TOLERANCE = 1e-4
 # run; docs/precision.md derives these): bfloat16 rounds each op to 2^-8 relative, which leaves the
 # first loss within ~1e-6 (errors average over the positions), but AdamW's first steps move every
 # element by ~lr * sign(gradient), and the signs of small gradient elements are rounding noise, so
-# the losses part by about 0.4% of each step's decrease. Measured on 2 ranks, 20 steps: at most
-# 2.7e-3 (dense-tiny dp) and 1.6e-3 (moe-tiny ep); a missing gradient all-reduce moves the loss by
-# 3.2e-2 at the second step and 5e-2 to 2.4e-1 after. 1e-2 lies between with a margin of ~3 on both
-# sides. Parameters are a gross check only: rarely routed experts and rows whose gradient is all
-# rounding move by ~lr in either direction (moe-tiny: 0.41 after 20 steps; dense-tiny 0.034).
-BF16_LOSS_TOLERANCE = 1e-2
-BF16_PARAM_TOLERANCE = 0.5
+# the losses part by about 0.4% of each step's decrease; memory layers' top-k selections flip too.
+# Measured on 20 steps (the default): 2.7e-3 (dense-tiny dp, 2 ranks), 1.6e-3 (moe-tiny ep),
+# 1.24e-2 (ultramem-tiny, 1 rank); a dp program with its gradient all-reduce removed is 3.2e-2 off
+# at the second step and 5e-2 to 2.4e-1 after. 2e-2 lies between. Parameters are a gross check
+# only (NaN, divergence): elements whose gradient is all rounding move by ~lr either way, 0.88
+# relative on ultramem-tiny's tables after 20 steps, 0.41 on moe-tiny's experts, 0.034 dense-tiny.
+BF16_LOSS_TOLERANCE = 2e-2
+BF16_PARAM_TOLERANCE = 1.0
 TOLERANCES = {"float32": {"loss": LOSS_TOLERANCE, "params": PARAM_TOLERANCE},
               "float64": {"loss": 1e-10, "params": 1e-10},
               "bfloat16": {"loss": BF16_LOSS_TOLERANCE, "params": BF16_PARAM_TOLERANCE}}

@@ -21,7 +21,7 @@ moves every step's loss by far more than the 1e-5 still required); float64 check
 
 Mixed precision (``train.precision: bf16``, docs/precision.md): dense-tiny under dp, fsdp, tp and sp
 and moe-tiny under ep on 2 ranks, and the 2x2 pairs on 4, run as bf16 programs; their losses track
-the float32 eager run to runner.TOLERANCES["bfloat16"] (whose comment derives the bound), their
+the float32 eager run to BF16_3_STEPS (derived beside it and in runner.TOLERANCES' comment), their
 measured collective bytes equal the bf16 plan's (half on activations and fsdp gathers), their ranks
 hold float32 master shards, and one bf16 program run with --dtype float64 equals eager in float64.
 """
@@ -193,10 +193,17 @@ def test_refused_strategies_say_which_size(strategy_run):
         assert "not divisible by" in message and "use" in message, (spec, mesh, strategy, message)
 
 
+# bf16 against float32 after STEPS = 3 steps (runner.TOLERANCES["bfloat16"] is for 20): measured at
+# most 3.8e-4 in the losses (dense-tiny sp) and 0.25 in the parameters (moe-tiny's rarely routed
+# experts, ~lr either way); a dp program without its gradient all-reduce is 4.8e-2 off by the third
+# step. 5e-3 sits an order of magnitude from both.
+BF16_3_STEPS = {"loss": 5e-3, "params": 0.5}
+
+
 def test_bf16_tracks_float32(strategy_run):
-    """bf16 programs against the float32 eager run: losses to TOLERANCES["bfloat16"] (every step),
-    parameters to its gross bound, and they learn; measured 2.7e-3 at most over 20 steps (runner.py)."""
-    tolerance = TOLERANCES["bfloat16"]
+    """bf16 programs against the float32 eager run: losses to BF16_3_STEPS (every step), parameters
+    to its gross bound, they learn, and (dense-tiny) what autograd saved is the plan's within 10%."""
+    tolerance = BF16_3_STEPS
     cases = _cases(strategy_run, "float32", bf16=True)
     assert {(c["spec"], c["mesh"], c["strategy"]) for c in cases} == set(bf16_cases_for(strategy_run[0]))
     failures = []
