@@ -87,11 +87,21 @@ def _constants(plan: Plan) -> list[str]:
         f"LR, BETAS, EPS, WEIGHT_DECAY = {t.lr!r}, ({t.beta1!r}, {t.beta2!r}), {t.eps!r}, {t.weight_decay!r}",
         "# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)",
         f"VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = {t.value_lr_multiplier!r}, {t.value_lr_decay_steps!r}",
+        _precision_comment(plan),
+        f"COMPUTE_DTYPE = {plan.precision.compute!r}",
         "# bytes handed to each kind of collective per training step and device, and calls, as the plan",
         "# predicts (all_to_all of routed tokens: the mean over devices)",
         f"PLANNED_PAYLOAD_PER_STEP = {{{', '.join(f'{k!r}: {int(v)}' for k, v in sorted(payload.items()))}}}",
         f"PLANNED_CALLS_PER_STEP = {{{', '.join(f'{k!r}: {v}' for k, v in sorted(calls.items()))}}}",
     ]
+
+
+def _precision_comment(plan: Plan) -> str:
+    p = plan.precision
+    if p.compute == p.master:
+        return f"# precision: {p.compute} throughout (train.precision)"
+    return (f"# mixed precision: forward and backward on {p.compute} copies of the {p.master} master weights "
+            f"(runtime.forward_in); gradients and optimizer state {p.gradients}, the loss {p.loss}")
 
 
 def _sync_gradients(plan: Plan) -> list[str]:
@@ -138,6 +148,7 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
@@ -152,7 +163,7 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             sync_gradients(model, mesh)

@@ -22,6 +22,8 @@ to every emitted program. It holds no model knowledge; the program passes in eve
 - ``comm_debug`` counts the collectives torch itself sees (CommDebugMode), a check on ours;
   ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
 - ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
+- ``forward_in`` runs the model on copies of its weights in the plan's compute dtype (mixed
+  precision: bfloat16 copies of float32 master weights).
 """
 
 import json
@@ -516,6 +518,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, mesh, axes, vocab_start):
         z = logits.detach()
+        if z.dtype in (torch.bfloat16, torch.float16):  # computes in float32, as ops.cross_entropy
+            z = z.float()  # (autograd hands the gradient back in the logits' dtype)
         v_local = z.shape[-1]
         top = z.amax(dim=-1).contiguous()
         for axis in axes:
@@ -622,6 +626,26 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
     back = _AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order
     weighted = back * gate_sorted.unsqueeze(-1)
     return torch.zeros_like(flat_x).index_add(0, token_sorted, weighted).reshape(b, t, d)
+
+
+# ---- mixed precision ----------------------------------------------------------------------------
+
+
+def forward_in(dtype, model, *args):
+    """``model(*args)`` computed on ``dtype`` copies of its floating parameters and buffers (mixed
+    precision, as FSDP2's MixedPrecisionPolicy(param_dtype=...) casts before the forward).
+
+    The parameters stay as they are (the float32 master weights the optimizer updates); each copy
+    is made once per call (``Tensor.to``, differentiable) and swapped in by
+    ``torch.func.functional_call``, so autograd returns every copy's gradient to its master in the
+    master's dtype. Activations follow the copies' dtype. When every floating tensor already has
+    ``dtype`` (float32 programs, float64 checks) this is ``model(*args)``.
+    """
+    named = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    floating = {name: t for name, t in named.items() if t.is_floating_point()}
+    if all(t.dtype == dtype for t in floating.values()):
+        return model(*args)
+    return torch.func.functional_call(model, {name: t.to(dtype) for name, t in floating.items()}, args)
 
 
 # ---- parameters, checks, results ----------------------------------------------------------------

@@ -13,8 +13,9 @@ evaluates every sympy cost at the context's point and adds the step totals:
     comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
     step_time      = compute_time + comm_time                        (no overlap assumed)
     memory_*       = train: parameters, gradients, optimizer (4 + 4 + 8 bytes per stored fp32
-                     element), gathered parameters and activations autograd saves for the backward
-                     (passes/memory.py gives the rule); memory_per_device is their sum;
+                     element), gathered parameters, weight compute copies (mixed precision) and
+                     activations autograd saves for the backward, in the dtypes passes/precision.py
+                     gave them (passes/memory.py gives the rule); memory_per_device is their sum;
                      infer: 4 bytes per parameter element in use + the largest single activation
                      (a lower bound: two live activations overlap at each op)
     fits           = memory_per_device <= the hardware's device memory (HardwareSpec.memory_bytes)
@@ -39,6 +40,7 @@ from .context import PassReport, PlanContext
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
+from .precision import MASTER, precision_plan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
 
@@ -161,10 +163,12 @@ def memory_terms(gm: fx.GraphModule, sizes: list, param_bytes: sympy.Expr, large
     if not train:
         terms = {"memory_parameters": param_bytes, "memory_activations": largest}
     else:
-        activations, gathered = saved_bytes(gm, sizes)
+        activations, gathered, copies = saved_bytes(gm, sizes, MASTER)
         terms = {"memory_parameters": param_bytes, "memory_gradients": param_bytes,
                  "memory_optimizer": 2 * param_bytes, "memory_gathered_parameters": gathered,
                  "memory_activations": activations}
+        if copies != 0:  # mixed precision: the weights' compute copies a linear keeps
+            terms["memory_param_copies"] = copies
     return terms | {"memory_per_device": sympy.Add(*terms.values())}
 
 
@@ -192,7 +196,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             p = rec.param
             why = f"stored [{nd_str(rec.at_rest)}] ({rec.reason}); its gradient arrives P on the axes it is B"
             grads = tuple(comms.add(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
-            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT["float32"]
+            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT[MASTER]
             param_terms.append(local)
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest
@@ -262,7 +266,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk",
                               t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
-        collectives=comms.step(),
+        collectives=comms.step(), precision=precision_plan(ctx.spec),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
                                device_memory=float(ctx.hardware.memory_bytes))

@@ -80,7 +80,9 @@ class PlanContext:
 
     def values(self) -> dict[sympy.Symbol, float]:
         """Numbers for every symbol a cost may contain."""
-        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq, PEAK: self.hardware.peak_flops["fp32"]}
+        peak = self.hardware.peak_flops  # at the precision the step computes in (fp32 when not listed)
+        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq,
+                                          PEAK: peak.get(self.spec.train.precision, peak["fp32"])}
         for axis, n in enumerate(self.mesh.shape):
             link = self.axis_link(axis)
             out[axis_size(axis)] = n

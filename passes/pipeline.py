@@ -4,8 +4,11 @@ Order and why:
 0. ``size_ffn``      (on the spec, before lowering) gives ``ffn: {hidden: auto}`` the width its
                      block's memory_to_ffn ratio asks for: a width is a shape, and everything
                      below reads shapes. Idempotent: a sized spec passes through unchanged.
-1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
-                     placement below is computed from those shapes.
+1. ``precision``     gives every value its dtype for ``train.precision`` (bfloat16 compute copies
+                     and activations, float32 masters and losses): shapes times dtypes are the bytes
+                     every pass below counts. Idempotent; in fp32 it keeps lowering's dtypes.
+   ``shape_prop``    checks lowering's symbolic shapes (and those dtypes) against torch first: every
+                     cost and placement below is computed from them.
 2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
 3. ``choose_sbp``    needs shapes (for boxing bytes); runs each mesh axis's strategy, propagates
                      signatures over the op table, inserts boxing nodes.
@@ -32,6 +35,7 @@ from .build_plan import build_plan
 from .choose_sbp import choose_sbp
 from .context import Mesh, PassReport, PlanContext, PlanError
 from .plan import Plan
+from .precision import precision
 from .shape_prop import shape_prop
 from .size_ffn import size_ffn
 
@@ -44,6 +48,7 @@ SPEC_PASSES: list[tuple[str, SpecPass]] = [
 ]
 
 PIPELINE: list[tuple[str, Pass]] = [
+    ("precision", precision),
     ("shape_prop", shape_prop),
     ("annotate_cost", annotate_cost),
     ("choose_sbp", choose_sbp),

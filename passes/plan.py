@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PLAN_VERSION = 3
+FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,18 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
+class PrecisionPlan:
+    """The dtype of each class of tensor a training step holds (passes/precision.py; docs/precision.md).
+    Per value, ``NodePlan.dtype`` and ``CollectivePlan.dtype`` say the same in detail."""
+
+    compute: str = "float32"  # compute copies of the weights, activations, saved tensors, activation collectives
+    master: str = "float32"  # parameters as stored and updated (bytes_per_device)
+    gradients: str = "float32"  # gradients of the master weights, and their all-reduce after backward
+    optimizer_state: str = "float32"  # AdamW's moments
+    loss: str = "float32"  # the losses compute in at least this dtype
+
+
+@dataclass(frozen=True)
 class Plan:
     version: int
     spec_name: str
@@ -186,6 +199,7 @@ class Plan:
     layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
+    precision: PrecisionPlan = PrecisionPlan()  # the dtype of each class of tensor
 
     def to_json(self) -> str:
         return json.dumps(_encode(self), indent=1, sort_keys=False) + "\n"
@@ -203,14 +217,15 @@ class Plan:
     def total(self, key: str) -> Cost:
         return dict(self.totals)[key]
 
-    def step_collectives(self, float_scale: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    def step_collectives(self, run_dtype: str | None = None) -> tuple[dict[str, float], dict[str, int]]:
         """Bytes handed to each kind of collective per step and device, and calls, from the one list.
-        The payloads are planned for float32 values; ``float_scale`` 2 gives a float64 run's (int64
-        values, such as indices and counts, keep their size)."""
+        The payloads are planned in each collective's dtype; ``run_dtype`` ``"float64"`` gives those of
+        a ``--dtype float64`` run, where every floating value is float64 (int64 values, such as
+        indices and counts, keep their size)."""
         payload: dict[str, float] = {}
         calls: dict[str, int] = {}
         for c in self.collectives:
-            factor = float_scale if c.dtype == "float32" else 1
+            factor = FLOAT_BYTES[run_dtype] / FLOAT_BYTES[c.dtype] if run_dtype and c.dtype in FLOAT_BYTES else 1
             payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value * factor
             calls[c.collective] = calls.get(c.collective, 0) + 1
         return payload, calls

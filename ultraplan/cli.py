@@ -18,7 +18,7 @@ from ultraplan.compiler.errors import SpecError, nearest
 from ultraplan.paths import resolve_spec_path
 
 # passes.pipeline.PIPELINE's names (tested)
-STAGES = ("shape_prop", "annotate_cost", "choose_sbp", "build_plan", "find_blocks")
+STAGES = ("precision", "shape_prop", "annotate_cost", "choose_sbp", "build_plan", "find_blocks")
 INT64_MAX = 2**63 - 1
 
 
@@ -133,6 +133,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for key, cost in totals.items():
             print(f"  {key:26s} {cost.value:<14.6g} = {cost.expr}")
         print(f"  fits in device memory      {result.fits} ({result.device_memory:.4g} bytes)")
+        p = result.precision
+        print(f"  precision                  compute {p.compute}; master weights, gradients, optimizer state "
+              f"{p.master}; loss {p.loss}")
         if args.output:
             print(f"wrote {args.output}")
     return 0
