@@ -2,7 +2,7 @@
 
 The program reads top to bottom like nanoGPT's train.py: the plan's constants, a model class
 holding only this rank's shards, a forward named after the spec's layers with each value's local
-shape and SBP in a comment, the gradient collectives each commented with the plan decision that
+shape and SBP in a comment, the gradient buckets each commented with the plan decision that
 produced them, and a training loop. It imports torch and its three neighbour files, nothing of
 ultraplan. Every decision is read from the Plan; this file only spells it.
 """
@@ -216,17 +216,31 @@ def _node_lines(node: NodePlan, names: dict[str, str]) -> list[str]:
 
 
 def _sync_gradients(plan: Plan) -> list[str]:
+    """The plan's gradient buckets, each commented with the parameters it carries and why."""
     lines = [
-        "def sync_gradients(model, mesh):",
-        '    """Turn each gradient from its plan SBP after backward into its parameter\'s SBP."""',
+        "def gradient_buckets(model, mesh):",
+        '    """The plan\'s gradient buckets, in launch order: each a flat buffer whose collectives start during',
+        "    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward.\"\"\"",
+        "    return runtime.GradBuckets(mesh, [",
     ]
-    for p in plan.params:
-        for c in p.grad_sync:
-            line = _collective_line(c, f"model.{identifier(p.node)}.grad")
-            lines += ["    " + line[0].replace("# plan:", f"# {comment(p.name)}:"), "    " + line[1]]
-    if len(lines) == 2:
-        lines.append("    pass  # the plan needs no gradient collectives")
-    return lines
+    params = {p.name: p for p in plan.params}
+    for i, bucket in enumerate(plan.grad_buckets):
+        first = params[bucket.params[0]].grad_sync[0]
+        lines.append(f"        # bucket {i}: {len(bucket.params)} gradients, "
+                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} (cap {bucket.cap_bytes / 2**20:g} MiB); "
+                     f"{comment(first.reason)}")
+        for c in bucket.steps:
+            lines.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                         f"{c.collective}, {_fmt_bytes(c.wire_bytes.value)} sent per device")
+        lines.append("        ([")
+        for name in bucket.params:
+            p = params[name]
+            lines.append(f"            model.{identifier(p.node)},  # {comment(p.name)} "
+                         f"{_shape(tuple(map(str, p.shape)))} [{p.sbp}]")
+        lines.append(f"        ], {literal(tuple((c.collective, c.axis) for c in bucket.steps))}),")
+    if not plan.grad_buckets:
+        lines.append("        # the plan needs no gradient collectives")
+    return [*lines, "    ])"]
 
 
 def _loss_value(plan: Plan) -> list[str]:
@@ -264,6 +278,7 @@ def main(argv=None):
         groups[group].append(getattr(model, attr))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -275,8 +290,8 @@ def main(argv=None):
             with runtime.count_saved(model, enabled=step == 0):
                 loss = model(local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
