@@ -367,7 +367,7 @@ def case_params(mesh, out_dir):
 
 def bucket_loss(params, coords):
     """A small float64 model of this rank's data: w3 is used on rank 0 only, w4 never."""
-    w1, w2, w3, w4, w5 = params
+    w1, w2, w3, _unused, w5 = params
     x = randn(("bucket data", tuple(coords)), (7, 6))
     h = torch.tanh(x @ w1) * w2
     y = h @ w5
