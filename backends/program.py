@@ -3,7 +3,7 @@
 The program reads top to bottom like nanoGPT's train.py: the plan's constants, one class per
 distinct block and a model class looping over the layers (emit_model.py), holding only this rank's
 shards under the spec's canonical names, each value's local shape and SBP in a comment, the
-gradient collectives each commented with the plan decision that produced them, and a training
+gradient buckets each commented with the plan decision that produced them, and a training
 loop. It imports torch and its three neighbour files, nothing of ultraplan. Every decision is read
 from the Plan; this file only spells it.
 """
@@ -17,7 +17,7 @@ from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
 from . import runtime
 from .emit_model import model_lines
-from .emit_ops import attr_path
+from .emit_ops import attr_path, shape_text
 from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 
@@ -105,17 +105,31 @@ def _precision_comment(plan: Plan) -> str:
 
 
 def _sync_gradients(plan: Plan) -> list[str]:
+    """The plan's gradient buckets, each commented with the parameters it carries and why."""
     lines = [
-        "def sync_gradients(model, mesh):",
-        '    """Turn each gradient from its plan SBP after backward into its parameter\'s SBP."""',
+        "def gradient_buckets(model, mesh):",
+        '    """The plan\'s gradient buckets, in launch order: each a flat buffer whose collectives start during',
+        "    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward.\"\"\"",
+        "    return runtime.GradBuckets(mesh, [",
     ]
-    for p in plan.params:
-        for c in p.grad_sync:
-            line = _collective_line(c, attr_path("model", p.name) + ".grad")
-            lines += ["    " + line[0].replace("# plan:", f"# {comment(p.name)}:"), "    " + line[1]]
-    if len(lines) == 2:
-        lines.append("    pass  # the plan needs no gradient collectives")
-    return lines
+    params = {p.name: p for p in plan.params}
+    for i, bucket in enumerate(plan.grad_buckets):
+        first = params[bucket.params[0]].grad_sync[0]
+        lines.append(f"        # bucket {i}: {len(bucket.params)} gradients, "
+                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} (cap {bucket.cap_bytes / 2**20:g} MiB); "
+                     f"{comment(first.reason)}")
+        for c in bucket.steps:
+            lines.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                         f"{c.collective}, {_fmt_bytes(c.wire_bytes.value)} sent per device")
+        lines.append("        ([")
+        for name in bucket.params:
+            p = params[name]
+            lines.append(f"            {attr_path('model', p.name)},  # {comment(p.name)} "
+                         f"{shape_text(tuple(map(str, p.shape)))} [{p.sbp}]")
+        lines.append(f"        ], {literal(tuple((c.collective, c.axis) for c in bucket.steps))}),")
+    if not plan.grad_buckets:
+        lines.append("        # the plan needs no gradient collectives")
+    return [*lines, "    ])"]
 
 
 def _loss_value(plan: Plan) -> list[str]:
@@ -154,6 +168,7 @@ def main(argv=None):
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -165,8 +180,8 @@ def main(argv=None):
             with runtime.count_saved(model, enabled=step == 0):
                 loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

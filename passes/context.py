@@ -58,6 +58,7 @@ class PlanContext:
     spec_text: str = ""  # the spec file's text, carried into the plan
     strategies: tuple[str, ...] = ()  # one named strategy per mesh axis (passes/strategies.py)
     forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
+    bucket_cap_bytes: int | None = None  # gradient bucket cap; None: DDP's 1 MiB first, 25 MiB after
 
     def axis_link(self, axis: int):
         """The link an axis's collectives cross: intra-node when every group of the axis (the ranks

@@ -92,7 +92,7 @@ def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
 def make_context(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (),
+    forces: tuple[tuple[str, str], ...] = (), bucket_cap_bytes: int | None = None,
 ) -> PlanContext:
     """The question a plan answers; B and T default to the spec's train.batch_size and seq_len."""
     batch = spec.train.batch_size if batch is None else batch
@@ -113,7 +113,10 @@ def make_context(
                         "use a smaller --mesh or another --hardware")
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
-    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces))
+    if bucket_cap_bytes is not None and bucket_cap_bytes < 1:
+        raise PlanError(f"the gradient bucket cap must be positive, got {bucket_cap_bytes} bytes")
+    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces),
+                       bucket_cap_bytes)
 
 
 def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
@@ -134,13 +137,13 @@ def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", stop_after: str | None = None, strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (),
+    forces: tuple[tuple[str, str], ...] = (), bucket_cap_bytes: int | None = None,
 ) -> tuple[Plan | None, fx.GraphModule, list[PassReport]]:
     """Run the spec passes and the pipeline (up to ``stop_after``); return the plan (None when
     stopped before build_plan), the annotated graph and every pass's report."""
     spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text,
-                       strategies=strategies, forces=forces)
+                       strategies=strategies, forces=forces, bucket_cap_bytes=bucket_cap_bytes)
     gm = lower_spec(spec, mode)
     check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)

@@ -3,7 +3,8 @@
 Everything a backend needs is here and nothing it must decide: per node the op, its arguments,
 its SBP signature, the call its shard runs (``call``, ``local_attrs``: heads / n, a vocabulary
 offset, an expert range) and its costs; boxing nodes with their collectives; per parameter its
-placement at rest and in use, init rule and gradient collectives; the one list of every
+placement at rest and in use, init rule and gradient collectives; the gradient buckets that carry
+those (``grad_buckets``: which gradients, in what order, one flat buffer each); the one list of every
 collective a training step runs (``collectives``), which the emitter, the comm totals and the
 tests all read; totals. Every cost is kept twice: the sympy
 expression (as text, in the symbols of ``symbols.py``) and its value at the plan's B, T, mesh
@@ -83,8 +84,21 @@ class ParamPlan:
     sbp: str  # as stored (at rest): what the optimizer and the gradient see
     used: str  # as its consumers see it (fsdp gathers a stored shard to B)
     bytes_per_device: Cost
-    grad_sync: tuple[CollectivePlan, ...]
+    grad_sync: tuple[CollectivePlan, ...]  # what its gradient needs; run inside bucket ``bucket``
     group: str  # optimizer group: "default" or "values" (memory value tables)
+    bucket: int = -1  # the index in Plan.grad_buckets of the bucket carrying its gradient (-1: none)
+
+
+@dataclass(frozen=True)
+class GradBucketPlan:
+    """Gradients synchronised as one flat buffer (passes/buckets.py decides which, in what order):
+    launched, step after step, once every gradient in it is ready in the backward."""
+
+    params: tuple[str, ...]  # canonical names, in flat-buffer order (the order they are expected ready)
+    nodes: tuple[str, ...]  # their parameter nodes
+    dtype: str
+    cap_bytes: int  # the size it was filled to (it may exceed it by its last parameter)
+    steps: tuple[CollectivePlan, ...]  # one collective per mesh axis its gradients are P on; also in collectives
 
 
 @dataclass(frozen=True)
@@ -197,6 +211,7 @@ class Plan:
     blocks: tuple[BlockPlan, ...] = ()  # passes/blocks.py: the distinct blocks
     layer_calls: tuple[LayerCallPlan, ...] = ()  # every layer as a call of its block
     layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
+    grad_buckets: tuple[GradBucketPlan, ...] = ()  # gradient synchronisation, in launch order
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
     precision: PrecisionPlan = PrecisionPlan()  # the dtype of each class of tensor

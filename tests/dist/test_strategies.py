@@ -9,7 +9,8 @@ to each kind of collective and the calls equal the plan's one list of collective
 what torch's CommDebugMode counted in the first step, and every rank holds exactly its shards (the
 plan's bytes per device) and never made more than one shard plus one init block. A strategy a
 spec's sizes do not divide is a clear error instead (checked too). One torchrun per rank count runs
-every case (tests/dist/driver.py).
+every case (tests/dist/driver.py). The 2x2 cases use small gradient buckets (several per model;
+dp,tp's replicated norms in buckets reduced over both axes, fsdp,sp's over the sp axis).
 
 float32 and memory layers: a strategy changes the order of floating-point sums, so after a step the
 parameters differ from eager by rounding (~1e-7). A memory layer's top-k then meets near-ties
@@ -37,7 +38,7 @@ import torch
 from ultraplan.passes.context import PlanError
 
 from tests.conftest import MODELS, ROOT, RUNNABLE_SPECS
-from tests.dist.test_multirank import torchrun
+from tests.dist.test_multirank import SMALL_BUCKET_MB, torchrun
 from tests.unit.test_precision import bf16_spec
 from ultraplan import api
 from ultraplan.reference import relative_differences, train_reference
@@ -91,7 +92,8 @@ def compiled(root: str, nproc: int) -> tuple[list[dict], list[tuple[str, str, st
         for mesh, strategy in strategies_for(spec, nproc):
             out = f"{root}/{spec}__{mesh}__{strategy.replace(',', '-')}"
             try:
-                api.compile(MODELS / f"{spec}.yaml", mesh, out, strategy=strategy)
+                api.compile(MODELS / f"{spec}.yaml", mesh, out, strategy=strategy,
+                            bucket_mb=SMALL_BUCKET_MB if "x" in mesh else None)
             except PlanError as exc:
                 refused.append((spec, mesh, strategy, str(exc)))
                 continue
