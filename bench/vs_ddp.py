@@ -71,17 +71,18 @@ def _program_side(program, seed: int):
     mesh, _ = program.runtime.setup(program.MESH_SHAPE)
     model = program.Model(mesh, seed)
     groups = {"default": [], "values": []}
-    for _, attr, _, group in program.PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in program.PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": p, "name": n} for n, p in groups.items() if p], lr=program.LR,
                                   betas=program.BETAS, eps=program.EPS, weight_decay=program.WEIGHT_DECAY)
     buckets = program.gradient_buckets(model, mesh)
+    compute_dtype = getattr(torch, program.COMPUTE_DTYPE)
 
     def step(index: int) -> float:
         batch = program.seeded.permutation_walk_batch(seed, index, program.GLOBAL_BATCH, program.SEQ_LEN,
                                                       program.VOCAB_SIZE)
         local = program.runtime.local_slice(batch, mesh, program.BATCH_SBP).to(mesh.device)
-        loss = model(local[:, :-1], local[:, 1:])
+        loss = program.runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         buckets.finish()
