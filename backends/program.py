@@ -1,10 +1,11 @@
 """Program emitter: Plan -> ``program.py`` (plus ``ops.py``, ``seeded.py``, ``runtime.py`` copied beside it).
 
-The program reads top to bottom like nanoGPT's train.py: the plan's constants, a model class
-holding only this rank's shards, a forward named after the spec's layers with each value's local
-shape and SBP in a comment, the gradient collectives each commented with the plan decision that
-produced them, and a training loop. It imports torch and its three neighbour files, nothing of
-ultraplan. Every decision is read from the Plan; this file only spells it.
+The program reads top to bottom like nanoGPT's train.py: the plan's constants, one class per
+distinct block and a model class looping over the layers (emit_model.py), holding only this rank's
+shards under the spec's canonical names, each value's local shape and SBP in a comment, the
+gradient buckets each commented with the plan decision that produced them, and a training
+loop. It imports torch and its three neighbour files, nothing of ultraplan. Every decision is read
+from the Plan; this file only spells it.
 """
 
 from __future__ import annotations
@@ -13,23 +14,14 @@ import inspect
 from pathlib import Path
 
 from ..compiler import ops, seeded
-from ..passes.plan import CollectivePlan, NodePlan, Plan
-from ..passes.sbp import Split, parse_sbp
+from ..passes.plan import CollectivePlan, Plan
 from . import runtime
-from .text import comment, identifier, layer_group, literal
+from .emit_model import model_lines
+from .emit_ops import attr_path, shape_text
+from .text import comment, literal
+from .text import fmt_bytes as _fmt_bytes
 
 VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime}
-
-
-def _fmt_bytes(value: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{value:.0f} B"
-
-
-def _shape(dims: tuple[str, ...]) -> str:
-    return "(" + ", ".join(dims) + ")"
 
 
 def _collective_line(c: CollectivePlan, target: str) -> list[str]:
@@ -38,33 +30,6 @@ def _collective_line(c: CollectivePlan, target: str) -> list[str]:
            f"{_fmt_bytes(c.payload_bytes.value)} handed over, {_fmt_bytes(c.wire_bytes.value)} sent per device")
     assert c.collective == "all_reduce", f"a {c.collective} after backward on {target}"
     return [why, f"runtime.all_reduce_({target}, mesh, axis={c.axis})"]
-
-
-def _step_call(c: CollectivePlan, value: str) -> str:
-    """The runtime call of one forward boxing step (each with its dual in the backward)."""
-    src, dst = parse_sbp(c.src), parse_sbp(c.dst)
-    where = f"self.mesh, axis={c.axis}"
-    if c.collective == "all_reduce":
-        return f"runtime.all_reduce({value}, {where})"
-    if c.collective == "all_gather":
-        return f"runtime.all_gather({value}, {where}, dim={src.dim})"
-    if c.collective == "reduce_scatter":
-        return f"runtime.reduce_scatter({value}, {where}, dim={dst.dim})"
-    if c.collective == "all_to_all":
-        return f"runtime.all_to_all({value}, {where}, src_dim={src.dim}, dst_dim={dst.dim})"
-    if isinstance(dst, Split):
-        return f"runtime.slice_local({value}, {where}, dim={dst.dim})"
-    return f"runtime.to_partial({value}, {where})"
-
-
-def _attr_value(value) -> str:
-    """A shard call's argument: rank-dependent values are spelled as mesh lookups, the rest as literals."""
-    if isinstance(value, dict) and "mesh" in value:
-        return "self.mesh"
-    if isinstance(value, dict) and "shard_start" in value:
-        size, axes = value["shard_start"]
-        return f"self.mesh.shard_range({int(size)}, {literal(tuple(int(a) for a in axes))})[0]"
-    return literal(value)
 
 
 def _header(plan: Plan) -> list[str]:
@@ -122,6 +87,8 @@ def _constants(plan: Plan) -> list[str]:
         f"LR, BETAS, EPS, WEIGHT_DECAY = {t.lr!r}, ({t.beta1!r}, {t.beta2!r}), {t.eps!r}, {t.weight_decay!r}",
         "# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)",
         f"VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = {t.value_lr_multiplier!r}, {t.value_lr_decay_steps!r}",
+        _precision_comment(plan),
+        f"COMPUTE_DTYPE = {plan.precision.compute!r}",
         "# bytes handed to each kind of collective per training step and device, and calls, as the plan",
         "# predicts (all_to_all of routed tokens: the mean over devices)",
         f"PLANNED_PAYLOAD_PER_STEP = {{{', '.join(f'{k!r}: {int(v)}' for k, v in sorted(payload.items()))}}}",
@@ -129,104 +96,40 @@ def _constants(plan: Plan) -> list[str]:
     ]
 
 
-def _model_class(plan: Plan) -> list[str]:
-    lines = [
-        "class Model(torch.nn.Module):",
-        '    """This rank\'s shards of the model SPEC_NAME names, and its forward with the loss."""',
-        "",
-        "    def __init__(self, mesh, seed):",
-        "        super().__init__()",
-        "        self.mesh = mesh",
-    ]
-    for p in plan.params:
-        used = "" if p.used == p.sbp else f", used as [{p.used}]"
-        lines.append(f"        # {comment(p.name)} {_shape(tuple(map(str, p.shape)))}: stored [{p.sbp}]{used}, "
-                     f"{_fmt_bytes(p.bytes_per_device.value)} per device")
-        lines.append(f"        self.{identifier(p.node)} = runtime.param({literal(p.name)}, {literal(p.shape)}, "
-                     f"{literal(p.init)}, {p.std!r}, seed, mesh, {literal(tuple(p.sbp.split(',')))}, "
-                     "seeded.init_shard)")
-    lines += _state_lines(plan)
-    lines += ["", "    def forward(self, tokens, targets):"]
-    names = {p.node: f"self.{identifier(p.node)}" for p in (*plan.params, *plan.buffers)}
-    layer = None
-    for node in plan.nodes:
-        if node.op in ("input", "param", "buffer"):
-            names.setdefault(node.name, identifier(node.name))
-            if node.op == "input":
-                lines.append(f"        # {node.name}: {_shape(node.local_shape)} [{node.sbp_out}]")
-            continue
-        group = layer_group(node.layer)
-        if group != layer:
-            layer = group
-            lines.append(f"        # ---- {comment(layer or 'model')}")
-        lines += _node_lines(node, names)
-    lines.append(f"        return {names[plan.output]}")
-    return lines
-
-
-def _state_lines(plan: Plan) -> list[str]:
-    """Buffers in __init__ and, when some derive from parameters, the refresh_state method."""
-    if not plan.buffers:
-        return []
-    lines = []
-    source_attr = {p.name: f"self.{identifier(p.node)}" for p in plan.params}
-    derived = [b for b in plan.buffers if b.init == "derived"]
-    for b in plan.buffers:
-        attr = identifier(b.node)
-        if b.init == "permutation":
-            lines.append(f"        # {comment(b.name)}: a fixed permutation, the same on every device (state, not trained)")
-            value = f"seeded.init_full({literal(b.name)}, {literal(b.shape)}, 'permutation', 0.0, seed)"
-        else:
-            lines.append(f"        # {comment(b.name)}: {b.op}({comment(b.source)}), recomputed after every optimizer step")
-            value = f"torch.zeros({literal(b.shape)})"  # the rule reads its previous value
-        lines.append(f"        self.register_buffer({literal(attr)}, {value}.to(mesh.device))")
-    if derived:
-        lines.append("        self.refresh_state()")
-        lines += ["", "    @torch.no_grad()", "    def refresh_state(self):",
-                  '        """State derived from parameters; the training loop calls this after every step."""']
-        for b in derived:
-            attr = f"self.{identifier(b.node)}"
-            lines.append(f"        {attr}.copy_(ops.{b.op}({source_attr[b.source]}, {attr}))")
-    return lines
-
-
-def _node_lines(node: NodePlan, names: dict[str, str]) -> list[str]:
-    var = identifier(node.name)
-    names[node.name] = var
-    if node.op == "boxing":
-        ((arg, steps),) = node.boxing
-        current, out = names[arg], []
-        for c in steps:
-            out.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
-                       f"{c.collective}, {_fmt_bytes(c.payload_bytes.value)}: {comment(c.reason)}")
-            out.append(f"        {var} = {_step_call(c, current)}  # {_shape(node.local_shape)} [{node.sbp_out}]"
-                       if c is steps[-1] else f"        {var} = {_step_call(c, current)}")
-            current = var
-        return out or [f"        {var} = {current}"]
-    args = [names[a] for a in node.args] + [f"{k}={_attr_value(v)}" for k, v in node.local_attrs]
-    call = f"{node.call}({', '.join(args)})"
-    note = f"  # {_shape(node.local_shape)} [{node.sbp_out}]"
-    if node.call != f"ops.{node.op}":
-        note += f" {comment(node.op)} as a shard ({', '.join(s for s in node.splits if s)})"
-    if node.partial_scale != "1":
-        call = f"{call} * ({node.partial_scale})"
-        note = (f"  # [{node.sbp_out}]: this device's mean over its share of the batch, times that share, "
-                "is a partial sum of the global mean")
-    return [f"        {var} = {call}{note}"]
+def _precision_comment(plan: Plan) -> str:
+    p = plan.precision
+    if p.compute == p.master:
+        return f"# precision: {p.compute} throughout (train.precision)"
+    return (f"# mixed precision: forward and backward on {p.compute} copies of the {p.master} master weights "
+            f"(runtime.forward_in); gradients and optimizer state {p.gradients}, the loss {p.loss}")
 
 
 def _sync_gradients(plan: Plan) -> list[str]:
+    """The plan's gradient buckets, each commented with the parameters it carries and why."""
     lines = [
-        "def sync_gradients(model, mesh):",
-        '    """Turn each gradient from its plan SBP after backward into its parameter\'s SBP."""',
+        "def gradient_buckets(model, mesh):",
+        '    """The plan\'s gradient buckets, in launch order: each a flat buffer whose collectives start during',
+        "    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward.\"\"\"",
+        "    return runtime.GradBuckets(mesh, [",
     ]
-    for p in plan.params:
-        for c in p.grad_sync:
-            line = _collective_line(c, f"model.{identifier(p.node)}.grad")
-            lines += ["    " + line[0].replace("# plan:", f"# {comment(p.name)}:"), "    " + line[1]]
-    if len(lines) == 2:
-        lines.append("    pass  # the plan needs no gradient collectives")
-    return lines
+    params = {p.name: p for p in plan.params}
+    for i, bucket in enumerate(plan.grad_buckets):
+        first = params[bucket.params[0]].grad_sync[0]
+        lines.append(f"        # bucket {i}: {len(bucket.params)} gradients, "
+                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} (cap {bucket.cap_bytes / 2**20:g} MiB); "
+                     f"{comment(first.reason)}")
+        for c in bucket.steps:
+            lines.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                         f"{c.collective}, {_fmt_bytes(c.wire_bytes.value)} sent per device")
+        lines.append("        ([")
+        for name in bucket.params:
+            p = params[name]
+            lines.append(f"            {attr_path('model', p.name)},  # {comment(p.name)} "
+                         f"{shape_text(tuple(map(str, p.shape)))} [{p.sbp}]")
+        lines.append(f"        ], {literal(tuple((c.collective, c.axis) for c in bucket.steps))}),")
+    if not plan.grad_buckets:
+        lines.append("        # the plan needs no gradient collectives")
+    return [*lines, "    ])"]
 
 
 def _loss_value(plan: Plan) -> list[str]:
@@ -259,11 +162,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -273,10 +178,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -292,7 +197,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})
@@ -310,14 +215,14 @@ def emit_program(plan: Plan) -> str:
     if plan.mode != "train":
         raise ValueError(f"the program emitter writes training programs; this plan is for {plan.mode!r}: "
                          "plan with --mode train (the default) to compile it")
-    params_table = ["PARAMS = [  # (canonical name, attribute, placement, optimizer group)"]
-    params_table += [f"    ({literal(p.name)}, {literal(identifier(p.node))}, {literal(tuple(p.sbp.split(',')))}, "
-                     f"{literal(p.group)})," for p in plan.params]
+    params_table = ["PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)"]
+    params_table += [f"    ({literal(p.name)}, {literal(tuple(p.sbp.split(',')))}, {literal(p.group)}),"
+                     for p in plan.params]
     params_table.append("]")
     parts = [
         _header(plan),
         ["", "import argparse", "", "import torch", "", "import ops", "import runtime", "import seeded", ""],
-        _constants(plan), params_table, [""], _model_class(plan), ["", ""], _sync_gradients(plan), ["", ""],
+        _constants(plan), params_table, ["", ""], model_lines(plan), ["", ""], _sync_gradients(plan), ["", ""],
         _loss_value(plan), ["", ""], [MAIN],
     ]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"

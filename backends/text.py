@@ -27,6 +27,14 @@ def layer_group(layer: str) -> str:
     return layer.removesuffix(".norm")
 
 
+def fmt_bytes(value: float) -> str:
+    """A byte count for a comment: ``4.10 kB``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
 def identifier(text: str) -> str:
     """A valid, non-keyword Python identifier derived from ``text``."""
     out = re.sub(r"\W", "_", str(text), flags=re.ASCII) or "_"

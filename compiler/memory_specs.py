@@ -12,8 +12,13 @@ from typing import Literal
 from .fields import doc
 
 TuckerNorm = Literal["auto", "rms", "layer"]
-TUCKER_NORM_DOC = ("rms (RMSNorm, weight only) or layer (LayerNorm, weight and bias); auto: the kind of this "
-                   "sublayer's norm (else the model's), as the official code builds it from layer_norm_type")
+TUCKER_NORM_DOC = ("rms (RMSNorm: x / rms(x) * weight) or layer (LayerNorm: (x - mean) / std * weight), each over "
+                   "groups of D_k; auto: the kind of this sublayer's norm (else the model's), as the official code "
+                   "builds it from layer_norm_type")
+NormBias = bool | Literal["auto"]
+NORM_BIAS_DOC = ("true: the norm adds a learned bias after its weight (either kind), false: weight only; auto: "
+                 "a bias exactly for layer norms (this project's norms), as the official bias_for_layer_norm "
+                 "sets it for both kinds")
 
 MEMORY_TO_FFN_DOC = doc("memory-to-FFN compute ratio: memory FLOPs / FFN FLOPs per token of this block; sizes "
                         "the block's ffn, which must say hidden: auto (UltraMemV2's rebalancing)",
@@ -71,8 +76,22 @@ class UltraMemV2Spec:
     cores: int = field(default=2, metadata=doc("Tucker cores c (multi-core scoring); divides value_dim", minimum=1))
     heads: int = field(default=1, metadata=doc("retrieval heads", minimum=1))
     query_per_rank: bool = field(default=False, metadata=doc("a separate query for each Tucker rank"))
+    official_query: bool = field(default=False, metadata=doc(
+        "the official mem_q_for_each_tucker_rank projection (rank 2, heads 1, 2 or 4): 2 rank D_k wide, of "
+        "which head h reads the (h // 2)-th 2 D_k as its row and column query, shared by the ranks; rows no "
+        "head reads are parameters without gradient, counted as the published figures count them"))
     query_norm: TuckerNorm = field(default="auto", metadata=doc("the query norm: " + TUCKER_NORM_DOC))
     key_norm: TuckerNorm = field(default="auto", metadata=doc("the key norm: " + TUCKER_NORM_DOC))
+    query_norm_bias: NormBias = field(default="auto", metadata=doc("the query norm's bias: " + NORM_BIAS_DOC))
+    key_norm_bias: NormBias = field(default="auto", metadata=doc("the key norm's bias: " + NORM_BIAS_DOC))
+    key_expand: int = field(default=1, metadata=doc(
+        "key expansion E, the official mem_key_expand_time: E n' keys per half address E^2 virtual slots per "
+        "value row (slot s reads row s mod n'^2 after the shuffle); the rows' pooled outputs are summed",
+        minimum=1))
+    key_balance_weight: float = field(default=0.0, metadata=doc(
+        "weight of the key-balance loss added to the training loss, the official mem_key_balance_reg_coef: "
+        "per half, N sum_i f_i P_i over its N keys (f_i: share of the top-m picks, P_i: mean softmax of the "
+        "rank-1 scores); 0 leaves it out", minimum=0))
     pre_value_gelu: bool = field(default=False, metadata=doc(
         "GELU (exact) on the pre-value score, the official mem_use_glu_act; off in the published configs"))
     share: Literal["none", "ring", "block"] = field(default="none", metadata=doc("value-table sharing scheme"))
@@ -82,11 +101,17 @@ class UltraMemV2Spec:
     memory_to_ffn: float | None = field(default=None, metadata=MEMORY_TO_FFN_DOC)
 
     @property
-    def effective_keys(self) -> int:
-        """n' = floor(sqrt(g) n): keys per half a layer addresses when it reads g layers' shares."""
+    def addressed_keys(self) -> int:
+        """n' = floor(sqrt(g) n): the official knum of a layer that reads g layers' shares; it addresses
+        n'^2 value rows (ultramem_layer_v2.py:127-129)."""
         import math
 
         return math.isqrt(self.share_layers * self.num_keys**2)
+
+    @property
+    def effective_keys(self) -> int:
+        """E n': keys per half, the official key_num = key_expand_time * knum (ultramem_layer_v2.py:131)."""
+        return self.key_expand * self.addressed_keys
 
 
 @dataclass(frozen=True)
@@ -104,10 +129,13 @@ class UltraMemSpec:
     share_query: bool = field(default=True, metadata=doc("one query serves each pair of heads"))
     query_norm: TuckerNorm = field(default="auto", metadata=doc("the query norm: " + TUCKER_NORM_DOC))
     key_norm: TuckerNorm = field(default="auto", metadata=doc("the key norm: " + TUCKER_NORM_DOC))
+    query_norm_bias: NormBias = field(default="auto", metadata=doc("the query norm's bias: " + NORM_BIAS_DOC))
+    key_norm_bias: NormBias = field(default="auto", metadata=doc("the key norm's bias: " + NORM_BIAS_DOC))
     rank: int = field(default=2, metadata=doc("Tucker rank r", minimum=1))
     cores: int = field(default=2, metadata=doc("Tucker cores c; divides value_dim", minimum=1))
-    expansion: int = field(default=4, metadata=doc("IVE factor E, a perfect square: sqrt(E) n keys per half",
-                                                   minimum=1))
+    expansion: int = field(default=4, metadata=doc(
+        "IVE factor E, a perfect square: sqrt(E) n keys per half (the official key_expand_time = "
+        "sqrt(value_expand_time), olmo/ultramem_layer.py:81-84: V1's key expansion)", minimum=1))
     memory_to_ffn: float | None = field(default=None, metadata=MEMORY_TO_FFN_DOC)
 
     @property

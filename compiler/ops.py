@@ -128,9 +128,16 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is a 16-bit float, else as it is (float64 checks stay float64): the
+    losses compute in float32 under mixed precision (docs/precision.md)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over every position of this batch."""
-    return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
+    """Mean next-token cross entropy over every position of this batch (in at least float32: the
+    log-sum-exp over the vocabulary is where 16-bit rounding would hurt most)."""
+    return F.cross_entropy(_at_least_fp32(logits_BTV).flatten(0, 1), targets_BT.flatten())
 
 
 # ---- sparse retrieval (product keys, experts) -------------------------------------------------
@@ -164,6 +171,27 @@ def group_rms_norm(x: torch.Tensor, weight_G: torch.Tensor, eps: float) -> torch
     group = weight_G.shape[0]
     shaped = x.view(*x.shape[:-1], -1, group)
     return (shaped * torch.rsqrt(shaped.pow(2).mean(-1, keepdim=True) + eps) * weight_G).view(x.shape)
+
+
+def group_rms_norm_biased(x: torch.Tensor, weight_G: torch.Tensor, bias_G: torch.Tensor, eps: float) -> torch.Tensor:
+    """``group_rms_norm`` plus a bias, weight * x / rms(x) + bias: the official RMSLayerNorm with
+    ``bias_for_layer_norm: true`` (Ultra-Sparse-Memory-Network olmo/model.py:227-256)."""
+    group = weight_G.shape[0]
+    shaped = x.view(*x.shape[:-1], -1, group)
+    return (shaped * torch.rsqrt(shaped.pow(2).mean(-1, keepdim=True) + eps) * weight_G + bias_G).view(x.shape)
+
+
+def group_layer_norm_unbiased(x: torch.Tensor, weight_G: torch.Tensor, eps: float) -> torch.Tensor:
+    """``group_layer_norm`` with a weight only: the official LayerNorm with ``bias_for_layer_norm:
+    false`` (Ultra-Sparse-Memory-Network olmo/model.py:150-160, 196-224)."""
+    group = weight_G.shape[0]
+    shaped = x.view(*x.shape[:-1], -1, group)
+    return F.layer_norm(shaped, (group,), weight_G, None, eps).view(x.shape)
+
+
+def leading_features(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The first ``width`` features of the last dim (a projection's rows that are read)."""
+    return x[..., :width]
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -363,6 +391,13 @@ def shuffle_rows(slots: torch.Tensor, permutation: torch.Tensor, offset: int, ro
     return (permutation[slots] + offset) % rows
 
 
+def expanded_rows(slots: torch.Tensor, permutation: torch.Tensor, value_rows: int, offset: int, rows: int) -> torch.Tensor:
+    """Table row of each virtual slot under key expansion: E^2 virtual slots per row, the shuffled slot
+    taken modulo the ``value_rows`` this layer addresses, then shifted to its share and wrapped (the
+    official lookup's index, Ultra-Sparse-Memory-Network fuse_ops/fused_lookup.cu:117-118)."""
+    return (permutation[slots] % value_rows + offset) % rows
+
+
 def scale_cores(core_scores_BTHKM: torch.Tensor, gates_BTHM: torch.Tensor) -> torch.Tensor:
     """Multiply every core's score by the slot's gate (UltraMemV2's pre-value product)."""
     return core_scores_BTHKM * gates_BTHM.unsqueeze(-2)
@@ -442,8 +477,33 @@ def balance_loss(counts_E: torch.Tensor, prob_sums_E: torch.Tensor, k: int, weig
     """weight * E * sum_i f_i P_i, with f_i the share of assignments to expert i and P_i its mean
     router probability. Everything comes from whole-batch sums, so the token count is
     sum(counts) / k and no shape is needed (the same on one device or after an all-reduce)."""
-    counts_E = counts_E.to(prob_sums_E.dtype)
+    prob_sums_E = _at_least_fp32(prob_sums_E)  # a loss: float32 under mixed precision (counts past 256
+    counts_E = counts_E.to(prob_sums_E.dtype)  # are not exact in bfloat16)
     assignments = counts_E.sum()
     share = counts_E / assignments
     mean_prob = prob_sums_E / (assignments / k)
     return weight * counts_E.shape[0] * (share * mean_prob).sum()
+
+
+def half_key_counts(indices_BTHCM: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """How often each key of each half was among the top-m picks in this batch -> (C, N) int64."""
+    halves = indices_BTHCM.shape[-2]
+    shifted = indices_BTHCM + torch.arange(halves, device=indices_BTHCM.device).unsqueeze(-1) * num_keys
+    return torch.bincount(shifted.flatten(), minlength=halves * num_keys).view(halves, num_keys)
+
+
+def half_prob_sums(probs_BTHCN: torch.Tensor) -> torch.Tensor:
+    """Each half's key probabilities summed over every token and head of this batch -> (C, N)."""
+    return probs_BTHCN.flatten(0, -3).sum(dim=0)
+
+
+def key_balance_loss(counts_CN: torch.Tensor, prob_sums_CN: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """UltraMemV2's key-balance loss (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py:380-394):
+    weight * sum over the halves of N sum_i f_i P_i, f_i the share of the half's picks that went to
+    key i, P_i its mean probability over tokens and heads. From whole-batch sums, as ``balance_loss``:
+    the (token, head) count of a half is its picks / k."""
+    counts_CN = counts_CN.to(prob_sums_CN.dtype)
+    picks = counts_CN.sum(dim=-1, keepdim=True)
+    share = counts_CN / picks
+    mean_prob = prob_sums_CN / (picks / k)
+    return weight * counts_CN.shape[-1] * (share * mean_prob).sum()

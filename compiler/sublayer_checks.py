@@ -42,6 +42,8 @@ def check_sublayer(
                             "pre_value_dim > 0", hint="set pre_value_dim, or init: code")
         if isinstance(config, UltraMemV2Spec) and config.share == "none" and config.share_layers != 1:
             raise doc.error(items["share_layers"].path, "share_layers needs share: ring or block")
+        if isinstance(config, UltraMemV2Spec) and config.official_query:
+            check_official_query(doc, config, items, kind_path)
         check_at_most(doc, items, kind_path, "topk", config.topk, "keys addressed per half", config.effective_keys)
         if config.value_dim % config.cores:
             raise doc.error(items["value_dim"].path, f"value_dim {config.value_dim} must split into {config.cores} "
@@ -51,6 +53,23 @@ def check_sublayer(
         if config.key_dim % 2:
             raise doc.error(items["key_dim"].path, f"key_dim must be even (two halves), got {config.key_dim}")
     return config
+
+
+def check_official_query(doc: Document, config: UltraMemV2Spec, items: dict[str, Sourced],
+                         kind_path: tuple[PathEntry, ...]) -> None:
+    """The official layout runs only where its shapes agree (olmo/ultramem_layer_v2.py:50-55, 305-308):
+    the half-query is rank D_k / 2 wide against D_k-wide keys, so rank 2; head h reads group h // 2 of
+    two, so at most 4 heads (and 3 would leave one head's pair half read)."""
+    where = items.get("official_query", Sourced(None, kind_path)).path
+    if config.query_per_rank:
+        raise doc.error(where, "official_query and query_per_rank exclude each other: the official layout "
+                        "shares one query among the Tucker ranks", hint="drop one of them")
+    if config.rank != 2:
+        raise doc.error(where, f"official_query needs rank 2 (its half-query is rank * D_k / 2 wide against "
+                        f"D_k-wide keys), got rank {config.rank}")
+    if config.heads not in (1, 2, 4):
+        raise doc.error(where, f"official_query needs 1, 2 or 4 heads (head h reads query group h // 2 of "
+                        f"two), got {config.heads}")
 
 
 def largest_tensor(config: SublayerConfig, hidden: int) -> tuple[str, int]:

@@ -62,6 +62,9 @@ def sublayer_tensors(sub: SublayerSpec, hidden: int, batch: int, seq: int) -> It
                      c.heads * 2 * c.rank * c.effective_keys * c.key_dim, "num_keys", sub)
         yield Tensor("key scores (B x T x heads x 2 x rank x keys)", tokens * c.heads * 2 * c.rank * c.effective_keys,
                      "num_keys", sub)
+        grow = "key_expand" if getattr(c, "key_expand", 1) > 1 else "num_keys"
+        yield Tensor("slot shuffle (keys^2 virtual slots)", c.effective_keys**2, grow, sub)
+        yield Tensor("query projection (hidden_size x query rows)", hidden * _query_rows(c), "key_dim", sub)
         yield Tensor("candidate grid (B x T x heads x cores x topk x topk)", tokens * c.heads * c.cores * c.topk**2,
                      "topk", sub)
         yield Tensor("gathered values (B x T x heads x topk x value_dim)", tokens * c.heads * c.topk * width,
@@ -73,6 +76,15 @@ def sublayer_tensors(sub: SublayerSpec, hidden: int, batch: int, seq: int) -> It
         yield Tensor("candidate products (B x T x heads x topk x topk)", tokens * c.heads * c.topk**2, "topk", sub)
         yield Tensor("gathered values (B x T x heads x topk x value_dim)", tokens * c.heads * c.topk * width,
                      "topk", sub)
+
+
+def _query_rows(c: UltraMemSpec | UltraMemV2Spec) -> int:
+    """Rows of the TDQKR query projection (components/ultramem.py builds the same)."""
+    if isinstance(c, UltraMemSpec):
+        return c.query_heads * 2 * c.key_dim
+    if c.official_query:
+        return 2 * c.rank * c.key_dim
+    return c.heads * 2 * (c.rank if c.query_per_rank else 1) * c.key_dim
 
 
 def spec_tensors(spec: ModelSpec, batch: int, seq: int) -> Iterator[Tensor]:

@@ -264,7 +264,8 @@ class Costing:
             n = self.mesh[axis]
             local = [self._local_dims(info(a).concrete_shape, nd) for a, nd in zip(tensor_args(node), ins)]
             bw, lat = self._link(axis)
-            for comm in c.variant.comms(local, info(node).attrs, n, self.train):
+            dtypes = [info(a).dtype for a in tensor_args(node)]
+            for comm in c.variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
                 total += messages * lat + share * self.num(comm.payload) / bw

@@ -17,7 +17,8 @@ from pathlib import Path
 from ultraplan.compiler.errors import SpecError, nearest
 from ultraplan.paths import resolve_spec_path
 
-STAGES = ("shape_prop", "annotate_cost", "choose_sbp", "build_plan")  # passes.pipeline.PIPELINE's names (tested)
+# passes.pipeline.PIPELINE's names (tested)
+STAGES = ("precision", "shape_prop", "annotate_cost", "choose_sbp", "build_plan", "find_blocks")
 INT64_MAX = 2**63 - 1
 
 
@@ -65,6 +66,11 @@ def _say_defaults(args: argparse.Namespace, plan) -> None:
     line = defaults_used(args, plan)
     if line:
         print(line, file=sys.stderr)
+
+
+def _bucket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bucket-mb", type=float, default=None, metavar="MIB",
+                   help="cap of every gradient bucket in MiB (default as torch DDP: 1 MiB first, then 25)")
 
 
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
@@ -117,7 +123,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ultraplan.passes.context import Mesh
 
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
-                      strategy=args.strategy, force=args.force)
+                      strategy=args.strategy, force=args.force, bucket_mb=args.bucket_mb)
     text = result.to_json()
     _say_defaults(args, result)
     if not result.fits:
@@ -133,6 +139,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for key, cost in totals.items():
             print(f"  {key:26s} {cost.value:<14.6g} = {cost.expr}")
         print(f"  fits in device memory      {result.fits} ({result.device_memory:.4g} bytes)")
+        p = result.precision
+        print(f"  precision                  compute {p.compute}; master weights, gradients, optimizer state "
+              f"{p.master}; loss {p.loss}")
         if args.output:
             print(f"wrote {args.output}")
     return 0
@@ -145,7 +154,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
-                         mode=args.mode, strategy=args.strategy, force=args.force,
+                         mode=args.mode, strategy=args.strategy, force=args.force, bucket_mb=args.bucket_mb,
                          allow_oversubscribe=args.allow_oversubscribe)
     _say_defaults(args, result)
     if not result.fits:
@@ -233,12 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="make a plan for a mesh")
     p.add_argument("spec")
     _plan_args(p)
+    _bucket_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan JSON")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("compile", help="write program.py (a training program), plan.json, plan.dot, plan.svg")
     p.add_argument("spec")
     _plan_args(p, modes=False)
+    _bucket_arg(p)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--allow-oversubscribe", action="store_true",
                    help="compile a plan that does not fit the device memory (refused otherwise)")

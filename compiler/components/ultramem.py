@@ -16,6 +16,11 @@ Per token (UltraMemV2, arXiv 2508.18756 §4.2; D_k key width, r rank, c cores, m
 u and t (the leading singular vectors of sum_k C_k) and the shuffle are state, not parameters:
 u and t are recomputed from the cores by ``build.refresh_state`` (following ``state_rules``) once per
 optimizer step.
+
+The official code's options (Ultra-Sparse-Memory-Network olmo/ultramem_layer_v2.py): key expansion
+E (E n' keys per half, E^2 virtual slots per row, summed: ``expanded_rows``, :120-131, :328-331), the
+key-balance loss on the rank-1 scores (``key_balance``, :380-394) and the official query projection
+(2 r D_k rows, head h reading group h // 2: ``official_query``, :50-55, :119).
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ def _norm_kind(field: str, norm: NormSpec | None) -> str:
     if field != "auto":
         return field
     return norm.kind if norm is not None else "layer"
+
+
+def _norm_bias(field: bool | str, kind: str) -> bool:
+    """``auto``: a bias exactly for a layer norm (the project's own norms); else as written."""
+    return kind == "layer" if field == "auto" else bool(field)
 
 
 class MemoryTable(nn.Module):
@@ -60,18 +70,24 @@ class TuckerRetrieval(ResidualSublayer):
     rank-1 filter, exact bilinear rescoring of the m x m grid by each core, top-m."""
 
     def __init__(self, spec: UltraMemSpec | UltraMemV2Spec, norm: NormSpec | None, dim: int,
-                 query_heads: int, query_ranks: int) -> None:
+                 query_heads: int, query_ranks: int, query_rows: int = 0) -> None:
+        """``query_rows``: the projection's rows when it holds more than the heads read (the official
+        mem_q_for_each_tucker_rank layout); the first query_heads * 2 * query_ranks * D_k are read."""
         super().__init__(norm, dim)
         self.spec = spec
         s = spec
         keys = s.effective_keys
         self.query_heads, self.query_ranks = query_heads, query_ranks
-        self.w_query = nn.Parameter(torch.empty(query_heads * 2 * query_ranks * s.key_dim, dim))
+        self.query_read = query_heads * 2 * query_ranks * s.key_dim
+        self.query_rows = max(query_rows, self.query_read)
+        self.w_query = nn.Parameter(torch.empty(self.query_rows, dim))
         self.keys = nn.Parameter(torch.empty(s.heads, 2, s.rank, keys, s.key_dim))
         self.norm_kinds = {which: _norm_kind(getattr(s, f"{which}_norm"), norm) for which in ("query", "key")}
-        for which, kind in self.norm_kinds.items():
+        self.norm_biases = {which: _norm_bias(getattr(s, f"{which}_norm_bias"), kind)
+                            for which, kind in self.norm_kinds.items()}
+        for which in self.norm_kinds:
             setattr(self, f"{which}_norm_weight", nn.Parameter(torch.empty(s.key_dim)))
-            if kind == "layer":
+            if self.norm_biases[which]:
                 setattr(self, f"{which}_norm_bias", nn.Parameter(torch.empty(s.key_dim)))
         self.cores = nn.Parameter(torch.empty(s.heads, s.cores, s.rank, s.rank))
         self.register_buffer("shuffle", torch.empty(keys * keys, dtype=torch.int64))
@@ -81,24 +97,30 @@ class TuckerRetrieval(ResidualSublayer):
         rules = {"w_query": InitRule("normal", query_std), "keys": InitRule("normal", key_std),
                  "query_norm_weight": InitRule("constant", gain), "key_norm_weight": InitRule("constant", gain),
                  "cores": InitRule("uniform", 1.0)}
-        rules.update({f"{which}_norm_bias": InitRule("zeros") for which, k in self.norm_kinds.items() if k == "layer"})
+        rules.update({f"{which}_norm_bias": InitRule("zeros") for which, bias in self.norm_biases.items() if bias})
         return rules
 
     def _normed(self, which: str, x: torch.Tensor) -> torch.Tensor:
-        """The query or key norm over groups of D_k: RMSNorm (weight only) or LayerNorm (with bias)."""
+        """The query or key norm over groups of D_k: RMSNorm or LayerNorm, with or without a bias
+        (zeros at init, olmo/model.py:186-193; the official reset_parameters sets only the weights)."""
         weight = getattr(self, f"{which}_norm_weight")
-        if self.norm_kinds[which] == "rms":
-            return ops.group_rms_norm(x, weight, 1e-5)
-        return ops.group_layer_norm(x, weight, getattr(self, f"{which}_norm_bias"), 1e-5)
+        rms = self.norm_kinds[which] == "rms"
+        if self.norm_biases[which]:
+            bias = getattr(self, f"{which}_norm_bias")
+            return ops.group_rms_norm_biased(x, weight, bias, 1e-5) if rms else ops.group_layer_norm(x, weight, bias, 1e-5)
+        return ops.group_rms_norm(x, weight, 1e-5) if rms else ops.group_layer_norm_unbiased(x, weight, 1e-5)
 
     def state_rules(self) -> dict[str, tuple[str, ...]]:
         """How each buffer is made: the shuffle is a seeded permutation; u and t derive from the cores."""
         return {"shuffle": ("permutation",), "rank_one": ("derived", "rank_one_vectors", "cores")}
 
-    def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-core scores (B, T, H, C, m) and slots (B, T, H, m) of the m best virtual slots."""
+    def retrieve(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-core scores (B, T, H, C, m) and slots (B, T, H, m) of the m best virtual slots, and
+        the key-balance loss when it is weighted (else None)."""
         s = self.spec
         query = named("query", ops.linear(h, self.w_query))
+        if self.query_rows != self.query_read:  # the official layout's rows no head reads
+            query = named("query_read", ops.leading_features(query, self.query_read))
         query = named("query_normed", self._normed("query", query))
         keys = named("keys_normed", self._normed("key", self.keys))
         if self.query_heads != s.heads:
@@ -108,13 +130,23 @@ class TuckerRetrieval(ResidualSublayer):
         scores = named("key_scores", scores)
         filtered = named("rank_one_scores", ops.rank_one_scores(scores, self.rank_one))
         half_best = named("half_topk", ops.topk_indices(filtered, s.topk))
+        aux = self.key_balance(filtered, half_best) if getattr(s, "key_balance_weight", 0) else None
         kept = named("half_kept", ops.take_ranked(scores, half_best))
         grid = named("grid_scores", ops.tucker_grid(kept, self.cores))
         total = named("grid_total", ops.sum_cores(grid))
         best = named("topk", ops.topk_indices(total, s.topk))
         core_scores = named("core_scores", ops.take_cores(grid, best))
         slots = named("slots", ops.take(ops.grid_indices(half_best, s.effective_keys), best))
-        return core_scores, slots
+        return core_scores, slots, aux
+
+    def key_balance(self, filtered: torch.Tensor, half_best: torch.Tensor) -> torch.Tensor:
+        """The official key-balance loss (olmo/ultramem_layer_v2.py:380-394) from the rank-1 scores
+        and the per-half top-m picks; its gradient reaches the scores through the softmax only."""
+        s = self.spec
+        probs = named("key_probs", ops.softmax(filtered))
+        counts = named("key_counts", ops.half_key_counts(half_best, s.effective_keys))
+        prob_sums = named("key_prob_sums", ops.half_prob_sums(probs))
+        return named("key_balance_loss", ops.key_balance_loss(counts, prob_sums, s.topk, s.key_balance_weight))
 
 
 class UltraMem(TuckerRetrieval):
@@ -141,7 +173,7 @@ class UltraMem(TuckerRetrieval):
 
     def body(self, h: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        core_scores, slots = self.retrieve(h)
+        core_scores, slots, _ = self.retrieve(h)
         table_rows = s.num_keys**2
         virtual = named("virtual_rows", ops.shuffle_rows(slots, self.shuffle, 0, s.expansion * table_rows))
         blocks = named("blocks", ops.block_of(virtual, table_rows))
@@ -155,7 +187,10 @@ class UltraMemV2(TuckerRetrieval):
     component = "ultramem_v2"
 
     def __init__(self, spec: UltraMemV2Spec, norm: NormSpec | None, dim: int) -> None:
-        super().__init__(spec, norm, dim, spec.heads, spec.rank if spec.query_per_rank else 1)
+        if spec.official_query:  # 2 rank D_k rows; head h reads group h // 2 (ultramem_layer_v2.py:50-55, 119)
+            super().__init__(spec, norm, dim, (spec.heads + 1) // 2, 1, 2 * spec.rank * spec.key_dim)
+        else:
+            super().__init__(spec, norm, dim, spec.heads, spec.rank if spec.query_per_rank else 1)
         if spec.pre_value_dim:
             self.w_pre = nn.Parameter(torch.empty(spec.pre_value_dim, dim))
         self.w_out = nn.Parameter(torch.empty(dim, spec.value_dim))
@@ -194,8 +229,12 @@ class UltraMemV2(TuckerRetrieval):
     def body(self, h: torch.Tensor) -> torch.Tensor:
         s = self.spec
         table = self._table[0]
-        core_scores, slots = self.retrieve(h)
-        rows = named("rows", ops.shuffle_rows(slots, self.shuffle, self.offset, self.table_rows))
+        core_scores, slots, aux = self.retrieve(h)
+        if s.key_expand > 1:  # E^2 virtual slots per row, their outputs summed (value_expand_time 1)
+            rows = named("rows", ops.expanded_rows(slots, self.shuffle, s.addressed_keys**2, self.offset,
+                                                   self.table_rows))
+        else:
+            rows = named("rows", ops.shuffle_rows(slots, self.shuffle, self.offset, self.table_rows))
         if s.pre_value_dim:
             pre = named("pre", ops.linear(h, self.w_pre))
             pre_rows = named("pre_rows", ops.gather_rows(table.pre_values, rows))
@@ -205,4 +244,5 @@ class UltraMemV2(TuckerRetrieval):
             core_scores = named("weights", ops.scale_cores(core_scores, gates))
         value_rows = named("value_rows", ops.gather_rows(table.values, rows))
         pooled = named("pooled", ops.core_pool(value_rows, core_scores))
-        return named("out", ops.linear(pooled, self.w_out))
+        out = named("out", ops.linear(pooled, self.w_out))
+        return (out, aux) if aux is not None else out

@@ -1,8 +1,10 @@
 """The model features public checkpoints need (qk_norm full and per head, q/k/v/o and FFN biases,
 learned positions) run in the emitted program under dp, fsdp, tp, sp (and ep for the MoE) on 2 gloo
 ranks and equal eager: losses and final parameters to runner.TOLERANCES in float32 and float64,
-collectives as the plan predicts. Specs: gpt2-tiny (every attention/FFN option and learned positions)
-and olmoe-tiny (full-width QK-norm before RoPE, MoE). One torchrun runs every case
+collectives as the plan predicts. Specs: gpt2-tiny (every attention/FFN option and learned positions),
+olmoe-tiny (full-width QK-norm before RoPE, MoE) and ultramem-v2-tiny with the official UltraMem
+code's options (key expansion, the key-balance loss, the official query projection, a biased RMS
+query norm; under dp and tp). One torchrun runs every case
 (tests/dist/driver.py), as tests/dist/test_strategies.py does for the other tiny specs; kept apart
 from its RUNNABLE_SPECS so that suite's runtime does not grow by two specs x four meshes.
 """
@@ -22,7 +24,12 @@ from ultraplan.runner import TOLERANCES, comm_report
 
 pytestmark = pytest.mark.slow
 
-SPECS = {"gpt2-tiny": ("dp", "fsdp", "tp", "sp"), "olmoe-tiny": ("dp", "fsdp", "tp", "sp", "ep")}
+SPECS = {"gpt2-tiny": ("dp", "fsdp", "tp", "sp"), "olmoe-tiny": ("dp", "fsdp", "tp", "sp", "ep"),
+         "ultramem-v2-official": ("dp", "tp")}
+VARIANTS = {"ultramem-v2-official": ("ultramem-v2-tiny", "share: ring,",  # base spec, where, what to add
+                                     "key_expand: 2, key_balance_weight: 0.05, official_query: true, "
+                                     "query_norm: rms, query_norm_bias: true, share: ring,")}
+DTYPES_OF = {"ultramem-v2-official": ("float64",)}  # the strict check alone: test time
 DTYPES = ("float32", "float64")
 STEPS = 3
 
@@ -32,12 +39,17 @@ def feature_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("features")
     cases = []
     for spec, strategies in SPECS.items():
+        path = MODELS / f"{spec}.yaml"
+        if spec in VARIANTS:
+            base, where, what = VARIANTS[spec]
+            path = root / f"{spec}.yaml"
+            path.write_text((MODELS / f"{base}.yaml").read_text().replace(where, what))
         for strategy in strategies:
             out = root / f"{spec}__{strategy}"
-            api.compile(MODELS / f"{spec}.yaml", "2", out, strategy=strategy)
-            for dtype in DTYPES:
+            api.compile(path, "2", out, strategy=strategy)
+            for dtype in DTYPES_OF.get(spec, DTYPES):
                 cases.append({"spec": spec, "strategy": strategy, "dir": str(out), "steps": STEPS, "dtype": dtype,
-                              "dump": str(out / f"result-{dtype}.json")})
+                              "dump": str(out / f"result-{dtype}.json"), "path": str(path)})
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(cases))
     result = torchrun(2, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
@@ -51,7 +63,7 @@ def test_every_feature_equals_eager(feature_run):
     for case in feature_run:
         key = (case["spec"], case["dtype"])
         if key not in references:
-            plan = api.plan(MODELS / f"{case['spec']}.yaml", "1")
+            plan = api.plan(case["path"], "1")
             references[key] = train_reference(plan, STEPS, plan.training.seed, getattr(torch, case["dtype"]))
         ref_losses, ref_params = references[key]
         result = json.loads(open(case["dump"]).read())

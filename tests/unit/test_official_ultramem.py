@@ -30,7 +30,12 @@ def official_weights(mem, dead_query_rows: int = 0) -> official.OfficialWeights:
     table = mem._table[0] if hasattr(mem, "_table") else mem
     heads, rank = mem.cores.shape[0], mem.cores.shape[-1]
     pre = getattr(table, "pre_values", None)
+    kinds = set(mem.norm_kinds.values())
+    assert len(kinds) == 1  # the official code builds both norms from one config
+    bias = lambda name: leaf(getattr(mem, name)) if hasattr(mem, name) else None  # noqa: E731
     return official.OfficialWeights(
+        query_norm_bias=bias("query_norm_bias"), keys_norm_bias=bias("key_norm_bias"),
+        norm_type="rms" if kinds == {"rms"} else "default",
         query_proj=leaf(w_query), query_norm=leaf(mem.query_norm_weight),
         keys=leaf(mem.keys.permute(0, 1, 3, 4, 2)), keys_norm=leaf(mem.key_norm_weight),
         tucker_core=[leaf(mem.cores[:, k]) for k in range(mem.cores.shape[1])],
@@ -40,11 +45,13 @@ def official_weights(mem, dead_query_rows: int = 0) -> official.OfficialWeights:
         pre_values_proj=leaf(mem.w_pre) if hasattr(mem, "w_pre") else None)
 
 
-def compare(mem, ours_out, theirs_out, w: official.OfficialWeights, x: torch.Tensor, x_ref: torch.Tensor) -> float:
-    """Backpropagate one random cotangent through both; assert outputs and gradients agree."""
+def compare(mem, ours_out, theirs_out, w: official.OfficialWeights, x: torch.Tensor, x_ref: torch.Tensor,
+            ours_aux: torch.Tensor | None = None) -> float:
+    """Backpropagate one random cotangent through both (ours plus its auxiliary loss, which the
+    training loss adds; theirs carries it in AuxLossBackwardHook); assert outputs and gradients agree."""
     cotangent = torch.randn_like(ours_out)
     torch.testing.assert_close(ours_out, theirs_out, **F64)
-    (ours_out * cotangent).sum().backward()
+    ((ours_out * cotangent).sum() + (ours_aux if ours_aux is not None else 0)).backward()
     (theirs_out * cotangent).sum().backward()
     table = mem._table[0] if hasattr(mem, "_table") else mem
     pairs = [(x.grad, x_ref.grad), (mem.w_query.grad, w.query_proj.grad[: mem.w_query.shape[0]]),
@@ -54,34 +61,70 @@ def compare(mem, ours_out, theirs_out, w: official.OfficialWeights, x: torch.Ten
              (table.values.grad, w.values.grad), (mem.w_out.grad, w.values_proj.grad)]
     if w.pre_values is not None:
         pairs += [(table.pre_values.grad, w.pre_values.grad), (mem.w_pre.grad, w.pre_values_proj.grad)]
-        assert not w.query_proj.grad[mem.w_query.shape[0]:].any()  # the official dead query rows
+        assert not w.query_proj.grad[mem.query_read:].any()  # the official dead query rows
+        assert mem.query_rows == mem.query_read or not mem.w_query.grad[mem.query_read:].any()
+    for which, official_name in (("query", "query_norm_bias"), ("key", "keys_norm_bias")):
+        if hasattr(mem, f"{which}_norm_bias"):
+            pairs.append((getattr(mem, f"{which}_norm_bias").grad, getattr(w, official_name).grad))
+        else:
+            assert getattr(w, official_name) is None
     for ours, theirs in pairs:
         torch.testing.assert_close(ours, theirs, **F64)
     return float((ours_out - theirs_out).detach().abs().max())
 
 
-@pytest.mark.parametrize("layer, gelu", [(0, False), (3, False), (3, True)])  # layer 3 wraps around the ring
-def test_ultramem_v2_equals_the_official_forward_and_gradients(write_spec, layer, gelu):
-    text = (MODELS / "ultramem-v2-tiny.yaml").read_text()
-    if gelu:  # the official mem_use_glu_act
-        text = text.replace("share: ring,", "pre_value_gelu: true, share: ring,")
+V2_CASES = {  # extra fields of the tiny spec's memory layer, and the layer to compare (3 wraps around the ring)
+    "plain-layer0": ("", 0),
+    "plain-wraps": ("", 3),
+    "gelu": ("pre_value_gelu: true, ", 3),  # the official mem_use_glu_act
+    "expand-balance-official-query": ("key_expand: 2, key_balance_weight: 0.05, official_query: true, ", 3),
+    "rms-with-bias-expand-3": ("query_norm_bias: true, key_norm_bias: true, key_expand: 3, ", 1),
+    "layer-without-bias-2-heads": ("query_norm: layer, key_norm: layer, query_norm_bias: false, key_norm_bias: false, "
+                                   "heads: 2, official_query: true, key_balance_weight: 0.5, ", 3),
+    "official-query-4-heads": ("heads: 4, official_query: true, ", 3),  # heads 2, 3 read query group 1
+}
+
+
+@pytest.mark.parametrize("case", sorted(V2_CASES))
+def test_ultramem_v2_equals_the_official_forward_and_gradients(write_spec, case):
+    fields, layer = V2_CASES[case]
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring,", fields + "share: ring,")
     model = build_model(load(write_spec(text)), seed=11).double()
     mem = model.layers[layer]["ultramem_v2"]
-    assert mem.norm_kinds == {"query": "rms", "key": "rms"} and not hasattr(mem, "query_norm_bias")
-    assert mem.spec.pre_value_gelu == gelu
-    assert layer == 0 or mem.offset + mem.spec.effective_keys**2 > mem.table_rows  # it does wrap
-    w = official_weights(mem, dead_query_rows=2 * mem.spec.key_dim)
+    s = mem.spec
+    assert s.pre_value_gelu == ("gelu" in fields)
+    assert s.key_expand == (3 if "key_expand: 3" in fields else 2 if "key_expand" in fields else 1)
+    assert (s.key_balance_weight > 0) == ("balance" in fields)
+    assert layer in (0, 1) or mem.offset + s.addressed_keys**2 > mem.table_rows  # it does wrap
+    if s.official_query:  # our projection is the official 2 rank D_k rows; head h reads group h // 2
+        assert mem.query_rows == 2 * s.rank * s.key_dim and mem.query_read == 2 * s.key_dim * (1 + (s.heads > 2))
+        w = official_weights(mem)
+    else:  # ours holds the rows that are read; the official 2 D_k more stay dead
+        w = official_weights(mem, dead_query_rows=2 * s.key_dim)
     x = torch.randn(2, 5, 32, dtype=torch.float64, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     ours = mem.body(x)
-    theirs = official.ultramem_v2(w, x_ref.view(10, 32), mem.spec.key_dim, mem.spec.topk, mem.offset,
-                                  mem.table_rows, mem.spec.effective_keys**2, gelu).view(2, 5, 32)
-    assert compare(mem, ours, theirs, w, x, x_ref) < 1e-12
+    ours, ours_aux = ours if isinstance(ours, tuple) else (ours, None)
+    theirs = official.ultramem_v2(w, x_ref.view(10, 32), s.key_dim, s.topk, mem.offset, mem.table_rows,
+                                  s.addressed_keys**2, s.pre_value_gelu, s.key_balance_weight)
+    if s.key_balance_weight:
+        theirs, their_loss = theirs
+        torch.testing.assert_close(ours_aux, s.key_balance_weight * their_loss, **F64)
+        assert float(their_loss.detach()) > 1.5  # two halves of about 1 or more each: a real loss, not zero
+    else:
+        assert ours_aux is None
+    assert compare(mem, ours, theirs.view(2, 5, 32), w, x, x_ref, ours_aux) < 1e-12
 
 
-def test_ultramem_equals_the_official_forward_and_gradients():
-    model = build_model(load(MODELS / "ultramem-tiny.yaml"), seed=12).double()
+@pytest.mark.parametrize("fields", ["", "query_norm: layer, key_norm: layer, query_norm_bias: false, "
+                                    "key_norm_bias: false, ", "query_norm_bias: true, key_norm_bias: true, ",
+                                    "query_norm: layer, key_norm: layer, "])  # auto: LayerNorm with its bias
+def test_ultramem_equals_the_official_forward_and_gradients(write_spec, fields):
+    text = (MODELS / "ultramem-tiny.yaml").read_text().replace("ultramem: {", "ultramem: {" + fields)
+    model = build_model(load(write_spec(text)), seed=12).double()
     mem = model.layers[1]["ultramem"]
+    assert hasattr(mem, "query_norm_bias") == ("bias: true" in fields or fields.endswith("key_norm: layer, "))
+    assert mem.norm_kinds["key"] == ("layer" if "layer" in fields else "rms")
     assert mem.query_heads == 1 and mem.spec.heads == 2  # two heads read one query, as the official i // 2
     w = official_weights(mem)
     x = torch.randn(3, 4, 32, dtype=torch.float64, requires_grad=True)

@@ -104,7 +104,8 @@ def ultramem_v2(d: int, layers: int, heads: int, ffn: int, n: int, dk: int, dv: 
                 q_per_rank: bool, share_ratio: float, tied: bool, mem_heads: int = 1, rank: int = 2,
                 cores: int = 2) -> tuple[Official, int]:
     """Every block has an FFN and a memory layer (mem_insert_way='full'); olmo/ultramem_layer_v2.py.
-    Returns the count and n' (keys per half a layer addresses)."""
+    Returns the count and n' (keys per half a layer addresses). ``q_per_rank``: the query projection is
+    2 rank Dk wide (the official mem_q_for_each_tucker_rank, :119), else 2 Dk."""
     block, qk = olmo_block(d, heads, ffn)
     n_eff = int((n * n * layers * share_ratio) ** 0.5)  # the code's knum = int((all_value_num * share_ratio) ** 0.5)
     dense = (d * 2 * dk * (rank if q_per_rank else 1)  # query_proj
@@ -236,10 +237,10 @@ def test_olmoe_1b_7b_matches_table_10_exactly():
 
 
 def test_ultramem_v2_1b_7b():
-    """UltraMemV2-1B/7B with Table 10's memory shapes; its FFN width, per-rank queries and ring sharing
-    (share_ratio 0.5, n' = 1493) are not published and are inferred (see the spec's header). The FFN
-    width 6656 was chosen so that the activated count without embeddings (the 1B group's rule) is
-    Table 10's 1079M; that check passes by construction.
+    """UltraMemV2-1B/7B with Table 10's memory shapes; its FFN width, the official query projection
+    (official_query) and ring sharing (share_ratio 0.5, n' = 1493) are not published and are inferred
+    (see the spec's header). The FFN width 6656 was chosen so that the activated count without
+    embeddings (the 1B group's rule) is Table 10's 1079M; that check passes by construction.
 
     The published 6.70B total is out of reach for ANY model with Table 10's shapes: every dense
     parameter is activated, so total - activated = value rows not read
@@ -252,6 +253,14 @@ def test_ultramem_v2_1b_7b():
                              q_per_rank=True, share_ratio=0.5, tied=False)
     mems = memory_layers(spec(str(PAPER / "ultramem-v2-1b-7b.yaml")), UltraMemV2Spec)
     assert {sub.config.effective_keys for _, sub in mems} == {n_eff} == {1493}
+    # official_query: the flag's 4 Dk projection rows, 2 Dk of them never read (ultramem_layer_v2.py:50-55,
+    # 119). Without the unread rows no FFN width on OLMo's grid (mlp_hidden_size a multiple of 256, inner
+    # width a multiple of 128) reaches Table 10's 1079M: evidence that the published count holds them.
+    assert all(sub.config.official_query and not sub.config.query_per_rank for _, sub in mems)
+    unread_query = 16 * 2 * 512 * 2048
+    without = [s.active_params_non_embedding - unread_query + 16 * 3 * 2048 * (width - 6656)
+               for width in range(128, 20000, 128)]
+    assert min(abs(a - 1079 * M) for a in without) > 4 * M  # 1083.2M and 1070.6M are the nearest
     assert s.params == off.total - off.qk_norm
     assert s.active_params == off.active - off.qk_norm
     unread = 16 * 528**2 * (768 + 384) - 16 * 128 * (768 + 384)

@@ -267,3 +267,65 @@ def test_gradients_reach_only_the_selected_rows():
             touched = {int(i) for i in torch.nonzero(table.grad.abs().sum(dim=1)).flatten()}
             assert touched == chosen, type(mem).__name__
             assert 0 < len(chosen) < table.shape[0]
+
+
+OFFICIAL_OPTIONS = ("key_expand: 2, key_balance_weight: 0.01, official_query: true, query_norm: rms, key_norm: rms, "
+                    "query_norm_bias: true, key_norm_bias: false, ")
+
+
+def test_official_options_count_lower_and_cost_as_torch_does(write_spec):
+    """Key expansion, the key-balance loss, the official query projection and a biased RMS query norm:
+    the parameter count against a closed form (E n' keys per half, 2 rank D_k query rows), FLOPs
+    against FlopCounterMode, the lowered graph's loss against eager (cross entropy + the balance losses)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from ultraplan.compiler.lower import lower
+    from ultraplan.compiler.shapes import T
+    from ultraplan.passes.stats import spec_stats
+
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring,", OFFICIAL_OPTIONS + "share: ring,")
+    spec = load(write_spec(text))
+    model = build_model(spec, seed=4)
+    mem = model.layers[0]["ultramem_v2"]
+    s, d = mem.spec, spec.hidden_size
+    n_keys = 2 * math.isqrt(2 * 8**2)  # E floor(sqrt(g) n) = 2 * 11
+    assert s.effective_keys == n_keys and mem.shuffle.numel() == n_keys**2
+    dense = (2 * 2 * 16 * d + 2 * 2 * n_keys * 16 + 2 * 2 * 2 + 16 + 16 + 16  # query rows, keys, cores, norms
+             + 8 * d + d * 24)  # W_pre, W_out (D_v wide: the E^2 virtual slots are summed)
+    assert mem.norm is None and sum(p.numel() for p in mem.parameters()) == dense  # parallel: the block's norm
+    stats = spec_stats(spec)
+    assert stats.params == sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, spec.vocab_size, (2, 9))
+    with FlopCounterMode(display=False) as counter:
+        model(tokens[:, :-1])
+    assert stats.flops_per_token.subs(T, 8) * 16 == counter.get_total_flops()
+    logits, aux = model.forward_with_aux(tokens[:, :-1])
+    assert len(aux) == 4 and all(float(a.detach()) > 0 for a in aux)
+    eager = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+    for a in aux:
+        eager = eager + a
+    assert torch.equal(lower(model)(tokens[:, :-1], tokens[:, 1:]), eager)
+
+
+def test_official_query_and_new_fields_are_checked(write_spec):
+    """official_query only where the official layout runs; key_expand and the bias fields typed."""
+    import pytest
+    from ultraplan.compiler.errors import SpecError
+    from ultraplan.compiler.validate import load_model_spec
+
+    base = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("rank: 2,", "")
+    huge_query = ("key_dim: 16,", "key_dim: 1000000000000,"), ("hidden_size: 32", "hidden_size: 4000000")
+    for fields, words, edits in (("official_query: true, query_per_rank: true, ", "exclude each other", ()),
+                                 ("official_query: true, rank: 3, ", "needs rank 2", ()),
+                                 ("official_query: true, heads: 3, ", "1, 2 or 4 heads", ()),
+                                 ("key_expand: 0, ", "key_expand", ()),
+                                 ("key_balance_weight: -1, ", "key_balance_weight", ()),
+                                 ("query_norm_bias: maybe, ", "query_norm_bias", ()),
+                                 ("key_expand: 3000000000, ", "slot shuffle", ()),  # (E n')^2 past 2^63 bytes
+                                 ("official_query: true, ", "query projection", huge_query)):
+        text = base.replace("share: ring,", fields + "share: ring,")
+        for old, new in edits:
+            text = text.replace(old, new)
+        with pytest.raises(SpecError) as info:
+            load_model_spec(write_spec(text))
+        assert words in str(info.value), (fields, str(info.value))
+    load_model_spec(write_spec(base.replace("share: ring,", "official_query: true, heads: 4, share: ring,")))

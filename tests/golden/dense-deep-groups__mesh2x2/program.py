@@ -2,12 +2,12 @@
 #   spec      dense-deep-groups (dense-deep-groups.yaml, sha256 434ee9ab6c55)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  dp,dp (one per mesh axis)
-#   collectives per step  all_reduce x176
+#   collectives per step  all_reduce x4
 #   model     vocab 64, hidden 32, 10 layers, 113,248 parameters
 #   predicted per step at B=4, T=16:
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
-#     step time         18.169 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 176*lat0*(n0 - 1) + 176*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
+#     step time         0.969 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 4*lat0*(n0 - 1) + 4*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
 #     memory            2.25 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -31,99 +31,248 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 905992}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 176}
-PARAMS = [  # (canonical name, attribute, placement, optimizer group)
-    ('embed.weight', 'embed_weight', ('B', 'B'), 'default'),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B', 'B'), 'default'),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B', 'B'), 'default'),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B', 'B'), 'default'),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B', 'B'), 'default'),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B', 'B'), 'default'),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B', 'B'), 'default'),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B', 'B'), 'default'),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B', 'B'), 'default'),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.2.attention.wq', 'layers_2_attention_wq', ('B', 'B'), 'default'),
-    ('layers.2.attention.wk', 'layers_2_attention_wk', ('B', 'B'), 'default'),
-    ('layers.2.attention.wv', 'layers_2_attention_wv', ('B', 'B'), 'default'),
-    ('layers.2.attention.wo', 'layers_2_attention_wo', ('B', 'B'), 'default'),
-    ('layers.2.ffn.norm.weight', 'layers_2_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.2.ffn.w_up', 'layers_2_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.2.ffn.w_gate', 'layers_2_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.2.ffn.w_down', 'layers_2_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.3.attention.norm.weight', 'layers_3_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.3.attention.wq', 'layers_3_attention_wq', ('B', 'B'), 'default'),
-    ('layers.3.attention.wk', 'layers_3_attention_wk', ('B', 'B'), 'default'),
-    ('layers.3.attention.wv', 'layers_3_attention_wv', ('B', 'B'), 'default'),
-    ('layers.3.attention.wo', 'layers_3_attention_wo', ('B', 'B'), 'default'),
-    ('layers.3.ffn.norm.weight', 'layers_3_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.3.ffn.w_up', 'layers_3_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.3.ffn.w_down', 'layers_3_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.4.attention.norm.weight', 'layers_4_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.4.attention.wq', 'layers_4_attention_wq', ('B', 'B'), 'default'),
-    ('layers.4.attention.wk', 'layers_4_attention_wk', ('B', 'B'), 'default'),
-    ('layers.4.attention.wv', 'layers_4_attention_wv', ('B', 'B'), 'default'),
-    ('layers.4.attention.wo', 'layers_4_attention_wo', ('B', 'B'), 'default'),
-    ('layers.4.ffn.norm.weight', 'layers_4_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.4.ffn.w_up', 'layers_4_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.4.ffn.w_gate', 'layers_4_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.4.ffn.w_down', 'layers_4_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.5.attention.norm.weight', 'layers_5_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.5.attention.wq', 'layers_5_attention_wq', ('B', 'B'), 'default'),
-    ('layers.5.attention.wk', 'layers_5_attention_wk', ('B', 'B'), 'default'),
-    ('layers.5.attention.wv', 'layers_5_attention_wv', ('B', 'B'), 'default'),
-    ('layers.5.attention.wo', 'layers_5_attention_wo', ('B', 'B'), 'default'),
-    ('layers.5.ffn.norm.weight', 'layers_5_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.5.ffn.w_up', 'layers_5_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.5.ffn.w_down', 'layers_5_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.6.attention.norm.weight', 'layers_6_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.6.attention.wq', 'layers_6_attention_wq', ('B', 'B'), 'default'),
-    ('layers.6.attention.wk', 'layers_6_attention_wk', ('B', 'B'), 'default'),
-    ('layers.6.attention.wv', 'layers_6_attention_wv', ('B', 'B'), 'default'),
-    ('layers.6.attention.wo', 'layers_6_attention_wo', ('B', 'B'), 'default'),
-    ('layers.6.ffn.norm.weight', 'layers_6_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.6.ffn.w_up', 'layers_6_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.6.ffn.w_gate', 'layers_6_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.6.ffn.w_down', 'layers_6_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.7.attention.norm.weight', 'layers_7_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.7.attention.wq', 'layers_7_attention_wq', ('B', 'B'), 'default'),
-    ('layers.7.attention.wk', 'layers_7_attention_wk', ('B', 'B'), 'default'),
-    ('layers.7.attention.wv', 'layers_7_attention_wv', ('B', 'B'), 'default'),
-    ('layers.7.attention.wo', 'layers_7_attention_wo', ('B', 'B'), 'default'),
-    ('layers.7.ffn.norm.weight', 'layers_7_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.7.ffn.w_up', 'layers_7_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.7.ffn.w_down', 'layers_7_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.8.attention.norm.weight', 'layers_8_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.8.attention.wq', 'layers_8_attention_wq', ('B', 'B'), 'default'),
-    ('layers.8.attention.wk', 'layers_8_attention_wk', ('B', 'B'), 'default'),
-    ('layers.8.attention.wv', 'layers_8_attention_wv', ('B', 'B'), 'default'),
-    ('layers.8.attention.wo', 'layers_8_attention_wo', ('B', 'B'), 'default'),
-    ('layers.8.ffn.w_up', 'layers_8_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.8.ffn.w_gate', 'layers_8_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.8.ffn.w_down', 'layers_8_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.9.attention.norm.weight', 'layers_9_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.9.attention.wq', 'layers_9_attention_wq', ('B', 'B'), 'default'),
-    ('layers.9.attention.wk', 'layers_9_attention_wk', ('B', 'B'), 'default'),
-    ('layers.9.attention.wv', 'layers_9_attention_wv', ('B', 'B'), 'default'),
-    ('layers.9.attention.wo', 'layers_9_attention_wo', ('B', 'B'), 'default'),
-    ('layers.9.ffn.w_up', 'layers_9_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.9.ffn.w_gate', 'layers_9_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.9.ffn.w_down', 'layers_9_ffn_w_down', ('B', 'B'), 'default'),
-    ('final_norm.weight', 'final_norm_weight', ('B', 'B'), 'default'),
-    ('lm_head.weight', 'lm_head_weight', ('B', 'B'), 'default'),
+PLANNED_CALLS_PER_STEP = {'all_reduce': 4}
+PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
+    ('embed.weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.wq', ('B', 'B'), 'default'),
+    ('layers.0.attention.wk', ('B', 'B'), 'default'),
+    ('layers.0.attention.wv', ('B', 'B'), 'default'),
+    ('layers.0.attention.wo', ('B', 'B'), 'default'),
+    ('layers.0.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.1.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.1.attention.wq', ('B', 'B'), 'default'),
+    ('layers.1.attention.wk', ('B', 'B'), 'default'),
+    ('layers.1.attention.wv', ('B', 'B'), 'default'),
+    ('layers.1.attention.wo', ('B', 'B'), 'default'),
+    ('layers.1.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.1.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.1.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.2.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.2.attention.wq', ('B', 'B'), 'default'),
+    ('layers.2.attention.wk', ('B', 'B'), 'default'),
+    ('layers.2.attention.wv', ('B', 'B'), 'default'),
+    ('layers.2.attention.wo', ('B', 'B'), 'default'),
+    ('layers.2.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.2.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.3.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.3.attention.wq', ('B', 'B'), 'default'),
+    ('layers.3.attention.wk', ('B', 'B'), 'default'),
+    ('layers.3.attention.wv', ('B', 'B'), 'default'),
+    ('layers.3.attention.wo', ('B', 'B'), 'default'),
+    ('layers.3.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.3.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.3.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.4.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.4.attention.wq', ('B', 'B'), 'default'),
+    ('layers.4.attention.wk', ('B', 'B'), 'default'),
+    ('layers.4.attention.wv', ('B', 'B'), 'default'),
+    ('layers.4.attention.wo', ('B', 'B'), 'default'),
+    ('layers.4.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.4.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.5.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.5.attention.wq', ('B', 'B'), 'default'),
+    ('layers.5.attention.wk', ('B', 'B'), 'default'),
+    ('layers.5.attention.wv', ('B', 'B'), 'default'),
+    ('layers.5.attention.wo', ('B', 'B'), 'default'),
+    ('layers.5.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.5.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.5.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.6.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.6.attention.wq', ('B', 'B'), 'default'),
+    ('layers.6.attention.wk', ('B', 'B'), 'default'),
+    ('layers.6.attention.wv', ('B', 'B'), 'default'),
+    ('layers.6.attention.wo', ('B', 'B'), 'default'),
+    ('layers.6.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.6.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.7.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.7.attention.wq', ('B', 'B'), 'default'),
+    ('layers.7.attention.wk', ('B', 'B'), 'default'),
+    ('layers.7.attention.wv', ('B', 'B'), 'default'),
+    ('layers.7.attention.wo', ('B', 'B'), 'default'),
+    ('layers.7.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.7.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.7.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.8.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.8.attention.wq', ('B', 'B'), 'default'),
+    ('layers.8.attention.wk', ('B', 'B'), 'default'),
+    ('layers.8.attention.wv', ('B', 'B'), 'default'),
+    ('layers.8.attention.wo', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.8.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.9.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.9.attention.wq', ('B', 'B'), 'default'),
+    ('layers.9.attention.wk', ('B', 'B'), 'default'),
+    ('layers.9.attention.wv', ('B', 'B'), 'default'),
+    ('layers.9.attention.wo', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.9.ffn.w_down', ('B', 'B'), 'default'),
+    ('final_norm.weight', ('B', 'B'), 'default'),
+    ('lm_head.weight', ('B', 'B'), 'default'),
 ]
+
+
+class WideBlock(torch.nn.Module):
+    """Spec block 'wide', run by layer(s) 0, 2, 4, 6: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (32): stored [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wq (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wk (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wv (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wo (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (32): stored [B,B], 128 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
+        self.ffn.w_gate = runtime.param(prefix + 'ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (32, 96), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 32) [S(0),S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- ffn
+        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_residual = ops.add(attention_residual, ffn_down)  # (B/4, T, 32) [S(0),S(0)]
+        return ffn_residual
+
+
+class NarrowBlock(torch.nn.Module):
+    """Spec block 'narrow', run by layer(s) 1, 3, 5, 7: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (32): stored [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wq (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wk (8, 32): stored [B,B], 1.02 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wv (8, 32): stored [B,B], 1.02 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wo (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (32): stored [B,B], 128 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_up (48, 32): stored [B,B], 6.14 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (48, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_down (32, 48): stored [B,B], 6.14 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (32, 48), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 8) [S(0),S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 8) [S(0),S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- ffn
+        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 48) [S(0),S(0)]
+        ffn_act = ops.gelu(ffn_up)  # (B/4, T, 48) [S(0),S(0)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_residual = ops.add(attention_residual, ffn_down)  # (B/4, T, 32) [S(0),S(0)]
+        return ffn_residual
+
+
+class WideBlock2(torch.nn.Module):
+    """Spec block 'wide', run by layer(s) 8, 9: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (32): stored [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wq (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wk (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wv (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wo (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        # ffn.w_up (128, 32): stored [B,B], 16.38 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_gate (128, 32): stored [B,B], 16.38 kB per device
+        self.ffn.w_gate = runtime.param(prefix + 'ffn.w_gate', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_down (32, 128): stored [B,B], 16.38 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (32, 128), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 32) [S(0),S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- ffn
+        ffn_up = ops.linear(attention_residual, self.ffn.w_up)  # (B/4, T, 128) [S(0),S(0)]
+        ffn_gate = ops.linear(attention_residual, self.ffn.w_gate)  # (B/4, T, 128) [S(0),S(0)]
+        ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 128) [S(0),S(0)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_residual = ops.add(attention_residual, ffn_down)  # (B/4, T, 32) [S(0),S(0)]
+        return ffn_residual
+
 
 class Model(torch.nn.Module):
     """This rank's shards of the model SPEC_NAME names, and its forward with the loss."""
@@ -131,708 +280,140 @@ class Model(torch.nn.Module):
     def __init__(self, mesh, seed):
         super().__init__()
         self.mesh = mesh
+        self.embed = torch.nn.Module()
         # embed.weight (64, 32): stored [B,B], 8.19 kB per device
-        self.embed_weight = runtime.param('embed.weight', (64, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_0_attention_norm_weight = runtime.param('layers.0.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wq = runtime.param('layers.0.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wk = runtime.param('layers.0.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wv = runtime.param('layers.0.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wo = runtime.param('layers.0.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_0_ffn_norm_weight = runtime.param('layers.0.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_up = runtime.param('layers.0.ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_gate = runtime.param('layers.0.ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_down = runtime.param('layers.0.ffn.w_down', (32, 96), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_1_attention_norm_weight = runtime.param('layers.1.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wq = runtime.param('layers.1.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wk (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_1_attention_wk = runtime.param('layers.1.attention.wk', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wv (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_1_attention_wv = runtime.param('layers.1.attention.wv', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wo = runtime.param('layers.1.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_1_ffn_norm_weight = runtime.param('layers.1.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.ffn.w_up (48, 32): stored [B,B], 6.14 kB per device
-        self.layers_1_ffn_w_up = runtime.param('layers.1.ffn.w_up', (48, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.ffn.w_down (32, 48): stored [B,B], 6.14 kB per device
-        self.layers_1_ffn_w_down = runtime.param('layers.1.ffn.w_down', (32, 48), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_2_attention_norm_weight = runtime.param('layers.2.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wq = runtime.param('layers.2.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wk = runtime.param('layers.2.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wv = runtime.param('layers.2.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wo = runtime.param('layers.2.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_2_ffn_norm_weight = runtime.param('layers.2.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_2_ffn_w_up = runtime.param('layers.2.ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_2_ffn_w_gate = runtime.param('layers.2.ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
-        self.layers_2_ffn_w_down = runtime.param('layers.2.ffn.w_down', (32, 96), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_3_attention_norm_weight = runtime.param('layers.3.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_3_attention_wq = runtime.param('layers.3.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.attention.wk (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_3_attention_wk = runtime.param('layers.3.attention.wk', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.attention.wv (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_3_attention_wv = runtime.param('layers.3.attention.wv', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_3_attention_wo = runtime.param('layers.3.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_3_ffn_norm_weight = runtime.param('layers.3.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.ffn.w_up (48, 32): stored [B,B], 6.14 kB per device
-        self.layers_3_ffn_w_up = runtime.param('layers.3.ffn.w_up', (48, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.3.ffn.w_down (32, 48): stored [B,B], 6.14 kB per device
-        self.layers_3_ffn_w_down = runtime.param('layers.3.ffn.w_down', (32, 48), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_4_attention_norm_weight = runtime.param('layers.4.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_4_attention_wq = runtime.param('layers.4.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_4_attention_wk = runtime.param('layers.4.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_4_attention_wv = runtime.param('layers.4.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_4_attention_wo = runtime.param('layers.4.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_4_ffn_norm_weight = runtime.param('layers.4.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_4_ffn_w_up = runtime.param('layers.4.ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_4_ffn_w_gate = runtime.param('layers.4.ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.4.ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
-        self.layers_4_ffn_w_down = runtime.param('layers.4.ffn.w_down', (32, 96), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_5_attention_norm_weight = runtime.param('layers.5.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_5_attention_wq = runtime.param('layers.5.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.attention.wk (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_5_attention_wk = runtime.param('layers.5.attention.wk', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.attention.wv (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_5_attention_wv = runtime.param('layers.5.attention.wv', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_5_attention_wo = runtime.param('layers.5.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_5_ffn_norm_weight = runtime.param('layers.5.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.ffn.w_up (48, 32): stored [B,B], 6.14 kB per device
-        self.layers_5_ffn_w_up = runtime.param('layers.5.ffn.w_up', (48, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.5.ffn.w_down (32, 48): stored [B,B], 6.14 kB per device
-        self.layers_5_ffn_w_down = runtime.param('layers.5.ffn.w_down', (32, 48), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_6_attention_norm_weight = runtime.param('layers.6.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_6_attention_wq = runtime.param('layers.6.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_6_attention_wk = runtime.param('layers.6.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_6_attention_wv = runtime.param('layers.6.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_6_attention_wo = runtime.param('layers.6.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_6_ffn_norm_weight = runtime.param('layers.6.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_6_ffn_w_up = runtime.param('layers.6.ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_6_ffn_w_gate = runtime.param('layers.6.ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.6.ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
-        self.layers_6_ffn_w_down = runtime.param('layers.6.ffn.w_down', (32, 96), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_7_attention_norm_weight = runtime.param('layers.7.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_7_attention_wq = runtime.param('layers.7.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.attention.wk (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_7_attention_wk = runtime.param('layers.7.attention.wk', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.attention.wv (8, 32): stored [B,B], 1.02 kB per device
-        self.layers_7_attention_wv = runtime.param('layers.7.attention.wv', (8, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_7_attention_wo = runtime.param('layers.7.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_7_ffn_norm_weight = runtime.param('layers.7.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.ffn.w_up (48, 32): stored [B,B], 6.14 kB per device
-        self.layers_7_ffn_w_up = runtime.param('layers.7.ffn.w_up', (48, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.7.ffn.w_down (32, 48): stored [B,B], 6.14 kB per device
-        self.layers_7_ffn_w_down = runtime.param('layers.7.ffn.w_down', (32, 48), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_8_attention_norm_weight = runtime.param('layers.8.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_8_attention_wq = runtime.param('layers.8.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_8_attention_wk = runtime.param('layers.8.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_8_attention_wv = runtime.param('layers.8.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_8_attention_wo = runtime.param('layers.8.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.ffn.w_up (128, 32): stored [B,B], 16.38 kB per device
-        self.layers_8_ffn_w_up = runtime.param('layers.8.ffn.w_up', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.ffn.w_gate (128, 32): stored [B,B], 16.38 kB per device
-        self.layers_8_ffn_w_gate = runtime.param('layers.8.ffn.w_gate', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.8.ffn.w_down (32, 128): stored [B,B], 16.38 kB per device
-        self.layers_8_ffn_w_down = runtime.param('layers.8.ffn.w_down', (32, 128), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_9_attention_norm_weight = runtime.param('layers.9.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_9_attention_wq = runtime.param('layers.9.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_9_attention_wk = runtime.param('layers.9.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_9_attention_wv = runtime.param('layers.9.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_9_attention_wo = runtime.param('layers.9.attention.wo', (32, 32), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.ffn.w_up (128, 32): stored [B,B], 16.38 kB per device
-        self.layers_9_ffn_w_up = runtime.param('layers.9.ffn.w_up', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.ffn.w_gate (128, 32): stored [B,B], 16.38 kB per device
-        self.layers_9_ffn_w_gate = runtime.param('layers.9.ffn.w_gate', (128, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.9.ffn.w_down (32, 128): stored [B,B], 16.38 kB per device
-        self.layers_9_ffn_w_down = runtime.param('layers.9.ffn.w_down', (32, 128), 'normal', 0.004472135954999579, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.embed.weight = runtime.param('embed.weight', (64, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.layers = torch.nn.ModuleList([
+            WideBlock("layers.0.", seed, mesh),
+            NarrowBlock("layers.1.", seed, mesh),
+            WideBlock("layers.2.", seed, mesh),
+            NarrowBlock("layers.3.", seed, mesh),
+            WideBlock("layers.4.", seed, mesh),
+            NarrowBlock("layers.5.", seed, mesh),
+            WideBlock("layers.6.", seed, mesh),
+            NarrowBlock("layers.7.", seed, mesh),
+            *(WideBlock2(f"layers.{i}.", seed, mesh) for i in range(8, 10)),
+        ])
+        self.final_norm = torch.nn.Module()
         # final_norm.weight (32): stored [B,B], 128 B per device
-        self.final_norm_weight = runtime.param('final_norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.final_norm.weight = runtime.param('final_norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.lm_head = torch.nn.Module()
         # lm_head.weight (64, 32): stored [B,B], 8.19 kB per device
-        self.lm_head_weight = runtime.param('lm_head.weight', (64, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.lm_head.weight = runtime.param('lm_head.weight', (64, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
 
     def forward(self, tokens, targets):
         # tokens: (B/4, T) [S(0),S(0)]
         # targets: (B/4, T) [S(0),S(0)]
         # ---- model
-        x = ops.embedding(tokens, self.embed_weight)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.0.attention
-        layers_0_attention_norm_normed = ops.rms_norm(x, self.layers_0_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, self.layers_0_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_residual = ops.add(x, layers_0_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.0.ffn
-        layers_0_ffn_norm_normed = ops.rms_norm(layers_0_attention_residual, self.layers_0_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_gate = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_gate)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_act = ops.swiglu(layers_0_ffn_gate, layers_0_ffn_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, self.layers_0_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.1.attention
-        layers_1_attention_norm_normed = ops.rms_norm(layers_0_ffn_residual, self.layers_1_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wk)  # (B/4, T, 8) [S(0),S(0)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wv)  # (B/4, T, 8) [S(0),S(0)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, self.layers_1_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.1.ffn
-        layers_1_ffn_norm_normed = ops.rms_norm(layers_1_attention_residual, self.layers_1_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed, self.layers_1_ffn_w_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_1_ffn_act = ops.gelu(layers_1_ffn_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_1_ffn_down = ops.linear(layers_1_ffn_act, self.layers_1_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.2.attention
-        layers_2_attention_norm_normed = ops.rms_norm(layers_1_ffn_residual, self.layers_2_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_out = ops.linear(layers_2_attention_mixed, self.layers_2_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_residual = ops.add(layers_1_ffn_residual, layers_2_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.2.ffn
-        layers_2_ffn_norm_normed = ops.rms_norm(layers_2_attention_residual, self.layers_2_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_ffn_up = ops.linear(layers_2_ffn_norm_normed, self.layers_2_ffn_w_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_2_ffn_gate = ops.linear(layers_2_ffn_norm_normed, self.layers_2_ffn_w_gate)  # (B/4, T, 96) [S(0),S(0)]
-        layers_2_ffn_act = ops.swiglu(layers_2_ffn_gate, layers_2_ffn_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_2_ffn_down = ops.linear(layers_2_ffn_act, self.layers_2_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_ffn_residual = ops.add(layers_2_attention_residual, layers_2_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.3.attention
-        layers_3_attention_norm_normed = ops.rms_norm(layers_2_ffn_residual, self.layers_3_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_attention_q = ops.linear(layers_3_attention_norm_normed, self.layers_3_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_attention_k = ops.linear(layers_3_attention_norm_normed, self.layers_3_attention_wk)  # (B/4, T, 8) [S(0),S(0)]
-        layers_3_attention_v = ops.linear(layers_3_attention_norm_normed, self.layers_3_attention_wv)  # (B/4, T, 8) [S(0),S(0)]
-        layers_3_attention_q_rot = ops.rope(layers_3_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_attention_k_rot = ops.rope(layers_3_attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
-        layers_3_attention_mixed = ops.causal_attention(layers_3_attention_q_rot, layers_3_attention_k_rot, layers_3_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_attention_out = ops.linear(layers_3_attention_mixed, self.layers_3_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_attention_residual = ops.add(layers_2_ffn_residual, layers_3_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.3.ffn
-        layers_3_ffn_norm_normed = ops.rms_norm(layers_3_attention_residual, self.layers_3_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_ffn_up = ops.linear(layers_3_ffn_norm_normed, self.layers_3_ffn_w_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_3_ffn_act = ops.gelu(layers_3_ffn_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_3_ffn_down = ops.linear(layers_3_ffn_act, self.layers_3_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_3_ffn_residual = ops.add(layers_3_attention_residual, layers_3_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.4.attention
-        layers_4_attention_norm_normed = ops.rms_norm(layers_3_ffn_residual, self.layers_4_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_q = ops.linear(layers_4_attention_norm_normed, self.layers_4_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_k = ops.linear(layers_4_attention_norm_normed, self.layers_4_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_v = ops.linear(layers_4_attention_norm_normed, self.layers_4_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_q_rot = ops.rope(layers_4_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_k_rot = ops.rope(layers_4_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_mixed = ops.causal_attention(layers_4_attention_q_rot, layers_4_attention_k_rot, layers_4_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_out = ops.linear(layers_4_attention_mixed, self.layers_4_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_attention_residual = ops.add(layers_3_ffn_residual, layers_4_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.4.ffn
-        layers_4_ffn_norm_normed = ops.rms_norm(layers_4_attention_residual, self.layers_4_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_ffn_up = ops.linear(layers_4_ffn_norm_normed, self.layers_4_ffn_w_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_4_ffn_gate = ops.linear(layers_4_ffn_norm_normed, self.layers_4_ffn_w_gate)  # (B/4, T, 96) [S(0),S(0)]
-        layers_4_ffn_act = ops.swiglu(layers_4_ffn_gate, layers_4_ffn_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_4_ffn_down = ops.linear(layers_4_ffn_act, self.layers_4_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_4_ffn_residual = ops.add(layers_4_attention_residual, layers_4_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.5.attention
-        layers_5_attention_norm_normed = ops.rms_norm(layers_4_ffn_residual, self.layers_5_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_attention_q = ops.linear(layers_5_attention_norm_normed, self.layers_5_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_attention_k = ops.linear(layers_5_attention_norm_normed, self.layers_5_attention_wk)  # (B/4, T, 8) [S(0),S(0)]
-        layers_5_attention_v = ops.linear(layers_5_attention_norm_normed, self.layers_5_attention_wv)  # (B/4, T, 8) [S(0),S(0)]
-        layers_5_attention_q_rot = ops.rope(layers_5_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_attention_k_rot = ops.rope(layers_5_attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
-        layers_5_attention_mixed = ops.causal_attention(layers_5_attention_q_rot, layers_5_attention_k_rot, layers_5_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_attention_out = ops.linear(layers_5_attention_mixed, self.layers_5_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_attention_residual = ops.add(layers_4_ffn_residual, layers_5_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.5.ffn
-        layers_5_ffn_norm_normed = ops.rms_norm(layers_5_attention_residual, self.layers_5_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_ffn_up = ops.linear(layers_5_ffn_norm_normed, self.layers_5_ffn_w_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_5_ffn_act = ops.gelu(layers_5_ffn_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_5_ffn_down = ops.linear(layers_5_ffn_act, self.layers_5_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_5_ffn_residual = ops.add(layers_5_attention_residual, layers_5_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.6.attention
-        layers_6_attention_norm_normed = ops.rms_norm(layers_5_ffn_residual, self.layers_6_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_q = ops.linear(layers_6_attention_norm_normed, self.layers_6_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_k = ops.linear(layers_6_attention_norm_normed, self.layers_6_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_v = ops.linear(layers_6_attention_norm_normed, self.layers_6_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_q_rot = ops.rope(layers_6_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_k_rot = ops.rope(layers_6_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_mixed = ops.causal_attention(layers_6_attention_q_rot, layers_6_attention_k_rot, layers_6_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_out = ops.linear(layers_6_attention_mixed, self.layers_6_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_attention_residual = ops.add(layers_5_ffn_residual, layers_6_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.6.ffn
-        layers_6_ffn_norm_normed = ops.rms_norm(layers_6_attention_residual, self.layers_6_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_ffn_up = ops.linear(layers_6_ffn_norm_normed, self.layers_6_ffn_w_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_6_ffn_gate = ops.linear(layers_6_ffn_norm_normed, self.layers_6_ffn_w_gate)  # (B/4, T, 96) [S(0),S(0)]
-        layers_6_ffn_act = ops.swiglu(layers_6_ffn_gate, layers_6_ffn_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_6_ffn_down = ops.linear(layers_6_ffn_act, self.layers_6_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_6_ffn_residual = ops.add(layers_6_attention_residual, layers_6_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.7.attention
-        layers_7_attention_norm_normed = ops.rms_norm(layers_6_ffn_residual, self.layers_7_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_attention_q = ops.linear(layers_7_attention_norm_normed, self.layers_7_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_attention_k = ops.linear(layers_7_attention_norm_normed, self.layers_7_attention_wk)  # (B/4, T, 8) [S(0),S(0)]
-        layers_7_attention_v = ops.linear(layers_7_attention_norm_normed, self.layers_7_attention_wv)  # (B/4, T, 8) [S(0),S(0)]
-        layers_7_attention_q_rot = ops.rope(layers_7_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_attention_k_rot = ops.rope(layers_7_attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
-        layers_7_attention_mixed = ops.causal_attention(layers_7_attention_q_rot, layers_7_attention_k_rot, layers_7_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_attention_out = ops.linear(layers_7_attention_mixed, self.layers_7_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_attention_residual = ops.add(layers_6_ffn_residual, layers_7_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.7.ffn
-        layers_7_ffn_norm_normed = ops.rms_norm(layers_7_attention_residual, self.layers_7_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_ffn_up = ops.linear(layers_7_ffn_norm_normed, self.layers_7_ffn_w_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_7_ffn_act = ops.gelu(layers_7_ffn_up)  # (B/4, T, 48) [S(0),S(0)]
-        layers_7_ffn_down = ops.linear(layers_7_ffn_act, self.layers_7_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_7_ffn_residual = ops.add(layers_7_attention_residual, layers_7_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.8.attention
-        layers_8_attention_norm_normed = ops.rms_norm(layers_7_ffn_residual, self.layers_8_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_q = ops.linear(layers_8_attention_norm_normed, self.layers_8_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_k = ops.linear(layers_8_attention_norm_normed, self.layers_8_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_v = ops.linear(layers_8_attention_norm_normed, self.layers_8_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_q_rot = ops.rope(layers_8_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_k_rot = ops.rope(layers_8_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_mixed = ops.causal_attention(layers_8_attention_q_rot, layers_8_attention_k_rot, layers_8_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_out = ops.linear(layers_8_attention_mixed, self.layers_8_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_attention_residual = ops.add(layers_7_ffn_residual, layers_8_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.8.ffn
-        layers_8_ffn_up = ops.linear(layers_8_attention_residual, self.layers_8_ffn_w_up)  # (B/4, T, 128) [S(0),S(0)]
-        layers_8_ffn_gate = ops.linear(layers_8_attention_residual, self.layers_8_ffn_w_gate)  # (B/4, T, 128) [S(0),S(0)]
-        layers_8_ffn_act = ops.swiglu(layers_8_ffn_gate, layers_8_ffn_up)  # (B/4, T, 128) [S(0),S(0)]
-        layers_8_ffn_down = ops.linear(layers_8_ffn_act, self.layers_8_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_8_ffn_residual = ops.add(layers_8_attention_residual, layers_8_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.9.attention
-        layers_9_attention_norm_normed = ops.rms_norm(layers_8_ffn_residual, self.layers_9_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_q = ops.linear(layers_9_attention_norm_normed, self.layers_9_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_k = ops.linear(layers_9_attention_norm_normed, self.layers_9_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_v = ops.linear(layers_9_attention_norm_normed, self.layers_9_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_q_rot = ops.rope(layers_9_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_k_rot = ops.rope(layers_9_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_mixed = ops.causal_attention(layers_9_attention_q_rot, layers_9_attention_k_rot, layers_9_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_out = ops.linear(layers_9_attention_mixed, self.layers_9_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_attention_residual = ops.add(layers_8_ffn_residual, layers_9_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.9.ffn
-        layers_9_ffn_up = ops.linear(layers_9_attention_residual, self.layers_9_ffn_w_up)  # (B/4, T, 128) [S(0),S(0)]
-        layers_9_ffn_gate = ops.linear(layers_9_attention_residual, self.layers_9_ffn_w_gate)  # (B/4, T, 128) [S(0),S(0)]
-        layers_9_ffn_act = ops.swiglu(layers_9_ffn_gate, layers_9_ffn_up)  # (B/4, T, 128) [S(0),S(0)]
-        layers_9_ffn_down = ops.linear(layers_9_ffn_act, self.layers_9_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_9_ffn_residual = ops.add(layers_9_attention_residual, layers_9_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
+        x = ops.embedding(tokens, self.embed.weight)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- layers 0-9: WideBlock, NarrowBlock, WideBlock2
+        for layer in self.layers:
+            x = layer(x)
         # ---- final_norm
-        final_norm_normed = ops.rms_norm(layers_9_ffn_residual, self.final_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        final_norm_normed = ops.rms_norm(x, self.final_norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
         # ---- model
-        logits = ops.linear(final_norm_normed, self.lm_head_weight)  # (B/4, T, 64) [S(0),S(0)]
+        logits = ops.linear(final_norm_normed, self.lm_head.weight)  # (B/4, T, 64) [S(0),S(0)]
         loss = ops.cross_entropy(logits, targets) * (1/4)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.embed_weight.grad, mesh, axis=1)
-    # embed.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.embed_weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wq.grad, mesh, axis=1)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wk.grad, mesh, axis=1)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wv.grad, mesh, axis=1)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wo.grad, mesh, axis=1)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_up.grad, mesh, axis=1)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_gate.grad, mesh, axis=1)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_gate.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_down.grad, mesh, axis=1)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wq.grad, mesh, axis=1)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wk.grad, mesh, axis=1)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wv.grad, mesh, axis=1)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wo.grad, mesh, axis=1)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wo.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.1.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_up.grad, mesh, axis=1)
-    # layers.1.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_up.grad, mesh, axis=0)
-    # layers.1.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_down.grad, mesh, axis=1)
-    # layers.1.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wq.grad, mesh, axis=1)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wk.grad, mesh, axis=1)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wv.grad, mesh, axis=1)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wo.grad, mesh, axis=1)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wo.grad, mesh, axis=0)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.2.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_up.grad, mesh, axis=1)
-    # layers.2.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_up.grad, mesh, axis=0)
-    # layers.2.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_gate.grad, mesh, axis=1)
-    # layers.2.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_gate.grad, mesh, axis=0)
-    # layers.2.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_down.grad, mesh, axis=1)
-    # layers.2.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_down.grad, mesh, axis=0)
-    # layers.3.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_3_attention_norm_weight.grad, mesh, axis=1)
-    # layers.3.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_3_attention_norm_weight.grad, mesh, axis=0)
-    # layers.3.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wq.grad, mesh, axis=1)
-    # layers.3.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wq.grad, mesh, axis=0)
-    # layers.3.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wk.grad, mesh, axis=1)
-    # layers.3.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wk.grad, mesh, axis=0)
-    # layers.3.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wv.grad, mesh, axis=1)
-    # layers.3.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wv.grad, mesh, axis=0)
-    # layers.3.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wo.grad, mesh, axis=1)
-    # layers.3.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_3_attention_wo.grad, mesh, axis=0)
-    # layers.3.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_3_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.3.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_3_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.3.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_3_ffn_w_up.grad, mesh, axis=1)
-    # layers.3.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_3_ffn_w_up.grad, mesh, axis=0)
-    # layers.3.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_3_ffn_w_down.grad, mesh, axis=1)
-    # layers.3.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_3_ffn_w_down.grad, mesh, axis=0)
-    # layers.4.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_4_attention_norm_weight.grad, mesh, axis=1)
-    # layers.4.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_4_attention_norm_weight.grad, mesh, axis=0)
-    # layers.4.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wq.grad, mesh, axis=1)
-    # layers.4.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wq.grad, mesh, axis=0)
-    # layers.4.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wk.grad, mesh, axis=1)
-    # layers.4.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wk.grad, mesh, axis=0)
-    # layers.4.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wv.grad, mesh, axis=1)
-    # layers.4.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wv.grad, mesh, axis=0)
-    # layers.4.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wo.grad, mesh, axis=1)
-    # layers.4.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_4_attention_wo.grad, mesh, axis=0)
-    # layers.4.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_4_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.4.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_4_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.4.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_up.grad, mesh, axis=1)
-    # layers.4.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_up.grad, mesh, axis=0)
-    # layers.4.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_gate.grad, mesh, axis=1)
-    # layers.4.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_gate.grad, mesh, axis=0)
-    # layers.4.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_down.grad, mesh, axis=1)
-    # layers.4.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_4_ffn_w_down.grad, mesh, axis=0)
-    # layers.5.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_5_attention_norm_weight.grad, mesh, axis=1)
-    # layers.5.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_5_attention_norm_weight.grad, mesh, axis=0)
-    # layers.5.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wq.grad, mesh, axis=1)
-    # layers.5.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wq.grad, mesh, axis=0)
-    # layers.5.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wk.grad, mesh, axis=1)
-    # layers.5.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wk.grad, mesh, axis=0)
-    # layers.5.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wv.grad, mesh, axis=1)
-    # layers.5.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wv.grad, mesh, axis=0)
-    # layers.5.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wo.grad, mesh, axis=1)
-    # layers.5.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_5_attention_wo.grad, mesh, axis=0)
-    # layers.5.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_5_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.5.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_5_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.5.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_5_ffn_w_up.grad, mesh, axis=1)
-    # layers.5.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_5_ffn_w_up.grad, mesh, axis=0)
-    # layers.5.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_5_ffn_w_down.grad, mesh, axis=1)
-    # layers.5.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_5_ffn_w_down.grad, mesh, axis=0)
-    # layers.6.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_6_attention_norm_weight.grad, mesh, axis=1)
-    # layers.6.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_6_attention_norm_weight.grad, mesh, axis=0)
-    # layers.6.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wq.grad, mesh, axis=1)
-    # layers.6.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wq.grad, mesh, axis=0)
-    # layers.6.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wk.grad, mesh, axis=1)
-    # layers.6.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wk.grad, mesh, axis=0)
-    # layers.6.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wv.grad, mesh, axis=1)
-    # layers.6.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wv.grad, mesh, axis=0)
-    # layers.6.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wo.grad, mesh, axis=1)
-    # layers.6.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_6_attention_wo.grad, mesh, axis=0)
-    # layers.6.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_6_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.6.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_6_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.6.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_up.grad, mesh, axis=1)
-    # layers.6.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_up.grad, mesh, axis=0)
-    # layers.6.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_gate.grad, mesh, axis=1)
-    # layers.6.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_gate.grad, mesh, axis=0)
-    # layers.6.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_down.grad, mesh, axis=1)
-    # layers.6.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_6_ffn_w_down.grad, mesh, axis=0)
-    # layers.7.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_7_attention_norm_weight.grad, mesh, axis=1)
-    # layers.7.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_7_attention_norm_weight.grad, mesh, axis=0)
-    # layers.7.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wq.grad, mesh, axis=1)
-    # layers.7.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wq.grad, mesh, axis=0)
-    # layers.7.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wk.grad, mesh, axis=1)
-    # layers.7.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wk.grad, mesh, axis=0)
-    # layers.7.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wv.grad, mesh, axis=1)
-    # layers.7.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wv.grad, mesh, axis=0)
-    # layers.7.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wo.grad, mesh, axis=1)
-    # layers.7.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_7_attention_wo.grad, mesh, axis=0)
-    # layers.7.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_7_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.7.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_7_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.7.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_7_ffn_w_up.grad, mesh, axis=1)
-    # layers.7.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_7_ffn_w_up.grad, mesh, axis=0)
-    # layers.7.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_7_ffn_w_down.grad, mesh, axis=1)
-    # layers.7.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_7_ffn_w_down.grad, mesh, axis=0)
-    # layers.8.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_8_attention_norm_weight.grad, mesh, axis=1)
-    # layers.8.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_8_attention_norm_weight.grad, mesh, axis=0)
-    # layers.8.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wq.grad, mesh, axis=1)
-    # layers.8.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wq.grad, mesh, axis=0)
-    # layers.8.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wk.grad, mesh, axis=1)
-    # layers.8.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wk.grad, mesh, axis=0)
-    # layers.8.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wv.grad, mesh, axis=1)
-    # layers.8.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wv.grad, mesh, axis=0)
-    # layers.8.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wo.grad, mesh, axis=1)
-    # layers.8.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_8_attention_wo.grad, mesh, axis=0)
-    # layers.8.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_up.grad, mesh, axis=1)
-    # layers.8.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_up.grad, mesh, axis=0)
-    # layers.8.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_gate.grad, mesh, axis=1)
-    # layers.8.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_gate.grad, mesh, axis=0)
-    # layers.8.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_down.grad, mesh, axis=1)
-    # layers.8.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_8_ffn_w_down.grad, mesh, axis=0)
-    # layers.9.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_9_attention_norm_weight.grad, mesh, axis=1)
-    # layers.9.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_9_attention_norm_weight.grad, mesh, axis=0)
-    # layers.9.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wq.grad, mesh, axis=1)
-    # layers.9.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wq.grad, mesh, axis=0)
-    # layers.9.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wk.grad, mesh, axis=1)
-    # layers.9.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wk.grad, mesh, axis=0)
-    # layers.9.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wv.grad, mesh, axis=1)
-    # layers.9.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wv.grad, mesh, axis=0)
-    # layers.9.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wo.grad, mesh, axis=1)
-    # layers.9.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_9_attention_wo.grad, mesh, axis=0)
-    # layers.9.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_up.grad, mesh, axis=1)
-    # layers.9.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_up.grad, mesh, axis=0)
-    # layers.9.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_gate.grad, mesh, axis=1)
-    # layers.9.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_gate.grad, mesh, axis=0)
-    # layers.9.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_down.grad, mesh, axis=1)
-    # layers.9.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers_9_ffn_w_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=0)
-    # lm_head.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.lm_head_weight.grad, mesh, axis=1)
-    # lm_head.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.lm_head_weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 87 gradients, 452.99 kB (cap 1 MiB); stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 452.99 kB sent per device
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 452.99 kB sent per device
+        ([
+            model.lm_head.weight,  # lm_head.weight (64, 32) [B,B]
+            model.final_norm.weight,  # final_norm.weight (32) [B,B]
+            model.layers[9].ffn.w_down,  # layers.9.ffn.w_down (32, 128) [B,B]
+            model.layers[9].ffn.w_gate,  # layers.9.ffn.w_gate (128, 32) [B,B]
+            model.layers[9].ffn.w_up,  # layers.9.ffn.w_up (128, 32) [B,B]
+            model.layers[9].attention.wo,  # layers.9.attention.wo (32, 32) [B,B]
+            model.layers[9].attention.wv,  # layers.9.attention.wv (32, 32) [B,B]
+            model.layers[9].attention.wk,  # layers.9.attention.wk (32, 32) [B,B]
+            model.layers[9].attention.wq,  # layers.9.attention.wq (32, 32) [B,B]
+            model.layers[9].attention.norm.weight,  # layers.9.attention.norm.weight (32) [B,B]
+            model.layers[8].ffn.w_down,  # layers.8.ffn.w_down (32, 128) [B,B]
+            model.layers[8].ffn.w_gate,  # layers.8.ffn.w_gate (128, 32) [B,B]
+            model.layers[8].ffn.w_up,  # layers.8.ffn.w_up (128, 32) [B,B]
+            model.layers[8].attention.wo,  # layers.8.attention.wo (32, 32) [B,B]
+            model.layers[8].attention.wv,  # layers.8.attention.wv (32, 32) [B,B]
+            model.layers[8].attention.wk,  # layers.8.attention.wk (32, 32) [B,B]
+            model.layers[8].attention.wq,  # layers.8.attention.wq (32, 32) [B,B]
+            model.layers[8].attention.norm.weight,  # layers.8.attention.norm.weight (32) [B,B]
+            model.layers[7].ffn.w_down,  # layers.7.ffn.w_down (32, 48) [B,B]
+            model.layers[7].ffn.w_up,  # layers.7.ffn.w_up (48, 32) [B,B]
+            model.layers[7].ffn.norm.weight,  # layers.7.ffn.norm.weight (32) [B,B]
+            model.layers[7].attention.wo,  # layers.7.attention.wo (32, 32) [B,B]
+            model.layers[7].attention.wv,  # layers.7.attention.wv (8, 32) [B,B]
+            model.layers[7].attention.wk,  # layers.7.attention.wk (8, 32) [B,B]
+            model.layers[7].attention.wq,  # layers.7.attention.wq (32, 32) [B,B]
+            model.layers[7].attention.norm.weight,  # layers.7.attention.norm.weight (32) [B,B]
+            model.layers[6].ffn.w_down,  # layers.6.ffn.w_down (32, 96) [B,B]
+            model.layers[6].ffn.w_gate,  # layers.6.ffn.w_gate (96, 32) [B,B]
+            model.layers[6].ffn.w_up,  # layers.6.ffn.w_up (96, 32) [B,B]
+            model.layers[6].ffn.norm.weight,  # layers.6.ffn.norm.weight (32) [B,B]
+            model.layers[6].attention.wo,  # layers.6.attention.wo (32, 32) [B,B]
+            model.layers[6].attention.wv,  # layers.6.attention.wv (32, 32) [B,B]
+            model.layers[6].attention.wk,  # layers.6.attention.wk (32, 32) [B,B]
+            model.layers[6].attention.wq,  # layers.6.attention.wq (32, 32) [B,B]
+            model.layers[6].attention.norm.weight,  # layers.6.attention.norm.weight (32) [B,B]
+            model.layers[5].ffn.w_down,  # layers.5.ffn.w_down (32, 48) [B,B]
+            model.layers[5].ffn.w_up,  # layers.5.ffn.w_up (48, 32) [B,B]
+            model.layers[5].ffn.norm.weight,  # layers.5.ffn.norm.weight (32) [B,B]
+            model.layers[5].attention.wo,  # layers.5.attention.wo (32, 32) [B,B]
+            model.layers[5].attention.wv,  # layers.5.attention.wv (8, 32) [B,B]
+            model.layers[5].attention.wk,  # layers.5.attention.wk (8, 32) [B,B]
+            model.layers[5].attention.wq,  # layers.5.attention.wq (32, 32) [B,B]
+            model.layers[5].attention.norm.weight,  # layers.5.attention.norm.weight (32) [B,B]
+            model.layers[4].ffn.w_down,  # layers.4.ffn.w_down (32, 96) [B,B]
+            model.layers[4].ffn.w_gate,  # layers.4.ffn.w_gate (96, 32) [B,B]
+            model.layers[4].ffn.w_up,  # layers.4.ffn.w_up (96, 32) [B,B]
+            model.layers[4].ffn.norm.weight,  # layers.4.ffn.norm.weight (32) [B,B]
+            model.layers[4].attention.wo,  # layers.4.attention.wo (32, 32) [B,B]
+            model.layers[4].attention.wv,  # layers.4.attention.wv (32, 32) [B,B]
+            model.layers[4].attention.wk,  # layers.4.attention.wk (32, 32) [B,B]
+            model.layers[4].attention.wq,  # layers.4.attention.wq (32, 32) [B,B]
+            model.layers[4].attention.norm.weight,  # layers.4.attention.norm.weight (32) [B,B]
+            model.layers[3].ffn.w_down,  # layers.3.ffn.w_down (32, 48) [B,B]
+            model.layers[3].ffn.w_up,  # layers.3.ffn.w_up (48, 32) [B,B]
+            model.layers[3].ffn.norm.weight,  # layers.3.ffn.norm.weight (32) [B,B]
+            model.layers[3].attention.wo,  # layers.3.attention.wo (32, 32) [B,B]
+            model.layers[3].attention.wv,  # layers.3.attention.wv (8, 32) [B,B]
+            model.layers[3].attention.wk,  # layers.3.attention.wk (8, 32) [B,B]
+            model.layers[3].attention.wq,  # layers.3.attention.wq (32, 32) [B,B]
+            model.layers[3].attention.norm.weight,  # layers.3.attention.norm.weight (32) [B,B]
+            model.layers[2].ffn.w_down,  # layers.2.ffn.w_down (32, 96) [B,B]
+            model.layers[2].ffn.w_gate,  # layers.2.ffn.w_gate (96, 32) [B,B]
+            model.layers[2].ffn.w_up,  # layers.2.ffn.w_up (96, 32) [B,B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (32) [B,B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (32, 32) [B,B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (32, 32) [B,B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (32, 32) [B,B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (32, 32) [B,B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (32) [B,B]
+            model.layers[1].ffn.w_down,  # layers.1.ffn.w_down (32, 48) [B,B]
+            model.layers[1].ffn.w_up,  # layers.1.ffn.w_up (48, 32) [B,B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (32) [B,B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (32, 32) [B,B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (8, 32) [B,B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (8, 32) [B,B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (32, 32) [B,B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (32) [B,B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (32, 96) [B,B]
+            model.layers[0].ffn.w_gate,  # layers.0.ffn.w_gate (96, 32) [B,B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (96, 32) [B,B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (32) [B,B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (32, 32) [B,B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (32, 32) [B,B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (32, 32) [B,B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (32, 32) [B,B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (32) [B,B]
+            model.embed.weight,  # embed.weight (64, 32) [B,B]
+        ], (('all_reduce', 1), ('all_reduce', 0))),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -867,11 +448,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -881,10 +464,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -900,7 +483,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})

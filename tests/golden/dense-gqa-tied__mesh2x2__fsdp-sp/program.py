@@ -2,12 +2,12 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  fsdp,sp (one per mesh axis)
-#   collectives per step  all_gather x47, all_reduce x18, reduce_scatter x47
+#   collectives per step  all_gather x47, all_reduce x5, reduce_scatter x47
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
-#     step time         7.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 62*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
+#     step time         5.736 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
 #     memory            1.21 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -31,45 +31,128 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_gather': 259840, 'all_reduce': 2952, 'reduce_scatter': 519680}
-PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 18, 'reduce_scatter': 47}
-PARAMS = [  # (canonical name, attribute, placement, optimizer group)
-    ('embed.weight', 'embed_weight', ('S(1)', 'S(0)'), 'default'),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.0.attention.norm.bias', 'layers_0_attention_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('S(1)', 'S(0)'), 'default'),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('S(1)', 'S(0)'), 'default'),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('S(1)', 'S(0)'), 'default'),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('S(0)', 'S(1)'), 'default'),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.0.ffn.norm.bias', 'layers_0_ffn_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('S(1)', 'S(0)'), 'default'),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('S(0)', 'S(1)'), 'default'),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.1.attention.norm.bias', 'layers_1_attention_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('S(1)', 'S(0)'), 'default'),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('S(1)', 'S(0)'), 'default'),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('S(1)', 'S(0)'), 'default'),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('S(0)', 'S(1)'), 'default'),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.1.ffn.norm.bias', 'layers_1_ffn_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('S(1)', 'S(0)'), 'default'),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('S(0)', 'S(1)'), 'default'),
-    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.2.attention.norm.bias', 'layers_2_attention_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.2.attention.wq', 'layers_2_attention_wq', ('S(1)', 'S(0)'), 'default'),
-    ('layers.2.attention.wk', 'layers_2_attention_wk', ('S(1)', 'S(0)'), 'default'),
-    ('layers.2.attention.wv', 'layers_2_attention_wv', ('S(1)', 'S(0)'), 'default'),
-    ('layers.2.attention.wo', 'layers_2_attention_wo', ('S(0)', 'S(1)'), 'default'),
-    ('layers.2.ffn.norm.weight', 'layers_2_ffn_norm_weight', ('S(0)', 'B'), 'default'),
-    ('layers.2.ffn.norm.bias', 'layers_2_ffn_norm_bias', ('S(0)', 'B'), 'default'),
-    ('layers.2.ffn.w_up', 'layers_2_ffn_w_up', ('S(1)', 'S(0)'), 'default'),
-    ('layers.2.ffn.w_down', 'layers_2_ffn_w_down', ('S(0)', 'S(1)'), 'default'),
-    ('final_norm.weight', 'final_norm_weight', ('S(0)', 'B'), 'default'),
-    ('final_norm.bias', 'final_norm_bias', ('S(0)', 'B'), 'default'),
+PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 5, 'reduce_scatter': 47}
+PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
+    ('embed.weight', ('S(1)', 'S(0)'), 'default'),
+    ('layers.0.attention.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.0.attention.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.0.attention.wq', ('S(1)', 'S(0)'), 'default'),
+    ('layers.0.attention.wk', ('S(1)', 'S(0)'), 'default'),
+    ('layers.0.attention.wv', ('S(1)', 'S(0)'), 'default'),
+    ('layers.0.attention.wo', ('S(0)', 'S(1)'), 'default'),
+    ('layers.0.ffn.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.0.ffn.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.0.ffn.w_up', ('S(1)', 'S(0)'), 'default'),
+    ('layers.0.ffn.w_down', ('S(0)', 'S(1)'), 'default'),
+    ('layers.1.attention.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.1.attention.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.1.attention.wq', ('S(1)', 'S(0)'), 'default'),
+    ('layers.1.attention.wk', ('S(1)', 'S(0)'), 'default'),
+    ('layers.1.attention.wv', ('S(1)', 'S(0)'), 'default'),
+    ('layers.1.attention.wo', ('S(0)', 'S(1)'), 'default'),
+    ('layers.1.ffn.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.1.ffn.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.1.ffn.w_up', ('S(1)', 'S(0)'), 'default'),
+    ('layers.1.ffn.w_down', ('S(0)', 'S(1)'), 'default'),
+    ('layers.2.attention.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.2.attention.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.2.attention.wq', ('S(1)', 'S(0)'), 'default'),
+    ('layers.2.attention.wk', ('S(1)', 'S(0)'), 'default'),
+    ('layers.2.attention.wv', ('S(1)', 'S(0)'), 'default'),
+    ('layers.2.attention.wo', ('S(0)', 'S(1)'), 'default'),
+    ('layers.2.ffn.norm.weight', ('S(0)', 'B'), 'default'),
+    ('layers.2.ffn.norm.bias', ('S(0)', 'B'), 'default'),
+    ('layers.2.ffn.w_up', ('S(1)', 'S(0)'), 'default'),
+    ('layers.2.ffn.w_down', ('S(0)', 'S(1)'), 'default'),
+    ('final_norm.weight', ('S(0)', 'B'), 'default'),
+    ('final_norm.bias', ('S(0)', 'B'), 'default'),
 ]
+
+
+class GqaBlock(torch.nn.Module):
+    """Spec block 'gqa', run by layer(s) 0, 1, 2: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        # attention.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
+        self.attention.norm.bias = runtime.param(prefix + 'attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        # attention.wq (64, 64): stored [S(1),S(0)], used as [B,S(0)], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
+        # attention.wk (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
+        # attention.wv (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
+        # attention.wo (64, 64): stored [S(0),S(1)], used as [B,S(1)], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        # ffn.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
+        self.ffn.norm.bias = runtime.param(prefix + 'ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        # ffn.w_up (128, 64): stored [S(1),S(0)], used as [B,S(0)], 8.19 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
+        # ffn.w_down (64, 128): stored [S(0),S(1)], used as [B,S(1)], 8.19 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_norm_weight_B_B = runtime.all_gather(self.attention.norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_norm_bias_B_B = runtime.all_gather(self.attention.norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        attention_norm_normed = ops.layer_norm(x, attention_norm_weight_B_B, attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
+        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_wq_B_S0 = runtime.all_gather(self.attention.wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: attention_q (linear) takes attention_norm_normed as [S(0),B]
+        attention_norm_normed_S0_B = runtime.all_gather(attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        attention_q = ops.linear(attention_norm_normed_S0_B, attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
+        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_wk_B_S0 = runtime.all_gather(self.attention.wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
+        attention_k = ops.linear(attention_norm_normed_S0_B, attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
+        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_wv_B_S0 = runtime.all_gather(self.attention.wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
+        attention_v = ops.linear(attention_norm_normed_S0_B, attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
+        attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        attention_wo_B_S1 = runtime.all_gather(self.attention.wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
+        attention_out = ops.linear(attention_mixed, attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: attention_residual (add) takes attention_out as [S(0),S(1)]
+        attention_out_S0_S1 = runtime.reduce_scatter(attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        attention_residual = ops.add(x, attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
+        # ---- ffn
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        ffn_norm_weight_B_B = runtime.all_gather(self.ffn.norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        ffn_norm_bias_B_B = runtime.all_gather(self.ffn.norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        ffn_norm_normed = ops.layer_norm(attention_residual, ffn_norm_weight_B_B, ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
+        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        ffn_w_up_B_S0 = runtime.all_gather(self.ffn.w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
+        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: ffn_up (linear) takes ffn_norm_normed as [S(0),B]
+        ffn_norm_normed_S0_B = runtime.all_gather(ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
+        ffn_up = ops.linear(ffn_norm_normed_S0_B, ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
+        ffn_act = ops.gelu(ffn_up)  # (B/2, T, 64) [S(0),S(2)]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
+        ffn_w_down_B_S1 = runtime.all_gather(self.ffn.w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
+        ffn_down = ops.linear(ffn_act, ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
+        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: ffn_residual (add) takes ffn_down as [S(0),S(1)]
+        ffn_down_S0_S1 = runtime.reduce_scatter(ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
+        ffn_residual = ops.add(attention_residual, ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
+        return ffn_residual
+
 
 class Model(torch.nn.Module):
     """This rank's shards of the model SPEC_NAME names, and its forward with the loss."""
@@ -77,220 +160,36 @@ class Model(torch.nn.Module):
     def __init__(self, mesh, seed):
         super().__init__()
         self.mesh = mesh
+        self.embed = torch.nn.Module()
         # embed.weight (96, 64): stored [S(1),S(0)], used as [B,S(0)], 6.14 kB per device
-        self.embed_weight = runtime.param('embed.weight', (96, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.0.attention.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_0_attention_norm_weight = runtime.param('layers.0.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.0.attention.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_0_attention_norm_bias = runtime.param('layers.0.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.0.attention.wq (64, 64): stored [S(1),S(0)], used as [B,S(0)], 4.10 kB per device
-        self.layers_0_attention_wq = runtime.param('layers.0.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.0.attention.wk (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_0_attention_wk = runtime.param('layers.0.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.0.attention.wv (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_0_attention_wv = runtime.param('layers.0.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.0.attention.wo (64, 64): stored [S(0),S(1)], used as [B,S(1)], 4.10 kB per device
-        self.layers_0_attention_wo = runtime.param('layers.0.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
-        # layers.0.ffn.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_0_ffn_norm_weight = runtime.param('layers.0.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.0.ffn.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_0_ffn_norm_bias = runtime.param('layers.0.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_up (128, 64): stored [S(1),S(0)], used as [B,S(0)], 8.19 kB per device
-        self.layers_0_ffn_w_up = runtime.param('layers.0.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.0.ffn.w_down (64, 128): stored [S(0),S(1)], used as [B,S(1)], 8.19 kB per device
-        self.layers_0_ffn_w_down = runtime.param('layers.0.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
-        # layers.1.attention.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_1_attention_norm_weight = runtime.param('layers.1.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.1.attention.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_1_attention_norm_bias = runtime.param('layers.1.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.1.attention.wq (64, 64): stored [S(1),S(0)], used as [B,S(0)], 4.10 kB per device
-        self.layers_1_attention_wq = runtime.param('layers.1.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.1.attention.wk (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_1_attention_wk = runtime.param('layers.1.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.1.attention.wv (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_1_attention_wv = runtime.param('layers.1.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.1.attention.wo (64, 64): stored [S(0),S(1)], used as [B,S(1)], 4.10 kB per device
-        self.layers_1_attention_wo = runtime.param('layers.1.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
-        # layers.1.ffn.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_1_ffn_norm_weight = runtime.param('layers.1.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.1.ffn.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_1_ffn_norm_bias = runtime.param('layers.1.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.1.ffn.w_up (128, 64): stored [S(1),S(0)], used as [B,S(0)], 8.19 kB per device
-        self.layers_1_ffn_w_up = runtime.param('layers.1.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.1.ffn.w_down (64, 128): stored [S(0),S(1)], used as [B,S(1)], 8.19 kB per device
-        self.layers_1_ffn_w_down = runtime.param('layers.1.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
-        # layers.2.attention.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_2_attention_norm_weight = runtime.param('layers.2.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.2.attention.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_2_attention_norm_bias = runtime.param('layers.2.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.2.attention.wq (64, 64): stored [S(1),S(0)], used as [B,S(0)], 4.10 kB per device
-        self.layers_2_attention_wq = runtime.param('layers.2.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.2.attention.wk (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_2_attention_wk = runtime.param('layers.2.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.2.attention.wv (16, 64): stored [S(1),S(0)], used as [B,S(0)], 1.02 kB per device
-        self.layers_2_attention_wv = runtime.param('layers.2.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.2.attention.wo (64, 64): stored [S(0),S(1)], used as [B,S(1)], 4.10 kB per device
-        self.layers_2_attention_wo = runtime.param('layers.2.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
-        # layers.2.ffn.norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_2_ffn_norm_weight = runtime.param('layers.2.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.2.ffn.norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.layers_2_ffn_norm_bias = runtime.param('layers.2.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
-        # layers.2.ffn.w_up (128, 64): stored [S(1),S(0)], used as [B,S(0)], 8.19 kB per device
-        self.layers_2_ffn_w_up = runtime.param('layers.2.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
-        # layers.2.ffn.w_down (64, 128): stored [S(0),S(1)], used as [B,S(1)], 8.19 kB per device
-        self.layers_2_ffn_w_down = runtime.param('layers.2.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
+        self.embed.weight = runtime.param('embed.weight', (96, 64), 'normal', 0.02, seed, mesh, ('S(1)', 'S(0)'), seeded.init_shard)
+        self.layers = torch.nn.ModuleList([
+            *(GqaBlock(f"layers.{i}.", seed, mesh) for i in range(0, 3)),
+        ])
+        self.final_norm = torch.nn.Module()
         # final_norm.weight (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.final_norm_weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        self.final_norm.weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
         # final_norm.bias (64): stored [S(0),B], used as [B,B], 128 B per device
-        self.final_norm_bias = runtime.param('final_norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
+        self.final_norm.bias = runtime.param('final_norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('S(0)', 'B'), seeded.init_shard)
 
     def forward(self, tokens, targets):
         # tokens: (B/2, T) [S(0),B]
         # targets: (B/2, T) [S(0),B]
         # ---- model
         # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 6.14 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        embed_weight_B_S0 = runtime.all_gather(self.embed_weight, self.mesh, axis=0, dim=1)  # (48, 64) [B,S(0)]
+        embed_weight_B_S0 = runtime.all_gather(self.embed.weight, self.mesh, axis=0, dim=1)  # (48, 64) [B,S(0)]
         x = ops.embedding_rows(tokens, embed_weight_B_S0, row_start=self.mesh.shard_range(96, (1,))[0])  # (B/2, T, 64) [S(0),P] embedding as a shard (b, vocab_parallel)
         # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: x is pinned [S(0),S(1)] (sp on axis 1)
         x_S0_S1 = runtime.reduce_scatter(x, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.0.attention
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_norm_weight_B_B = runtime.all_gather(self.layers_0_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_norm_bias_B_B = runtime.all_gather(self.layers_0_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_0_attention_norm_normed = ops.layer_norm(x_S0_S1, layers_0_attention_norm_weight_B_B, layers_0_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_wq_B_S0 = runtime.all_gather(self.layers_0_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_0_attention_q (linear) takes layers_0_attention_norm_normed as [S(0),B]
-        layers_0_attention_norm_normed_S0_B = runtime.all_gather(layers_0_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_wk_B_S0 = runtime.all_gather(self.layers_0_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_wv_B_S0 = runtime.all_gather(self.layers_0_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed_S0_B, layers_0_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_attention_wo_B_S1 = runtime.all_gather(self.layers_0_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, layers_0_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_0_attention_residual (add) takes layers_0_attention_out as [S(0),S(1)]
-        layers_0_attention_out_S0_S1 = runtime.reduce_scatter(layers_0_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_0_attention_residual = ops.add(x_S0_S1, layers_0_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.0.ffn
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_ffn_norm_weight_B_B = runtime.all_gather(self.layers_0_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_ffn_norm_bias_B_B = runtime.all_gather(self.layers_0_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_0_ffn_norm_normed = ops.layer_norm(layers_0_attention_residual, layers_0_ffn_norm_weight_B_B, layers_0_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_ffn_w_up_B_S0 = runtime.all_gather(self.layers_0_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_0_ffn_up (linear) takes layers_0_ffn_norm_normed as [S(0),B]
-        layers_0_ffn_norm_normed_S0_B = runtime.all_gather(layers_0_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed_S0_B, layers_0_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
-        layers_0_ffn_act = ops.gelu(layers_0_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_0_ffn_w_down_B_S1 = runtime.all_gather(self.layers_0_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, layers_0_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_0_ffn_residual (add) takes layers_0_ffn_down as [S(0),S(1)]
-        layers_0_ffn_down_S0_S1 = runtime.reduce_scatter(layers_0_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.1.attention
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_norm_weight_B_B = runtime.all_gather(self.layers_1_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_norm_bias_B_B = runtime.all_gather(self.layers_1_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_1_attention_norm_normed = ops.layer_norm(layers_0_ffn_residual, layers_1_attention_norm_weight_B_B, layers_1_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_wq_B_S0 = runtime.all_gather(self.layers_1_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_1_attention_q (linear) takes layers_1_attention_norm_normed as [S(0),B]
-        layers_1_attention_norm_normed_S0_B = runtime.all_gather(layers_1_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_wk_B_S0 = runtime.all_gather(self.layers_1_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_wv_B_S0 = runtime.all_gather(self.layers_1_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed_S0_B, layers_1_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_attention_wo_B_S1 = runtime.all_gather(self.layers_1_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, layers_1_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_1_attention_residual (add) takes layers_1_attention_out as [S(0),S(1)]
-        layers_1_attention_out_S0_S1 = runtime.reduce_scatter(layers_1_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.1.ffn
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_ffn_norm_weight_B_B = runtime.all_gather(self.layers_1_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_ffn_norm_bias_B_B = runtime.all_gather(self.layers_1_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_1_ffn_norm_normed = ops.layer_norm(layers_1_attention_residual, layers_1_ffn_norm_weight_B_B, layers_1_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_ffn_w_up_B_S0 = runtime.all_gather(self.layers_1_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_1_ffn_up (linear) takes layers_1_ffn_norm_normed as [S(0),B]
-        layers_1_ffn_norm_normed_S0_B = runtime.all_gather(layers_1_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed_S0_B, layers_1_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
-        layers_1_ffn_act = ops.gelu(layers_1_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_1_ffn_w_down_B_S1 = runtime.all_gather(self.layers_1_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_1_ffn_down = ops.linear(layers_1_ffn_act, layers_1_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_1_ffn_residual (add) takes layers_1_ffn_down as [S(0),S(1)]
-        layers_1_ffn_down_S0_S1 = runtime.reduce_scatter(layers_1_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.2.attention
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_norm_weight_B_B = runtime.all_gather(self.layers_2_attention_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_norm_bias_B_B = runtime.all_gather(self.layers_2_attention_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_2_attention_norm_normed = ops.layer_norm(layers_1_ffn_residual, layers_2_attention_norm_weight_B_B, layers_2_attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_wq_B_S0 = runtime.all_gather(self.layers_2_attention_wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_2_attention_q (linear) takes layers_2_attention_norm_normed as [S(0),B]
-        layers_2_attention_norm_normed_S0_B = runtime.all_gather(layers_2_attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_wk_B_S0 = runtime.all_gather(self.layers_2_attention_wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_wv_B_S0 = runtime.all_gather(self.layers_2_attention_wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
-        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed_S0_B, layers_2_attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
-        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
-        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_attention_wo_B_S1 = runtime.all_gather(self.layers_2_attention_wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
-        layers_2_attention_out = ops.linear(layers_2_attention_mixed, layers_2_attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_2_attention_residual (add) takes layers_2_attention_out as [S(0),S(1)]
-        layers_2_attention_out_S0_S1 = runtime.reduce_scatter(layers_2_attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_2_attention_residual = ops.add(layers_1_ffn_residual, layers_2_attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
-        # ---- layers.2.ffn
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_ffn_norm_weight_B_B = runtime.all_gather(self.layers_2_ffn_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_ffn_norm_bias_B_B = runtime.all_gather(self.layers_2_ffn_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        layers_2_ffn_norm_normed = ops.layer_norm(layers_2_attention_residual, layers_2_ffn_norm_weight_B_B, layers_2_ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_ffn_w_up_B_S0 = runtime.all_gather(self.layers_2_ffn_w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
-        # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: layers_2_ffn_up (linear) takes layers_2_ffn_norm_normed as [S(0),B]
-        layers_2_ffn_norm_normed_S0_B = runtime.all_gather(layers_2_ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
-        layers_2_ffn_up = ops.linear(layers_2_ffn_norm_normed_S0_B, layers_2_ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
-        layers_2_ffn_act = ops.gelu(layers_2_ffn_up)  # (B/2, T, 64) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        layers_2_ffn_w_down_B_S1 = runtime.all_gather(self.layers_2_ffn_w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
-        layers_2_ffn_down = ops.linear(layers_2_ffn_act, layers_2_ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
-        # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: layers_2_ffn_residual (add) takes layers_2_ffn_down as [S(0),S(1)]
-        layers_2_ffn_down_S0_S1 = runtime.reduce_scatter(layers_2_ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
-        layers_2_ffn_residual = ops.add(layers_2_attention_residual, layers_2_ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
+        # ---- layers 0-2: GqaBlock
+        for layer in self.layers:
+            x_S0_S1 = layer(x_S0_S1)
         # ---- final_norm
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        final_norm_weight_B_B = runtime.all_gather(self.final_norm_weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        final_norm_weight_B_B = runtime.all_gather(self.final_norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        final_norm_bias_B_B = runtime.all_gather(self.final_norm_bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        final_norm_normed = ops.layer_norm(layers_2_ffn_residual, final_norm_weight_B_B, final_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
+        final_norm_bias_B_B = runtime.all_gather(self.final_norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        final_norm_normed = ops.layer_norm(x_S0_S1, final_norm_weight_B_B, final_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- model
         # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: logits (linear) takes final_norm_normed as [S(0),B]
         final_norm_normed_S0_B = runtime.all_gather(final_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
@@ -299,36 +198,29 @@ class Model(torch.nn.Module):
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_bias.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_bias.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_bias.grad, mesh, axis=1)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.1.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_bias.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_bias.grad, mesh, axis=1)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.2.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_bias.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=1)
-    # final_norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_bias.grad, mesh, axis=1)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 14 gradients, 1.79 kB (cap 1 MiB); stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 1.79 kB sent per device
+        ([
+            model.final_norm.bias,  # final_norm.bias (64) [S(0),B]
+            model.final_norm.weight,  # final_norm.weight (64) [S(0),B]
+            model.layers[2].ffn.norm.bias,  # layers.2.ffn.norm.bias (64) [S(0),B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (64) [S(0),B]
+            model.layers[2].attention.norm.bias,  # layers.2.attention.norm.bias (64) [S(0),B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (64) [S(0),B]
+            model.layers[1].ffn.norm.bias,  # layers.1.ffn.norm.bias (64) [S(0),B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [S(0),B]
+            model.layers[1].attention.norm.bias,  # layers.1.attention.norm.bias (64) [S(0),B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [S(0),B]
+            model.layers[0].ffn.norm.bias,  # layers.0.ffn.norm.bias (64) [S(0),B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [S(0),B]
+            model.layers[0].attention.norm.bias,  # layers.0.attention.norm.bias (64) [S(0),B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [S(0),B]
+        ], (('all_reduce', 1),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -363,11 +255,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -377,10 +271,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -396,7 +290,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})

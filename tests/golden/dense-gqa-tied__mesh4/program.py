@@ -2,12 +2,12 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      4 (4 devices), hardware cpu
 #   strategy  dp (one per mesh axis)
-#   collectives per step  all_reduce x34
+#   collectives per step  all_reduce x2
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     521.48 kB sent per device
-#     step time         10.735 ms = 2304*B*T*(T + 224)/(n0*peak) + 68*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
+#     step time         1.135 ms = 2304*B*T*(T + 224)/(n0*peak) + 4*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
 #     memory            1.99 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -31,45 +31,100 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 347652}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 34}
-PARAMS = [  # (canonical name, attribute, placement, optimizer group)
-    ('embed.weight', 'embed_weight', ('B',), 'default'),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B',), 'default'),
-    ('layers.0.attention.norm.bias', 'layers_0_attention_norm_bias', ('B',), 'default'),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B',), 'default'),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B',), 'default'),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B',), 'default'),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B',), 'default'),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B',), 'default'),
-    ('layers.0.ffn.norm.bias', 'layers_0_ffn_norm_bias', ('B',), 'default'),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B',), 'default'),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B',), 'default'),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B',), 'default'),
-    ('layers.1.attention.norm.bias', 'layers_1_attention_norm_bias', ('B',), 'default'),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B',), 'default'),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B',), 'default'),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B',), 'default'),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B',), 'default'),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B',), 'default'),
-    ('layers.1.ffn.norm.bias', 'layers_1_ffn_norm_bias', ('B',), 'default'),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('B',), 'default'),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('B',), 'default'),
-    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('B',), 'default'),
-    ('layers.2.attention.norm.bias', 'layers_2_attention_norm_bias', ('B',), 'default'),
-    ('layers.2.attention.wq', 'layers_2_attention_wq', ('B',), 'default'),
-    ('layers.2.attention.wk', 'layers_2_attention_wk', ('B',), 'default'),
-    ('layers.2.attention.wv', 'layers_2_attention_wv', ('B',), 'default'),
-    ('layers.2.attention.wo', 'layers_2_attention_wo', ('B',), 'default'),
-    ('layers.2.ffn.norm.weight', 'layers_2_ffn_norm_weight', ('B',), 'default'),
-    ('layers.2.ffn.norm.bias', 'layers_2_ffn_norm_bias', ('B',), 'default'),
-    ('layers.2.ffn.w_up', 'layers_2_ffn_w_up', ('B',), 'default'),
-    ('layers.2.ffn.w_down', 'layers_2_ffn_w_down', ('B',), 'default'),
-    ('final_norm.weight', 'final_norm_weight', ('B',), 'default'),
-    ('final_norm.bias', 'final_norm_bias', ('B',), 'default'),
+PLANNED_CALLS_PER_STEP = {'all_reduce': 2}
+PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
+    ('embed.weight', ('B',), 'default'),
+    ('layers.0.attention.norm.weight', ('B',), 'default'),
+    ('layers.0.attention.norm.bias', ('B',), 'default'),
+    ('layers.0.attention.wq', ('B',), 'default'),
+    ('layers.0.attention.wk', ('B',), 'default'),
+    ('layers.0.attention.wv', ('B',), 'default'),
+    ('layers.0.attention.wo', ('B',), 'default'),
+    ('layers.0.ffn.norm.weight', ('B',), 'default'),
+    ('layers.0.ffn.norm.bias', ('B',), 'default'),
+    ('layers.0.ffn.w_up', ('B',), 'default'),
+    ('layers.0.ffn.w_down', ('B',), 'default'),
+    ('layers.1.attention.norm.weight', ('B',), 'default'),
+    ('layers.1.attention.norm.bias', ('B',), 'default'),
+    ('layers.1.attention.wq', ('B',), 'default'),
+    ('layers.1.attention.wk', ('B',), 'default'),
+    ('layers.1.attention.wv', ('B',), 'default'),
+    ('layers.1.attention.wo', ('B',), 'default'),
+    ('layers.1.ffn.norm.weight', ('B',), 'default'),
+    ('layers.1.ffn.norm.bias', ('B',), 'default'),
+    ('layers.1.ffn.w_up', ('B',), 'default'),
+    ('layers.1.ffn.w_down', ('B',), 'default'),
+    ('layers.2.attention.norm.weight', ('B',), 'default'),
+    ('layers.2.attention.norm.bias', ('B',), 'default'),
+    ('layers.2.attention.wq', ('B',), 'default'),
+    ('layers.2.attention.wk', ('B',), 'default'),
+    ('layers.2.attention.wv', ('B',), 'default'),
+    ('layers.2.attention.wo', ('B',), 'default'),
+    ('layers.2.ffn.norm.weight', ('B',), 'default'),
+    ('layers.2.ffn.norm.bias', ('B',), 'default'),
+    ('layers.2.ffn.w_up', ('B',), 'default'),
+    ('layers.2.ffn.w_down', ('B',), 'default'),
+    ('final_norm.weight', ('B',), 'default'),
+    ('final_norm.bias', ('B',), 'default'),
 ]
+
+
+class GqaBlock(torch.nn.Module):
+    """Spec block 'gqa', run by layer(s) 0, 1, 2: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (64): stored [B], 256 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # attention.norm.bias (64): stored [B], 256 B per device
+        self.attention.norm.bias = runtime.param(prefix + 'attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # attention.wq (64, 64): stored [B], 16.38 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
+        # attention.wk (16, 64): stored [B], 4.10 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
+        # attention.wv (16, 64): stored [B], 4.10 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
+        # attention.wo (64, 64): stored [B], 16.38 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (64): stored [B], 256 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # ffn.norm.bias (64): stored [B], 256 B per device
+        self.ffn.norm.bias = runtime.param(prefix + 'ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # ffn.w_up (128, 64): stored [B], 32.77 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
+        # ffn.w_down (64, 128): stored [B], 32.77 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.layer_norm(x, self.attention.norm.weight, self.attention.norm.bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 64) [S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 16) [S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 16) [S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=8, head_dim=8, theta=500000.0)  # (B/4, T, 64) [S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=2, head_dim=8, theta=500000.0)  # (B/4, T, 16) [S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 64) [S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 64) [S(0)]
+        # ---- ffn
+        ffn_norm_normed = ops.layer_norm(attention_residual, self.ffn.norm.weight, self.ffn.norm.bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
+        ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 128) [S(0)]
+        ffn_act = ops.gelu(ffn_up)  # (B/4, T, 128) [S(0)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 64) [S(0)]
+        ffn_residual = ops.add(attention_residual, ffn_down)  # (B/4, T, 64) [S(0)]
+        return ffn_residual
+
 
 class Model(torch.nn.Module):
     """This rank's shards of the model SPEC_NAME names, and its forward with the loss."""
@@ -77,202 +132,76 @@ class Model(torch.nn.Module):
     def __init__(self, mesh, seed):
         super().__init__()
         self.mesh = mesh
+        self.embed = torch.nn.Module()
         # embed.weight (96, 64): stored [B], 24.58 kB per device
-        self.embed_weight = runtime.param('embed.weight', (96, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.norm.weight (64): stored [B], 256 B per device
-        self.layers_0_attention_norm_weight = runtime.param('layers.0.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.norm.bias (64): stored [B], 256 B per device
-        self.layers_0_attention_norm_bias = runtime.param('layers.0.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.wq (64, 64): stored [B], 16.38 kB per device
-        self.layers_0_attention_wq = runtime.param('layers.0.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.wk (16, 64): stored [B], 4.10 kB per device
-        self.layers_0_attention_wk = runtime.param('layers.0.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.wv (16, 64): stored [B], 4.10 kB per device
-        self.layers_0_attention_wv = runtime.param('layers.0.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.wo (64, 64): stored [B], 16.38 kB per device
-        self.layers_0_attention_wo = runtime.param('layers.0.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.ffn.norm.weight (64): stored [B], 256 B per device
-        self.layers_0_ffn_norm_weight = runtime.param('layers.0.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.ffn.norm.bias (64): stored [B], 256 B per device
-        self.layers_0_ffn_norm_bias = runtime.param('layers.0.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.ffn.w_up (128, 64): stored [B], 32.77 kB per device
-        self.layers_0_ffn_w_up = runtime.param('layers.0.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.ffn.w_down (64, 128): stored [B], 32.77 kB per device
-        self.layers_0_ffn_w_down = runtime.param('layers.0.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.norm.weight (64): stored [B], 256 B per device
-        self.layers_1_attention_norm_weight = runtime.param('layers.1.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.norm.bias (64): stored [B], 256 B per device
-        self.layers_1_attention_norm_bias = runtime.param('layers.1.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.wq (64, 64): stored [B], 16.38 kB per device
-        self.layers_1_attention_wq = runtime.param('layers.1.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.wk (16, 64): stored [B], 4.10 kB per device
-        self.layers_1_attention_wk = runtime.param('layers.1.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.wv (16, 64): stored [B], 4.10 kB per device
-        self.layers_1_attention_wv = runtime.param('layers.1.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.wo (64, 64): stored [B], 16.38 kB per device
-        self.layers_1_attention_wo = runtime.param('layers.1.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.ffn.norm.weight (64): stored [B], 256 B per device
-        self.layers_1_ffn_norm_weight = runtime.param('layers.1.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.ffn.norm.bias (64): stored [B], 256 B per device
-        self.layers_1_ffn_norm_bias = runtime.param('layers.1.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.ffn.w_up (128, 64): stored [B], 32.77 kB per device
-        self.layers_1_ffn_w_up = runtime.param('layers.1.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.ffn.w_down (64, 128): stored [B], 32.77 kB per device
-        self.layers_1_ffn_w_down = runtime.param('layers.1.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.norm.weight (64): stored [B], 256 B per device
-        self.layers_2_attention_norm_weight = runtime.param('layers.2.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.norm.bias (64): stored [B], 256 B per device
-        self.layers_2_attention_norm_bias = runtime.param('layers.2.attention.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.wq (64, 64): stored [B], 16.38 kB per device
-        self.layers_2_attention_wq = runtime.param('layers.2.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.wk (16, 64): stored [B], 4.10 kB per device
-        self.layers_2_attention_wk = runtime.param('layers.2.attention.wk', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.wv (16, 64): stored [B], 4.10 kB per device
-        self.layers_2_attention_wv = runtime.param('layers.2.attention.wv', (16, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.attention.wo (64, 64): stored [B], 16.38 kB per device
-        self.layers_2_attention_wo = runtime.param('layers.2.attention.wo', (64, 64), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.ffn.norm.weight (64): stored [B], 256 B per device
-        self.layers_2_ffn_norm_weight = runtime.param('layers.2.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.ffn.norm.bias (64): stored [B], 256 B per device
-        self.layers_2_ffn_norm_bias = runtime.param('layers.2.ffn.norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.ffn.w_up (128, 64): stored [B], 32.77 kB per device
-        self.layers_2_ffn_w_up = runtime.param('layers.2.ffn.w_up', (128, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
-        # layers.2.ffn.w_down (64, 128): stored [B], 32.77 kB per device
-        self.layers_2_ffn_w_down = runtime.param('layers.2.ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('B',), seeded.init_shard)
+        self.embed.weight = runtime.param('embed.weight', (96, 64), 'normal', 0.02, seed, mesh, ('B',), seeded.init_shard)
+        self.layers = torch.nn.ModuleList([
+            *(GqaBlock(f"layers.{i}.", seed, mesh) for i in range(0, 3)),
+        ])
+        self.final_norm = torch.nn.Module()
         # final_norm.weight (64): stored [B], 256 B per device
-        self.final_norm_weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        self.final_norm.weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
         # final_norm.bias (64): stored [B], 256 B per device
-        self.final_norm_bias = runtime.param('final_norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        self.final_norm.bias = runtime.param('final_norm.bias', (64,), 'zeros', 0.0, seed, mesh, ('B',), seeded.init_shard)
 
     def forward(self, tokens, targets):
         # tokens: (B/4, T) [S(0)]
         # targets: (B/4, T) [S(0)]
         # ---- model
-        x = ops.embedding(tokens, self.embed_weight)  # (B/4, T, 64) [S(0)]
-        # ---- layers.0.attention
-        layers_0_attention_norm_normed = ops.layer_norm(x, self.layers_0_attention_norm_weight, self.layers_0_attention_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wq)  # (B/4, T, 64) [S(0)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wk)  # (B/4, T, 16) [S(0)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wv)  # (B/4, T, 16) [S(0)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=8, head_dim=8, theta=500000.0)  # (B/4, T, 64) [S(0)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=2, head_dim=8, theta=500000.0)  # (B/4, T, 16) [S(0)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, self.layers_0_attention_wo)  # (B/4, T, 64) [S(0)]
-        layers_0_attention_residual = ops.add(x, layers_0_attention_out)  # (B/4, T, 64) [S(0)]
-        # ---- layers.0.ffn
-        layers_0_ffn_norm_normed = ops.layer_norm(layers_0_attention_residual, self.layers_0_ffn_norm_weight, self.layers_0_ffn_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_up)  # (B/4, T, 128) [S(0)]
-        layers_0_ffn_act = ops.gelu(layers_0_ffn_up)  # (B/4, T, 128) [S(0)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, self.layers_0_ffn_w_down)  # (B/4, T, 64) [S(0)]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down)  # (B/4, T, 64) [S(0)]
-        # ---- layers.1.attention
-        layers_1_attention_norm_normed = ops.layer_norm(layers_0_ffn_residual, self.layers_1_attention_norm_weight, self.layers_1_attention_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wq)  # (B/4, T, 64) [S(0)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wk)  # (B/4, T, 16) [S(0)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wv)  # (B/4, T, 16) [S(0)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=8, head_dim=8, theta=500000.0)  # (B/4, T, 64) [S(0)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=2, head_dim=8, theta=500000.0)  # (B/4, T, 16) [S(0)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, self.layers_1_attention_wo)  # (B/4, T, 64) [S(0)]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out)  # (B/4, T, 64) [S(0)]
-        # ---- layers.1.ffn
-        layers_1_ffn_norm_normed = ops.layer_norm(layers_1_attention_residual, self.layers_1_ffn_norm_weight, self.layers_1_ffn_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed, self.layers_1_ffn_w_up)  # (B/4, T, 128) [S(0)]
-        layers_1_ffn_act = ops.gelu(layers_1_ffn_up)  # (B/4, T, 128) [S(0)]
-        layers_1_ffn_down = ops.linear(layers_1_ffn_act, self.layers_1_ffn_w_down)  # (B/4, T, 64) [S(0)]
-        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down)  # (B/4, T, 64) [S(0)]
-        # ---- layers.2.attention
-        layers_2_attention_norm_normed = ops.layer_norm(layers_1_ffn_residual, self.layers_2_attention_norm_weight, self.layers_2_attention_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wq)  # (B/4, T, 64) [S(0)]
-        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wk)  # (B/4, T, 16) [S(0)]
-        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wv)  # (B/4, T, 16) [S(0)]
-        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=8, head_dim=8, theta=500000.0)  # (B/4, T, 64) [S(0)]
-        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=2, head_dim=8, theta=500000.0)  # (B/4, T, 16) [S(0)]
-        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=8, num_kv_heads=2, head_dim=8)  # (B/4, T, 64) [S(0)]
-        layers_2_attention_out = ops.linear(layers_2_attention_mixed, self.layers_2_attention_wo)  # (B/4, T, 64) [S(0)]
-        layers_2_attention_residual = ops.add(layers_1_ffn_residual, layers_2_attention_out)  # (B/4, T, 64) [S(0)]
-        # ---- layers.2.ffn
-        layers_2_ffn_norm_normed = ops.layer_norm(layers_2_attention_residual, self.layers_2_ffn_norm_weight, self.layers_2_ffn_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
-        layers_2_ffn_up = ops.linear(layers_2_ffn_norm_normed, self.layers_2_ffn_w_up)  # (B/4, T, 128) [S(0)]
-        layers_2_ffn_act = ops.gelu(layers_2_ffn_up)  # (B/4, T, 128) [S(0)]
-        layers_2_ffn_down = ops.linear(layers_2_ffn_act, self.layers_2_ffn_w_down)  # (B/4, T, 64) [S(0)]
-        layers_2_ffn_residual = ops.add(layers_2_attention_residual, layers_2_ffn_down)  # (B/4, T, 64) [S(0)]
+        x = ops.embedding(tokens, self.embed.weight)  # (B/4, T, 64) [S(0)]
+        # ---- layers 0-2: GqaBlock
+        for layer in self.layers:
+            x = layer(x)
         # ---- final_norm
-        final_norm_normed = ops.layer_norm(layers_2_ffn_residual, self.final_norm_weight, self.final_norm_bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
+        final_norm_normed = ops.layer_norm(x, self.final_norm.weight, self.final_norm.bias, eps=1e-05)  # (B/4, T, 64) [S(0)]
         # ---- model
-        logits = ops.linear(final_norm_normed, self.embed_weight)  # (B/4, T, 96) [S(0)]
+        logits = ops.linear(final_norm_normed, self.embed.weight)  # (B/4, T, 96) [S(0)]
         loss = ops.cross_entropy(logits, targets) * (1/4)  # [P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 24.58 kB handed over, 36.86 kB sent per device
-    runtime.all_reduce_(model.embed_weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_bias.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.0.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_bias.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=0)
-    # layers.1.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_bias.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wo.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.1.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_bias.grad, mesh, axis=0)
-    # layers.1.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_up.grad, mesh, axis=0)
-    # layers.1.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_1_ffn_w_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=0)
-    # layers.2.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_bias.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wo.grad, mesh, axis=0)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.2.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers_2_ffn_norm_bias.grad, mesh, axis=0)
-    # layers.2.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_up.grad, mesh, axis=0)
-    # layers.2.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers_2_ffn_w_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=0)
-    # final_norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.final_norm_bias.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 33 gradients, 347.65 kB (cap 1 MiB); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (4 devices), all_reduce, 521.47 kB sent per device
+        ([
+            model.final_norm.bias,  # final_norm.bias (64) [B]
+            model.final_norm.weight,  # final_norm.weight (64) [B]
+            model.layers[2].ffn.w_down,  # layers.2.ffn.w_down (64, 128) [B]
+            model.layers[2].ffn.w_up,  # layers.2.ffn.w_up (128, 64) [B]
+            model.layers[2].ffn.norm.bias,  # layers.2.ffn.norm.bias (64) [B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (64) [B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (64, 64) [B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (16, 64) [B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (16, 64) [B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (64, 64) [B]
+            model.layers[2].attention.norm.bias,  # layers.2.attention.norm.bias (64) [B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (64) [B]
+            model.layers[1].ffn.w_down,  # layers.1.ffn.w_down (64, 128) [B]
+            model.layers[1].ffn.w_up,  # layers.1.ffn.w_up (128, 64) [B]
+            model.layers[1].ffn.norm.bias,  # layers.1.ffn.norm.bias (64) [B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (64, 64) [B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (16, 64) [B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (16, 64) [B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (64, 64) [B]
+            model.layers[1].attention.norm.bias,  # layers.1.attention.norm.bias (64) [B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (64, 128) [B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (128, 64) [B]
+            model.layers[0].ffn.norm.bias,  # layers.0.ffn.norm.bias (64) [B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (64, 64) [B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (16, 64) [B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (16, 64) [B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (64, 64) [B]
+            model.layers[0].attention.norm.bias,  # layers.0.attention.norm.bias (64) [B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [B]
+            model.embed.weight,  # embed.weight (96, 64) [B]
+        ], (('all_reduce', 0),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -305,11 +234,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -319,10 +250,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -338,7 +269,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})

@@ -2,12 +2,12 @@
 #   spec      dense-tiny (dense-tiny.yaml, sha256 c51fc9766b81)
 #   mesh      2 (2 devices), hardware cpu
 #   strategy  tp (one per mesh axis)
-#   collectives per step  all_reduce x18
+#   collectives per step  all_reduce x14
 #   model     vocab 128, hidden 64, 2 layers, 115,520 parameters
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     659.72 kB sent per device
-#     step time         3.015 ms = 1536*B*T*(T + 418)/(n0*peak) + 36*lat0*(n0 - 1) + 8*(643*B*T + 321)/bw0 - 8*(643*B*T + 321)/(bw0*n0)
+#     step time         2.615 ms = 1536*B*T*(T + 418)/(n0*peak) + 28*lat0*(n0 - 1) + 8*(643*B*T + 321)/bw0 - 8*(643*B*T + 321)/(bw0*n0)
 #     memory            3.09 MB per device
 #
 # Run: torchrun --nproc_per_node 2 program.py [--steps K] [--seed S]
@@ -31,33 +31,91 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.003, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 659716}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 18}
-PARAMS = [  # (canonical name, attribute, placement, optimizer group)
-    ('embed.weight', 'embed_weight', ('S(0)',), 'default'),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B',), 'default'),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('S(0)',), 'default'),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('S(0)',), 'default'),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('S(0)',), 'default'),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('S(1)',), 'default'),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B',), 'default'),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('S(0)',), 'default'),
-    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('S(0)',), 'default'),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('S(1)',), 'default'),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B',), 'default'),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('S(0)',), 'default'),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('S(0)',), 'default'),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('S(0)',), 'default'),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('S(1)',), 'default'),
-    ('layers.1.ffn.norm.weight', 'layers_1_ffn_norm_weight', ('B',), 'default'),
-    ('layers.1.ffn.w_up', 'layers_1_ffn_w_up', ('S(0)',), 'default'),
-    ('layers.1.ffn.w_gate', 'layers_1_ffn_w_gate', ('S(0)',), 'default'),
-    ('layers.1.ffn.w_down', 'layers_1_ffn_w_down', ('S(1)',), 'default'),
-    ('final_norm.weight', 'final_norm_weight', ('B',), 'default'),
-    ('lm_head.weight', 'lm_head_weight', ('S(0)',), 'default'),
+PLANNED_CALLS_PER_STEP = {'all_reduce': 14}
+PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
+    ('embed.weight', ('S(0)',), 'default'),
+    ('layers.0.attention.norm.weight', ('B',), 'default'),
+    ('layers.0.attention.wq', ('S(0)',), 'default'),
+    ('layers.0.attention.wk', ('S(0)',), 'default'),
+    ('layers.0.attention.wv', ('S(0)',), 'default'),
+    ('layers.0.attention.wo', ('S(1)',), 'default'),
+    ('layers.0.ffn.norm.weight', ('B',), 'default'),
+    ('layers.0.ffn.w_up', ('S(0)',), 'default'),
+    ('layers.0.ffn.w_gate', ('S(0)',), 'default'),
+    ('layers.0.ffn.w_down', ('S(1)',), 'default'),
+    ('layers.1.attention.norm.weight', ('B',), 'default'),
+    ('layers.1.attention.wq', ('S(0)',), 'default'),
+    ('layers.1.attention.wk', ('S(0)',), 'default'),
+    ('layers.1.attention.wv', ('S(0)',), 'default'),
+    ('layers.1.attention.wo', ('S(1)',), 'default'),
+    ('layers.1.ffn.norm.weight', ('B',), 'default'),
+    ('layers.1.ffn.w_up', ('S(0)',), 'default'),
+    ('layers.1.ffn.w_gate', ('S(0)',), 'default'),
+    ('layers.1.ffn.w_down', ('S(1)',), 'default'),
+    ('final_norm.weight', ('B',), 'default'),
+    ('lm_head.weight', ('S(0)',), 'default'),
 ]
+
+
+class DenseBlock(torch.nn.Module):
+    """Spec block 'dense', run by layer(s) 0, 1: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (64): stored [B], 256 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # attention.wq (64, 64): stored [S(0)], 8.19 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        # attention.wk (64, 64): stored [S(0)], 8.19 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        # attention.wv (64, 64): stored [S(0)], 8.19 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        # attention.wo (64, 64): stored [S(1)], 8.19 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (64, 64), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (64): stored [B], 256 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        # ffn.w_up (172, 64): stored [S(0)], 22.02 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        # ffn.w_gate (172, 64): stored [S(0)], 22.02 kB per device
+        self.ffn.w_gate = runtime.param(prefix + 'ffn.w_gate', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        # ffn.w_down (64, 172): stored [S(1)], 22.02 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (64, 172), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B, T, 64) [B]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B, T, 32) [S(2)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B, T, 32) [S(2)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B, T, 32) [S(2)]
+        attention_q_rot = ops.rope(attention_q, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
+        attention_k_rot = ops.rope(attention_k, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=2, num_kv_heads=2, head_dim=16)  # (B, T, 32) [S(2)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B, T, 64) [P]
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: attention_residual (add) takes attention_out as [B]
+        attention_out_B = runtime.all_reduce(attention_out, self.mesh, axis=0)  # (B, T, 64) [B]
+        attention_residual = ops.add(x, attention_out_B)  # (B, T, 64) [B]
+        # ---- ffn
+        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B, T, 64) [B]
+        ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B, T, 86) [S(2)]
+        ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B, T, 86) [S(2)]
+        ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B, T, 86) [S(2)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B, T, 64) [P]
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: ffn_residual (add) takes ffn_down as [B]
+        ffn_down_B = runtime.all_reduce(ffn_down, self.mesh, axis=0)  # (B, T, 64) [B]
+        ffn_residual = ops.add(attention_residual, ffn_down_B)  # (B, T, 64) [B]
+        return ffn_residual
+
 
 class Model(torch.nn.Module):
     """This rank's shards of the model SPEC_NAME names, and its forward with the loss."""
@@ -65,118 +123,51 @@ class Model(torch.nn.Module):
     def __init__(self, mesh, seed):
         super().__init__()
         self.mesh = mesh
+        self.embed = torch.nn.Module()
         # embed.weight (128, 64): stored [S(0)], 16.38 kB per device
-        self.embed_weight = runtime.param('embed.weight', (128, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.attention.norm.weight (64): stored [B], 256 B per device
-        self.layers_0_attention_norm_weight = runtime.param('layers.0.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.attention.wq (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_0_attention_wq = runtime.param('layers.0.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.attention.wk (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_0_attention_wk = runtime.param('layers.0.attention.wk', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.attention.wv (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_0_attention_wv = runtime.param('layers.0.attention.wv', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.attention.wo (64, 64): stored [S(1)], 8.19 kB per device
-        self.layers_0_attention_wo = runtime.param('layers.0.attention.wo', (64, 64), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
-        # layers.0.ffn.norm.weight (64): stored [B], 256 B per device
-        self.layers_0_ffn_norm_weight = runtime.param('layers.0.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.0.ffn.w_up (172, 64): stored [S(0)], 22.02 kB per device
-        self.layers_0_ffn_w_up = runtime.param('layers.0.ffn.w_up', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.ffn.w_gate (172, 64): stored [S(0)], 22.02 kB per device
-        self.layers_0_ffn_w_gate = runtime.param('layers.0.ffn.w_gate', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.0.ffn.w_down (64, 172): stored [S(1)], 22.02 kB per device
-        self.layers_0_ffn_w_down = runtime.param('layers.0.ffn.w_down', (64, 172), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
-        # layers.1.attention.norm.weight (64): stored [B], 256 B per device
-        self.layers_1_attention_norm_weight = runtime.param('layers.1.attention.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.attention.wq (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_1_attention_wq = runtime.param('layers.1.attention.wq', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.1.attention.wk (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_1_attention_wk = runtime.param('layers.1.attention.wk', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.1.attention.wv (64, 64): stored [S(0)], 8.19 kB per device
-        self.layers_1_attention_wv = runtime.param('layers.1.attention.wv', (64, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.1.attention.wo (64, 64): stored [S(1)], 8.19 kB per device
-        self.layers_1_attention_wo = runtime.param('layers.1.attention.wo', (64, 64), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
-        # layers.1.ffn.norm.weight (64): stored [B], 256 B per device
-        self.layers_1_ffn_norm_weight = runtime.param('layers.1.ffn.norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
-        # layers.1.ffn.w_up (172, 64): stored [S(0)], 22.02 kB per device
-        self.layers_1_ffn_w_up = runtime.param('layers.1.ffn.w_up', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.1.ffn.w_gate (172, 64): stored [S(0)], 22.02 kB per device
-        self.layers_1_ffn_w_gate = runtime.param('layers.1.ffn.w_gate', (172, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
-        # layers.1.ffn.w_down (64, 172): stored [S(1)], 22.02 kB per device
-        self.layers_1_ffn_w_down = runtime.param('layers.1.ffn.w_down', (64, 172), 'normal', 0.01, seed, mesh, ('S(1)',), seeded.init_shard)
+        self.embed.weight = runtime.param('embed.weight', (128, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        self.layers = torch.nn.ModuleList([
+            *(DenseBlock(f"layers.{i}.", seed, mesh) for i in range(0, 2)),
+        ])
+        self.final_norm = torch.nn.Module()
         # final_norm.weight (64): stored [B], 256 B per device
-        self.final_norm_weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        self.final_norm.weight = runtime.param('final_norm.weight', (64,), 'ones', 0.0, seed, mesh, ('B',), seeded.init_shard)
+        self.lm_head = torch.nn.Module()
         # lm_head.weight (128, 64): stored [S(0)], 16.38 kB per device
-        self.lm_head_weight = runtime.param('lm_head.weight', (128, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
+        self.lm_head.weight = runtime.param('lm_head.weight', (128, 64), 'normal', 0.02, seed, mesh, ('S(0)',), seeded.init_shard)
 
     def forward(self, tokens, targets):
         # tokens: (B, T) [B]
         # targets: (B, T) [B]
         # ---- model
-        x = ops.embedding_rows(tokens, self.embed_weight, row_start=self.mesh.shard_range(128, (0,))[0])  # (B, T, 64) [P] embedding as a shard (vocab_parallel)
+        x = ops.embedding_rows(tokens, self.embed.weight, row_start=self.mesh.shard_range(128, (0,))[0])  # (B, T, 64) [P] embedding as a shard (vocab_parallel)
         # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: x is pinned [B] (tp on axis 0)
         x_B = runtime.all_reduce(x, self.mesh, axis=0)  # (B, T, 64) [B]
-        # ---- layers.0.attention
-        layers_0_attention_norm_normed = ops.rms_norm(x_B, self.layers_0_attention_norm_weight, eps=1e-05)  # (B, T, 64) [B]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wq)  # (B, T, 32) [S(2)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wk)  # (B, T, 32) [S(2)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wv)  # (B, T, 32) [S(2)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=2, num_kv_heads=2, head_dim=16)  # (B, T, 32) [S(2)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, self.layers_0_attention_wo)  # (B, T, 64) [P]
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: layers_0_attention_residual (add) takes layers_0_attention_out as [B]
-        layers_0_attention_out_B = runtime.all_reduce(layers_0_attention_out, self.mesh, axis=0)  # (B, T, 64) [B]
-        layers_0_attention_residual = ops.add(x_B, layers_0_attention_out_B)  # (B, T, 64) [B]
-        # ---- layers.0.ffn
-        layers_0_ffn_norm_normed = ops.rms_norm(layers_0_attention_residual, self.layers_0_ffn_norm_weight, eps=1e-05)  # (B, T, 64) [B]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_up)  # (B, T, 86) [S(2)]
-        layers_0_ffn_gate = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_gate)  # (B, T, 86) [S(2)]
-        layers_0_ffn_act = ops.swiglu(layers_0_ffn_gate, layers_0_ffn_up)  # (B, T, 86) [S(2)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, self.layers_0_ffn_w_down)  # (B, T, 64) [P]
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: layers_0_ffn_residual (add) takes layers_0_ffn_down as [B]
-        layers_0_ffn_down_B = runtime.all_reduce(layers_0_ffn_down, self.mesh, axis=0)  # (B, T, 64) [B]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down_B)  # (B, T, 64) [B]
-        # ---- layers.1.attention
-        layers_1_attention_norm_normed = ops.rms_norm(layers_0_ffn_residual, self.layers_1_attention_norm_weight, eps=1e-05)  # (B, T, 64) [B]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wq)  # (B, T, 32) [S(2)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wk)  # (B, T, 32) [S(2)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wv)  # (B, T, 32) [S(2)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=2, head_dim=16, theta=10000.0)  # (B, T, 32) [S(2)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=2, num_kv_heads=2, head_dim=16)  # (B, T, 32) [S(2)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, self.layers_1_attention_wo)  # (B, T, 64) [P]
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: layers_1_attention_residual (add) takes layers_1_attention_out as [B]
-        layers_1_attention_out_B = runtime.all_reduce(layers_1_attention_out, self.mesh, axis=0)  # (B, T, 64) [B]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out_B)  # (B, T, 64) [B]
-        # ---- layers.1.ffn
-        layers_1_ffn_norm_normed = ops.rms_norm(layers_1_attention_residual, self.layers_1_ffn_norm_weight, eps=1e-05)  # (B, T, 64) [B]
-        layers_1_ffn_up = ops.linear(layers_1_ffn_norm_normed, self.layers_1_ffn_w_up)  # (B, T, 86) [S(2)]
-        layers_1_ffn_gate = ops.linear(layers_1_ffn_norm_normed, self.layers_1_ffn_w_gate)  # (B, T, 86) [S(2)]
-        layers_1_ffn_act = ops.swiglu(layers_1_ffn_gate, layers_1_ffn_up)  # (B, T, 86) [S(2)]
-        layers_1_ffn_down = ops.linear(layers_1_ffn_act, self.layers_1_ffn_w_down)  # (B, T, 64) [P]
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 65.54 kB: layers_1_ffn_residual (add) takes layers_1_ffn_down as [B]
-        layers_1_ffn_down_B = runtime.all_reduce(layers_1_ffn_down, self.mesh, axis=0)  # (B, T, 64) [B]
-        layers_1_ffn_residual = ops.add(layers_1_attention_residual, layers_1_ffn_down_B)  # (B, T, 64) [B]
+        # ---- layers 0-1: DenseBlock
+        for layer in self.layers:
+            x_B = layer(x_B)
         # ---- final_norm
-        final_norm_normed = ops.rms_norm(layers_1_ffn_residual, self.final_norm_weight, eps=1e-05)  # (B, T, 64) [B]
+        final_norm_normed = ops.rms_norm(x_B, self.final_norm.weight, eps=1e-05)  # (B, T, 64) [B]
         # ---- model
-        logits = ops.linear(final_norm_normed, self.lm_head_weight)  # (B, T, 64) [S(2)]
+        logits = ops.linear(final_norm_normed, self.lm_head.weight)  # (B, T, 64) [S(2)]
         loss = runtime.vocab_parallel_cross_entropy(logits, targets, mesh=self.mesh, axes=(0,), vocab_start=self.mesh.shard_range(128, (0,))[0])  # () [P] cross_entropy as a shard (vocab_parallel)
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers_1_ffn_norm_weight.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 5 gradients, 1.28 kB (cap 1 MiB); stored [B] (axis 0 tp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 1.28 kB sent per device
+        ([
+            model.final_norm.weight,  # final_norm.weight (64) [B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [B]
+        ], (('all_reduce', 0),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -209,11 +200,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -223,10 +216,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -242,7 +235,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})

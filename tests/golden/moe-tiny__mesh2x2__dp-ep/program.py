@@ -2,13 +2,13 @@
 #   spec      moe-tiny (moe-tiny.yaml, sha256 f8abf25e7828)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  dp,ep (one per mesh axis)
-#   collectives per step  all_reduce x84, all_to_all x12
+#   collectives per step  all_reduce x17, all_to_all x12
 #   model     vocab 96, hidden 32, 3 layers, 107,232 parameters
 #   predicted per step at B=8, T=16:
 #     forward+backward  3.971e+07 FLOP in all
 #     communication     483.10 kB sent per device
-#     step time         9.341 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 90*lat0*(n0 - 1) + 90*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
-#     memory            1.55 MB per device
+#     step time         2.641 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 18*lat0*(n0 - 1) + 28*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
+#     memory            1.62 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -31,50 +31,180 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 416520, 'all_to_all': 133152}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 84, 'all_to_all': 12}
-PARAMS = [  # (canonical name, attribute, placement, optimizer group)
-    ('embed.weight', 'embed_weight', ('B', 'B'), 'default'),
-    ('layers.0.attention.norm.weight', 'layers_0_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.0.attention.wq', 'layers_0_attention_wq', ('B', 'B'), 'default'),
-    ('layers.0.attention.wk', 'layers_0_attention_wk', ('B', 'B'), 'default'),
-    ('layers.0.attention.wv', 'layers_0_attention_wv', ('B', 'B'), 'default'),
-    ('layers.0.attention.wo', 'layers_0_attention_wo', ('B', 'B'), 'default'),
-    ('layers.0.ffn.norm.weight', 'layers_0_ffn_norm_weight', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_up', 'layers_0_ffn_w_up', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_gate', 'layers_0_ffn_w_gate', ('B', 'B'), 'default'),
-    ('layers.0.ffn.w_down', 'layers_0_ffn_w_down', ('B', 'B'), 'default'),
-    ('layers.1.attention.norm.weight', 'layers_1_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.1.attention.wq', 'layers_1_attention_wq', ('B', 'B'), 'default'),
-    ('layers.1.attention.wk', 'layers_1_attention_wk', ('B', 'B'), 'default'),
-    ('layers.1.attention.wv', 'layers_1_attention_wv', ('B', 'B'), 'default'),
-    ('layers.1.attention.wo', 'layers_1_attention_wo', ('B', 'B'), 'default'),
-    ('layers.1.moe.norm.weight', 'layers_1_moe_norm_weight', ('B', 'B'), 'default'),
-    ('layers.1.moe.w_router', 'layers_1_moe_w_router', ('B', 'B'), 'default'),
-    ('layers.1.moe.w_gate', 'layers_1_moe_w_gate', ('B', 'S(0)'), 'default'),
-    ('layers.1.moe.w_up', 'layers_1_moe_w_up', ('B', 'S(0)'), 'default'),
-    ('layers.1.moe.w_down', 'layers_1_moe_w_down', ('B', 'S(0)'), 'default'),
-    ('layers.1.moe.w_shared_up', 'layers_1_moe_w_shared_up', ('B', 'B'), 'default'),
-    ('layers.1.moe.w_shared_gate', 'layers_1_moe_w_shared_gate', ('B', 'B'), 'default'),
-    ('layers.1.moe.w_shared_down', 'layers_1_moe_w_shared_down', ('B', 'B'), 'default'),
-    ('layers.2.attention.norm.weight', 'layers_2_attention_norm_weight', ('B', 'B'), 'default'),
-    ('layers.2.attention.wq', 'layers_2_attention_wq', ('B', 'B'), 'default'),
-    ('layers.2.attention.wk', 'layers_2_attention_wk', ('B', 'B'), 'default'),
-    ('layers.2.attention.wv', 'layers_2_attention_wv', ('B', 'B'), 'default'),
-    ('layers.2.attention.wo', 'layers_2_attention_wo', ('B', 'B'), 'default'),
-    ('layers.2.moe.norm.weight', 'layers_2_moe_norm_weight', ('B', 'B'), 'default'),
-    ('layers.2.moe.w_router', 'layers_2_moe_w_router', ('B', 'B'), 'default'),
-    ('layers.2.moe.w_gate', 'layers_2_moe_w_gate', ('B', 'S(0)'), 'default'),
-    ('layers.2.moe.w_up', 'layers_2_moe_w_up', ('B', 'S(0)'), 'default'),
-    ('layers.2.moe.w_down', 'layers_2_moe_w_down', ('B', 'S(0)'), 'default'),
-    ('layers.2.moe.w_shared_up', 'layers_2_moe_w_shared_up', ('B', 'B'), 'default'),
-    ('layers.2.moe.w_shared_gate', 'layers_2_moe_w_shared_gate', ('B', 'B'), 'default'),
-    ('layers.2.moe.w_shared_down', 'layers_2_moe_w_shared_down', ('B', 'B'), 'default'),
-    ('final_norm.weight', 'final_norm_weight', ('B', 'B'), 'default'),
-    ('lm_head.weight', 'lm_head_weight', ('B', 'B'), 'default'),
+PLANNED_CALLS_PER_STEP = {'all_reduce': 17, 'all_to_all': 12}
+PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
+    ('embed.weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.0.attention.wq', ('B', 'B'), 'default'),
+    ('layers.0.attention.wk', ('B', 'B'), 'default'),
+    ('layers.0.attention.wv', ('B', 'B'), 'default'),
+    ('layers.0.attention.wo', ('B', 'B'), 'default'),
+    ('layers.0.ffn.norm.weight', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_up', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_gate', ('B', 'B'), 'default'),
+    ('layers.0.ffn.w_down', ('B', 'B'), 'default'),
+    ('layers.1.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.1.attention.wq', ('B', 'B'), 'default'),
+    ('layers.1.attention.wk', ('B', 'B'), 'default'),
+    ('layers.1.attention.wv', ('B', 'B'), 'default'),
+    ('layers.1.attention.wo', ('B', 'B'), 'default'),
+    ('layers.1.moe.norm.weight', ('B', 'B'), 'default'),
+    ('layers.1.moe.w_router', ('B', 'B'), 'default'),
+    ('layers.1.moe.w_gate', ('B', 'S(0)'), 'default'),
+    ('layers.1.moe.w_up', ('B', 'S(0)'), 'default'),
+    ('layers.1.moe.w_down', ('B', 'S(0)'), 'default'),
+    ('layers.1.moe.w_shared_up', ('B', 'B'), 'default'),
+    ('layers.1.moe.w_shared_gate', ('B', 'B'), 'default'),
+    ('layers.1.moe.w_shared_down', ('B', 'B'), 'default'),
+    ('layers.2.attention.norm.weight', ('B', 'B'), 'default'),
+    ('layers.2.attention.wq', ('B', 'B'), 'default'),
+    ('layers.2.attention.wk', ('B', 'B'), 'default'),
+    ('layers.2.attention.wv', ('B', 'B'), 'default'),
+    ('layers.2.attention.wo', ('B', 'B'), 'default'),
+    ('layers.2.moe.norm.weight', ('B', 'B'), 'default'),
+    ('layers.2.moe.w_router', ('B', 'B'), 'default'),
+    ('layers.2.moe.w_gate', ('B', 'S(0)'), 'default'),
+    ('layers.2.moe.w_up', ('B', 'S(0)'), 'default'),
+    ('layers.2.moe.w_down', ('B', 'S(0)'), 'default'),
+    ('layers.2.moe.w_shared_up', ('B', 'B'), 'default'),
+    ('layers.2.moe.w_shared_gate', ('B', 'B'), 'default'),
+    ('layers.2.moe.w_shared_down', ('B', 'B'), 'default'),
+    ('final_norm.weight', ('B', 'B'), 'default'),
+    ('lm_head.weight', ('B', 'B'), 'default'),
 ]
+
+
+class DenseBlock(torch.nn.Module):
+    """Spec block 'dense', run by layer(s) 0: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (32): stored [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wq (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wk (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wv (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wo (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (32, 32), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.ffn = torch.nn.Module()
+        self.ffn.norm = torch.nn.Module()
+        # ffn.norm.weight (32): stored [B,B], 128 B per device
+        self.ffn.norm.weight = runtime.param(prefix + 'ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
+        self.ffn.w_up = runtime.param(prefix + 'ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
+        self.ffn.w_gate = runtime.param(prefix + 'ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
+        self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (32, 96), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 32) [S(0),S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- ffn
+        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 96) [S(0),S(0)]
+        ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_residual = ops.add(attention_residual, ffn_down)  # (B/4, T, 32) [S(0),S(0)]
+        return ffn_residual
+
+
+class MoeBlock(torch.nn.Module):
+    """Spec block 'moe', run by layer(s) 1, 2: this rank's shards of one layer, under the
+    names below layers.i, and its forward."""
+
+    def __init__(self, prefix, seed, mesh):
+        super().__init__()
+        self.mesh = mesh
+        self.attention = torch.nn.Module()
+        self.attention.norm = torch.nn.Module()
+        # attention.norm.weight (32): stored [B,B], 128 B per device
+        self.attention.norm.weight = runtime.param(prefix + 'attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wq (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wq = runtime.param(prefix + 'attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wk (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wk = runtime.param(prefix + 'attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wv (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wv = runtime.param(prefix + 'attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # attention.wo (32, 32): stored [B,B], 4.10 kB per device
+        self.attention.wo = runtime.param(prefix + 'attention.wo', (32, 32), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.moe = torch.nn.Module()
+        self.moe.norm = torch.nn.Module()
+        # moe.norm.weight (32): stored [B,B], 128 B per device
+        self.moe.norm.weight = runtime.param(prefix + 'moe.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # moe.w_router (16, 32): stored [B,B], 2.05 kB per device
+        self.moe.w_router = runtime.param(prefix + 'moe.w_router', (16, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # moe.w_gate (16, 24, 32): stored [B,S(0)], 24.58 kB per device
+        self.moe.w_gate = runtime.param(prefix + 'moe.w_gate', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
+        # moe.w_up (16, 24, 32): stored [B,S(0)], 24.58 kB per device
+        self.moe.w_up = runtime.param(prefix + 'moe.w_up', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
+        # moe.w_down (16, 32, 24): stored [B,S(0)], 24.58 kB per device
+        self.moe.w_down = runtime.param(prefix + 'moe.w_down', (16, 32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
+        # moe.w_shared_up (24, 32): stored [B,B], 3.07 kB per device
+        self.moe.w_shared_up = runtime.param(prefix + 'moe.w_shared_up', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # moe.w_shared_gate (24, 32): stored [B,B], 3.07 kB per device
+        self.moe.w_shared_gate = runtime.param(prefix + 'moe.w_shared_gate', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        # moe.w_shared_down (32, 24): stored [B,B], 3.07 kB per device
+        self.moe.w_shared_down = runtime.param(prefix + 'moe.w_shared_down', (32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
+
+    def forward(self, x):
+        # ---- attention
+        attention_norm_normed = ops.rms_norm(x, self.attention.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q = ops.linear(attention_norm_normed, self.attention.wq)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k = ops.linear(attention_norm_normed, self.attention.wk)  # (B/4, T, 32) [S(0),S(0)]
+        attention_v = ops.linear(attention_norm_normed, self.attention.wv)  # (B/4, T, 32) [S(0),S(0)]
+        attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
+        attention_mixed = ops.causal_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
+        attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- moe
+        moe_norm_normed = ops.rms_norm(attention_residual, self.moe.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        moe_router_logits = ops.linear(moe_norm_normed, self.moe.w_router)  # (B/4, T, 16) [S(0),S(0)]
+        moe_router_probs = ops.softmax(moe_router_logits)  # (B/4, T, 16) [S(0),S(0)]
+        moe_experts = ops.topk_indices(moe_router_probs, k=4)  # (B/4, T, 4) [S(0),S(0)]
+        moe_gates = ops.take(moe_router_probs, moe_experts)  # (B/4, T, 4) [S(0),S(0)]
+        moe_expert_counts = ops.expert_counts(moe_experts, num_experts=16)  # (16) [P,P]
+        moe_prob_sums = ops.column_sums(moe_router_probs)  # (16) [P,P]
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 128 B: moe_balance_loss (balance_loss) takes moe_expert_counts as [B,B]
+        moe_expert_counts_B_B = runtime.all_reduce(moe_expert_counts, self.mesh, axis=1)
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 128 B: moe_balance_loss (balance_loss) takes moe_expert_counts as [B,B]
+        moe_expert_counts_B_B = runtime.all_reduce(moe_expert_counts_B_B, self.mesh, axis=0)  # (16) [B,B]
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: moe_balance_loss (balance_loss) takes moe_prob_sums as [B,B]
+        moe_prob_sums_B_B = runtime.all_reduce(moe_prob_sums, self.mesh, axis=1)
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 64 B: moe_balance_loss (balance_loss) takes moe_prob_sums as [B,B]
+        moe_prob_sums_B_B = runtime.all_reduce(moe_prob_sums_B_B, self.mesh, axis=0)  # (16) [B,B]
+        moe_balance_loss = ops.balance_loss(moe_expert_counts_B_B, moe_prob_sums_B_B, k=4, weight=0.01)  # () [B,B]
+        moe_routed = runtime.expert_parallel_ffn(moe_norm_normed, moe_experts, moe_gates, self.moe.w_up, self.moe.w_gate, self.moe.w_down, activation='swiglu', mesh=self.mesh, axis=1, num_experts=16)  # (B/4, T, 32) [S(0),S(0)] expert_ffn as a shard (b, expert_parallel)
+        moe_shared_up = ops.linear(moe_norm_normed, self.moe.w_shared_up)  # (B/4, T, 24) [S(0),S(0)]
+        moe_shared_gate = ops.linear(moe_norm_normed, self.moe.w_shared_gate)  # (B/4, T, 24) [S(0),S(0)]
+        moe_shared_act = ops.swiglu(moe_shared_gate, moe_shared_up)  # (B/4, T, 24) [S(0),S(0)]
+        moe_shared_down = ops.linear(moe_shared_act, self.moe.w_shared_down)  # (B/4, T, 32) [S(0),S(0)]
+        moe_routed_and_shared = ops.add(moe_routed, moe_shared_down)  # (B/4, T, 32) [S(0),S(0)]
+        moe_residual = ops.add(attention_residual, moe_routed_and_shared)  # (B/4, T, 32) [S(0),S(0)]
+        return moe_balance_loss, moe_residual
+
 
 class Model(torch.nn.Module):
     """This rank's shards of the model SPEC_NAME names, and its forward with the loss."""
@@ -82,333 +212,102 @@ class Model(torch.nn.Module):
     def __init__(self, mesh, seed):
         super().__init__()
         self.mesh = mesh
+        self.embed = torch.nn.Module()
         # embed.weight (96, 32): stored [B,B], 12.29 kB per device
-        self.embed_weight = runtime.param('embed.weight', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_0_attention_norm_weight = runtime.param('layers.0.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wq = runtime.param('layers.0.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wk = runtime.param('layers.0.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wv = runtime.param('layers.0.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_0_attention_wo = runtime.param('layers.0.attention.wo', (32, 32), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_0_ffn_norm_weight = runtime.param('layers.0.ffn.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_up (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_up = runtime.param('layers.0.ffn.w_up', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_gate (96, 32): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_gate = runtime.param('layers.0.ffn.w_gate', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.0.ffn.w_down (32, 96): stored [B,B], 12.29 kB per device
-        self.layers_0_ffn_w_down = runtime.param('layers.0.ffn.w_down', (32, 96), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_1_attention_norm_weight = runtime.param('layers.1.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wq = runtime.param('layers.1.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wk = runtime.param('layers.1.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wv = runtime.param('layers.1.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_1_attention_wo = runtime.param('layers.1.attention.wo', (32, 32), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.moe.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_1_moe_norm_weight = runtime.param('layers.1.moe.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.moe.w_router (16, 32): stored [B,B], 2.05 kB per device
-        self.layers_1_moe_w_router = runtime.param('layers.1.moe.w_router', (16, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.moe.w_gate (16, 24, 32): stored [B,S(0)], 24.58 kB per device
-        self.layers_1_moe_w_gate = runtime.param('layers.1.moe.w_gate', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.1.moe.w_up (16, 24, 32): stored [B,S(0)], 24.58 kB per device
-        self.layers_1_moe_w_up = runtime.param('layers.1.moe.w_up', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.1.moe.w_down (16, 32, 24): stored [B,S(0)], 24.58 kB per device
-        self.layers_1_moe_w_down = runtime.param('layers.1.moe.w_down', (16, 32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.1.moe.w_shared_up (24, 32): stored [B,B], 3.07 kB per device
-        self.layers_1_moe_w_shared_up = runtime.param('layers.1.moe.w_shared_up', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.moe.w_shared_gate (24, 32): stored [B,B], 3.07 kB per device
-        self.layers_1_moe_w_shared_gate = runtime.param('layers.1.moe.w_shared_gate', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.1.moe.w_shared_down (32, 24): stored [B,B], 3.07 kB per device
-        self.layers_1_moe_w_shared_down = runtime.param('layers.1.moe.w_shared_down', (32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_2_attention_norm_weight = runtime.param('layers.2.attention.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wq (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wq = runtime.param('layers.2.attention.wq', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wk (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wk = runtime.param('layers.2.attention.wk', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wv (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wv = runtime.param('layers.2.attention.wv', (32, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.attention.wo (32, 32): stored [B,B], 4.10 kB per device
-        self.layers_2_attention_wo = runtime.param('layers.2.attention.wo', (32, 32), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.moe.norm.weight (32): stored [B,B], 128 B per device
-        self.layers_2_moe_norm_weight = runtime.param('layers.2.moe.norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.moe.w_router (16, 32): stored [B,B], 2.05 kB per device
-        self.layers_2_moe_w_router = runtime.param('layers.2.moe.w_router', (16, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.moe.w_gate (16, 24, 32): stored [B,S(0)], 24.58 kB per device
-        self.layers_2_moe_w_gate = runtime.param('layers.2.moe.w_gate', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.2.moe.w_up (16, 24, 32): stored [B,S(0)], 24.58 kB per device
-        self.layers_2_moe_w_up = runtime.param('layers.2.moe.w_up', (16, 24, 32), 'normal', 0.02, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.2.moe.w_down (16, 32, 24): stored [B,S(0)], 24.58 kB per device
-        self.layers_2_moe_w_down = runtime.param('layers.2.moe.w_down', (16, 32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'S(0)'), seeded.init_shard)
-        # layers.2.moe.w_shared_up (24, 32): stored [B,B], 3.07 kB per device
-        self.layers_2_moe_w_shared_up = runtime.param('layers.2.moe.w_shared_up', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.moe.w_shared_gate (24, 32): stored [B,B], 3.07 kB per device
-        self.layers_2_moe_w_shared_gate = runtime.param('layers.2.moe.w_shared_gate', (24, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
-        # layers.2.moe.w_shared_down (32, 24): stored [B,B], 3.07 kB per device
-        self.layers_2_moe_w_shared_down = runtime.param('layers.2.moe.w_shared_down', (32, 24), 'normal', 0.008164965809277261, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.embed.weight = runtime.param('embed.weight', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.layers = torch.nn.ModuleList([
+            DenseBlock("layers.0.", seed, mesh),
+            *(MoeBlock(f"layers.{i}.", seed, mesh) for i in range(1, 3)),
+        ])
+        self.final_norm = torch.nn.Module()
         # final_norm.weight (32): stored [B,B], 128 B per device
-        self.final_norm_weight = runtime.param('final_norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.final_norm.weight = runtime.param('final_norm.weight', (32,), 'ones', 0.0, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.lm_head = torch.nn.Module()
         # lm_head.weight (96, 32): stored [B,B], 12.29 kB per device
-        self.lm_head_weight = runtime.param('lm_head.weight', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
+        self.lm_head.weight = runtime.param('lm_head.weight', (96, 32), 'normal', 0.02, seed, mesh, ('B', 'B'), seeded.init_shard)
 
     def forward(self, tokens, targets):
         # tokens: (B/4, T) [S(0),S(0)]
         # targets: (B/4, T) [S(0),S(0)]
         # ---- model
-        x = ops.embedding(tokens, self.embed_weight)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.0.attention
-        layers_0_attention_norm_normed = ops.rms_norm(x, self.layers_0_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_q = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_k = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_v = ops.linear(layers_0_attention_norm_normed, self.layers_0_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_q_rot = ops.rope(layers_0_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_k_rot = ops.rope(layers_0_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_mixed = ops.causal_attention(layers_0_attention_q_rot, layers_0_attention_k_rot, layers_0_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_out = ops.linear(layers_0_attention_mixed, self.layers_0_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_attention_residual = ops.add(x, layers_0_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.0.ffn
-        layers_0_ffn_norm_normed = ops.rms_norm(layers_0_attention_residual, self.layers_0_ffn_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_ffn_up = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_gate = ops.linear(layers_0_ffn_norm_normed, self.layers_0_ffn_w_gate)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_act = ops.swiglu(layers_0_ffn_gate, layers_0_ffn_up)  # (B/4, T, 96) [S(0),S(0)]
-        layers_0_ffn_down = ops.linear(layers_0_ffn_act, self.layers_0_ffn_w_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_0_ffn_residual = ops.add(layers_0_attention_residual, layers_0_ffn_down)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.1.attention
-        layers_1_attention_norm_normed = ops.rms_norm(layers_0_ffn_residual, self.layers_1_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_q = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_k = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_v = ops.linear(layers_1_attention_norm_normed, self.layers_1_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_q_rot = ops.rope(layers_1_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_k_rot = ops.rope(layers_1_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_mixed = ops.causal_attention(layers_1_attention_q_rot, layers_1_attention_k_rot, layers_1_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_out = ops.linear(layers_1_attention_mixed, self.layers_1_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_attention_residual = ops.add(layers_0_ffn_residual, layers_1_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.1.moe
-        layers_1_moe_norm_normed = ops.rms_norm(layers_1_attention_residual, self.layers_1_moe_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_moe_router_logits = ops.linear(layers_1_moe_norm_normed, self.layers_1_moe_w_router)  # (B/4, T, 16) [S(0),S(0)]
-        layers_1_moe_router_probs = ops.softmax(layers_1_moe_router_logits)  # (B/4, T, 16) [S(0),S(0)]
-        layers_1_moe_experts = ops.topk_indices(layers_1_moe_router_probs, k=4)  # (B/4, T, 4) [S(0),S(0)]
-        layers_1_moe_gates = ops.take(layers_1_moe_router_probs, layers_1_moe_experts)  # (B/4, T, 4) [S(0),S(0)]
-        layers_1_moe_expert_counts = ops.expert_counts(layers_1_moe_experts, num_experts=16)  # (16) [P,P]
-        layers_1_moe_prob_sums = ops.column_sums(layers_1_moe_router_probs)  # (16) [P,P]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 128 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
-        layers_1_moe_expert_counts_B_B = runtime.all_reduce(layers_1_moe_expert_counts, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 128 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_expert_counts as [B,B]
-        layers_1_moe_expert_counts_B_B = runtime.all_reduce(layers_1_moe_expert_counts_B_B, self.mesh, axis=0)  # (16) [B,B]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_prob_sums as [B,B]
-        layers_1_moe_prob_sums_B_B = runtime.all_reduce(layers_1_moe_prob_sums, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 64 B: layers_1_moe_balance_loss (balance_loss) takes layers_1_moe_prob_sums as [B,B]
-        layers_1_moe_prob_sums_B_B = runtime.all_reduce(layers_1_moe_prob_sums_B_B, self.mesh, axis=0)  # (16) [B,B]
-        layers_1_moe_balance_loss = ops.balance_loss(layers_1_moe_expert_counts_B_B, layers_1_moe_prob_sums_B_B, k=4, weight=0.01)  # () [B,B]
-        layers_1_moe_routed = runtime.expert_parallel_ffn(layers_1_moe_norm_normed, layers_1_moe_experts, layers_1_moe_gates, self.layers_1_moe_w_up, self.layers_1_moe_w_gate, self.layers_1_moe_w_down, activation='swiglu', mesh=self.mesh, axis=1, num_experts=16)  # (B/4, T, 32) [S(0),S(0)] expert_ffn as a shard (b, expert_parallel)
-        layers_1_moe_shared_up = ops.linear(layers_1_moe_norm_normed, self.layers_1_moe_w_shared_up)  # (B/4, T, 24) [S(0),S(0)]
-        layers_1_moe_shared_gate = ops.linear(layers_1_moe_norm_normed, self.layers_1_moe_w_shared_gate)  # (B/4, T, 24) [S(0),S(0)]
-        layers_1_moe_shared_act = ops.swiglu(layers_1_moe_shared_gate, layers_1_moe_shared_up)  # (B/4, T, 24) [S(0),S(0)]
-        layers_1_moe_shared_down = ops.linear(layers_1_moe_shared_act, self.layers_1_moe_w_shared_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_moe_routed_and_shared = ops.add(layers_1_moe_routed, layers_1_moe_shared_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_1_moe_residual = ops.add(layers_1_attention_residual, layers_1_moe_routed_and_shared)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.2.attention
-        layers_2_attention_norm_normed = ops.rms_norm(layers_1_moe_residual, self.layers_2_attention_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_q = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wq)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_k = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wk)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_v = ops.linear(layers_2_attention_norm_normed, self.layers_2_attention_wv)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_q_rot = ops.rope(layers_2_attention_q, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_k_rot = ops.rope(layers_2_attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_mixed = ops.causal_attention(layers_2_attention_q_rot, layers_2_attention_k_rot, layers_2_attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_out = ops.linear(layers_2_attention_mixed, self.layers_2_attention_wo)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_attention_residual = ops.add(layers_1_moe_residual, layers_2_attention_out)  # (B/4, T, 32) [S(0),S(0)]
-        # ---- layers.2.moe
-        layers_2_moe_norm_normed = ops.rms_norm(layers_2_attention_residual, self.layers_2_moe_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_moe_router_logits = ops.linear(layers_2_moe_norm_normed, self.layers_2_moe_w_router)  # (B/4, T, 16) [S(0),S(0)]
-        layers_2_moe_router_probs = ops.softmax(layers_2_moe_router_logits)  # (B/4, T, 16) [S(0),S(0)]
-        layers_2_moe_experts = ops.topk_indices(layers_2_moe_router_probs, k=4)  # (B/4, T, 4) [S(0),S(0)]
-        layers_2_moe_gates = ops.take(layers_2_moe_router_probs, layers_2_moe_experts)  # (B/4, T, 4) [S(0),S(0)]
-        layers_2_moe_expert_counts = ops.expert_counts(layers_2_moe_experts, num_experts=16)  # (16) [P,P]
-        layers_2_moe_prob_sums = ops.column_sums(layers_2_moe_router_probs)  # (16) [P,P]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 128 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
-        layers_2_moe_expert_counts_B_B = runtime.all_reduce(layers_2_moe_expert_counts, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 128 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_expert_counts as [B,B]
-        layers_2_moe_expert_counts_B_B = runtime.all_reduce(layers_2_moe_expert_counts_B_B, self.mesh, axis=0)  # (16) [B,B]
-        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 64 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_prob_sums as [B,B]
-        layers_2_moe_prob_sums_B_B = runtime.all_reduce(layers_2_moe_prob_sums, self.mesh, axis=1)
-        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 64 B: layers_2_moe_balance_loss (balance_loss) takes layers_2_moe_prob_sums as [B,B]
-        layers_2_moe_prob_sums_B_B = runtime.all_reduce(layers_2_moe_prob_sums_B_B, self.mesh, axis=0)  # (16) [B,B]
-        layers_2_moe_balance_loss = ops.balance_loss(layers_2_moe_expert_counts_B_B, layers_2_moe_prob_sums_B_B, k=4, weight=0.01)  # () [B,B]
-        layers_2_moe_routed = runtime.expert_parallel_ffn(layers_2_moe_norm_normed, layers_2_moe_experts, layers_2_moe_gates, self.layers_2_moe_w_up, self.layers_2_moe_w_gate, self.layers_2_moe_w_down, activation='swiglu', mesh=self.mesh, axis=1, num_experts=16)  # (B/4, T, 32) [S(0),S(0)] expert_ffn as a shard (b, expert_parallel)
-        layers_2_moe_shared_up = ops.linear(layers_2_moe_norm_normed, self.layers_2_moe_w_shared_up)  # (B/4, T, 24) [S(0),S(0)]
-        layers_2_moe_shared_gate = ops.linear(layers_2_moe_norm_normed, self.layers_2_moe_w_shared_gate)  # (B/4, T, 24) [S(0),S(0)]
-        layers_2_moe_shared_act = ops.swiglu(layers_2_moe_shared_gate, layers_2_moe_shared_up)  # (B/4, T, 24) [S(0),S(0)]
-        layers_2_moe_shared_down = ops.linear(layers_2_moe_shared_act, self.layers_2_moe_w_shared_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_moe_routed_and_shared = ops.add(layers_2_moe_routed, layers_2_moe_shared_down)  # (B/4, T, 32) [S(0),S(0)]
-        layers_2_moe_residual = ops.add(layers_2_attention_residual, layers_2_moe_routed_and_shared)  # (B/4, T, 32) [S(0),S(0)]
+        x = ops.embedding(tokens, self.embed.weight)  # (B/4, T, 32) [S(0),S(0)]
+        # ---- layer 0: DenseBlock
+        x = self.layers[0](x)
+        # ---- layers 1-2: MoeBlock
+        moe_balance_loss_per_layer = []
+        for layer in self.layers[1:3]:
+            moe_balance_loss, x = layer(x)
+            moe_balance_loss_per_layer.append(moe_balance_loss)
         # ---- final_norm
-        final_norm_normed = ops.rms_norm(layers_2_moe_residual, self.final_norm_weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        final_norm_normed = ops.rms_norm(x, self.final_norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
         # ---- model
-        logits = ops.linear(final_norm_normed, self.lm_head_weight)  # (B/4, T, 96) [S(0),S(0)]
+        logits = ops.linear(final_norm_normed, self.lm_head.weight)  # (B/4, T, 96) [S(0),S(0)]
         loss = ops.cross_entropy(logits, targets) * (1/4)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
         # plan: B -> P on mesh axis 1 (2 devices), local, 0 B: loss_with_aux (add) takes layers_1_moe_balance_loss as [P,P]
-        layers_1_moe_balance_loss_P_P = runtime.to_partial(layers_1_moe_balance_loss, self.mesh, axis=1)
+        layers_1_moe_balance_loss_P_P = runtime.to_partial(moe_balance_loss_per_layer[0], self.mesh, axis=1)
         # plan: B -> P on mesh axis 0 (2 devices), local, 0 B: loss_with_aux (add) takes layers_1_moe_balance_loss as [P,P]
         layers_1_moe_balance_loss_P_P = runtime.to_partial(layers_1_moe_balance_loss_P_P, self.mesh, axis=0)  # () [P,P]
         loss_with_aux = ops.add(loss, layers_1_moe_balance_loss_P_P)  # () [P,P]
         # plan: B -> P on mesh axis 1 (2 devices), local, 0 B: loss_with_aux_1 (add) takes layers_2_moe_balance_loss as [P,P]
-        layers_2_moe_balance_loss_P_P = runtime.to_partial(layers_2_moe_balance_loss, self.mesh, axis=1)
+        layers_2_moe_balance_loss_P_P = runtime.to_partial(moe_balance_loss_per_layer[1], self.mesh, axis=1)
         # plan: B -> P on mesh axis 0 (2 devices), local, 0 B: loss_with_aux_1 (add) takes layers_2_moe_balance_loss as [P,P]
         layers_2_moe_balance_loss_P_P = runtime.to_partial(layers_2_moe_balance_loss_P_P, self.mesh, axis=0)  # () [P,P]
         loss_with_aux_1 = ops.add(loss_with_aux, layers_2_moe_balance_loss_P_P)  # () [P,P]
         return loss_with_aux_1
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.embed_weight.grad, mesh, axis=1)
-    # embed.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.embed_weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_attention_norm_weight.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wq.grad, mesh, axis=1)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wk.grad, mesh, axis=1)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wv.grad, mesh, axis=1)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wo.grad, mesh, axis=1)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_0_attention_wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_0_ffn_norm_weight.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_up.grad, mesh, axis=1)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_gate.grad, mesh, axis=1)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_gate.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_down.grad, mesh, axis=1)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers_0_ffn_w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_attention_norm_weight.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wq.grad, mesh, axis=1)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wk.grad, mesh, axis=1)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wv.grad, mesh, axis=1)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wo.grad, mesh, axis=1)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_1_attention_wo.grad, mesh, axis=0)
-    # layers.1.moe.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_moe_norm_weight.grad, mesh, axis=1)
-    # layers.1.moe.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_1_moe_norm_weight.grad, mesh, axis=0)
-    # layers.1.moe.w_router: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_router.grad, mesh, axis=1)
-    # layers.1.moe.w_router: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_router.grad, mesh, axis=0)
-    # layers.1.moe.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_gate.grad, mesh, axis=0)
-    # layers.1.moe.w_up: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_up.grad, mesh, axis=0)
-    # layers.1.moe.w_down: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_down.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_up.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_up.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_gate.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_gate.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_down.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_1_moe_w_shared_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_attention_norm_weight.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wq.grad, mesh, axis=1)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wk.grad, mesh, axis=1)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wv.grad, mesh, axis=1)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wo.grad, mesh, axis=1)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers_2_attention_wo.grad, mesh, axis=0)
-    # layers.2.moe.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_moe_norm_weight.grad, mesh, axis=1)
-    # layers.2.moe.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers_2_moe_norm_weight.grad, mesh, axis=0)
-    # layers.2.moe.w_router: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_router.grad, mesh, axis=1)
-    # layers.2.moe.w_router: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_router.grad, mesh, axis=0)
-    # layers.2.moe.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_gate.grad, mesh, axis=0)
-    # layers.2.moe.w_up: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_up.grad, mesh, axis=0)
-    # layers.2.moe.w_down: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_down.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_up.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_up.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_gate.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_gate.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_down.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers_2_moe_w_shared_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm_weight.grad, mesh, axis=0)
-    # lm_head.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.lm_head_weight.grad, mesh, axis=1)
-    # lm_head.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.lm_head_weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 6 gradients, 147.46 kB (cap 1 MiB); stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 147.46 kB sent per device
+        ([
+            model.layers[2].moe.w_down,  # layers.2.moe.w_down (16, 32, 24) [B,S(0)]
+            model.layers[2].moe.w_up,  # layers.2.moe.w_up (16, 24, 32) [B,S(0)]
+            model.layers[2].moe.w_gate,  # layers.2.moe.w_gate (16, 24, 32) [B,S(0)]
+            model.layers[1].moe.w_down,  # layers.1.moe.w_down (16, 32, 24) [B,S(0)]
+            model.layers[1].moe.w_up,  # layers.1.moe.w_up (16, 24, 32) [B,S(0)]
+            model.layers[1].moe.w_gate,  # layers.1.moe.w_gate (16, 24, 32) [B,S(0)]
+        ], (('all_reduce', 0),)),
+        # bucket 1: 32 gradients, 134.02 kB (cap 1 MiB); stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 134.02 kB sent per device
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 134.02 kB sent per device
+        ([
+            model.lm_head.weight,  # lm_head.weight (96, 32) [B,B]
+            model.final_norm.weight,  # final_norm.weight (32) [B,B]
+            model.layers[2].moe.w_shared_down,  # layers.2.moe.w_shared_down (32, 24) [B,B]
+            model.layers[2].moe.w_shared_gate,  # layers.2.moe.w_shared_gate (24, 32) [B,B]
+            model.layers[2].moe.w_shared_up,  # layers.2.moe.w_shared_up (24, 32) [B,B]
+            model.layers[2].moe.w_router,  # layers.2.moe.w_router (16, 32) [B,B]
+            model.layers[2].moe.norm.weight,  # layers.2.moe.norm.weight (32) [B,B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (32, 32) [B,B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (32, 32) [B,B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (32, 32) [B,B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (32, 32) [B,B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (32) [B,B]
+            model.layers[1].moe.w_shared_down,  # layers.1.moe.w_shared_down (32, 24) [B,B]
+            model.layers[1].moe.w_shared_gate,  # layers.1.moe.w_shared_gate (24, 32) [B,B]
+            model.layers[1].moe.w_shared_up,  # layers.1.moe.w_shared_up (24, 32) [B,B]
+            model.layers[1].moe.w_router,  # layers.1.moe.w_router (16, 32) [B,B]
+            model.layers[1].moe.norm.weight,  # layers.1.moe.norm.weight (32) [B,B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (32, 32) [B,B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (32, 32) [B,B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (32, 32) [B,B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (32, 32) [B,B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (32) [B,B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (32, 96) [B,B]
+            model.layers[0].ffn.w_gate,  # layers.0.ffn.w_gate (96, 32) [B,B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (96, 32) [B,B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (32) [B,B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (32, 32) [B,B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (32, 32) [B,B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (32, 32) [B,B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (32, 32) [B,B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (32) [B,B]
+            model.embed.weight,  # embed.weight (96, 32) [B,B]
+        ], (('all_reduce', 1), ('all_reduce', 0))),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -443,11 +342,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
-    for _, attr, _, group in PARAMS:
-        groups[group].append(getattr(model, attr))
+    for name, _, group in PARAMS:
+        groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -457,10 +358,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
@@ -476,7 +377,7 @@ def main(argv=None):
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
-        shards = [(name, getattr(model, attr), sbp) for name, attr, sbp, _ in PARAMS]
+        shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})

@@ -1,0 +1,146 @@
+"""The Model's forward: its own nodes (embedding, final norm, loss) around calls of the layers,
+a loop wherever the plan's ``layer_runs`` groups consecutive layers.
+
+The residual stream keeps one variable where it can: a call's stream result rebinds the variable
+it read when nothing else reads that value (``x = self.layers[0](x)``); a loop carries it
+(``for layer in self.layers[1:4]: x = layer(x)``) and keeps results read elsewhere (a balance
+loss, a skip-layer delivery) in a list per position.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+from ..passes.plan import LayerCallPlan, LayerRunPlan, Plan
+from .emit_ops import Names, attr_path, block_local_names, node_lines, shape_text
+from .text import comment, identifier, layer_group
+
+
+def _order(plan: Plan, member: dict[str, int]) -> list[tuple[str, object]]:
+    """The statements: the model's own nodes and the layer runs, in plan order where the data
+    allows (a stable topological order: a run goes where its first node was)."""
+    position = {n.name: k for k, n in enumerate(plan.nodes)}
+    calls = {c.index: c for c in plan.layer_calls}
+    items: list[tuple[int, str, object, set[str], set[str]]] = []
+    for run in plan.layer_runs:
+        run_calls = [calls[i] for i in range(run.start, run.stop)]
+        made = {n for c in run_calls for n in c.nodes}
+        reads = {i for c in run_calls for i in c.inputs if i not in made}
+        items.append((position[run_calls[0].nodes[0]], "run", run, reads, made))
+    for node in plan.nodes:
+        if node.name not in member and node.op not in ("param", "buffer", "input"):
+            items.append((position[node.name], "node", node, set(node.args), {node.name}))
+    producer = {name: k for k, item in enumerate(items) for name in item[4]}
+    waiting = {k: {producer[r] for r in item[3] if r in producer} - {k} for k, item in enumerate(items)}
+    ready = [(item[0], k) for k, item in enumerate(items) if not waiting[k]]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        _, k = heapq.heappop(ready)
+        out.append((items[k][1], items[k][2]))
+        for j, deps in waiting.items():
+            if k in deps:
+                deps.discard(k)
+                if not deps:
+                    heapq.heappush(ready, (items[j][0], j))
+    assert len(out) == len(items), "the layer calls and the model's own nodes form a cycle"
+    return out
+
+
+class _Vars:
+    """The forward's variable names: fresh ones, and who still reads each value."""
+
+    def __init__(self, names: Names, readers: dict[str, int], taken: set[str]) -> None:
+        self.names, self.readers, self.taken = names, readers, taken
+
+    def fresh(self, base: str) -> str:
+        var, k = base, 2
+        while var in self.taken:
+            var, k = f"{base}_{k}", k + 1
+        self.taken.add(var)
+        return var
+
+    def reusable(self, value: str, used: list[str]) -> str | None:
+        """The variable of ``value`` when the call about to run is its only reader."""
+        var = self.names.values[value]
+        return var if self.readers.get(value, 0) == 1 and var.isidentifier() and var not in used else None
+
+
+def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
+    calls: list[LayerCallPlan] = [c for c in plan.layer_calls if run.start <= c.index < run.stop]
+    first = calls[0]
+    block = next(b for b in plan.blocks if b.name == first.block)
+    kinds = sorted({c.block for c in calls}, key=[b.name for b in plan.blocks].index)
+    where = f"layer {run.start}" if len(calls) == 1 else f"layers {run.start}-{run.stop - 1}"
+    lines = [f"        # ---- {where}: {', '.join(kinds)}"]
+    loop = len(calls) > 1
+    carried = dict(run.carry) if loop else {}
+    stream_in = next((j for j, n in enumerate(block.inputs) if n == "x"), None)
+    local = block_local_names(block, plan)
+    out_vars: list[str] = []
+    for k, base in enumerate(block.output_names):
+        j = carried.get(k) if loop else (stream_in if base == "x" else None)
+        start = first.inputs[j] if j is not None else None
+        var = v.reusable(start, out_vars) if start is not None else None
+        if var is None and loop and j is not None:
+            var = v.fresh(base)
+            lines.append(f"        {var} = {v.names.values[start]}")
+        elif var is None:
+            var = v.fresh(local[block.outputs[k]] if loop else ("x" if base == "x" else identifier(first.outputs[k])))
+        out_vars.append(var)
+    args = [v.names.values[i] for i in first.inputs]
+    if not loop:
+        lines.append(f"        {', '.join(out_vars)} = self.layers[{run.start}]({', '.join(args)})")
+        v.names.values.update(zip(first.outputs, out_vars))
+        return lines
+    lists = {k: v.fresh(f"{local[block.outputs[k]]}_per_layer") for k in run.collected}
+    lines += [f"        {var} = []" for var in lists.values()]
+    into = {j: k for k, j in run.carry}
+    loop_args = [out_vars[into[j]] if j in into else args[j] for j in range(len(args))]
+    sliced = "self.layers" if (run.start, run.stop) == (0, len(plan.layer_calls)) else \
+        f"self.layers[{run.start}:{run.stop}]"
+    lines.append(f"        for layer in {sliced}:")
+    lines.append(f"            {', '.join(out_vars)} = layer({', '.join(loop_args)})")
+    lines += [f"            {var}.append({out_vars[k]})" for k, var in lists.items()]
+    for pos, call in enumerate(calls):
+        for k, name in enumerate(call.outputs):
+            if k in lists:
+                v.names.values[name] = f"{lists[k]}[{pos}]"
+    for k, name in enumerate(calls[-1].outputs):
+        if k in carried:
+            v.names.values[name] = out_vars[k]
+    return lines
+
+
+def forward_lines(plan: Plan) -> list[str]:
+    """``def forward(self, tokens, targets)`` of the Model, returning the loss."""
+    member = {n: c.index for c in plan.layer_calls for n in c.nodes}
+    lines = ["    def forward(self, tokens, targets):"]
+    values = {s.node: attr_path("self", s.name) for s in (*plan.params, *plan.buffers)}
+    readers: dict[str, int] = {}
+    for node in plan.nodes:
+        if node.name not in member:
+            for a in node.args:
+                readers[a] = readers.get(a, 0) + 1
+    for c in plan.layer_calls:
+        for a in set(c.inputs):
+            readers[a] = readers.get(a, 0) + 1
+    for node in plan.nodes:
+        if node.op == "input":
+            values[node.name] = identifier(node.name)
+            lines.append(f"        # {node.name}: {shape_text(node.local_shape)} [{node.sbp_out}]")
+    names = Names(values)
+    v = _Vars(names, readers, {identifier(n.name) for n in plan.nodes if n.name not in member})
+    group = None
+    for kind, item in _order(plan, member):
+        if kind == "run":
+            lines += _run_lines(plan, item, v)
+            group = None
+            continue
+        heading = layer_group(item.layer)
+        if heading != group or group is None:
+            group = heading
+            lines.append(f"        # ---- {comment(heading or 'model')}")
+        lines += node_lines(item, names, identifier(item.name), {}, "        ")
+    lines.append(f"        return {names.values[plan.output]}")
+    return lines
