@@ -24,13 +24,14 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
+from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
 from .memory import SAVES
 from .plan import Cost
 from .sbp import Broadcast, NdSbp, PartialSum
 from .search_costs import Cand, Costing
-from .search_ilp import Demand, Group, Infeasible, Problem, Use, leanest, solve
+from .search_ilp import Buckets, Demand, Group, Infeasible, Problem, Use, leanest, solve
 from .strategies import AxisPins
 
 KEY = "ultraplan.search"
@@ -83,8 +84,27 @@ def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPin
         for nd in (*o.ins, o.raw):
             layouts.setdefault(nd, len(layouts))
     demands = _demands(gm, costing, cls, cands, layouts)
-    problem = Problem(groups, demands, float(ctx.hardware.memory_bytes), _logging(costing, gm))
+    problem = Problem(groups, demands, float(ctx.hardware.memory_bytes), _logging(costing, gm),
+                      _buckets(costing, cands, ctx))
     return problem, cands, cls, costing
+
+
+def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> list[Buckets]:
+    """One set of gradient buckets per bucket key (passes/buckets.py's caps: DDP's 1 MiB first
+    bucket then 25 MiB, or ``--bucket-mb`` for all), its members the candidates whose gradient joins it."""
+    if ctx.bucket_cap_bytes is None:
+        first, cap = float(DEFAULT_FIRST_BUCKET_CAP_BYTES), float(DEFAULT_BUCKET_CAP_BYTES)
+    else:
+        first = cap = float(ctx.bucket_cap_bytes)
+    keys: dict[tuple, Buckets] = {}
+    for g, options in enumerate(cands):
+        for k, o in enumerate(options):
+            if o.grad is not None:
+                key, nbytes = o.grad
+                if key not in keys:
+                    keys[key] = Buckets(costing.bucket_latency(key), first, cap, [])
+                keys[key].members.append((g, k, nbytes))
+    return list(keys.values())
 
 
 def _loss_options(costing: Costing, node: fx.Node, options: list[Cand]) -> list[Cand]:

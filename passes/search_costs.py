@@ -33,6 +33,7 @@ from ..compiler.op_table import OP_TABLE
 from .build_plan import _needs_grad
 from .context import PlanContext
 from .memory import SAVES
+from .precision import MASTER
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
 from .signatures import axis_signatures
 from .strategies import AxisPins
@@ -53,6 +54,7 @@ class Cand:
     time: float
     memory: float
     peak: float = 0.0
+    grad: tuple[tuple, float] | None = None  # a parameter's gradient sync: (bucket key, bytes it adds)
 
 
 class Costing:
@@ -183,13 +185,37 @@ class Costing:
             time = gather[0] + (gather[1] if self.train and self.needs_grad[node] else 0.0)
             stored = self.local_bytes(node, rest)
             memory = stored * (4 if self.train else 1)
+            sync = None
             if self.train:
-                grad = tuple(P_ if isinstance(e, Broadcast) else e for e in rest)
-                time += self.box_time(grad, rest, node)[0]
+                seconds, sync = self.grad_sync(rest, node)
+                time += seconds
                 if rest != used and saved:
                     memory += self.local_bytes(node, used)
-            out.append(Cand(axes, (), used, used, time, memory))
+            out.append(Cand(axes, (), used, used, time, memory, grad=sync))
         return out
+
+    def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
+        """The gradient sync of a parameter stored ``rest``, as passes/buckets.py packs it: (the
+        bandwidth seconds of its own bytes, (its bucket key, its bytes)); the latency is paid per
+        bucket (``bucket_latency``, priced by the integer program per bucket key). The key is
+        buckets.py's: the all-reduces (P -> B, innermost axis first) on the axes where it is stored
+        ``B``, and the master dtype; the bytes are its stored shard in that dtype."""
+        axes = tuple(a for a in reversed(range(len(rest))) if isinstance(rest[a], Broadcast))
+        if not axes:
+            return 0.0, None
+        nbytes = float(math.prod(info(node).concrete_shape or ())) * BYTES_PER_ELEMENT[MASTER]
+        for a, e in enumerate(rest):
+            if isinstance(e, Split):
+                nbytes /= self.mesh[a]
+        seconds = 0.0
+        for a in axes:
+            n = self.mesh[a]
+            seconds += 2 * (n - 1) / n * nbytes / self._link(a)[0]
+        return seconds, ((axes, MASTER), nbytes)
+
+    def bucket_latency(self, key: tuple) -> float:
+        """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis)."""
+        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] for a in key[0])
 
     def saves(self, user: fx.Node, value: fx.Node) -> bool:
         """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""

@@ -87,11 +87,35 @@ class Demand:
 
 
 @dataclass
+class Buckets:
+    """The gradients of one bucket key (passes/buckets.py: the same collectives, the same dtype),
+    packed into buckets of ``first`` then ``cap`` bytes, each paying ``latency`` seconds. ``members``
+    are (group, candidate, bytes per node) of the candidates whose gradient joins this key."""
+
+    latency: float
+    first: float
+    cap: float
+    members: list[tuple[int, int, float]]
+
+
+@dataclass
 class Problem:
     groups: list[Group]
     demands: list[Demand]
     capacity: float  # bytes per device
     constant: float = 0.0  # seconds every plan pays (the loss's logging all-reduce)
+    buckets: list[Buckets] = field(default_factory=list)
+
+
+def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> float:
+    """The modelled number of buckets of one key: 0 when no gradient joins it, else the first bucket
+    plus the bytes beyond it over the cap, each parameter's bytes clipped to the cap (one that
+    large closes a bucket by itself): 1 + max(0, sum min(bytes, cap) - first) / cap."""
+    chosen = [(g, nbytes) for g, k, nbytes in b.members if choice[g] == k]
+    if not chosen:
+        return 0.0
+    clipped = sum(groups[g].count * min(nbytes, b.cap) for g, nbytes in chosen)
+    return 1.0 + max(0.0, clipped - b.first) / b.cap
 
 
 @dataclass
@@ -115,6 +139,7 @@ def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None =
         time = problem.constant + sum(g.count * g.time[k] for g, k in zip(groups, choice))
         memory = sum(g.count * g.memory[k] for g, k in zip(groups, choice))
         memory += max((g.peak[k] for g, k in zip(groups, choice) if g.peak), default=0.0)
+        time += sum(b.latency * bucket_count(b, choice, groups) for b in problem.buckets)
     ok = True
     for d in problem.demands if demands is None else demands:
         o = groups[d.producer].out[choice[d.producer]]
@@ -174,6 +199,8 @@ def build(problem: Problem) -> tuple[_Lp, list[list[int]], dict[int, float]]:
                 lp.row(0.0, inf, {a: 1.0} | {c: -p / GIB for c, p in zip(cols, g.peak) if p})
     for d in problem.demands:
         _demand(lp, d, problem.groups[d.producer], x, memory)
+    for b in problem.buckets:
+        _buckets(lp, b, problem.groups, x)
     lp.row(-inf, problem.capacity / GIB, memory)
     return lp, x, {i: c for i, c in enumerate(lp.cost) if c}
 
@@ -215,6 +242,24 @@ def _demand(lp: _Lp, d: Demand, producer: Group, x: list[list[int]], memory: dic
                     if (kind, o, w) not in paid:
                         paid[kind, o, w] = lp.col(d.count * cost * SCALE)
                     lp.row(0.0, inf, {paid[kind, o, w]: 1.0, e: -1.0})
+
+
+def _buckets(lp: _Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
+    """``bucket_count`` linearised: y in [0,1] is 1 when any member is chosen (the first bucket's
+    latency), z >= 0 the buckets beyond it: z >= (sum count*min(bytes, cap)*x - first*y) / cap."""
+    if b.latency <= 0:
+        return
+    inf = highspy.kHighsInf
+    y = lp.col(b.latency * SCALE)
+    z = lp.col(b.latency * SCALE, upper=inf)
+    beyond = {z: 1.0, y: b.first / b.cap}
+    per_group: dict[int, dict[int, float]] = {}
+    for g, k, nbytes in b.members:
+        per_group.setdefault(g, {})[x[g][k]] = 1.0
+        _add(beyond, x[g][k], -groups[g].count * min(nbytes, b.cap) / b.cap)
+    for cols in per_group.values():  # one-hot: y >= the sum of a group's member columns
+        lp.row(0.0, inf, {y: 1.0} | {c: -1.0 for c in cols})
+    lp.row(0.0, inf, beyond)
 
 
 def _quiet_highs() -> highspy.Highs:

@@ -46,7 +46,9 @@ def restrict(problem: Problem, keep: dict[int, list[int]]) -> Problem:
             takes = {w: [index[u.group][k] for k in ks if k in index[u.group]] for w, ks in u.takes.items()}
             uses.append(dataclasses.replace(u, takes={w: ks for w, ks in takes.items() if ks}))
         demands.append(Demand(d.producer, d.count, uses, d.move, d.dual, d.saved, d.state))
-    return Problem(groups, demands, problem.capacity, problem.constant)
+    buckets = [dataclasses.replace(b, members=[(g, index[g][k], nbytes) for g, k, nbytes in b.members
+                                               if k in index[g]]) for b in problem.buckets]
+    return Problem(groups, demands, problem.capacity, problem.constant, buckets)
 
 
 def enumerate_all(problem: Problem) -> list[tuple[list[int], float, float, bool]]:
@@ -62,11 +64,12 @@ def brute_force(table, capacity: float) -> tuple[float, list[int]]:
     return min((s, c) for t, s, c in fits if t <= best * (1 + 1e-9))[1], best
 
 
-@pytest.fixture(scope="module")
-def ffn_slice():
+@pytest.fixture(scope="module", params=[None, 4096], ids=["ddp-caps", "4KiB-buckets"])
+def ffn_slice(request):
     """dense-tiny on 2 devices at batch 64, every group fixed to the optimum except layer 0's FFN (7 nodes: its
-    three weights and four ops), each cut to 2-3 candidates (all-B, the optimum's, the last): at most 3^7."""
-    gm, ctx = annotated(mesh="2", batch=64)  # at batch 64 the fastest plan is not the leanest
+    three weights and four ops), each cut to 2-3 candidates (all-B, the optimum's, the last): at most 3^7.
+    With DDP's caps every gradient fits the first bucket; with 4 KiB buckets the count grows with the bytes."""
+    gm, ctx = annotated(mesh="2", batch=64, bucket_cap_bytes=request.param)  # batch 64: the fastest plan is not the leanest
     problem, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
     full = solve(problem).choice
     names = {f"layers_0_ffn_{n}" for n in ("w_up", "up", "w_gate", "gate", "act", "w_down", "down")}
@@ -96,7 +99,7 @@ def test_the_memory_row_binds_as_brute_force_says(ffn_slice):
     solved = solve(tight)
     assert math.isclose(solved.time, time, rel_tol=1e-9) and solved.memory <= tight.capacity
     assert sum(solved.choice) == sum(choice)
-    assert solved.time >= free.time and solved.choice != free.choice
+    assert solved.time >= free.time * (1 - 1e-9) and solved.choice != free.choice
 
 
 def test_an_edge_cost_is_paid_once_per_layout_as_choose_sbp_boxes():
