@@ -28,11 +28,12 @@ from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
 from .memory import SAVES
-from .plan import Cost
+from .plan import Cost, Plan
 from .sbp import Broadcast, NdSbp, PartialSum
 from .search_costs import Cand, Costing
 from .search_ilp import Buckets, Demand, Group, Infeasible, Problem, Use, leanest, solve
 from .strategies import AxisPins
+from .symbols import axis_latency
 
 KEY = "ultraplan.search"
 
@@ -180,6 +181,30 @@ def boundary_bound(problem: Problem) -> float:
         if d.boundary:
             dearest = max((m + d.dual.get(k, 0.0) for k, m in d.move.items() if m is not None), default=0.0)
             total += d.count * sum(u.moves for u in d.uses) * dearest
+    return total
+
+
+def bucket_bound(plan: Plan, values: dict, cap_bytes: int | None = None) -> float:
+    """How far the search's objective may be from the plan's ``step_time`` because the search counts
+    gradient buckets by bytes (docs/search.md): per bucket key with per-bucket latency L and n
+    buckets in the plan, the modelled count n' has n - 1 < n' < n + sum over the full buckets of
+    min(bytes of the parameter that closed it, cap) / cap, so the difference is below L times the
+    larger of 1 and that sum (0 where the key fits its first bucket: there n' = n). ``values``: the
+    context's (latencies per axis); ``cap_bytes``: ``--bucket-mb`` in bytes, None for DDP's caps."""
+    params = {p.name: p for p in plan.params}
+    keys: dict[tuple, list] = {}
+    for b in plan.grad_buckets:
+        key = (tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype)
+        keys.setdefault(key, []).append(b)
+    cap = float(DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else cap_bytes)
+    total = 0.0
+    for buckets in keys.values():
+        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] for s in buckets[0].steps)
+        full = [b for b in buckets if b.steps[0].payload_bytes.value >= b.cap_bytes]
+        if not full:
+            continue
+        over = sum(min(params[b.params[0]].grad_sync[0].payload_bytes.value, cap) / cap for b in full)
+        total += latency * max(1.0, over)
     return total
 
 

@@ -12,7 +12,7 @@ from ultraplan.compiler.node_info import info
 from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import make_context, make_plan
-from ultraplan.passes.search import boundary_bound, build_problem
+from ultraplan.passes.search import boundary_bound, bucket_bound, build_problem
 from ultraplan.passes.search_ilp import Demand, Problem, Use, evaluate, solve
 
 from tests.conftest import ROOT
@@ -183,3 +183,16 @@ def test_auto_beside_a_named_axis_keeps_its_pins():
     assert plan.strategy == "fsdp,auto"
     assert all(p.sbp.split(",")[0].startswith("S(") or p.sbp.split(",")[0] == "B" for p in plan.params)
     assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("mesh,bucket_mb", [("2x2", 0.004), ("2", 0.02)])
+def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb):
+    # small buckets: a key's gradients fill several, and the search counts them by bytes (docs/search.md)
+    plan = api.plan(MODELS / "dense-tiny.yaml", mesh, hardware="h200-8", strategy="auto", bucket_mb=bucket_mb)
+    cap = int(bucket_mb * 2**20)
+    ctx = make_context(load_model_spec(MODELS / "dense-tiny.yaml"), api.load_hardware("h200-8"), Mesh.parse(mesh),
+                       strategies=("auto",) * len(mesh.split("x")), bucket_cap_bytes=cap)
+    assert len(plan.grad_buckets) > len({(tuple((s.axis, s.src) for s in b.steps), b.dtype) for b in plan.grad_buckets})
+    bound = bucket_bound(plan, ctx.values(), cap)
+    assert bound > 0
+    assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
