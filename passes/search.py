@@ -247,7 +247,10 @@ def record_search(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     if found is None or plan is None:
         return PassReport("record_search", time.perf_counter() - start)
     objective = Cost("the search's optimum: modelled step seconds (passes/search_ilp.py)", found.objective)
-    gm.meta["ultraplan.plan"] = dataclasses.replace(plan, totals=(*plan.totals, ("search_objective", objective)))
+    bound = Cost("|search_objective - step_time| is at most this: gradient buckets counted by bytes "
+                 "(search.bucket_bound, docs/search.md)", bucket_bound(plan, ctx.values(), ctx.bucket_cap_bytes))
+    gm.meta["ultraplan.plan"] = dataclasses.replace(
+        plan, totals=(*plan.totals, ("search_objective", objective), ("search_bucket_bound", bound)))
     return PassReport("record_search", time.perf_counter() - start,
                       [f"chosen by the search: objective {found.objective:.6g} s, plan step_time "
                        f"{plan.total('step_time').value:.6g} s"])

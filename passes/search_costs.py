@@ -3,7 +3,8 @@
 The same numbers build_plan adds up, evaluated numerically once per candidate (the sympy
 expressions of the cost model, collectives from ``sbp.boxings`` and their duals from
 ``build_plan.dual_of``, memory by ``memory.SAVES``), so that the search's objective is the plan's
-``step_time`` and its memory row the plan's ``memory_per_device``:
+``step_time`` (to the gradient buckets' count, docs/search.md) and its memory row the plan's
+``memory_per_device``:
 
 Collectives are timed as build_plan times them (messages * latency + wire bytes / bandwidth per
 axis link), in plain numbers here (``box_time``).
@@ -11,7 +12,9 @@ axis link), in plain numbers here (``box_time``).
 - an input: per axis ``B`` or ``S(0)`` (the batch), unless pinned;
 - a parameter: per axis (stored, used) in ``(B, B)``, ``(S(d), S(d))`` (Megatron-like: its
   consumers take the shard) or ``(S(d), B)`` (ZeRO-3 / FSDP: gathered before use); time: the
-  gather and its dual, the gradient sync of axes where it is stored ``B``; memory: the stored
+  gather and its dual, the bandwidth of the gradient sync of axes where it is stored ``B`` (its
+  latency is paid per gradient bucket: ``grad_sync`` says which bucket key, the integer program
+  counts the buckets); memory: the stored
   shard times 4 (parameter, gradient, two AdamW moments) and the gathered copy the backward keeps;
 - an op: the product over axes of its signatures (passes/signatures.py) whose dims and heads
   divide over the combined axes; time: its FLOPs over the devices splitting its work, the

@@ -20,13 +20,18 @@ consumer's candidate, and choose_sbp boxes a value once per layout however many 
     s[d,o,w] >= e[j,o,w]   the boxing o -> w runs (once for every use j that needs it); its backward
                            dual likewise, over the uses the gradient flows back through
     k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it)
+    y[q] in [0,1]          gradient bucket key q (passes/buckets.py) is used: y >= sum_k x[g,k] over
+                           the candidates of each group g whose gradient joins q (its first bucket)
+    z[q] >= 0              its buckets beyond the first: z >= (sum count*min(bytes,cap)*x - first*y) / cap
 
     minimise   sum count*time[k]*x + sum count*move(o,w)*s + sum count*dual(o,w)*s_dual
-                                                                     (modelled step seconds)
+               + sum latency[q]*(y + z)                              (modelled step seconds)
     subject to sum count*memory[k]*x + sum count*saved(w)*k + A <= device memory  (one row: the
                memory model's per-device bytes; A >= sum_k peak[k] x[g,k] for every g, inference)
 
-At an optimum e, s and k are 0/1 because x is.
+At an optimum e, s, k and y are 0/1 because x is, and z is its bound: the modelled bucket count
+``bucket_count`` (a parameter's gradient bandwidth is in its candidate's time; only the latency is
+per bucket, as the plan pays it).
 
 Ties are broken deterministically by a second solve: among assignments whose time is within a
 relative 1e-9 of the optimum, the smallest sum of candidate indices (index 0 is all-``B``; the

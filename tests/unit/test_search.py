@@ -118,6 +118,7 @@ def test_an_edge_cost_is_paid_once_per_layout_as_choose_sbp_boxes():
 def test_the_search_models_the_plan_it_makes(mesh, mode, spec):
     plan = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", mode=mode, strategy="auto")
     assert plan.strategy == ",".join(["auto"] * len(mesh.split("x")))
+    assert plan.total("search_bucket_bound").value == 0  # every bucket key fits its first bucket: exact
     assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
 
 
@@ -194,5 +195,5 @@ def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb):
                        strategies=("auto",) * len(mesh.split("x")), bucket_cap_bytes=cap)
     assert len(plan.grad_buckets) > len({(tuple((s.axis, s.src) for s in b.steps), b.dtype) for b in plan.grad_buckets})
     bound = bucket_bound(plan, ctx.values(), cap)
-    assert bound > 0
+    assert bound > 0 and math.isclose(plan.total("search_bucket_bound").value, bound, rel_tol=1e-12)
     assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
