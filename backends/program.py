@@ -3,7 +3,7 @@
 The program reads top to bottom like nanoGPT's train.py: the plan's constants, one class per
 distinct block and a model class looping over the layers (emit_model.py), holding only this rank's
 shards under the spec's canonical names, each value's local shape and SBP in a comment, the
-gradient collectives each commented with the plan decision that produced them, and a training
+gradient buckets each commented with the plan decision that produced them, and a training
 loop. It imports torch and its three neighbour files, nothing of ultraplan. Every decision is read
 from the Plan; this file only spells it.
 """
@@ -18,7 +18,7 @@ from ..passes.plan import CollectivePlan, Plan
 from . import runtime
 from .emit_kernels import kernels_source
 from .emit_model import model_lines
-from .emit_ops import attr_path
+from .emit_ops import attr_path, shape_text
 from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 
@@ -88,6 +88,8 @@ def _constants(plan: Plan) -> list[str]:
         f"LR, BETAS, EPS, WEIGHT_DECAY = {t.lr!r}, ({t.beta1!r}, {t.beta2!r}), {t.eps!r}, {t.weight_decay!r}",
         "# memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)",
         f"VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = {t.value_lr_multiplier!r}, {t.value_lr_decay_steps!r}",
+        _precision_comment(plan),
+        f"COMPUTE_DTYPE = {plan.precision.compute!r}",
         "# bytes handed to each kind of collective per training step and device, and calls, as the plan",
         "# predicts (all_to_all of routed tokens: the mean over devices)",
         f"PLANNED_PAYLOAD_PER_STEP = {{{', '.join(f'{k!r}: {int(v)}' for k, v in sorted(payload.items()))}}}",
@@ -95,18 +97,40 @@ def _constants(plan: Plan) -> list[str]:
     ]
 
 
+def _precision_comment(plan: Plan) -> str:
+    p = plan.precision
+    if p.compute == p.master:
+        return f"# precision: {p.compute} throughout (train.precision)"
+    return (f"# mixed precision: forward and backward on {p.compute} copies of the {p.master} master weights "
+            f"(runtime.forward_in); gradients and optimizer state {p.gradients}, the loss {p.loss}")
+
+
 def _sync_gradients(plan: Plan) -> list[str]:
+    """The plan's gradient buckets, each commented with the parameters it carries and why."""
     lines = [
-        "def sync_gradients(model, mesh):",
-        '    """Turn each gradient from its plan SBP after backward into its parameter\'s SBP."""',
+        "def gradient_buckets(model, mesh):",
+        '    """The plan\'s gradient buckets, in launch order: each a flat buffer whose collectives start during',
+        "    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward.\"\"\"",
+        "    return runtime.GradBuckets(mesh, [",
     ]
-    for p in plan.params:
-        for c in p.grad_sync:
-            line = _collective_line(c, attr_path("model", p.name) + ".grad")
-            lines += ["    " + line[0].replace("# plan:", f"# {comment(p.name)}:"), "    " + line[1]]
-    if len(lines) == 2:
-        lines.append("    pass  # the plan needs no gradient collectives")
-    return lines
+    params = {p.name: p for p in plan.params}
+    for i, bucket in enumerate(plan.grad_buckets):
+        first = params[bucket.params[0]].grad_sync[0]
+        lines.append(f"        # bucket {i}: {len(bucket.params)} gradients, "
+                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} (cap {bucket.cap_bytes / 2**20:g} MiB); "
+                     f"{comment(first.reason)}")
+        for c in bucket.steps:
+            lines.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                         f"{c.collective}, {_fmt_bytes(c.wire_bytes.value)} sent per device")
+        lines.append("        ([")
+        for name in bucket.params:
+            p = params[name]
+            lines.append(f"            {attr_path('model', p.name)},  # {comment(p.name)} "
+                         f"{shape_text(tuple(map(str, p.shape)))} [{p.sbp}]")
+        lines.append(f"        ], {literal(tuple((c.collective, c.axis) for c in bucket.steps))}),")
+    if not plan.grad_buckets:
+        lines.append("        # the plan needs no gradient collectives")
+    return [*lines, "    ])"]
 
 
 def _loss_value(plan: Plan) -> list[str]:
@@ -145,11 +169,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -159,10 +185,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

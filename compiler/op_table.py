@@ -4,8 +4,9 @@ Every pass and emitter reads these records; no other file keeps a set of op name
 
 - ``fn``: the function in the op vocabulary (``ops.py``), the leaf lowering traces;
 - ``shape``: the output shape as sympy in ``B`` and ``T`` from the input shapes and attributes;
-- ``result``: the output dtype (``float``: the floating dtype; ``int64``; ``first``: the first
-  input's, as ``take`` keeps what it takes);
+- ``result``: the output dtype (``float``: the widest floating input's, float32 if none, as torch
+  promotes; ``fp32``: at least float32, the losses, which compute in float32 under mixed precision;
+  ``int64``; ``first``: the first input's, as ``take`` keeps what it takes);
 - ``flops``: forward matrix-product FLOPs (the FlopCounterMode convention, passes/cost.py says
   more); the backward of a product costs twice its forward (``6N``: one product for the input
   gradient, one for the weight gradient), everything else is counted as free;
@@ -88,8 +89,11 @@ class InternalComm:
 
 # (global input shapes, attrs, mesh axes it runs over, their sizes) -> the call's non-tensor arguments
 ArgsRule = Callable[[list[Shape], dict[str, Any], list[int], list[int]], tuple[tuple[str, Any], ...]]
-# (local input shapes, attrs, axis size, training?) -> the collectives inside the call
-CommRule = Callable[[list[Shape], dict[str, Any], sympy.Expr, bool], list[InternalComm]]
+# (local input shapes, their dtypes, attrs, axis size, training?) -> the collectives inside the call
+CommRule = Callable[[list[Shape], list[str], dict[str, Any], sympy.Expr, bool], list[InternalComm]]
+
+# floating dtypes by width, for the ``float`` result rule (torch's promotion among them)
+FLOAT_WIDTH = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class OpDef:
             return "int64"
         if self.result == "first":
             return input_dtypes[0]
-        return "float32"
+        floats = [d for d in input_dtypes if d in FLOAT_WIDTH] + (["float32"] if self.result == "fp32" else [])
+        return max(floats, key=FLOAT_WIDTH.__getitem__, default="float32")
 
     def backward_flops(self, forward: sympy.Expr) -> sympy.Expr:
         return 2 * forward
@@ -245,7 +250,7 @@ def _expert_bias_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch]
     return ((2, Touch(sympy.Integer(int(ins[0][-1])), experts, dim)),)
 
 
-BYTES = {"float32": 4, "float64": 8, "int64": 8}
+BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8}
 
 
 def _bytes(shape: Shape, dtype: str) -> sympy.Expr:
@@ -289,29 +294,32 @@ def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attr
 
 # ---- shard variants -----------------------------------------------------------------------------
 
-def _cross_entropy_comms(ins: list[Shape], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+def _cross_entropy_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr,
+                         train: bool) -> list[InternalComm]:
     """runtime.vocab_parallel_cross_entropy: per axis, one all-reduce of each position's max, one of
-    its sum of exponentials stacked with its target logit; the backward is local."""
+    its sum of exponentials stacked with its target logit; the backward is local. In float32 even
+    from bfloat16 logits (it computes in at least float32, as ops.cross_entropy)."""
     positions = numel(ins[1])
     return [InternalComm("forward", "all_reduce", "each position's max", positions * 4),
             InternalComm("forward", "all_reduce", "each position's sum of exponentials and target logit",
                          2 * positions * 4)]
 
 
-def _expert_parallel_comms(ins: list[Shape], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+def _expert_parallel_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr,
+                           train: bool) -> list[InternalComm]:
     """runtime.expert_parallel_ffn: the routing counts, then each (token, slot)'s expert id and row
     to the expert's device, the results back; the backward sends the result gradients out and the
     row gradients back. What a device receives depends on routing; its mean over devices is what
     each sends, so the plan predicts that mean."""
     assignments = numel(ins[0][:-1]) * ins[1][-1]
-    rows = assignments * ins[0][-1] * 4
+    rows, x = assignments * ins[0][-1] * BYTES[dtypes[0]], dtypes[0]  # rows travel in x's dtype
     out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
            InternalComm("forward", "all_to_all", "expert ids", assignments * 8, dtype="int64"),
-           InternalComm("forward", "all_to_all", "token rows", rows),
-           InternalComm("forward", "all_to_all", "expert outputs", rows, data_dependent=True)]
+           InternalComm("forward", "all_to_all", "token rows", rows, dtype=x),
+           InternalComm("forward", "all_to_all", "expert outputs", rows, data_dependent=True, dtype=x)]
     if train:
-        out += [InternalComm("backward", "all_to_all", "expert output gradients", rows),
-                InternalComm("backward", "all_to_all", "token row gradients", rows, data_dependent=True)]
+        out += [InternalComm("backward", "all_to_all", "expert output gradients", rows, dtype=x),
+                InternalComm("backward", "all_to_all", "token row gradients", rows, data_dependent=True, dtype=x)]
     return out
 
 
@@ -396,7 +404,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
-    _def("cross_entropy", _scalar, dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,), colour="#d9d2e9"),
+    _def("cross_entropy", _scalar, result="fp32", dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,),
+         colour="#d9d2e9"),
     # sparse retrieval: product keys, experts
     _def("pk_scores", lambda s, a: (*s[0][:-1], s[1][0], s[1][1], s[1][2]), flops=_pk_scores_flops,
          dims="bt.,....->bt...", colour=RETRIEVAL),
@@ -452,18 +461,18 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), index=True, data_dependent=True,
          dims="btk->.", sums="btk", colour=INDEXING),
     _def("column_sums", lambda s, a: (s[0][-1],), dims="*e->e", sums="*", linear="each", colour=INDEXING),
-    _def("balance_loss", _scalar, dims=".,.->", colour="#d9d2e9"),
+    _def("balance_loss", _scalar, result="fp32", dims=".,.->", colour="#d9d2e9"),
     # UltraMemV2's key-balance loss: whole-batch statistics per key half
     _def("half_key_counts", lambda s, a: (s[0][-2], sympy.Integer(a["num_keys"])), index=True, data_dependent=True,
          dims="bt...->..", sums="bt", colour=INDEXING),
     _def("half_prob_sums", lambda s, a: tuple(s[0][-2:]), dims="bt...->..", sums="bt", linear="each",
          colour=INDEXING),
-    _def("key_balance_loss", _scalar, dims="..,..->", colour="#d9d2e9"),
+    _def("key_balance_loss", _scalar, result="fp32", dims="..,..->", colour="#d9d2e9"),
 )}
 
-# ops.py functions that are not graph ops: state derived from parameters between steps, and the
-# shard forms variants call
-NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard"}
+# ops.py functions that are not graph ops: state derived from parameters between steps, the
+# shard forms variants call, and the losses' float32 upcast under mixed precision
+NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32"}
 
 
 def op_def(name: str) -> OpDef:

@@ -154,9 +154,16 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is a 16-bit float, else as it is (float64 checks stay float64): the
+    losses compute in float32 under mixed precision (docs/precision.md)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy over every position of this batch."""
-    return F.cross_entropy(logits_BTV.flatten(0, 1), targets_BT.flatten())
+    """Mean next-token cross entropy over every position of this batch (in at least float32: the
+    log-sum-exp over the vocabulary is where 16-bit rounding would hurt most)."""
+    return F.cross_entropy(_at_least_fp32(logits_BTV).flatten(0, 1), targets_BT.flatten())
 
 
 # ---- sparse retrieval (product keys, experts) -------------------------------------------------
@@ -517,7 +524,8 @@ def balance_loss(counts_E: torch.Tensor, prob_sums_E: torch.Tensor, k: int, weig
     """weight * E * sum_i f_i P_i, with f_i the share of assignments to expert i and P_i its mean
     router probability. Everything comes from whole-batch sums, so the token count is
     sum(counts) / k and no shape is needed (the same on one device or after an all-reduce)."""
-    counts_E = counts_E.to(prob_sums_E.dtype)
+    prob_sums_E = _at_least_fp32(prob_sums_E)  # a loss: float32 under mixed precision (counts past 256
+    counts_E = counts_E.to(prob_sums_E.dtype)  # are not exact in bfloat16)
     assignments = counts_E.sum()
     share = counts_E / assignments
     mean_prob = prob_sums_E / (assignments / k)

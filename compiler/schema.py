@@ -164,6 +164,9 @@ class TrainSpec:
         "learning-rate multiplier of memory value tables (UltraMem's code starts at 4)", minimum=0, exclusive=True))
     value_lr_decay_steps: int = field(default=0, metadata=doc(
         "steps over which that multiplier decays linearly to 1 (0: constant)", minimum=0))
+    precision: Literal["fp32", "bf16"] = field(default="fp32", metadata=doc(
+        "fp32, or bf16: mixed precision, the forward and backward on bfloat16 copies of fp32 master weights, "
+        "optimizer state fp32, the loss in fp32 (docs/precision.md)"))
 
 
 # The most layers a spec may have. The deepest published decoders have a few hundred layers; past

@@ -5,16 +5,19 @@ calls from localize. What it adds follows from them: each forward collective's d
 backward (the gradient of a ``B`` value is ``P``, of ``P`` is ``B``, of ``S(d)`` is ``S(d)``:
 all_gather <-> reduce_scatter, all_reduce <-> all_reduce, all_to_all <-> its inverse), and one
 list of every collective a training step runs, in order: forward boxings and collectives inside
-variant calls, their backward duals, gradient synchronisation, the loss's logging all-reduce. It
+variant calls, their backward duals, gradient synchronisation (one collective per gradient bucket
+and mesh axis: passes/buckets.py packs the gradients), the loss's logging all-reduce. It
 evaluates every sympy cost at the context's point and adds the step totals:
 
     compute_time   = sum over ops of (forward + backward FLOPs) / (devices its work is split
                      over: axes whose signature splits a dim or runs a variant) / peak
     comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
+                     (gradient sync: per bucket, so latency is paid once per bucket, not per parameter)
     step_time      = compute_time + comm_time                        (no overlap assumed)
     memory_*       = train: parameters, gradients, optimizer (4 + 4 + 8 bytes per stored fp32
-                     element), gathered parameters and activations autograd saves for the backward
-                     (passes/memory.py gives the rule); memory_per_device is their sum;
+                     element), gathered parameters, weight compute copies (mixed precision) and
+                     activations autograd saves for the backward, in the dtypes passes/precision.py
+                     gave them (passes/memory.py gives the rule); memory_per_device is their sum;
                      infer: 4 bytes per parameter element in use + the largest single activation
                      (a lower bound: two live activations overlap at each op)
     fits           = memory_per_device <= the hardware's device memory (HardwareSpec.memory_bytes)
@@ -35,11 +38,13 @@ from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
+from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
-from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, NodePlan, ParamPlan, Plan, TrainingPlan
+from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
+from .precision import MASTER, precision_plan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
 
@@ -112,11 +117,17 @@ class _Collectives:
         self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
         self.wires: list[sympy.Expr] = []
 
-    def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
-            dtype: str = "float32") -> CollectivePlan:
-        plan = CollectivePlan(b.collective, b.axis, self.ctx.mesh.shape[b.axis], b.src, b.dst,
+    def describe(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
+                 dtype: str = "float32") -> CollectivePlan:
+        """The collective as a plan, not counted in the step (a parameter's gradient needs, which its
+        bucket carries)."""
+        return CollectivePlan(b.collective, b.axis, self.ctx.mesh.shape[b.axis], b.src, b.dst,
                               cost(b.payload, self.values), cost(b.wire, self.values),
                               cost(collective_time(b), self.values), reason, phase, node, data_dependent, dtype)
+
+    def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
+            dtype: str = "float32") -> CollectivePlan:
+        plan = self.describe(b, phase, node, reason, data_dependent, dtype)
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
@@ -162,11 +173,31 @@ def memory_terms(gm: fx.GraphModule, sizes: list, param_bytes: sympy.Expr, large
     if not train:
         terms = {"memory_parameters": param_bytes, "memory_activations": largest}
     else:
-        activations, gathered = saved_bytes(gm, sizes)
+        activations, gathered, copies = saved_bytes(gm, sizes, MASTER)
         terms = {"memory_parameters": param_bytes, "memory_gradients": param_bytes,
                  "memory_optimizer": 2 * param_bytes, "memory_gathered_parameters": gathered,
                  "memory_activations": activations}
+        if copies != 0:  # mixed precision: the weights' compute copies a linear keeps
+            terms["memory_param_copies"] = copies
     return terms | {"memory_per_device": sympy.Add(*terms.values())}
+
+
+def _bucket_gradients(comms: _Collectives, params: list[ParamPlan], entries: list[GradEntry],
+                      ctx: PlanContext) -> tuple[list[ParamPlan], tuple[GradBucketPlan, ...]]:
+    """Pack the gradient syncs into buckets (passes/buckets.py decides); each bucket's collectives
+    join the step's list, and each parameter learns its bucket."""
+    buckets = assign_buckets(entries, lambda e: cost(e, comms.values).value, ctx.bucket_cap_bytes)
+    index: dict[str, int] = {}
+    out = []
+    for i, bucket in enumerate(buckets):
+        names = ", ".join(e.name for e in bucket.entries)
+        why = (f"gradient bucket {i} of {len(buckets)} ({len(bucket.entries)} parameters, cap "
+               f"{bucket.cap_bytes / 2**20:g} MiB), launched when its last gradient is ready: {names}")
+        steps = tuple(comms.add(b, "gradient_sync", f"bucket {i}", why, dtype=bucket.dtype) for b in bucket.steps)
+        out.append(GradBucketPlan(tuple(e.name for e in bucket.entries), tuple(e.node for e in bucket.entries),
+                                  bucket.dtype, bucket.cap_bytes, steps))
+        index.update((e.name, i) for e in bucket.entries)
+    return [dataclasses.replace(p, bucket=index.get(p.name, -1)) for p in params], tuple(out)
 
 
 def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
@@ -183,6 +214,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     largest_terms: list[sympy.Expr] = []
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    grad_entries: list[GradEntry] = []
     for node in gm.graph.nodes:
         rec = info(node)
         sig = rec.sbp
@@ -192,8 +225,10 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         if rec.op == "param":
             p = rec.param
             why = f"stored [{nd_str(rec.at_rest)}] ({rec.reason}); its gradient arrives P on the axes it is B"
-            grads = tuple(comms.add(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
-            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT["float32"]
+            grads = tuple(comms.describe(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
+            grad_entries.append(GradEntry(p.name, node.name, tuple(rec.grad_boxing), MASTER,
+                                          min((position[u] for u in node.users), default=position[node])))
+            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT[MASTER]
             param_terms.append(local)
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest
@@ -242,6 +277,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             flops=cost(c.flops, values) if c else zero, backward_flops=cost(c.backward_flops, values) if c else zero,
             bytes_read=cost(c.bytes_read, values) if c else zero,
             bytes_written=cost(c.bytes_written, values) if c else zero))
+    params, buckets = _bucket_gradients(comms, params, grad_entries, ctx)
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
     largest = sympy.Max(*largest_terms) if largest_terms else ZERO
@@ -263,7 +299,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         training=TrainingPlan(t.steps, t.lr, t.beta1, t.beta2, t.eps, t.weight_decay, t.seed, "permutation_walk",
                               t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
-        collectives=comms.step(),
+        collectives=comms.step(), precision=precision_plan(ctx.spec), grad_buckets=buckets,
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
                                device_memory=float(ctx.hardware.memory_bytes))

@@ -162,7 +162,10 @@ class _Planner:
         chosen: list[AxisSignature] = []
         for axis, n in enumerate(self.mesh):
             best, best_cost = None, None
+            want = self.pins[axis].signatures.get(node.name)  # chosen by the search (--strategy auto)
             for cand in axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n):
+                if want is not None and cand != want:
+                    continue
                 cost = self._cost(node, args, have, cand, axis, n, pinned)
                 if cost is not None and (best_cost is None or cost < best_cost):
                     best, best_cost = cand, cost
@@ -261,14 +264,24 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     if len(names) != len(ctx.mesh.shape):
         raise PlanError(f"--strategy names {len(names)} strategies ({','.join(names)}) for a mesh of "
                         f"{len(ctx.mesh.shape)} axes ({ctx.mesh}); give one per axis, e.g. dp,tp")
-    unknown = [s for s in names if s not in STRATEGIES]
+    unknown = [s for s in names if s not in STRATEGIES and s != "auto"]
     if unknown:
-        raise PlanError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
+        raise PlanError(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}, auto")
     ctx.strategies = tuple(names)
     pins = pin_axes(gm, ctx)
+    forced = forced_pins(gm, ctx)
+    found = None
+    if "auto" in names:  # the search chooses every signature, around the named axes' pins and --force
+        from .search import KEY, pins_from, search
+
+        named = {p.axis: p for p in pins}
+        check_batch(ctx, pins)
+        found = search(gm, ctx, named, forced)
+        pins = pins_from(found, gm, ctx, named)
+        gm.meta[KEY] = found
     check_batch(ctx, pins)
     planner = _Planner(gm, ctx, pins)
-    planner.forced = forced_pins(gm, ctx)
+    planner.forced = forced
     for node in list(gm.graph.nodes):
         rec = info(node)
         if rec.op == "boxing":
@@ -284,6 +297,10 @@ def choose_sbp(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     gm.recompile()
     assert all(info(n).sbp is not None for n in gm.graph.nodes), "choose_sbp left a node without SBP"
     decisions = [d for p in pins for d in p.decisions]
+    if found is not None:
+        from .search_explain import annotate
+
+        decisions += annotate(found, gm, ctx)
     decisions += [f"--force {name}=[{nd_str(nd)}]" for name, nd in planner.forced.items()]
     decisions.append(f"{planner.num_boxings} boxing nodes with collectives or local steps")
     params = [n for n in gm.graph.nodes if info(n).op == "param"]

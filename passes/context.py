@@ -58,6 +58,7 @@ class PlanContext:
     spec_text: str = ""  # the spec file's text, carried into the plan
     strategies: tuple[str, ...] = ()  # one named strategy per mesh axis (passes/strategies.py)
     forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
+    bucket_cap_bytes: int | None = None  # gradient bucket cap; None: DDP's 1 MiB first, 25 MiB after
     fuse: bool = True  # run the fusion pass (passes/fuse.py); --no-fuse turns it off
 
     def axis_link(self, axis: int):
@@ -81,7 +82,9 @@ class PlanContext:
 
     def values(self) -> dict[sympy.Symbol, float]:
         """Numbers for every symbol a cost may contain."""
-        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq, PEAK: self.hardware.peak_flops["fp32"]}
+        peak = self.hardware.peak_flops  # at the precision the step computes in (fp32 when not listed)
+        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq,
+                                          PEAK: peak.get(self.spec.train.precision, peak["fp32"])}
         for axis, n in enumerate(self.mesh.shape):
             link = self.axis_link(axis)
             out[axis_size(axis)] = n

@@ -58,10 +58,11 @@ def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> l
         return []
     sizes = [axis_size(a) for a in range(len(mesh))]
     local = [local_dims(info(a).shape, info(a).sbp.output, sizes) for a in tensor_args(node)]
+    dtypes = [info(a).dtype for a in tensor_args(node)]
     out = []
     for axis in axes:
         n = axis_size(axis)
-        for c in variant.comms(local, info(node).attrs, n, train):
+        for c in variant.comms(local, dtypes, info(node).attrs, n, train):
             share = 2 * (n - 1) / n if c.collective == "all_reduce" else (n - 1) / n
             messages = 2 * (n - 1) if c.collective == "all_reduce" else n - 1
             out.append((c.phase, Boxing(c.collective, axis, c.what, "B" if c.collective == "all_reduce" else "S",

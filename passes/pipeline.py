@@ -4,8 +4,11 @@ Order and why:
 0. ``size_ffn``      (on the spec, before lowering) gives ``ffn: {hidden: auto}`` the width its
                      block's memory_to_ffn ratio asks for: a width is a shape, and everything
                      below reads shapes. Idempotent: a sized spec passes through unchanged.
-1. ``shape_prop``    checks lowering's symbolic shapes against torch first: every cost and
-                     placement below is computed from those shapes.
+1. ``precision``     gives every value its dtype for ``train.precision`` (bfloat16 compute copies
+                     and activations, float32 masters and losses): shapes times dtypes are the bytes
+                     every pass below counts. Idempotent; in fp32 it keeps lowering's dtypes.
+   ``shape_prop``    checks lowering's symbolic shapes (and those dtypes) against torch first: every
+                     cost and placement below is computed from them.
 2. ``annotate_cost`` needs shapes; gives each op its FLOPs and bytes (sympy in B, T).
 2b. ``fuse``         needs costs (the bytes a fusion saves); rewrites subgraphs into fused op-table
                      records before placement, so strategies and signatures see the fused ops.
@@ -14,6 +17,9 @@ Order and why:
 4. ``build_plan``    needs all of the above; reads them into the Plan and evaluates the totals.
 5. ``find_blocks``   needs the Plan's per-node records; groups layers that compute the same on
                      their shards into distinct blocks, and consecutive ones into loops.
+
+Under ``--strategy auto`` make_plan then records the search's optimum in the plan's totals
+(``search.record_search``).
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from .choose_sbp import choose_sbp
 from .context import Mesh, PassReport, PlanContext, PlanError
 from .fuse import fuse
 from .plan import Plan
+from .precision import precision
+from .search import record_search
 from .shape_prop import shape_prop
 from .size_ffn import size_ffn
 
@@ -47,6 +55,7 @@ SPEC_PASSES: list[tuple[str, SpecPass]] = [
 ]
 
 PIPELINE: list[tuple[str, Pass]] = [
+    ("precision", precision),
     ("shape_prop", shape_prop),
     ("annotate_cost", annotate_cost),
     ("fuse", fuse),
@@ -91,7 +100,7 @@ def lower_spec(spec: ModelSpec, mode: str = "train") -> fx.GraphModule:
 def make_context(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (), fuse: bool = True,
+    forces: tuple[tuple[str, str], ...] = (), bucket_cap_bytes: int | None = None, fuse: bool = True,
 ) -> PlanContext:
     """The question a plan answers; B and T default to the spec's train.batch_size and seq_len."""
     batch = spec.train.batch_size if batch is None else batch
@@ -112,7 +121,10 @@ def make_context(
                         "use a smaller --mesh or another --hardware")
     if mode not in ("train", "infer"):
         raise PlanError(f"mode must be train or infer, got {mode!r}")
-    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces), fuse)
+    if bucket_cap_bytes is not None and bucket_cap_bytes < 1:
+        raise PlanError(f"the gradient bucket cap must be positive, got {bucket_cap_bytes} bytes")
+    return PlanContext(spec, hardware, mesh, batch, seq, mode, spec_text, tuple(strategies), tuple(forces),
+                       bucket_cap_bytes, fuse)
 
 
 def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
@@ -133,14 +145,16 @@ def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
 def make_plan(
     spec: ModelSpec, hardware: HardwareSpec, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
     mode: str = "train", spec_text: str = "", stop_after: str | None = None, strategies: tuple[str, ...] = (),
-    forces: tuple[tuple[str, str], ...] = (), fuse: bool = True,
+    forces: tuple[tuple[str, str], ...] = (), bucket_cap_bytes: int | None = None, fuse: bool = True,
 ) -> tuple[Plan | None, fx.GraphModule, list[PassReport]]:
     """Run the spec passes and the pipeline (up to ``stop_after``); return the plan (None when
     stopped before build_plan), the annotated graph and every pass's report."""
     spec, spec_reports = prepare_spec(spec)
     ctx = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode, spec_text=spec_text,
-                       strategies=strategies, forces=forces, fuse=fuse)
+                       strategies=strategies, forces=forces, bucket_cap_bytes=bucket_cap_bytes, fuse=fuse)
     gm = lower_spec(spec, mode)
     check_graph_sizes(gm, ctx)
     reports = spec_reports + run_pipeline(gm, ctx, stop_after=stop_after)
+    if "ultraplan.search" in gm.meta and "ultraplan.plan" in gm.meta:
+        reports.append(record_search(gm, ctx))
     return gm.meta.get("ultraplan.plan"), gm, reports

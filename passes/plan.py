@@ -3,7 +3,8 @@
 Everything a backend needs is here and nothing it must decide: per node the op, its arguments,
 its SBP signature, the call its shard runs (``call``, ``local_attrs``: heads / n, a vocabulary
 offset, an expert range) and its costs; boxing nodes with their collectives; per parameter its
-placement at rest and in use, init rule and gradient collectives; the one list of every
+placement at rest and in use, init rule and gradient collectives; the gradient buckets that carry
+those (``grad_buckets``: which gradients, in what order, one flat buffer each); the one list of every
 collective a training step runs (``collectives``), which the emitter, the comm totals and the
 tests all read; totals. Every cost is kept twice: the sympy
 expression (as text, in the symbols of ``symbols.py``) and its value at the plan's B, T, mesh
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 PLAN_VERSION = 3
+FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,21 @@ class ParamPlan:
     sbp: str  # as stored (at rest): what the optimizer and the gradient see
     used: str  # as its consumers see it (fsdp gathers a stored shard to B)
     bytes_per_device: Cost
-    grad_sync: tuple[CollectivePlan, ...]
+    grad_sync: tuple[CollectivePlan, ...]  # what its gradient needs; run inside bucket ``bucket``
     group: str  # optimizer group: "default" or "values" (memory value tables)
+    bucket: int = -1  # the index in Plan.grad_buckets of the bucket carrying its gradient (-1: none)
+
+
+@dataclass(frozen=True)
+class GradBucketPlan:
+    """Gradients synchronised as one flat buffer (passes/buckets.py decides which, in what order):
+    launched, step after step, once every gradient in it is ready in the backward."""
+
+    params: tuple[str, ...]  # canonical names, in flat-buffer order (the order they are expected ready)
+    nodes: tuple[str, ...]  # their parameter nodes
+    dtype: str
+    cap_bytes: int  # the size it was filled to (it may exceed it by its last parameter)
+    steps: tuple[CollectivePlan, ...]  # one collective per mesh axis its gradients are P on; also in collectives
 
 
 @dataclass(frozen=True)
@@ -173,6 +188,18 @@ class TrainingPlan:
 
 
 @dataclass(frozen=True)
+class PrecisionPlan:
+    """The dtype of each class of tensor a training step holds (passes/precision.py; docs/precision.md).
+    Per value, ``NodePlan.dtype`` and ``CollectivePlan.dtype`` say the same in detail."""
+
+    compute: str = "float32"  # compute copies of the weights, activations, saved tensors, activation collectives
+    master: str = "float32"  # parameters as stored and updated (bytes_per_device)
+    gradients: str = "float32"  # gradients of the master weights, and their all-reduce after backward
+    optimizer_state: str = "float32"  # AdamW's moments
+    loss: str = "float32"  # the losses compute in at least this dtype
+
+
+@dataclass(frozen=True)
 class Plan:
     version: int
     spec_name: str
@@ -198,8 +225,10 @@ class Plan:
     blocks: tuple[BlockPlan, ...] = ()  # passes/blocks.py: the distinct blocks
     layer_calls: tuple[LayerCallPlan, ...] = ()  # every layer as a call of its block
     layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
+    grad_buckets: tuple[GradBucketPlan, ...] = ()  # gradient synchronisation, in launch order
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
+    precision: PrecisionPlan = PrecisionPlan()  # the dtype of each class of tensor
     fusions: tuple[FusionPlan, ...] = ()  # passes/fuse.py: each fusion and the bytes it saves
 
     def to_json(self) -> str:
@@ -218,14 +247,15 @@ class Plan:
     def total(self, key: str) -> Cost:
         return dict(self.totals)[key]
 
-    def step_collectives(self, float_scale: int = 1) -> tuple[dict[str, float], dict[str, int]]:
+    def step_collectives(self, run_dtype: str | None = None) -> tuple[dict[str, float], dict[str, int]]:
         """Bytes handed to each kind of collective per step and device, and calls, from the one list.
-        The payloads are planned for float32 values; ``float_scale`` 2 gives a float64 run's (int64
-        values, such as indices and counts, keep their size)."""
+        The payloads are planned in each collective's dtype; ``run_dtype`` ``"float64"`` gives those of
+        a ``--dtype float64`` run, where every floating value is float64 (int64 values, such as
+        indices and counts, keep their size)."""
         payload: dict[str, float] = {}
         calls: dict[str, int] = {}
         for c in self.collectives:
-            factor = float_scale if c.dtype == "float32" else 1
+            factor = FLOAT_BYTES[run_dtype] / FLOAT_BYTES[c.dtype] if run_dtype and c.dtype in FLOAT_BYTES else 1
             payload[c.collective] = payload.get(c.collective, 0) + c.payload_bytes.value * factor
             calls[c.collective] = calls.get(c.collective, 0) + 1
         return payload, calls

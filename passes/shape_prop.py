@@ -4,7 +4,7 @@ Runs the graph on meta tensors (no memory, no arithmetic), so it works for specs
 allocate. Data-dependent ops (the op table's ``data_dependent``: which tokens go to which expert,
 bincount) cannot run on meta tensors; their output shapes do not depend on the data, so their shape
 rule stands in for torch (tests/unit/test_lower_and_stats.py checks it on real tensors).
-Requires a symbolic shape on every node; promises each equals torch's shape at
+Requires a symbolic shape and a dtype on every node; promises each dtype is torch's and each shape equals torch's at
 ``B = ctx.batch, T = ctx.seq`` and records it as ``concrete_shape`` (what costs are evaluated on).
 """
 
@@ -34,8 +34,10 @@ def _key(value: object) -> object:
     return value
 
 
-def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple[int, ...]]:
-    """Every node's shape when the graph runs on meta tensors of batch ``batch``, length ``seq``.
+def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int,
+                    dtypes: dict[str, str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every node's shape when the graph runs on meta tensors of batch ``batch``, length ``seq``;
+    ``dtypes``, when given, receives every op's result dtype as torch computes it.
 
     A call is run once per distinct (op, argument shapes, other arguments): the 32 layers of a
     large model repeat the same few calls, and running an op on meta tensors is what costs."""
@@ -50,7 +52,7 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
             value = torch.empty(dims, dtype=getattr(torch, info(node).dtype), device="meta")
         elif node.op == "call_function" and OP_TABLE[info(node).op].data_dependent:
             shape = tuple(_dim(d, batch, seq) for d in info(node).shape)
-            value = torch.empty(shape, device="meta")
+            value = torch.empty(shape, dtype=getattr(torch, info(node).dtype), device="meta")
         elif node.op == "call_function":
             args = fx.node.map_arg(node.args, lambda n: env[n])
             kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n])
@@ -69,6 +71,8 @@ def concrete_shapes(gm: fx.GraphModule, batch: int, seq: int) -> dict[str, tuple
             continue
         env[node] = value
         out[node.name] = tuple(value.shape)
+        if dtypes is not None and node.op == "call_function" and not OP_TABLE[info(node).op].data_dependent:
+            dtypes[node.name] = str(value.dtype).removeprefix("torch.")
     return out
 
 
@@ -81,7 +85,7 @@ def _dim(dim: object, batch: int, seq: int) -> int:
 def shape_prop(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     start = time.perf_counter()
     try:
-        real = concrete_shapes(gm, ctx.batch, ctx.seq)
+        real = concrete_shapes(gm, ctx.batch, ctx.seq, dtypes := {})
     except RuntimeError as exc:  # e.g. B x T x vocab past what torch can size, even on meta tensors
         raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq} ({exc}); "
                         "lower --batch or --seq") from None
@@ -90,6 +94,8 @@ def shape_prop(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             continue
         symbolic = tuple(_dim(d, ctx.batch, ctx.seq) for d in info(node).shape)
         assert symbolic == real[node.name], f"{node.name}: shape rule says {symbolic}, torch says {real[node.name]}"
+        assert dtypes.get(node.name, info(node).dtype) == info(node).dtype, \
+            f"{node.name}: the precision pass says {info(node).dtype}, torch computes {dtypes[node.name]}"
         info(node).concrete_shape = symbolic
     for node in gm.graph.nodes:
         if node.op == "output":

@@ -13,7 +13,8 @@ so the numbers are the ones the planner uses. Conventions (docs/accounting.md):
 - ``flops_per_token``: forward matrix-product FLOPs / (B T), the FlopCounterMode convention, as
   a sympy expression in ``T`` evaluated at the spec's seq_len;
 - ``memory_access_bytes_per_token``: weight bytes a decode step (T = 1) of B tokens reads, per
-  token, in each parameter's dtype: dense tensors once per step; a sparse tensor's expected
+  token, in the dtype the forward reads each parameter in (bfloat16 under ``train.precision: bf16``,
+  passes/precision.py): dense tensors once per step; a sparse tensor's expected
   distinct rows R (1 - (1 - r/R)^B) for r rows per token of R (uniform routing). The token
   embedding is such a sparse read (one row per token; V (1 - (1 - 1/V)^B) rows), unless it is tied
   to the LM head, which reads the whole matrix. Activations are left out: at decode they are a few
@@ -43,6 +44,7 @@ from ..compiler.shapes import B, T
 from .annotate_cost import annotate_cost, flops_per_token_by
 from .cost import Touch, expected_distinct
 from .pipeline import lower_spec
+from .precision import COMPUTE_DTYPES, assign_dtypes
 from .symbols import BYTES_PER_ELEMENT, evaluate
 
 # lowering tags the token and position embeddings and the LM head so (Kaplan et al. 2020 leave
@@ -205,12 +207,15 @@ def distinct_layers(spec: ModelSpec) -> tuple[ModelSpec, list[int]] | None:
 def spec_stats(spec: ModelSpec) -> ModelStats:
     """Accounting of ``spec`` at its seq_len, from its inference graph (no weights allocated); each
     distinct block is lowered once and counted as many times as it occurs."""
+    compute = COMPUTE_DTYPES[spec.train.precision]  # weights are read as the forward reads them
     reduced = distinct_layers(spec)
     if reduced is None:
         gm = lower_spec(spec, mode="infer")
+        assign_dtypes(gm, compute)
         annotate_cost(gm, None)
         return model_stats(gm, spec.seq_len)
     small, counts = reduced
     gm = lower_spec(small, mode="infer")
+    assign_dtypes(gm, compute)
     annotate_cost(gm, None)
     return model_stats(gm, spec.seq_len, weight=lambda layer: counts[layer])

@@ -53,6 +53,7 @@ class AxisPins:
     strategy: str
     outputs: dict[str, Sbp] = field(default_factory=dict)
     at_rest: dict[str, Sbp] = field(default_factory=dict)
+    signatures: dict[str, object] = field(default_factory=dict)  # node -> its AxisSignature (set by auto)
     decisions: list[str] = field(default_factory=list)
 
 
@@ -190,12 +191,14 @@ ORDER = {"fsdp": 1}
 
 
 def pin_axes(gm: fx.GraphModule, ctx: PlanContext) -> list[AxisPins]:
-    """Run each axis's strategy; returns the pins in axis order."""
+    """Run each named axis's strategy; returns their pins in axis order (``auto`` axes left out)."""
     names = ctx.strategies
     done: dict[int, AxisPins] = {}
     for axis in sorted(range(len(names)), key=lambda a: ORDER.get(names[a], 0)):
+        if names[axis] == "auto":  # decided by the search (passes/search.py), around the named axes' pins
+            continue
         done[axis] = STRATEGIES[names[axis]](gm, axis, ctx.mesh.shape[axis], ctx, list(done.values()))
-    return [done[a] for a in range(len(names))]
+    return [done[a] for a in range(len(names)) if a in done]
 
 
 def forced_pins(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, NdSbp]:

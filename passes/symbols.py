@@ -3,7 +3,8 @@
 ``B`` batch (global sequences per step) and ``T`` sequence length come from the compiler's
 shape rules. A mesh axis ``a`` has a size ``n{a}``, a link bandwidth ``bw{a}`` (bytes/s per
 device, per direction) and a per-message latency ``lat{a}`` (seconds); ``peak`` is the device's
-fp32 FLOP/s. Costs stay symbolic through planning; ``evaluate`` substitutes numbers at the end.
+FLOP/s at the spec's ``train.precision`` (fp32 or bf16). Costs stay symbolic through planning;
+``evaluate`` substitutes numbers at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sympy
 from ..compiler.shapes import B, T
 
 PEAK = sympy.Symbol("peak", positive=True)
-BYTES_PER_ELEMENT = {"float32": 4, "float64": 8, "int64": 8}
+BYTES_PER_ELEMENT = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8}
 
 
 def axis_size(axis: int) -> sympy.Symbol:

@@ -57,15 +57,18 @@ def parse_forces(items: list[str] | tuple[str, ...] | None) -> tuple[tuple[str, 
 
 def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None = None, batch: int | None = None,
          seq: int | None = None, mode: str = "train", strategy: str | None = None,
-         force: list[str] | tuple[str, ...] | None = None, fuse: bool = True) -> Plan:
+         force: list[str] | tuple[str, ...] | None = None, bucket_mb: float | None = None,
+         fuse: bool = True) -> Plan:
     """Plan ``spec_path`` for ``mesh`` (``"4"``, ``"2x2"``) with a strategy per axis (``"fsdp,tp"``)
-    and hand pins (``["layers_*_q=S(2)"]``)."""
+    and hand pins (``["layers_*_q=S(2)"]``); ``bucket_mb`` caps every gradient bucket (MiB; default
+    DDP's: 1 MiB for the first, 25 MiB for the rest)."""
     path = resolve_spec_path(spec_path, "models")
     spec = load_model_spec(path)
     parsed = Mesh.parse(mesh)
     result, _, _ = make_plan(spec, load_hardware(hardware), parsed, batch=batch, seq=seq, mode=mode,
                              spec_text=read_capped(path), strategies=parse_strategy(strategy, parsed),
-                             forces=parse_forces(force), fuse=fuse)
+                             forces=parse_forces(force), fuse=fuse,
+                             bucket_cap_bytes=None if bucket_mb is None else int(bucket_mb * 2**20))
     return result
 
 

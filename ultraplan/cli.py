@@ -18,7 +18,7 @@ from ultraplan.compiler.errors import SpecError, nearest
 from ultraplan.paths import resolve_spec_path
 
 # passes.pipeline.PIPELINE's names (tested)
-STAGES = ("shape_prop", "annotate_cost", "fuse", "choose_sbp", "build_plan", "find_blocks")
+STAGES = ("precision", "shape_prop", "annotate_cost", "fuse", "choose_sbp", "build_plan", "find_blocks")
 INT64_MAX = 2**63 - 1
 
 
@@ -68,13 +68,19 @@ def _say_defaults(args: argparse.Namespace, plan) -> None:
         print(line, file=sys.stderr)
 
 
+def _bucket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bucket-mb", type=float, default=None, metavar="MIB",
+                   help="cap of every gradient bucket in MiB (default as torch DDP: 1 MiB first, then 25)")
+
+
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
     p.add_argument("--batch", type=int, default=None, help="global batch B (default: the spec's train.batch_size)")
     p.add_argument("--seq", type=int, default=None, help="sequence length T (default: the spec's seq_len)")
     p.add_argument("--strategy", default=None,
-                   help="one per mesh axis, comma separated: dp, fsdp, tp, sp, ep (e.g. fsdp,tp); default dp")
+                   help="one per mesh axis, comma separated: dp, fsdp, tp, sp, ep or auto (the search: the "
+                        "cheapest signatures that fit; e.g. fsdp,tp, dp,auto or auto); default dp")
     p.add_argument("--force", action="append", default=None, metavar="NODE=SBP",
                    help="pin the SBP consumers of NODE see (a glob over node names; one SBP per axis, e.g. "
                         "'layers_*_attention_q=S(2)'); repeatable")
@@ -119,7 +125,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from ultraplan.passes.context import Mesh
 
     result = api.plan(args.spec, args.mesh, hardware=args.hardware, batch=args.batch, seq=args.seq, mode=args.mode,
-                      strategy=args.strategy, force=args.force, fuse=args.fuse)
+                      strategy=args.strategy, force=args.force, bucket_mb=args.bucket_mb, fuse=args.fuse)
     text = result.to_json()
     _say_defaults(args, result)
     if not result.fits:
@@ -135,6 +141,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for key, cost in totals.items():
             print(f"  {key:26s} {cost.value:<14.6g} = {cost.expr}")
         print(f"  fits in device memory      {result.fits} ({result.device_memory:.4g} bytes)")
+        p = result.precision
+        print(f"  precision                  compute {p.compute}; master weights, gradients, optimizer state "
+              f"{p.master}; loss {p.loss}")
         if args.output:
             print(f"wrote {args.output}")
     return 0
@@ -147,7 +156,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     out = Path(args.output)
     result = api.compile(args.spec, args.mesh, out, hardware=args.hardware, batch=args.batch, seq=args.seq,
-                         mode=args.mode, strategy=args.strategy, force=args.force, fuse=args.fuse,
+                         mode=args.mode, strategy=args.strategy, force=args.force, bucket_mb=args.bucket_mb, fuse=args.fuse,
                          allow_oversubscribe=args.allow_oversubscribe)
     _say_defaults(args, result)
     if not result.fits:
@@ -235,12 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="make a plan for a mesh")
     p.add_argument("spec")
     _plan_args(p)
+    _bucket_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan JSON")
     p.add_argument("-o", "--output", help="write the plan JSON here")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("compile", help="write program.py (a training program), plan.json, plan.dot, plan.svg")
     p.add_argument("spec")
     _plan_args(p, modes=False)
+    _bucket_arg(p)
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--allow-oversubscribe", action="store_true",
                    help="compile a plan that does not fit the device memory (refused otherwise)")

@@ -17,6 +17,7 @@ parameters to OUT_DIR/dump.json for the test to read.
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import sys
@@ -364,8 +365,75 @@ def case_params(mesh, out_dir):
     assert dict(runtime.COMM_BYTES) == before
 
 
+def bucket_loss(params, coords):
+    """A small float64 model of this rank's data: w3 is used on rank 0 only, w4 never."""
+    w1, w2, w3, _unused, w5 = params
+    x = randn(("bucket data", tuple(coords)), (7, 6))
+    h = torch.tanh(x @ w1) * w2
+    y = h @ w5
+    if all(c == 0 for c in coords):
+        y = y + (h @ w3.T).sum(dim=-1, keepdim=True)
+    return (y ** 2).mean()
+
+
+def case_grad_buckets(mesh):
+    """runtime.GradBuckets against the sum of every rank's gradient computed here: buckets launched
+    during the backward in order, one held back on some ranks (w3, used on rank 0 only: the others
+    send zeros and receive rank 0's gradient), one no rank fills (w4: its .grad stays None, as a
+    single-process run leaves it), a two-step bucket on the 2x2 mesh; two steps, reusing buffers."""
+    shapes = [(6, 5), (5,), (4, 5), (3,), (5, 5)]
+    params = [torch.nn.Parameter(randn(("bucket w", i), s)) for i, s in enumerate(shapes)]
+    w1, w2, w3, w4, w5 = params
+    both = tuple(("all_reduce", a) for a in reversed(range(len(mesh.shape))))
+    buckets = [([w5, w2], both), ([w3], (("all_reduce", 0),)), ([w1], (("all_reduce", 0),)),
+               ([w4], (("all_reduce", 0),))]
+    sync = runtime.GradBuckets(mesh, buckets)
+    expected_calls = sum(len(steps) for _, steps in buckets)
+    expected_bytes = sum(len(steps) * nbytes((sum(p.numel() for p in ps),)) for ps, steps in buckets)
+
+    def peers_on(axes):
+        return [tuple(c[a] if a in axes else mine for a, mine in enumerate(mesh.coords))
+                for c in itertools.product(*(range(n) for n in mesh.shape))
+                if all(c[a] == m for a, m in enumerate(mesh.coords) if a not in axes)]
+
+    def reference(coords_list):
+        total = [torch.zeros(s, dtype=F64) for s in shapes]
+        used = [False] * len(shapes)
+        for coords in coords_list:
+            leaves = [p.detach().clone().requires_grad_() for p in params]
+            bucket_loss(leaves, coords).backward()
+            for i, leaf in enumerate(leaves):
+                if leaf.grad is not None:
+                    total[i] += leaf.grad
+                    used[i] = True
+        return [t if u else None for t, u in zip(total, used)]
+
+    for _ in range(2):
+        for p in params:
+            p.grad = None
+        with Expect({"all_reduce": (expected_calls, expected_bytes)}):
+            bucket_loss(params, mesh.coords).backward()
+            sync.finish()
+        every = reference(peers_on(set(range(len(mesh.shape)))))
+        axis0 = reference(peers_on({0}))
+        for i, want in enumerate([axis0[0], every[1], axis0[2], axis0[3], every[4]]):
+            if want is None:
+                assert params[i].grad is None, f"w{i + 1} reached no rank, yet has a gradient"
+            else:
+                close(params[i].grad, want, f"bucketed gradient of w{i + 1}")
+        assert w4.grad is None
+        assert (w3.grad is None) == (mesh.shape == (2, 2) and mesh.coords[1] != 0)
+    try:
+        runtime.GradBuckets(mesh, [([w1], (("reduce_scatter", 0),))])
+    except ValueError as e:
+        assert "all_reduce" in str(e)
+    else:
+        raise AssertionError("a reduce_scatter bucket must be refused")
+
+
 CASES = [("shard_range", case_shard_range), ("collectives", case_collectives),
-         ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel)]
+         ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel),
+         ("grad_buckets", case_grad_buckets)]
 
 
 def main():

@@ -19,7 +19,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 MESHES = ([4], [2, 2])
-CASES = ("setup", "shard_range", "collectives", "vocab_cross_entropy", "expert_parallel", "params")
+CASES = ("setup", "shard_range", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets", "params")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The bytes autograd saves for the backward, measured in the emitted program (runtime.count_saved:
 saved_tensors_hooks, each storage once, parameters excluded), agree with the plan's prediction
 (memory_activations + memory_gathered_parameters, passes/memory.py) within 10%: every bundled tiny
-spec on 1 rank, and dense-tiny under dp, fsdp and tp on 2 ranks."""
+spec on 1 rank, dense-tiny under dp, fsdp and tp on 2 ranks, and moe-tiny under ep on 2 ranks."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from ultraplan.runner import run
 pytestmark = pytest.mark.slow
 
 CASES = [(spec, "1", "dp") for spec in RUNNABLE_SPECS] + [("dense-tiny", "2", s) for s in ("dp", "fsdp", "tp")]
+CASES.append(("moe-tiny", "2", "ep"))  # runtime.expert_parallel_ffn's own rule (passes/memory.py)
 
 
 @pytest.mark.parametrize(("spec", "mesh", "strategy"), CASES)

@@ -24,3 +24,14 @@ def test_attention_bench_runs_tiny(capsys):
     assert "speedup" in capsys.readouterr().out
     # the fused attention does not keep the (B, H, T, T) probabilities (nor the causal mask)
     assert out["causal_attention_saved"] - out["sdpa_attention_saved"] >= 1 * 2 * 16 * 16 * 4
+
+
+def test_plan_scale_bench_runs_on_a_tiny_spec(capsys):
+    bench = runpy.run_path(str(ROOT / "bench" / "plan_scale.py"))
+    results = bench["main"](["--cases", "dense-tiny:2:h200-8", "--warmup", ""])
+    out = capsys.readouterr().out
+    assert "machine:" in out and "s per plan" in out and "layers.0 x2: axis 0" in out
+    (r,) = results
+    assert r["seconds"] > r["search_seconds"] > 0 and r["fits"] and r["traced_peak_bytes"] > 0
+    assert r["bucket_bound"] == 0  # every gradient bucket key fits its first bucket: the model is exact
+    assert abs(r["objective"] - r["step_time"]) <= 1e-9 * r["step_time"]

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+from ultraplan.passes.plan import PLAN_VERSION
 
 from tests.conftest import MODELS
 from ultraplan import api
@@ -56,7 +57,7 @@ def test_run_flags_that_would_check_nothing(compiled, capsys):
 def test_a_plan_of_another_version_names_its_file(tmp_path, compiled, capsys):
     plan = json.loads((compiled / "plan.json").read_text())
     (tmp_path / "old.json").write_text(json.dumps(plan | {"version": 1}))
-    assert f"{tmp_path / 'old.json'}: plan version 1 is not 3" in error(
+    assert f"{tmp_path / 'old.json'}: plan version 1 is not {PLAN_VERSION}" in error(
         capsys, "viz", str(tmp_path / "old.json"), "-o", str(tmp_path / "x.svg"))
 
 

@@ -10,7 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from ultraplan.compiler.build import build_model
 from ultraplan.passes.choose_sbp import PlanError
-from ultraplan.passes.plan import Plan
+from ultraplan.passes.plan import PLAN_VERSION, Plan
 from ultraplan.passes.sbp import Broadcast, PartialSum, Split, box, parse_sbp
 
 from tests.conftest import MODELS
@@ -91,7 +91,7 @@ def test_cli_plan_json_and_explain(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["plan", "dense-tiny", "--mesh", "4", "--json", "-o", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["version"] == 3 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
+    assert data["version"] == PLAN_VERSION == 3 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
     assert main(["explain", "dense-tiny", "--mesh", "2", "--stage", "choose_sbp"]) == 0
     text = capsys.readouterr().out
     assert "# Constructed by choose_sbp" in text and "build_plan" not in text
@@ -114,7 +114,7 @@ def test_plan_file_errors_are_messages(tmp_path, capsys):
     (tmp_path / "broken.json").write_text('{"version": 1,')
     assert main(["viz", str(tmp_path / "broken.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert f"{tmp_path / 'broken.json'}:1:15: not valid JSON" in capsys.readouterr().err
-    (tmp_path / "other.json").write_text('{"version": 3}')
+    (tmp_path / "other.json").write_text(f'{{"version": {PLAN_VERSION}}}')
     assert main(["viz", str(tmp_path / "other.json"), "-o", str(tmp_path / "x.svg")]) == 2
     assert "not an ultraplan plan" in capsys.readouterr().err
 
@@ -159,7 +159,7 @@ def test_comm_totals_count_every_collective_a_step_runs(spec, mesh):
     forward boxings with their backward duals."""
     plan = api.plan(MODELS / f"{spec}.yaml", mesh)
     forward = [c for node in plan.nodes for _, steps in node.boxing for c in steps if c.collective != "local"]
-    every = [c for p in plan.params for c in p.grad_sync] + list(plan.output_boxing) + forward
+    every = [c for b in plan.grad_buckets for c in b.steps] + list(plan.output_boxing) + forward
     every += [c for c in plan.collectives if c.phase == "backward"]
     assert sorted(map(repr, every)) == sorted(map(repr, plan.collectives))
     assert plan.output_boxing and plan.total("comm_wire_bytes").value == pytest.approx(

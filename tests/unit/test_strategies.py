@@ -62,8 +62,9 @@ def test_tensor_parallel_is_megatron():
     layers = 2
     assert collectives(plan) == Counter({("all_reduce", "forward"): 1 + 2 * layers + 2,
                                          ("all_reduce", "backward"): 1 + 2 * layers,
-                                         ("all_reduce", "gradient_sync"): 2 * layers + 1,
+                                         ("all_reduce", "gradient_sync"): 1,
                                          ("all_reduce", "loss_logging"): 1})
+    assert [len(b.params) for b in plan.grad_buckets] == [2 * layers + 1]  # the norms' gradients, one bucket
     assert plan.node("layers_0_attention_q").sbp_in == ("B", "S(0)") and plan.node("layers_0_attention_q").sbp_out == "S(2)"
     assert dict(plan.node("layers_0_attention_mixed").local_attrs)["num_heads"] == 2
     assert plan.node("layers_0_attention_out").sbp_out == "P"

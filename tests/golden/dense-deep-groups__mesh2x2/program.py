@@ -2,12 +2,12 @@
 #   spec      dense-deep-groups (dense-deep-groups.yaml, sha256 434ee9ab6c55)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  dp,dp (one per mesh axis)
-#   collectives per step  all_reduce x176
+#   collectives per step  all_reduce x4
 #   model     vocab 64, hidden 32, 10 layers, 113,248 parameters
 #   predicted per step at B=4, T=16:
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
-#     step time         18.169 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 176*lat0*(n0 - 1) + 176*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
+#     step time         0.969 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 4*lat0*(n0 - 1) + 4*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
 #     memory            2.20 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -32,10 +32,12 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 905992}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 176}
+PLANNED_CALLS_PER_STEP = {'all_reduce': 4}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('B', 'B'), 'default'),
     ('layers.0.attention.norm.weight', ('B', 'B'), 'default'),
@@ -316,356 +318,103 @@ class Model(torch.nn.Module):
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.embed.weight.grad, mesh, axis=1)
-    # embed.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.embed.weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wq.grad, mesh, axis=1)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wk.grad, mesh, axis=1)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wv.grad, mesh, axis=1)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wo.grad, mesh, axis=1)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_up.grad, mesh, axis=1)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_gate.grad, mesh, axis=1)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_gate.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_down.grad, mesh, axis=1)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wq.grad, mesh, axis=1)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wk.grad, mesh, axis=1)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wv.grad, mesh, axis=1)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wo.grad, mesh, axis=1)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wo.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.1.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_up.grad, mesh, axis=1)
-    # layers.1.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_up.grad, mesh, axis=0)
-    # layers.1.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_down.grad, mesh, axis=1)
-    # layers.1.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wq.grad, mesh, axis=1)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wk.grad, mesh, axis=1)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wv.grad, mesh, axis=1)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wo.grad, mesh, axis=1)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wo.grad, mesh, axis=0)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.2.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_up.grad, mesh, axis=1)
-    # layers.2.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_up.grad, mesh, axis=0)
-    # layers.2.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_gate.grad, mesh, axis=1)
-    # layers.2.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_gate.grad, mesh, axis=0)
-    # layers.2.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_down.grad, mesh, axis=1)
-    # layers.2.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_down.grad, mesh, axis=0)
-    # layers.3.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[3].attention.norm.weight.grad, mesh, axis=1)
-    # layers.3.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[3].attention.norm.weight.grad, mesh, axis=0)
-    # layers.3.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wq.grad, mesh, axis=1)
-    # layers.3.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wq.grad, mesh, axis=0)
-    # layers.3.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wk.grad, mesh, axis=1)
-    # layers.3.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wk.grad, mesh, axis=0)
-    # layers.3.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wv.grad, mesh, axis=1)
-    # layers.3.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wv.grad, mesh, axis=0)
-    # layers.3.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wo.grad, mesh, axis=1)
-    # layers.3.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[3].attention.wo.grad, mesh, axis=0)
-    # layers.3.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[3].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.3.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[3].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.3.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[3].ffn.w_up.grad, mesh, axis=1)
-    # layers.3.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[3].ffn.w_up.grad, mesh, axis=0)
-    # layers.3.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[3].ffn.w_down.grad, mesh, axis=1)
-    # layers.3.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[3].ffn.w_down.grad, mesh, axis=0)
-    # layers.4.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[4].attention.norm.weight.grad, mesh, axis=1)
-    # layers.4.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[4].attention.norm.weight.grad, mesh, axis=0)
-    # layers.4.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wq.grad, mesh, axis=1)
-    # layers.4.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wq.grad, mesh, axis=0)
-    # layers.4.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wk.grad, mesh, axis=1)
-    # layers.4.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wk.grad, mesh, axis=0)
-    # layers.4.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wv.grad, mesh, axis=1)
-    # layers.4.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wv.grad, mesh, axis=0)
-    # layers.4.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wo.grad, mesh, axis=1)
-    # layers.4.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[4].attention.wo.grad, mesh, axis=0)
-    # layers.4.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[4].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.4.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[4].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.4.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_up.grad, mesh, axis=1)
-    # layers.4.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_up.grad, mesh, axis=0)
-    # layers.4.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_gate.grad, mesh, axis=1)
-    # layers.4.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_gate.grad, mesh, axis=0)
-    # layers.4.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_down.grad, mesh, axis=1)
-    # layers.4.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[4].ffn.w_down.grad, mesh, axis=0)
-    # layers.5.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[5].attention.norm.weight.grad, mesh, axis=1)
-    # layers.5.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[5].attention.norm.weight.grad, mesh, axis=0)
-    # layers.5.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wq.grad, mesh, axis=1)
-    # layers.5.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wq.grad, mesh, axis=0)
-    # layers.5.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wk.grad, mesh, axis=1)
-    # layers.5.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wk.grad, mesh, axis=0)
-    # layers.5.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wv.grad, mesh, axis=1)
-    # layers.5.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wv.grad, mesh, axis=0)
-    # layers.5.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wo.grad, mesh, axis=1)
-    # layers.5.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[5].attention.wo.grad, mesh, axis=0)
-    # layers.5.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[5].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.5.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[5].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.5.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[5].ffn.w_up.grad, mesh, axis=1)
-    # layers.5.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[5].ffn.w_up.grad, mesh, axis=0)
-    # layers.5.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[5].ffn.w_down.grad, mesh, axis=1)
-    # layers.5.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[5].ffn.w_down.grad, mesh, axis=0)
-    # layers.6.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[6].attention.norm.weight.grad, mesh, axis=1)
-    # layers.6.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[6].attention.norm.weight.grad, mesh, axis=0)
-    # layers.6.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wq.grad, mesh, axis=1)
-    # layers.6.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wq.grad, mesh, axis=0)
-    # layers.6.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wk.grad, mesh, axis=1)
-    # layers.6.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wk.grad, mesh, axis=0)
-    # layers.6.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wv.grad, mesh, axis=1)
-    # layers.6.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wv.grad, mesh, axis=0)
-    # layers.6.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wo.grad, mesh, axis=1)
-    # layers.6.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[6].attention.wo.grad, mesh, axis=0)
-    # layers.6.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[6].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.6.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[6].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.6.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_up.grad, mesh, axis=1)
-    # layers.6.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_up.grad, mesh, axis=0)
-    # layers.6.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_gate.grad, mesh, axis=1)
-    # layers.6.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_gate.grad, mesh, axis=0)
-    # layers.6.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_down.grad, mesh, axis=1)
-    # layers.6.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[6].ffn.w_down.grad, mesh, axis=0)
-    # layers.7.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[7].attention.norm.weight.grad, mesh, axis=1)
-    # layers.7.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[7].attention.norm.weight.grad, mesh, axis=0)
-    # layers.7.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wq.grad, mesh, axis=1)
-    # layers.7.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wq.grad, mesh, axis=0)
-    # layers.7.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wk.grad, mesh, axis=1)
-    # layers.7.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wk.grad, mesh, axis=0)
-    # layers.7.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wv.grad, mesh, axis=1)
-    # layers.7.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 1.02 kB handed over, 1.02 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wv.grad, mesh, axis=0)
-    # layers.7.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wo.grad, mesh, axis=1)
-    # layers.7.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[7].attention.wo.grad, mesh, axis=0)
-    # layers.7.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[7].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.7.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[7].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.7.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[7].ffn.w_up.grad, mesh, axis=1)
-    # layers.7.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[7].ffn.w_up.grad, mesh, axis=0)
-    # layers.7.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[7].ffn.w_down.grad, mesh, axis=1)
-    # layers.7.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 6.14 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[7].ffn.w_down.grad, mesh, axis=0)
-    # layers.8.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[8].attention.norm.weight.grad, mesh, axis=1)
-    # layers.8.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[8].attention.norm.weight.grad, mesh, axis=0)
-    # layers.8.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wq.grad, mesh, axis=1)
-    # layers.8.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wq.grad, mesh, axis=0)
-    # layers.8.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wk.grad, mesh, axis=1)
-    # layers.8.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wk.grad, mesh, axis=0)
-    # layers.8.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wv.grad, mesh, axis=1)
-    # layers.8.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wv.grad, mesh, axis=0)
-    # layers.8.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wo.grad, mesh, axis=1)
-    # layers.8.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[8].attention.wo.grad, mesh, axis=0)
-    # layers.8.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_up.grad, mesh, axis=1)
-    # layers.8.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_up.grad, mesh, axis=0)
-    # layers.8.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_gate.grad, mesh, axis=1)
-    # layers.8.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_gate.grad, mesh, axis=0)
-    # layers.8.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_down.grad, mesh, axis=1)
-    # layers.8.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[8].ffn.w_down.grad, mesh, axis=0)
-    # layers.9.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[9].attention.norm.weight.grad, mesh, axis=1)
-    # layers.9.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[9].attention.norm.weight.grad, mesh, axis=0)
-    # layers.9.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wq.grad, mesh, axis=1)
-    # layers.9.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wq.grad, mesh, axis=0)
-    # layers.9.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wk.grad, mesh, axis=1)
-    # layers.9.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wk.grad, mesh, axis=0)
-    # layers.9.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wv.grad, mesh, axis=1)
-    # layers.9.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wv.grad, mesh, axis=0)
-    # layers.9.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wo.grad, mesh, axis=1)
-    # layers.9.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[9].attention.wo.grad, mesh, axis=0)
-    # layers.9.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_up.grad, mesh, axis=1)
-    # layers.9.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_up.grad, mesh, axis=0)
-    # layers.9.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_gate.grad, mesh, axis=1)
-    # layers.9.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_gate.grad, mesh, axis=0)
-    # layers.9.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_down.grad, mesh, axis=1)
-    # layers.9.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 16.38 kB sent per device
-    runtime.all_reduce_(model.layers[9].ffn.w_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=0)
-    # lm_head.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.lm_head.weight.grad, mesh, axis=1)
-    # lm_head.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B; 8.19 kB handed over, 8.19 kB sent per device
-    runtime.all_reduce_(model.lm_head.weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 87 gradients, 452.99 kB (cap 1 MiB); stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 452.99 kB sent per device
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 452.99 kB sent per device
+        ([
+            model.lm_head.weight,  # lm_head.weight (64, 32) [B,B]
+            model.final_norm.weight,  # final_norm.weight (32) [B,B]
+            model.layers[9].ffn.w_down,  # layers.9.ffn.w_down (32, 128) [B,B]
+            model.layers[9].ffn.w_gate,  # layers.9.ffn.w_gate (128, 32) [B,B]
+            model.layers[9].ffn.w_up,  # layers.9.ffn.w_up (128, 32) [B,B]
+            model.layers[9].attention.wo,  # layers.9.attention.wo (32, 32) [B,B]
+            model.layers[9].attention.wv,  # layers.9.attention.wv (32, 32) [B,B]
+            model.layers[9].attention.wk,  # layers.9.attention.wk (32, 32) [B,B]
+            model.layers[9].attention.wq,  # layers.9.attention.wq (32, 32) [B,B]
+            model.layers[9].attention.norm.weight,  # layers.9.attention.norm.weight (32) [B,B]
+            model.layers[8].ffn.w_down,  # layers.8.ffn.w_down (32, 128) [B,B]
+            model.layers[8].ffn.w_gate,  # layers.8.ffn.w_gate (128, 32) [B,B]
+            model.layers[8].ffn.w_up,  # layers.8.ffn.w_up (128, 32) [B,B]
+            model.layers[8].attention.wo,  # layers.8.attention.wo (32, 32) [B,B]
+            model.layers[8].attention.wv,  # layers.8.attention.wv (32, 32) [B,B]
+            model.layers[8].attention.wk,  # layers.8.attention.wk (32, 32) [B,B]
+            model.layers[8].attention.wq,  # layers.8.attention.wq (32, 32) [B,B]
+            model.layers[8].attention.norm.weight,  # layers.8.attention.norm.weight (32) [B,B]
+            model.layers[7].ffn.w_down,  # layers.7.ffn.w_down (32, 48) [B,B]
+            model.layers[7].ffn.w_up,  # layers.7.ffn.w_up (48, 32) [B,B]
+            model.layers[7].ffn.norm.weight,  # layers.7.ffn.norm.weight (32) [B,B]
+            model.layers[7].attention.wo,  # layers.7.attention.wo (32, 32) [B,B]
+            model.layers[7].attention.wv,  # layers.7.attention.wv (8, 32) [B,B]
+            model.layers[7].attention.wk,  # layers.7.attention.wk (8, 32) [B,B]
+            model.layers[7].attention.wq,  # layers.7.attention.wq (32, 32) [B,B]
+            model.layers[7].attention.norm.weight,  # layers.7.attention.norm.weight (32) [B,B]
+            model.layers[6].ffn.w_down,  # layers.6.ffn.w_down (32, 96) [B,B]
+            model.layers[6].ffn.w_gate,  # layers.6.ffn.w_gate (96, 32) [B,B]
+            model.layers[6].ffn.w_up,  # layers.6.ffn.w_up (96, 32) [B,B]
+            model.layers[6].ffn.norm.weight,  # layers.6.ffn.norm.weight (32) [B,B]
+            model.layers[6].attention.wo,  # layers.6.attention.wo (32, 32) [B,B]
+            model.layers[6].attention.wv,  # layers.6.attention.wv (32, 32) [B,B]
+            model.layers[6].attention.wk,  # layers.6.attention.wk (32, 32) [B,B]
+            model.layers[6].attention.wq,  # layers.6.attention.wq (32, 32) [B,B]
+            model.layers[6].attention.norm.weight,  # layers.6.attention.norm.weight (32) [B,B]
+            model.layers[5].ffn.w_down,  # layers.5.ffn.w_down (32, 48) [B,B]
+            model.layers[5].ffn.w_up,  # layers.5.ffn.w_up (48, 32) [B,B]
+            model.layers[5].ffn.norm.weight,  # layers.5.ffn.norm.weight (32) [B,B]
+            model.layers[5].attention.wo,  # layers.5.attention.wo (32, 32) [B,B]
+            model.layers[5].attention.wv,  # layers.5.attention.wv (8, 32) [B,B]
+            model.layers[5].attention.wk,  # layers.5.attention.wk (8, 32) [B,B]
+            model.layers[5].attention.wq,  # layers.5.attention.wq (32, 32) [B,B]
+            model.layers[5].attention.norm.weight,  # layers.5.attention.norm.weight (32) [B,B]
+            model.layers[4].ffn.w_down,  # layers.4.ffn.w_down (32, 96) [B,B]
+            model.layers[4].ffn.w_gate,  # layers.4.ffn.w_gate (96, 32) [B,B]
+            model.layers[4].ffn.w_up,  # layers.4.ffn.w_up (96, 32) [B,B]
+            model.layers[4].ffn.norm.weight,  # layers.4.ffn.norm.weight (32) [B,B]
+            model.layers[4].attention.wo,  # layers.4.attention.wo (32, 32) [B,B]
+            model.layers[4].attention.wv,  # layers.4.attention.wv (32, 32) [B,B]
+            model.layers[4].attention.wk,  # layers.4.attention.wk (32, 32) [B,B]
+            model.layers[4].attention.wq,  # layers.4.attention.wq (32, 32) [B,B]
+            model.layers[4].attention.norm.weight,  # layers.4.attention.norm.weight (32) [B,B]
+            model.layers[3].ffn.w_down,  # layers.3.ffn.w_down (32, 48) [B,B]
+            model.layers[3].ffn.w_up,  # layers.3.ffn.w_up (48, 32) [B,B]
+            model.layers[3].ffn.norm.weight,  # layers.3.ffn.norm.weight (32) [B,B]
+            model.layers[3].attention.wo,  # layers.3.attention.wo (32, 32) [B,B]
+            model.layers[3].attention.wv,  # layers.3.attention.wv (8, 32) [B,B]
+            model.layers[3].attention.wk,  # layers.3.attention.wk (8, 32) [B,B]
+            model.layers[3].attention.wq,  # layers.3.attention.wq (32, 32) [B,B]
+            model.layers[3].attention.norm.weight,  # layers.3.attention.norm.weight (32) [B,B]
+            model.layers[2].ffn.w_down,  # layers.2.ffn.w_down (32, 96) [B,B]
+            model.layers[2].ffn.w_gate,  # layers.2.ffn.w_gate (96, 32) [B,B]
+            model.layers[2].ffn.w_up,  # layers.2.ffn.w_up (96, 32) [B,B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (32) [B,B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (32, 32) [B,B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (32, 32) [B,B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (32, 32) [B,B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (32, 32) [B,B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (32) [B,B]
+            model.layers[1].ffn.w_down,  # layers.1.ffn.w_down (32, 48) [B,B]
+            model.layers[1].ffn.w_up,  # layers.1.ffn.w_up (48, 32) [B,B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (32) [B,B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (32, 32) [B,B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (8, 32) [B,B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (8, 32) [B,B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (32, 32) [B,B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (32) [B,B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (32, 96) [B,B]
+            model.layers[0].ffn.w_gate,  # layers.0.ffn.w_gate (96, 32) [B,B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (96, 32) [B,B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (32) [B,B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (32, 32) [B,B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (32, 32) [B,B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (32, 32) [B,B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (32, 32) [B,B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (32) [B,B]
+            model.embed.weight,  # embed.weight (64, 32) [B,B]
+        ], (('all_reduce', 1), ('all_reduce', 0))),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -706,11 +455,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -720,10 +471,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

@@ -2,12 +2,12 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  fsdp,sp (one per mesh axis)
-#   collectives per step  all_gather x47, all_reduce x18, reduce_scatter x47
+#   collectives per step  all_gather x47, all_reduce x5, reduce_scatter x47
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
-#     step time         7.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 62*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
+#     step time         5.736 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
 #     memory            1.05 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -32,10 +32,12 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_gather': 259840, 'all_reduce': 2952, 'reduce_scatter': 519680}
-PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 18, 'reduce_scatter': 47}
+PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 5, 'reduce_scatter': 47}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('S(1)', 'S(0)'), 'default'),
     ('layers.0.attention.norm.weight', ('S(0)', 'B'), 'default'),
@@ -197,36 +199,29 @@ class Model(torch.nn.Module):
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.bias.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.bias.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.bias.grad, mesh, axis=1)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.1.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.bias.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.bias.grad, mesh, axis=1)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.2.ffn.norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.bias.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=1)
-    # final_norm.bias: P -> B on mesh axis 1 (2 devices): stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.bias.grad, mesh, axis=1)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 14 gradients, 1.79 kB (cap 1 MiB); stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 1.79 kB sent per device
+        ([
+            model.final_norm.bias,  # final_norm.bias (64) [S(0),B]
+            model.final_norm.weight,  # final_norm.weight (64) [S(0),B]
+            model.layers[2].ffn.norm.bias,  # layers.2.ffn.norm.bias (64) [S(0),B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (64) [S(0),B]
+            model.layers[2].attention.norm.bias,  # layers.2.attention.norm.bias (64) [S(0),B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (64) [S(0),B]
+            model.layers[1].ffn.norm.bias,  # layers.1.ffn.norm.bias (64) [S(0),B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [S(0),B]
+            model.layers[1].attention.norm.bias,  # layers.1.attention.norm.bias (64) [S(0),B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [S(0),B]
+            model.layers[0].ffn.norm.bias,  # layers.0.ffn.norm.bias (64) [S(0),B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [S(0),B]
+            model.layers[0].attention.norm.bias,  # layers.0.attention.norm.bias (64) [S(0),B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [S(0),B]
+        ], (('all_reduce', 1),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -267,11 +262,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -281,10 +278,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

@@ -2,12 +2,12 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      4 (4 devices), hardware cpu
 #   strategy  dp (one per mesh axis)
-#   collectives per step  all_reduce x34
+#   collectives per step  all_reduce x2
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     521.48 kB sent per device
-#     step time         10.735 ms = 2304*B*T*(T + 224)/(n0*peak) + 68*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
+#     step time         1.135 ms = 2304*B*T*(T + 224)/(n0*peak) + 4*lat0*(n0 - 1) + 695304/bw0 - 695304/(bw0*n0)
 #     memory            1.83 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -32,10 +32,12 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 347652}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 34}
+PLANNED_CALLS_PER_STEP = {'all_reduce': 2}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('B',), 'default'),
     ('layers.0.attention.norm.weight', ('B',), 'default'),
@@ -159,74 +161,48 @@ class Model(torch.nn.Module):
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 24.58 kB handed over, 36.86 kB sent per device
-    runtime.all_reduce_(model.embed.weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.bias.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.0.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.bias.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=0)
-    # layers.1.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.bias.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wo.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.1.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.bias.grad, mesh, axis=0)
-    # layers.1.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_up.grad, mesh, axis=0)
-    # layers.1.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[1].ffn.w_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=0)
-    # layers.2.attention.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.bias.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 4.10 kB handed over, 6.14 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 16.38 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wo.grad, mesh, axis=0)
-    # layers.2.ffn.norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.2.ffn.norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.layers[2].ffn.norm.bias.grad, mesh, axis=0)
-    # layers.2.ffn.w_up: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_up.grad, mesh, axis=0)
-    # layers.2.ffn.w_down: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 32.77 kB handed over, 49.15 kB sent per device
-    runtime.all_reduce_(model.layers[2].ffn.w_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=0)
-    # final_norm.bias: P -> B on mesh axis 0 (4 devices): stored [B] (axis 0 dp); its gradient arrives P on the axes it is B; 256 B handed over, 384 B sent per device
-    runtime.all_reduce_(model.final_norm.bias.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 33 gradients, 347.65 kB (cap 1 MiB); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (4 devices), all_reduce, 521.47 kB sent per device
+        ([
+            model.final_norm.bias,  # final_norm.bias (64) [B]
+            model.final_norm.weight,  # final_norm.weight (64) [B]
+            model.layers[2].ffn.w_down,  # layers.2.ffn.w_down (64, 128) [B]
+            model.layers[2].ffn.w_up,  # layers.2.ffn.w_up (128, 64) [B]
+            model.layers[2].ffn.norm.bias,  # layers.2.ffn.norm.bias (64) [B]
+            model.layers[2].ffn.norm.weight,  # layers.2.ffn.norm.weight (64) [B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (64, 64) [B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (16, 64) [B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (16, 64) [B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (64, 64) [B]
+            model.layers[2].attention.norm.bias,  # layers.2.attention.norm.bias (64) [B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (64) [B]
+            model.layers[1].ffn.w_down,  # layers.1.ffn.w_down (64, 128) [B]
+            model.layers[1].ffn.w_up,  # layers.1.ffn.w_up (128, 64) [B]
+            model.layers[1].ffn.norm.bias,  # layers.1.ffn.norm.bias (64) [B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (64, 64) [B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (16, 64) [B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (16, 64) [B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (64, 64) [B]
+            model.layers[1].attention.norm.bias,  # layers.1.attention.norm.bias (64) [B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (64, 128) [B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (128, 64) [B]
+            model.layers[0].ffn.norm.bias,  # layers.0.ffn.norm.bias (64) [B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (64, 64) [B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (16, 64) [B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (16, 64) [B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (64, 64) [B]
+            model.layers[0].attention.norm.bias,  # layers.0.attention.norm.bias (64) [B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [B]
+            model.embed.weight,  # embed.weight (96, 64) [B]
+        ], (('all_reduce', 0),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -265,11 +241,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -279,10 +257,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

@@ -2,12 +2,12 @@
 #   spec      dense-tiny (dense-tiny.yaml, sha256 c51fc9766b81)
 #   mesh      2 (2 devices), hardware cpu
 #   strategy  tp (one per mesh axis)
-#   collectives per step  all_reduce x18
+#   collectives per step  all_reduce x14
 #   model     vocab 128, hidden 64, 2 layers, 115,520 parameters
 #   predicted per step at B=8, T=32:
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     659.72 kB sent per device
-#     step time         3.015 ms = 1536*B*T*(T + 418)/(n0*peak) + 36*lat0*(n0 - 1) + 8*(643*B*T + 321)/bw0 - 8*(643*B*T + 321)/(bw0*n0)
+#     step time         2.615 ms = 1536*B*T*(T + 418)/(n0*peak) + 28*lat0*(n0 - 1) + 8*(643*B*T + 321)/bw0 - 8*(643*B*T + 321)/(bw0*n0)
 #     memory            2.96 MB per device
 #
 # Run: torchrun --nproc_per_node 2 program.py [--steps K] [--seed S]
@@ -32,10 +32,12 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.003, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 659716}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 18}
+PLANNED_CALLS_PER_STEP = {'all_reduce': 14}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('S(0)',), 'default'),
     ('layers.0.attention.norm.weight', ('B',), 'default'),
@@ -153,18 +155,20 @@ class Model(torch.nn.Module):
         return loss
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=0)
-    # layers.1.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.layers[1].ffn.norm.weight.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B] (axis 0 tp); its gradient arrives P on the axes it is B; 256 B handed over, 256 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 5 gradients, 1.28 kB (cap 1 MiB); stored [B] (axis 0 tp); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 1.28 kB sent per device
+        ([
+            model.final_norm.weight,  # final_norm.weight (64) [B]
+            model.layers[1].ffn.norm.weight,  # layers.1.ffn.norm.weight (64) [B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (64) [B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (64) [B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (64) [B]
+        ], (('all_reduce', 0),)),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -203,11 +207,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -217,10 +223,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

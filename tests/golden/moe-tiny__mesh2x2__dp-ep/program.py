@@ -2,13 +2,13 @@
 #   spec      moe-tiny (moe-tiny.yaml, sha256 f8abf25e7828)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  dp,ep (one per mesh axis)
-#   collectives per step  all_reduce x84, all_to_all x12
+#   collectives per step  all_reduce x17, all_to_all x12
 #   model     vocab 96, hidden 32, 3 layers, 107,232 parameters
 #   predicted per step at B=8, T=16:
 #     forward+backward  3.971e+07 FLOP in all
 #     communication     483.10 kB sent per device
-#     step time         9.341 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 90*lat0*(n0 - 1) + 90*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
-#     memory            1.52 MB per device
+#     step time         2.641 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 18*lat0*(n0 - 1) + 28*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
+#     memory            1.59 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -32,10 +32,12 @@ STEPS, SEED = 20, 0
 LR, BETAS, EPS, WEIGHT_DECAY = 0.005, (0.9, 0.95), 1e-08, 0.0
 # memory value tables train at LR * factor, the factor decaying linearly to 1 over the steps (0: constant)
 VALUE_LR_MULTIPLIER, VALUE_LR_DECAY_STEPS = 1.0, 0
+# precision: float32 throughout (train.precision)
+COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 416520, 'all_to_all': 133152}
-PLANNED_CALLS_PER_STEP = {'all_reduce': 84, 'all_to_all': 12}
+PLANNED_CALLS_PER_STEP = {'all_reduce': 17, 'all_to_all': 12}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('B', 'B'), 'default'),
     ('layers.0.attention.norm.weight', ('B', 'B'), 'default'),
@@ -255,148 +257,58 @@ class Model(torch.nn.Module):
         return loss_with_aux_1
 
 
-def sync_gradients(model, mesh):
-    """Turn each gradient from its plan SBP after backward into its parameter's SBP."""
-    # embed.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.embed.weight.grad, mesh, axis=1)
-    # embed.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.embed.weight.grad, mesh, axis=0)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=1)
-    # layers.0.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].attention.norm.weight.grad, mesh, axis=0)
-    # layers.0.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wq.grad, mesh, axis=1)
-    # layers.0.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wq.grad, mesh, axis=0)
-    # layers.0.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wk.grad, mesh, axis=1)
-    # layers.0.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wk.grad, mesh, axis=0)
-    # layers.0.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wv.grad, mesh, axis=1)
-    # layers.0.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wv.grad, mesh, axis=0)
-    # layers.0.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wo.grad, mesh, axis=1)
-    # layers.0.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[0].attention.wo.grad, mesh, axis=0)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=1)
-    # layers.0.ffn.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[0].ffn.norm.weight.grad, mesh, axis=0)
-    # layers.0.ffn.w_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_up.grad, mesh, axis=1)
-    # layers.0.ffn.w_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_up.grad, mesh, axis=0)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_gate.grad, mesh, axis=1)
-    # layers.0.ffn.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_gate.grad, mesh, axis=0)
-    # layers.0.ffn.w_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_down.grad, mesh, axis=1)
-    # layers.0.ffn.w_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.layers[0].ffn.w_down.grad, mesh, axis=0)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=1)
-    # layers.1.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].attention.norm.weight.grad, mesh, axis=0)
-    # layers.1.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wq.grad, mesh, axis=1)
-    # layers.1.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wq.grad, mesh, axis=0)
-    # layers.1.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wk.grad, mesh, axis=1)
-    # layers.1.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wk.grad, mesh, axis=0)
-    # layers.1.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wv.grad, mesh, axis=1)
-    # layers.1.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wv.grad, mesh, axis=0)
-    # layers.1.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wo.grad, mesh, axis=1)
-    # layers.1.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[1].attention.wo.grad, mesh, axis=0)
-    # layers.1.moe.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].moe.norm.weight.grad, mesh, axis=1)
-    # layers.1.moe.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[1].moe.norm.weight.grad, mesh, axis=0)
-    # layers.1.moe.w_router: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_router.grad, mesh, axis=1)
-    # layers.1.moe.w_router: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_router.grad, mesh, axis=0)
-    # layers.1.moe.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_gate.grad, mesh, axis=0)
-    # layers.1.moe.w_up: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_up.grad, mesh, axis=0)
-    # layers.1.moe.w_down: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_down.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_up.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_up.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_gate.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_gate.grad, mesh, axis=0)
-    # layers.1.moe.w_shared_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_down.grad, mesh, axis=1)
-    # layers.1.moe.w_shared_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[1].moe.w_shared_down.grad, mesh, axis=0)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=1)
-    # layers.2.attention.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].attention.norm.weight.grad, mesh, axis=0)
-    # layers.2.attention.wq: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wq.grad, mesh, axis=1)
-    # layers.2.attention.wq: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wq.grad, mesh, axis=0)
-    # layers.2.attention.wk: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wk.grad, mesh, axis=1)
-    # layers.2.attention.wk: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wk.grad, mesh, axis=0)
-    # layers.2.attention.wv: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wv.grad, mesh, axis=1)
-    # layers.2.attention.wv: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wv.grad, mesh, axis=0)
-    # layers.2.attention.wo: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wo.grad, mesh, axis=1)
-    # layers.2.attention.wo: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 4.10 kB handed over, 4.10 kB sent per device
-    runtime.all_reduce_(model.layers[2].attention.wo.grad, mesh, axis=0)
-    # layers.2.moe.norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].moe.norm.weight.grad, mesh, axis=1)
-    # layers.2.moe.norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.layers[2].moe.norm.weight.grad, mesh, axis=0)
-    # layers.2.moe.w_router: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_router.grad, mesh, axis=1)
-    # layers.2.moe.w_router: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 2.05 kB handed over, 2.05 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_router.grad, mesh, axis=0)
-    # layers.2.moe.w_gate: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_gate.grad, mesh, axis=0)
-    # layers.2.moe.w_up: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_up.grad, mesh, axis=0)
-    # layers.2.moe.w_down: P -> B on mesh axis 0 (2 devices): stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 24.58 kB handed over, 24.58 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_down.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_up: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_up.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_up: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_up.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_gate: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_gate.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_gate: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_gate.grad, mesh, axis=0)
-    # layers.2.moe.w_shared_down: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_down.grad, mesh, axis=1)
-    # layers.2.moe.w_shared_down: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 3.07 kB handed over, 3.07 kB sent per device
-    runtime.all_reduce_(model.layers[2].moe.w_shared_down.grad, mesh, axis=0)
-    # final_norm.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=1)
-    # final_norm.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 128 B handed over, 128 B sent per device
-    runtime.all_reduce_(model.final_norm.weight.grad, mesh, axis=0)
-    # lm_head.weight: P -> B on mesh axis 1 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.lm_head.weight.grad, mesh, axis=1)
-    # lm_head.weight: P -> B on mesh axis 0 (2 devices): stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B; 12.29 kB handed over, 12.29 kB sent per device
-    runtime.all_reduce_(model.lm_head.weight.grad, mesh, axis=0)
+def gradient_buckets(model, mesh):
+    """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
+    the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
+    return runtime.GradBuckets(mesh, [
+        # bucket 0: 6 gradients, 147.46 kB (cap 1 MiB); stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 147.46 kB sent per device
+        ([
+            model.layers[2].moe.w_down,  # layers.2.moe.w_down (16, 32, 24) [B,S(0)]
+            model.layers[2].moe.w_up,  # layers.2.moe.w_up (16, 24, 32) [B,S(0)]
+            model.layers[2].moe.w_gate,  # layers.2.moe.w_gate (16, 24, 32) [B,S(0)]
+            model.layers[1].moe.w_down,  # layers.1.moe.w_down (16, 32, 24) [B,S(0)]
+            model.layers[1].moe.w_up,  # layers.1.moe.w_up (16, 24, 32) [B,S(0)]
+            model.layers[1].moe.w_gate,  # layers.1.moe.w_gate (16, 24, 32) [B,S(0)]
+        ], (('all_reduce', 0),)),
+        # bucket 1: 32 gradients, 134.02 kB (cap 1 MiB); stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 134.02 kB sent per device
+        # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 134.02 kB sent per device
+        ([
+            model.lm_head.weight,  # lm_head.weight (96, 32) [B,B]
+            model.final_norm.weight,  # final_norm.weight (32) [B,B]
+            model.layers[2].moe.w_shared_down,  # layers.2.moe.w_shared_down (32, 24) [B,B]
+            model.layers[2].moe.w_shared_gate,  # layers.2.moe.w_shared_gate (24, 32) [B,B]
+            model.layers[2].moe.w_shared_up,  # layers.2.moe.w_shared_up (24, 32) [B,B]
+            model.layers[2].moe.w_router,  # layers.2.moe.w_router (16, 32) [B,B]
+            model.layers[2].moe.norm.weight,  # layers.2.moe.norm.weight (32) [B,B]
+            model.layers[2].attention.wo,  # layers.2.attention.wo (32, 32) [B,B]
+            model.layers[2].attention.wv,  # layers.2.attention.wv (32, 32) [B,B]
+            model.layers[2].attention.wk,  # layers.2.attention.wk (32, 32) [B,B]
+            model.layers[2].attention.wq,  # layers.2.attention.wq (32, 32) [B,B]
+            model.layers[2].attention.norm.weight,  # layers.2.attention.norm.weight (32) [B,B]
+            model.layers[1].moe.w_shared_down,  # layers.1.moe.w_shared_down (32, 24) [B,B]
+            model.layers[1].moe.w_shared_gate,  # layers.1.moe.w_shared_gate (24, 32) [B,B]
+            model.layers[1].moe.w_shared_up,  # layers.1.moe.w_shared_up (24, 32) [B,B]
+            model.layers[1].moe.w_router,  # layers.1.moe.w_router (16, 32) [B,B]
+            model.layers[1].moe.norm.weight,  # layers.1.moe.norm.weight (32) [B,B]
+            model.layers[1].attention.wo,  # layers.1.attention.wo (32, 32) [B,B]
+            model.layers[1].attention.wv,  # layers.1.attention.wv (32, 32) [B,B]
+            model.layers[1].attention.wk,  # layers.1.attention.wk (32, 32) [B,B]
+            model.layers[1].attention.wq,  # layers.1.attention.wq (32, 32) [B,B]
+            model.layers[1].attention.norm.weight,  # layers.1.attention.norm.weight (32) [B,B]
+            model.layers[0].ffn.w_down,  # layers.0.ffn.w_down (32, 96) [B,B]
+            model.layers[0].ffn.w_gate,  # layers.0.ffn.w_gate (96, 32) [B,B]
+            model.layers[0].ffn.w_up,  # layers.0.ffn.w_up (96, 32) [B,B]
+            model.layers[0].ffn.norm.weight,  # layers.0.ffn.norm.weight (32) [B,B]
+            model.layers[0].attention.wo,  # layers.0.attention.wo (32, 32) [B,B]
+            model.layers[0].attention.wv,  # layers.0.attention.wv (32, 32) [B,B]
+            model.layers[0].attention.wk,  # layers.0.attention.wk (32, 32) [B,B]
+            model.layers[0].attention.wq,  # layers.0.attention.wq (32, 32) [B,B]
+            model.layers[0].attention.norm.weight,  # layers.0.attention.norm.weight (32) [B,B]
+            model.embed.weight,  # embed.weight (96, 32) [B,B]
+        ], (('all_reduce', 1), ('all_reduce', 0))),
+    ])
 
 
 def loss_value(loss, mesh):
@@ -437,11 +349,13 @@ def main(argv=None):
     mesh, owned = runtime.setup(MESH_SHAPE)
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
+    compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
     groups = {"default": [], "values": []}
     for name, _, group in PARAMS:
         groups[group].append(model.get_parameter(name))
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(args.steps):
@@ -451,10 +365,10 @@ def main(argv=None):
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
-                loss = model(local[:, :-1], local[:, 1:])
+                loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            sync_gradients(model, mesh)
+            loss.backward()  # launches each gradient bucket as it fills
+            buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)

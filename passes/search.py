@@ -1,0 +1,256 @@
+"""``--strategy auto``: the cheapest signature per node that fits, as pins for choose_sbp.
+
+``search`` builds the integer program of passes/search_ilp.py from the graph: one group per class
+of identical nodes (passes/clusters.py: a node, or the same node of every identical layer), its
+candidates and their costs (passes/search_costs.py), and one set of demands per value (how its
+consumers take it: boxings run once per layout, their duals where the gradient flows, bytes
+autograd keeps). HiGHS solves it exactly (ties broken by the second solve described there). The
+answer becomes per-axis pins (``AxisPins``: inputs' layout, each parameter stored and used, and
+each op's signature in ``signatures``), so the plan is made by the same propagation and boxing
+insertion as a named strategy's, and the backends see nothing new. Each decision gets a reason
+(passes/search_explain.py):
+its time per step, the next best candidate and what it would cost, and the cheaper ones that do
+not fit the device memory. ``record_search`` (run by make_plan after build_plan) writes the optimum
+into the plan's totals as ``search_objective``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from torch import fx
+
+from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
+from ..compiler.op_table import OP_TABLE
+from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
+from .clusters import block_of, classes, count_blocks
+from .context import PassReport, PlanContext, PlanError
+from .memory import SAVES
+from .plan import Cost, Plan
+from .sbp import Broadcast, NdSbp, PartialSum
+from .search_costs import Cand, Costing
+from .search_ilp import Buckets, Demand, Group, Infeasible, Problem, Use, leanest, solve
+from .strategies import AxisPins
+from .symbols import axis_latency
+
+KEY = "ultraplan.search"
+
+
+@dataclasses.dataclass
+class Search:
+    """The search's answer: one chosen candidate per graph node, and what it reports."""
+
+    problem: Problem
+    choice: list[int]
+    cands: list[list[Cand]]
+    group_of: dict[fx.Node, int]
+    objective: float
+    memory: float
+    seconds: float
+    blocks: dict[str, int]
+    fits: bool = True
+
+
+def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
+                  *, cluster: bool = True) -> tuple[Problem, list[list[Cand]], dict[fx.Node, int], Costing]:
+    costing = Costing(gm, ctx, named, forced)
+
+    def pins(node: fx.Node) -> tuple:
+        return (forced.get(node.name), tuple(p.outputs.get(node.name) for p in named.values()),
+                tuple(p.at_rest.get(node.name) for p in named.values()), costing.needs_grad[node])
+
+    cls = classes(gm, pins, cluster=cluster)
+    reps: dict[int, fx.Node] = {}
+    counts: dict[int, int] = {}
+    for node, c in cls.items():
+        reps.setdefault(c, node)
+        counts[c] = counts.get(c, 0) + 1
+    layouts: dict[NdSbp, int] = {}
+    cands, groups = [], []
+    for c in range(len(reps)):
+        node = reps[c]
+        options = costing.candidates(node)
+        if not options:
+            raise PlanError(f"{node.name} ({info(node).op}): no signature fits mesh {ctx.mesh} with the pins given "
+                            "(auto found no way to run it)")
+        if ctx.mode == "train" and any(u.op == "output" for u in node.users):  # the loss is made P everywhere
+            options = _loss_options(costing, node, options)
+        cands.append(options)
+        groups.append(Group(node.name, counts[c], [o.time for o in options], [o.memory for o in options],
+                            [layouts.setdefault(o.out, len(layouts)) for o in options],
+                            [o.peak for o in options] if ctx.mode != "train" else []))
+    for o in [o for options in cands for o in options]:
+        for nd in (*o.ins, o.raw):
+            layouts.setdefault(nd, len(layouts))
+    demands = _demands(gm, costing, cls, cands, layouts)
+    problem = Problem(groups, demands, float(ctx.hardware.memory_bytes), _logging(costing, gm),
+                      _buckets(costing, cands, ctx))
+    return problem, cands, cls, costing
+
+
+def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> list[Buckets]:
+    """One set of gradient buckets per bucket key (passes/buckets.py's caps: DDP's 1 MiB first
+    bucket then 25 MiB, or ``--bucket-mb`` for all), its members the candidates whose gradient joins it."""
+    if ctx.bucket_cap_bytes is None:
+        first, cap = float(DEFAULT_FIRST_BUCKET_CAP_BYTES), float(DEFAULT_BUCKET_CAP_BYTES)
+    else:
+        first = cap = float(ctx.bucket_cap_bytes)
+    keys: dict[tuple, Buckets] = {}
+    for g, options in enumerate(cands):
+        for k, o in enumerate(options):
+            if o.grad is not None:
+                key, nbytes = o.grad
+                if key not in keys:
+                    keys[key] = Buckets(costing.bucket_latency(key), first, cap, [])
+                keys[key].members.append((g, k, nbytes))
+    return list(keys.values())
+
+
+def _loss_options(costing: Costing, node: fx.Node, options: list[Cand]) -> list[Cand]:
+    partial = (PartialSum(),) * len(costing.mesh)
+    out = []
+    for o in options:
+        move = costing.box_time(o.out, partial, node)
+        if move is not None:
+            out.append(dataclasses.replace(o, time=o.time + move[0] + move[1]))
+    return out
+
+
+def _logging(costing: Costing, gm: fx.GraphModule) -> float:
+    if costing.train:
+        loss = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        axes = len(costing.mesh)
+        return costing.box_time((PartialSum(),) * axes, (Broadcast(),) * axes, loss)[0]
+    return 0.0
+
+
+def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
+    """One demand per class of values read by the same classes of consumers (at the same positions)."""
+    train = costing.train
+    keys: dict[tuple, list] = {}
+    for v in gm.graph.nodes:
+        if v.op == "output" or not v.users:
+            continue
+        uses = [(u, i) for u in v.users if u.op != "output" for i, a in enumerate(tensor_args(u)) if a is v]
+        key = (cls[v], tuple(sorted((cls[u], i) for u, i in uses)))
+        entry = keys.setdefault(key, [v, uses, 0, False])
+        entry[2] += 1
+        entry[3] |= any(block_of(u) != block_of(v) and (block_of(u) or block_of(v)) for u, _ in uses)
+    out = []
+    lid = layouts.__getitem__
+    for (producer, _), (v, uses, count, boundary) in keys.items():
+        rec = info(v)
+        state = rec.op in ("param", "buffer")
+        found = []
+        for u, i in uses:
+            g = cls[u]
+            takes: dict[int, list[int]] = {}
+            for k, c in enumerate(cands[g]):
+                takes.setdefault(lid(c.ins[i]), []).append(k)
+            grad = train and rec.differentiable and OP_TABLE[info(u).op].differentiable and costing.needs_grad[u]
+            keeps = train and not state and costing.saves(u, v) and i in SAVES[info(u).op].inputs
+            found.append(Use(g, takes, bool(grad), bool(keeps)))
+        rule = SAVES.get(rec.op)
+        if train and rule is not None and rule.output and any(info(a).differentiable for a in tensor_args(v)):
+            own: dict[int, list[int]] = {}
+            for k, c in enumerate(cands[producer]):
+                own.setdefault(lid(c.raw), []).append(k)
+            found.append(Use(producer, own, keeps=True, moves=False))
+        nds = {lid(c.out): c.out for c in cands[producer]}
+        outs = dict(nds)
+        for c in cands[producer]:
+            nds[lid(c.raw)] = c.raw
+        for u, i in uses:
+            for c in cands[cls[u]]:
+                nds[lid(c.ins[i])] = c.ins[i]
+        wanted = {w for use in found if use.moves for w in use.takes}
+        boxes = {(o, w): costing.box_time(outs[o], nds[w], v) for o in outs for w in wanted}
+        saved = {w: costing.local_bytes(v, nds[w]) for use in found if use.keeps for w in use.takes}
+        out.append(Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
+                          {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary))
+    return out
+
+
+def boundary_bound(problem: Problem) -> float:
+    """What tying identical layers can lose at most, in modelled seconds (docs/search.md): every
+    value read across a layer boundary paying, for each of its uses, its dearest boxing and dual."""
+    total = 0.0
+    for d in problem.demands:
+        if d.boundary:
+            dearest = max((m + d.dual.get(k, 0.0) for k, m in d.move.items() if m is not None), default=0.0)
+            total += d.count * sum(u.moves for u in d.uses) * dearest
+    return total
+
+
+def bucket_bound(plan: Plan, values: dict, cap_bytes: int | None = None) -> float:
+    """How far the search's objective may be from the plan's ``step_time`` because the search counts
+    gradient buckets by bytes (docs/search.md): per bucket key with per-bucket latency L and n
+    buckets in the plan, the modelled count n' has n - 1 < n' < n + sum over the full buckets of
+    min(bytes of the parameter that closed it, cap) / cap, so the difference is below L times the
+    larger of 1 and that sum (0 where the key fits its first bucket: there n' = n). ``values``: the
+    context's (latencies per axis); ``cap_bytes``: ``--bucket-mb`` in bytes, None for DDP's caps."""
+    params = {p.name: p for p in plan.params}
+    keys: dict[tuple, list] = {}
+    for b in plan.grad_buckets:
+        key = (tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype)
+        keys.setdefault(key, []).append(b)
+    cap = float(DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else cap_bytes)
+    total = 0.0
+    for buckets in keys.values():
+        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] for s in buckets[0].steps)
+        full = [b for b in buckets if b.steps[0].payload_bytes.value >= b.cap_bytes]
+        if not full:
+            continue
+        over = sum(min(params[b.params[0]].grad_sync[0].payload_bytes.value, cap) / cap for b in full)
+        total += latency * max(1.0, over)
+    return total
+
+
+def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
+           *, cluster: bool = True) -> Search:
+    start = time.perf_counter()
+    problem, cands, cls, _ = build_problem(gm, ctx, named, forced, cluster=cluster)
+    fits = True
+    try:
+        solution = solve(problem)
+    except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false
+        fits = False
+        solution = leanest(problem)
+    return Search(problem, solution.choice, cands, cls, solution.time, solution.memory, time.perf_counter() - start,
+                  count_blocks(gm, cls), fits)
+
+
+def pins_from(found: Search, gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins]) -> list[AxisPins]:
+    """The chosen candidates as per-axis pins (named axes keep their own, gaining op signatures)."""
+    axes = len(ctx.mesh.shape)
+    pins = [named.get(a) or AxisPins(a, "auto") for a in range(axes)]
+    for node, g in found.group_of.items():
+        chosen = found.cands[g][found.choice[g]]
+        rec = info(node)
+        for a in range(axes):
+            if node.op == "placeholder":
+                pins[a].outputs[node.name] = chosen.axes[a]
+            elif rec.op == "param":
+                pins[a].at_rest[node.name], pins[a].outputs[node.name] = chosen.axes[a]
+            elif node.op == "call_function":
+                pins[a].signatures[node.name] = chosen.axes[a]
+    return pins
+
+
+def record_search(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
+    """After build_plan: the plan says it was chosen by the search, with the modelled optimum."""
+    start = time.perf_counter()
+    found: Search | None = gm.meta.get(KEY)
+    plan = gm.meta.get("ultraplan.plan")
+    if found is None or plan is None:
+        return PassReport("record_search", time.perf_counter() - start)
+    objective = Cost("the search's optimum: modelled step seconds (passes/search_ilp.py)", found.objective)
+    bound = Cost("|search_objective - step_time| is at most this: gradient buckets counted by bytes "
+                 "(search.bucket_bound, docs/search.md)", bucket_bound(plan, ctx.values(), ctx.bucket_cap_bytes))
+    gm.meta["ultraplan.plan"] = dataclasses.replace(
+        plan, totals=(*plan.totals, ("search_objective", objective), ("search_bucket_bound", bound)))
+    return PassReport("record_search", time.perf_counter() - start,
+                      [f"chosen by the search: objective {found.objective:.6g} s, plan step_time "
+                       f"{plan.total('step_time').value:.6g} s"])

@@ -1,0 +1,304 @@
+"""The candidates of one node for the sharding search, each with its modelled time and memory.
+
+The same numbers build_plan adds up, evaluated numerically once per candidate (the sympy
+expressions of the cost model, collectives from ``sbp.boxings`` and their duals from
+``build_plan.dual_of``, memory by ``memory.SAVES``), so that the search's objective is the plan's
+``step_time`` (to the gradient buckets' count, docs/search.md) and its memory row the plan's
+``memory_per_device``:
+
+Collectives are timed as build_plan times them (messages * latency + wire bytes / bandwidth per
+axis link), in plain numbers here (``box_time``).
+
+- an input: per axis ``B`` or ``S(0)`` (the batch), unless pinned;
+- a parameter: per axis (stored, used) in ``(B, B)``, ``(S(d), S(d))`` (Megatron-like: its
+  consumers take the shard) or ``(S(d), B)`` (ZeRO-3 / FSDP: gathered before use); time: the
+  gather and its dual, the bandwidth of the gradient sync of axes where it is stored ``B`` (its
+  latency is paid per gradient bucket: ``grad_sync`` says which bucket key, the integer program
+  counts the buckets); memory: the stored
+  shard times 4 (parameter, gradient, two AdamW moments) and the gathered copy the backward keeps;
+- an op: the product over axes of its signatures (passes/signatures.py) whose dims and heads
+  divide over the combined axes; time: its FLOPs over the devices splitting its work, the
+  collectives inside a variant's call, the boxing to a pinned layout; memory: its own saved
+  intermediates (what it saves of its inputs is the search's "save" demands on those values).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from torch import fx
+
+from ..compiler.lower import tensor_args
+from ..compiler.node_info import info
+from ..compiler.op_table import OP_TABLE
+from .build_plan import _needs_grad
+from .context import PlanContext
+from .memory import SAVES
+from .precision import MASTER
+from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
+from .signatures import axis_signatures
+from .strategies import AxisPins
+from .symbols import BYTES_PER_ELEMENT, PEAK, axis_bandwidth, axis_latency, evaluate
+
+B_, P_ = Broadcast(), PartialSum()
+
+
+@dataclass(frozen=True)
+class Cand:
+    """One way to run a node: ``axes`` per mesh axis (an AxisSignature for an op, (stored, used)
+    for a parameter, the SBP for an input), its input layouts, its own output and what consumers see."""
+
+    axes: tuple
+    ins: tuple[NdSbp, ...]
+    raw: NdSbp
+    out: NdSbp
+    time: float
+    memory: float
+    peak: float = 0.0
+    grad: tuple[tuple, float] | None = None  # a parameter's gradient sync: (bucket key, bytes it adds)
+
+
+class Costing:
+    def __init__(self, gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins],
+                 forced: dict[str, NdSbp]) -> None:
+        self.gm, self.ctx, self.named, self.forced = gm, ctx, named, forced
+        self.mesh = ctx.mesh.shape
+        self.values = ctx.values()
+        self.train = ctx.mode == "train"
+        self.needs_grad = _needs_grad(gm)
+        self.box_memo: dict[tuple, tuple[float, float] | None] = {}
+        self.memo: dict[fx.Node, list[Cand]] = {}
+        sources = {info(b).buffer.source for b in gm.graph.nodes if info(b).op == "buffer" and info(b).buffer.source}
+        self.sources = sources
+
+    # -- numbers ---------------------------------------------------------------------------------
+    def num(self, expr) -> float:
+        return evaluate(expr, self.values) if hasattr(expr, "free_symbols") else float(expr)
+
+    def box_time(self, have: NdSbp, want: NdSbp, node: fx.Node) -> tuple[float, float] | None:
+        """(forward, backward dual) seconds of boxing ``node``'s value; None when not allowed.
+
+        ``sbp.boxings`` step by step in plain numbers (its sympy is the slow part of a search):
+        innermost axis first, each step sized by the layout the steps before it left; a dual moves
+        the bytes of its forward step the other way (all_gather <-> reduce_scatter of the same
+        tensor, all_reduce and all_to_all their own), so it takes the same time; local steps are
+        free both ways. tests/unit/test_search.py checks the sum against the plan's step_time."""
+        if have == want:
+            return (0.0, 0.0)
+        rec = info(node)
+        key = (have, want, rec.concrete_shape, rec.dtype)
+        if key not in self.box_memo:
+            self.box_memo[key] = self._box_seconds(have, want, rec.concrete_shape, rec.dtype)
+        return self.box_memo[key]
+
+    def _box_seconds(self, have: NdSbp, want: NdSbp, shape: tuple, dtype: str) -> tuple[float, float] | None:
+        layout, total = list(have), 0.0
+        elements = float(math.prod(shape or ()))
+        for axis in reversed(range(len(have))):
+            src, dst = layout[axis], want[axis]
+            if src == dst:
+                continue
+            for entry in (src, dst):  # a strided layout (sbp.boxings refuses it)
+                if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(have))):
+                    return None
+            n = self.mesh[axis]
+            nbytes = elements * BYTES_PER_ELEMENT[dtype]
+            for a, e in enumerate(layout):
+                if a != axis and isinstance(e, Split):
+                    nbytes /= self.mesh[a]
+            pair = (type(src), type(dst))
+            if pair == (Split, PartialSum):
+                return None
+            bw, lat = self._link(axis)
+            if pair == (PartialSum, Broadcast):
+                total += 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw
+            elif pair == (Split, Split):
+                total += (n - 1) * lat + (n - 1) / n**2 * nbytes / bw
+            elif pair in ((Split, Broadcast), (PartialSum, Split)):
+                total += (n - 1) * lat + (n - 1) / n * nbytes / bw
+            layout[axis] = dst
+        return total, total
+
+    def local_bytes(self, node: fx.Node, nd: NdSbp) -> float:
+        rec = info(node)
+        elements = float(math.prod(rec.concrete_shape or ()))
+        for axis, entry in enumerate(nd):
+            if isinstance(entry, Split):
+                elements /= self.mesh[axis]
+        return elements * BYTES_PER_ELEMENT.get(rec.dtype, 4)
+
+    def _divides(self, shape: tuple, nd: NdSbp) -> bool:
+        for dim, size in enumerate(shape or ()):
+            factor = math.prod(n for n, e in zip(self.mesh, nd) if e == Split(dim))
+            if size % factor:
+                return False
+        return all(e.dim < len(shape or ()) for e in nd if isinstance(e, Split))
+
+    def _pin(self, node: fx.Node) -> tuple[Sbp | None, ...]:
+        if node.name in self.forced:
+            return self.forced[node.name]
+        return tuple(self.named[a].outputs.get(node.name) if a in self.named else None for a in range(len(self.mesh)))
+
+    # -- candidates ------------------------------------------------------------------------------
+    def candidates(self, node: fx.Node) -> list[Cand]:
+        if node not in self.memo:
+            rec = info(node)
+            if node.op == "placeholder":
+                self.memo[node] = self._inputs(node)
+            elif rec.op == "buffer":
+                everywhere = (B_,) * len(self.mesh)
+                self.memo[node] = [Cand(everywhere, (), everywhere, everywhere, 0.0, 0.0)]
+            elif rec.op == "param":
+                self.memo[node] = self._params(node)
+            else:
+                self.memo[node] = self._ops(node)
+        return self.memo[node]
+
+    def _inputs(self, node: fx.Node) -> list[Cand]:
+        pin = self._pin(node)
+        shape = info(node).concrete_shape
+        options = [[p] if p is not None else [B_, Split(0)] for p in pin]
+        return [Cand(nd, (), nd, nd, 0.0, 0.0) for nd in itertools.product(*options) if self._divides(shape, nd)]
+
+    def _params(self, node: fx.Node) -> list[Cand]:
+        rec = info(node)
+        shape = rec.param.shape
+        options = []
+        for axis, n in enumerate(self.mesh):
+            if node.name in self.forced:
+                options.append([(self.forced[node.name][axis],) * 2])
+            elif axis in self.named:
+                used = self.named[axis].outputs.get(node.name, B_)
+                options.append([(self.named[axis].at_rest.get(node.name, used), used)])
+            else:
+                dims = [Split(d) for d, size in enumerate(shape) if size % n == 0] if n > 1 else []
+                gathered = [] if rec.param.name in self.sources else [(s, B_) for s in dims]
+                options.append([(B_, B_), *[(s, s) for s in dims], *gathered])
+        saved = self.train and any(self.saves(user, node) for user in node.users)
+        out = []
+        for axes in itertools.product(*options):
+            rest, used = tuple(a[0] for a in axes), tuple(a[1] for a in axes)
+            if any(isinstance(e, PartialSum) for e in used) or not self._divides(shape, rest):
+                continue
+            gather = self.box_time(rest, used, node)
+            if gather is None:
+                continue
+            time = gather[0] + (gather[1] if self.train and self.needs_grad[node] else 0.0)
+            stored = self.local_bytes(node, rest)
+            memory = stored * (4 if self.train else 1)
+            sync = None
+            if self.train:
+                seconds, sync = self.grad_sync(rest, node)
+                time += seconds
+                if rest != used and saved:
+                    memory += self.local_bytes(node, used)
+            out.append(Cand(axes, (), used, used, time, memory, grad=sync))
+        return out
+
+    def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
+        """The gradient sync of a parameter stored ``rest``, as passes/buckets.py packs it: (the
+        bandwidth seconds of its own bytes, (its bucket key, its bytes)); the latency is paid per
+        bucket (``bucket_latency``, priced by the integer program per bucket key). The key is
+        buckets.py's: the all-reduces (P -> B, innermost axis first) on the axes where it is stored
+        ``B``, and the master dtype; the bytes are its stored shard in that dtype."""
+        axes = tuple(a for a in reversed(range(len(rest))) if isinstance(rest[a], Broadcast))
+        if not axes:
+            return 0.0, None
+        nbytes = float(math.prod(info(node).concrete_shape or ())) * BYTES_PER_ELEMENT[MASTER]
+        for a, e in enumerate(rest):
+            if isinstance(e, Split):
+                nbytes /= self.mesh[a]
+        seconds = 0.0
+        for a in axes:
+            n = self.mesh[a]
+            seconds += 2 * (n - 1) / n * nbytes / self._link(a)[0]
+        return seconds, ((axes, MASTER), nbytes)
+
+    def bucket_latency(self, key: tuple) -> float:
+        """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis)."""
+        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] for a in key[0])
+
+    def saves(self, user: fx.Node, value: fx.Node) -> bool:
+        """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""
+        if user.op != "call_function" or info(user).op not in SAVES:
+            return False
+        args = tensor_args(user)
+        if not any(info(a).differentiable for a in args):
+            return False
+        return any(args[i] is value for i in SAVES[info(user).op].inputs if i < len(args))
+
+    def _ops(self, node: fx.Node) -> list[Cand]:
+        rec = info(node)
+        record = OP_TABLE[rec.op]
+        args = tensor_args(node)
+        shapes = [info(a).concrete_shape for a in args]
+        states = [set(c.out for c in self.candidates(a)) if info(a).op in ("param", "buffer") else None for a in args]
+        per_axis = []
+        for axis, n in enumerate(self.mesh):
+            sigs = axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n)
+            per_axis.append([s for s in sigs if all(st is None or any(o[axis] == w for o in st)
+                                                    for st, w in zip(states, s.inputs))])
+        pin = self._pin(node)
+        flops = self.num(rec.cost.flops) + (self.num(rec.cost.backward_flops) if self.train else 0.0) if rec.cost else 0.0
+        written = self.num(rec.cost.bytes_written) if rec.cost and not self.train else 0.0
+        rule = SAVES.get(rec.op) if self.train and any(info(a).differentiable for a in args) else None
+        out = []
+        for axes in itertools.product(*per_axis):
+            ins = tuple(tuple(c.inputs[i] for c in axes) for i in range(len(args)))
+            raw = tuple(c.output for c in axes)
+            if not self._combined(node, record, axes, ins, raw, shapes):
+                continue
+            seen = tuple(p or o for p, o in zip(pin, raw))
+            extra = (0.0, 0.0) if seen == raw else self.box_time(raw, seen, node)
+            if extra is None or any(st is not None and nd not in st for st, nd in zip(states, ins)):
+                continue
+            split = math.prod(n for n, c in zip(self.mesh, axes) if c.variant or c.split)
+            time = flops / split / self.values[PEAK] + self._internal(node, axes, ins)
+            time += extra[0] + (extra[1] if self.train and self.needs_grad[node] else 0.0)
+            memory = 0.0
+            if rule is not None and rule.internal is not None:
+                dims = tuple(self._local_dims(rec.concrete_shape, raw))
+                ins_bytes = [self.local_bytes(a, nd) for a, nd in zip(args, ins)]
+                memory = float(rule.internal(self.local_bytes(node, raw), ins_bytes, node, dims))
+            out.append(Cand(axes, ins, raw, seen, time, memory, written / split))
+        return out
+
+    def _local_dims(self, shape: tuple, nd: NdSbp) -> list[float]:
+        dims = [float(s) for s in shape or ()]
+        for axis, entry in enumerate(nd):
+            if isinstance(entry, Split):
+                dims[entry.dim] /= self.mesh[axis]
+        return dims
+
+    def _combined(self, node, record, axes, ins, raw, shapes) -> bool:
+        """choose_sbp's checks of a combined signature: dims and head counts divide, one variant."""
+        if len({c.variant.name for c in axes if c.variant}) > 1:
+            return False
+        if not all(self._divides(s, nd) for s, nd in [*zip(shapes, ins), (info(node).concrete_shape, raw)]):
+            return False
+        for letter, counts in record.heads.items():
+            factor = math.prod(n for n, c in zip(self.mesh, axes) if c.split == letter)
+            if any(info(node).attrs[count] % factor for count in counts):
+                return False
+        return True
+
+    def _internal(self, node: fx.Node, axes, ins) -> float:
+        """Seconds of the collectives a variant runs inside its call (localize.internal_collectives)."""
+        total = 0.0
+        for axis, c in enumerate(axes):
+            if c.variant is None or c.variant.comms is None:
+                continue
+            n = self.mesh[axis]
+            local = [self._local_dims(info(a).concrete_shape, nd) for a, nd in zip(tensor_args(node), ins)]
+            bw, lat = self._link(axis)
+            dtypes = [info(a).dtype for a in tensor_args(node)]
+            for comm in c.variant.comms(local, dtypes, info(node).attrs, n, self.train):
+                reduce = comm.collective == "all_reduce"
+                share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
+                total += messages * lat + share * self.num(comm.payload) / bw
+        return total
+
+    def _link(self, axis: int) -> tuple[float, float]:
+        return self.values[axis_bandwidth(axis)], self.values[axis_latency(axis)]

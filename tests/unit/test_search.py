@@ -1,0 +1,199 @@
+"""--strategy auto: the integer program against brute force, the search against the plan it makes,
+clustering against the unclustered solve, auto against every named strategy, and its reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import pytest
+from ultraplan.compiler.node_info import info
+from ultraplan.compiler.validate import load_model_spec
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.pipeline import make_context, make_plan
+from ultraplan.passes.search import boundary_bound, bucket_bound, build_problem
+from ultraplan.passes.search_ilp import Demand, Problem, Use, evaluate, solve
+
+from tests.conftest import ROOT
+from ultraplan import api
+
+MODELS = ROOT / "specs" / "models"
+
+
+def annotated(spec_text: str | None = None, mesh: str = "2", hardware: str = "cpu", **kw):
+    """The graph after annotate_cost and its context (what the search reads)."""
+    spec = load_model_spec(MODELS / "dense-tiny.yaml", text=spec_text)
+    hw, parsed = api.load_hardware(hardware), Mesh.parse(mesh)
+    _, gm, _ = make_plan(spec, hw, parsed, stop_after="annotate_cost", **kw)
+    ctx = make_context(spec, hw, parsed, strategies=("auto",) * len(parsed.shape), **kw)
+    return gm, ctx
+
+
+def restrict(problem: Problem, keep: dict[int, list[int]]) -> Problem:
+    """The same problem with group g's candidates cut to ``keep[g]`` (indices renumbered, order kept)."""
+    index = {g: {k: i for i, k in enumerate(ks)} for g, ks in keep.items()}
+
+    def pick(values: list, g: int) -> list:
+        return [values[k] for k in keep[g]] if values else values
+
+    groups = [dataclasses.replace(gr, time=pick(gr.time, g), memory=pick(gr.memory, g), out=pick(gr.out, g),
+                                  peak=pick(gr.peak, g)) for g, gr in enumerate(problem.groups)]
+    demands = []
+    for d in problem.demands:
+        uses = []
+        for u in d.uses:
+            takes = {w: [index[u.group][k] for k in ks if k in index[u.group]] for w, ks in u.takes.items()}
+            uses.append(dataclasses.replace(u, takes={w: ks for w, ks in takes.items() if ks}))
+        demands.append(Demand(d.producer, d.count, uses, d.move, d.dual, d.saved, d.state))
+    buckets = [dataclasses.replace(b, members=[(g, index[g][k], nbytes) for g, k, nbytes in b.members
+                                               if k in index[g]]) for b in problem.buckets]
+    return Problem(groups, demands, problem.capacity, problem.constant, buckets)
+
+
+def enumerate_all(problem: Problem) -> list[tuple[list[int], float, float, bool]]:
+    """Every assignment with its (time, memory, feasible), by ``evaluate`` (no linearisation)."""
+    return [(list(c), *evaluate(problem, list(c))) for c in itertools.product(*(range(len(g.time))
+                                                                              for g in problem.groups))]
+
+
+def brute_force(table, capacity: float) -> tuple[float, list[int]]:
+    """The cheapest assignment within ``capacity``; ties (within 1e-9): the smallest sum of indices."""
+    fits = [(time, sum(c), c) for c, time, memory, ok in table if ok and memory <= capacity]
+    best = min(t for t, _, _ in fits)
+    return min((s, c) for t, s, c in fits if t <= best * (1 + 1e-9))[1], best
+
+
+@pytest.fixture(scope="module", params=[None, 4096], ids=["ddp-caps", "4KiB-buckets"])
+def ffn_slice(request):
+    """dense-tiny on 2 devices at batch 64, every group fixed to the optimum except layer 0's FFN (7 nodes: its
+    three weights and four ops), each cut to 2-3 candidates (all-B, the optimum's, the last): at most 3^7.
+    With DDP's caps every gradient fits the first bucket; with 4 KiB buckets the count grows with the bytes."""
+    gm, ctx = annotated(mesh="2", batch=64, bucket_cap_bytes=request.param)  # batch 64: the fastest plan is not the leanest
+    problem, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    full = solve(problem).choice
+    names = {f"layers_0_ffn_{n}" for n in ("w_up", "up", "w_gate", "gate", "act", "w_down", "down")}
+    free = [g for g, gr in enumerate(problem.groups) if gr.name in names]
+    assert len(free) == 7
+    keep = {g: (sorted({0, full[g], len(problem.groups[g].time) - 1}) if g in free else [full[g]])
+            for g in range(len(problem.groups))}
+    problem = restrict(problem, keep)
+    return problem, enumerate_all(problem)
+
+
+def test_the_integer_program_equals_brute_force(ffn_slice):
+    problem, table = ffn_slice
+    choice, time = brute_force(table, problem.capacity)
+    solved = solve(problem)
+    assert math.isclose(solved.time, time, rel_tol=1e-9)
+    assert sum(solved.choice) == sum(choice)  # the tie-break: the smallest sum of candidate indices
+    assert solve(problem).choice == solved.choice  # the same answer every run
+
+
+def test_the_memory_row_binds_as_brute_force_says(ffn_slice):
+    problem, table = ffn_slice
+    free = solve(problem)
+    below = [memory for _, _, memory, ok in table if ok and memory < free.memory]
+    tight = dataclasses.replace(problem, capacity=max(below))  # the unconstrained optimum no longer fits
+    choice, time = brute_force(table, tight.capacity)
+    solved = solve(tight)
+    assert math.isclose(solved.time, time, rel_tol=1e-9) and solved.memory <= tight.capacity
+    assert sum(solved.choice) == sum(choice)
+    assert solved.time >= free.time * (1 - 1e-9) and solved.choice != free.choice
+
+
+def test_an_edge_cost_is_paid_once_per_layout_as_choose_sbp_boxes():
+    # one producer (layouts 0 or 1), two consumers both wanting layout 1: the boxing 0 -> 1 runs once
+    from ultraplan.passes.search_ilp import Group
+
+    groups = [Group("p", 1, [0.0, 5.0], [0, 0], [0, 1]), Group("a", 1, [0.0], [0], [2]), Group("b", 1, [0.0], [0], [3])]
+    uses = [Use(1, {1: [0]}), Use(2, {1: [0]})]
+    problem = Problem(groups, [Demand(0, 1, uses, {(0, 1): 3.0, (1, 1): 0.0})], 1.0)
+    assert evaluate(problem, [0, 0, 0])[0] == 3.0  # not 6
+    assert solve(problem).choice == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mesh,mode,spec", [("2x2", "train", "dense-tiny"), ("4", "infer", "moe-tiny"),
+                                            ("2", "train", "ultramem-v2-tiny")])
+def test_the_search_models_the_plan_it_makes(mesh, mode, spec):
+    plan = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", mode=mode, strategy="auto")
+    assert plan.strategy == ",".join(["auto"] * len(mesh.split("x")))
+    assert plan.total("search_bucket_bound").value == 0  # every bucket key fits its first bucket: exact
+    assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
+
+
+def test_clustering_loses_at_most_its_bound():
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8")
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    tied, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=True)
+    assert len(tied.groups) < len(whole.groups) / 2
+    exact, clustered = solve(whole).time, solve(tied).time
+    assert exact <= clustered * (1 + 1e-9)
+    assert clustered <= exact + boundary_bound(tied) + 1e-12
+    assert boundary_bound(tied) > 0
+
+
+NAMED = ("dp", "fsdp", "tp", "sp", "ep")
+
+
+@pytest.mark.parametrize("spec,mesh,batch,mode,names", [
+    ("moe-tiny", "4", 64, "train", NAMED), ("dense-gqa-tied", "8", 4096, "infer", NAMED),
+    ("dense-tiny", "2x2", 8, "train", NAMED[:3])])  # a sample; bench/auto_vs_named.py runs the cross product
+def test_auto_is_never_worse_than_a_named_strategy_that_fits(spec, mesh, batch, mode, names):
+    auto = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", batch=batch, mode=mode, strategy="auto")
+    assert auto.fits
+    fits = 0
+    for combination in itertools.product(names, repeat=len(mesh.split("x"))):
+        try:
+            plan = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", batch=batch, mode=mode,
+                            strategy=",".join(combination))
+        except api.PlanError:
+            continue
+        if plan.fits:
+            fits += 1
+            assert auto.total("step_time").value <= plan.total("step_time").value * (1 + 1e-9), combination
+    assert fits >= 3
+
+
+def test_a_large_model_on_eight_devices_needs_sharded_parameters():
+    plan, gm, reports = make_plan(load_model_spec(MODELS / "llama3-8b-shape.yaml"), api.load_hardware("h200-8"),
+                                  Mesh.parse("8"), batch=8, seq=1024, strategies=("auto",))
+    dp = api.plan(MODELS / "llama3-8b-shape.yaml", "8", hardware="h200-8", batch=8, seq=1024, strategy="dp")
+    assert not dp.fits and plan.fits
+    split = sum(math.prod(p.shape) for p in plan.params if p.sbp != "B")
+    assert split > 0.5 * sum(math.prod(p.shape) for p in plan.params)
+    decisions = next(r for r in reports if r.name == "choose_sbp").decisions
+    assert any("must be sharded to fit at all" in d for d in decisions)
+    w_up = next(n for n in gm.graph.nodes if n.name == "layers_0_ffn_w_up")
+    assert info(w_up).reason.startswith("auto: stored [S(") and "GiB per device >" in info(w_up).reason
+
+
+def test_force_works_under_auto():
+    free = api.plan(MODELS / "dense-tiny.yaml", "2", hardware="h200-8", strategy="auto")
+    forced = api.plan(MODELS / "dense-tiny.yaml", "2", hardware="h200-8", strategy="auto",
+                      force=["layers_*_ffn_w_up=S(1)"])
+    ups = [p for p in forced.params if p.name.endswith("ffn.w_up")]
+    assert ups and all(p.sbp == "S(1)" and p.used == "S(1)" for p in ups)
+    assert math.isclose(forced.total("search_objective").value, forced.total("step_time").value, rel_tol=1e-9)
+    assert forced.total("step_time").value >= free.total("step_time").value * (1 - 1e-9)
+
+
+def test_auto_beside_a_named_axis_keeps_its_pins():
+    plan = api.plan(MODELS / "dense-tiny.yaml", "2x2", hardware="h200-8", strategy="fsdp,auto")
+    assert plan.strategy == "fsdp,auto"
+    assert all(p.sbp.split(",")[0].startswith("S(") or p.sbp.split(",")[0] == "B" for p in plan.params)
+    assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("mesh,bucket_mb", [("2x2", 0.004), ("2", 0.02)])
+def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb):
+    # small buckets: a key's gradients fill several, and the search counts them by bytes (docs/search.md)
+    plan = api.plan(MODELS / "dense-tiny.yaml", mesh, hardware="h200-8", strategy="auto", bucket_mb=bucket_mb)
+    cap = int(bucket_mb * 2**20)
+    ctx = make_context(load_model_spec(MODELS / "dense-tiny.yaml"), api.load_hardware("h200-8"), Mesh.parse(mesh),
+                       strategies=("auto",) * len(mesh.split("x")), bucket_cap_bytes=cap)
+    assert len(plan.grad_buckets) > len({(tuple((s.axis, s.src) for s in b.steps), b.dtype) for b in plan.grad_buckets})
+    bound = bucket_bound(plan, ctx.values(), cap)
+    assert bound > 0 and math.isclose(plan.total("search_bucket_bound").value, bound, rel_tol=1e-12)
+    assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
