@@ -40,6 +40,7 @@ from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
+from .gather_groups import gather_groups, group_plan
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -215,6 +216,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     needs_grad = _needs_grad(gm)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_entries: list[GradEntry] = []
+    group_of = {name: g for g in gather_groups(gm) for name in g.nodes}
+    group_plans = []
     for node in gm.graph.nodes:
         rec = info(node)
         sig = rec.sbp
@@ -239,7 +242,12 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                                   for b in rec.boxing)
             continue
         boxing: tuple = ()
-        if rec.op == "boxing":
+        if rec.op == "boxing" and node.name in group_of:  # the group's collectives run at its first member
+            boxing = ((node.args[0].name, tuple(comms.describe(b, "forward", node.name, rec.reason, dtype=rec.dtype)
+                                                for b in rec.boxing)),)
+            if node.name == group_of[node.name].nodes[0]:
+                group_plans.append(group_plan(group_of[node.name], comms.add, train and needs_grad[node]))
+        elif rec.op == "boxing":
             arg = node.args[0].name
             steps = tuple(comms.add(b, "forward", node.name, rec.reason, dtype=rec.dtype) for b in rec.boxing)
             boxing = ((arg, steps),)
@@ -299,6 +307,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                               t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         collectives=comms.step(), precision=precision_plan(ctx.spec), grad_buckets=buckets,
+        gather_groups=tuple(group_plans),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
                                device_memory=float(ctx.hardware.memory_bytes))
