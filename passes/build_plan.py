@@ -5,7 +5,8 @@ calls from localize. What it adds follows from them: each forward collective's d
 backward (the gradient of a ``B`` value is ``P``, of ``P`` is ``B``, of ``S(d)`` is ``S(d)``:
 all_gather <-> reduce_scatter, all_reduce <-> all_reduce, all_to_all <-> its inverse), and one
 list of every collective a training step runs, in order: forward boxings and collectives inside
-variant calls, their backward duals, gradient synchronisation (one collective per gradient bucket
+variant calls (a layer's fsdp gathers as one per group: passes/gather_groups.py), their backward
+duals, gradient synchronisation (one collective per gradient bucket
 and mesh axis: passes/buckets.py packs the gradients), the loss's logging all-reduce. It
 evaluates every sympy cost at the context's point and adds the step totals:
 
