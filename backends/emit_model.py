@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from ..passes.plan import BlockPlan, Plan
+from ..passes.plan import BlockPlan, GatherGroupPlan, Plan
 from .emit_forward import forward_lines
 from .emit_ops import Names, attr_path, block_local_names, node_lines, shape_text
 from .text import comment, fmt_bytes, identifier, layer_group, literal
@@ -74,6 +74,21 @@ def _refresh(plan: Plan, buffers: list[str], prefix: str) -> list[str]:
     return lines
 
 
+def _gather_lines(g: GatherGroupPlan, names: Names, local: dict[str, str], nodes: dict) -> list[str]:
+    """One ``runtime.gather_group`` call for a layer's gather group (passes/gather_groups.py)."""
+    out = []
+    for c in g.steps:
+        phase = "" if c.phase == "forward" else f" ({c.phase})"
+        out.append(f"        # plan{phase}: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                   f"{c.collective}, {fmt_bytes(c.payload_bytes.value)}: {names.text(c.reason)}")
+    shards = ", ".join(names.values[nodes[m].args[0]] for m in g.nodes)
+    targets = [f"            {local[m]},  # {shape_text(nodes[m].local_shape)} [{nodes[m].sbp_out}]" for m in g.nodes]
+    for m in g.nodes:
+        names.values[m] = local[m]
+    return [*out, "        (", *targets,
+            f"        ) = runtime.gather_group(({shards}), self.mesh, axis={g.steps[0].axis}, dims={literal(g.dims)})"]
+
+
 def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
     head = f"layers.{block.layers[0]}."
     nodes = {n.name: n for n in plan.nodes}
@@ -97,9 +112,14 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
         rename[state.node] = identifier(name.removeprefix(head))
     names = Names(names.values, rename)
     lines += ["", f"    def forward(self, {', '.join(block.inputs)}):"]
+    gathers = {name: g for g in plan.gather_groups if g.layer == block.layers[0] for name in g.nodes}
     group = None
     for name in block.nodes:
         node = nodes[name]
+        if name in gathers:
+            if name == gathers[name].nodes[0]:
+                lines += _gather_lines(gathers[name], names, local, nodes)
+            continue
         heading = re.sub(r"^layers\.\d+\.?", "", layer_group(node.layer))
         if heading != group:
             group = heading

@@ -498,6 +498,60 @@ class count_saved:
         return False
 
 
+# ---- gather groups (fsdp) -----------------------------------------------------------------------
+# One layer's sharded parameters gathered by one all-gather, as FSDP2 does
+# (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_all_gather / foreach_reduce).
+
+
+def _flat_shards(tensors, dims):
+    """Each tensor with its split dim moved first, flattened, concatenated: one rank's flat buffer."""
+    return torch.cat([t.movedim(d, 0).reshape(-1) for t, d in zip(tensors, dims)])
+
+
+class _GatherGroup(torch.autograd.Function):
+    """Local shards (each split on its ``dims`` entry) -> the full parameters, by one all-gather of
+    the concatenated shards. Row r of the gathered (n, L) buffer is rank r's flat buffer, so each
+    parameter is its pieces of the n rows, concatenated along its dim. Backward: each full gradient
+    cut into its n chunks along dim, rank r's chunks of all parameters concatenated into row r, one
+    reduce-scatter of the (n, L) buffer; this rank's row splits back into its shards' gradients."""
+
+    @staticmethod
+    def forward(ctx, mesh, axis, dims, *shards):
+        ctx.mesh, ctx.axis, ctx.dims = mesh, axis, dims
+        ctx.shapes = [s.movedim(d, 0).shape for s, d in zip(shards, dims)]
+        flat = _flat_shards(shards, dims)
+        _count("all_gather", flat)
+        n = mesh.shape[axis]
+        rows = _all_gather_raw(flat, mesh.group(axis), n, 0).view(n, -1)
+        out, start = [], 0
+        for shape, d in zip(ctx.shapes, dims):
+            size = shape.numel()
+            piece = rows[:, start:start + size].reshape(n * shape[0], *shape[1:])
+            out.append(piece.movedim(0, d).contiguous())
+            start += size
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.mesh.shape[ctx.axis]
+        grads = [g if g is not None else torch.zeros((n * s[0], *s[1:])).movedim(0, d)
+                 for g, s, d in zip(grads, ctx.shapes, ctx.dims)]
+        rows = torch.cat([g.movedim(d, 0).reshape(n, -1) for g, d in zip(grads, ctx.dims)], dim=1)
+        _count("reduce_scatter", rows)
+        mine = _reduce_scatter_raw(rows, ctx.mesh.group(ctx.axis), n, 0).reshape(-1)
+        out, start = [], 0
+        for shape, d in zip(ctx.shapes, ctx.dims):
+            out.append(mine[start:start + shape.numel()].view(shape).movedim(0, d).contiguous())
+            start += shape.numel()
+        return (None, None, None, *out)
+
+
+def gather_group(shards, mesh, axis, dims):
+    """The full parameters of ``shards`` (split on mesh ``axis``, each along its entry of ``dims``),
+    by one all-gather; the backward reduce-scatters their gradients by one call."""
+    return _GatherGroup.apply(mesh, axis, tuple(dims), *shards)
+
+
 # ---- ops whose shard-local form needs collectives -----------------------------------------------
 
 

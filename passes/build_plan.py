@@ -5,7 +5,8 @@ calls from localize. What it adds follows from them: each forward collective's d
 backward (the gradient of a ``B`` value is ``P``, of ``P`` is ``B``, of ``S(d)`` is ``S(d)``:
 all_gather <-> reduce_scatter, all_reduce <-> all_reduce, all_to_all <-> its inverse), and one
 list of every collective a training step runs, in order: forward boxings and collectives inside
-variant calls, their backward duals, gradient synchronisation (one collective per gradient bucket
+variant calls (a layer's fsdp gathers as one per group: passes/gather_groups.py), their backward
+duals, gradient synchronisation (one collective per gradient bucket
 and mesh axis: passes/buckets.py packs the gradients), the loss's logging all-reduce. It
 evaluates every sympy cost at the context's point and adds the step totals:
 
@@ -41,6 +42,7 @@ from ..compiler.shapes import numel
 from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
+from .gather_groups import gather_groups, group_plan
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -216,6 +218,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     needs_grad = _needs_grad(gm)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     grad_entries: list[GradEntry] = []
+    group_of = {name: g for g in gather_groups(gm) for name in g.nodes}
+    group_plans = []
     for node in gm.graph.nodes:
         rec = info(node)
         sig = rec.sbp
@@ -240,7 +244,12 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                                   for b in rec.boxing)
             continue
         boxing: tuple = ()
-        if rec.op == "boxing":
+        if rec.op == "boxing" and node.name in group_of:  # the group's collectives run at its first member
+            boxing = ((node.args[0].name, tuple(comms.describe(b, "forward", node.name, rec.reason, dtype=rec.dtype)
+                                                for b in rec.boxing)),)
+            if node.name == group_of[node.name].nodes[0]:
+                group_plans.append(group_plan(group_of[node.name], comms.add, train and needs_grad[node]))
+        elif rec.op == "boxing":
             arg = node.args[0].name
             steps = tuple(comms.add(b, "forward", node.name, rec.reason, dtype=rec.dtype) for b in rec.boxing)
             boxing = ((arg, steps),)
@@ -300,6 +309,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                               t.value_lr_multiplier, t.value_lr_decay_steps),
         nodes=tuple(nodes), params=tuple(params), buffers=tuple(buffers), output=output, output_boxing=output_boxing,
         collectives=comms.step(), precision=precision_plan(ctx.spec), grad_buckets=buckets,
+        gather_groups=tuple(group_plans),
         totals=tuple((k, cost(v, values, simplify=True)) for k, v in totals.items()))
     plan = dataclasses.replace(plan, fits=plan.total("memory_per_device").value <= ctx.hardware.memory_bytes,
                                device_memory=float(ctx.hardware.memory_bytes))

@@ -116,6 +116,18 @@ class GradBucketPlan:
 
 
 @dataclass(frozen=True)
+class GatherGroupPlan:
+    """fsdp gathers of one layer run as one flat all-gather (passes/gather_groups.py decides which):
+    its backward is one reduce-scatter of the concatenated gradients."""
+
+    layer: int  # the layer (``layers.i``) whose forward runs it, before its members' first use
+    params: tuple[str, ...]  # canonical names, in flat-buffer order
+    nodes: tuple[str, ...]  # their boxing nodes (each node's own boxing is what the group replaces)
+    dims: tuple[int, ...]  # the dimension each parameter is split on
+    steps: tuple[CollectivePlan, ...]  # the all-gather and, in training, the reduce-scatter; also in collectives
+
+
+@dataclass(frozen=True)
 class BufferPlan:
     """Non-parameter state on every device: a seeded ``permutation``, or ``derived`` as
     ``op(source parameter)`` at start and after every optimizer step."""
@@ -226,6 +238,7 @@ class Plan:
     layer_calls: tuple[LayerCallPlan, ...] = ()  # every layer as a call of its block
     layer_runs: tuple[LayerRunPlan, ...] = ()  # the layers in order, grouped into loops
     grad_buckets: tuple[GradBucketPlan, ...] = ()  # gradient synchronisation, in launch order
+    gather_groups: tuple[GatherGroupPlan, ...] = ()  # fsdp gathers run as one collective per layer
     fits: bool = True  # memory_per_device <= device_memory
     device_memory: float = 0.0  # bytes of memory one device of the hardware has
     precision: PrecisionPlan = PrecisionPlan()  # the dtype of each class of tensor

@@ -431,9 +431,30 @@ def case_grad_buckets(mesh):
         raise AssertionError("a reduce_scatter bucket must be refused")
 
 
+def case_gather_group(mesh):
+    """runtime.gather_group: shards of differently shaped parameters split on different dims give
+    each full parameter (built here from seeds) by one all_gather; the backward gives each shard
+    its chunk of the sum over the group of every rank's gradient, by one reduce_scatter."""
+    shapes, dims = [(8, 4), (4,), (4, 12), (3, 8, 2)], (0, 0, 1, 1)
+    for axis, n in enumerate(mesh.shape):
+        me, group = mesh.coords[axis], peers(mesh, axis)
+        rest = [c for a, c in enumerate(mesh.coords) if a != axis]
+        fulls = [randn(("gg", axis, k, rest), s) for k, s in enumerate(shapes)]
+        shards = [f.chunk(n, d)[me].clone().requires_grad_() for f, d in zip(fulls, dims)]
+        grads = [randn(("gg-g", k, mesh.coords), s) for k, s in enumerate(shapes)]
+        local = sum(nbytes(x.shape) for x in shards)
+        with Expect({"all_gather": (1, local), "reduce_scatter": (1, n * local)}):
+            outs = runtime.gather_group(shards, mesh, axis, dims)
+            torch.autograd.backward(outs, grads)
+        for k, (out, full, shard, d) in enumerate(zip(outs, fulls, shards, dims)):
+            equal(out.detach(), full, f"gather_group parameter {k}")
+            want = sum(randn(("gg-g", k, c), shapes[k]) for c in group).chunk(n, d)[me]
+            close(shard.grad, want, f"gather_group gradient {k}")
+
+
 CASES = [("shard_range", case_shard_range), ("collectives", case_collectives),
          ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel),
-         ("grad_buckets", case_grad_buckets)]
+         ("grad_buckets", case_grad_buckets), ("gather_group", case_gather_group)]
 
 
 def main():

@@ -19,7 +19,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 MESHES = ([4], [2, 2])
-CASES = ("setup", "shard_range", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets", "params")
+CASES = ("setup", "shard_range", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets", "gather_group",
+         "params")
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,10 @@ def test_auto_beside_a_named_axis_keeps_its_pins():
     plan = api.plan(MODELS / "dense-tiny.yaml", "2x2", hardware="h200-8", strategy="fsdp,auto")
     assert plan.strategy == "fsdp,auto"
     assert all(p.sbp.split(",")[0].startswith("S(") or p.sbp.split(",")[0] == "B" for p in plan.params)
-    assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
+    # fsdp's gathers: the plan sends one all-gather and one reduce-scatter per layer group
+    # (passes/gather_groups.py), the search still charges one latency per parameter, so its objective
+    # is an upper bound here, not equal (docs/search.md, "Known gaps")
+    assert plan.total("step_time").value <= plan.total("search_objective").value
 
 
 @pytest.mark.parametrize("mesh,bucket_mb", [("2x2", 0.004), ("2", 0.02)])

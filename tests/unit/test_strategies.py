@@ -85,7 +85,10 @@ def test_fsdp_stores_shards_and_gathers_before_use():
     assert all(p.sbp == "S(0)" and p.used == "B" for p in plan.params)
     assert all(not p.grad_sync for p in plan.params)
     kinds = collectives(plan)
-    assert kinds[("all_gather", "forward")] == kinds[("reduce_scatter", "backward")] == len(plan.params)
+    grouped = [name for g in plan.gather_groups for name in g.params]  # one collective per layer (gather groups)
+    assert len(grouped) == len(set(grouped)) == len(plan.params) - 3  # all but embedding, final norm, head
+    expected = len(plan.params) - len(grouped) + len(plan.gather_groups)
+    assert kinds[("all_gather", "forward")] == kinds[("reduce_scatter", "backward")] == expected
     dp = api.plan(MODELS / "dense-tiny.yaml", "4")
     assert sum(p.bytes_per_device.value for p in plan.params) * 4 == sum(p.bytes_per_device.value for p in dp.params)
 

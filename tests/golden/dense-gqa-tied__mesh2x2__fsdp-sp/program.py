@@ -2,12 +2,12 @@
 #   spec      dense-gqa-tied (dense-gqa-tied.yaml, sha256 e2b4b73ab190)
 #   mesh      2x2 (4 devices), hardware cpu
 #   strategy  fsdp,sp (one per mesh axis)
-#   collectives per step  all_gather x47, all_reduce x5, reduce_scatter x47
+#   collectives per step  all_gather x20, all_reduce x5, reduce_scatter x20
 #   model     vocab 96, hidden 64, 3 layers, 86,912 parameters
 #   predicted per step at B=8, T=24:
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
-#     step time         5.736 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 68*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
+#     step time         3.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 14*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
 #     memory            1.05 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
@@ -37,7 +37,7 @@ COMPUTE_DTYPE = 'float32'
 # bytes handed to each kind of collective per training step and device, and calls, as the plan
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_gather': 259840, 'all_reduce': 2952, 'reduce_scatter': 519680}
-PLANNED_CALLS_PER_STEP = {'all_gather': 47, 'all_reduce': 5, 'reduce_scatter': 47}
+PLANNED_CALLS_PER_STEP = {'all_gather': 20, 'all_reduce': 5, 'reduce_scatter': 20}
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('S(1)', 'S(0)'), 'default'),
     ('layers.0.attention.norm.weight', ('S(0)', 'B'), 'default'),
@@ -108,46 +108,40 @@ class GqaBlock(torch.nn.Module):
         self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
 
     def forward(self, x):
+        # plan: S(0)/S(1) -> B on mesh axis 0 (2 devices), all_gather, 27.14 kB: gather group of layer 0: its 10 sharded parameters in one flat buffer, one all-gather (FSDP2's foreach_all_gather)
+        # plan (backward): P -> S(0)/S(1) on mesh axis 0 (2 devices), reduce_scatter, 54.27 kB: the dual of layer 0's gather group: one reduce-scatter of its concatenated gradients
+        (
+            attention_norm_weight_B_B,  # (64) [B,B]
+            attention_norm_bias_B_B,  # (64) [B,B]
+            attention_wq_B_S0,  # (32, 64) [B,S(0)]
+            attention_wk_B_S0,  # (8, 64) [B,S(0)]
+            attention_wv_B_S0,  # (8, 64) [B,S(0)]
+            attention_wo_B_S1,  # (64, 32) [B,S(1)]
+            ffn_norm_weight_B_B,  # (64) [B,B]
+            ffn_norm_bias_B_B,  # (64) [B,B]
+            ffn_w_up_B_S0,  # (64, 64) [B,S(0)]
+            ffn_w_down_B_S1,  # (64, 64) [B,S(1)]
+        ) = runtime.gather_group((self.attention.norm.weight, self.attention.norm.bias, self.attention.wq, self.attention.wk, self.attention.wv, self.attention.wo, self.ffn.norm.weight, self.ffn.norm.bias, self.ffn.w_up, self.ffn.w_down), self.mesh, axis=0, dims=(0, 0, 1, 1, 1, 0, 0, 0, 1, 0))
         # ---- attention
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_norm_weight_B_B = runtime.all_gather(self.attention.norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_norm_bias_B_B = runtime.all_gather(self.attention.norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
         attention_norm_normed = ops.layer_norm(x, attention_norm_weight_B_B, attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_wq_B_S0 = runtime.all_gather(self.attention.wq, self.mesh, axis=0, dim=1)  # (32, 64) [B,S(0)]
         # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: attention_q (linear) takes attention_norm_normed as [S(0),B]
         attention_norm_normed_S0_B = runtime.all_gather(attention_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
         attention_q = ops.linear(attention_norm_normed_S0_B, attention_wq_B_S0)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_wk_B_S0 = runtime.all_gather(self.attention.wk, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
         attention_k = ops.linear(attention_norm_normed_S0_B, attention_wk_B_S0)  # (B/2, T, 8) [S(0),S(2)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 1.02 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_wv_B_S0 = runtime.all_gather(self.attention.wv, self.mesh, axis=0, dim=1)  # (8, 64) [B,S(0)]
         attention_v = ops.linear(attention_norm_normed_S0_B, attention_wv_B_S0)  # (B/2, T, 8) [S(0),S(2)]
         attention_q_rot = ops.rope(attention_q, num_heads=4, head_dim=8, theta=500000.0)  # (B/2, T, 32) [S(0),S(2)]
         attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=500000.0)  # (B/2, T, 8) [S(0),S(2)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/2, T, 32) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 4.10 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        attention_wo_B_S1 = runtime.all_gather(self.attention.wo, self.mesh, axis=0, dim=0)  # (64, 32) [B,S(1)]
         attention_out = ops.linear(attention_mixed, attention_wo_B_S1)  # (B/2, T, 64) [S(0),P]
         # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: attention_residual (add) takes attention_out as [S(0),S(1)]
         attention_out_S0_S1 = runtime.reduce_scatter(attention_out, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
         attention_residual = ops.add(x, attention_out_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- ffn
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        ffn_norm_weight_B_B = runtime.all_gather(self.ffn.norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        ffn_norm_bias_B_B = runtime.all_gather(self.ffn.norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
         ffn_norm_normed = ops.layer_norm(attention_residual, ffn_norm_weight_B_B, ffn_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        ffn_w_up_B_S0 = runtime.all_gather(self.ffn.w_up, self.mesh, axis=0, dim=1)  # (64, 64) [B,S(0)]
         # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: ffn_up (linear) takes ffn_norm_normed as [S(0),B]
         ffn_norm_normed_S0_B = runtime.all_gather(ffn_norm_normed, self.mesh, axis=1, dim=1)  # (B/2, T, 64) [S(0),B]
         ffn_up = ops.linear(ffn_norm_normed_S0_B, ffn_w_up_B_S0)  # (B/2, T, 64) [S(0),S(2)]
         ffn_act = ops.gelu(ffn_up)  # (B/2, T, 64) [S(0),S(2)]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 8.19 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        ffn_w_down_B_S1 = runtime.all_gather(self.ffn.w_down, self.mesh, axis=0, dim=0)  # (64, 64) [B,S(1)]
         ffn_down = ops.linear(ffn_act, ffn_w_down_B_S1)  # (B/2, T, 64) [S(0),P]
         # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: ffn_residual (add) takes ffn_down as [S(0),S(1)]
         ffn_down_S0_S1 = runtime.reduce_scatter(ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
