@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,19 +35,12 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plan_speed import machine
+
 ROOT = Path(__file__).resolve().parents[1]
 NEIGHBOURS = ("ops", "runtime", "seeded")
 LOSS_AGREEMENT = 1e-4  # float32, a few AdamW steps: sums in another order (runner.LOSS_TOLERANCE is 1e-5 per loss)
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, {platform.system()}"
 
 
 # ---- inside each rank ---------------------------------------------------------------------------
