@@ -51,11 +51,15 @@ def classes(gm: fx.GraphModule, extra: Callable[[fx.Node], object], *, cluster: 
     one; every other node has its own. ``extra(node)`` adds what the caller must see equal (pins)."""
     layers: dict[str, list[fx.Node]] = {}
     out: dict[fx.Node, int] = {}
+    batch: dict[tuple, int] = {}  # the batch's inputs (tokens, targets) by shape and pins
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
         block = block_of(node) if cluster else None
-        if block is None:
+        if node.op == "placeholder":
+            # one layout for the batch's inputs: the program slices one batch for both (BATCH_SBP)
+            out[node] = batch.setdefault((info(node).concrete_shape, extra(node)), len(out) + 10**9)
+        elif block is None:
             out[node] = len(out) + 10**9  # renumbered below
         else:
             layers.setdefault(block, []).append(node)
