@@ -134,11 +134,14 @@ def test_100m_specs_train_on_the_cpu(tmp_path):
     """Every ~100M-parameter family spec compiles, trains one step on one rank and equals eager.
 
     Small batch and sequence (2 x 32) keep it to seconds per model; one process group for all six.
+    Compiled unfused, as the eager reference runs: in float32 a fused op's other rounding (SDPA's
+    tiled softmax) can flip a top-k near-tie of a memory layer (ultramem-100m: 2.3e-4 in the first
+    loss). Fused programs are checked against eager in float64 by test_strategies.
     """
     cases = []
     for spec in HUNDRED_M:
         out = tmp_path / spec
-        api.compile(MODELS / f"{spec}.yaml", "1", out, batch=2, seq=32)
+        api.compile(MODELS / f"{spec}.yaml", "1", out, batch=2, seq=32, fuse=False)
         cases.append({"spec": spec, "dir": str(out), "steps": 1, "dtype": "float32", "dump": str(out / "r.json")})
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps(cases))
