@@ -1,4 +1,4 @@
-"""The ``ultraplan`` command: stats, plan, compile, run, viz, explain, fields.
+"""The ``ultraplan`` command: stats, plan, compile, run, export, viz, explain, fields.
 
 Spec and plan errors print one message (file:line:column: field: what and how to fix) and exit 2;
 a failed ``run --check`` exits 1. Heavy modules (the planner, torch) are imported inside the
@@ -171,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ultraplan.runner import run
 
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
-                 quiet=args.json, dtype=args.dtype)
+                 quiet=args.json, dtype=args.dtype, checkpoint_dir=args.checkpoint_dir,
+                 checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -182,6 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.get("exit_code", 0) != 0:
         print(f"the program exited with code {report['exit_code']}", file=sys.stderr)
     return 0 if report["ok"] else 1
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ultraplan.export import export
+
+    path, names = export(Path(args.checkpoint), Path(args.output))
+    print(f"wrote {args.output}: {names} tensors from {path}")
+    return 0
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -264,8 +273,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="compare with the eager reference; exit 1 if off")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="float64 checks the plan to ~1e-10, free of fp32 rounding (default float32)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print a report: the losses of the steps run, with their numbers")
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (torch.distributed.checkpoint)")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="save after every N-th step (and after the last, always when --checkpoint-dir is given)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file (canonical names)")
+    p.add_argument("checkpoint", help="a --checkpoint-dir (its latest complete checkpoint) or one step-N folder")
+    p.add_argument("-o", "--output", required=True, help="model.safetensors")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser("viz", help="draw a plan.json with graphviz")
     p.add_argument("plan")
     p.add_argument("-o", "--output", required=True, help="plan.svg (or .png, .pdf; .dot writes the source)")

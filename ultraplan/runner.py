@@ -47,11 +47,12 @@ RUN_DTYPES = ("float32", "float64")  # what --dtype takes; bfloat16 is the plan'
 
 
 def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False,
-           dtype: str = "float32") -> int:
-    """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code."""
+           dtype: str = "float32", extra: tuple[str, ...] = ()) -> int:
+    """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code. ``extra``: more
+    flags for the program (checkpoint_flags)."""
     out_dir = out_dir.resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed), "--dtype", dtype]
+           str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed), "--dtype", dtype, *extra]
     if dump is not None:
         cmd += ["--dump", str(dump)]
     if quiet:
@@ -60,11 +61,28 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
     return subprocess.run(cmd, cwd=out_dir, env=env, check=False).returncode
 
 
+def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, resume: bool) -> tuple[str, ...]:
+    """The program's checkpoint flags (backends/checkpoint.py), checked here so a mistake is one line."""
+    if (checkpoint_every is not None or resume) and checkpoint_dir is None:
+        raise ValueError("--checkpoint-every and --resume need --checkpoint-dir DIR (where checkpoints are kept)")
+    if checkpoint_every is not None and checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be at least 0, got {checkpoint_every}")
+    if checkpoint_dir is None:
+        return ()
+    flags = ("--checkpoint-dir", str(Path(checkpoint_dir).resolve()))
+    flags += ("--checkpoint-every", str(checkpoint_every)) if checkpoint_every is not None else ()
+    return flags + (("--resume",) if resume else ())
+
+
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
-        quiet: bool = False, dtype: str = "float32") -> dict:
+        quiet: bool = False, dtype: str = "float32", checkpoint_dir: Path | None = None,
+        checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
+    ``report["losses"]`` are the losses of the steps this run made, ``report["loss_steps"]`` their
+    step numbers (a resumed run starts after its checkpoint's step). A resumed run is checked
+    against the same steps of an eager run from step 0.
     """
     plan = read_plan(out_dir)
     if not (Path(out_dir) / "program.py").is_file():
@@ -83,27 +101,35 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     seed = plan.training.seed if seed is None else seed
     if dtype not in RUN_DTYPES:
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
+    extra = checkpoint_flags(checkpoint_dir, checkpoint_every, resume)
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "result.json" if check else None
-        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype)
+        made = Path(tmp) / "losses.json"
+        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype, (*extra, "--losses-out", str(made)))
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False
             return report
+        record = json.loads(made.read_text())
+        report.update(losses=record["losses"], loss_steps=record["steps"])
         if not check:
             report["ok"] = True
             return report
         result = json.loads(dump.read_text())
         params = torch.load(result["params"])
-    comm = comm_report(plan, result, steps)
+    first = result.get("first_step", 0)
+    if first >= steps:
+        raise ValueError(f"--check: the checkpoint resumed is at step {first}, so no step up to --steps {steps} ran; "
+                         "raise --steps")
+    comm = comm_report(plan, result, steps - first)
     comm |= saved_report(plan, result)
     ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
-    diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
+    diffs = relative_differences(result["losses"], ref_losses[first:], params, ref_params)
     mixed = dtype == "float32" and plan.precision.compute != "float32"  # float64 checks run all in float64
     tolerance = TOLERANCES[plan.precision.compute if mixed else dtype]
     report.update({
-        "losses": result["losses"], "reference_losses": ref_losses,
+        "losses": result["losses"], "reference_losses": ref_losses[first:],
         "max_rel_diff_loss": diffs["loss"], "max_rel_diff_params": diffs["params"],
         "tolerance": tolerance, "precision": plan.precision.compute if mixed else dtype,
         **comm,

@@ -31,7 +31,7 @@ def imported_modules(source: str) -> set[str]:
 
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
-    for name in ("program.py", "ops.py", "runtime.py", "seeded.py"):
+    for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name
