@@ -18,6 +18,7 @@ import os
 
 import torch
 
+import checkpoint
 import ops
 import runtime
 import seeded
@@ -199,6 +200,7 @@ def parse_args(argv):
                         help="float64 separates plan errors from fp32 rounding when checking against eager")
     parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
                         help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
+    checkpoint.add_args(parser)  # --checkpoint-dir, --checkpoint-every, --checkpoint-async, --resume, --losses-out
     return parser.parse_args(argv)
 
 
@@ -224,21 +226,24 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([{"params": params, "name": name} for name, params in groups.items() if params],
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     buckets = gradient_buckets(model, mesh)
+    # checkpoints (checkpoint.py): --resume loads the latest complete one, under this plan's placements
+    saver = checkpoint.Checkpointer(args, mesh, model, optimizer, PARAMS, {"spec": SPEC_NAME, "dtype": args.dtype})
+    start = saver.resume()
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
-    for step in range(args.steps):
+    for step in range(start, args.steps):
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
-        with runtime.comm_debug(enabled=step == 0) as seen:
-            with runtime.count_saved(model, enabled=step == 0):
+        with runtime.comm_debug(enabled=step == start) as seen:
+            with runtime.count_saved(model, enabled=step == start):
                 loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # launches each gradient bucket as it fills
             buckets.finish()  # launches what is left, waits for all
             losses.append(loss_value(loss, mesh))
-        if step == 0:
+        if step == start:
             calls_in_first_step = dict(runtime.COMM_CALLS)
         seen_by_torch = seen_by_torch or dict(seen)
         for group in optimizer.param_groups:
@@ -248,12 +253,15 @@ def main(argv=None):
             model.refresh_state()
         if mesh.rank == 0 and not args.quiet:
             print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
-    measured = {k: v // max(args.steps, 1) for k, v in runtime.COMM_BYTES.items()}
+        saver.after_step(step + 1)
+    saver.finish()
+    checkpoint.write_losses(args.losses_out, mesh, start, losses)
+    measured = {k: v // max(len(losses), 1) for k, v in runtime.COMM_BYTES.items()}
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
     if args.dump:
         shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
-        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
+        runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "first_step": start, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
                                                         "comm_debug_first_step": seen_by_torch})
     runtime.teardown(owned)
