@@ -16,7 +16,8 @@ from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
-                   "warnings", "sys", "kernels"}  # kernels: the generated kernels.py beside it
+                   "warnings", "sys", "kernels",  # kernels: the generated kernels.py beside it
+                   "checkpoint", "re", "shutil", "time"}  # checkpoint.py beside it, and what it imports
 
 
 def imported_modules(source: str) -> set[str]:
