@@ -199,8 +199,9 @@ class Checkpointer:
         self.group = None
         if self.every < 0:
             raise SystemExit(f"--checkpoint-every must be at least 0, got {self.every}")
-        if args.resume and not self.directory:
-            raise SystemExit("--resume needs --checkpoint-dir DIR (the directory the checkpoints were saved in)")
+        if (args.resume or self.every or args.checkpoint_async) and not self.directory:
+            raise SystemExit("--resume, --checkpoint-every and --checkpoint-async need --checkpoint-dir DIR "
+                             "(the directory checkpoints are saved in)")
         if self.directory:
             check_optimizer(optimizer)
             if args.checkpoint_async:
