@@ -65,40 +65,55 @@ def element_bytes(dtype: str) -> int:
     return FLOAT_BYTES.get(dtype) or INT_BYTES.get(dtype, 4)
 
 
-def summarise(plan: Plan) -> list[Row]:
-    """The rows of ``plan`` in graph order of their first node."""
+def node_rows(plan: Plan) -> dict[str, Row]:
+    """One row per node of ``plan`` (its own FLOPs, time, traffic, collectives and memory), and one per
+    phase of the collectives no node holds (the loss's logging all-reduce), keyed by name."""
     train = plan.mode == "train"
-    rows: dict[tuple[str, str], Row] = {}
-    node_row: dict[str, Row] = {}
+    rows: dict[str, Row] = {}
     kept = kept_gathers(plan)
     work = []
     for n in plan.nodes:
-        row = rows.setdefault((layer_group(n.layer), n.op), Row(layer_group(n.layer), n.op))
-        row.nodes.append(n.name)
-        node_row[n.name] = row
+        row = rows[n.name] = Row(layer_group(n.layer), n.op, [n.name])
         flops = n.flops.value + (n.backward_flops.value if train else 0.0)
         split = split_factor(n.splits, plan.mesh)
-        row.flops += flops
-        row.flops_per_device += flops / split
-        row.traffic_bytes += (n.bytes_read.value + n.bytes_written.value) / split
+        row.flops, row.flops_per_device = flops, flops / split
+        row.traffic_bytes = (n.bytes_read.value + n.bytes_written.value) / split
         work.append((row, flops / split))
         if n.name in kept:
             row.memory_bytes += _local_bytes(n)
     total_work = sum(w for _, w in work)
     compute = plan.total("compute_time").value
     for row, w in work:
-        row.compute_s += compute * w / total_work if total_work else 0.0
+        row.compute_s = compute * w / total_work if total_work else 0.0
     for c in plan.collectives:
         if c.phase == "gradient_sync":  # counted per parameter below
             continue
-        row = node_row.get(c.node) or rows.setdefault(("", c.phase), Row("", c.phase.replace("_", " ")))
+        row = rows.get(c.node) or rows.setdefault(c.phase, Row("", c.phase.replace("_", " ")))
         row.comm.setdefault(c.collective, Comm()).add(c)
     for p in plan.params:
-        row = node_row[p.node]
+        row = rows[p.node]
         row.memory_bytes += p.bytes_per_device.value * (4 if train else 1)
         for c in p.grad_sync:
             row.comm.setdefault(c.collective, Comm()).add(c)
-    return list(rows.values())
+    return rows
+
+
+def summarise(plan: Plan) -> list[Row]:
+    """The nodes' rows summed per (layer, op group), in graph order of their first node."""
+    out: dict[tuple[str, str], Row] = {}
+    for r in node_rows(plan).values():
+        row = out.setdefault((r.layer, r.group), Row(r.layer, r.group))
+        row.nodes += r.nodes
+        row.flops += r.flops
+        row.flops_per_device += r.flops_per_device
+        row.compute_s += r.compute_s
+        row.traffic_bytes += r.traffic_bytes
+        row.memory_bytes += r.memory_bytes
+        for kind, c in r.comm.items():
+            mine = row.comm.setdefault(kind, Comm())
+            mine.calls, mine.payload_bytes, mine.seconds = (mine.calls + c.calls, mine.payload_bytes + c.payload_bytes,
+                                                            mine.seconds + c.seconds)
+    return list(out.values())
 
 
 def _local_bytes(n: NodePlan) -> float:
