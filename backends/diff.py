@@ -54,7 +54,8 @@ def _collectives(n: NodePlan, row: Row | None) -> str:
     steps = [c for _, cs in n.boxing for c in cs]
     text = "; ".join(f"{c.collective} axis {c.axis} {fmt_bytes(c.payload_bytes.value)}" for c in steps) or "local"
     if row is not None and row.comm:
-        text += " (runs " + ", ".join(f"{k} x{c.calls} {fmt_bytes(c.payload_bytes)}" for k, c in sorted(row.comm.items())) + ")"
+        runs = ", ".join(f"{k} x{c.calls} {fmt_bytes(c.payload_bytes)}" for k, c in sorted(row.comm.items()))
+        text += f" (runs {runs})"
     return text
 
 
@@ -141,7 +142,7 @@ def render(d: dict) -> str:
     """The difference for a terminal: totals, then each node and boxing that differs, dearest first."""
     out = [f"A: {d['a']}", f"B: {d['b']}", ""]
     if not d["nodes"] and not d["boxings"] and not any(v[2] for v in d["totals"].values()):
-        return "\n".join(out + ["no differences"]) + "\n"
+        return "\n".join([*out, "no differences"]) + "\n"
     out.append(f"{'total':28s} {'A':>12s} {'B':>12s} {'B - A':>13s}")
     for key, (va, vb, dv) in d["totals"].items():
         out.append(f"{key:28s} {_amount(key, va):>12s} {_amount(key, vb):>12s} {_signed(key, dv):>13s}")

@@ -85,7 +85,8 @@ def _legend(plan: Plan, colours: dict[str, str], counts: dict[str, int]) -> str:
     rows = [f'<TR><TD COLSPAN="2" ALIGN="LEFT">{html.escape(line)}</TD></TR>' for line in head]
     rows += [f'<TR><TD BGCOLOR="{colour}" WIDTH="24"></TD><TD ALIGN="LEFT">{html.escape(sig)} ({counts[sig]})</TD></TR>'
              for sig, colour in colours.items()]
-    rows.append('<TR><TD BGCOLOR="red" WIDTH="24"></TD><TD ALIGN="LEFT">boxing: collective, axis, bytes per device</TD></TR>')
+    rows.append('<TR><TD BGCOLOR="red" WIDTH="24"></TD>'
+                '<TD ALIGN="LEFT">boxing: collective, axis, bytes per device</TD></TR>')
     table = '<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="3">' + "".join(rows) + "</TABLE>"
     return f"  legend [shape=plaintext, fontsize=9, label=<{table}>];"
 

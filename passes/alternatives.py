@@ -26,7 +26,8 @@ from .plan import Plan
 from .sbp import nd_str
 from .search import build_problem
 from .search_costs import Cand
-from .search_ilp import Demand, Problem, bucket_count, evaluate
+from .search_explain import describe, local_change, touching
+from .search_ilp import evaluate
 from .strategies import AxisPins, forced_pins, pin_axes
 
 
@@ -64,40 +65,6 @@ class Choices:
     capacity: float
 
 
-def touching(problem: Problem) -> dict[int, list[Demand]]:
-    """Per group, the demands whose terms its choice changes (it produces or reads the value)."""
-    out: dict[int, list[Demand]] = {}
-    for d in problem.demands:
-        for g in {d.producer, *(u.group for u in d.uses)}:
-            out.setdefault(g, []).append(d)
-    return out
-
-
-def local_change(problem: Problem, choice: list[int], g: int, k: int, demands: list[Demand]) -> tuple[float, float, bool]:
-    """(seconds, bytes, valid) the step changes by when group ``g`` takes candidate ``k`` and every
-    other group keeps ``choice``: the terms ``g`` touches, evaluated before and after."""
-    group = problem.groups[g]
-    trial = [*choice[:g], k, *choice[g + 1:]]
-    t0, m0, _ = evaluate(problem, choice, demands)
-    t1, m1, ok = evaluate(problem, trial, demands)
-    dt = t1 - t0 + group.count * (group.time[k] - group.time[choice[g]])
-    dm = m1 - m0 + group.count * (group.memory[k] - group.memory[choice[g]])
-    for b in problem.buckets:
-        if any(member[0] == g for member in b.members):
-            dt += b.latency * (bucket_count(b, trial, problem.groups) - bucket_count(b, choice, problem.groups))
-    return dt, dm, ok
-
-
-def describe(c: Cand) -> str:
-    """A candidate in words: an op's input and output layouts, a parameter as stored and used."""
-    if not c.ins and c.axes and isinstance(c.axes[0], tuple):
-        rest, used = nd_str(tuple(a[0] for a in c.axes)), nd_str(tuple(a[1] for a in c.axes))
-        return f"stored [{rest}]" + ("" if rest == used else f", gathered to [{used}] for use")
-    if not c.ins:
-        return f"[{nd_str(c.out)}]"
-    return ", ".join(f"[{nd_str(s)}]" for s in c.ins) + f" -> [{nd_str(c.raw)}]"
-
-
 def _key_of_cand(node: fx.Node, c: Cand) -> tuple:
     rec = info(node)
     if rec.op == "param":
@@ -125,7 +92,7 @@ def context_of(plan: Plan, hardware: HardwareSpec) -> tuple[PlanContext, fx.Grap
     """The plan's question again and its graph after the fuse pass (what choose_sbp and the search see)."""
     spec, _ = prepare_spec(load_model_spec(plan.spec_source, text=plan.spec_text))
     buckets = plan.grad_buckets  # the cap: DDP's (1 MiB first, then 25 MiB) unless --bucket-mb set one for all
-    ddp = not buckets or buckets[0].cap_bytes == 2**20 and all(b.cap_bytes == 25 * 2**20 for b in buckets[1:])
+    ddp = not buckets or (buckets[0].cap_bytes == 2**20 and all(b.cap_bytes == 25 * 2**20 for b in buckets[1:]))
     cap = None if ddp else buckets[0].cap_bytes
     ctx = make_context(spec, hardware, Mesh(tuple(plan.mesh)), batch=plan.batch, seq=plan.seq, mode=plan.mode,
                        spec_text=plan.spec_text, strategies=tuple(plan.strategy.split(",")), forces=tuple(plan.forces),
