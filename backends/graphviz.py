@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from ..passes.plan import NodePlan, Plan
-from .plan_summary import fmt_bytes, fmt_seconds
+from .plan_summary import fmt_bytes, fmt_seconds, node_rows
 from .text import layer_group
 
 # ColorBrewer Set3 (12 classes) then Pastel1: pale enough for black text
@@ -111,9 +111,12 @@ def plan_to_dot(plan: Plan, *, fold: bool = True) -> str:
             colours.setdefault(key, PALETTE[len(colours) % len(PALETTE)])
             counts[key] = counts.get(key, 0) + 1
     clusters: dict[str, list[str]] = {}
+    rows = node_rows(plan)
     for n in drawn:
         key = signature(n, plan)
         flops = f"\n{n.flops.value:.3g} FLOP" if n.flops.value else ""
+        if n.op != "param" and rows[n.name].comm:  # collectives inside a variant's call (ep's all_to_all)
+            flops += "".join(f"\n{k} x{c.calls} {fmt_bytes(c.payload_bytes)}" for k, c in sorted(rows[n.name].comm.items()))
         shape = ", shape=note, fontsize=8" if n.op == "param" else ""
         label = f"{n.name}\n{key}" if n.op == "param" else f"{n.name}\n{n.op}  {key}{flops}"
         group = layer_group(n.layer)

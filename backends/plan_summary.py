@@ -5,10 +5,11 @@ backward), per device (over the devices its work is split across) and as time (i
 plan's ``compute_time``, which build_plan sums from the same terms); its memory traffic per device
 (bytes read and written); its collectives per kind (calls, bytes handed over per device, seconds:
 the forward steps, their backward duals and the collectives inside variant calls, listed by node
-in ``Plan.collectives``; a parameter's gradient sync from its own ``grad_sync``, which is what it
-adds to its bucket); and the bytes per device of its parameters' state (the stored shard, and in
-training its gradient and two AdamW moments, ``ParamPlan.bytes_per_device`` times 4) and of the
-gathered copies a fsdp boxing keeps for the backward. Boxing nodes form their own group, ``boxing``.
+in ``Plan.collectives``; a parameter's gradient sync from its own ``grad_sync``: its bytes, and
+its bucket's time in proportion to them, so the rows add up to the plan's ``comm_time``); and the
+bytes per device of its parameters' state (the stored shard, and in training its gradient and
+two AdamW moments: ``ParamPlan.bytes_per_device`` times 4) and of the gathered copies a fsdp
+boxing keeps for the backward. Boxing nodes form their own group, ``boxing``.
 """
 
 from __future__ import annotations
@@ -93,8 +94,14 @@ def node_rows(plan: Plan) -> dict[str, Row]:
     for p in plan.params:
         row = rows[p.node]
         row.memory_bytes += p.bytes_per_device.value * (4 if train else 1)
-        for c in p.grad_sync:
-            row.comm.setdefault(c.collective, Comm()).add(c)
+        bucket = {s.axis: s for s in plan.grad_buckets[p.bucket].steps} if p.bucket >= 0 else {}
+        for c in p.grad_sync:  # its share of its bucket's collective: bytes, and time in proportion to them
+            comm = row.comm.setdefault(c.collective, Comm())
+            whole = bucket.get(c.axis)
+            comm.calls += 1
+            comm.payload_bytes += c.payload_bytes.value
+            comm.seconds += (whole.time.value * c.payload_bytes.value / whole.payload_bytes.value
+                             if whole is not None and whole.payload_bytes.value else c.time.value)
     return rows
 
 

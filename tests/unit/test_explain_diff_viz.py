@@ -5,18 +5,18 @@ import json
 import re
 
 import pytest
-
-from ultraplan import api
 from ultraplan.backends.diff import diff, render
 from ultraplan.backends.explain_plan import explain_plan
 from ultraplan.backends.graphviz import plan_to_dot
 from ultraplan.backends.plan_summary import fmt_bytes, fmt_seconds, node_rows, summarise
-from ultraplan.cli import main
 from ultraplan.passes.alternatives import context_of, plan_choices
 from ultraplan.passes.search import build_problem
 from ultraplan.passes.search_explain import local_change, touching
 from ultraplan.passes.search_ilp import evaluate
 from ultraplan.passes.strategies import forced_pins
+
+from ultraplan import api
+from ultraplan.cli import main
 
 F32 = 4
 
@@ -34,6 +34,7 @@ def test_rows_add_up_to_the_plan_totals(plans):
                                          "memory_gathered_parameters"))
         assert sum(r.memory_bytes for r in rows) == pytest.approx(state, rel=1e-12)
         assert sum(r.comm_bytes for r in rows) == pytest.approx(sum(c.payload_bytes.value for c in plan.collectives))
+        assert sum(r.comm_s for r in rows) == pytest.approx(t["comm_time"].value, rel=1e-9)
         assert sum(r.flops for r in rows) == pytest.approx(t["forward_flops"].value + t["backward_flops"].value)
 
 
@@ -70,6 +71,7 @@ def test_candidates_priced_as_the_search_prices_them(plans):
             dt, dm, ok = local_change(problem, choice, g, k, near.get(g, []))
             t, m, valid = evaluate(problem, [*choice[:g], k, *choice[g + 1:]])
             assert dt == pytest.approx(t - base[0], abs=1e-12) and dm == pytest.approx(m - base[1], abs=1e-6)
+            assert ok == valid  # a few MiB: every assignment fits, so only the pins can make one invalid
     named = plan_choices(plans["fsdp"], hw)
     wq = next(g for g in named.groups if g.nodes[0] == "layers_0_attention_wq")
     assert wq.why == "fsdp on axis 0" and len(wq.nodes) == 2 and wq.alternatives[0].chosen
