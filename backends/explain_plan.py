@@ -80,11 +80,14 @@ def why(g: NodeChoices, choices: Choices) -> str:
 def candidates(plan: Plan, choices: Choices, top: int | None = 4) -> list[str]:
     """Per group: the chosen candidate and up to ``top`` others (all when None), with why it won."""
     axes = ", ".join(map(str, choices.free_axes))
+    step = plan.total("step_time").value
     out = [f"candidates per node, priced by the search's model on mesh axes {axes} (its objective at this plan: "
            f"step {fmt_seconds(choices.objective)}, {fmt_bytes(choices.memory)} per device; the plan's step_time "
-           f"{fmt_seconds(plan.total('step_time').value)}: the search prices each fsdp gather and gradient sync per "
-           "parameter, the plan per gather group and bucket); each alternative: own seconds, then the change of the "
-           "step and of memory per device were it chosen with every other choice kept"]
+           f"{fmt_seconds(step)}"
+           + (": the search prices each fsdp gather and gradient sync per parameter, the plan per gather group and "
+              "bucket" if abs(choices.objective - step) > 1e-9 * step else "")
+           + "); each alternative: own seconds, then the change of the step and of memory per device were it chosen "
+           "with every other choice kept"]
     for g in choices.groups:
         chosen = next((a for a in g.alternatives if a.chosen), None)
         head = f"{_name(g)} ({g.op}, {g.why})"

@@ -31,10 +31,11 @@ def _q(text: str) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def signature(node: NodePlan, plan: Plan) -> str:
-    """The key a node is coloured by: an op's input and output layouts, a parameter's stored and used."""
+def signature(node: NodePlan, params: dict) -> str:
+    """The key a node is coloured by: an op's input and output layouts, a parameter's stored and used
+    (``params``: the plan's ParamPlans by node)."""
     if node.op == "param":
-        p = next(p for p in plan.params if p.node == node.name)
+        p = params[node.name]
         return f"param [{p.sbp}]" + ("" if p.used == p.sbp else f" used [{p.used}]")
     if not node.sbp_in:
         return f"[{node.sbp_out}]"
@@ -103,17 +104,18 @@ def plan_to_dot(plan: Plan, *, fold: bool = True) -> str:
     rep, labels = representatives(plan) if fold else ({}, {})
     nodes = {n.name: n for n in plan.nodes}
     drawn = [n for n in plan.nodes if n.op != "boxing" and rep.get(n.name, n.name) == n.name]
+    params = {p.node: p for p in plan.params}
     colours: dict[str, str] = {}
     counts: dict[str, int] = {}
     for n in plan.nodes:
         if n.op != "boxing":
-            key = signature(n, plan)
+            key = signature(n, params)
             colours.setdefault(key, PALETTE[len(colours) % len(PALETTE)])
             counts[key] = counts.get(key, 0) + 1
     clusters: dict[str, list[str]] = {}
     rows = node_rows(plan)
     for n in drawn:
-        key = signature(n, plan)
+        key = signature(n, params)
         flops = f"\n{n.flops.value:.3g} FLOP" if n.flops.value else ""
         if n.op != "param" and rows[n.name].comm:  # collectives inside a variant's call (ep's all_to_all)
             flops += "".join(f"\n{k} x{c.calls} {fmt_bytes(c.payload_bytes)}" for k, c in sorted(rows[n.name].comm.items()))
