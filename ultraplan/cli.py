@@ -212,7 +212,14 @@ def cmd_explain_plan(args: argparse.Namespace) -> int:
     from ultraplan.passes.alternatives import plan_choices
 
     plan = api.read_plan(args.spec)
-    choices = None if args.no_candidates else plan_choices(plan, api.load_hardware(args.hardware or plan.hardware))
+    choices = None
+    if not args.no_candidates:
+        try:
+            hardware = api.load_hardware(args.hardware or plan.hardware)
+        except SpecError as exc:
+            raise ValueError(f"the plan's hardware {plan.hardware!r} is not a bundled name or a file here ({exc.message}); "
+                             "give its spec with --hardware PATH, or --no-candidates") from None
+        choices = plan_choices(plan, hardware)
     print(explain_plan(plan, choices, None if args.all else 4), end="")
     return 0
 

@@ -108,6 +108,11 @@ def test_cli_explain_plan_and_diff_json(plans, tmp_path, capsys):
     assert "candidates per node" in text and "why: pinned by fsdp on axis 0" in text
     assert main(["diff", str(tmp_path / "dp.json"), str(tmp_path / "fsdp.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["reduce_scatter_bytes"][0] == 0.0
+    elsewhere = tmp_path / "elsewhere.json"  # made with a hardware spec this machine does not have
+    elsewhere.write_text(plans["dp"].to_json().replace('"hardware": "cpu"', '"hardware": "their-machine"'))
+    assert main(["explain", str(elsewhere)]) == 2
+    assert "give its spec with --hardware PATH" in capsys.readouterr().err
+    assert main(["explain", str(elsewhere), "--no-candidates"]) == 0 and "candidates" not in capsys.readouterr().out
 
 
 def test_viz_folds_an_8b_model_and_labels_boxings():
