@@ -18,7 +18,7 @@ from .context import PlanContext
 from .sbp import Broadcast, Split, nd_str
 from .search import Search
 from .search_costs import Cand
-from .search_ilp import Demand, Problem, evaluate
+from .search_ilp import Demand, Problem, bucket_count, evaluate
 
 
 def _replicated_memory(problem: Problem, cands: list[list[Cand]]) -> float:
@@ -26,7 +26,32 @@ def _replicated_memory(problem: Problem, cands: list[list[Cand]]) -> float:
     return sum(g.count * g.memory[0] for g, options in zip(problem.groups, cands) if isinstance(options[0].axes[0], tuple))
 
 
+def touching(problem: Problem) -> dict[int, list[Demand]]:
+    """Per group, the demands whose terms its choice changes (it produces or reads the value)."""
+    out: dict[int, list[Demand]] = {}
+    for d in problem.demands:
+        for g in {d.producer, *(u.group for u in d.uses)}:
+            out.setdefault(g, []).append(d)
+    return out
+
+
+def local_change(problem: Problem, choice: list[int], g: int, k: int, demands: list[Demand]) -> tuple[float, float, bool]:
+    """(seconds, bytes, valid) the step changes by when group ``g`` takes candidate ``k`` and every
+    other group keeps ``choice``: the terms ``g`` touches, evaluated before and after."""
+    group = problem.groups[g]
+    trial = [*choice[:g], k, *choice[g + 1:]]
+    t0, m0, _ = evaluate(problem, choice, demands)
+    t1, m1, ok = evaluate(problem, trial, demands)
+    dt = t1 - t0 + group.count * (group.time[k] - group.time[choice[g]])
+    dm = m1 - m0 + group.count * (group.memory[k] - group.memory[choice[g]])
+    for b in problem.buckets:
+        if any(member[0] == g for member in b.members):
+            dt += b.latency * (bucket_count(b, trial, problem.groups) - bucket_count(b, choice, problem.groups))
+    return dt, dm, ok
+
+
 def describe(c: Cand) -> str:
+    """A candidate in words: an op's input and output layouts, a parameter as stored and used."""
     if not c.ins and c.axes and isinstance(c.axes[0], tuple):
         rest, used = nd_str(tuple(a[0] for a in c.axes)), nd_str(tuple(a[1] for a in c.axes))
         return f"stored [{rest}]" + ("" if rest == used else f", gathered to [{used}] for use")
@@ -38,25 +63,16 @@ def describe(c: Cand) -> str:
 def reasons(found: Search) -> dict[int, str]:
     """Per group: why its choice won (local change of the objective with every other choice fixed)."""
     problem, choice = found.problem, list(found.choice)
-    touching: dict[int, list[Demand]] = {}
-    for d in problem.demands:
-        for g in {d.producer, *(u.group for u in d.uses)}:
-            touching.setdefault(g, []).append(d)
+    near = touching(problem)
     out = {}
     for g, group in enumerate(problem.groups):
         options = found.cands[g]
         if len(options) < 2:
             continue
-        base = _local(problem, touching.get(g, []), choice)
         alts = []
         for k in range(len(options)):
-            if k == choice[g]:
-                continue
-            trial = [*choice[:g], k, *choice[g + 1:]]
-            t, m, ok = _local(problem, touching.get(g, []), trial)
-            dt = t - base[0] + group.count * (group.time[k] - group.time[choice[g]])
-            dm = m - base[1] + group.count * (group.memory[k] - group.memory[choice[g]])
-            alts.append((dt, dm, ok, k))
+            if k != choice[g]:
+                alts.append((*local_change(problem, choice, g, k, near.get(g, [])), k))
         text = f"auto: {describe(options[choice[g]])}, {group.count * group.time[choice[g]] * 1e3:.4g} ms of its own"
         feasible = sorted(a for a in alts if a[2] and found.memory + a[1] <= problem.capacity)
         if feasible:
@@ -69,10 +85,6 @@ def reasons(found: Search) -> dict[int, str]:
                      f"{(found.memory + dm) / 2**30:.1f} GiB per device > {problem.capacity / 2**30:.1f} GiB")
         out[g] = text + (f" (one choice for {group.count} identical nodes of repeated layers)" if group.count > 1 else "")
     return out
-
-
-def _local(problem: Problem, demands: list[Demand], choice: list[int]) -> tuple[float, float, bool]:
-    return evaluate(problem, choice, demands)
 
 
 def block_summary(found: Search, gm: fx.GraphModule, axes: int) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The ``ultraplan`` command: stats, plan, compile, run, export, viz, explain, fields.
+"""The ``ultraplan`` command: stats, plan, compile, run, export, viz, explain, diff, fields.
 
 Spec and plan errors print one message (file:line:column: field: what and how to fix) and exit 2;
 a failed ``run --check`` exits 1. Heavy modules (the planner, torch) are imported inside the
@@ -198,7 +198,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from ultraplan.backends.graphviz import plan_to_dot, render_svg
 
     plan = api.read_plan(args.plan)
-    dot = plan_to_dot(plan)
+    dot = plan_to_dot(plan, fold=not args.unfold)
     out = Path(args.output)
     if out.suffix == ".dot":
         out.write_text(dot)
@@ -210,7 +210,41 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_plan(path: str) -> bool:
+    """``explain`` of a plan.json (or a compiled directory) rather than of a spec."""
+    return path.endswith(".json") or (Path(path).is_dir() and (Path(path) / "plan.json").exists())
+
+
+def cmd_explain_plan(args: argparse.Namespace) -> int:
+    from ultraplan import api
+    from ultraplan.backends.explain_plan import explain_plan
+    from ultraplan.passes.alternatives import plan_choices
+
+    plan = api.read_plan(args.spec)
+    choices = None
+    if not args.no_candidates:
+        try:
+            hardware = api.load_hardware(args.hardware or plan.hardware)
+        except SpecError as exc:
+            raise ValueError(f"the plan's hardware {plan.hardware!r} is not a bundled name or a file here ({exc.message}); "
+                             "give its spec with --hardware PATH, or --no-candidates") from None
+        choices = plan_choices(plan, hardware)
+    print(explain_plan(plan, choices, None if args.all else 4), end="")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ultraplan import api
+    from ultraplan.backends.diff import diff, render, to_json
+
+    d = diff(api.read_plan(args.a), api.read_plan(args.b))
+    print(to_json(d) if args.json else render(d), end="")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
+    if _is_plan(args.spec):
+        return cmd_explain_plan(args)
     if args.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
@@ -286,12 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("viz", help="draw a plan.json with graphviz")
     p.add_argument("plan")
     p.add_argument("-o", "--output", required=True, help="plan.svg (or .png, .pdf; .dot writes the source)")
+    p.add_argument("--unfold", action="store_true", help="draw every layer (default: one box per distinct block)")
     p.set_defaults(func=cmd_viz)
-    p = sub.add_parser("explain", help="print the annotated graph after a pass as readable Python")
-    p.add_argument("spec")
+    p = sub.add_parser("explain", help="a plan.json's costs per layer and every node's candidates; or a spec's "
+                       "annotated graph after a pass, as readable Python")
+    p.add_argument("spec", help="plan.json (or a compiled directory), or a spec")
     _plan_args(p)
     p.add_argument("--stage", default=STAGES[-1], help="the pass after which to stop: " + ", ".join(STAGES))
+    p.add_argument("--all", action="store_true", help="plan.json: list every candidate (default: the best 4)")
+    p.add_argument("--no-candidates", action="store_true", help="plan.json: the per-layer costs only (no re-pricing)")
     p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("diff", help="where two plan.json differ and what each difference costs")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="print the differences as JSON")
+    p.set_defaults(func=cmd_diff)
     p = sub.add_parser("fields", help="the spec language's fields: type, default, constraint, meaning")
     p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "
                    "moe, ...), norm, train, hardware or link; all when left out")
