@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ultraplan.api import read_plan
+from ultraplan.data import NO_DATA, DataFlags
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.plan import Plan
 from ultraplan.reference import relative_differences, train_reference
@@ -47,7 +48,7 @@ RUN_DTYPES = ("float32", "float64")  # what --dtype takes; bfloat16 is the plan'
 
 
 def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False,
-           dtype: str = "float32") -> int:
+           dtype: str = "float32", data: DataFlags = NO_DATA) -> int:
     """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code."""
     out_dir = out_dir.resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -56,12 +57,13 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
         cmd += ["--dump", str(dump)]
     if quiet:
         cmd.append("--quiet")
+    cmd += data.program_args()  # --data, --val-data, --metrics, ...
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(cmd, cwd=out_dir, env=env, check=False).returncode
 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
-        quiet: bool = False, dtype: str = "float32") -> dict:
+        quiet: bool = False, dtype: str = "float32", data: DataFlags = NO_DATA) -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
@@ -83,10 +85,11 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     seed = plan.training.seed if seed is None else seed
     if dtype not in RUN_DTYPES:
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
+    batches = data.reference_batches(plan.batch, plan.seq, dict(plan.model)["vocab_size"])  # None: synthetic task
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "result.json" if check else None
-        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype)
+        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype, data)
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False
@@ -98,7 +101,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         params = torch.load(result["params"])
     comm = comm_report(plan, result, steps)
     comm |= saved_report(plan, result)
-    ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
+    ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype), batches)
     diffs = relative_differences(result["losses"], ref_losses, params, ref_params)
     mixed = dtype == "float32" and plan.precision.compute != "float32"  # float64 checks run all in float64
     tolerance = TOLERANCES[plan.precision.compute if mixed else dtype]
