@@ -47,8 +47,11 @@ def _stable_seed(seed, key):
 def _llmc_header(path):
     """(magic, count) of an llm.c file's header, or None when the file does not start with one."""
     with open(path, "rb") as f:
-        head = np.frombuffer(f.read(LLMC_HEADER_INTS * 4), dtype="<i4")
-    if len(head) < LLMC_HEADER_INTS or int(head[0]) not in LLMC_MAGIC:
+        raw = f.read(LLMC_HEADER_INTS * 4)
+    if len(raw) < LLMC_HEADER_INTS * 4:
+        return None
+    head = np.frombuffer(raw, dtype="<i4")
+    if int(head[0]) not in LLMC_MAGIC:
         return None
     return int(head[0]), int(head[2])
 

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
 
-The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases; each program's ``main`` is
+The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ..., "args": [...]}`` cases ("args":
+more program flags, optional); each program's ``main`` is
 called in turn with the process group already up, so it neither starts nor ends it.
 """
 
@@ -26,7 +27,8 @@ def run_case(case: dict) -> None:
         spec = importlib.util.spec_from_file_location("program_under_test", f"{case['dir']}/program.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        module.main(["--steps", str(case["steps"]), "--dump", case["dump"], "--dtype", case["dtype"], "--quiet"])
+        module.main(["--steps", str(case["steps"]), "--dump", case["dump"], "--dtype", case["dtype"], "--quiet",
+                     *case.get("args", [])])
     finally:
         sys.path.remove(case["dir"])
 
