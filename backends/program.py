@@ -145,7 +145,7 @@ def _loss_value(plan: Plan) -> list[str]:
 
 
 MAIN = '''def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on a token file or the permutation-walk task.")
+    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on --data or the permutation-walk task.")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--dump", default=None, help="write losses, measured bytes and final parameters here")

@@ -12,8 +12,6 @@ a step / the step's seconds / (one device's peak FLOP/s x devices); PaLM, Chowdh
 appendix B) on GPUs. ``ultraplan report DIR`` draws it.
 """
 
-from __future__ import annotations
-
 import json
 import os
 import sys

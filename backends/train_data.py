@@ -18,8 +18,6 @@ batches it would have seen, and a different mesh sees the same global batch. A r
 only the rows and columns its layout owns (``window``).
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 
