@@ -1,10 +1,12 @@
-# make demo: compile the bundled default spec for 4 ranks (a 2x2 mesh: data parallel across, tensor parallel
-# within), draw the plan, run it with --check.
+# make demo: compile bytes-tiny (dense-tiny with a byte vocabulary) for 4 ranks (a 2x2 mesh: data parallel
+# across, tensor parallel within), draw the plan, run it with --check, train it on the project's own docs
+# (read as bytes; a tenth held out for the validation loss) and draw the loss curves (out/demo/report.png).
 # make test: the whole test suite (unit, golden, multi-rank). Both set up .venv when missing.
 # make docs: regenerate docs/spec-reference.md from the schema.
 PY      := .venv/bin/python
 STAMP   := .venv/.ultraplan-installed
 DEMO    := out/demo
+DEMO_STEPS := 300
 
 .PHONY: demo test lint golden setup clean docs
 
@@ -15,10 +17,13 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m ultraplan stats dense-tiny
-	$(PY) -m ultraplan compile dense-tiny --mesh 2x2 --strategy dp,tp -o $(DEMO)
+	$(PY) -m ultraplan stats bytes-tiny
+	$(PY) -m ultraplan compile bytes-tiny --mesh 2x2 --strategy dp,tp -o $(DEMO)
 	$(PY) -m ultraplan viz $(DEMO)/plan.json -o $(DEMO)/plan.svg
 	$(PY) -m ultraplan run $(DEMO) --check
+	$(PY) -m ultraplan data prepare README.md docs/*.md -o $(DEMO)/docs.bin --val-fraction 0.1
+	$(PY) -m ultraplan run $(DEMO) --data $(DEMO)/docs.bin --val-data $(DEMO)/docs.val.bin --steps $(DEMO_STEPS) --val-every 25
+	$(PY) -m ultraplan report $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m ruff check . tests/dist  # ruff skips folders named dist unless named
