@@ -1,7 +1,7 @@
 """What a user watches while the program trains: a progress line on rank 0 and a JSON-lines log.
 
-Copied verbatim beside every emitted ``program.py`` (standard library and torch only; tqdm is used
-when it is installed, a plain line otherwise). Each step writes one line to the metrics file
+Copied verbatim beside every emitted ``program.py`` (standard library and torch only; tqdm draws
+the bar when it is installed and stderr is a terminal, a plain line otherwise). Each step writes one line to the metrics file
 (rank 0; ``DIR/metrics.jsonl`` unless ``--metrics PATH``):
 
     {"step": 3, "loss": 4.12, "tokens": 1024, "step_s": 0.021, "tokens_per_s": 12190.5}
@@ -32,8 +32,9 @@ def metrics_path(args, program_file):
 
 
 def _bar(steps, start_step, quiet):
-    """A tqdm bar when tqdm is installed and wanted, else None (the plain line)."""
-    if quiet:
+    """A tqdm bar when tqdm is installed, wanted and drawn on a terminal, else None (the plain line;
+    a log file gets one line per step rather than a bar's redraws)."""
+    if quiet or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm
