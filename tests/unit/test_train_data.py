@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +19,15 @@ from ultraplan.backends.emit_train import peak_flops
 
 from tests.conftest import HARDWARE
 from ultraplan import api, cli
-from ultraplan.data import prepare
+from ultraplan.data import DataFlags, prepare
 from ultraplan.report import report
 
 FULL = ((0, 6), (0, 10))  # the whole (6, 10) batch
+
+
+@pytest.fixture(scope="module")
+def h200_plan():
+    return api.plan("dense-tiny", "2x2", hardware="h200-8", strategy="dp,tp")
 
 
 def llmc_file(path, ids, magic, dtype):
@@ -109,11 +115,10 @@ def test_bad_files_are_one_line_errors(tmp_path):
         train_data.TokenFile(tmp_path / "missing.bin")
 
 
-def test_peak_flops_is_the_hardware_specs():
+def test_peak_flops_is_the_hardware_specs(h200_plan):
     """The MFU denominator the program is given equals the hardware spec's peak at the plan's precision."""
     h200 = yaml.safe_load((HARDWARE / "h200-8.yaml").read_text())["hardware"]["peak_flops"]
-    plan = api.plan("dense-tiny", "2x2", hardware="h200-8", strategy="dp,tp")
-    assert peak_flops(plan) == pytest.approx(h200["fp32"], rel=1e-12)
+    assert peak_flops(h200_plan) == pytest.approx(h200["fp32"], rel=1e-12)
 
 
 def test_metrics_lines_and_resume(tmp_path):
@@ -132,9 +137,9 @@ def test_metrics_lines_and_resume(tmp_path):
     assert [r["loss"] for r in lines] == [3.0, 2.5, 1.0] and lines[-1]["tokens"] == 300
 
 
-def test_report_draws_a_png(tmp_path, capsys):
+def test_report_draws_a_png(tmp_path, capsys, h200_plan):
     pytest.importorskip("matplotlib")
-    plan = api.plan("dense-tiny", "2")
+    plan = h200_plan
     (tmp_path / "plan.json").write_text(plan.to_json())
     records = [{"step": i, "loss": 5.0 - i, "tokens": 256 * (i + 1), "step_s": s, "tokens_per_s": 256 / s}
                for i, s in enumerate([0.9, 0.2, 0.4, 0.3])]
@@ -147,3 +152,21 @@ def test_report_draws_a_png(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("{not json\n")
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "metrics.jsonl:1: not a metrics line" in capsys.readouterr().err
+
+
+def test_run_flags_reach_the_program(tmp_path, capsys):
+    """`ultraplan run`'s data flags are ones the program's own parser takes, paths made absolute;
+    `ultraplan data prepare` on the command line writes the file."""
+    import argparse
+
+    (tmp_path / "a.txt").write_text("abc" * 50)
+    assert cli.main(["data", "prepare", str(tmp_path / "a.txt"), "-o", str(tmp_path / "t.bin")]) == 0
+    assert "150 byte-level tokens" in capsys.readouterr().out
+    flags = DataFlags(data="t.bin", data_dtype="uint32", val_data="v.bin", val_every=4, val_batches=3, metrics="m.jsonl")
+    parser = argparse.ArgumentParser()
+    train_data.add_arguments(parser)
+    progress.add_arguments(parser)
+    args = parser.parse_args(flags.program_args())
+    assert (args.data_dtype, args.val_every, args.val_batches) == ("uint32", 4, 3)
+    assert all(Path(p).is_absolute() for p in (args.data, args.val_data, args.metrics))
+    assert DataFlags().program_args() == []
