@@ -58,14 +58,18 @@ class DataFlags:
 
     def reference_batches(self, batch: int, seq: int, vocab: int) -> Callable[[int, int], object] | None:
         """(seed, step) -> the whole global batch the program reads from --data (for the eager
-        reference of ``run --check``), or None for the synthetic task; a bad file is a ValueError."""
-        if self.data is None:
-            return None
+        reference of ``run --check``), or None for the synthetic task. Both files are checked as
+        the program checks them, so that a bad one is a one-line ValueError before torchrun starts."""
         try:
-            tokens = TokenFile(self.data, self.data_dtype)
-            tokens.check(vocab, seq)
+            files = [None if p is None else TokenFile(p, self.data_dtype) for p in (self.data, self.val_data)]
+            for tokens in files:
+                if tokens is not None:
+                    tokens.check(vocab, seq)
         except DataError as exc:
             raise ValueError(str(exc)) from None
+        tokens = files[0]
+        if tokens is None:
+            return None
         return lambda seed, step: tokens.window(seed, step, batch, seq, ((0, batch), (0, seq)))
 
 

@@ -170,3 +170,13 @@ def test_run_flags_reach_the_program(tmp_path, capsys):
     assert (args.data_dtype, args.val_every, args.val_batches) == ("uint32", 4, 3)
     assert all(Path(p).is_absolute() for p in (args.data, args.val_data, args.metrics))
     assert DataFlags().program_args() == []
+
+
+def test_run_refuses_a_bad_data_file_before_launching(tmp_path, capsys, h200_plan):
+    (tmp_path / "plan.json").write_text(h200_plan.to_json())
+    (tmp_path / "program.py").write_text("raise SystemExit('must not run')\n")
+    (tmp_path / "t.txt").write_text("text" * 100)
+    assert cli.main(["run", str(tmp_path), "--data", str(tmp_path / "t.txt")]) == 2
+    assert "vocab_size is 128; compile a spec with vocab_size >= 256" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path), "--val-data", str(tmp_path / "none.bin")]) == 2
+    assert "none.bin: no such data file" in capsys.readouterr().err
