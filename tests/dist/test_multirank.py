@@ -83,15 +83,42 @@ VAL_EVERY, VAL_BATCHES = 3, 2
 
 
 def data_case(root, nproc: int) -> dict:
-    out = root / "bytes-tiny"
+    """bytes-tiny on DATA_MESHES[nproc], its token files shared by every rank count (one eager reference)."""
+    out, data = root / "bytes-tiny", root.parent / "data"
     mesh, strategy = DATA_MESHES[nproc]
     api.compile(MODELS / "bytes-tiny.yaml", mesh, out, strategy=strategy)
-    prepare([ROOT / "README.md"], out / "train.bin")
-    prepare([ROOT / "docs" / "fuzz.md"], out / "val.bin")
-    args = ["--data", str(out / "train.bin"), "--val-data", str(out / "val.bin"), "--val-every", str(VAL_EVERY),
+    if not (data / "val.bin").exists():
+        data.mkdir()
+        prepare([ROOT / "README.md"], data / "train.bin")
+        prepare([ROOT / "docs" / "fuzz.md"], data / "val.bin")
+    args = ["--data", str(data / "train.bin"), "--val-data", str(data / "val.bin"), "--val-every", str(VAL_EVERY),
             "--val-batches", str(VAL_BATCHES), "--metrics", str(out / "m.jsonl")]
     return {"spec": "bytes-tiny", "dir": str(out), "steps": STEPS, "dtype": "float64", "dump": str(out / "r.json"),
             "args": args}
+
+
+@functools.cache
+def data_reference(train_path: str, val_path: str) -> tuple[list[float], dict[str, torch.Tensor], dict[int, float]]:
+    """bytes-tiny's eager losses, final parameters and validation losses (by step) on the token files."""
+    plan = api.plan(MODELS / "bytes-tiny.yaml", "1")
+    train, val = train_data.TokenFile(train_path), train_data.TokenFile(val_path)
+    whole = ((0, plan.batch), (0, plan.seq))
+    eager_val = {}
+
+    def validate(step, model):
+        if (step + 1) % VAL_EVERY and step + 1 != STEPS:
+            return
+        losses = []
+        with torch.no_grad():
+            for i in range(VAL_BATCHES):
+                b = val.window(plan.training.seed, i, plan.batch, plan.seq, whole, stream="val")
+                logits, aux = model.forward_with_aux(b[:, :-1])
+                losses.append((ops.cross_entropy(logits, b[:, 1:]) + sum(aux)).item())
+        eager_val[step] = sum(losses) / len(losses)
+
+    losses, params = train_reference(plan, STEPS, plan.training.seed, torch.float64,
+                                     lambda seed, step: train.window(seed, step, plan.batch, plan.seq, whole), validate)
+    return losses, params, eager_val
 
 
 def find_case(cases: list[dict], spec: str, dtype: str) -> dict:
@@ -121,26 +148,8 @@ def test_program_trains_on_a_file(rank_run):
     nproc, cases = rank_run
     case = find_case(cases, "bytes-tiny", "float64")
     plan = api.read_plan(case["dir"])
-    train = train_data.TokenFile(f"{case['dir']}/train.bin")
-    val = train_data.TokenFile(f"{case['dir']}/val.bin")
-    whole = ((0, plan.batch), (0, plan.seq))
-    eager_val = {}
-
-    def validate(step, model):
-        if (step + 1) % VAL_EVERY and step + 1 != STEPS:
-            return
-        with torch.no_grad():
-            batches = [val.window(plan.training.seed, i, plan.batch, plan.seq, whole, stream="val").double()
-                       for i in range(VAL_BATCHES)]
-            losses = []
-            for b in batches:
-                logits, aux = model.forward_with_aux(b[:, :-1].long())
-                losses.append((ops.cross_entropy(logits, b[:, 1:].long()) + sum(aux)).item())
-        eager_val[step] = sum(losses) / len(losses)
-
-    ref_losses, ref_params = train_reference(
-        plan, STEPS, plan.training.seed, torch.float64,
-        lambda seed, step: train.window(seed, step, plan.batch, plan.seq, whole), validate)
+    args = dict(zip(case["args"][::2], case["args"][1::2]))
+    ref_losses, ref_params, eager_val = data_reference(args["--data"], args["--val-data"])
     result = json.loads(open(case["dump"]).read())
     assert result["world_size"] == nproc
     diffs = relative_differences(result["losses"], ref_losses, torch.load(result["params"]), ref_params)
