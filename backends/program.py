@@ -4,7 +4,7 @@ The program reads top to bottom like nanoGPT's train.py: the plan's constants, o
 distinct block and a model class looping over the layers (emit_model.py), holding only this rank's
 shards under the spec's canonical names, each value's local shape and SBP in a comment, the
 gradient buckets each commented with the plan decision that produced them, and a training
-loop. It imports torch and its three neighbour files, nothing of ultraplan. Every decision is read
+loop. It imports torch and its neighbour files, nothing of ultraplan. Every decision is read
 from the Plan; this file only spells it.
 """
 
@@ -15,14 +15,16 @@ from pathlib import Path
 
 from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
-from . import checkpoint, runtime
+from . import checkpoint, progress, runtime, train_data
 from .emit_kernels import kernels_source
 from .emit_model import model_lines
 from .emit_ops import attr_path, shape_text
+from .emit_train import train_constants
 from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 
-VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime, "checkpoint.py": checkpoint}
+VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime, "checkpoint.py": checkpoint,
+            "train_data.py": train_data, "progress.py": progress}
 
 
 def _collective_line(c: CollectivePlan, target: str) -> list[str]:
@@ -51,7 +53,8 @@ def _header(plan: Plan) -> list[str]:
         f"#     step time         {totals['step_time'].value * 1e3:.3f} ms = {totals['step_time'].expr}",
         f"#     memory            {_fmt_bytes(totals['memory_per_device'].value)} per device",
         "#",
-        "# Run: torchrun --nproc_per_node " + str(_numel(plan.mesh)) + " program.py [--steps K] [--seed S]",
+        "# Run: torchrun --nproc_per_node " + str(_numel(plan.mesh)) + " program.py [--steps K] [--seed S] "
+        "[--data tokens.bin]",
         "# Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.",
     ]
 
@@ -142,7 +145,7 @@ def _loss_value(plan: Plan) -> list[str]:
 
 
 MAIN = '''def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on the permutation-walk task.")
+    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on --data or the permutation-walk task.")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--dump", default=None, help="write losses, measured bytes and final parameters here")
@@ -152,6 +155,8 @@ MAIN = '''def parse_args(argv):
     parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
                         help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
     checkpoint.add_args(parser)  # --checkpoint-dir, --checkpoint-every, --checkpoint-async, --resume, --losses-out
+    train_data.add_arguments(parser)  # --data, --data-dtype, --val-data, --val-every, --val-batches
+    progress.add_arguments(parser)  # --metrics
     return parser.parse_args(argv)
 
 
@@ -163,6 +168,7 @@ def value_lr_factor(step):
 
 def main(argv=None):
     args = parse_args(argv)
+    data, val_data = train_data.open_data(args, VOCAB_SIZE, SEQ_LEN)  # None: the synthetic task / no validation
     if (args.kernels or ("triton" if torch.cuda.is_available() else "torch")) == "triton":
         if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
             import kernels
@@ -178,13 +184,26 @@ def main(argv=None):
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     buckets = gradient_buckets(model, mesh)
     # checkpoints (checkpoint.py): --resume loads the latest complete one, under this plan's placements
-    saver = checkpoint.Checkpointer(args, mesh, model, optimizer, PARAMS, {"spec": SPEC_NAME, "dtype": args.dtype})
+    saver = checkpoint.Checkpointer(args, mesh, model, optimizer, PARAMS,
+                                    {"spec": SPEC_NAME, "dtype": args.dtype, "data": args.data})
     start = saver.resume()
+    # data: the rows and positions of the (B, T) batch this rank holds; progress line and metrics.jsonl
+    part = runtime.shard_ranges((GLOBAL_BATCH, SEQ_LEN), mesh, BATCH_SBP)
+    meter = progress.Meter(progress.metrics_path(args, __file__), mesh.rank, args.steps, GLOBAL_BATCH * SEQ_LEN,
+                           FLOPS_PER_STEP, PEAK_FLOPS, mesh.size, quiet=args.quiet, start_step=start)
+
+    def evaluate(window):  # the global loss of this rank's part of a validation batch (called without gradients)
+        window = window.to(mesh.device)
+        return loss_value(runtime.forward_in(compute_dtype, model, window[:, :-1], window[:, 1:]), mesh)
+
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(start, args.steps):
-        batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
-        local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
+        if data is None:
+            batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
+            local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
+        else:  # this rank's rows and positions (+1 for the targets), read from the file
+            local = data.window(args.seed, step, GLOBAL_BATCH, SEQ_LEN, part).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == start) as seen:
@@ -202,9 +221,14 @@ def main(argv=None):
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
-        if mesh.rank == 0 and not args.quiet:
-            print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
+        seconds = meter.lap()
+        val_loss = None
+        if train_data.validation_due(args, step, args.steps):
+            val_loss = train_data.validation_loss(val_data, args.val_batches, args.seed, GLOBAL_BATCH, SEQ_LEN, part,
+                                                  evaluate, counters=(runtime.COMM_BYTES, runtime.COMM_CALLS))
+        meter.log(step, losses[-1], seconds, val_loss)  # rank 0: progress line and one metrics.jsonl line
         saver.after_step(step + 1)
+    meter.close()
     saver.finish()
     checkpoint.write_losses(args.losses_out, mesh, start, losses)
     measured = {k: v // max(len(losses), 1) for k, v in runtime.COMM_BYTES.items()}
@@ -236,9 +260,9 @@ def emit_program(plan: Plan) -> str:
     parts = [
         _header(plan),
         ["", "import argparse", "import os", "", "import torch", "", "import checkpoint", "import ops",
-         "import runtime", "import seeded", ""],
-        _constants(plan), params_table, ["", ""], model_lines(plan), ["", ""], _sync_gradients(plan), ["", ""],
-        _loss_value(plan), ["", ""], [MAIN],
+         "import progress", "import runtime", "import seeded", "import train_data", ""],
+        _constants(plan), train_constants(plan), params_table, ["", ""], model_lines(plan), ["", ""],
+        _sync_gradients(plan), ["", ""], _loss_value(plan), ["", ""], [MAIN],
     ]
     return "\n".join(line for part in parts for line in part).rstrip() + "\n"
 

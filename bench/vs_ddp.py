@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_speed import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-NEIGHBOURS = ("checkpoint", "ops", "runtime", "seeded")
+NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "train_data")
 LOSS_AGREEMENT = 1e-4  # float32, a few AdamW steps: sums in another order (runner.LOSS_TOLERANCE is 1e-5 per loss)
 
 

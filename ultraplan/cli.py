@@ -1,4 +1,4 @@
-"""The ``ultraplan`` command: stats, plan, compile, run, export, viz, explain, diff, fields.
+"""The ``ultraplan`` command: stats, plan, compile, run, export, viz, explain, diff, fields, data, report.
 
 Spec and plan errors print one message (file:line:column: field: what and how to fix) and exit 2;
 a failed ``run --check`` exits 1. Heavy modules (the planner, torch) are imported inside the
@@ -168,10 +168,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from ultraplan.data import DataFlags
     from ultraplan.runner import run
 
+    data = DataFlags(args.data, args.data_dtype, args.val_data, args.val_every, args.val_batches, args.metrics)
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
-                 quiet=args.json, dtype=args.dtype, checkpoint_dir=args.checkpoint_dir,
+                 quiet=args.json or args.quiet, dtype=args.dtype, data=data, checkpoint_dir=args.checkpoint_dir,
                  checkpoint_every=args.checkpoint_every, resume=args.resume)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -191,6 +193,65 @@ def cmd_export(args: argparse.Namespace) -> int:
     path, names = export(Path(args.checkpoint), Path(args.output))
     print(f"wrote {args.output}: {names} tensors from {path}")
     return 0
+
+
+# ---- data and report ---------------------------------------------------------------------------
+
+
+def _run_data_args(p: argparse.ArgumentParser) -> None:
+    """`run`'s flags handed to the program (backends/train_data.py and progress.py define them there)."""
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="train on token ids from PATH (`ultraplan data prepare`, llm.c or nanoGPT .bin, or text "
+                        "read as bytes); default: the synthetic permutation-walk task")
+    p.add_argument("--data-dtype", choices=("uint16", "uint32"), default=None,
+                   help="a header-less binary's id dtype (default uint16)")
+    p.add_argument("--val-data", default=None, metavar="PATH", help="a held-out token file: a validation loss")
+    p.add_argument("--val-every", type=int, default=None, metavar="N", help="steps between validation losses (10)")
+    p.add_argument("--val-batches", type=int, default=None, metavar="K", help="batches per validation loss (2)")
+    p.add_argument("--metrics", default=None, metavar="PATH", help="the JSON-lines log (default DIR/metrics.jsonl)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from ultraplan.data import prepare
+
+    for path, tokens in prepare(args.text, args.output, args.val_fraction).items():
+        print(f"wrote {path}: {tokens:,} byte-level tokens (llm.c format, uint16, vocabulary 256)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ultraplan.report import report
+
+    facts = report(Path(args.dir), Path(args.output) if args.output else None,
+                   Path(args.metrics) if args.metrics else None)
+    if args.json:
+        print(json.dumps(facts, indent=1))
+        return 0
+    val = "" if facts["final_val_loss"] is None else f", validation {facts['final_val_loss']:.4f}"
+    ratio = facts["measured_over_predicted"]
+    print(f"{facts['steps']} steps: final loss {facts['final_loss']:.4f}{val}; step time measured "
+          f"{facts['step_time_measured_s'] * 1e3:.3g} ms (median), predicted {facts['step_time_predicted_s'] * 1e3:.3g} ms"
+          + (f" ({ratio:.3g}x)" if ratio else ""))
+    print(f"wrote {facts['png']}")
+    return 0
+
+
+def _data_and_report_parsers(sub) -> None:
+    p = sub.add_parser("data", help="token files: `data prepare TEXT... -o tokens.bin`")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("prepare", help="write text files' bytes as byte-level token ids (vocabulary 256)")
+    p.add_argument("text", nargs="+", help="text files, concatenated in order")
+    p.add_argument("-o", "--output", required=True, help="tokens.bin (llm.c's format: a 256-int32 header, uint16 ids)")
+    p.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                   help="write the last F of the bytes to tokens.val.bin instead (held out for --val-data)")
+    p.set_defaults(func=cmd_data_prepare)
+    p = sub.add_parser("report", help="draw a run's loss curves and measured vs predicted step time (PNG)")
+    p.add_argument("dir", help="a compiled directory that has run (its plan.json and metrics.jsonl)")
+    p.add_argument("-o", "--output", default=None, help="the PNG (default DIR/report.png)")
+    p.add_argument("--metrics", default=None, help="the metrics file (default DIR/metrics.jsonl)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_report)
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -312,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="save after every N-th step (and after the last, always when --checkpoint-dir is given)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    _run_data_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file (canonical names)")
     p.add_argument("checkpoint", help="a --checkpoint-dir (its latest complete checkpoint) or one step-N folder")
@@ -339,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "
                    "moe, ...), norm, train, hardware or link; all when left out")
     p.set_defaults(func=cmd_fields)
+    _data_and_report_parsers(sub)
     return parser
 
 

@@ -7,6 +7,8 @@ gradient is torch's own.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ultraplan.compiler import ops, seeded
@@ -17,11 +19,15 @@ from ultraplan.passes.plan import Plan
 
 
 def train_reference(
-    plan: Plan, steps: int, seed: int, dtype: torch.dtype = torch.float32
+    plan: Plan, steps: int, seed: int, dtype: torch.dtype = torch.float32,
+    batches: Callable[[int, int], torch.Tensor] | None = None,
+    after_step: Callable[[int, torch.nn.Module], None] | None = None,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses per step and the final parameters (by canonical name) of the eager model.
 
     The weights are initialised in float32 (as the program does) and then cast to ``dtype``.
+    ``batches(seed, step)`` gives each step's (B, T + 1) global batch (default: the permutation
+    walk); ``after_step(step, model)`` is called after each optimizer step (e.g. a validation loss).
     """
     spec, _ = prepare_spec(load_model_spec(plan.spec_source, text=plan.spec_text))
     model = build_model(spec, seed=seed).to(dtype)
@@ -30,7 +36,10 @@ def train_reference(
     losses = []
     vocab = dict(plan.model)["vocab_size"]
     for step in range(steps):
-        batch = seeded.permutation_walk_batch(seed, step, plan.batch, plan.seq, vocab)
+        if batches is None:
+            batch = seeded.permutation_walk_batch(seed, step, plan.batch, plan.seq, vocab)
+        else:
+            batch = batches(seed, step)
         logits, aux_losses = model.forward_with_aux(batch[:, :-1])
         loss = ops.cross_entropy(logits, batch[:, 1:]) + sum(aux_losses)
         optimizer.zero_grad(set_to_none=True)
@@ -39,6 +48,8 @@ def train_reference(
         optimizer.step()
         refresh_state(model)
         losses.append(loss.item())
+        if after_step is not None:
+            after_step(step, model)
     return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 

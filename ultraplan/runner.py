@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ultraplan.api import read_plan
+from ultraplan.data import NO_DATA, DataFlags
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.plan import Plan
 from ultraplan.reference import relative_differences, train_reference
@@ -47,9 +48,9 @@ RUN_DTYPES = ("float32", "float64")  # what --dtype takes; bfloat16 is the plan'
 
 
 def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False,
-           dtype: str = "float32", extra: tuple[str, ...] = ()) -> int:
+           dtype: str = "float32", extra: tuple[str, ...] = (), data: DataFlags = NO_DATA) -> int:
     """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code. ``extra``: more
-    flags for the program (checkpoint_flags)."""
+    flags for the program (checkpoint_flags); ``data``: the token files' flags."""
     out_dir = out_dir.resolve()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed), "--dtype", dtype, *extra]
@@ -57,6 +58,7 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
         cmd += ["--dump", str(dump)]
     if quiet:
         cmd.append("--quiet")
+    cmd += data.program_args()  # --data, --val-data, --metrics, ...
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(cmd, cwd=out_dir, env=env, check=False).returncode
 
@@ -75,7 +77,7 @@ def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, 
 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
-        quiet: bool = False, dtype: str = "float32", checkpoint_dir: Path | None = None,
+        quiet: bool = False, dtype: str = "float32", data: DataFlags = NO_DATA, checkpoint_dir: Path | None = None,
         checkpoint_every: int | None = None, resume: bool = False) -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
 
@@ -102,11 +104,12 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     if dtype not in RUN_DTYPES:
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
     extra = checkpoint_flags(checkpoint_dir, checkpoint_every, resume)
+    batches = data.reference_batches(plan.batch, plan.seq, dict(plan.model)["vocab_size"])  # None: synthetic task
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "result.json" if check else None
         made = Path(tmp) / "losses.json"
-        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype, (*extra, "--losses-out", str(made)))
+        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype, (*extra, "--losses-out", str(made)), data)
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False
@@ -124,7 +127,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
                          "raise --steps")
     comm = comm_report(plan, result, steps - first)
     comm |= saved_report(plan, result)
-    ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype))
+    ref_losses, ref_params = train_reference(plan, steps, seed, getattr(torch, dtype), batches)
     diffs = relative_differences(result["losses"], ref_losses[first:], params, ref_params)
     mixed = dtype == "float32" and plan.precision.compute != "float32"  # float64 checks run all in float64
     tolerance = TOLERANCES[plan.precision.compute if mixed else dtype]

@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
 
-The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases (optional ``"args"``: more
-flags); each program's ``main`` is called in turn with the process group already up, so it neither starts nor
-ends it.
+The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ..., "args": [...]}`` cases ("args":
+more program flags, optional); each program's ``main`` is
+called in turn with the process group already up, so it neither starts nor ends it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed as dist
 
-NEIGHBOURS = ("checkpoint", "ops", "runtime", "seeded")
+NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "train_data")
 
 
 def run_case(case: dict) -> None:

@@ -21,9 +21,11 @@ import itertools
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ sys.path[:0] = [str(ROOT / "backends"), str(ROOT / "compiler")]  # the files as 
 import ops  # noqa: E402
 import runtime  # noqa: E402
 import seeded  # noqa: E402
+import train_data  # noqa: E402
 
 TOL = 1e-12
 F64 = torch.float64
@@ -452,7 +455,34 @@ def case_gather_group(mesh):
             close(shard.grad, want, f"gather_group gradient {k}")
 
 
-CASES = [("shard_range", case_shard_range), ("collectives", case_collectives),
+DATA_LAYOUTS = {(4,): [("S(0)",), ("S(1)",), ("B",)],
+                (2, 2): [("S(0)", "S(0)"), ("S(0)", "S(1)"), ("S(1)", "S(0)"), ("B", "S(1)"), ("S(0)", "B")]}
+
+
+def case_data_windows(mesh):
+    """train_data's window: each rank's part of a step's batch equals the plan layout's slice of the
+    whole batch (inputs and targets both: batch split, sequence split, both at once), and it reads
+    only its own ids from the file."""
+    batch, seq = 8, 12
+    ids = np.random.default_rng(7).integers(0, 60000, size=500).astype(np.uint16)
+    with tempfile.TemporaryDirectory() as tmp:  # every rank its own copy: nothing shared but the seed
+        path = os.path.join(tmp, "tokens.bin")
+        ids.tofile(path)
+        tokens = train_data.TokenFile(path)
+        for sbp in DATA_LAYOUTS[mesh.shape]:
+            part = runtime.shard_ranges((batch, seq), mesh, sbp)
+            for step in (0, 5):
+                whole = tokens.window(3, step, batch, seq, ((0, batch), (0, seq)))
+                before = tokens.elements_read
+                mine = tokens.window(3, step, batch, seq, part)
+                (r0, r1), (c0, c1) = part
+                assert tokens.elements_read - before == (r1 - r0) * (c1 - c0 + 1), (sbp, "read more than its part")
+                equal(mine[:, :-1], runtime.local_slice(whole[:, :-1], mesh, sbp), f"inputs under {sbp}")
+                equal(mine[:, 1:], runtime.local_slice(whole[:, 1:], mesh, sbp), f"targets under {sbp}")
+        del tokens  # the memmap, before its directory goes
+
+
+CASES = [("shard_range", case_shard_range), ("data_windows", case_data_windows), ("collectives", case_collectives),
          ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel),
          ("grad_buckets", case_grad_buckets), ("gather_group", case_gather_group)]
 

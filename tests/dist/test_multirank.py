@@ -18,10 +18,13 @@ import sys
 
 import pytest
 import torch
+from ultraplan.backends import train_data
+from ultraplan.compiler import ops
 from ultraplan.passes.plan import Plan
 
 from tests.conftest import MODELS, ROOT
 from ultraplan import api
+from ultraplan.data import prepare
 from ultraplan.reference import relative_differences, train_reference
 from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES, comm_report
 
@@ -65,11 +68,57 @@ def rank_run(request, tmp_path_factory):
         for dtype in DTYPES:
             cases.append({"spec": spec, "dir": str(out), "steps": STEPS, "dtype": dtype,
                           "dump": str(out / f"result-{dtype}.json")})
+    cases.append(data_case(root, nproc))
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(cases))
     result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
     assert result.returncode == 0, result.stderr[-4000:]
     return nproc, cases
+
+
+# bytes-tiny trained on the project's README read as bytes, a validation loss from docs/fuzz.md
+# every VAL_EVERY steps (and at the last); on 2x2 the batch is split on axis 0 and the model on axis 1
+DATA_MESHES = {1: ("1", None), 2: ("2", None), 4: ("2x2", "dp,tp")}
+VAL_EVERY, VAL_BATCHES = 3, 2
+
+
+def data_case(root, nproc: int) -> dict:
+    """bytes-tiny on DATA_MESHES[nproc], its token files shared by every rank count (one eager reference)."""
+    out, data = root / "bytes-tiny", root.parent / "data"
+    mesh, strategy = DATA_MESHES[nproc]
+    api.compile(MODELS / "bytes-tiny.yaml", mesh, out, strategy=strategy)
+    if not (data / "val.bin").exists():
+        data.mkdir()
+        prepare([ROOT / "README.md"], data / "train.bin")
+        prepare([ROOT / "docs" / "fuzz.md"], data / "val.bin")
+    args = ["--data", str(data / "train.bin"), "--val-data", str(data / "val.bin"), "--val-every", str(VAL_EVERY),
+            "--val-batches", str(VAL_BATCHES), "--metrics", str(out / "m.jsonl")]
+    return {"spec": "bytes-tiny", "dir": str(out), "steps": STEPS, "dtype": "float64", "dump": str(out / "r.json"),
+            "args": args}
+
+
+@functools.cache
+def data_reference(train_path: str, val_path: str) -> tuple[list[float], dict[str, torch.Tensor], dict[int, float]]:
+    """bytes-tiny's eager losses, final parameters and validation losses (by step) on the token files."""
+    plan = api.plan(MODELS / "bytes-tiny.yaml", "1")
+    train, val = train_data.TokenFile(train_path), train_data.TokenFile(val_path)
+    whole = ((0, plan.batch), (0, plan.seq))
+    eager_val = {}
+
+    def validate(step, model):
+        if (step + 1) % VAL_EVERY and step + 1 != STEPS:
+            return
+        losses = []
+        with torch.no_grad():
+            for i in range(VAL_BATCHES):
+                b = val.window(plan.training.seed, i, plan.batch, plan.seq, whole, stream="val")
+                logits, aux = model.forward_with_aux(b[:, :-1])
+                losses.append((ops.cross_entropy(logits, b[:, 1:]) + sum(aux)).item())
+        eager_val[step] = sum(losses) / len(losses)
+
+    losses, params = train_reference(plan, STEPS, plan.training.seed, torch.float64,
+                                     lambda seed, step: train.window(seed, step, plan.batch, plan.seq, whole), validate)
+    return losses, params, eager_val
 
 
 def find_case(cases: list[dict], spec: str, dtype: str) -> dict:
@@ -90,6 +139,29 @@ def test_program_equals_eager(rank_run, spec, dtype):
     assert diffs["loss"] <= TOLERANCES[dtype]["loss"], diffs
     assert diffs["params"] <= TOLERANCES[dtype]["params"], diffs
     assert result["losses"][-1] < result["losses"][0]  # it learns
+
+
+def test_program_trains_on_a_file(rank_run):
+    """--data: the losses equal eager's on the same batches (float64), whatever the rank count and
+    layout; --val-data: each validation loss equals eager's no-gradient loss on the fixed batches at
+    that step; metrics.jsonl: one line per step, its losses the dump's."""
+    nproc, cases = rank_run
+    case = find_case(cases, "bytes-tiny", "float64")
+    plan = api.read_plan(case["dir"])
+    args = dict(zip(case["args"][::2], case["args"][1::2]))
+    ref_losses, ref_params, eager_val = data_reference(args["--data"], args["--val-data"])
+    result = json.loads(open(case["dump"]).read())
+    assert result["world_size"] == nproc
+    diffs = relative_differences(result["losses"], ref_losses, torch.load(result["params"]), ref_params)
+    assert diffs["loss"] <= TOLERANCES["float64"]["loss"] and diffs["params"] <= TOLERANCES["float64"]["params"], diffs
+    lines = [json.loads(line) for line in open(f"{case['dir']}/m.jsonl")]
+    assert [r["step"] for r in lines] == list(range(STEPS)) and [r["loss"] for r in lines] == result["losses"]
+    assert [r["tokens"] for r in lines] == [plan.batch * plan.seq * (i + 1) for i in range(STEPS)]
+    measured_val = {r["step"]: r["val_loss"] for r in lines if "val_loss" in r}
+    assert sorted(measured_val) == sorted(eager_val) == [2, 5]
+    assert all(abs(measured_val[s] - eager_val[s]) <= 1e-10 * abs(eager_val[s]) for s in eager_val), \
+        (measured_val, eager_val)
+    assert result["losses"][-1] < result["losses"][0]
 
 
 @pytest.mark.parametrize("spec", list(MESHES[4]))

@@ -19,8 +19,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 MESHES = ([4], [2, 2])
-CASES = ("setup", "shard_range", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets", "gather_group",
-         "params")
+CASES = ("setup", "shard_range", "data_windows", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets",
+         "gather_group", "params")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
-                   "warnings", "sys", "kernels",  # kernels: the generated kernels.py beside it
-                   "checkpoint", "re", "shutil", "time"}  # checkpoint.py beside it, and what it imports
+                   "warnings", "sys", "kernels", "train_data", "progress", "numpy", "time", "tqdm",
+                   "checkpoint", "re", "shutil"}  # kernels.py, train_data.py, progress.py, checkpoint.py beside it
+                   # and what they import (tqdm: used when installed)
 
 
 def imported_modules(source: str) -> set[str]:
@@ -32,7 +33,7 @@ def imported_modules(source: str) -> set[str]:
 
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
-    for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py"):
+    for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py", "train_data.py", "progress.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name

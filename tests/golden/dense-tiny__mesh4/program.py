@@ -10,7 +10,7 @@
 #     step time         1.389 ms = 1536*B*T*(T + 418)/(n0*peak) + 4*lat0*(n0 - 1) + 924168/bw0 - 924168/(bw0*n0)
 #     memory            2.62 MB per device
 #
-# Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
+# Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
 
 import argparse
@@ -20,8 +20,10 @@ import torch
 
 import checkpoint
 import ops
+import progress
 import runtime
 import seeded
+import train_data
 
 SPEC_NAME = 'dense-tiny'
 MESH_SHAPE = (4,)
@@ -39,6 +41,9 @@ COMPUTE_DTYPE = 'float32'
 # predicts (all_to_all of routed tokens: the mean over devices)
 PLANNED_PAYLOAD_PER_STEP = {'all_reduce': 462084}
 PLANNED_CALLS_PER_STEP = {'all_reduce': 2}
+# model FLOPs utilisation (progress.Meter, on GPUs) = FLOPS_PER_STEP / step seconds / (PEAK_FLOPS x devices):
+# the plan's forward+backward FLOPs of one global step, and one device's peak FLOP/s as the plan priced it
+FLOPS_PER_STEP, PEAK_FLOPS = 1.76947e+08, 1e+11
 PARAMS = [  # (canonical name = state_dict key, placement, optimizer group)
     ('embed.weight', ('B',), 'default'),
     ('layers.0.attention.norm.weight', ('B',), 'default'),
@@ -191,7 +196,7 @@ def loss_value(loss, mesh):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on the permutation-walk task.")
+    parser = argparse.ArgumentParser(description="Train " + SPEC_NAME + " on --data or the permutation-walk task.")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--dump", default=None, help="write losses, measured bytes and final parameters here")
@@ -201,6 +206,8 @@ def parse_args(argv):
     parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
                         help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
     checkpoint.add_args(parser)  # --checkpoint-dir, --checkpoint-every, --checkpoint-async, --resume, --losses-out
+    train_data.add_arguments(parser)  # --data, --data-dtype, --val-data, --val-every, --val-batches
+    progress.add_arguments(parser)  # --metrics
     return parser.parse_args(argv)
 
 
@@ -212,6 +219,7 @@ def value_lr_factor(step):
 
 def main(argv=None):
     args = parse_args(argv)
+    data, val_data = train_data.open_data(args, VOCAB_SIZE, SEQ_LEN)  # None: the synthetic task / no validation
     if (args.kernels or ("triton" if torch.cuda.is_available() else "torch")) == "triton":
         if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
             import kernels
@@ -227,13 +235,26 @@ def main(argv=None):
                                   lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     buckets = gradient_buckets(model, mesh)
     # checkpoints (checkpoint.py): --resume loads the latest complete one, under this plan's placements
-    saver = checkpoint.Checkpointer(args, mesh, model, optimizer, PARAMS, {"spec": SPEC_NAME, "dtype": args.dtype})
+    saver = checkpoint.Checkpointer(args, mesh, model, optimizer, PARAMS,
+                                    {"spec": SPEC_NAME, "dtype": args.dtype, "data": args.data})
     start = saver.resume()
+    # data: the rows and positions of the (B, T) batch this rank holds; progress line and metrics.jsonl
+    part = runtime.shard_ranges((GLOBAL_BATCH, SEQ_LEN), mesh, BATCH_SBP)
+    meter = progress.Meter(progress.metrics_path(args, __file__), mesh.rank, args.steps, GLOBAL_BATCH * SEQ_LEN,
+                           FLOPS_PER_STEP, PEAK_FLOPS, mesh.size, quiet=args.quiet, start_step=start)
+
+    def evaluate(window):  # the global loss of this rank's part of a validation batch (called without gradients)
+        window = window.to(mesh.device)
+        return loss_value(runtime.forward_in(compute_dtype, model, window[:, :-1], window[:, 1:]), mesh)
+
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     for step in range(start, args.steps):
-        batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
-        local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
+        if data is None:
+            batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
+            local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
+        else:  # this rank's rows and positions (+1 for the targets), read from the file
+            local = data.window(args.seed, step, GLOBAL_BATCH, SEQ_LEN, part).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == start) as seen:
@@ -251,9 +272,14 @@ def main(argv=None):
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
-        if mesh.rank == 0 and not args.quiet:
-            print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
+        seconds = meter.lap()
+        val_loss = None
+        if train_data.validation_due(args, step, args.steps):
+            val_loss = train_data.validation_loss(val_data, args.val_batches, args.seed, GLOBAL_BATCH, SEQ_LEN, part,
+                                                  evaluate, counters=(runtime.COMM_BYTES, runtime.COMM_CALLS))
+        meter.log(step, losses[-1], seconds, val_loss)  # rank 0: progress line and one metrics.jsonl line
         saver.after_step(step + 1)
+    meter.close()
     saver.finish()
     checkpoint.write_losses(args.losses_out, mesh, start, losses)
     measured = {k: v // max(len(losses), 1) for k, v in runtime.COMM_BYTES.items()}
