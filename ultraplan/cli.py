@@ -73,6 +73,14 @@ def _bucket_arg(p: argparse.ArgumentParser) -> None:
                    help="cap of every gradient bucket in MiB (default as torch DDP: 1 MiB first, then 25)")
 
 
+def _place_arg(p: argparse.ArgumentParser) -> None:
+    """--place: value-table and expert placement (passes/placement.py), pins through --force's list."""
+    p.add_argument("--place", action="append", dest="force", metavar="TABLE=number|dim|replicate",
+                   help="place value tables / expert weights (a glob over canonical parameter names, e.g. "
+                        "'layers.*.pkm.values=number'): rows split, value dim split or replicated; one per mesh "
+                        "axis, comma separated, or one for all; repeatable")
+
+
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
@@ -86,6 +94,7 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
                         "'layers_*_attention_q=S(2)'); repeatable")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep every op as written (no fused ops: passes/fuse.py)")
+    _place_arg(p)
     if modes:
         p.add_argument("--mode", choices=("train", "infer"), default="train")
     else:
