@@ -1,0 +1,100 @@
+"""Every forced value-table and expert placement runs and equals the eager reference (passes/placement.py).
+
+On 2 and 4 gloo ranks and the 2x2 mesh, for each memory spec (UltraMem, UltraMemV2 with its ring table
+and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts:
+``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or expert parallelism) and ``dim``
+(the value dim, or the experts' width, split), and on 2x2 the 2-D combination ``number,dim``. After
+STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
+single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
+the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
+per rank count, to keep CI short.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+from tests.conftest import MODELS, ROOT
+from tests.dist.test_multirank import torchrun
+from ultraplan import api
+from ultraplan.reference import relative_differences, train_reference
+from ultraplan.runner import TOLERANCES, comm_report
+
+pytestmark = pytest.mark.slow
+
+STEPS = 3
+TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
+          "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
+          "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*"}
+PLACEMENTS = {"2": ("number", "dim"), "4": ("number", "dim"), "2x2": ("number,dim",)}
+NPROC = {2: ("2",), 4: ("4", "2x2")}
+
+
+def cases_for(nproc: int) -> list[tuple[str, str, str]]:
+    return [(spec, mesh, place) for mesh in NPROC[nproc] for place in PLACEMENTS[mesh] for spec in TABLES]
+
+
+@functools.cache
+def reference(spec: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    plan = api.plan(MODELS / f"{spec}.yaml", "1")
+    return train_reference(plan, STEPS, plan.training.seed, torch.float64)
+
+
+@pytest.fixture(scope="module", params=sorted(NPROC))
+def placement_run(request, tmp_path_factory):
+    nproc = request.param
+    root = tmp_path_factory.mktemp(f"placement{nproc}")
+    cases = []
+    for spec, mesh, place in cases_for(nproc):
+        out = root / f"{spec}__{mesh}__{place.replace(',', '-')}"
+        api.compile(MODELS / f"{spec}.yaml", mesh, out, force=[f"{TABLES[spec]}={place}"])
+        cases.append({"spec": spec, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
+                      "dtype": "float64", "dump": str(out / "result.json")})
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps(cases))
+    result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return nproc, cases
+
+
+def test_every_placement_equals_eager(placement_run):
+    failures = []
+    for case in placement_run[1]:
+        result = json.loads(open(case["dump"]).read())
+        ref_losses, ref_params = reference(case["spec"])
+        diffs = relative_differences(result["losses"], ref_losses, torch.load(result["params"]), ref_params)
+        if diffs["loss"] > TOLERANCES["float64"]["loss"] or diffs["params"] > TOLERANCES["float64"]["params"]:
+            failures.append((case["spec"], case["mesh"], case["place"], diffs))
+    assert not failures, failures
+
+
+def test_tables_are_placed_and_held_as_planned(placement_run):
+    """The placed parameters are stored split as asked; every rank holds exactly the plan's bytes."""
+    for case in placement_run[1]:
+        plan = api.read_plan(case["dir"])
+        result = json.loads(open(case["dump"]).read())
+        words = case["place"].split(",") * (2 if "," not in case["place"] and "x" in case["mesh"] else 1)
+        placed = [p for p in plan.params if p.group == "values" or ".moe.w_" in p.name and "router" not in p.name
+                  and "shared" not in p.name]
+        assert placed, case
+        for p in placed:
+            for axis, (word, entry) in enumerate(zip(words, p.sbp.split(","))):
+                expected = {"number": "S(0)", "replicate": "B"}.get(word)
+                assert entry == expected if expected else entry.startswith("S(") and entry != "S(0)", (case, p.name)
+        planned = sum(p.bytes_per_device.value for p in plan.params) * 2  # float64
+        assert result["param_bytes"] == [planned] * placement_run[0], case
+
+
+def test_measured_collectives_equal_the_plan(placement_run):
+    for case in placement_run[1]:
+        plan = api.read_plan(case["dir"])
+        result = json.loads(open(case["dump"]).read())
+        comm = comm_report(plan, result, STEPS)
+        where = (case["spec"], case["mesh"], case["place"])
+        assert comm["comm_bytes_measured"] == pytest.approx(comm["comm_bytes_predicted"], rel=1e-12), where
+        assert comm["comm_calls_measured"] == comm["comm_calls_predicted"], where
+        assert comm["comm_calls_torch_first_step"] == comm["comm_calls_predicted"], where
