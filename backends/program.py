@@ -15,14 +15,14 @@ from pathlib import Path
 
 from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
-from . import runtime
+from . import runtime, table_parallel
 from .emit_kernels import kernels_source
 from .emit_model import model_lines
 from .emit_ops import attr_path, shape_text
 from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 
-VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime}
+VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime, "table_parallel.py": table_parallel}
 
 
 def _collective_line(c: CollectivePlan, target: str) -> list[str]:
@@ -229,7 +229,8 @@ def emit_program(plan: Plan) -> str:
     parts = [
         _header(plan),
         ["", "import argparse", "import os", "", "import torch", "", "import ops", "import runtime",
-         "import seeded", ""],
+         "import seeded", *(["import table_parallel"] if any(n.call.startswith("table_parallel.") for n in plan.nodes)
+                            else []), ""],
         _constants(plan), params_table, ["", ""], model_lines(plan), ["", ""], _sync_gradients(plan), ["", ""],
         _loss_value(plan), ["", ""], [MAIN],
     ]

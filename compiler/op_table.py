@@ -365,6 +365,32 @@ BAG_ROWS_OWNED = dataclasses.replace(
     why=ROWS_OWNED.why + "; the fused bag pools the rows it holds, weighted, and the partial bags are summed")
 
 
+def _routed_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+    """table_parallel.routed_gather_rows: per axis the routing counts, each pick's id to the row's owner,
+    the row back; the backward sends the rows' gradients to the owners. What a device receives depends
+    on the ids; its mean over devices is what each sends, which the plan predicts."""
+    picks = numel(ins[1])
+    rows = picks * ins[0][1] * BYTES[dtypes[0]]
+    out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "row ids to their owners", picks * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "rows back", rows, data_dependent=True, dtype=dtypes[0])]
+    if train:
+        out.append(InternalComm("backward", "all_to_all", "row gradients to their owners", rows, dtype=dtypes[0]))
+    return out
+
+
+ROWS_ROUTED = Variant(
+    "rows_routed", ("S(0)", "S(0)"), "S(0)", "table_parallel.routed_gather_rows",
+    "number-wise table, routed: each device holds a block of rows; every (token, pick) id goes to the "
+    "device owning its row by all_to_all with variable splits and the row comes back the same way "
+    "(UltraMem's number-wise partition, Huang et al. 2025; GShard's dispatch)",
+    args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)), ("num_rows", int(s[0][0]))),
+    comms=_routed_comms)
+BAG_ROWS_ROUTED = dataclasses.replace(
+    ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_weighted_sum",
+    why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")
+
+
 def _prod(sizes: list[int]) -> int:
     out = 1
     for n in sizes:
@@ -416,7 +442,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
          variants=(KV_REPLICATED_SDPA,), colour="#f4cccc"),
     _def("gather_weighted_sum", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
-         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd", variants=(BAG_ROWS_OWNED,),
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd",
+         variants=(BAG_ROWS_OWNED, BAG_ROWS_ROUTED),
          colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
@@ -440,7 +467,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
     _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),
     _def("gather_rows", lambda s, a: (*s[1], s[0][1]), sparse=_gather_rows_touch, bytes_read=_ids_and_rows(1),
-         dims=".d,*->*d", variants=(ROWS_OWNED,), colour=RETRIEVAL),
+         dims=".d,*->*d", variants=(ROWS_OWNED, ROWS_ROUTED),
+         colour=RETRIEVAL),
     _def("weighted_sum", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bthkd,bthk->btd", sums="hk",
          linear="each", colour=RETRIEVAL),
     _def("row_dot", lambda s, a: s[1][:-1], flops=lambda i, o, a: 2 * numel(i[1]), dims="btd,bthkd->bthk", sums="d",
