@@ -17,12 +17,12 @@ import functools
 import pytest
 import sympy
 import torch
-
-from ultraplan import api
 from ultraplan.compiler import ops
 from ultraplan.compiler.shapes import B
 from ultraplan.passes.context import Mesh, PlanError
 from ultraplan.passes.placement_report import Option, _expr, _flip, table_comm_bytes, table_reports
+
+from ultraplan import api
 
 
 @functools.cache
