@@ -46,7 +46,7 @@ def test_place_pins_tables_per_axis():
 
 
 def test_place_errors_say_what_to_do():
-    with pytest.raises(PlanError, match="no value table or expert weight matches 'layers.0.attention.wq'"):
+    with pytest.raises(PlanError, match=r"no value table or expert weight matches 'layers\.0\.attention\.wq'"):
         api.plan("pkm-tiny", "2", force=["layers.0.attention.wq=number"])
     with pytest.raises(PlanError, match="does not split over the mesh"):
         api.plan("pkm-tiny", "3", hardware="h200-8", force=["layers.1.pkm.values=number"])
