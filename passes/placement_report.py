@@ -5,9 +5,11 @@ grouped by the module that owns them: ``memory_tables.ring.*``, ``layers.1.peer.
 made again with the table placed each way (``--place GROUP=number|dim|replicate``, the rest of the
 question unchanged) and the report gives, per placement:
 
-- the bytes per step and device of the collectives that serve the table: the boxings into and out
-  of its lookups, the collectives inside a routed lookup, the backward duals of both, and its
-  gradients' synchronisation (sympy in B, T and the mesh, from the plan's one list);
+- the bytes per step and device of the collectives that serve the table (sympy in B, T and the mesh,
+  from the plans' one list of collectives): replicated, its gradients' synchronisation; placed
+  otherwise, that plus the change of the whole plan's communication (the boxings into and out of its
+  lookups, the collectives inside a routed lookup, the backward duals, a partial sum carried through
+  linear ops before it is reduced);
 - the table's memory per device (parameters, gradients and AdamW's two moments in training) and
   whether the whole plan fits;
 - the modelled step time of the whole plan (the plan's ``step_time``, sympy in B);
@@ -98,13 +100,11 @@ def table_comm_bytes(plan: Plan, params: tuple[str, ...]) -> sympy.Expr:
     return sympy.Add(*exprs)
 
 
-def _option(plan: Plan, params: tuple[str, ...], words: str, mode: str, values: dict) -> Option:
-    comm = table_comm_bytes(plan, params)
+def _option(plan: Plan, params: tuple[str, ...], words: str, mode: str, values: dict, comm: sympy.Expr) -> Option:
     memory = sum(p.bytes_per_device.value for p in plan.params if p.name in params) * STATE_COPIES[mode]
     totals = dict(plan.totals)
-    step = _expr(totals["step_time"].expr)
     return Option(words, comm, float(comm.xreplace(values)), memory, totals["memory_per_device"].value, plan.fits,
-                  step, totals["step_time"].value)
+                  _expr(totals["step_time"].expr), totals["step_time"].value)
 
 
 def _flip(a: Option, b: Option, values: dict) -> str:
@@ -130,23 +130,37 @@ def table_reports(spec: ModelSpec, hardware, mesh: Mesh, *, batch: int | None = 
     values = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode).values()
     reports = []
     for glob, params in table_groups(base).items():
-        chosen = _option(base, params, placement_of(base, params), mode, values)
-        options = []
+        chosen_words = placement_of(base, params)
+        plans: dict[str, Plan | str] = {chosen_words: base}
         for word in PLACEMENTS:
             words = ",".join([word] * len(mesh.shape))
-            if words == chosen.placement:
-                options.append(chosen)
-                continue
-            try:
-                plan, _, _ = make_plan(spec, hardware, mesh, forces=(*forces, (glob, words)), **args)
-            except PlanError as exc:
-                options.append(Option(words, sympy.Integer(0), math.nan, math.nan, math.nan, False, sympy.Integer(0),
-                                      math.nan, str(exc)))
-                continue
-            options.append(_option(plan, params, words, mode, values))
-        flips = tuple((o.placement, _flip(chosen, o, values)) for o in options if o is not chosen and not o.error)
-        reports.append(TableReport(glob, params, chosen, tuple(options), flips))
+            if words not in plans:
+                try:
+                    plans[words] = make_plan(spec, hardware, mesh, forces=(*forces, (glob, words)), **args)[0]
+                except PlanError as exc:
+                    plans[words] = str(exc)
+        comm = _table_comm(plans, params, ",".join(["replicate"] * len(mesh.shape)))
+        options = {w: _option(p, params, w, mode, values, comm[w]) if isinstance(p, Plan) else
+                   Option(w, sympy.Integer(0), math.nan, math.nan, math.nan, False, sympy.Integer(0), math.nan, p)
+                   for w, p in plans.items()}
+        chosen = options[chosen_words]
+        flips = tuple((o.placement, _flip(chosen, o, values)) for o in options.values()
+                      if o is not chosen and not o.error)
+        reports.append(TableReport(glob, params, chosen, tuple(options.values()), flips))
     return reports
+
+
+def _table_comm(plans: dict, params: tuple[str, ...], replicated: str) -> dict[str, sympy.Expr]:
+    """Bytes serving the table under each placement: the replicated plan's own (its gradients' sync,
+    attributed directly) plus how much the whole plan's communication changes when the table is placed
+    otherwise, so that a partial sum carried on through linear ops before it is reduced still counts."""
+    base = plans.get(replicated)
+    if not isinstance(base, Plan):  # no replicated plan to compare with: attribute directly
+        return {w: table_comm_bytes(p, params) for w, p in plans.items() if isinstance(p, Plan)}
+    own = table_comm_bytes(base, params)
+    total = _expr(dict(base.totals)["comm_wire_bytes"].expr)
+    return {w: sympy.expand(own + _expr(dict(p.totals)["comm_wire_bytes"].expr) - total)
+            for w, p in plans.items() if isinstance(p, Plan)}
 
 
 def render(reports: list[TableReport]) -> str:

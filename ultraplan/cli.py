@@ -210,7 +210,24 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    """``explain SPEC --tables``: per value table / expert group, its placement, bytes moved per step,
+    memory per device and the batch at which the choice would flip (passes/placement_report.py)."""
+    from ultraplan import api
+    from ultraplan.passes.context import Mesh
+    from ultraplan.passes.placement_report import render, table_reports
+
+    mesh = Mesh.parse(args.mesh)
+    reports = table_reports(api.load(args.spec), api.load_hardware(args.hardware), mesh, batch=args.batch,
+                            seq=args.seq, mode=args.mode, strategies=api.parse_strategy(args.strategy, mesh),
+                            forces=api.parse_forces(args.force), fuse=args.fuse)
+    print(render(reports) if reports else "the model has no value tables or expert weights")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
+    if getattr(args, "tables", False):
+        return cmd_tables(args)
     if args.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
@@ -283,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     _plan_args(p)
     p.add_argument("--stage", default=STAGES[-1], help="the pass after which to stop: " + ", ".join(STAGES))
+    p.add_argument("--tables", action="store_true", help="instead: per value table / expert group, its placement, "
+                   "bytes moved per step, memory per device and the batch at which the choice would flip")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("fields", help="the spec language's fields: type, default, constraint, meaning")
     p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "

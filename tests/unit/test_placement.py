@@ -93,6 +93,8 @@ def test_report_bytes_are_the_plans_change():
     assert {o.placement for o in report.options} == {"number", "dim", "replicate"}
     number = next(o for o in report.options if o.placement == "number")
     assert number.table_memory == report.chosen.table_memory / 2  # half the rows on each of 2 devices
+    for o in report.options:  # by difference of whole plans == the collectives of its own lookups (pkm: no P carried)
+        assert sympy.simplify(o.comm_bytes - table[o.placement]) == 0, o.placement
 
 
 def test_flip_is_where_step_times_cross():
