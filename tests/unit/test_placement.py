@@ -103,3 +103,16 @@ def test_flip_is_where_step_times_cross():
     assert _flip(a, b, {B: 8}) == "B = 250"
     assert _flip(a, Option("dim", sympy.Integer(0), 0, 0, 0, True, 4 + B, 0.0), {B: 8}) == "never for B > 0"
     assert _flip(a, Option("dim", sympy.Integer(0), 0, 0, 0, True, 5 + 0 * B, 0.0), {B: 8}).startswith("never: ")
+
+
+def test_auto_is_never_worse_than_a_forced_placement():
+    """The search sees every placement's lookup signatures: free, its modelled step time is at most that
+    of the same search with the table forced each way (a sample: pkm-tiny on a 2x2 mesh of two H200
+    nodes at batch 64; bench/placement.py compares the placements at 120B scale)."""
+    point = dict(hardware="h200-2x8", batch=64, strategy="auto")
+    free = api.plan("pkm-tiny", "2x2", **point)
+    for words in ("number,number", "dim,dim", "replicate,replicate", "number,dim"):
+        forced = api.plan("pkm-tiny", "2x2", force=[f"layers.1.pkm.values={words}"], **point)
+        expected = ",".join({"number": "S(0)", "dim": "S(1)", "replicate": "B"}[w] for w in words.split(","))
+        assert forced.fits and _sbp(forced, "layers.1.pkm.values") == expected, words
+        assert free.total("step_time").value <= forced.total("step_time").value * (1 + 1e-9), words
