@@ -21,6 +21,7 @@ divisible batch, evaluated at 1: the per-token model, not a program that runs a 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--plot", default=None, help="write the bytes-per-token plot (PNG) here")
     parser.add_argument("--models", default=None, help="comma separated: only these of the set's models")
     parser.add_argument("--meshes", default=None, help="comma separated: only these of the set's meshes")
+    parser.add_argument("--save", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--load", default=None, help="comma separated JSON files of --save: table and plot from them")
     args = parser.parse_args(argv)
     setup = dict(TINY if args.tiny else FULL)
     if args.models:
@@ -187,9 +190,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         specs = {m: (_spec_path(s, Path(tmp)), g) for m, (s, g) in setup["models"].items()}
+        if args.load:  # the runs of several processes (one per model, say), put together
+            rows = [r for f in args.load.split(",") for r in json.loads(Path(f).read_text())]
+            specs = {m: specs[m] for m in dict.fromkeys(r["model"] for r in rows)}
         for model, (spec, glob) in specs.items():
-            for mesh, hardware in setup["meshes"]:
+            for mesh, hardware in setup["meshes"] if not args.load else []:
                 rows += plan_points(model, spec, glob, mesh, hardware, PLOT_BATCHES)
+        if args.save:
+            Path(args.save).write_text(json.dumps(rows))
         table = markdown(rows)
         print(table, end="")
         if args.markdown:
