@@ -51,7 +51,7 @@ train:
   lr: 4.0e-4
 """
 PAPER = "specs/models/paper/ultramem-v2-2.5b-120b-top256.yaml"
-FULL = {"models": {"UltraMemV2-120B": (PAPER, "layers.*.ultramem_v2.*"), "MoE-120B": (MOE_120B, "layers.*.moe.w_*")},
+FULL = {"models": {"UltraMemV2-120B": (PAPER, "memory_tables.*"), "MoE-120B": (MOE_120B, "layers.*.moe.w_*")},
         "meshes": [("8", "h200-8"), ("8x8", "h200-128x8"), ("128x8", "h200-128x8")]}
 TINY = {"models": {"ultramem-v2-tiny": ("ultramem-v2-tiny", "memory_tables.ring.*"),
                    "moe-tiny": ("moe-tiny", "layers.*.moe.w_*")},
@@ -88,7 +88,7 @@ def plan_points(model: str, spec: str, glob: str, mesh: str, hardware: str, infe
     spec_obj, hw = api.load(spec), api.load_hardware(hardware)
     rows = []
     for words in placements(mesh):
-        for mode, batches in (("infer", infer), ("train", (None,))):
+        for mode, batches in (("infer", infer), ("train", (None, *infer))):
             start = time.perf_counter()
             try:
                 plan = api.plan(spec, mesh, hardware=hardware, mode=mode, force=[f"{glob}={words}"],
@@ -104,8 +104,11 @@ def plan_points(model: str, spec: str, glob: str, mesh: str, hardware: str, infe
             values = make_context(spec_obj, hw, Mesh.parse(mesh), batch=plan.batch, seq=plan.seq, mode=mode).values()
             for batch in batches:
                 b = plan.batch if batch is None else batch
+                if batch is not None and mode == "train" and b == plan.batch:
+                    continue
                 got = {k: evaluate(e, {**values, B: b}) for k, e in exprs.items()}
                 rows.append({"model": model, "mesh": mesh, "placement": words, "mode": mode, "batch": b,
+                             "planned": batch is None or mode == "infer",
                              "seq": plan.seq, "step_time": got["step_time"], "memory": got["memory_per_device"],
                              "fits": got["memory_per_device"] <= plan.device_memory,
                              "bytes_per_token": got["comm_wire_bytes"] * devices / (b * plan.seq),
@@ -129,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| model | mesh | mode | batch | placement | memory/device (GB) | bytes/token | step time (s) | chosen |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["mode"] == "infer" and r["batch"] not in TABLE_BATCHES:
+        if (r["mode"] == "infer" and r["batch"] not in TABLE_BATCHES) or not r.get("planned", True):
             continue
         key = (r["model"], r["mesh"], r["mode"], r["batch"])
         if "error" in r:
@@ -142,32 +145,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], spec_rows: dict, path: str) -> None:
-    """Bytes sent per token against the inference batch, one line per placement, one panel per model
-    (on the middle mesh): evaluated from the same plans at every power of two."""
+def plot(rows: list[dict], models: list[str], mesh: str, path: str) -> None:
+    """Bytes sent per token against the batch, one line per placement: one panel per model and mode
+    (inference: one token per sequence; training: sequences of the spec's length), all from the same
+    symbolic plans evaluated at every power of two. A symmetric-log axis shows replication's zero."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(spec_rows)
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        for placement, curve in spec_rows[model].items():
-            ax.plot([b for b, _ in curve], [max(v, 1e-3) for _, v in curve], marker=".", label=placement)
-        ax.set(xscale="log", yscale="log", xlabel="inference batch (sequences, one token each)",
-               ylabel="bytes sent per token (all devices)", title=model)
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
+    fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
+    for col, model in enumerate(models):
+        for row, mode in enumerate(("infer", "train")):
+            ax = axes[row][col]
+            for placement, curve in curves(rows, model, mesh, mode).items():
+                ax.plot([b for b, _ in curve], [v for _, v in curve], marker=".", label=placement)
+            ax.set(xscale="log", xlabel=f"{'inference' if mode == 'infer' else 'training'} batch (sequences)",
+                   ylabel="bytes sent per token (all devices)", title=f"{model}, {mode}, mesh {mesh}")
+            ax.set_yscale("symlog", linthresh=1.0)
+            ax.legend(fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
-def curves(rows: list[dict], model: str, mesh: str) -> dict[str, list[tuple[int, float]]]:
-    """Bytes per token at every inference batch per placement (``model`` on ``mesh``)."""
+def curves(rows: list[dict], model: str, mesh: str, mode: str) -> dict[str, list[tuple[int, float]]]:
+    """Bytes per token at every batch per placement (``model`` on ``mesh`` in ``mode``)."""
     out: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if r["model"] == model and r["mesh"] == mesh and r["mode"] == "infer" and "error" not in r:
+    for r in sorted(rows, key=lambda r: r["batch"]):
+        if r["model"] == model and r["mesh"] == mesh and r["mode"] == mode and "error" not in r:
             out.setdefault(r["placement"], []).append((r["batch"], r["bytes_per_token"]))
     return out
 
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             Path(args.markdown).write_text(table)
         if args.plot:
             mesh, _ = setup["meshes"][len(setup["meshes"]) // 2]
-            plot(rows, {m: curves(rows, m, mesh) for m in specs}, args.plot)
+            plot(rows, list(specs), mesh, args.plot)
             print(f"wrote {args.plot} (mesh {mesh})")
     return rows
 
