@@ -115,10 +115,28 @@ def _flip(a: Option, b: Option, values: dict) -> str:
         return f"not solved: the difference holds {sorted(map(str, diff.free_symbols - {B}))}"
     if B not in diff.free_symbols:
         return "never: the difference does not depend on the batch (it flips with the value dim or the mesh)"
-    roots = [r for r in sympy.solve(sympy.Eq(diff, 0), B) if r.is_real and r > 0]
-    if not roots:
-        return "never for B > 0"
-    return f"B = {float(min(roots)):.6g}"
+    if diff.is_polynomial(B):
+        roots = [r for r in sympy.solve(sympy.Eq(diff, 0), B) if r.is_real and r > 0]
+        return f"B = {float(min(roots)):.6g}" if roots else "never for B > 0"
+    return _numeric_root(diff)
+
+
+def _numeric_root(diff: sympy.Expr) -> str:
+    """The smallest positive B where ``diff`` changes sign, for differences sympy cannot solve in closed
+    form (an MoE's expected distinct experts, E (1 - (1 - k/E)^(B T))): scanned over powers of two up
+    to 2^30, then bisected."""
+    f = sympy.lambdify(B, diff, "math")
+    grid = [2.0**k for k in range(-4, 31)]
+    signs = [f(b) for b in grid]
+    for lo, hi, a in zip(grid, grid[1:], signs):
+        if a == 0:
+            return f"B = {lo:.6g}"
+        if a * f(hi) < 0:
+            for _ in range(100):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if f(mid) * a > 0 else (lo, mid)
+            return f"B ~ {(lo + hi) / 2:.6g} (numeric)"
+    return "never for 1/16 <= B <= 2^30"
 
 
 def table_reports(spec: ModelSpec, hardware, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,

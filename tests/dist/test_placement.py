@@ -85,7 +85,8 @@ def test_every_placement_equals_eager(placement_run):
 
 
 def test_tables_are_placed_and_held_as_planned(placement_run):
-    """The placed parameters are stored split as asked; every rank holds exactly the plan's bytes."""
+    """The placed parameters are stored split as asked; every rank holds exactly the plan's bytes and
+    never made more than one shard plus one init block at a time."""
     for case in placement_run[1]:
         plan = read_plan(case["dir"])
         result = json.loads(open(case["dump"]).read())
@@ -98,6 +99,8 @@ def test_tables_are_placed_and_held_as_planned(placement_run):
                 assert entry == expected if expected else entry.startswith("S(") and entry != "S(0)", (case, p.name)
         planned = sum(p.bytes_per_device.value for p in plan.params) * 2  # float64
         assert result["param_bytes"] == [planned] * placement_run[0], case
+        largest_shard = max(p.bytes_per_device.value for p in plan.params)  # never a whole table at init
+        assert all(peak <= largest_shard + strategies.INIT_BLOCK_BYTES for peak in result["init_peak_bytes"]), case
 
 
 def test_measured_collectives_equal_the_plan(placement_run):

@@ -116,3 +116,14 @@ def test_auto_is_never_worse_than_a_forced_placement():
         expected = ",".join({"number": "S(0)", "dim": "S(1)", "replicate": "B"}[w] for w in words.split(","))
         assert forced.fits and _sbp(forced, "layers.1.pkm.values") == expected, words
         assert free.total("step_time").value <= forced.total("step_time").value * (1 + 1e-9), words
+
+
+def test_flip_of_an_moe_like_difference_is_found_numerically():
+    """E (1 - (1 - k/E)^B) has no closed-form crossing with a line: the report bisects it."""
+    saturating = 64 * (1 - (1 - sympy.Rational(2, 64)) ** B)
+    a = Option("number", sympy.Integer(0), 0, 0, 0, True, saturating, 0.0)
+    b = Option("dim", sympy.Integer(0), 0, 0, 0, True, B / 4, 0.0)
+    where = _flip(a, b, {B: 8})
+    assert where.startswith("B ~ ") and where.endswith("(numeric)"), where
+    root = float(where.split()[2])
+    assert abs(float((saturating - B / 4).subs(B, root))) < 1e-3 and 200 < root < 260  # 6 digits printed
