@@ -51,7 +51,11 @@ train:
   lr: 4.0e-4
 """
 PAPER = "specs/models/paper/ultramem-v2-2.5b-120b-top256.yaml"
-FULL = {"models": {"UltraMemV2-120B": (PAPER, "memory_tables.*"), "MoE-120B": (MOE_120B, "layers.*.moe.w_*")},
+# The paper spec's 3092^2 rows per table split evenly over no mesh axis above 16 (3092^2 = 2^4 * 597529)
+# and plans split evenly; 3072 keys (3072^2 = 2^20 * 9 rows) divide every mesh here, for 116B in tables
+# instead of 117.5B. Read from the paper spec, the one number changed.
+ULTRAMEM_120B = (Path(__file__).resolve().parents[1] / PAPER).read_text().replace("num_keys: 3092", "num_keys: 3072")
+FULL = {"models": {"UltraMemV2-120B": (ULTRAMEM_120B, "memory_tables.*"), "MoE-120B": (MOE_120B, "layers.*.moe.w_*")},
         "meshes": [("8", "h200-8"), ("8x8", "h200-128x8"), ("128x8", "h200-128x8")]}
 TINY = {"models": {"ultramem-v2-tiny": ("ultramem-v2-tiny", "memory_tables.ring.*"),
                    "moe-tiny": ("moe-tiny", "layers.*.moe.w_*")},
@@ -66,10 +70,10 @@ def placements(mesh: str) -> list[str]:
     return words + (["number,dim"] if axes == 2 else [])
 
 
-def _spec_path(source: str, tmp: Path) -> str:
+def _spec_path(source: str, tmp: Path, model: str) -> str:
     if "\n" not in source:
         return source
-    path = tmp / "moe-120b.yaml"
+    path = tmp / f"{model}.yaml"
     path.write_text(source)
     return str(path)
 
@@ -94,8 +98,8 @@ def plan_points(model: str, spec: str, glob: str, mesh: str, hardware: str, infe
                 plan = api.plan(spec, mesh, hardware=hardware, mode=mode, force=[f"{glob}={words}"],
                                 batch=devices if mode == "infer" else None, seq=1 if mode == "infer" else None)
             except PlanError as exc:
-                rows += [{"model": model, "mesh": mesh, "placement": words, "mode": mode, "batch": b, "error": str(exc)}
-                         for b in batches]
+                rows += [{"model": model, "mesh": mesh, "placement": words, "mode": mode, "batch": b, "error": str(exc),
+                          "planned": b is None or mode == "infer"} for b in batches]
                 continue
             seconds = time.perf_counter() - start
             print(f"planned {model} on {mesh}, {words}, {mode}: {seconds:.1f} s", file=sys.stderr, flush=True)
@@ -172,8 +176,8 @@ def plot(rows: list[dict], models: list[str], mesh: str, path: str) -> None:
 def curves(rows: list[dict], model: str, mesh: str, mode: str) -> dict[str, list[tuple[int, float]]]:
     """Bytes per token at every batch per placement (``model`` on ``mesh`` in ``mode``)."""
     out: dict[str, list[tuple[int, float]]] = {}
-    for r in sorted(rows, key=lambda r: r["batch"]):
-        if r["model"] == model and r["mesh"] == mesh and r["mode"] == mode and "error" not in r:
+    for r in sorted((r for r in rows if "error" not in r), key=lambda r: r["batch"]):
+        if r["model"] == model and r["mesh"] == mesh and r["mode"] == mode:
             out.setdefault(r["placement"], []).append((r["batch"], r["bytes_per_token"]))
     return out
 
@@ -195,7 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         setup["meshes"] = [(m, h) for m, h in setup["meshes"] if m in args.meshes.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        specs = {m: (_spec_path(s, Path(tmp)), g) for m, (s, g) in setup["models"].items()}
+        specs = {m: (_spec_path(s, Path(tmp), m), g) for m, (s, g) in setup["models"].items()}
         if args.load:  # the runs of several processes (one per model, say), put together
             rows = [r for f in args.load.split(",") for r in json.loads(Path(f).read_text())]
             specs = {m: specs[m] for m in dict.fromkeys(r["model"] for r in rows)}
