@@ -391,6 +391,16 @@ BAG_ROWS_ROUTED = dataclasses.replace(
     why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")
 
 
+# UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
+# split on its columns (dimension-wise) pools its own columns, each with its chunk's core: the pooling
+# lines up with the partition instead of gathering the rows' columns first
+VALUE_COLUMNS = Variant(
+    "value_columns", ("S(4)", "B"), "S(2)", "ops.core_pool_columns",
+    "dimension-wise table: each device pools the value columns it holds, each with the weights of the core "
+    "whose chunk holds the column (UltraMem's multi-core scoring), so the split value dim reaches the output",
+    args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+
+
 def _prod(sizes: list[int]) -> int:
     out = 1
     for n in sizes:
@@ -497,6 +507,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expanded_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
     _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
     _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
+         variants=(VALUE_COLUMNS,),
          colour=RETRIEVAL),
     _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
@@ -518,7 +529,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 # ops.py functions that are not graph ops: state derived from parameters between steps, the
 # shard forms variants call, and the losses' float32 upcast under mixed precision
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
-                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned"}
+                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "core_pool_columns"}
 
 
 def op_def(name: str) -> OpDef:

@@ -483,6 +483,17 @@ def core_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor) -> torch.Te
     return torch.einsum("bthmkd,bthkm->btkd", chunks, weights_BTHKM).reshape(b, t, v)
 
 
+def core_pool_columns(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, col_start: int,
+                      total_cols: int) -> torch.Tensor:
+    """``core_pool`` on a dimension-wise shard of the value table: the rows hold columns [col_start,
+    col_start + V) of ``total_cols``, each pooled with the weights of the core whose chunk holds it
+    -> (B, T, V). The value dim needs no gathering before the pooling, whatever the shard's width."""
+    cores, local = weights_BTHKM.shape[-2], rows_BTHMV.shape[-1]
+    columns = torch.arange(col_start, col_start + local, device=rows_BTHMV.device)
+    core_of = torch.div(columns, total_cols // cores, rounding_mode="floor")
+    return torch.einsum("bthmv,bthvm->btv", rows_BTHMV, weights_BTHKM.index_select(-2, core_of))
+
+
 def block_of(virtual_rows: torch.Tensor, block_rows: int) -> torch.Tensor:
     """Implicit value expansion: which of the E virtual blocks a virtual row is in."""
     return torch.div(virtual_rows, block_rows, rounding_mode="floor")
