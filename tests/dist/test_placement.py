@@ -36,11 +36,12 @@ TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memo
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*"}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
-# UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2
-# and the experts inside a node on 2x2), and rows split over both axes (the routed lookup nests)
+# UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
+# pooled per column by core_pool_columns; UltraMemV2 and the experts inside a node on 2x2), and rows
+# split over both axes (the routed lookup nests)
 CASES = {
     2: [("ultramem-tiny", "2", "number"), ("pkm-tiny", "2", "number"), ("memory-plus-tiny", "2", "dim"),
-        ("peer-tiny", "2", "number")],
+        ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
     4: [("ultramem-v2-tiny", "4", "number"), ("moe-tiny", "4", "number"), ("ultramem-tiny", "2x2", "number"),
         ("ultramem-v2-tiny", "2x2", "number,dim"), ("moe-tiny", "2x2", "number,dim")],
 }

@@ -127,3 +127,18 @@ def test_flip_of_an_moe_like_difference_is_found_numerically():
     assert where.startswith("B ~ ") and where.endswith("(numeric)"), where
     root = float(where.split()[2])
     assert abs(float((saturating - B / 4).subs(B, root))) < 1e-3 and 200 < root < 260  # 6 digits printed
+
+
+@pytest.mark.parametrize("shards", [2, 3, 4])
+def test_core_pool_columns_are_slices_of_core_pool(shards):
+    """A dimension-wise shard pools its columns with their chunks' cores: the shards' outputs are the
+    whole core_pool's column slices, whether a shard holds part of a chunk (4 shards of 2 chunks of 6),
+    whole chunks, or straddles two (3 shards of 4 columns)."""
+    torch.manual_seed(1)
+    rows = torch.randn(2, 3, 2, 5, 12, dtype=torch.float64)
+    weights = torch.randn(2, 3, 2, 2, 5, dtype=torch.float64)
+    whole = ops.core_pool(rows, weights)
+    width = 12 // shards
+    for s in range(shards):
+        part = ops.core_pool_columns(rows[..., s * width:(s + 1) * width], weights, s * width, 12)
+        torch.testing.assert_close(part, whole[..., s * width:(s + 1) * width], rtol=0, atol=1e-12)
