@@ -166,7 +166,9 @@ def plot(rows: list[dict], models: list[str], mesh: str, path: str) -> None:
                 ax.plot([b for b, _ in curve], [v for _, v in curve], marker=".", label=placement)
             ax.set(xscale="log", xlabel=f"{'inference' if mode == 'infer' else 'training'} batch (sequences)",
                    ylabel="bytes sent per token (all devices)", title=f"{model}, {mode}, mesh {mesh}")
+            top = max((v for c in curves(rows, model, mesh, mode).values() for _, v in c), default=1.0)
             ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_ylim(bottom=0, top=max(top, 1.0) * 5)
             ax.legend(fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
