@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..compiler import ops, seeded
 from ..passes.plan import CollectivePlan, Plan
-from . import checkpoint, progress, runtime, train_data
+from . import checkpoint, progress, runtime, table_parallel, train_data
 from .emit_kernels import kernels_source
 from .emit_model import model_lines
 from .emit_ops import attr_path, shape_text
@@ -24,7 +24,8 @@ from .text import comment, literal
 from .text import fmt_bytes as _fmt_bytes
 
 VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime, "checkpoint.py": checkpoint,
-            "train_data.py": train_data, "progress.py": progress}
+            "train_data.py": train_data, "progress.py": progress,
+            "table_parallel.py": table_parallel}
 
 
 def _collective_line(c: CollectivePlan, target: str) -> list[str]:
@@ -260,7 +261,8 @@ def emit_program(plan: Plan) -> str:
     parts = [
         _header(plan),
         ["", "import argparse", "import os", "", "import torch", "", "import checkpoint", "import ops",
-         "import progress", "import runtime", "import seeded", "import train_data", ""],
+         "import progress", "import runtime", "import seeded", "import train_data",
+         *(["import table_parallel"] if any(n.call.startswith("table_parallel.") for n in plan.nodes) else []), ""],
         _constants(plan), train_constants(plan), params_table, ["", ""], model_lines(plan), ["", ""],
         _sync_gradients(plan), ["", ""], _loss_value(plan), ["", ""], [MAIN],
     ]

@@ -29,7 +29,7 @@ Every pass and emitter reads these records; no other file keeps a set of op name
   over n devices needs each count divisible by n and divides them in the shard's call (``localize``);
 - ``variants``: shard forms that are not einsum splits, each with its own call, arguments and the
   collectives it runs inside: vocabulary-parallel embedding and cross entropy, expert-parallel
-  MoE (see ``Variant``);
+  MoE, number-wise value tables (see ``Variant``);
 - ``colour``: the fill colour of its box in plan drawings.
 """
 
@@ -349,6 +349,58 @@ EXPERT_PARALLEL_BIASED = Variant(
     args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms)
 
 
+# Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value
+# dim ``d`` that gather_rows' and gather_weighted_sum's dims already give). The UltraMem paper
+# (Huang et al. 2025, sec. 4.7 "training partition") names both partitions; passes/placement.py
+# prices and reports them.
+ROWS_OWNED = Variant(
+    "rows_owned", ("S(0)", "B"), "P", "ops.gather_rows_owned",
+    "number-wise table: each device holds a block of rows and looks up every token's ids, writing zeros "
+    "for rows it does not hold, so the devices' outputs sum to the lookup; the ids are all-gathered "
+    "before and the partial outputs reduced after by ordinary boxing (as Megatron-LM's vocabulary-parallel "
+    "embedding; UltraMem's number-wise partition, Huang et al. 2025)",
+    args=lambda s, a, axes, sizes: (("row_start", shard_start(s[0][0], axes)),))
+BAG_ROWS_OWNED = dataclasses.replace(
+    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_weighted_sum_owned",
+    why=ROWS_OWNED.why + "; the fused bag pools the rows it holds, weighted, and the partial bags are summed")
+
+
+def _routed_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
+    """table_parallel.routed_gather_rows: per axis the routing counts, each pick's id to the row's owner,
+    the row back; the backward sends the rows' gradients to the owners. What a device receives depends
+    on the ids; its mean over devices is what each sends, which the plan predicts."""
+    picks = numel(ins[1])
+    rows = picks * ins[0][1] * BYTES[dtypes[0]]
+    out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "row ids to their owners", picks * 8, dtype="int64"),
+           InternalComm("forward", "all_to_all", "rows back", rows, data_dependent=True, dtype=dtypes[0])]
+    if train:
+        out.append(InternalComm("backward", "all_to_all", "row gradients to their owners", rows, dtype=dtypes[0]))
+    return out
+
+
+ROWS_ROUTED = Variant(
+    "rows_routed", ("S(0)", "S(0)"), "S(0)", "table_parallel.routed_gather_rows",
+    "number-wise table, routed: each device holds a block of rows; every (token, pick) id goes to the "
+    "device owning its row by all_to_all with variable splits and the row comes back the same way "
+    "(UltraMem's number-wise partition, Huang et al. 2025; GShard's dispatch)",
+    args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)), ("num_rows", int(s[0][0]))),
+    comms=_routed_comms)
+BAG_ROWS_ROUTED = dataclasses.replace(
+    ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_weighted_sum",
+    why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")
+
+
+# UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
+# split on its columns (dimension-wise) pools its own columns, each with its chunk's core: the pooling
+# lines up with the partition instead of gathering the rows' columns first
+VALUE_COLUMNS = Variant(
+    "value_columns", ("S(4)", "B"), "S(2)", "ops.core_pool_columns",
+    "dimension-wise table: each device pools the value columns it holds, each with the weights of the core "
+    "whose chunk holds the column (UltraMem's multi-core scoring), so the split value dim reaches the output",
+    args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+
+
 def _prod(sizes: list[int]) -> int:
     out = 1
     for n in sizes:
@@ -400,7 +452,9 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          flops=_attention_flops, dims="bth,bth,bth->bth", whole="t", heads={"h": ("num_heads", "num_kv_heads")},
          variants=(KV_REPLICATED_SDPA,), colour="#f4cccc"),
     _def("gather_weighted_sum", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
-         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd", colour=RETRIEVAL),
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd",
+         variants=(BAG_ROWS_OWNED, BAG_ROWS_ROUTED),
+         colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
@@ -423,7 +477,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
     _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),
     _def("gather_rows", lambda s, a: (*s[1], s[0][1]), sparse=_gather_rows_touch, bytes_read=_ids_and_rows(1),
-         dims=".d,*->*d", colour=RETRIEVAL),
+         dims=".d,*->*d", variants=(ROWS_OWNED, ROWS_ROUTED),
+         colour=RETRIEVAL),
     _def("weighted_sum", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bthkd,bthk->btd", sums="hk",
          linear="each", colour=RETRIEVAL),
     _def("row_dot", lambda s, a: s[1][:-1], flops=lambda i, o, a: 2 * numel(i[1]), dims="btd,bthkd->bthk", sums="d",
@@ -452,6 +507,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expanded_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
     _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
     _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
+         variants=(VALUE_COLUMNS,),
          colour=RETRIEVAL),
     _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
@@ -472,7 +528,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 
 # ops.py functions that are not graph ops: state derived from parameters between steps, the
 # shard forms variants call, and the losses' float32 upcast under mixed precision
-NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32"}
+NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
+                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "core_pool_columns"}
 
 
 def op_def(name: str) -> OpDef:

@@ -287,6 +287,31 @@ def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weig
     return out.view(b, t, table_RD.shape[1])
 
 
+def _owned(indices: torch.Tensor, rows: int, row_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids local to a block of ``rows`` rows starting at ``row_start`` (clamped into it), and which
+    of them it holds."""
+    local = indices - row_start
+    inside = (local >= 0) & (local < rows)
+    return local.clamp(0, rows - 1), inside
+
+
+def gather_rows_owned(table_RD: torch.Tensor, indices: torch.Tensor, row_start: int) -> torch.Tensor:
+    """A number-wise table shard's share of ``gather_rows``: this shard holds rows [row_start,
+    row_start + R); ids outside it read zeros, so the shards' outputs sum to the whole lookup (and
+    only owned rows get gradients here)."""
+    local, inside = _owned(indices, table_RD.shape[0], row_start)
+    return F.embedding(local, table_RD) * inside.unsqueeze(-1).to(table_RD.dtype)
+
+
+def gather_weighted_sum_owned(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor,
+                              row_start: int) -> torch.Tensor:
+    """A number-wise table shard's share of ``gather_weighted_sum``: the picks of rows this shard
+    holds ([row_start, row_start + R)), the others weighted 0, so the shards' outputs sum to the whole
+    bag and each weight's gradient comes from the one shard that holds its row."""
+    local, inside = _owned(indices_BTHK, table_RD.shape[0], row_start)
+    return gather_weighted_sum(table_RD, local, weights_BTHK * inside.to(weights_BTHK.dtype))
+
+
 def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
     """Each token's dot product with each of its selected rows -> (B, T, H, K)."""
     return torch.einsum("btd,bthkd->bthk", x_BTD, rows_BTHKD)
@@ -456,6 +481,17 @@ def core_pool(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor) -> torch.Te
     cores = weights_BTHKM.shape[-2]
     chunks = rows_BTHMV.view(b, t, h, m, cores, v // cores)
     return torch.einsum("bthmkd,bthkm->btkd", chunks, weights_BTHKM).reshape(b, t, v)
+
+
+def core_pool_columns(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, col_start: int,
+                      total_cols: int) -> torch.Tensor:
+    """``core_pool`` on a dimension-wise shard of the value table: the rows hold columns [col_start,
+    col_start + V) of ``total_cols``, each pooled with the weights of the core whose chunk holds it
+    -> (B, T, V). The value dim needs no gathering before the pooling, whatever the shard's width."""
+    cores, local = weights_BTHKM.shape[-2], rows_BTHMV.shape[-1]
+    columns = torch.arange(col_start, col_start + local, device=rows_BTHMV.device)
+    core_of = torch.div(columns, total_cols // cores, rounding_mode="floor")
+    return torch.einsum("bthmv,bthvm->btv", rows_BTHMV, weights_BTHKM.index_select(-2, core_of))
 
 
 def block_of(virtual_rows: torch.Tensor, block_rows: int) -> torch.Tensor:

@@ -84,6 +84,17 @@ def _takes_partial(user: fx.Node, node: fx.Node) -> bool:
     return record is not None and record.linear in ("each", "all")
 
 
+def _internal_cost(node: fx.Node, args: list[fx.Node], cand: AxisSignature, n: int, train: bool) -> tuple:
+    """(bytes per device, collectives, 0) a variant's call sends inside it on one axis (its inputs
+    split as the signature wants on that axis), so that a routed lookup is priced beside the boxing
+    of the all-gathered one."""
+    local = [tuple(int(s) // (n if isinstance(sbp, Split) and d == sbp.dim else 1)
+                   for d, s in enumerate(info(a).concrete_shape or ())) for a, sbp in zip(args, cand.inputs)]
+    comms = cand.variant.comms(local, [info(a).dtype for a in args], info(node).attrs, sympy.Integer(n), train)
+    wire = sum(float(c.payload) * (2 * (n - 1) / n if c.collective == "all_reduce" else (n - 1) / n) for c in comms)
+    return (wire, len(comms), 0)
+
+
 class _Planner:
     def __init__(self, gm: fx.GraphModule, ctx: PlanContext, pins: list[AxisPins]) -> None:
         self.gm, self.ctx, self.pins = gm, ctx, pins
@@ -163,8 +174,11 @@ class _Planner:
         for axis, n in enumerate(self.mesh):
             best, best_cost = None, None
             want = self.pins[axis].signatures.get(node.name)  # chosen by the search (--strategy auto)
+            taken = {c.variant.name for c in chosen if c.variant}  # one variant per node (localize)
             for cand in axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n):
                 if want is not None and cand != want:
+                    continue
+                if cand.variant is not None and taken and cand.variant.name not in taken:
                     continue
                 cost = self._cost(node, args, have, cand, axis, n, pinned)
                 if cost is not None and (best_cost is None or cost < best_cost):
@@ -212,6 +226,8 @@ class _Planner:
             total = _add(total, box_cost(h[axis], want, _nbytes(arg, h, axis, self.mesh), n))
             if total is None:
                 return None
+        if cand.variant is not None and cand.variant.comms is not None:
+            total = _add(total, _internal_cost(node, args, cand, n, self.ctx.mode == "train"))
         out_bytes = _nbytes(node, (), axis, self.mesh)
         if pinned is not None and pinned[axis] is not None:
             total = _add(total, box_cost(cand.output, pinned[axis], out_bytes, n))

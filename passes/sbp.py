@@ -170,11 +170,24 @@ def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
     the layout the steps before it left (an all-gather on axis 1 has already grown the tensor).
 
     A dim split on several axes is split outer axis first; changing an outer axis's split of a dim
-    that an inner axis still splits would need a strided layout, which is refused."""
+    that an inner axis still splits would need a strided layout. When innermost-first meets one,
+    outermost-first is tried (``[P,S(4)] -> [S(0),S(0)]``: reduce-scatter dim 0 on axis 0, then
+    all-to-all each chunk on axis 1, a number-wise table across nodes, dimension-wise within);
+    when both meet one it is refused."""
+    try:
+        return _boxings(src, dst, shape, dtype, reversed(range(len(src))))
+    except PlanError as inner_first:
+        try:
+            return _boxings(src, dst, shape, dtype, range(len(src)))
+        except PlanError:
+            raise inner_first from None
+
+
+def _boxings(src: NdSbp, dst: NdSbp, shape, dtype: str, order) -> list[Boxing]:
     out = []
     sizes = [axis_size(a) for a in range(len(src))]
     layout = list(src)
-    for axis in reversed(range(len(src))):
+    for axis in order:
         if layout[axis] != dst[axis]:
             for entry in (layout[axis], dst[axis]):
                 if isinstance(entry, Split) and any(layout[a] == entry for a in range(axis + 1, len(src))):

@@ -204,9 +204,14 @@ def pin_axes(gm: fx.GraphModule, ctx: PlanContext) -> list[AxisPins]:
 def forced_pins(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, NdSbp]:
     """``--force GLOB=SBP`` pins: node name -> the nd-SBP its consumers must see (one SBP given for a
     2-D mesh applies to every axis); clear errors for text that is not an SBP or matches nothing."""
+    from .placement import is_placement, placement_pins  # placement words: --place TABLE=number|dim|replicate
+
     out: dict[str, NdSbp] = {}
     names = [n.name for n in gm.graph.nodes if n.op != "output"]
     for pattern, text in ctx.forces:
+        if is_placement(text):
+            out.update(placement_pins(gm, ctx, pattern, text))
+            continue
         try:
             nd = parse_nd(text)
         except ValueError as exc:

@@ -73,6 +73,14 @@ def _bucket_arg(p: argparse.ArgumentParser) -> None:
                    help="cap of every gradient bucket in MiB (default as torch DDP: 1 MiB first, then 25)")
 
 
+def _place_arg(p: argparse.ArgumentParser) -> None:
+    """--place: value-table and expert placement (passes/placement.py), pins through --force's list."""
+    p.add_argument("--place", action="append", dest="force", metavar="TABLE=number|dim|replicate",
+                   help="place value tables / expert weights (a glob over canonical parameter names, e.g. "
+                        "'layers.*.pkm.values=number'): rows split, value dim split or replicated; one per mesh "
+                        "axis, comma separated, or one for all; repeatable")
+
+
 def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
     p.add_argument("--mesh", default="1", help="devices: N or NxM (axis 0 spans nodes); default 1")
     p.add_argument("--hardware", default=None, help="hardware spec path or bundled name (default: cpu)")
@@ -86,6 +94,7 @@ def _plan_args(p: argparse.ArgumentParser, *, modes: bool = True) -> None:
                         "'layers_*_attention_q=S(2)'); repeatable")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep every op as written (no fused ops: passes/fuse.py)")
+    _place_arg(p)
     if modes:
         p.add_argument("--mode", choices=("train", "infer"), default="train")
     else:
@@ -303,9 +312,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tables(args: argparse.Namespace) -> int:
+    """``explain SPEC --tables``: per value table / expert group, its placement, bytes moved per step,
+    memory per device and the batch at which the choice would flip (passes/placement_report.py)."""
+    from ultraplan import api
+    from ultraplan.passes.context import Mesh
+    from ultraplan.passes.placement_report import render, table_reports
+
+    mesh = Mesh.parse(args.mesh)
+    reports = table_reports(api.load(args.spec), api.load_hardware(args.hardware), mesh, batch=args.batch,
+                            seq=args.seq, mode=args.mode, strategies=api.parse_strategy(args.strategy, mesh),
+                            forces=api.parse_forces(args.force), fuse=args.fuse)
+    print(render(reports) if reports else "the model has no value tables or expert weights")
+    return 0
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     if _is_plan(args.spec):
         return cmd_explain_plan(args)
+    if getattr(args, "tables", False):
+        return cmd_tables(args)
     if args.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
@@ -391,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default=STAGES[-1], help="the pass after which to stop: " + ", ".join(STAGES))
     p.add_argument("--all", action="store_true", help="plan.json: list every candidate (default: the best 4)")
     p.add_argument("--no-candidates", action="store_true", help="plan.json: the per-layer costs only (no re-pricing)")
+    p.add_argument("--tables", action="store_true", help="instead: per value table / expert group, its placement, "
+                   "bytes moved per step, memory per device and the batch at which the choice would flip")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("diff", help="where two plan.json differ and what each difference costs")
     p.add_argument("a")

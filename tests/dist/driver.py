@@ -16,7 +16,7 @@ import sys
 
 import torch.distributed as dist
 
-NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "train_data")
+NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "table_parallel", "train_data")
 
 
 def run_case(case: dict) -> None:

@@ -35,3 +35,16 @@ def test_plan_scale_bench_runs_on_a_tiny_spec(capsys):
     assert r["seconds"] > r["search_seconds"] > 0 and r["fits"] and r["traced_peak_bytes"] > 0
     assert r["bucket_bound"] == 0  # every gradient bucket key fits its first bucket: the model is exact
     assert abs(r["objective"] - r["step_time"]) <= 1e-9 * r["step_time"]
+
+
+def test_placement_bench_runs_tiny(capsys, tmp_path):
+    bench = runpy.run_path(str(ROOT / "bench" / "placement.py"))
+    rows = bench["main"](["--tiny", "--models", "moe-tiny", "--meshes", "2", "--plot", str(tmp_path / "p.png")])
+    out = capsys.readouterr().out
+    assert "| moe-tiny | 2 | infer | 64 | number |" in out and (tmp_path / "p.png").stat().st_size > 0
+    by = {(r["placement"], r["mode"], r["batch"]): r for r in rows}
+    assert by[("replicate", "infer", 64)]["bytes_per_token"] == 0  # replicated experts: inference sends nothing
+    assert by[("number", "infer", 64)]["bytes_per_token"] > 0  # expert parallelism routes tokens
+    assert by[("number", "train", 8)]["memory"] < by[("replicate", "train", 8)]["memory"]  # experts split
+    chosen = bench["choose"](rows)
+    assert chosen[("moe-tiny", "2", "infer", 64)] in {"number", "dim", "replicate"}

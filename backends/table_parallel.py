@@ -1,0 +1,67 @@
+"""table_parallel.py: number-wise value-table lookups routed to the devices that own the rows.
+
+Copied verbatim beside every emitted program (as runtime.py is); it imports torch and its neighbour
+``runtime`` (the counted, differentiable collectives), nothing of ultraplan. A table placed
+number-wise holds rows [start, start + R) on each device (split outer mesh axis first, as everywhere
+in runtime.py). Each (token, pick) id goes to the device owning its row by all_to_all with variable
+splits, the row comes back the same way: the UltraMem paper's number-wise partition (Huang et al.
+2025, arXiv 2411.12364), and the dispatch GShard uses for experts (runtime.expert_parallel_ffn).
+Over several mesh axes the routing nests: first to the owner's coordinate on the outer axis, there
+to its coordinate on the next, and back in reverse.
+
+Collectives per axis, counted as "all_to_all" by runtime (A = ids this device sends on that axis,
+R = rows it receives there, data-dependent; e the table's element size, D its local width):
+forward 3 calls: counts (n int64), ids (A int64), rows back (R*D*e); backward 1 call: the rows'
+gradients to their owners (A*D*e). Ids have no backward. A device that receives no ids still takes
+part in every call; its table shard then gets a zero gradient.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+try:  # inside the ultraplan package
+    from . import runtime
+except ImportError:  # beside an emitted program
+    import runtime
+
+
+def _route(table, ids, mesh, axes, row_start, rows):
+    """Rows of ``table`` (this device's block) for global ``ids`` (A,) within [row_start, row_start +
+    rows), the rows the devices of ``axes`` hold together."""
+    if not axes:
+        return F.embedding(ids - row_start, table)
+    axis, n = axes[0], mesh.shape[axes[0]]
+    if rows % n:
+        raise ValueError(f"{rows} table rows do not split over mesh axis {axis} of size {n}")
+    block = rows // n
+    group = mesh.group(axis)
+    owner = torch.div(ids - row_start, block, rounding_mode="floor")
+    order = torch.argsort(owner, stable=True)  # by owning coordinate
+    send = torch.bincount(owner, minlength=n)
+    recv = torch.empty_like(send)
+    runtime._count("all_to_all", send)
+    dist.all_to_all_single(recv, send.contiguous(), group=group)
+    send_counts, recv_counts = send.tolist(), recv.tolist()
+    ids_in = runtime._AllToAllRows.apply(ids[order], group, send_counts, recv_counts)
+    rows_in = _route(table, ids_in, mesh, axes[1:], row_start + mesh.coords[axis] * block, block)
+    back = runtime._AllToAllRows.apply(rows_in, group, recv_counts, send_counts)  # in ``order``
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return back[inverse]
+
+
+def routed_gather_rows(table, indices, *, mesh, axes, num_rows):
+    """``ops.gather_rows`` with the table's ``num_rows`` rows split over mesh ``axes``: (..., D) rows
+    for this device's ``indices``, fetched from their owners."""
+    rows = _route(table, indices.reshape(-1), mesh, tuple(axes), 0, int(num_rows))
+    return rows.view(*indices.shape, table.shape[1])
+
+
+def routed_gather_weighted_sum(table, indices, weights, *, mesh, axes, num_rows):
+    """``ops.gather_weighted_sum`` with the table's rows split over mesh ``axes``: the picked rows come
+    from their owners (routed_gather_rows), the weights stay here, and each token's bag is pooled here."""
+    b, t = indices.shape[:2]
+    rows = routed_gather_rows(table, indices, mesh=mesh, axes=axes, num_rows=num_rows)
+    return torch.einsum("bnd,bn->bd", rows.reshape(b * t, -1, table.shape[1]),
+                        weights.reshape(b * t, -1)).view(b, t, table.shape[1])

@@ -1,0 +1,112 @@
+"""Value-table and expert placement by hand: ``--place TABLE=number|dim|replicate``.
+
+A value table (UltraMem, UltraMemV2 values and pre-values, PKM and Memory+'s shared values, PEER's
+down and up tables: the parameters of the ``values`` optimizer group) or an MoE expert weight is
+placed per mesh axis in one of three ways (the UltraMem paper's partitions, Huang et al. 2025,
+arXiv 2411.12364 sec. 4.7; experts: GShard's expert parallelism and Megatron's expert width split):
+
+- ``replicate`` (``B``): every device holds the whole table; lookups are local, gradients reduced;
+- ``number`` (``S(0)``: rows, or the expert index): each device holds a block of rows; the lookup
+  runs the op table's ``rows_owned`` variant (ids all-gathered, zeros for rows held elsewhere,
+  partial outputs summed) or, for experts, ``expert_parallel`` (tokens routed by all_to_all);
+- ``dim`` (``S(1)``: the value dim; experts: their hidden width as tensor parallelism splits it):
+  each device holds a slice of every row and reads it for every token (the einsum split of the
+  value dim ``d`` in gather_rows' dims ``.d,*->*d``).
+
+These are pins on the parameter nodes, resolved here and handed to the ``--force`` machinery
+(``strategies.forced_pins``): the parameter is stored and used as placed, and the propagation or
+the search (``--strategy auto``) picks the lookup's signature, the boxing and its collectives. One
+word applies to every mesh axis; ``number,dim`` gives one per axis (number-wise across nodes,
+dimension-wise inside a node on a 2-D mesh). TABLE is a glob over canonical parameter names
+(``layers.1.pkm.values``, ``memory_tables.ring.*``, ``layers.*.moe.w_*``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import fx
+
+from ..compiler.node_info import info
+from .context import PlanContext, PlanError
+from .sbp import Broadcast, NdSbp, Sbp, Split
+
+PLACEMENTS = ("number", "dim", "replicate")
+# MoE expert weights and where their expert index / hidden width sit: (component, own name) -> (number, dim)
+EXPERT_DIMS: dict[tuple[str, str], tuple[int, int | None]] = {
+    ("moe", "w_up"): (0, 1), ("moe", "w_gate"): (0, 1), ("moe", "w_down"): (0, 2),
+    ("moe", "b_up"): (0, 1), ("moe", "b_gate"): (0, 1),
+}
+
+
+def is_placement(text: str) -> bool:
+    """Is ``text`` (the right side of a ``--force``/``--place``) placement words, not SBPs?"""
+    return all(part.strip() in PLACEMENTS for part in text.split(","))
+
+
+def _own(node: fx.Node) -> tuple[str, str]:
+    return info(node).component, info(node).param.name.rsplit(".", 1)[-1]
+
+
+def placed_dims(node: fx.Node) -> tuple[int, int | None] | None:
+    """(number-wise dim, dimension-wise dim) of a table or expert parameter; None for any other."""
+    rec = info(node)
+    if rec.op != "param":
+        return None
+    if rec.param.group == "values":
+        return 0, 1 if len(rec.param.shape) > 1 else None
+    return EXPERT_DIMS.get(_own(node))
+
+
+def table_params(gm: fx.GraphModule) -> list[fx.Node]:
+    """The parameter nodes a placement applies to: value tables and expert weights."""
+    return [n for n in gm.graph.nodes if placed_dims(n) is not None]
+
+
+def _sbp(word: str, dims: tuple[int, int | None], name: str, text: str) -> Sbp:
+    if word == "replicate":
+        return Broadcast()
+    dim = dims[0] if word == "number" else dims[1]
+    if dim is None:
+        raise PlanError(f"--place {name}={text}: {name} has no value dim to split; use number or replicate")
+    return Split(dim)
+
+
+def placement_pins(gm: fx.GraphModule, ctx: PlanContext, pattern: str, text: str) -> dict[str, NdSbp]:
+    """Parameter node -> the nd-SBP it is stored and used in, for one ``--place PATTERN=TEXT``."""
+    words = [w.strip() for w in text.split(",")]
+    axes = len(ctx.mesh.shape)
+    if len(words) == 1:
+        words *= axes
+    if len(words) != axes:
+        raise PlanError(f"--place {pattern}={text}: {len(words)} placements for a mesh of {axes} axes ({ctx.mesh}); "
+                        "give one, or one per axis separated by commas")
+    tables = table_params(gm)
+    matched = [n for n in tables if fnmatch.fnmatchcase(info(n).param.name, pattern)]
+    if not matched:
+        names = sorted({info(n).param.name for n in tables})
+        listing = ", ".join(names[:6]) + (" ..." if len(names) > 6 else "") if names else "none: the model has none"
+        raise PlanError(f"--place {pattern}={text}: no value table or expert weight matches {pattern!r} (a glob over "
+                        f"canonical parameter names; tables: {listing})")
+    out: dict[str, NdSbp] = {}
+    for node in matched:
+        name, dims = info(node).param.name, placed_dims(node)
+        nd = tuple(_sbp(w, dims, name, text) for w in words)
+        for axis, entry in enumerate(nd):
+            if not isinstance(entry, Split):
+                continue
+            size = info(node).param.shape[entry.dim]
+            if size % _split_over(nd, entry, ctx.mesh.shape):
+                raise PlanError(f"--place {pattern}={text}: {name} {info(node).param.shape} dim {entry.dim} of size "
+                                f"{size} does not split over the mesh {ctx.mesh} axes placing it {words[axis]}; "
+                                "use a mesh whose axes divide it, or replicate")
+        out[node.name] = nd
+    return out
+
+
+def _split_over(nd: NdSbp, entry: Sbp, mesh: tuple[int, ...]) -> int:
+    devices = 1
+    for axis, e in enumerate(nd):
+        if e == entry:
+            devices *= mesh[axis]
+    return devices
