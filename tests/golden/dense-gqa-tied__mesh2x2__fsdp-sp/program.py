@@ -8,7 +8,7 @@
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
 #     step time         3.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 14*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
-#     memory            1.05 MB per device
+#     memory            1.06 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
