@@ -89,8 +89,10 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
             var = v.fresh(local[block.outputs[k]] if loop else ("x" if base == "x" else identifier(first.outputs[k])))
         out_vars.append(var)
     args = [v.names.values[i] for i in first.inputs]
+    prefetching = bool(plan.gather_groups)  # each layer prefetches the next one's gather groups
     if not loop:
-        lines.append(f"        {', '.join(out_vars)} = self.layers[{run.start}]({', '.join(args)})")
+        following = [f"following=self.layers[{run.start + 1}]"] if prefetching and run.stop < len(plan.layer_calls) else []
+        lines.append(f"        {', '.join(out_vars)} = self.layers[{run.start}]({', '.join(args + following)})")
         v.names.values.update(zip(first.outputs, out_vars))
         return lines
     lists = {k: v.fresh(f"{local[block.outputs[k]]}_per_layer") for k in run.collected}
@@ -99,7 +101,11 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
     loop_args = [out_vars[into[j]] if j in into else args[j] for j in range(len(args))]
     sliced = "self.layers" if (run.start, run.stop) == (0, len(plan.layer_calls)) else \
         f"self.layers[{run.start}:{run.stop}]"
-    lines.append(f"        for layer in {sliced}:")
+    if prefetching:
+        lines.append(f"        for layer, following in runtime.with_following(self.layers, {run.start}, {run.stop}):")
+        loop_args.append("following=following")
+    else:
+        lines.append(f"        for layer in {sliced}:")
     lines.append(f"            {', '.join(out_vars)} = layer({', '.join(loop_args)})")
     lines += [f"            {var}.append({out_vars[k]})" for k, var in lists.items()]
     for pos, call in enumerate(calls):

@@ -74,6 +74,25 @@ def _refresh(plan: Plan, buffers: list[str], prefix: str) -> list[str]:
     return lines
 
 
+def _shards(g: GatherGroupPlan, names: Names, nodes: dict) -> str:
+    return ", ".join(names.values[nodes[m].args[0]] for m in g.nodes)
+
+
+FOLLOWING = ["        if following is not None:  # the next layer's gather groups travel while this layer computes",
+             "            following.prefetch()"]
+
+
+def _prefetch_method(groups: list[GatherGroupPlan], names: Names, nodes: dict) -> list[str]:
+    """``prefetch()``: start this layer's gather groups ahead of its forward (runtime.prefetch_group),
+    called by the layer before it, as FSDP2 prefetches the next module's all-gather."""
+    lines = ["", "    def prefetch(self):",
+             '        """Start this layer\'s gather groups now; its forward\'s runtime.gather_group takes them."""']
+    for g in groups:
+        lines.append(f"        runtime.prefetch_group(({_shards(g, names, nodes)}), self.mesh, "
+                     f"axis={g.steps[0].axis}, dims={literal(g.dims)})")
+    return lines if groups else [*lines, "        return  # this layer gathers nothing"]
+
+
 def _gather_lines(g: GatherGroupPlan, names: Names, local: dict[str, str], nodes: dict) -> list[str]:
     """One ``runtime.gather_group`` call for a layer's gather group (passes/gather_groups.py)."""
     out = []
@@ -81,7 +100,7 @@ def _gather_lines(g: GatherGroupPlan, names: Names, local: dict[str, str], nodes
         phase = "" if c.phase == "forward" else f" ({c.phase})"
         out.append(f"        # plan{phase}: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
                    f"{c.collective}, {fmt_bytes(c.payload_bytes.value)}: {names.text(c.reason)}")
-    shards = ", ".join(names.values[nodes[m].args[0]] for m in g.nodes)
+    shards = _shards(g, names, nodes)
     targets = [f"            {local[m]},  # {shape_text(nodes[m].local_shape)} [{nodes[m].sbp_out}]" for m in g.nodes]
     for m in g.nodes:
         names.values[m] = local[m]
@@ -111,14 +130,22 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
         names.values[state.node] = attr_path("self", name.removeprefix(head))
         rename[state.node] = identifier(name.removeprefix(head))
     names = Names(names.values, rename)
-    lines += ["", f"    def forward(self, {', '.join(block.inputs)}):"]
-    gathers = {name: g for g in plan.gather_groups if g.layer == block.layers[0] for name in g.nodes}
+    prefetching = bool(plan.gather_groups)  # every layer's forward may prefetch the next one's groups
+    inputs = [*block.inputs, "following=None"] if prefetching else list(block.inputs)
+    lines += ["", f"    def forward(self, {', '.join(inputs)}):"]
+    own = [g for g in plan.gather_groups if g.layer == block.layers[0]]
+    prefetch = _prefetch_method(own, names, nodes) if prefetching else []
+    gathers = {name: g for g in own for name in g.nodes}
+    if prefetching and not own:
+        lines += FOLLOWING
     group = None
     for name in block.nodes:
         node = nodes[name]
         if name in gathers:
             if name == gathers[name].nodes[0]:
                 lines += _gather_lines(gathers[name], names, local, nodes)
+                if gathers[name] is own[-1]:
+                    lines += FOLLOWING
             continue
         heading = re.sub(r"^layers\.\d+\.?", "", layer_group(node.layer))
         if heading != group:
@@ -127,6 +154,7 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
         constants = {attr: f"self.{const[(n, attr)]}" for n, attr in const if n == name}
         lines += node_lines(node, names, local[name], constants, "        ")
     lines.append(f"        return {', '.join(local[o] for o in block.outputs)}")
+    lines += prefetch
     refresh = _refresh(plan, list(block.buffers), head)
     if refresh:
         lines += ["", "    @torch.no_grad()", "    def refresh_state(self):",

@@ -585,6 +585,7 @@ def key_balance_loss(counts_CN: torch.Tensor, prob_sums_CN: torch.Tensor, k: int
     weight * sum over the halves of N sum_i f_i P_i, f_i the share of the half's picks that went to
     key i, P_i its mean probability over tokens and heads. From whole-batch sums, as ``balance_loss``:
     the (token, head) count of a half is its picks / k."""
+    prob_sums_CN = _at_least_fp32(prob_sums_CN)  # a loss: float32 under mixed precision, as balance_loss
     counts_CN = counts_CN.to(prob_sums_CN.dtype)
     picks = counts_CN.sum(dim=-1, keepdim=True)
     share = counts_CN / picks

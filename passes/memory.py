@@ -13,13 +13,16 @@
 Every term but the first three is counted in the dtype the precision pass gave each value
 (bfloat16 activations are 2 B an element); the rules below scale with those bytes.
 
-Saved tensors follow one rule per op kind (``SAVES``), calibrated against what autograd really
-saves (``torch.autograd.graph.saved_tensors_hooks`` on each op of every bundled tiny spec, the
-same hooks the emitted program uses to measure): an op saves nothing unless some tensor input
+Saved tensors follow one rule per op kind (``SAVES``; every differentiable op of the op table has
+one, possibly ``NOTHING``), derived from the op's torch code and checked op by op against what
+autograd really saves (``torch.autograd.graph.saved_tensors_hooks``, the same hooks the emitted
+program uses to measure; tests/unit/test_memory.py): an op saves nothing unless some tensor input
 needs a gradient; then it saves some of its inputs, perhaps its output, and intermediates of its
 own (``internal``, in bytes of its output ``O`` and inputs ``I``). A value saved by several ops
-(``x`` read by the q, k and v projections) is counted once. Inputs that are parameters are not
-activations; inputs that are fsdp gathers of parameters are ``gathered_parameters``.
+(``x`` read by the q, k and v projections) is counted once, and a view (``view_of``) as the value
+whose storage it shares. Inputs that are parameters are not activations (their compute copies under
+mixed precision are ``param_copies``); inputs that are fsdp gathers of parameters are
+``gathered_parameters``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class Saves:
     inputs: tuple[int, ...] = ()
     output: bool = False
     internal: Internal | None = None
+    view_of: int | None = None  # the output is a view of this input: keeping it keeps that input's storage
 
 
 def _attention(out, ins, node, local_out):
@@ -56,10 +60,16 @@ def _attention(out, ins, node, local_out):
     return 3 * out + out * t / e + t * t
 
 
+def _sdpa(out, ins, node, local_out):
+    # scaled_dot_product_attention (CPU flash kernel, torch 2.x) keeps q, k, v, its output and one
+    # float32 log-sum-exp per query and head whatever the compute dtype, never the (B, H, T, T) probabilities
+    return out / _attr(node, "head_dim") * 4 / _width(node)
+
+
 def _cross_entropy(out, ins, node, local_out):
     # the log-probabilities, in at least float32 (ops.cross_entropy upcasts 16-bit logits; the
     # vocabulary-parallel form keeps exp(z - max) the same way), the targets, the loss
-    width = BYTES_PER_ELEMENT[info(tensor_args(node)[0]).dtype]
+    width = _width(tensor_args(node)[0])
     return ins[0] * max(4, width) / width + ins[1] + out
 
 
@@ -67,23 +77,107 @@ def _attr(node: fx.Node, name: str):
     return info(node).attrs[name]
 
 
-def _norm_stats(out, ins, node, local_out):  # mean and 1/std per row (layer_norm) or 1/rms (rms_norm)
-    return 2 * out / local_out[-1]
+def _width(node: fx.Node) -> int:
+    """Bytes per element of a value (its dtype after the precision pass)."""
+    return BYTES_PER_ELEMENT[info(node).dtype]
 
+
+def _last_dim(position: int) -> Callable[[fx.Node], sympy.Expr]:
+    """The length of an input's last dim (a norm's group: its weight's length)."""
+    return lambda node: info(tensor_args(node)[position]).shape[-1]
+
+
+def _rms_stats(group: Callable[[fx.Node], sympy.Expr]) -> Internal:
+    # x * rsqrt(mean(x^2) + eps) * w keeps x * rsqrt(...) (O) and rsqrt(...), one per group of
+    # ``group`` features (the mul by w keeps the first, the mul by rsqrt keeps the second; pow keeps x)
+    return lambda o, i, n, s: o + o / group(n)
+
+
+def _layer_stats(group: Callable[[fx.Node], sympy.Expr]) -> Internal:
+    # F.layer_norm keeps mean and 1/std per group of ``group`` features, in the input's dtype on the
+    # CPU (aten/src/ATen/native/layer_norm.cpp; the CUDA kernel keeps them in float32, a difference
+    # of 2 / group of the output's bytes under bf16)
+    return lambda o, i, n, s: 2 * o / group(n)
+
+
+def _rope(out, ins, node, local_out):
+    # cos and sin of the angles, (1, T, 1, head_dim / 2) each in the value's dtype (the muls keep them)
+    return local_out[1] * _attr(node, "head_dim") * _width(node)
+
+
+def _tucker_scores(out, ins, node, local_out):
+    # the einsum's batched matmul makes the query contiguous as (H, 2, R, B T, D): each head's, half's
+    # and rank's query (repeated to shared heads, expanded to R ranks) is a copy; the keys are a view
+    d, n = info(tensor_args(node)[1]).shape[-1], local_out[-1]
+    return out / n * d
+
+
+def _tucker_grid(out, ins, node, local_out):
+    # row x core: the rows (half of the kept scores) and the cores made contiguous for the batched
+    # matmul (copies), and its (B, T, H, K, R, M) product, kept by the second product, which also keeps
+    # the columns: a view of the kept scores, so their whole storage (I0)
+    cores = info(tensor_args(node)[1]).shape[1]
+    return ins[0] * (1 + (1 + cores) / 2) + ins[1]
+
+
+def _loss_shares(out, ins, node, local_out):
+    # balance_loss / key_balance_loss: share * mean_prob keeps the (non-differentiable) shares, one per
+    # expert or key, and mean_prob = prob_sums / (assignments / k) keeps its divisor (one per row of
+    # the sums: a scalar, or one per key half); in at least float32 (ops._at_least_fp32)
+    sums = tensor_args(node)[1]
+    shape = info(sums).shape
+    return (numel(shape) + numel(shape[:-1])) * max(4, _width(sums))
+
+
+def _expert_ffn(out, ins, node, local_out):
+    # per routed token (B T K of them), as ops.expert_ffn's loop keeps them: the token's row h, the
+    # down projection's output y, y * gate (index_add keeps its source) (D each); up, gate, silu(gate)
+    # and their product (swiglu: 4 F) or up and gelu(up) (2 F); the gate (1), all in the output's
+    # dtype; and nonzero's (token, slot) pair (two int64: 16 B). F is this device's share of the experts'
+    # width (tensor parallelism splits it), read off the local bytes of w_up (E, F, D)
+    args = tensor_args(node)
+    experts, _, d = info(args[3]).shape
+    k, width = info(args[1]).shape[-1], ins[3] / (experts * d * _width(args[3]))
+    e = _width(node)
+    hidden = 4 if _attr(node, "activation") == "swiglu" else 2
+    tokens = out / e / d
+    return tokens * k * ((3 * d + hidden * width + 1) * e + 16)
+
+
+def _expert_bias(out, ins, node, local_out):
+    # the chosen experts' bias rows (B, T, K, D), kept by the product with the gates
+    return out * info(tensor_args(node)[0]).shape[-1]
+
+
+NOTHING = Saves()  # sums, slices, adds: their backward needs no tensor
 
 SAVES: dict[str, Saves] = {
     "linear": Saves((0, 1)),
+    "bias_add": NOTHING,
     "embedding": Saves((0,)),
-    "embedding_rows": Saves((0,)),
-    "rms_norm": Saves((0, 1), internal=lambda o, i, n, s: o + _norm_stats(o, i, n, s)),  # x * rsqrt(...)
-    "layer_norm": Saves((0, 1, 2), internal=_norm_stats),
-    "group_layer_norm": Saves((0, 1, 2), internal=lambda o, i, n, s: 2 * o * 4 / i[1]),  # per group
+    "add_positions": NOTHING,
+    "rms_norm": Saves((0, 1), internal=_rms_stats(_last_dim(0))),
+    "layer_norm": Saves((0, 1, 2), internal=_layer_stats(_last_dim(0))),
+    "head_rms_norm": Saves((0, 1), internal=_rms_stats(_last_dim(1))),  # per head: E = the weight's length
+    "group_rms_norm": Saves((0, 1), internal=_rms_stats(_last_dim(1))),  # per group: G = the weight's length
+    "group_rms_norm_biased": Saves((0, 1), internal=_rms_stats(_last_dim(1))),  # + bias keeps nothing
+    "group_layer_norm": Saves((0, 1, 2), internal=_layer_stats(_last_dim(1))),
+    "group_layer_norm_unbiased": Saves((0, 1), internal=_layer_stats(_last_dim(1))),
+    "rope": Saves(internal=_rope),
     "causal_attention": Saves(internal=_attention),
+    "sdpa_attention": Saves((0, 1, 2), output=True, internal=_sdpa),
     "swiglu": Saves((0, 1), internal=lambda o, i, n, s: o),  # silu(gate)
     "gelu": Saves((0,)),
     "activation": Saves((0,)),
+    "sigmoid": Saves(output=True),
+    "normalize_sum": Saves((0,), internal=lambda o, i, n, s: o / s[-1]),  # x and its sum per row
     "mul": Saves((0, 1)),
-    "add": Saves(),
+    "add": NOTHING,
+    "leading_features": Saves(view_of=0),  # x[..., :width]
+    "grid_scores": NOTHING,
+    "sum_cores": NOTHING,
+    "column_sums": NOTHING,
+    "half_prob_sums": NOTHING,
     "softmax": Saves(output=True),
     "topk_indices": Saves(output=True),
     "cross_entropy": Saves(internal=_cross_entropy),
@@ -95,53 +189,41 @@ SAVES: dict[str, Saves] = {
     "take_cores": Saves((0, 1)),
     "take_ranked": Saves((0, 1)),
     "gather_rows": Saves((1,)),
+    # embedding_bag (mode="sum", per_sample_weights) keeps the table (a parameter, or its bf16 copy),
+    # the ids, the weights and three int64 arrays of one entry per token (offsets, bag sizes), never
+    # the (B, T, H, K, D) gathered rows
+    "gather_weighted_sum": Saves((0, 1, 2), internal=lambda o, i, n, s: 3 * 8 * numel(s[:-1])),
     "rank_one_scores": Saves((1,)),
+    "tucker_scores": Saves((1,), internal=_tucker_scores),
     "core_pool": Saves((1,), internal=lambda o, i, n, s: i[0]),  # the rows regrouped into chunks
     "ive_pool": Saves((0, 2), internal=lambda o, i, n, s: i[1]),
-    "tucker_grid": Saves((0,), internal=lambda o, i, n, s: 1.5 * i[0]),  # row x core
-    "tucker_scores": Saves((1,), internal=lambda o, i, n, s: 4 * i[0]),  # q split into query ranks
-    "balance_loss": Saves(internal=lambda o, i, n, s: 17 * o),
+    "tucker_grid": Saves(internal=_tucker_grid),
+    "expert_ffn": Saves((3, 4, 5), internal=_expert_ffn),
+    "expert_ffn_biased": Saves((3, 4, 5), internal=_expert_ffn),  # the biases: nothing more
+    "expert_bias": Saves((0, 1), internal=_expert_bias),
+    "balance_loss": Saves(internal=_loss_shares),
+    "key_balance_loss": Saves(internal=_loss_shares),
 }
 
 
-def _expert_ffn(out, ins, node, local_out):
-    # per routed token (B T K of them): h and y (D each), up, gate, silu(gate), act (F each) in the
-    # output's dtype, and its token index, slot and gate (three more words: 12 B)
-    args = tensor_args(node)
-    k, width, d = info(args[1]).shape[-1], info(args[3]).shape[1], local_out[-1]
-    e = BYTES_PER_ELEMENT[info(node).dtype]
-    tokens = out / e / d
-    return tokens * k * ((2 * d + 4 * width) * e + 12)
-
-
-# scaled_dot_product_attention (CPU flash kernel, torch 2.x) keeps q, k, v, its output and one
-# float logsumexp per (batch, head, position), never the (B, H, T, T) probabilities
-# the float32 log-sum-exp per query and head, whatever the compute dtype (torch's CPU flash kernel)
-SAVES["sdpa_attention"] = Saves((0, 1, 2), output=True, internal=lambda o, i, n, s: (
-    o / _attr(n, "head_dim") * BYTES_PER_ELEMENT["float32"] / BYTES_PER_ELEMENT[info(n).dtype]))
-# embedding_bag (mode="sum", per_sample_weights) keeps the ids, the weights and three int64 arrays
-# of one entry per token (offsets, bag sizes), never the (B, T, H, K, D) gathered rows
-SAVES["gather_weighted_sum"] = Saves((1, 2), internal=lambda o, i, n, s: 3 * 8 * numel(s[:-1]))
-SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
-
-
 def _expert_parallel_ffn(out, ins, node, local_out):
-    # runtime.expert_parallel_ffn (experts split over a mesh axis), in four-byte words. Per (token,
-    # slot) assignment of this device (A = tokens x K): the rows sent back and their gate-weighted
-    # copy (D each: saved by the product and by index_add), the gate (1), the sort order and the
-    # token index (int64: 2 each). Per row received (R, routing-dependent; its mean over the devices
-    # of the axis is A): the row (D, saved by the up and gate projections), the expert's output (D,
-    # saved by index_add), up, gate, silu(gate) and their product (4 F; gelu: up and its value, 2 F)
-    # and the row's index (int64: 2). Measured with saved_tensors_hooks on moe-tiny, ep on 2
-    # devices: 236,544 bytes per layer in the mean over devices, A (4 D + 4 F + 7) words exactly.
+    # runtime.expert_parallel_ffn (experts split over a mesh axis), e the element size of x. Per
+    # (token, slot) assignment of this device (A = tokens x K): the rows sent back and their
+    # gate-weighted copy (D each: saved by the product and by index_add), the gate (1), the sort order
+    # and the token index (int64: 16 B). Per row received (R, routing-dependent; its mean over the
+    # devices of the axis is A): the row (D, saved by the up and gate projections), the expert's
+    # output (D, saved by index_add), up, gate, silu(gate) and their product (4 F; gelu: up and its
+    # value, 2 F) and the row's index (int64: 8 B). Measured with saved_tensors_hooks on moe-tiny, ep
+    # on 2 devices: 236,544 bytes per layer in float32 in the mean over devices, exactly this.
     args = tensor_args(node)
     k, width, d = info(args[1]).shape[-1], info(args[3]).shape[1], local_out[-1]
-    assignments = out / 4 / d * k
+    e = _width(node)
+    assignments = out / e / d * k
     hidden = 4 if _attr(node, "activation") == "swiglu" else 2
-    return assignments * (4 * d + hidden * width + 7) * 4
+    return assignments * ((4 * d + hidden * width + 1) * e + 24)
 
 
-EXPERT_PARALLEL = Saves(internal=_expert_parallel_ffn)  # the weights are parameters: not activations
+EXPERT_PARALLEL = Saves((3, 4, 5), internal=_expert_parallel_ffn)  # the local experts' weights, as expert_ffn
 
 
 def _rule(node: fx.Node) -> Saves | None:
@@ -166,6 +248,15 @@ def _is_gathered_param(node: fx.Node) -> bool:
     return info(node).op == "boxing" and _is_param(node.args[0])
 
 
+def _storage(value: fx.Node) -> fx.Node:
+    """The value whose storage ``value`` lives in: itself, or the base of a view op (``view_of``)."""
+    rule = SAVES.get(info(value).op)
+    while value.op == "call_function" and rule is not None and rule.view_of is not None:
+        value = tensor_args(value)[rule.view_of]
+        rule = SAVES.get(info(value).op)
+    return value
+
+
 def saved_bytes(gm: fx.GraphModule, sizes: list, master: str = "float32") -> tuple[sympy.Expr, sympy.Expr,
                                                                                      sympy.Expr]:
     """(activations, gathered parameters, parameter compute copies) autograd keeps for the backward,
@@ -186,7 +277,7 @@ def saved_bytes(gm: fx.GraphModule, sizes: list, master: str = "float32") -> tup
         out, dims = _local_bytes(node, sizes)
         ins = [_local_bytes(a, sizes)[0] for a in args]
         kept = [args[i] for i in rule.inputs if i < len(args)] + ([node] if rule.output else [])
-        for value in kept:
+        for value in map(_storage, kept):
             if _is_param(value):
                 if info(value).dtype != master:
                     copies[value.name] = _local_bytes(value, sizes)[0]

@@ -453,6 +453,21 @@ def case_gather_group(mesh):
             equal(out.detach(), full, f"gather_group parameter {k}")
             want = sum(randn(("gg-g", k, c), shapes[k]) for c in group).chunk(n, d)[me]
             close(shard.grad, want, f"gather_group gradient {k}")
+        # two groups, the second prefetched while the first "computes": the same calls and bytes,
+        # the same values; each reduce-scatter is waited for when its shards' gradients are due
+        fresh = [s.detach().clone().requires_grad_() for s in shards]
+        halves = [fresh[:2], fresh[2:]]
+        with Expect({"all_gather": (2, local), "reduce_scatter": (2, n * local)}):
+            first = runtime.gather_group(halves[0], mesh, axis, dims[:2])
+            runtime.prefetch_group(halves[1], mesh, axis, dims[2:])
+            first = [2 * out for out in first]  # the layer before computing
+            second = runtime.gather_group(halves[1], mesh, axis, dims[2:])
+            torch.autograd.backward([*first, *second], [g / 2 if k < 2 else g for k, g in enumerate(grads)])
+        assert not runtime._PREFETCHED
+        for k, (out, full, shard, d) in enumerate(zip([*first, *second], fulls, fresh, dims)):
+            equal(out.detach(), full * (2 if k < 2 else 1), f"prefetched gather_group parameter {k}")
+            want = sum(randn(("gg-g", k, c), shapes[k]) for c in group).chunk(n, d)[me]
+            close(shard.grad, want, f"prefetched gather_group gradient {k}")
 
 
 DATA_LAYOUTS = {(4,): [("S(0)",), ("S(1)",), ("B",)],

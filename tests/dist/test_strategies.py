@@ -234,3 +234,15 @@ def test_bf16_program_in_float64_equals_eager(strategy_run):
         ref_losses, ref_params = reference(case["spec"], "float64")
         diffs = relative_differences(result["losses"], ref_losses, torch.load(result["params"]), ref_params)
         assert diffs["loss"] <= TOLERANCES["float64"]["loss"] and diffs["params"] <= TOLERANCES["float64"]["params"]
+
+
+def test_saved_activation_bytes_as_predicted(strategy_run):
+    """What autograd saved in each float32 run's first step (bf16 programs too) is the plan's
+    prediction within 10%, as tests/dist/test_saved_bytes.py holds it, on every strategy and mesh."""
+    off = []
+    for case in _cases(strategy_run, "float32", bf16=None):
+        saved = saved_report(api.read_plan(case["dir"]), json.loads(open(case["dump"]).read()))
+        measured, predicted = saved["saved_activation_bytes_measured"], saved["saved_activation_bytes_predicted"]
+        if not abs(predicted - measured) <= 0.1 * measured:
+            off.append((case["spec"], case["mesh"], case["strategy"], case.get("bf16", False), measured, predicted))
+    assert not off, off

@@ -8,7 +8,7 @@
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
 #     step time         0.969 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 4*lat0*(n0 - 1) + 4*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
-#     memory            2.20 MB per device
+#     memory            2.21 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.

@@ -8,7 +8,7 @@
 #     forward+backward  1.097e+08 FLOP in all
 #     communication     522.63 kB sent per device
 #     step time         3.036 ms = 2304*B*T*(T + 224)/(n0*n1*peak) + 14*lat0*(n0 - 1) + 36*lat1*(n1 - 1) + 8/bw1 - 8/(bw1*n1) + 8*(899*B*T + 896)/(bw1*n0) - 8*(899*B*T + 896)/(bw1*n0*n1) + 7176/bw0 + 688128/(bw0*n1) - 7176/(bw0*n0) - 688128/(bw0*n0*n1)
-#     memory            1.05 MB per device
+#     memory            1.06 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -113,7 +113,7 @@ class GqaBlock(torch.nn.Module):
         # ffn.w_down (64, 128): stored [S(0),S(1)], used as [B,S(1)], 8.19 kB per device
         self.ffn.w_down = runtime.param(prefix + 'ffn.w_down', (64, 128), 'normal', 0.008164965809277261, seed, mesh, ('S(0)', 'S(1)'), seeded.init_shard)
 
-    def forward(self, x):
+    def forward(self, x, following=None):
         # plan: S(0)/S(1) -> B on mesh axis 0 (2 devices), all_gather, 27.14 kB: gather group of layer 0: its 10 sharded parameters in one flat buffer, one all-gather (FSDP2's foreach_all_gather)
         # plan (backward): P -> S(0)/S(1) on mesh axis 0 (2 devices), reduce_scatter, 54.27 kB: the dual of layer 0's gather group: one reduce-scatter of its concatenated gradients
         (
@@ -128,6 +128,8 @@ class GqaBlock(torch.nn.Module):
             ffn_w_up_B_S0,  # (64, 64) [B,S(0)]
             ffn_w_down_B_S1,  # (64, 64) [B,S(1)]
         ) = runtime.gather_group((self.attention.norm.weight, self.attention.norm.bias, self.attention.wq, self.attention.wk, self.attention.wv, self.attention.wo, self.ffn.norm.weight, self.ffn.norm.bias, self.ffn.w_up, self.ffn.w_down), self.mesh, axis=0, dims=(0, 0, 1, 1, 1, 0, 0, 0, 1, 0))
+        if following is not None:  # the next layer's gather groups travel while this layer computes
+            following.prefetch()
         # ---- attention
         attention_norm_normed = ops.layer_norm(x, attention_norm_weight_B_B, attention_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: attention_q (linear) takes attention_norm_normed as [S(0),B]
@@ -153,6 +155,10 @@ class GqaBlock(torch.nn.Module):
         ffn_down_S0_S1 = runtime.reduce_scatter(ffn_down, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
         ffn_residual = ops.add(attention_residual, ffn_down_S0_S1)  # (B/2, T/2, 64) [S(0),S(1)]
         return ffn_residual
+
+    def prefetch(self):
+        """Start this layer's gather groups now; its forward's runtime.gather_group takes them."""
+        runtime.prefetch_group((self.attention.norm.weight, self.attention.norm.bias, self.attention.wq, self.attention.wk, self.attention.wv, self.attention.wo, self.ffn.norm.weight, self.ffn.norm.bias, self.ffn.w_up, self.ffn.w_down), self.mesh, axis=0, dims=(0, 0, 1, 1, 1, 0, 0, 0, 1, 0))
 
 
 class Model(torch.nn.Module):
@@ -183,8 +189,8 @@ class Model(torch.nn.Module):
         # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: x is pinned [S(0),S(1)] (sp on axis 1)
         x_S0_S1 = runtime.reduce_scatter(x, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers 0-2: GqaBlock
-        for layer in self.layers:
-            x_S0_S1 = layer(x_S0_S1)
+        for layer, following in runtime.with_following(self.layers, 0, 3):
+            x_S0_S1 = layer(x_S0_S1, following=following)
         # ---- final_norm
         # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
         final_norm_weight_B_B = runtime.all_gather(self.final_norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]

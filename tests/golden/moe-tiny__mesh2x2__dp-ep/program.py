@@ -8,7 +8,7 @@
 #     forward+backward  3.971e+07 FLOP in all
 #     communication     483.10 kB sent per device
 #     step time         2.641 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 18*lat0*(n0 - 1) + 28*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
-#     memory            1.59 MB per device
+#     memory            1.60 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
