@@ -123,6 +123,11 @@ SAVES["sdpa_attention"] = Saves((0, 1, 2), output=True, internal=lambda o, i, n,
 # of one entry per token (offsets, bag sizes), never the (B, T, H, K, D) gathered rows
 SAVES["gather_weighted_sum"] = Saves((1, 2), internal=lambda o, i, n, s: 3 * 8 * numel(s[:-1]))
 SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
+# each token's hidden dotted with its gathered rows keeps the ids and the hidden, not the rows
+SAVES["gather_row_dot"] = Saves((1, 2))
+# the residual add + RMSNorm keeps its stacked output (the sum it saves is a view of it) and one
+# 1/rms per row (the output is (B, T, 2, D): rows = O / (2 D)); pair_part's views save nothing
+SAVES["add_rms_norm"] = Saves(output=True, internal=lambda o, i, n, s: o / (2 * s[-1]))
 
 
 def _expert_parallel_ffn(out, ins, node, local_out):
