@@ -427,6 +427,9 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("take", lambda s, a: s[1], result="first", dims="*.,*.->*.", colour=INDEXING),
     _def("grid_scores", _grid, dims="*..->*.", colour=RETRIEVAL),
     _def("grid_indices", _grid, index=True, dims="*..->*.", colour=INDEXING),
+    # product-key selection fused (passes/fuse_graph.py): the slots, then their scores from the half scores
+    _def("pk_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), index=True, dims="bt...->bt..", colour=INDEXING),
+    _def("pk_slot_scores", lambda s, a: s[1], result="first", dims="bt...,bt..->bt..", colour=RETRIEVAL),
     _def("softmax", _same, dims="*.->*.", colour=ELEMENTWISE),
     _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
     _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),

@@ -287,6 +287,31 @@ def grid_indices(half_indices_BTHCK: torch.Tensor, num_keys: int) -> torch.Tenso
     return (row.unsqueeze(-1) * num_keys + col.unsqueeze(-2)).flatten(-2)
 
 
+def pk_topk(half_scores_BTHCN: torch.Tensor, half_k: int, k: int, num_keys: int) -> torch.Tensor:
+    """Product-key retrieval's selection in one op: each half's top ``half_k`` keys, the half_k x half_k
+    grid of their sums, its top ``k`` -> the slots (row * N + col), (B, T, H, k) int64. The same ops
+    as unfused (topk_indices, take, grid_scores, grid_indices, topk_indices, take), so the same
+    indices and the same tie-breaking; the grid is made and dropped inside, never saved for the
+    backward (no gradient flows through indices; ``pk_slot_scores`` gives the scores'). The fusion
+    pass (passes/fuse_graph.py) puts it in place of those ops (Lample et al. 2019, sec. 3.2)."""
+    kernel = KERNELS.get("pk_topk")
+    if kernel is not None:
+        return kernel(half_scores_BTHCN, half_k, k, num_keys)
+    with torch.no_grad():
+        half_best = topk_indices(half_scores_BTHCN, half_k)
+        grid = grid_scores(take(half_scores_BTHCN, half_best))
+        return take(grid_indices(half_best, num_keys), topk_indices(grid, k))
+
+
+def pk_slot_scores(half_scores_BTHCN: torch.Tensor, slots_BTHK: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The score of each selected slot, its row key's score plus its column key's (the grid's sum,
+    in the same order, so equal to the unfused ``take(grid, best)`` bit for bit) -> (B, T, H, K). Its
+    backward adds each slot's gradient into its two keys' scores, as the unfused takes do."""
+    row = torch.gather(half_scores_BTHCN[..., 0, :], -1, torch.div(slots_BTHK, num_keys, rounding_mode="floor"))
+    col = torch.gather(half_scores_BTHCN[..., 1, :], -1, slots_BTHK % num_keys)
+    return row + col
+
+
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim."""
     return torch.softmax(x, dim=-1)

@@ -31,6 +31,7 @@ from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .cost import ZERO, op_cost
+from .fuse_graph import GRAPH_RULES, match_graph, rewrite_graph
 from .plan import Cost, FusionPlan
 from .symbols import BYTES_PER_ELEMENT, evaluate
 
@@ -276,6 +277,23 @@ def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                              f"({added_s:.3g} s)")
             if ok:
                 _rewrite(gm, chain, rule, fusion)
+                total += fusion.bytes_saved
+            break
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False) or node.op != "call_function":
+            continue
+        for grule in GRAPH_RULES:
+            bound = match_graph(node, grule)
+            if bound is None:
+                continue
+            recs = {k: info(n) for k, n in bound.items() if not k.startswith("$")}
+            fusion = Fusion(grule.name, grule.outputs[0].op, tuple(bound[s.name].name for s in grule.steps),
+                            grule.bytes_saved(recs, train), ZERO, grule.why)
+            ok, saved_s, _ = _worth(fusion, ctx)
+            decisions.append(f"{grule.name} at {node.name}: {'fused' if ok else 'kept'}, saves {fusion.bytes_saved} "
+                             f"bytes ({saved_s:.3g} s of memory traffic), adds 0 FLOPs")
+            if ok:
+                rewrite_graph(gm, bound, grule, fusion)
                 total += fusion.bytes_saved
             break
     gm.graph.lint()

@@ -125,6 +125,8 @@ SAVES["gather_weighted_sum"] = Saves((1, 2), internal=lambda o, i, n, s: 3 * 8 *
 SAVES["expert_ffn"] = Saves((3, 4, 5), internal=_expert_ffn)
 # each token's hidden dotted with its gathered rows keeps the ids and the hidden, not the rows
 SAVES["gather_row_dot"] = Saves((1, 2))
+# a selected slot's score gathers its row and column keys' scores: each gather keeps its int64 ids
+SAVES["pk_slot_scores"] = Saves(internal=lambda o, i, n, s: 2 * o * 8 / BYTES_PER_ELEMENT[info(n).dtype])
 # the residual add + RMSNorm keeps its stacked output (the sum it saves is a view of it) and one
 # 1/rms per row (the output is (B, T, 2, D): rows = O / (2 D)); pair_part's views save nothing
 SAVES["add_rms_norm"] = Saves(output=True, internal=lambda o, i, n, s: o / (2 * s[-1]))
