@@ -1,11 +1,11 @@
 """kernels.py of a compiled program: the Triton kernels of the plan's fused ops, as readable source.
 
-Written only when the plan has a fused op with a generated kernel (today ``gather_weighted_sum``,
-from passes/fuse.py's gather + weighted_sum rule). The file is backends/triton_gather.py verbatim
-(it imports only torch and triton) under a header that lists, for each fused node, the local
-shapes and dtype it runs at, the block sizes the documented rule picks for them and the bytes it
-moves per step; ``KERNELS`` maps op names to the functions the program installs in
-``ops.KERNELS`` when run with ``--kernels triton``.
+Written only when the plan has a fused op with a generated kernel (today ``gather_weighted_sum`` and
+``gather_row_dot``, from passes/fuse.py's gather + weighted_sum and gather + row_dot rules). The
+file is backends/triton_gather.py verbatim (it imports only torch and triton) under a header that
+lists, for each fused node, the local shapes and dtype it runs at, the block sizes the documented
+rule picks for them and the bytes it moves per step; ``KERNELS`` maps op names to the functions the
+program installs in ``ops.KERNELS`` when run with ``--kernels triton``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from ..passes.plan import Plan
 
 SOURCE = Path(__file__).with_name("triton_gather.py")
-KERNEL_OPS = {"gather_weighted_sum": "gather_weighted_sum"}  # op -> function of triton_gather.py
+KERNEL_OPS = {"gather_weighted_sum": "gather_weighted_sum", "gather_row_dot": "gather_row_dot"}  # op -> function
 
 
 def _power_of_two_at_least(n: int) -> int:
@@ -26,13 +26,13 @@ def _power_of_two_at_least(n: int) -> int:
 
 
 def _node_lines(plan: Plan, name: str) -> list[str]:
-    """Where the kernel runs: local shapes (ids (B, T, H, K) -> out (B, T, D)), dtype, blocks, bytes."""
+    """Where the kernel runs: local shapes (ids (B, T, H, K) -> out), dtype, blocks, bytes."""
     node = plan.node(name)
     ids = plan.node(node.args[1]).local_shape
     per_token = 1
     for dim in ids[2:]:
         per_token *= int(dim)
-    dim = int(node.local_shape[-1])
+    dim = int(plan.node(node.args[0]).local_shape[-1])  # the table's row width
     blocks = f"BLOCK_N={min(_power_of_two_at_least(per_token), 64)}, BLOCK_D={min(_power_of_two_at_least(dim), 128)}"
     return [f"    {name} = {node.op}({', '.join(node.args)}): ids ({', '.join(ids)}) -> ({', '.join(node.local_shape)}) "
             f"{node.dtype}", f"      {blocks}; reads {node.bytes_read.value:.4g} bytes forward"]

@@ -242,10 +242,10 @@ def _rewrite_shared(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion
         node = gm.graph.create_node("call_function", fused_def.fn, (*outside,), attrs, name=f"{first.name}_and_norm")
     inputs = [(info(a).shape, info(a).dtype) for a in outside]
     shape = fused_def.shape([s for s, _ in inputs], attrs)
-    node.meta[KEY] = dataclasses.replace(
-        tail, op=rule.fused, attrs=attrs, shape=shape, label=f"{head.label}+{tail.label}", stream=head.stream,
+    node.meta[KEY] = dataclasses.replace(  # in the first node's sublayer: it runs where the sum is made
+        head, op=rule.fused, attrs=attrs, shape=shape, label=f"{head.label}+{tail.label}", stream=head.stream,
         differentiable=head.differentiable or tail.differentiable, fusion=fusion,
-        concrete_shape=None if tail.concrete_shape is None else (*tail.concrete_shape[:-1], 2, tail.concrete_shape[-1]),
+        concrete_shape=None if head.concrete_shape is None else (*head.concrete_shape[:-1], 2, head.concrete_shape[-1]),
         cost=op_cost(rule.fused, inputs, (shape, tail.dtype), attrs))
     for index, part in enumerate(chain):
         rec = info(part)

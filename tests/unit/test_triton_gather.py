@@ -51,6 +51,26 @@ def test_kernel_equals_gather_then_sum(kernels, b, t, h, k, rows, d):
         torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("b", "t", "h", "k", "rows", "d"), [
+    (2, 3, 2, 3, 11, 5),  # non-powers of two, one token picking a row twice, a row nobody picks
+    (1, 2, 1, 1, 3, 2),  # top-k of 1
+    (0, 4, 2, 3, 6, 5),  # an empty token set
+])
+def test_row_dot_kernel_equals_gather_then_dot(kernels, b, t, h, k, rows, d):
+    gen = torch.Generator().manual_seed(rows * d)
+    table = torch.randn(rows, d, generator=gen, requires_grad=True)
+    indices = torch.randint(0, rows - 1, (b, t, h, k), generator=gen)
+    if indices.numel() and k > 1:
+        indices[0, 0, 0, :2] = 1
+    x = torch.randn(b, t, d, generator=gen, requires_grad=True)
+    want = ops.row_dot(x, ops.gather_rows(table, indices))
+    got = kernels.gather_row_dot(table, indices, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(want.shape, generator=gen)
+    for a, g in zip(torch.autograd.grad(want, (table, x), grad), torch.autograd.grad(got, (table, x), grad)):
+        torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
     """bench/kernels.py's CPU path (the GPU sizes need a device) runs every path, so it cannot rot."""
     import runpy
