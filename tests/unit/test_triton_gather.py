@@ -3,7 +3,6 @@ against the unfused ops (gather_rows then weighted_sum), forward and backward, o
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/unit/conftest.py does it first)
@@ -13,21 +12,14 @@ import torch
 from ultraplan.compiler import ops
 
 from tests.conftest import ROOT
+from tests.unit.conftest import interpreted_kernels
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def kernels(request):
-    """The module loaded afresh with the interpreter on (triton.jit reads TRITON_INTERPRET when it
-    decorates)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    spec = importlib.util.spec_from_file_location("triton_gather_interp", ROOT / "backends" / "triton_gather.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    request.addfinalizer(mp.undo)
-    return module
+    return interpreted_kernels(request, "triton_gather.py")
 
 
 @pytest.mark.parametrize(("b", "t", "h", "k", "rows", "d"), [

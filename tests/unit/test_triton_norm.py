@@ -3,7 +3,6 @@ against add then rms_norm, forward and backward, with both results read on."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
@@ -12,21 +11,14 @@ import pytest
 import torch
 from ultraplan.compiler import ops
 
-from tests.conftest import ROOT
+from tests.unit.conftest import interpreted_kernels
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def kernels(request):
-    """The module loaded afresh with the interpreter on (triton.jit reads TRITON_INTERPRET when it decorates)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    spec = importlib.util.spec_from_file_location("triton_norm_interp", ROOT / "backends" / "triton_norm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    request.addfinalizer(mp.undo)
-    return module
+    return interpreted_kernels(request, "triton_norm.py")
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 5), (1, 1, 7), (0, 3, 6)])  # odd widths, one row, no rows
