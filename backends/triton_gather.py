@@ -1,12 +1,18 @@
-"""Triton kernels for the fused memory lookup ``gather_weighted_sum`` (compiler/ops.py), forward and
-backward, and the autograd function that runs them. Imports only torch and triton, so it can sit
-beside an emitted program; runs on the CPU under ``TRITON_INTERPRET=1`` (how tests check it).
+"""Triton kernels for the fused memory lookups ``gather_weighted_sum`` and ``gather_row_dot``
+(compiler/ops.py), forward and backward, and the autograd functions that run them. Imports only
+torch and triton, so it can sit beside an emitted program; runs on the CPU under
+``TRITON_INTERPRET=1`` (how tests check it).
 
 Replaces the subgraph ``weighted_sum(gather_rows(table, ids), weights)``:
 
     out[t, :]       = sum_j weights[t, j] * table[ids[t, j], :]          (j over H*K selections)
     grad_table[r, :] += weights[t, j] * grad_out[t, :]   for ids[t, j] = r (atomic scatter-add)
     grad_w[t, j]    = <grad_out[t, :], table[ids[t, j], :]>
+
+``gather_row_dot(table, ids, x)`` (``row_dot(x, gather_rows(table, ids))``: PEER's down rows,
+UltraMemV2's pre-value gate) is the same three products read the other way round, so it runs the
+same kernels: its forward is ``_bwd_weights`` with x as the output gradient, its input gradient
+``_fwd`` with the score gradient as the weights, its table gradient ``_bwd_table`` likewise.
 
 Bytes moved per token (fp32): forward N ids (8 B) + N weights + N rows of D + one output row of D,
 against the unfused ops' extra N*D written and read back; backward the same rows read again and
@@ -126,3 +132,47 @@ class GatherWeightedSum(torch.autograd.Function):
 def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
     """The Triton form of ops.gather_weighted_sum, same arguments and result."""
     return GatherWeightedSum.apply(table_RD, indices_BTHK, weights_BTHK)
+
+
+class GatherRowDot(torch.autograd.Function):
+    """ops.gather_row_dot through the kernels above: saves the ids and the hidden, not the rows."""
+
+    @staticmethod
+    def forward(ctx, table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        b, t = indices_BTHK.shape[:2]
+        n, d = indices_BTHK.shape[2:].numel(), table_RD.shape[1]
+        table, ids, x = table_RD.contiguous(), indices_BTHK.reshape(b * t, n).contiguous(), x_BTD.reshape(b * t, d)
+        x = x.contiguous()
+        out = torch.zeros(b * t, n, dtype=table.dtype, device=table.device)
+        block_n, block_d = _blocks(n, d)
+        if b * t and n:
+            gather_weighted_sum_bwd_weights[(b * t, triton.cdiv(n, block_n))](x, ids, table, out, n, d,
+                                                                               BLOCK_N=block_n, BLOCK_D=block_d)
+        ctx.save_for_backward(table, ids, x)
+        return out.view(indices_BTHK.shape)
+
+    @staticmethod
+    def backward(ctx, grad_BTHK: torch.Tensor):
+        table, ids, x = ctx.saved_tensors
+        tokens, n = ids.shape
+        d = table.shape[1]
+        grad = grad_BTHK.reshape(tokens, n).contiguous()
+        block_n, block_d = _blocks(n, d)
+        grad_table = grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_table = torch.zeros_like(table)
+            if tokens and n:
+                gather_weighted_sum_bwd_table[(tokens, triton.cdiv(d, block_d))](
+                    x, ids, grad, grad_table, n, d, BLOCK_N=block_n, BLOCK_D=block_d)
+        if ctx.needs_input_grad[2]:
+            grad_x = torch.zeros_like(x)
+            if tokens and n:
+                gather_weighted_sum_fwd[(tokens, triton.cdiv(d, block_d))](table, ids, grad, grad_x, n, d,
+                                                                            BLOCK_N=block_n, BLOCK_D=block_d)
+            grad_x = grad_x.view(*grad_BTHK.shape[:2], d)
+        return grad_table, None, grad_x
+
+
+def gather_row_dot(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+    """The Triton form of ops.gather_row_dot, same arguments and result."""
+    return GatherRowDot.apply(table_RD, indices_BTHK, x_BTD)

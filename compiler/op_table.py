@@ -227,7 +227,8 @@ def _gather_rows_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch]
 
 
 def _bag_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
-    """gather_weighted_sum reads the ids, the weights and every row it picks (one per id)."""
+    """gather_weighted_sum reads the ids, the weights and every row it picks (one per id);
+    gather_row_dot likewise, with the hidden (B, T, D) in place of the weights."""
     return _bytes(ins[1], dtypes[1]) + _bytes(ins[2], dtypes[2]) + numel(ins[1]) * ins[0][1] * BYTES[dtypes[0]]
 
 
@@ -456,6 +457,13 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          variants=(BAG_ROWS_OWNED, BAG_ROWS_ROUTED),
          colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
+    _def("gather_row_dot", lambda s, a: s[1], flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,btd->bt..", sums="d", colour=RETRIEVAL),
+    # the residual add and the norm of its result, stacked (B, T, 2, D); pair_part reads one (a view)
+    _def("add_rms_norm", lambda s, a: (*s[0][:-1], sympy.Integer(2), s[0][-1]), dims="btd,btd,d->bt.d", whole="d",
+         colour=NORM),
+    _def("pair_part", lambda s, a: (*s[0][:-2], s[0][-1]), result="first", bytes_read=lambda i, d, w, a: sympy.Integer(0),
+         dims="bt.d->btd", colour=INDEXING),
     _def("gelu", _same, dims="*->*", colour=ELEMENTWISE),
     _def("add", _same, dims="*,*->*", linear="all", colour="#eeeeee"),
     _def("cross_entropy", _scalar, result="fp32", dims="btv,bt->", mean="bt", variants=(VOCAB_CROSS_ENTROPY,),
@@ -473,6 +481,9 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("take", lambda s, a: s[1], result="first", dims="*.,*.->*.", colour=INDEXING),
     _def("grid_scores", _grid, dims="*..->*.", colour=RETRIEVAL),
     _def("grid_indices", _grid, index=True, dims="*..->*.", colour=INDEXING),
+    # product-key selection fused (passes/fuse_graph.py): the slots, then their scores from the half scores
+    _def("pk_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), index=True, dims="bt...->bt..", colour=INDEXING),
+    _def("pk_slot_scores", lambda s, a: s[1], result="first", dims="bt...,bt..->bt..", colour=RETRIEVAL),
     _def("softmax", _same, dims="*.->*.", colour=ELEMENTWISE),
     _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
     _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),
@@ -529,7 +540,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 # ops.py functions that are not graph ops: state derived from parameters between steps, the
 # shard forms variants call, and the losses' float32 upcast under mixed precision
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
-                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "core_pool_columns"}
+                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "core_pool_columns", "_bag"}
 
 
 def op_def(name: str) -> OpDef:

@@ -144,6 +144,51 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class _AddRmsNorm(torch.autograd.Function):
+    """``add_rms_norm``'s forward and backward: the sum and its norm from one read of x and y, and
+    one gradient for the sum (the residual's plus the norm's) written once."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = x.new_empty((*x.shape[:-1], 2, x.shape[-1]),
+                          dtype=torch.promote_types(torch.result_type(x, y), weight.dtype))
+        total = torch.add(x, y, out=out[..., 0, :])
+        rstd = torch.rsqrt(total.pow(2).mean(dim=-1, keepdim=True) + eps)
+        torch.mul(total * rstd, weight, out=out[..., 1, :])
+        ctx.save_for_backward(out, rstd, weight)  # the output itself (the sum is a view of it)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        out, rstd, weight = ctx.saved_tensors
+        total = out[..., 0, :]
+        g_sum, g_norm = grad[..., 0, :], grad[..., 1, :]
+        normed = total * rstd
+        gw = g_norm * weight
+        # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (gw - normed * mean(gw * normed))
+        g_total = g_sum + rstd * (gw - normed * (gw * normed).mean(dim=-1, keepdim=True))
+        g_weight = (g_norm * normed).flatten(0, -2).sum(dim=0) if ctx.needs_input_grad[2] else None
+        return g_total, g_total, g_weight, None
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``add(x, y)`` and ``rms_norm`` of it in one op, stacked next to last: (..., 2, D) holding the sum
+    (the residual stream goes on with it) and its norm, read by ``pair_part`` (the leading dims keep
+    their meaning, so a layout of the residual stream is one of this too). Unfused, the norm reads the sum back
+    and the backward writes the norm's input gradient and reads it back to add the residual's; here
+    both are one pass (the fused add + RMSNorm of Megatron-LM / Apex ``FusedRMSNorm`` with residual).
+    The fusion pass (passes/fuse.py) puts it in place of the two ops when both results are used."""
+    kernel = KERNELS.get("add_rms_norm")
+    if kernel is not None:
+        return kernel(x, y, weight, eps)
+    return _AddRmsNorm.apply(x, y, weight, eps)
+
+
+def pair_part(pair: torch.Tensor, index: int) -> torch.Tensor:
+    """One result of a fused op that returns two stacked next to last (``add_rms_norm``): a view."""
+    return pair[..., index, :]
+
+
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (as in GPT-2)."""
     return F.gelu(x, approximate="tanh")
@@ -242,6 +287,31 @@ def grid_indices(half_indices_BTHCK: torch.Tensor, num_keys: int) -> torch.Tenso
     return (row.unsqueeze(-1) * num_keys + col.unsqueeze(-2)).flatten(-2)
 
 
+def pk_topk(half_scores_BTHCN: torch.Tensor, half_k: int, k: int, num_keys: int) -> torch.Tensor:
+    """Product-key retrieval's selection in one op: each half's top ``half_k`` keys, the half_k x half_k
+    grid of their sums, its top ``k`` -> the slots (row * N + col), (B, T, H, k) int64. The same ops
+    as unfused (topk_indices, take, grid_scores, grid_indices, topk_indices, take), so the same
+    indices and the same tie-breaking; the grid is made and dropped inside, never saved for the
+    backward (no gradient flows through indices; ``pk_slot_scores`` gives the scores'). The fusion
+    pass (passes/fuse_graph.py) puts it in place of those ops (Lample et al. 2019, sec. 3.2)."""
+    kernel = KERNELS.get("pk_topk")
+    if kernel is not None:
+        return kernel(half_scores_BTHCN, half_k, k, num_keys)
+    with torch.no_grad():
+        half_best = topk_indices(half_scores_BTHCN, half_k)
+        grid = grid_scores(take(half_scores_BTHCN, half_best))
+        return take(grid_indices(half_best, num_keys), topk_indices(grid, k))
+
+
+def pk_slot_scores(half_scores_BTHCN: torch.Tensor, slots_BTHK: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """The score of each selected slot, its row key's score plus its column key's (the grid's sum,
+    in the same order, so equal to the unfused ``take(grid, best)`` bit for bit) -> (B, T, H, K). Its
+    backward adds each slot's gradient into its two keys' scores, as the unfused takes do."""
+    row = torch.gather(half_scores_BTHCN[..., 0, :], -1, torch.div(slots_BTHK, num_keys, rounding_mode="floor"))
+    col = torch.gather(half_scores_BTHCN[..., 1, :], -1, slots_BTHK % num_keys)
+    return row + col
+
+
 def softmax(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim."""
     return torch.softmax(x, dim=-1)
@@ -280,6 +350,11 @@ def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weig
     kernel = KERNELS.get("gather_weighted_sum")
     if kernel is not None:
         return kernel(table_RD, indices_BTHK, weights_BTHK)
+    return _bag(table_RD, indices_BTHK, weights_BTHK)
+
+
+def _bag(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
+    """Each token's H*K rows of the table, weighted and summed -> (B, T, D), by embedding_bag."""
     b, t = indices_BTHK.shape[:2]
     per_token = indices_BTHK.shape[2:].numel()
     out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,
@@ -310,6 +385,41 @@ def gather_weighted_sum_owned(table_RD: torch.Tensor, indices_BTHK: torch.Tensor
     bag and each weight's gradient comes from the one shard that holds its row."""
     local, inside = _owned(indices_BTHK, table_RD.shape[0], row_start)
     return gather_weighted_sum(table_RD, local, weights_BTHK * inside.to(weights_BTHK.dtype))
+
+
+class _GatherRowDot(torch.autograd.Function):
+    """``gather_row_dot``'s forward and backward. Neither keeps the gathered rows: the hidden's
+    gradient is an embedding_bag of the rows weighted by the score gradient, the table's an
+    index_add of the score gradient times the token's hidden."""
+
+    @staticmethod
+    def forward(ctx, table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table_RD, indices_BTHK, x_BTD)
+        return torch.einsum("btd,bthkd->bthk", x_BTD, F.embedding(indices_BTHK, table_RD))
+
+    @staticmethod
+    def backward(ctx, grad_BTHK: torch.Tensor) -> tuple:
+        table, indices, x = ctx.saved_tensors
+        g_table = g_x = None
+        if ctx.needs_input_grad[2]:
+            g_x = _bag(table, indices, grad_BTHK)
+        if ctx.needs_input_grad[0]:
+            b, t, d = x.shape
+            per_token = indices.shape[2:].numel()
+            rows = grad_BTHK.reshape(b * t, per_token, 1) * x.reshape(b * t, 1, d)
+            g_table = torch.zeros_like(table).index_add_(0, indices.reshape(-1), rows.reshape(-1, d))
+        return g_table, None, g_x
+
+
+def gather_row_dot(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+    """``row_dot(x, gather_rows(table, indices))`` without keeping the (B, T, H, K, D) rows for the
+    backward (a kernel need not write them at all): PEER's down projections (each token's hidden
+    against its experts' down rows) and UltraMemV2's pre-value gate (against its pre-value rows).
+    The fusion pass (passes/fuse.py) puts it in place of the two ops."""
+    kernel = KERNELS.get("gather_row_dot")
+    if kernel is not None:
+        return kernel(table_RD, indices_BTHK, x_BTD)
+    return _GatherRowDot.apply(table_RD, indices_BTHK, x_BTD)
 
 
 def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:

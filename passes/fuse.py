@@ -17,6 +17,7 @@ lists. ``ultraplan plan --no-fuse`` (``PlanContext.fuse = False``) turns the pas
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..compiler.op_table import OP_TABLE
 from ..compiler.shapes import numel
 from .context import PassReport, PlanContext
 from .cost import ZERO, op_cost
+from .fuse_graph import GRAPH_RULES, match_graph, rewrite_graph
 from .plan import Cost, FusionPlan
 from .symbols import BYTES_PER_ELEMENT, evaluate
 
@@ -59,6 +61,10 @@ class Rule:
     extra_flops: CostRule
     why: str
     keep: tuple[str, ...] | None = None  # the attributes the fused op takes (None: all the steps')
+    # the first step's value is read elsewhere too (a two-step rule): the fused op returns it and the
+    # last step's value stacked, and two ``pair_part`` nodes stand in for the two replaced nodes
+    shared: bool = False
+    when: Callable[[list[NodeInfo]], bool] | None = None  # a further condition on the matched records
 
 
 @dataclass(frozen=True)
@@ -103,15 +109,30 @@ def _gate_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
 
 
 def _rows_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
-    """gather_rows writes the (B, T, H, K, D) rows and weighted_sum reads them back; in training the
-    backward writes their gradient and the scatter-add reads it. Fused, each row is read once from
-    the table and summed as it arrives (as EmbeddingBag does)."""
+    """gather_rows writes the (B, T, H, K, D) rows and weighted_sum (row_dot) reads them back; in
+    training the backward writes their gradient and the scatter-add reads it. Fused, each row is read
+    once from the table and summed (dotted) as it arrives (as EmbeddingBag does)."""
     per_pass = 2 * numel(recs[0].shape) * BYTES_PER_ELEMENT.get(recs[0].dtype, 4)
     return per_pass * (2 if train else 1)
 
 
 def _nothing(recs: list[NodeInfo], train: bool) -> sympy.Expr:
     return ZERO
+
+
+def _residual_norm_bytes_saved(recs: list[NodeInfo], train: bool) -> sympy.Expr:
+    """add then rms_norm: the norm reads the sum back (one read of B T D); in training the norm's
+    backward writes the gradient of the sum and autograd reads it back to add the residual's (a write
+    and a read). Fused, the sum is normed as it is made and its one gradient is written once."""
+    elements = numel(recs[0].shape) * BYTES_PER_ELEMENT.get(recs[0].dtype, 4)
+    return elements * (3 if train else 1)
+
+
+def _same_layer_and_dtype(recs: list[NodeInfo]) -> bool:
+    """Both nodes in one layer (so layers stay alike for find_blocks) on (B, T, D) values of one dtype."""
+    add, norm = recs
+    return (len(add.shape) == 3 and add.dtype == norm.dtype
+            and add.layer.split(".")[:2] == norm.layer.split(".")[:2] and add.layer.startswith("layers."))
 
 
 RULES: tuple[Rule, ...] = (
@@ -126,6 +147,13 @@ RULES: tuple[Rule, ...] = (
          _gate_bytes_saved, _nothing, "silu(gate) * up in one op: silu(gate) is not written", keep=()),
     Rule("silu*mul->swiglu", (Step("activation", attrs=(("kind", "silu"),)), Step("mul", via=0)), "swiglu",
          _gate_bytes_saved, _nothing, "silu(gate) * up in one op: silu(gate) is not written", keep=()),
+    # each token's hidden against its gathered rows: PEER's down projections, UltraMemV2's pre-value gate
+    Rule("gather+row_dot", (Step("gather_rows"), Step("row_dot", via=1)), "gather_row_dot", _rows_bytes_saved,
+         _nothing, "the gathered rows are dotted as they are read, not stored for the backward", keep=()),
+    # the residual add and the norm of the sum (both read on): one pass, the sum and its norm stacked
+    Rule("add+rms_norm", (Step("add"), Step("rms_norm", via=0)), "add_rms_norm", _residual_norm_bytes_saved,
+         _nothing, "residual add and RMSNorm in one pass: the sum is not read back, its gradient written once",
+         shared=True, when=_same_layer_and_dtype),
 )
 
 
@@ -144,10 +172,24 @@ def _match(node: fx.Node, rule: Rule) -> list[fx.Node] | None:
         if step.via >= len(args):
             return None
         previous = args[step.via]
-        if len(previous.users) != 1:
+        if len(previous.users) != 1 and not (rule.shared and i == 1):
             return None  # its value is needed elsewhere: it must be stored anyway
         chain.insert(0, previous)
+    if rule.when is not None and not rule.when([info(n) for n in chain]):
+        return None
+    if rule.shared and not _all_read_after(chain[0], chain[-1]):
+        return None
     return chain
+
+
+def _all_read_after(first: fx.Node, last: fx.Node) -> bool:
+    """Every other reader of ``first`` comes after ``last`` (the fused node goes where ``last`` is)."""
+    seen: set[fx.Node] = set()
+    node = first.next
+    while node is not last:
+        seen.add(node)
+        node = node.next
+    return not (set(first.users) & seen)
 
 
 def _worth(fusion: Fusion, ctx: PlanContext) -> tuple[bool, float, float]:
@@ -159,6 +201,9 @@ def _worth(fusion: Fusion, ctx: PlanContext) -> tuple[bool, float, float]:
 
 def _rewrite(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion: Fusion) -> None:
     """The last node of ``chain`` becomes the fused op over the chain's outside arguments."""
+    if rule.shared:
+        _rewrite_shared(gm, chain, rule, fusion)
+        return
     last = chain[-1]
     inside = set(chain)
     outside = [a for n in chain for a in tensor_args(n) if a not in inside]
@@ -177,6 +222,36 @@ def _rewrite(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion: Fusio
                           (record.shape, record.dtype), attrs)
     for n in reversed(chain[:-1]):
         gm.graph.erase_node(n)
+
+
+def _rewrite_shared(gm: fx.GraphModule, chain: list[fx.Node], rule: Rule, fusion: Fusion) -> None:
+    """``first -> last`` with ``first`` read elsewhere too: one fused node returning both stacked
+    (..., 2, D), and the two replaced nodes become ``pair_part`` views of it under their own names
+    (``first`` moves to just before ``last``: _match checked nothing between reads it). The fused
+    node is a residual-stream value when ``first`` was (strategies pin its layout: the stacked dim
+    is next to last, so the stream's dims keep their positions)."""
+    first, last = chain
+    outside = [a for n in chain for a in tensor_args(n) if a is not first]
+    attrs = {k: v for n in chain for k, v in info(n).attrs.items()}
+    if rule.keep is not None:
+        attrs = {k: v for k, v in attrs.items() if k in rule.keep}
+    fused_def, part_def = OP_TABLE[rule.fused], OP_TABLE["pair_part"]
+    head, tail = info(first), info(last)
+    last.prepend(first)
+    with gm.graph.inserting_before(first):
+        node = gm.graph.create_node("call_function", fused_def.fn, (*outside,), attrs, name=f"{first.name}_and_norm")
+    inputs = [(info(a).shape, info(a).dtype) for a in outside]
+    shape = fused_def.shape([s for s, _ in inputs], attrs)
+    node.meta[KEY] = dataclasses.replace(  # in the first node's sublayer: it runs where the sum is made
+        head, op=rule.fused, attrs=attrs, shape=shape, label=f"{head.label}+{tail.label}", stream=head.stream,
+        differentiable=head.differentiable or tail.differentiable, fusion=fusion,
+        concrete_shape=None if head.concrete_shape is None else (*head.concrete_shape[:-1], 2, head.concrete_shape[-1]),
+        cost=op_cost(rule.fused, inputs, (shape, tail.dtype), attrs))
+    for index, part in enumerate(chain):
+        rec = info(part)
+        part.target, part.args, part.kwargs = part_def.fn, (node,), {"index": index}
+        cost = op_cost("pair_part", [(shape, tail.dtype)], (rec.shape, rec.dtype), {"index": index})
+        rec.op, rec.attrs, rec.cost = "pair_part", {"index": index}, dataclasses.replace(cost, bytes_written=ZERO)
 
 
 def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
@@ -202,6 +277,23 @@ def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                              f"({added_s:.3g} s)")
             if ok:
                 _rewrite(gm, chain, rule, fusion)
+                total += fusion.bytes_saved
+            break
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False) or node.op != "call_function":
+            continue
+        for grule in GRAPH_RULES:
+            bound = match_graph(node, grule)
+            if bound is None:
+                continue
+            recs = {k: info(n) for k, n in bound.items() if not k.startswith("$")}
+            fusion = Fusion(grule.name, grule.outputs[0].op, tuple(bound[s.name].name for s in grule.steps),
+                            grule.bytes_saved(recs, train), ZERO, grule.why)
+            ok, saved_s, _ = _worth(fusion, ctx)
+            decisions.append(f"{grule.name} at {node.name}: {'fused' if ok else 'kept'}, saves {fusion.bytes_saved} "
+                             f"bytes ({saved_s:.3g} s of memory traffic), adds 0 FLOPs")
+            if ok:
+                rewrite_graph(gm, bound, grule, fusion)
                 total += fusion.bytes_saved
             break
     gm.graph.lint()

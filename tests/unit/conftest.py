@@ -6,3 +6,21 @@ Generated kernels then run on the CPU through Triton's interpreter (tests/unit/t
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def interpreted_kernels(request, filename: str):
+    """backends/``filename`` loaded afresh with the interpreter on (triton.jit reads TRITON_INTERPRET
+    when it decorates), for a module-scoped fixture of the kernel tests."""
+    import importlib.util
+
+    import pytest
+
+    from tests.conftest import ROOT
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    spec = importlib.util.spec_from_file_location(f"{filename[:-3]}_interp", ROOT / "backends" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    request.addfinalizer(mp.undo)
+    return module

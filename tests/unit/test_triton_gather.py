@@ -3,7 +3,6 @@ against the unfused ops (gather_rows then weighted_sum), forward and backward, o
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (tests/unit/conftest.py does it first)
@@ -13,21 +12,14 @@ import torch
 from ultraplan.compiler import ops
 
 from tests.conftest import ROOT
+from tests.unit.conftest import interpreted_kernels
 
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def kernels(request):
-    """The module loaded afresh with the interpreter on (triton.jit reads TRITON_INTERPRET when it
-    decorates)."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    spec = importlib.util.spec_from_file_location("triton_gather_interp", ROOT / "backends" / "triton_gather.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    request.addfinalizer(mp.undo)
-    return module
+    return interpreted_kernels(request, "triton_gather.py")
 
 
 @pytest.mark.parametrize(("b", "t", "h", "k", "rows", "d"), [
@@ -48,6 +40,26 @@ def test_kernel_equals_gather_then_sum(kernels, b, t, h, k, rows, d):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     grad = torch.randn(want.shape, generator=gen)
     for a, g in zip(torch.autograd.grad(want, (table, weights), grad), torch.autograd.grad(got, (table, weights), grad)):
+        torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("b", "t", "h", "k", "rows", "d"), [
+    (2, 3, 2, 3, 11, 5),  # non-powers of two, one token picking a row twice, a row nobody picks
+    (1, 2, 1, 1, 3, 2),  # top-k of 1
+    (0, 4, 2, 3, 6, 5),  # an empty token set
+])
+def test_row_dot_kernel_equals_gather_then_dot(kernels, b, t, h, k, rows, d):
+    gen = torch.Generator().manual_seed(rows * d)
+    table = torch.randn(rows, d, generator=gen, requires_grad=True)
+    indices = torch.randint(0, rows - 1, (b, t, h, k), generator=gen)
+    if indices.numel() and k > 1:
+        indices[0, 0, 0, :2] = 1
+    x = torch.randn(b, t, d, generator=gen, requires_grad=True)
+    want = ops.row_dot(x, ops.gather_rows(table, indices))
+    got = kernels.gather_row_dot(table, indices, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(want.shape, generator=gen)
+    for a, g in zip(torch.autograd.grad(want, (table, x), grad), torch.autograd.grad(got, (table, x), grad)):
         torch.testing.assert_close(g, a, rtol=1e-5, atol=1e-5)
 
 

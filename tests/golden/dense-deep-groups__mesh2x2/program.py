@@ -8,7 +8,7 @@
 #     forward+backward  4.64e+07 FLOP in all
 #     communication     905.99 kB sent per device
 #     step time         0.969 ms = 768*B*T*(5*T + 864)/(n0*n1*peak) + 4*lat0*(n0 - 1) + 4*lat1*(n1 - 1) + 905992/bw1 - 905992/(bw1*n1) + 905992/bw0 - 905992/(bw0*n0)
-#     memory            2.21 MB per device
+#     memory            2.19 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -175,9 +175,10 @@ class WideBlock(torch.nn.Module):
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
-        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual_and_norm = ops.add_rms_norm(x, attention_out, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 2, 32) [S(0),S(0)]
+        attention_residual = ops.pair_part(attention_residual_and_norm, index=0)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
-        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_norm_normed = ops.pair_part(attention_residual_and_norm, index=1)  # (B/4, T, 32) [S(0),S(0)]
         ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 96) [S(0),S(0)]
         ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B/4, T, 96) [S(0),S(0)]
         ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 96) [S(0),S(0)]
@@ -224,9 +225,10 @@ class NarrowBlock(torch.nn.Module):
         attention_k_rot = ops.rope(attention_k, num_heads=1, head_dim=8, theta=10000.0)  # (B/4, T, 8) [S(0),S(0)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=1, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
-        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual_and_norm = ops.add_rms_norm(x, attention_out, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 2, 32) [S(0),S(0)]
+        attention_residual = ops.pair_part(attention_residual_and_norm, index=0)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
-        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_norm_normed = ops.pair_part(attention_residual_and_norm, index=1)  # (B/4, T, 32) [S(0),S(0)]
         ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 48) [S(0),S(0)]
         ffn_act = ops.gelu(ffn_up)  # (B/4, T, 48) [S(0),S(0)]
         ffn_down = ops.linear(ffn_act, self.ffn.w_down)  # (B/4, T, 32) [S(0),S(0)]

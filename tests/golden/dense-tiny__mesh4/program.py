@@ -8,7 +8,7 @@
 #     forward+backward  1.769e+08 FLOP in all
 #     communication     693.13 kB sent per device
 #     step time         1.389 ms = 1536*B*T*(T + 418)/(n0*peak) + 4*lat0*(n0 - 1) + 924168/bw0 - 924168/(bw0*n0)
-#     memory            2.62 MB per device
+#     memory            2.59 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -109,9 +109,10 @@ class DenseBlock(torch.nn.Module):
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=16, theta=10000.0)  # (B/4, T, 64) [S(0)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=16)  # (B/4, T, 64) [S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 64) [S(0)]
-        attention_residual = ops.add(x, attention_out)  # (B/4, T, 64) [S(0)]
+        attention_residual_and_norm = ops.add_rms_norm(x, attention_out, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 2, 64) [S(0)]
+        attention_residual = ops.pair_part(attention_residual_and_norm, index=0)  # (B/4, T, 64) [S(0)]
         # ---- ffn
-        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 64) [S(0)]
+        ffn_norm_normed = ops.pair_part(attention_residual_and_norm, index=1)  # (B/4, T, 64) [S(0)]
         ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 172) [S(0)]
         ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B/4, T, 172) [S(0)]
         ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 172) [S(0)]

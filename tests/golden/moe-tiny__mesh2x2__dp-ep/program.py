@@ -8,7 +8,7 @@
 #     forward+backward  3.971e+07 FLOP in all
 #     communication     483.10 kB sent per device
 #     step time         2.641 ms = 384*B*T*(3*T + 760)/(n0*n1*peak) + 4160*B*T/(bw1*n0*n1) - 4160*B*T/(bw1*n0*n1**2) + 18*lat0*(n0 - 1) + 28*lat1*(n1 - 1) + 8*(2*n1 + 33631)/bw1 - 269064/(bw1*n1) + 269064/bw0 + 589824/(bw0*n1) - 269064/(bw0*n0) - 589824/(bw0*n0*n1)
-#     memory            1.60 MB per device
+#     memory            1.58 MB per device
 #
 # Run: torchrun --nproc_per_node 4 program.py [--steps K] [--seed S] [--data tokens.bin]
 # Shapes in comments are this device's (local) shapes; B and T are the global batch and sequence.
@@ -126,9 +126,10 @@ class DenseBlock(torch.nn.Module):
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
-        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual_and_norm = ops.add_rms_norm(x, attention_out, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 2, 32) [S(0),S(0)]
+        attention_residual = ops.pair_part(attention_residual_and_norm, index=0)  # (B/4, T, 32) [S(0),S(0)]
         # ---- ffn
-        ffn_norm_normed = ops.rms_norm(attention_residual, self.ffn.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        ffn_norm_normed = ops.pair_part(attention_residual_and_norm, index=1)  # (B/4, T, 32) [S(0),S(0)]
         ffn_up = ops.linear(ffn_norm_normed, self.ffn.w_up)  # (B/4, T, 96) [S(0),S(0)]
         ffn_gate = ops.linear(ffn_norm_normed, self.ffn.w_gate)  # (B/4, T, 96) [S(0),S(0)]
         ffn_act = ops.swiglu(ffn_gate, ffn_up)  # (B/4, T, 96) [S(0),S(0)]
@@ -185,9 +186,10 @@ class MoeBlock(torch.nn.Module):
         attention_k_rot = ops.rope(attention_k, num_heads=4, head_dim=8, theta=10000.0)  # (B/4, T, 32) [S(0),S(0)]
         attention_mixed = ops.sdpa_attention(attention_q_rot, attention_k_rot, attention_v, num_heads=4, num_kv_heads=4, head_dim=8)  # (B/4, T, 32) [S(0),S(0)]
         attention_out = ops.linear(attention_mixed, self.attention.wo)  # (B/4, T, 32) [S(0),S(0)]
-        attention_residual = ops.add(x, attention_out)  # (B/4, T, 32) [S(0),S(0)]
+        attention_residual_and_norm = ops.add_rms_norm(x, attention_out, self.moe.norm.weight, eps=1e-05)  # (B/4, T, 2, 32) [S(0),S(0)]
+        attention_residual = ops.pair_part(attention_residual_and_norm, index=0)  # (B/4, T, 32) [S(0),S(0)]
         # ---- moe
-        moe_norm_normed = ops.rms_norm(attention_residual, self.moe.norm.weight, eps=1e-05)  # (B/4, T, 32) [S(0),S(0)]
+        moe_norm_normed = ops.pair_part(attention_residual_and_norm, index=1)  # (B/4, T, 32) [S(0),S(0)]
         moe_router_logits = ops.linear(moe_norm_normed, self.moe.w_router)  # (B/4, T, 16) [S(0),S(0)]
         moe_router_probs = ops.softmax(moe_router_logits)  # (B/4, T, 16) [S(0),S(0)]
         moe_experts = ops.topk_indices(moe_router_probs, k=4)  # (B/4, T, 4) [S(0),S(0)]
