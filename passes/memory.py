@@ -210,8 +210,8 @@ SAVES: dict[str, Saves] = {
 # each token's hidden dotted with its gathered rows keeps the table (a parameter: its compute copy under
 # mixed precision), the ids and the hidden, not the (B, T, H, K, D) rows
 SAVES["gather_row_dot"] = Saves((0, 1, 2))
-# a selected slot's score gathers its row and column keys' scores: each gather keeps its int64 ids
-SAVES["pk_slot_scores"] = Saves(internal=lambda o, i, n, s: 2 * o * 8 / BYTES_PER_ELEMENT[info(n).dtype])
+# a selected slot's score gathers its row and column keys' scores: each gather keeps the scores and its int64 ids
+SAVES["pk_slot_scores"] = Saves((0,), internal=lambda o, i, n, s: 2 * 8 * numel(s))
 # the residual add + RMSNorm keeps its stacked output (the sum it saves is a view of it) and one
 # 1/rms per row (the output is (B, T, 2, D): rows = O / (2 D)); pair_part is a view of it
 SAVES["add_rms_norm"] = Saves(output=True, internal=lambda o, i, n, s: o / (2 * s[-1]))
