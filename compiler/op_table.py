@@ -364,6 +364,9 @@ ROWS_OWNED = Variant(
 BAG_ROWS_OWNED = dataclasses.replace(
     ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_weighted_sum_owned",
     why=ROWS_OWNED.why + "; the fused bag pools the rows it holds, weighted, and the partial bags are summed")
+DOT_ROWS_OWNED = dataclasses.replace(
+    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_row_dot_owned",
+    why=ROWS_OWNED.why + "; each pick's dot with its token's hidden is taken where its row lives, 0 elsewhere")
 
 
 def _routed_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
@@ -458,7 +461,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gather_row_dot", lambda s, a: s[1], flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
-         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,btd->bt..", sums="d", colour=RETRIEVAL),
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,btd->bt..", sums="d",
+         variants=(DOT_ROWS_OWNED,), colour=RETRIEVAL),
     # the residual add and the norm of its result, stacked (B, T, 2, D); pair_part reads one (a view)
     _def("add_rms_norm", lambda s, a: (*s[0][:-1], sympy.Integer(2), s[0][-1]), dims="btd,btd,d->bt.d", whole="d",
          colour=NORM),
@@ -540,7 +544,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 # ops.py functions that are not graph ops: state derived from parameters between steps, the
 # shard forms variants call, and the losses' float32 upcast under mixed precision
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
-                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "core_pool_columns", "_bag"}
+                 "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "gather_row_dot_owned",
+                 "core_pool_columns", "_bag"}
 
 
 def op_def(name: str) -> OpDef:

@@ -422,6 +422,15 @@ def gather_row_dot(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: to
     return _GatherRowDot.apply(table_RD, indices_BTHK, x_BTD)
 
 
+def gather_row_dot_owned(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor,
+                         row_start: int) -> torch.Tensor:
+    """A number-wise table shard's share of ``gather_row_dot``: the dots of picks whose rows this
+    shard holds ([row_start, row_start + R)), 0 for the others, so the shards' outputs sum to the
+    whole and each row's gradient comes from the one shard that holds it."""
+    local, inside = _owned(indices_BTHK, table_RD.shape[0], row_start)
+    return gather_row_dot(table_RD, local, x_BTD) * inside.to(x_BTD.dtype)
+
+
 def row_dot(x_BTD: torch.Tensor, rows_BTHKD: torch.Tensor) -> torch.Tensor:
     """Each token's dot product with each of its selected rows -> (B, T, H, K)."""
     return torch.einsum("btd,bthkd->bthk", x_BTD, rows_BTHKD)
