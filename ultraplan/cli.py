@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ultraplan.runner import run
 
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
-                 quiet=args.json, dtype=args.dtype)
+                 quiet=args.json, dtype=args.dtype, extra_args=failure_flags(args))
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -182,6 +182,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if report.get("exit_code", 0) != 0:
         print(f"the program exited with code {report['exit_code']}", file=sys.stderr)
     return 0 if report["ok"] else 1
+
+
+def _failure_args(p: argparse.ArgumentParser) -> None:
+    """The program's own failure flags (watchdog.py's add_arguments), passed through by ``run``."""
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the job when a step makes no progress for this long, naming the stalled rank "
+                        "(the program's default: 600; 0: off)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a batch whose loss is NaN or infinite instead of stopping the run")
+
+
+def failure_flags(args: argparse.Namespace) -> list[str]:
+    return ([] if args.timeout is None else ["--timeout", str(args.timeout)]) + \
+        (["--skip-nonfinite"] if args.skip_nonfinite else [])
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -265,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="float64 checks the plan to ~1e-10, free of fp32 rounding (default float32)")
     p.add_argument("--json", action="store_true")
+    _failure_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("viz", help="draw a plan.json with graphviz")
     p.add_argument("plan")

@@ -15,7 +15,7 @@ import sys
 
 import torch.distributed as dist
 
-NEIGHBOURS = ("ops", "runtime", "seeded")
+NEIGHBOURS = ("ops", "runtime", "seeded", "watchdog")
 
 
 def run_case(case: dict) -> None:
