@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -179,8 +180,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"check against eager: {verdict}: max relative difference of losses "
               f"{report['max_rel_diff_loss']:.2e}, of final parameters {report['max_rel_diff_params']:.2e} "
               f"(tolerances {report['tolerance']['loss']:.0e} and {report['tolerance']['params']:.0e})")
-    if report.get("exit_code", 0) != 0:
-        print(f"the program exited with code {report['exit_code']}", file=sys.stderr)
+    code = report.get("exit_code", 0)
+    if code > 128:  # SIGINT, SIGTERM: forwarded to every rank, each said where it stopped
+        print(f"the program was stopped by {signal.Signals(code - 128).name}", file=sys.stderr)
+        return code
+    if code != 0:
+        print(f"the program exited with code {code}", file=sys.stderr)
     return 0 if report["ok"] else 1
 
 

@@ -34,9 +34,9 @@ MARKER = "ULTRAPLAN_JOB"
 CONSEQUENCES = ("another rank left the job", "stopped by SIGTERM", "stopped by SIGINT", "watchdog:")
 
 
-def job_processes(marker: str) -> list[int]:
-    """Pids (other than ours) whose environment holds ``ULTRAPLAN_JOB=marker`` (a /proc scan)."""
-    needle = f"{MARKER}={marker}".encode() + b"\0"
+def job_processes(marker: str, variable: str = MARKER) -> list[int]:
+    """Pids (other than ours) whose environment holds ``variable=marker`` (a /proc scan)."""
+    needle = f"{variable}={marker}".encode() + b"\0"
     found = []
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
