@@ -16,7 +16,8 @@ from tools.regen_golden import CASES, case_dir
 from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
-                   "warnings", "sys", "kernels"}  # kernels: the generated kernels.py beside it
+                   "warnings", "sys", "kernels",  # kernels: the generated kernels.py beside it
+                   "watchdog", "datetime", "itertools", "math", "re", "signal", "threading", "time", "traceback"}
 
 
 def imported_modules(source: str) -> set[str]:
@@ -31,7 +32,7 @@ def imported_modules(source: str) -> set[str]:
 
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
-    for name in ("program.py", "ops.py", "runtime.py", "seeded.py"):
+    for name in ("program.py", "ops.py", "runtime.py", "seeded.py", "watchdog.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name

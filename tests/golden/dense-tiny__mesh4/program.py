@@ -21,6 +21,7 @@ import torch
 import ops
 import runtime
 import seeded
+import watchdog
 
 SPEC_NAME = 'dense-tiny'
 MESH_SHAPE = (4,)
@@ -199,6 +200,7 @@ def parse_args(argv):
                         help="float64 separates plan errors from fp32 rounding when checking against eager")
     parser.add_argument("--kernels", choices=("triton", "torch"), default=None,
                         help="fused ops' kernels: triton (kernels.py; the default on CUDA) or torch (on the CPU)")
+    watchdog.add_arguments(parser)  # failures: --timeout, --skip-nonfinite
     return parser.parse_args(argv)
 
 
@@ -214,7 +216,7 @@ def main(argv=None):
         if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
             import kernels
             ops.KERNELS.update(kernels.KERNELS)
-    mesh, owned = runtime.setup(MESH_SHAPE)
+    mesh, owned = runtime.setup(MESH_SHAPE, timeout=watchdog.collective_timeout(args))
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
     compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
@@ -226,7 +228,9 @@ def main(argv=None):
     buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
+    guard = watchdog.Watchdog(mesh.rank, mesh.size, args.timeout)  # names a rank that stalls
     for step in range(args.steps):
+        guard.beat(step)
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
@@ -234,6 +238,7 @@ def main(argv=None):
         with runtime.comm_debug(enabled=step == 0) as seen:
             with runtime.count_saved(model, enabled=step == 0):
                 loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
+            loss = watchdog.inject_test_fault(loss, step, mesh.rank)  # test hook: inert unless ULTRAPLAN_TEST_FAULT
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # launches each gradient bucket as it fills
             buckets.finish()  # launches what is left, waits for all
@@ -241,6 +246,9 @@ def main(argv=None):
         if step == 0:
             calls_in_first_step = dict(runtime.COMM_CALLS)
         seen_by_torch = seen_by_torch or dict(seen)
+        if watchdog.skip_batch(step, losses[-1], args, mesh.rank):  # a NaN/inf loss stops the run unless skipped
+            optimizer.zero_grad(set_to_none=True)
+            continue
         for group in optimizer.param_groups:
             group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
         optimizer.step()
@@ -248,6 +256,7 @@ def main(argv=None):
             model.refresh_state()
         if mesh.rank == 0 and not args.quiet:
             print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
+    guard.stop()
     measured = {k: v // max(args.steps, 1) for k, v in runtime.COMM_BYTES.items()}
     if mesh.rank == 0 and not args.quiet:
         print(f"bytes per step on rank 0: measured {measured}, planned {PLANNED_PAYLOAD_PER_STEP}", flush=True)
@@ -261,5 +270,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    watchdog.run_rank(main)  # a failing rank says one line and ends the job (watchdog.py)
     runtime.finish()  # exit without interpreter teardown, where gloo can abort a finished rank
