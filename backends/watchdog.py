@@ -180,33 +180,37 @@ class Watchdog:
 
     def _run(self):
         start = time.monotonic()
-        seen = {r: (None, start, None, start) for r in range(self.world_size)}  # value, alive at, step, moved at
+        seen = {r: (None, start, None) for r in range(self.world_size)}  # heartbeat, when it last changed, step
+        mine = (self.step, start)  # this rank's step and when it began, on this rank's clock
         for count in itertools.count():
             if self.done.wait(self.poll):
                 return
             if os.getppid() != self.parent:
                 self._stop(f"the launcher (pid {self.parent}) is gone; stopping{_at_step()}", [])
-            self.store.set(self.prefix + str(self.rank), f"{count} {self.step} {os.getpid()} {self.host}")
             now = time.monotonic()
-            for r in range(self.world_size):
-                key = self.prefix + str(r)
-                value = self.store.get(key).decode() if self.store.check([key]) else None
-                old, alive, step, moved = seen[r]
-                if value != old:
-                    alive = now
-                    new_step = None if value in (None, "done") else value.split()[1]
-                    moved = now if new_step != step else moved
-                    step = new_step
-                seen[r] = (value, alive, step, moved)
-            if now - seen[self.rank][3] > self.timeout:
+            mine = mine if mine[0] == self.step else (self.step, now)
+            try:
+                self._exchange(seen, count, now)
+            except (RuntimeError, OSError):  # the store slow or gone: the launcher check above ends an orphan
+                pass
+            if now - mine[1] > self.timeout:
                 self._stop(*self.verdict(seen, now))
+
+    def _exchange(self, seen, count, now):
+        """Publish this rank's heartbeat, read everyone's, note whose changed."""
+        self.store.set(self.prefix + str(self.rank), f"{count} {self.step} {os.getpid()} {self.host}")
+        for r in range(self.world_size):
+            key = self.prefix + str(r)
+            value = self.store.get(key).decode() if self.store.check([key]) else None
+            if value != seen[r][0]:
+                seen[r] = (value, now, None if value in (None, "done") else value.split()[1])
 
     def verdict(self, seen, now):
         """This rank has been in one step for longer than --timeout: the line naming the culprit, and the
-        ranks this one is to kill. ``seen[r]`` is (heartbeat value, when it last changed, its step, when
-        the step last changed), times on this rank's monotonic clock."""
+        ranks this one is to kill. ``seen[r]`` is (heartbeat value, when it last changed on this rank's
+        monotonic clock, the step it names)."""
         live = {r: s for r, s in seen.items() if s[0] != "done"}
-        stopped = [r for r, (_, alive, _, _) in live.items() if now - alive > self.alive_limit]
+        stopped = [r for r, (_, alive, _) in live.items() if now - alive > self.alive_limit]
         steps = {r: int(s[2]) for r, s in live.items() if s[2] not in (None, "None")}
         behind = [r for r in steps if steps[r] < max(steps.values())] if steps else []
         limit = f"--timeout {self.timeout:g}"

@@ -18,9 +18,8 @@ from ultraplan.launch import summary
 
 
 def heartbeats(now, *ranks):
-    """``seen`` as the watchdog keeps it: per rank (value, heartbeat changed at, step, step changed at)."""
-    return {r: (None if beat is None else f"7 {step} {100 + r} host", now - beat_age, str(step), now - step_age)
-            for r, (beat, beat_age, step, step_age) in enumerate(ranks)}
+    """``seen`` as the watchdog keeps it: per rank (heartbeat, when it last changed, the step it names)."""
+    return {r: (f"7 {step} {100 + r} host", now - beat_age, str(step)) for r, (beat_age, step) in enumerate(ranks)}
 
 
 def verdict(rank, seen, now):
@@ -31,24 +30,24 @@ def verdict(rank, seen, now):
 
 def test_a_rank_without_heartbeat_is_named_and_killed_by_the_lowest_healthy_rank():
     now = time.monotonic()
-    seen = heartbeats(now, (1, 0.1, 3, 6), (1, 4.5, 3, 6), (1, 0.2, 3, 6))  # rank 1 stopped 4.5 s ago
+    seen = heartbeats(now, (0.1, 3), (4.5, 3), (0.2, 3))  # rank 1 stopped 4.5 s ago
     line, kill = verdict(0, seen, now)
     assert "rank 1 (pid 101) stopped responding (no heartbeat for 4.5 s)" in line and "(--timeout 5)" in line
     assert kill == [1]
     assert verdict(2, seen, now) == (line, [])  # rank 2 says the same and leaves the kill to rank 0
-    line, kill = verdict(1, heartbeats(now, (1, 4.5, 3, 6), (1, 0.1, 3, 6)), now)
+    line, kill = verdict(1, heartbeats(now, (4.5, 3), (0.1, 3)), now)
     assert "rank 0 (pid 100) stopped responding" in line and kill == [0]
 
 
 def test_a_rank_behind_the_others_or_a_deadlock():
     now = time.monotonic()
-    line, kill = verdict(0, heartbeats(now, (1, 0.1, 4, 6), (1, 0.1, 3, 6), (1, 0.1, 4, 6)), now)
+    line, kill = verdict(0, heartbeats(now, (0.1, 4), (0.1, 3), (0.1, 4)), now)
     assert "rank 1 has not finished step 3 in 5 s while others are at step 4" in line and kill == [1]
     dog = watchdog.Watchdog(0, 2, 0)
     dog.timeout, dog.step = 5, 3
-    line, kill = dog.verdict(heartbeats(now, (1, 0.1, 3, 6), (1, 0.1, 3, 6)), now)
+    line, kill = dog.verdict(heartbeats(now, (0.1, 3), (0.1, 3)), now)
     assert "no rank finished step 3 in 5 s (a deadlock" in line and kill == []
-    finished = heartbeats(now, (1, 0.1, 3, 6), (1, 9, 3, 9))
+    finished = heartbeats(now, (0.1, 3), (9, 3))
     finished[1] = ("done", now - 9, None, now - 9)  # a rank past its last step is not waited for
     assert "no rank finished step 3" in dog.verdict(finished, now)[0]
 
