@@ -48,9 +48,9 @@ def job_processes(marker: str, variable: str = MARKER) -> list[int]:
     return found
 
 
-def kill_job(marker: str) -> list[int]:
+def kill_job(marker: str, variable: str = MARKER) -> list[int]:
     """SIGKILL every process of the job; return their pids."""
-    pids = job_processes(marker)
+    pids = job_processes(marker, variable)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)

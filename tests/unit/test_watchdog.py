@@ -4,6 +4,7 @@ watchdog's verdict on who stalled, NaN/inf losses, and torchrun's error files re
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -92,3 +93,15 @@ def test_a_failing_rank_says_one_line_and_torch_reads_its_error_file(tmp_path):
                                  "rank 0 stopped with it")
     killed = {1: ProcessFailure(local_rank=1, pid=11, exitcode=-9, error_file="<N/A>")}
     assert summary(killed) == "job failed: rank 1 killed by SIGKILL (exit code -9)"
+
+
+def test_an_interrupted_rank_says_one_line():
+    """Ctrl-C (torchrun forwards it to every rank): one line naming the step, exit 128 + SIGINT, no traceback."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import watchdog; watchdog.CURRENT['step'] = 5; "
+            "watchdog.run_rank(lambda: (print('ready', flush=True), time.sleep(60)))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "backends")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={"RANK": "3", "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and err == "[rank 3] stopped by SIGINT at step 5\n"
