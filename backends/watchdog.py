@@ -26,6 +26,7 @@ library. Four jobs, each a few lines in the program's ``main``:
   rank raise, die, stop or see an infinite loss at a chosen step (tests/dist/test_failures.py).
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -44,6 +45,7 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT = 600.0
 CURRENT = {"step": None}  # the step this rank is in, for the one-line messages
 _GENERATION = itertools.count()  # one heartbeat key space per Watchdog (tests run programs back to back)
+_ENDING = threading.Lock()  # held by whichever path ends this rank first
 
 
 class JobStopped(Exception):
@@ -77,7 +79,9 @@ def _at_step():
 
 
 def _say(line):
-    print(f"[rank {_rank()}] {line}", file=sys.stderr, flush=True)
+    """One write to fd 2, past Python's buffers: a signal handler may have cut into a write to sys.stderr, whose
+    lock that frame still holds, and nothing lands between the line and its newline."""
+    os.write(2, f"[rank {_rank()}] {line}\n".encode(errors="replace"))
 
 
 def _record(message, details=""):
@@ -94,10 +98,24 @@ def _record(message, details=""):
         pass
 
 
-def _leave(code):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def _end(message, details="", code=1, say=True):
+    """End this rank: the error file, one line (unless ``say`` is False), exit. The first of the three
+    ways here (an exception, a signal, the watchdog thread) wins; a later one waits for its exit."""
+    if threading.current_thread() is threading.main_thread():  # a signal now would cut the line in two
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    if not _ENDING.acquire(blocking=False):
+        time.sleep(60)
+        os._exit(code)
+    try:
+        _record(message, details)
+        if say:
+            _say(message)
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a flush a signal interrupted raises "reentrant call"
+                stream.flush()
+        os._exit(code)
 
 
 def describe(exc):
@@ -115,11 +133,7 @@ def describe(exc):
 
 
 def _on_signal(signum, frame):
-    name = signal.Signals(signum).name
-    message = f"stopped by {name}{_at_step()}"
-    _record(message)
-    _say(message)
-    _leave(128 + signum)
+    _end(f"stopped by {signal.Signals(signum).name}{_at_step()}", code=128 + signum)
 
 
 def run_rank(main):
@@ -131,11 +145,7 @@ def run_rank(main):
     except SystemExit:  # argparse's usage errors, sys.exit: already said
         raise
     except BaseException as exc:  # KeyboardInterrupt included: one line, never a traceback
-        message = describe(exc)
-        _record(message, traceback.format_exc())
-        if not (isinstance(exc, JobStopped) and exc.agreed and _rank() != 0):
-            _say(message)
-        _leave(1)
+        _end(describe(exc), traceback.format_exc(), say=not (isinstance(exc, JobStopped) and exc.agreed and _rank() != 0))
 
 
 # ---- the watchdog -------------------------------------------------------------------------------
@@ -165,6 +175,9 @@ class Watchdog:
         self.thread = None
         if timeout > 0 and world_size > 1:
             self.store = _store(timeout)
+            # the pid and host are known before the first step: a rank stopped before its thread's first
+            # heartbeat can still be named and killed
+            self.store.set(self.prefix + str(rank), f"start None {os.getpid()} {self.host}")
             self.thread = threading.Thread(target=self._run, name="ultraplan-watchdog", daemon=True)
             self.thread.start()
 
@@ -236,9 +249,7 @@ class Watchdog:
                     os.kill(int(parts[2]), signal.SIGKILL)
                 except OSError:
                     pass
-        _record(line)
-        _say(line)
-        _leave(1)
+        _end(line)
 
 
 # ---- non-finite losses ---------------------------------------------------------------------------
