@@ -28,8 +28,9 @@ from ultraplan.launch import job_processes, kill_job
 
 pytestmark = pytest.mark.slow
 
-# seconds from the last step printed to the job's end. Measured on 2 loaded cores (load 9): 1-3 s;
-# without the fixes a stopped rank hangs the job for gloo's 30 minutes, a killed CLI forever.
+# seconds from the last step printed to the job's end. Measured alone on 2 cores at load 11: 0.5 s (raise,
+# SIGKILL), 5.5 s (SIGSTOP, --timeout 5); with every job of this file at once, 13-16 s. Without the watchdog
+# a stopped rank holds the job for gloo's 30 minutes, and a killed `ultraplan run` leaves its ranks running.
 PROMPT = 20
 
 
