@@ -136,10 +136,24 @@ def _on_signal(signum, frame):
     _end(f"stopped by {signal.Signals(signum).name}{_at_step()}", code=128 + signum)
 
 
+def _wait_for_signals(fd):
+    signum = os.read(fd, 1)[0]
+    _end(f"stopped by {signal.Signals(signum).name}{_at_step()}", code=128 + signum)
+
+
 def run_rank(main):
-    """Run ``main()``; any failure ends this rank with one line on stderr and a non-zero exit."""
+    """Run ``main()``; any failure ends this rank with one line on stderr and a non-zero exit.
+
+    A Python signal handler runs only once the main thread is back in Python, never while it waits in a
+    collective whose peer is gone (NCCL waits there for good), and torchrun's SIGTERM must end the rank
+    then too. So a thread of ours reads the signal's number from Python's wakeup fd (``signal.set_wakeup_fd``,
+    written by the C-level handler at once, whichever thread the signal reached) and ends the rank."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+        signal.signal(sig, _on_signal)  # a handler of Python's own: what makes the C handler write the fd
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_wait_for_signals, args=(read,), name="ultraplan-signals", daemon=True).start()
     try:
         return main()
     except SystemExit:  # argparse's usage errors, sys.exit: already said
