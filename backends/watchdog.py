@@ -8,7 +8,8 @@ library. Four jobs, each a few lines in the program's ``main``:
   traceback goes to the error file torchrun names in ``TORCHELASTIC_ERROR_FILE`` (the format of
   torch/distributed/elastic/multiprocessing/errors/error_handler.py, ``record_exception``), where
   torchrun's failure summary reads it. The rank leaves with ``os._exit``: a dying job must not wait
-  in gloo's teardown.
+  in gloo's teardown. A signal is taken by a thread (Python's wakeup fd), so it ends a rank at once
+  even while the main thread waits in a collective.
 - ``Watchdog``: a thread per rank publishes a heartbeat (a counter and the step this rank is in)
   through a client of the job's TCPStore every ``poll`` seconds. A rank whose own step has not
   advanced for ``--timeout`` seconds looks at the others: one whose heartbeat stopped (SIGSTOP, a
