@@ -17,7 +17,8 @@ from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
                    "warnings", "sys", "kernels",  # kernels: the generated kernels.py beside it
-                   "watchdog", "datetime", "itertools", "math", "re", "signal", "threading", "time", "traceback"}
+                   "watchdog", "contextlib", "datetime", "itertools", "math", "re", "signal", "threading", "time",
+                   "traceback"}
 
 
 def imported_modules(source: str) -> set[str]:
