@@ -115,10 +115,11 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def setup(mesh_shape):
+def setup(mesh_shape, timeout=None):
     """Join the process group torchrun describes (or start a 1-process one); return (mesh, owned).
 
     ``owned`` is True when this call created the process group and so should destroy it.
+    ``timeout`` (a timedelta) bounds every collective's wait (torch's default: 30 minutes on gloo).
     """
     owned = False
     if not dist.is_initialized():
@@ -126,7 +127,7 @@ def setup(mesh_shape):
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
         owned = True
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

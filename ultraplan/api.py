@@ -14,6 +14,7 @@ from ultraplan.passes.context import Mesh, PassReport, PlanError
 from ultraplan.passes.pipeline import make_plan, prepare_spec
 from ultraplan.passes.plan import Plan
 from ultraplan.paths import bundled, resolve_spec_path
+from ultraplan.program_dir import compiled_directory
 
 __all__ = ["bundled", "compile", "load", "load_hardware", "load_with_reports", "plan", "read_plan", "resolve_spec_path"]
 
@@ -123,7 +124,7 @@ def compile(spec_path: str | Path, mesh: str, out_dir: str | Path, *, allow_over
     if not result.fits and not allow_oversubscribe:
         raise PlanError(f"{memory_warning(result)}; use more devices, fsdp, a smaller --batch, or pass "
                         "--allow-oversubscribe to compile it anyway")
-    (out / "plan.svg").unlink(missing_ok=True)  # a stale drawing must not outlive a re-plan without `dot`
-    write_program(result, out)
-    write_plan_files(result, out)
+    with compiled_directory(out) as new:  # all or nothing; never files of two compiles (program_dir.py)
+        write_program(result, new)
+        write_plan_files(result, new)
     return result

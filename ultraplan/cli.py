@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -183,7 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = DataFlags(args.data, args.data_dtype, args.val_data, args.val_every, args.val_batches, args.metrics)
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
                  quiet=args.json or args.quiet, dtype=args.dtype, data=data, checkpoint_dir=args.checkpoint_dir,
-                 checkpoint_every=args.checkpoint_every, resume=args.resume)
+                 checkpoint_every=args.checkpoint_every, resume=args.resume, extra_args=failure_flags(args))
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -191,8 +192,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"check against eager: {verdict}: max relative difference of losses "
               f"{report['max_rel_diff_loss']:.2e}, of final parameters {report['max_rel_diff_params']:.2e} "
               f"(tolerances {report['tolerance']['loss']:.0e} and {report['tolerance']['params']:.0e})")
-    if report.get("exit_code", 0) != 0:
-        print(f"the program exited with code {report['exit_code']}", file=sys.stderr)
+    code = report.get("exit_code", 0)
+    if code > 128:  # SIGINT, SIGTERM: forwarded to every rank, each said where it stopped
+        print(f"the program was stopped by {signal.Signals(code - 128).name}", file=sys.stderr)
+        return code
+    if code != 0:
+        print(f"the program exited with code {code}", file=sys.stderr)
     return 0 if report["ok"] else 1
 
 
@@ -261,6 +266,20 @@ def _data_and_report_parsers(sub) -> None:
     p.add_argument("--metrics", default=None, help="the metrics file (default DIR/metrics.jsonl)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_report)
+
+
+def _failure_args(p: argparse.ArgumentParser) -> None:
+    """The program's own failure flags (watchdog.py's add_arguments), passed through by ``run``."""
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop the job when a step makes no progress for this long, naming the stalled rank "
+                        "(the program's default: 600; 0: off)")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a batch whose loss is NaN or infinite instead of stopping the run")
+
+
+def failure_flags(args: argparse.Namespace) -> list[str]:
+    return ([] if args.timeout is None else ["--timeout", str(args.timeout)]) + \
+        (["--skip-nonfinite"] if args.skip_nonfinite else [])
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -400,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save after every N-th step (and after the last, always when --checkpoint-dir is given)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     _run_data_args(p)
+    _failure_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file (canonical names)")
     p.add_argument("checkpoint", help="a --checkpoint-dir (its latest complete checkpoint) or one step-N folder")

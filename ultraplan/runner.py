@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ultraplan.api import read_plan
 from ultraplan.data import NO_DATA, DataFlags
+from ultraplan.launch import run_job
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.plan import Plan
+from ultraplan.program_dir import check_program_dir
 from ultraplan.reference import relative_differences, train_reference
 
 # fp32 tolerances. Splitting the batch over ranks changes the order of the gradient sums, which
@@ -48,11 +50,12 @@ RUN_DTYPES = ("float32", "float64")  # what --dtype takes; bfloat16 is the plan'
 
 
 def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, quiet: bool = False,
-           dtype: str = "float32", extra: tuple[str, ...] = (), data: DataFlags = NO_DATA) -> int:
-    """Run ``torchrun --nproc_per_node nproc program.py``; return its exit code. ``extra``: more
-    flags for the program (checkpoint_flags); ``data``: the token files' flags."""
+           dtype: str = "float32", extra: Sequence[str] = (), data: DataFlags = NO_DATA) -> int:
+    """Run ``torchrun --nproc_per_node nproc program.py`` (through ultraplan.launch: signals forwarded, no
+    rank left behind, one line per failure); return its exit code. ``extra``: more flags for the program
+    (checkpoint_flags, the failure flags); ``data``: the token files' flags."""
     out_dir = out_dir.resolve()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "ultraplan.launch", "--standalone", f"--nproc_per_node={nproc}",
            str(out_dir / "program.py"), "--steps", str(steps), "--seed", str(seed), "--dtype", dtype, *extra]
     if dump is not None:
         cmd += ["--dump", str(dump)]
@@ -60,7 +63,7 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
         cmd.append("--quiet")
     cmd += data.program_args()  # --data, --val-data, --metrics, ...
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    return subprocess.run(cmd, cwd=out_dir, env=env, check=False).returncode
+    return run_job(cmd, env, out_dir)
 
 
 def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, resume: bool) -> tuple[str, ...]:
@@ -78,7 +81,7 @@ def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
         quiet: bool = False, dtype: str = "float32", data: DataFlags = NO_DATA, checkpoint_dir: Path | None = None,
-        checkpoint_every: int | None = None, resume: bool = False) -> dict:
+        checkpoint_every: int | None = None, resume: bool = False, extra_args: Sequence[str] = ()) -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
@@ -87,19 +90,17 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     against the same steps of an eager run from step 0.
     """
     plan = read_plan(out_dir)
-    if not (Path(out_dir) / "program.py").is_file():
-        raise ValueError(f"{out_dir}: not a compiled program directory (no program.py); "
-                         "make one with `ultraplan compile SPEC --mesh N -o DIR` and pass DIR")
+    check_program_dir(Path(out_dir), plan)  # every file there, all of one compile
     mesh = Mesh(tuple(plan.mesh))
     nproc = mesh.size if nproc is None else nproc
     if nproc != mesh.size:
         raise ValueError(f"{out_dir} was compiled for mesh {mesh} ({mesh.size} processes), "
                          f"not {nproc}; recompile with --mesh {nproc} or drop --nproc")
+    if steps is None and plan.training.steps < 1:
+        raise ValueError(f"{out_dir}: plan.json trains {plan.training.steps} steps; pass --steps K (at least 1)")
     steps = plan.training.steps if steps is None else steps
-    if steps < 1 and check:
-        raise ValueError(f"--check compares training steps; --steps must be at least 1, got {steps}")
-    if steps < 0:
-        raise ValueError(f"--steps must be at least 0, got {steps}")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
     seed = plan.training.seed if seed is None else seed
     if dtype not in RUN_DTYPES:
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
@@ -109,7 +110,8 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     with tempfile.TemporaryDirectory() as tmp:
         dump = Path(tmp) / "result.json" if check else None
         made = Path(tmp) / "losses.json"
-        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype, (*extra, "--losses-out", str(made)), data)
+        code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype,
+                      (*extra, *extra_args, "--losses-out", str(made)), data)
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False

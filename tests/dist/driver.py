@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
 
-The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ..., "args": [...]}`` cases ("args":
-more program flags, optional); each program's ``main`` is
-called in turn with the process group already up, so it neither starts nor ends it.
+The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases, optionally with more program
+``"args"`` and ``"env"`` (set for that case alone); each program's ``main`` is called in turn with the process group
+already up, so it neither starts nor ends it.
 """
 
 from __future__ import annotations
@@ -16,21 +16,28 @@ import sys
 
 import torch.distributed as dist
 
-NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "table_parallel", "train_data")
+NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "table_parallel", "train_data", "watchdog")
 
 
 def run_case(case: dict) -> None:
     for name in NEIGHBOURS:  # each program imports its own neighbour files
         sys.modules.pop(name, None)
     sys.path.insert(0, case["dir"])
+    saved = {k: os.environ.get(k) for k in case.get("env", {})}
+    os.environ.update(case.get("env", {}))
     try:
         spec = importlib.util.spec_from_file_location("program_under_test", f"{case['dir']}/program.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main(["--steps", str(case["steps"]), "--dump", case["dump"], "--dtype", case["dtype"], "--quiet",
-                     *case.get("args", ())])
+                     *case.get("args", [])])
     finally:
         sys.path.remove(case["dir"])
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ def test_run_needs_a_compiled_directory(tmp_path, compiled, capsys):
 
 def test_run_flags_that_would_check_nothing(compiled, capsys):
     assert "--steps must be at least 1" in error(capsys, "run", str(compiled), "--steps", "0", "--check")
-    assert "--steps must be at least 0" in error(capsys, "run", str(compiled), "--steps", "-1")
+    assert "--steps must be at least 1, got -1" in error(capsys, "run", str(compiled), "--steps", "-1")
     assert "not 0" in error(capsys, "run", str(compiled), "--nproc", "0")
 
 

@@ -17,8 +17,9 @@ from ultraplan import api
 
 ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "json", "os", "socket", "collections",
                    "warnings", "sys", "kernels", "train_data", "progress", "numpy", "time", "tqdm",
-                   "checkpoint", "re", "shutil"}  # kernels.py, train_data.py, progress.py, checkpoint.py beside it
-                   # and what they import (tqdm: used when installed)
+                   "checkpoint", "re", "shutil",  # kernels.py, train_data.py, progress.py, checkpoint.py beside it
+                   "watchdog", "contextlib", "datetime", "itertools", "math", "signal", "threading",
+                   "traceback"}  # watchdog.py beside it; and what they import (tqdm: used when installed)
 
 
 def imported_modules(source: str) -> set[str]:
@@ -33,7 +34,8 @@ def imported_modules(source: str) -> set[str]:
 
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
-    for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py", "train_data.py", "progress.py"):
+    for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py", "train_data.py", "progress.py",
+                 "watchdog.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name

@@ -80,20 +80,19 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
     """pkm-tiny on 2 ranks (tp) with `--kernels triton` under the interpreter: kernels.py is written
     beside the program, and a training step through it equals the eager reference; the same step
     with a broken forward kernel does not (so the kernels are what ran)."""
-    import subprocess
 
     from ultraplan import api, runner
 
     api.compile("pkm-tiny", "2", tmp_path, strategy="tp")
     assert "KERNELS = {'gather_weighted_sum'" in (tmp_path / "kernels.py").read_text()
-    real_run = subprocess.run
+    real_run = runner.run_job
     commands = []
 
-    def with_triton(cmd, **kw):
+    def with_triton(cmd, *args, **kw):
         commands.append([*cmd, "--kernels", "triton"])
-        return real_run(commands[-1], **kw)
+        return real_run(commands[-1], *args, **kw)
 
-    monkeypatch.setattr(runner.subprocess, "run", with_triton)
+    monkeypatch.setattr(runner, "run_job", with_triton)
     report = runner.run(tmp_path, nproc=None, steps=1, seed=None, check=True, quiet=True)
     assert commands and report["ok"], report
     source = (tmp_path / "kernels.py").read_text()

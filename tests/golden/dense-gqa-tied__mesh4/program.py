@@ -24,6 +24,7 @@ import progress
 import runtime
 import seeded
 import train_data
+import watchdog
 
 SPEC_NAME = 'dense-gqa-tied'
 MESH_SHAPE = (4,)
@@ -232,6 +233,7 @@ def parse_args(argv):
     checkpoint.add_args(parser)  # --checkpoint-dir, --checkpoint-every, --checkpoint-async, --resume, --losses-out
     train_data.add_arguments(parser)  # --data, --data-dtype, --val-data, --val-every, --val-batches
     progress.add_arguments(parser)  # --metrics
+    watchdog.add_arguments(parser)  # failures: --timeout, --skip-nonfinite
     return parser.parse_args(argv)
 
 
@@ -248,7 +250,7 @@ def main(argv=None):
         if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
             import kernels
             ops.KERNELS.update(kernels.KERNELS)
-    mesh, owned = runtime.setup(MESH_SHAPE)
+    mesh, owned = runtime.setup(MESH_SHAPE, timeout=watchdog.collective_timeout(args))
     runtime.reset_counters()
     model = Model(mesh, args.seed).to(getattr(torch, args.dtype))
     compute_dtype = getattr(torch, COMPUTE_DTYPE if args.dtype == "float32" else args.dtype)  # float64: all float64
@@ -273,7 +275,9 @@ def main(argv=None):
 
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
+    guard = watchdog.Watchdog(mesh.rank, mesh.size, args.timeout)  # names a rank that stalls
     for step in range(start, args.steps):
+        guard.beat(step)
         if data is None:
             batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
             local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
@@ -284,6 +288,7 @@ def main(argv=None):
         with runtime.comm_debug(enabled=step == start) as seen:
             with runtime.count_saved(model, enabled=step == start):
                 loss = runtime.forward_in(compute_dtype, model, local[:, :-1], local[:, 1:])
+            loss = watchdog.inject_test_fault(loss, step, mesh.rank)  # test hook: inert unless ULTRAPLAN_TEST_FAULT
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # launches each gradient bucket as it fills
             buckets.finish()  # launches what is left, waits for all
@@ -291,11 +296,14 @@ def main(argv=None):
         if step == start:
             calls_in_first_step = dict(runtime.COMM_CALLS)
         seen_by_torch = seen_by_torch or dict(seen)
-        for group in optimizer.param_groups:
-            group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
-        optimizer.step()
-        if hasattr(model, "refresh_state"):
-            model.refresh_state()
+        if watchdog.skip_batch(step, losses[-1], args, mesh.rank):  # a NaN/inf loss stops the run unless skipped
+            optimizer.zero_grad(set_to_none=True)  # skipped: no update, but logged and checkpointed as a step
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = LR * (value_lr_factor(step) if group["name"] == "values" else 1.0)
+            optimizer.step()
+            if hasattr(model, "refresh_state"):
+                model.refresh_state()
         seconds = meter.lap()
         val_loss = None
         if train_data.validation_due(args, step, args.steps):
@@ -304,6 +312,7 @@ def main(argv=None):
         meter.log(step, losses[-1], seconds, val_loss)  # rank 0: progress line and one metrics.jsonl line
         saver.after_step(step + 1)
     meter.close()
+    guard.stop()
     saver.finish()
     checkpoint.write_losses(args.losses_out, mesh, start, losses)
     measured = {k: v // max(len(losses), 1) for k, v in runtime.COMM_BYTES.items()}
@@ -319,5 +328,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    watchdog.run_rank(main)  # a failing rank says one line and ends the job (watchdog.py)
     runtime.finish()  # exit without interpreter teardown, where gloo can abort a finished rank
