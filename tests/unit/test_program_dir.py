@@ -16,7 +16,7 @@ from ultraplan.program_dir import check_program_dir, compiled_directory
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("compiled") / "prog"
-    api.compile(MODELS / "dense-tiny.yaml", "1", out)
+    api.compile(MODELS / "dense-tiny.yaml", "1", out, fuse=False)  # unfused: a plan without kernels.py
     return out
 
 

@@ -173,8 +173,10 @@ def test_run_flags_reach_the_program(tmp_path, capsys):
 
 
 def test_run_refuses_a_bad_data_file_before_launching(tmp_path, capsys, h200_plan):
+    from ultraplan.backends.program import write_program
+
+    write_program(h200_plan, tmp_path)  # a whole directory (run checks it first), never launched here
     (tmp_path / "plan.json").write_text(h200_plan.to_json())
-    (tmp_path / "program.py").write_text("raise SystemExit('must not run')\n")
     (tmp_path / "t.txt").write_text("text" * 100)
     assert cli.main(["run", str(tmp_path), "--data", str(tmp_path / "t.txt")]) == 2
     assert "vocab_size is 128; compile a spec with vocab_size >= 256" in capsys.readouterr().err
