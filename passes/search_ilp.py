@@ -365,7 +365,6 @@ def solve(problem: Problem) -> Solution:
         time, _, ok = evaluate(problem, choice)
         return ok and time <= limit
 
-    h.setOptionValue("simplex_strategy", 4)  # primal: the first optimum is a feasible start
     choice = _second(h, lp, x, values, accept)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
