@@ -17,6 +17,7 @@ into the plan's totals as ``search_objective``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from torch import fx
@@ -27,6 +28,7 @@ from ..compiler.op_table import OP_TABLE
 from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
+from .gather_groups import LAYER
 from .memory import SAVES
 from .plan import Cost, Plan
 from .sbp import Broadcast, NdSbp, PartialSum
@@ -85,8 +87,11 @@ def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPin
         for nd in (*o.ins, o.raw):
             layouts.setdefault(nd, len(layouts))
     demands = _demands(gm, costing, cls, cands, layouts)
+    members: dict[int, list[fx.Node]] = {}
+    for node, c in cls.items():
+        members.setdefault(c, []).append(node)
     problem = Problem(groups, demands, float(ctx.hardware.memory_bytes), _logging(costing, gm),
-                      _buckets(costing, cands, ctx))
+                      _buckets(costing, cands, ctx) + _gathers(cands, members))
     return problem, cands, cls, costing
 
 
@@ -105,6 +110,24 @@ def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> lis
                 if key not in keys:
                     keys[key] = Buckets(costing.bucket_latency(key), first, cap, [])
                 keys[key].members.append((g, k, nbytes))
+    return list(keys.values())
+
+
+def _gathers(cands: list[list[Cand]], members: dict[int, list[fx.Node]]) -> list[Buckets]:
+    """One set per gather group (passes/gather_groups.py: a layer's fsdp gathers on one axis in one
+    dtype run as one all-gather and one reduce-scatter): its latency is paid once per layer when any
+    member gathers, like a bucket key that fits one bucket (``first = cap = inf``). A class of
+    identical layers shares one choice, so its groups are one key paying once per layer it stands for."""
+    keys: dict[tuple, Buckets] = {}
+    for g, options in enumerate(cands):
+        for k, o in enumerate(options):
+            if o.gather is not None:
+                axis, dtype, latency = o.gather
+                layers = tuple(sorted({int(LAYER.match(info(n).param.name).group(1)) for n in members[g]}))
+                key = (layers, axis, dtype)
+                if key not in keys:
+                    keys[key] = Buckets(latency * len(layers), math.inf, math.inf, [])
+                keys[key].members.append((g, k, 0.0))
     return list(keys.values())
 
 

@@ -35,6 +35,7 @@ from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
 from .build_plan import _needs_grad
 from .context import PlanContext
+from .gather_groups import LAYER
 from .memory import SAVES
 from .precision import MASTER
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
@@ -58,6 +59,7 @@ class Cand:
     memory: float
     peak: float = 0.0
     grad: tuple[tuple, float] | None = None  # a parameter's gradient sync: (bucket key, bytes it adds)
+    gather: tuple[int, str, float] | None = None  # a layer's fsdp gather: (axis, dtype, latency paid per group)
 
 
 class Costing:
@@ -185,7 +187,11 @@ class Costing:
             gather = self.box_time(rest, used, node)
             if gather is None:
                 continue
-            time = gather[0] + (gather[1] if self.train and self.needs_grad[node] else 0.0)
+            dual = self.train and self.needs_grad[node]
+            time = gather[0] + (gather[1] if dual else 0.0)
+            group = self._gather_group(node, rest, used, dual)
+            if group is not None:
+                time -= group[2]
             stored = self.local_bytes(node, rest)
             memory = stored * (4 if self.train else 1)
             sync = None
@@ -194,8 +200,21 @@ class Costing:
                 time += seconds
                 if rest != used and saved:
                     memory += self.local_bytes(node, used)
-            out.append(Cand(axes, (), used, used, time, memory, grad=sync))
+            out.append(Cand(axes, (), used, used, time, memory, grad=sync, gather=group))
         return out
+
+    def _gather_group(self, node: fx.Node, rest: NdSbp, used: NdSbp, dual: bool) -> tuple[int, str, float] | None:
+        """A layer's parameter gathered by one all-gather (``S(d) -> B`` on one axis) joins the layer's
+        gather group (passes/gather_groups.py: one all-gather, and in training one reduce-scatter, per
+        layer, axis and dtype): its bandwidth stays its own, the latency is paid once per group, here
+        (axis, dtype, the latency), which search.py prices per group as the buckets are priced."""
+        axes = [a for a in range(len(rest)) if rest[a] != used[a]]
+        if len(axes) != 1 or not isinstance(rest[axes[0]], Split) or not isinstance(used[axes[0]], Broadcast):
+            return None
+        if LAYER.match(info(node).param.name) is None:
+            return None
+        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1]
+        return axes[0], info(node).dtype, latency * (2 if dual else 1)
 
     def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
         """The gradient sync of a parameter stored ``rest``, as passes/buckets.py packs it: (the

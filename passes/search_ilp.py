@@ -43,12 +43,16 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import highspy
 import numpy as np
+
+from .search_bnb import Infeasible, chosen, minimise, mip, near_optimal_only, relaxation
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
 GIB = 2.0**30  # the memory row in GiB, for the same reason
@@ -95,7 +99,9 @@ class Demand:
 class Buckets:
     """The gradients of one bucket key (passes/buckets.py: the same collectives, the same dtype),
     packed into buckets of ``first`` then ``cap`` bytes, each paying ``latency`` seconds. ``members``
-    are (group, candidate, bytes per node) of the candidates whose gradient joins this key."""
+    are (group, candidate, bytes per node) of the candidates whose gradient joins this key. With
+    ``first = cap = inf`` it is one collective per key however many join it: a layer's gather group
+    (passes/gather_groups.py), whose latency is paid once when any of its parameters is gathered."""
 
     latency: float
     first: float
@@ -129,10 +135,6 @@ class Solution:
     time: float
     memory: float
     status: str
-
-
-class Infeasible(Exception):
-    """No assignment fits the device memory (or satisfies the pins)."""
 
 
 def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:
@@ -256,14 +258,17 @@ def _buckets(lp: _Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> No
         return
     inf = highspy.kHighsInf
     y = lp.col(b.latency * SCALE)
-    z = lp.col(b.latency * SCALE, upper=inf)
-    beyond = {z: 1.0, y: b.first / b.cap}
     per_group: dict[int, dict[int, float]] = {}
-    for g, k, nbytes in b.members:
+    for g, k, _ in b.members:
         per_group.setdefault(g, {})[x[g][k]] = 1.0
-        _add(beyond, x[g][k], -groups[g].count * min(nbytes, b.cap) / b.cap)
     for cols in per_group.values():  # one-hot: y >= the sum of a group's member columns
         lp.row(0.0, inf, {y: 1.0} | {c: -1.0 for c in cols})
+    if math.isinf(b.first):  # one per key (a gather group): no buckets beyond the first
+        return
+    z = lp.col(b.latency * SCALE, upper=inf)
+    beyond = {z: 1.0, y: b.first / b.cap}
+    for g, k, nbytes in b.members:
+        _add(beyond, x[g][k], -groups[g].count * min(nbytes, b.cap) / b.cap)
     lp.row(0.0, inf, beyond)
 
 
@@ -288,6 +293,7 @@ def _quiet_highs() -> highspy.Highs:
 
 
 def _highs(lp: _Lp) -> highspy.Highs:
+    """The model in HiGHS, every column continuous (search_bnb branches on the x columns)."""
     h = _quiet_highs()
     for name, value in (("output_flag", False), ("threads", 1), ("random_seed", 0), ("mip_rel_gap", 1e-9),
                         ("mip_abs_gap", 1e-9), ("presolve", "off")):  # presolve: 6x slower here
@@ -295,9 +301,6 @@ def _highs(lp: _Lp) -> highspy.Highs:
     n = len(lp.cost)
     h.addVars(n, np.zeros(n), np.array(lp.upper, dtype=float))
     h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
-    if lp.integer:
-        idx = np.array(lp.integer, dtype=np.int32)
-        h.changeColsIntegrality(len(idx), idx, np.full(len(idx), highspy.HighsVarType.kInteger))
     _rows(h, lp.rows)
     return h
 
@@ -314,30 +317,41 @@ def _rows(h: highspy.Highs, rows: list) -> None:
               np.array(starts, dtype=np.int32), np.array(index, dtype=np.int32), np.array(value, dtype=float))
 
 
-def _run(h: highspy.Highs) -> np.ndarray:
-    h.run()
-    status = h.getModelStatus()
-    if status != highspy.HighsModelStatus.kOptimal:
-        raise Infeasible(h.modelStatusToString(status))
-    return np.array(h.getSolution().col_value)
-
-
-def _second(h: highspy.Highs, first: np.ndarray) -> np.ndarray:
-    """The second stage's answer; the first's when the solver's tolerances make the added row look
-    infeasible (its bound is the first optimum itself, at huge memory values a hair tight)."""
+def _second(h: highspy.Highs, lp: _Lp, x: list[list[int]], first: np.ndarray,
+            accept: Callable[[list[int]], bool] | None = None) -> list[int]:
+    """The second stage's choice, from the LP when it is integral. When it is not and the objective
+    is the candidate indices (an integer), an assignment ``accept`` admits whose index sum reaches
+    the LP bound rounded up is optimal too: the first stage's, or the LP's rounded to each group's
+    largest candidate. Else HiGHS's MIP solver, from the first stage's answer. The first stage's
+    answer also when the solver's tolerances make the added row look infeasible (its bound is the
+    first optimum itself, at huge memory values a hair tight)."""
+    start = chosen(first, x)
     try:
-        return _run(h)
+        bound, values = relaxation(h)
     except Infeasible:
-        return first
+        return start
+    found = chosen(values, x)
+    if found is not None:
+        return found
+    if accept is not None:
+        rounded = [int(np.argmax(values[cols])) for cols in x]
+        for choice in (start, rounded):
+            if sum(choice) <= math.ceil(bound - 1e-6) and accept(choice):
+                return choice
+    try:
+        return chosen(mip(h, lp.integer, first), x) or start
+    except Infeasible:
+        return start
 
 
 def solve(problem: Problem) -> Solution:
     """The optimal assignment, ties broken by the smallest sum of candidate indices."""
     lp, x, objective = build(problem)
     h = _highs(lp)
-    values = _run(h)
+    values = minimise(h, x, integrality=lp.integer)
     best = float(sum(c * values[i] for i, c in objective.items()))
     # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
+    near_optimal_only(h, x, best * 1e-9 + 1e-9 + 1e-7)  # 1e-7: HiGHS's dual feasibility tolerance
     _rows(h, [(-highspy.kHighsInf, best * (1 + 1e-9) + 1e-9, objective)])
     n = len(lp.cost)
     ranks = np.zeros(n)
@@ -345,8 +359,13 @@ def solve(problem: Problem) -> Solution:
         for k, c in enumerate(cols):
             ranks[c] = k
     h.changeColsCost(n, np.arange(n, dtype=np.int32), ranks)
-    values = _second(h, values)
-    choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
+    limit = (best * (1 + 1e-9) + 1e-9) / SCALE + problem.constant  # evaluate counts the constant
+
+    def accept(choice: list[int]) -> bool:
+        time, _, ok = evaluate(problem, choice)
+        return ok and time <= limit
+
+    choice = _second(h, lp, x, values, accept)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
 
@@ -362,11 +381,11 @@ def leanest(problem: Problem) -> Solution:
     for c, m in memory_row.items():
         weights[c] = m
     h.changeColsCost(n, np.arange(n, dtype=np.int32), weights)
-    values = _run(h)
+    values = minimise(h, x, integrality=lp.integer)
     least = float(sum(m * values[c] for c, m in memory_row.items()))
+    near_optimal_only(h, x, least * 1e-9 + 1e-9 + 1e-7)
     _rows(h, [(-highspy.kHighsInf, least * (1 + 1e-9) + 1e-9, memory_row)])
     h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
-    values = _second(h, values)
-    choice = [int(np.argmax([values[c] for c in cols])) for cols in x]
+    choice = _second(h, lp, x, values)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "leanest")
