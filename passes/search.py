@@ -173,7 +173,10 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
             for k, c in enumerate(cands[g]):
                 takes.setdefault(lid(c.ins[i]), []).append(k)
             grad = train and rec.differentiable and OP_TABLE[info(u).op].differentiable and costing.needs_grad[u]
-            keeps = train and not state and costing.saves(u, v) and i in SAVES[info(u).op].inputs
+            # a view (pair_part, leading_features) shares its base's storage, which memory.py counts once
+            # at the base: the search counts it there too (exact when the base is kept, as add_rms_norm's is)
+            view = rec.op in SAVES and SAVES[rec.op].view_of is not None
+            keeps = train and not state and not view and costing.saves(u, v) and i in SAVES[info(u).op].inputs
             found.append(Use(g, takes, bool(grad), bool(keeps)))
         rule = SAVES.get(rec.op)
         if train and rule is not None and rule.output and any(info(a).differentiable for a in tensor_args(v)):

@@ -163,8 +163,8 @@ def test_auto_is_never_worse_than_a_named_strategy_that_fits(spec, mesh, batch, 
 
 def test_a_large_model_on_eight_devices_needs_sharded_parameters():
     plan, gm, reports = make_plan(load_model_spec(MODELS / "llama3-8b-shape.yaml"), api.load_hardware("h200-8"),
-                                  Mesh.parse("8"), batch=8, seq=1024, strategies=("auto",))
-    dp = api.plan(MODELS / "llama3-8b-shape.yaml", "8", hardware="h200-8", batch=8, seq=1024, strategy="dp")
+                                  Mesh.parse("8"), batch=8, seq=4096, strategies=("auto",))
+    dp = api.plan(MODELS / "llama3-8b-shape.yaml", "8", hardware="h200-8", batch=8, seq=4096, strategy="dp")
     assert not dp.fits and plan.fits
     split = sum(math.prod(p.shape) for p in plan.params if p.sbp != "B")
     assert split > 0.5 * sum(math.prod(p.shape) for p in plan.params)
