@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ultraplan.runner import run
 
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
-                 quiet=args.json, dtype=args.dtype)
+                 quiet=args.json, dtype=args.dtype, timed=args.json)
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -232,6 +232,32 @@ def cmd_fields(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- calibrate (ultraplan/calibrate.py) ----------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ultraplan.calibrate import calibrate
+
+    out = Path(args.output)
+    figures = calibrate(out, nproc=args.nproc, quick=args.quick, name=args.name)
+    link = figures["link"]
+    print(f"wrote {out}: peak {', '.join(f'{k} {v / 1e9:.3g} GFLOP/s' for k, v in figures['peak_flops'].items())}, "
+          f"memory {figures['memory_bandwidth'] / 1e9:.3g} GB/s, op overhead {figures['op_overhead'] * 1e6:.3g} us, "
+          f"link {link['bandwidth'] / 1e9:.3g} GB/s + {link['latency'] * 1e6:.3g} us per message")
+    return 0
+
+
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine (FLOP/s, memory, collectives) into a hardware spec")
+    p.add_argument("-o", "--output", required=True, help="the hardware spec to write (e.g. specs/hardware/this-machine.yaml)")
+    p.add_argument("--nproc", type=int, default=max(2, os.cpu_count() or 2),
+                   help="ranks to measure with, at once (default: the CPU count, at least 2); the spec is this "
+                        "machine as that many devices")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: seconds, rougher figures")
+    p.add_argument("--name", default=None, help="the spec's name (default: the output file's stem)")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultraplan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -279,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "
                    "moe, ...), norm, train, hardware or link; all when left out")
     p.set_defaults(func=cmd_fields)
+    _calibrate_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,8 +62,9 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
-        quiet: bool = False, dtype: str = "float32") -> dict:
-    """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
+        quiet: bool = False, dtype: str = "float32", timed: bool = False) -> dict:
+    """Run the program in ``out_dir``; with ``check`` compare it with the eager reference; with
+    ``timed`` (or ``check``) report the measured step time beside the plan's (``step_report``).
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
     """
@@ -85,16 +87,18 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
-        dump = Path(tmp) / "result.json" if check else None
+        dump = Path(tmp) / "result.json" if check or timed else None
         code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype)
         report["exit_code"] = code
         if code != 0:
             report["ok"] = False
             return report
+        if dump is not None:
+            result = json.loads(dump.read_text())
+            report |= step_report(plan, result.get("step_times", []))
         if not check:
             report["ok"] = True
             return report
-        result = json.loads(dump.read_text())
         params = torch.load(result["params"])
     comm = comm_report(plan, result, steps)
     comm |= saved_report(plan, result)
@@ -110,6 +114,22 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         "ok": diffs["loss"] <= tolerance["loss"] and diffs["params"] <= tolerance["params"],
     })
     return report
+
+
+# Steps left out of the step-time median: the first runs under CommDebugMode and counts saved
+# tensors, and the first ones also pay allocation and autograd's first-use costs.
+WARMUP_STEPS = 2
+
+
+def step_report(plan: Plan, step_times: list[float]) -> dict:
+    """The median of the steps after ``WARMUP_STEPS`` (all of them when the run was shorter) beside
+    the plan's modelled ``step_time`` under the hardware it was planned for (``plan.hardware``):
+    a median, since other work on the machine stretches single steps."""
+    steady = step_times[WARMUP_STEPS:] or step_times
+    return {"step_time_measured_s": statistics.median(steady) if steady else None,
+            "step_time_predicted_s": plan.total("step_time").value,
+            "step_times_s": step_times, "step_time_warmup_steps": len(step_times) - len(steady),
+            "hardware": plan.hardware}
 
 
 def saved_report(plan: Plan, result: dict) -> dict:
