@@ -121,6 +121,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     validated(args.spec, warn=True)
+    if args.sweep:
+        return cmd_sweep(args)
     from ultraplan import api
     from ultraplan.passes.context import Mesh
 
@@ -232,6 +234,19 @@ def cmd_fields(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan --sweep (ultraplan/sweep.py) -----------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ultraplan.sweep import parse_sweep, render, sweep
+
+    key, values = parse_sweep(args.sweep)
+    plan_args = {"hardware": args.hardware, "batch": args.batch, "seq": args.seq, "mode": args.mode,
+                 "strategy": args.strategy, "force": args.force, "bucket_mb": args.bucket_mb, "fuse": args.fuse}
+    print(render(key, sweep(args.spec, args.mesh, key, values, **plan_args)))
+    return 0
+
+
 # ---- calibrate (ultraplan/calibrate.py) ----------------------------------------------------------
 
 
@@ -249,10 +264,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def _calibrate_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure this machine (FLOP/s, memory, collectives) into a hardware spec")
-    p.add_argument("-o", "--output", required=True, help="the hardware spec to write (e.g. specs/hardware/this-machine.yaml)")
+    p.add_argument("-o", "--output", required=True,
+                   help="the hardware spec to write (e.g. specs/hardware/this-machine.yaml)")
     p.add_argument("--nproc", type=int, default=max(2, os.cpu_count() or 2),
-                   help="ranks to measure with, at once (default: the CPU count, at least 2); the spec is this "
-                        "machine as that many devices")
+                   help="ranks to measure with, at once (default: the CPU count, at least 2); the spec is "
+                        "this machine as that many devices")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: seconds, rougher figures")
     p.add_argument("--name", default=None, help="the spec's name (default: the output file's stem)")
     p.set_defaults(func=cmd_calibrate)
@@ -273,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bucket_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan JSON")
     p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="plan at each value of batch or seq (e.g. batch=1,8,64,512) and print where the chosen "
+                        "signatures change, with the modelled step time at each point")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("compile", help="write program.py (a training program), plan.json, plan.dot, plan.svg")
     p.add_argument("spec")
