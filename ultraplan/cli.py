@@ -204,6 +204,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    if getattr(args, "crossover", None):
+        return cmd_crossover(args)
     if args.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
@@ -245,6 +247,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                  "strategy": args.strategy, "force": args.force, "bucket_mb": args.bucket_mb, "fuse": args.fuse}
     print(render(key, sweep(args.spec, args.mesh, key, values, **plan_args)))
     return 0
+
+
+# ---- explain --crossover (ultraplan/decision.py) --------------------------------------------------
+
+
+def cmd_crossover(args: argparse.Namespace) -> int:
+    validated(args.spec)
+    from ultraplan.decision import decide, render
+
+    plan_args = {"hardware": args.hardware, "batch": args.batch, "seq": args.seq, "mode": args.mode,
+                 "strategy": args.strategy, "force": args.force, "fuse": args.fuse}
+    print(render(decide(args.spec, args.mesh, args.crossover, args.over, **plan_args)))
+    return 0
+
+
+def _crossover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crossover", default=None, metavar="NODE=SBP_A/SBP_B",
+                   help="plan with NODE pinned to each SBP and solve (sympy) the batch at which their modelled "
+                        "step times are equal, e.g. 'layers_*_ffn_w_up=S(0)/B'")
+    p.add_argument("--over", choices=("batch", "seq"), default="batch", help="the variable --crossover solves for")
 
 
 # ---- calibrate (ultraplan/calibrate.py) ----------------------------------------------------------
@@ -319,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     _plan_args(p)
     p.add_argument("--stage", default=STAGES[-1], help="the pass after which to stop: " + ", ".join(STAGES))
+    _crossover_args(p)
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("fields", help="the spec language's fields: type, default, constraint, meaning")
     p.add_argument("kind", nargs="?", default=None, help="model, layers, sublayer, a sublayer kind (attention, ffn, "
