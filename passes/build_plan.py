@@ -295,7 +295,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
     largest = sympy.Max(*largest_terms) if largest_terms else ZERO
-    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches,
+    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches + len(comms.times),
                       param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),

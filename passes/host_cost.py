@@ -14,6 +14,8 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
     overhead_time  = launches * op_overhead + (train) local parameter tensors * opt_tensor
                      + local parameter elements * opt_element
     launches       = op nodes in the forward + those the backward reaches (each runs again there)
+                     + the step's collectives (each a call through the runtime: an autograd
+                     function, a buffer to pack or unpack, the wait; beside the link's latency)
 
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
 how), ``opt_tensor`` and ``opt_element`` are AdamW's cost per parameter tensor and per element,
