@@ -27,6 +27,9 @@ import torch
 import torch.distributed as dist
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+# the calls the emitted runtime makes (torch 2.13 renamed *_into_tensor / *_tensor to *_single)
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 # NCCL and each rank's GPU where there are GPUs (as the emitted runtime chooses), else gloo on the CPU
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -142,11 +145,11 @@ def run_collective(kind: str, numel: int, group, n: int):
         return lambda: dist.all_reduce(x, group=group)
     if kind == "all_gather":
         out = torch.empty(numel * n, device=DEVICE)
-        return lambda: dist.all_gather_into_tensor(out, x, group=group)
+        return lambda: ALL_GATHER(out, x, group=group)
     if kind == "reduce_scatter":
         x = torch.randn(numel - numel % n or n, device=DEVICE)
         out = torch.empty(x.numel() // n, device=DEVICE)
-        return lambda: dist.reduce_scatter_tensor(out, x, group=group)
+        return lambda: REDUCE_SCATTER(out, x, group=group)
     x = torch.randn(numel - numel % n or n, device=DEVICE)
     out = torch.empty_like(x)
     return lambda: dist.all_to_all_single(out, x, group=group)

@@ -464,7 +464,9 @@ def main(argv=None):
     buckets = gradient_buckets(model, mesh)
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
+    step_times = []  # each step's seconds on rank 0, from one barrier to the next (the runner takes the median)
     for step in range(args.steps):
+        start = runtime.synced_clock()
         batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
         local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
@@ -484,6 +486,7 @@ def main(argv=None):
         optimizer.step()
         if hasattr(model, "refresh_state"):
             model.refresh_state()
+        step_times.append(runtime.synced_clock() - start)
         if mesh.rank == 0 and not args.quiet:
             print(f"step {step:4d}  loss {losses[-1]:.6f}", flush=True)
     measured = {k: v // max(args.steps, 1) for k, v in runtime.COMM_BYTES.items()}
@@ -493,7 +496,8 @@ def main(argv=None):
         shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
-                                                        "comm_debug_first_step": seen_by_torch})
+                                                        "comm_debug_first_step": seen_by_torch,
+                                                        "step_times": step_times})
     runtime.teardown(owned)
     return losses
 
