@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import runpy
 
 import pytest
 from ultraplan.compiler.validate import load_hardware_spec
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import make_plan
 
+from tests.conftest import ROOT
 from ultraplan import api
 from ultraplan.calibrate import fit_link, render_spec, ring_terms
 from ultraplan.runner import step_report
@@ -111,3 +113,13 @@ def test_step_report_takes_the_median_after_the_warmup():
     assert report["step_time_predicted_s"] == plan.total("step_time").value
     assert step_report(plan, [0.5])["step_time_measured_s"] == 0.5
     assert math.isfinite(report["step_time_predicted_s"])
+
+
+def test_step_time_bench_order_check():
+    """bench/step_time.py's order check: pairs measured more than 25% apart, and of those the ones the
+    model puts in the same order."""
+    bench = runpy.run_path(str(ROOT / "bench" / "step_time.py"))
+    rows = [{"measured": 1.0, "predicted": 1.0}, {"measured": 1.2, "predicted": 0.5},  # within 25%: not judged
+            {"measured": 2.0, "predicted": 3.0}, {"measured": 4.0, "predicted": 2.0}]
+    # judged: (1.0, 2.0) ok, (1.0, 4.0) ok, (1.2, 2.0) ok, (1.2, 4.0) ok, (2.0, 4.0) wrong
+    assert bench["order_check"](rows) == (5, 4)
