@@ -197,12 +197,14 @@ def main(argv=None) -> None:
         torch.cuda.set_device(DEVICE)
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     torch.manual_seed(dist.get_rank())
-    quick = args.quick
+    quick, gpu = args.quick, DEVICE.type == "cuda"
     result = {
         "world_size": dist.get_world_size(),
         "threads_per_rank": torch.get_num_threads(),
-        "matmul": matmul_rates([128, 256] if quick else [256, 512], ["float32", "bfloat16"], 3 if quick else 7),
-        "copy": copy_rate(2**21 if quick else 2**24, 3 if quick else 7),
+        # a GPU reaches its rates only on large operands (and a copy larger than its caches)
+        "matmul": matmul_rates(([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512]),
+                               ["float32", "bfloat16"], 3 if quick else 7),
+        "copy": copy_rate((2**26 if quick else 2**28) if gpu else (2**21 if quick else 2**24), 3 if quick else 7),
         "op_overhead": op_overhead(50 if quick else 200, 5 if quick else 9),
         "optimizer": optimizer_costs(2**20 if quick else 2**22, 32 if quick else 128, 3 if quick else 7),
         "collectives": collectives([256, 16384, 262144] if quick else [256, 4096, 65536, 262144, 1048576],
