@@ -43,7 +43,7 @@ from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
 from .gather_groups import gather_groups, group_plan
-from .host_cost import host_times
+from .host_cost import host_times, loop_passes
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -275,7 +275,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                 bwd_terms.append(c.backward_flops)
             compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
             traffic_terms.append((c.bytes_read + c.bytes_written) / split)
-            launches += 1 + (train and needs_grad[node])
+            launches += (1 + (train and needs_grad[node])) * loop_passes(
+                rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
             if not train:
                 largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)

@@ -13,7 +13,9 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
                      / mem_bw
     overhead_time  = launches * op_overhead + (train) local parameter tensors * opt_tensor
                      + local parameter elements * opt_element
-    launches       = op nodes in the forward + those the backward reaches (each runs again there)
+    launches       = op nodes in the forward + those the backward reaches (each runs again there),
+                     an op that loops in Python (the op table's ``loop``: the dropless MoE runs
+                     each local expert in turn) counted once per local index of its loop dim,
                      + the step's collectives (each a call through the runtime: an autograd
                      function, a buffer to pack or unpack, the wait; beside the link's latency)
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import sympy
 
+from ..compiler.op_table import OP_TABLE
 from ..compiler.schema import HardwareSpec
 
 MEM_BW = sympy.Symbol("mem_bw", positive=True)
@@ -36,6 +39,19 @@ OP_OVERHEAD = sympy.Symbol("op_overhead", nonnegative=True)
 OPT_TENSOR = sympy.Symbol("opt_tensor", nonnegative=True)
 OPT_ELEMENT = sympy.Symbol("opt_element", nonnegative=True)
 BACKWARD_TRAFFIC = 2  # the backward's bytes per forward byte (module docstring)
+
+
+def loop_passes(op: str, input_shapes: list, input_sbps: list, sizes: list) -> sympy.Expr:
+    """How many times the op's code runs its body on a device: 1, or the local size of the op table's
+    ``loop`` dim (the first input holding it, as this device holds that input)."""
+    record = OP_TABLE[op]
+    if not record.loop:
+        return sympy.Integer(1)
+    from .sbp import local_dims  # sbp -> context -> this module: imported when first needed
+    for letters, shape, sbp in zip(record.dims.split("->")[0].split(","), input_shapes, input_sbps):
+        if record.loop in letters:
+            return local_dims(shape, sbp, sizes)[letters.index(record.loop)]
+    raise AssertionError(f"{op}: loop dim {record.loop!r} is in none of its inputs ({record.dims})")
 
 
 def calibrated(hardware: HardwareSpec) -> bool:
@@ -51,7 +67,7 @@ def host_values(hardware: HardwareSpec) -> dict[sympy.Symbol, float]:
             OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element}
 
 
-def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: int, param_elements: sympy.Expr,
+def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr, param_elements: sympy.Expr,
                param_tensors: int, train: bool) -> dict[str, sympy.Expr]:
     """``memory_time`` and ``overhead_time`` (module docstring); empty for an uncalibrated spec.
     ``traffic``: the forward's bytes per device; ``param_elements``: the local (stored) elements."""

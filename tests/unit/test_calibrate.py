@@ -123,3 +123,18 @@ def test_step_time_bench_order_check():
             {"measured": 2.0, "predicted": 3.0}, {"measured": 4.0, "predicted": 2.0}]
     # judged: (1.0, 2.0) ok, (1.0, 4.0) ok, (1.2, 2.0) ok, (1.2, 4.0) ok, (2.0, 4.0) wrong
     assert bench["order_check"](rows) == (5, 4)
+
+
+def test_loop_passes_count_local_experts():
+    """The dropless MoE runs its experts one by one in Python (compiler/ops.py: expert_ffn), so each local
+    expert is a launch: 16 replicated, 8 per device when its weights are split over 2 (ep)."""
+    from ultraplan.passes.host_cost import loop_passes
+    from ultraplan.passes.sbp import Broadcast, Split
+
+    b, t, d, k, e, f = 2, 4, 8, 2, 16, 6
+    shapes = [(b, t, d), (b, t, k), (b, t, k), (e, f, d), (e, f, d), (e, d, f)]
+    replicated = [(Broadcast(),)] * 6
+    expert_parallel = [(Split(0),)] * 3 + [(Split(0),)] * 3
+    assert loop_passes("expert_ffn", shapes, replicated, [2]) == 16
+    assert loop_passes("expert_ffn", shapes, expert_parallel, [2]) == 8
+    assert loop_passes("linear", [(b, t, d), (f, d)], [(Broadcast(),)] * 2, [2]) == 1
