@@ -43,10 +43,16 @@ def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path
     return done.returncode == 0
 
 
-def run_case(out: Path, steps: int) -> dict:
-    done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json"],
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout)
+def run_case(out: Path, steps: int, tries: int = 2) -> dict | None:
+    """``run --json``'s report; a failed run is tried again once (gloo can abort a rank at exit on a
+    loaded machine, runtime.finish says why), then left out."""
+    for _ in range(tries):
+        done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json"],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+        print(f"  {out.name}: the run failed (exit code {done.returncode})", file=sys.stderr, flush=True)
+    return None
 
 
 def order_check(rows: list[dict]) -> tuple[int, int]:
@@ -68,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=7, help="steps per run (the first 2 are warm-up)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
+    parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
     args = parser.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     hw_dir = Path(args.hardware_dir or tmp.name)
@@ -85,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for case in cases:
                 report = run_case(case["dir"], args.steps)
+                if report is None:
+                    continue
                 case["runs"].append(report["step_time_measured_s"])
                 case["predicted"] = report["step_time_predicted_s"]
                 load = os.getloadavg()[0]
@@ -92,9 +101,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {case['spec']} {case['strategy']} on {nproc} (repeat {repeat}): measured "
                       f"{case['runs'][-1] * 1e3:.1f} ms, predicted {case['predicted'] * 1e3:.1f} ms, load {load:.1f}",
                       file=sys.stderr, flush=True)
+        cases = [c for c in cases if c["runs"]]
         for case in cases:
             case["measured"] = statistics.median(case["runs"])
         table += cases
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
+                                                      indent=1))
     print("| spec | ranks | strategy | predicted ms | measured ms (median of runs) | predicted / measured | load |")
     print("|---|---|---|---|---|---|---|")
     for c in table:
