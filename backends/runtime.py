@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import sys
+import time
 import warnings
 from collections import Counter
 
@@ -939,3 +940,16 @@ def dump(path, mesh, losses, named_shards, extra=None):
         result.update(extra or {})
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
+
+
+# ---- step timing --------------------------------------------------------------------------------
+
+
+def synced_clock():
+    """``time.perf_counter()`` once every rank has reached this point and the device has finished its
+    queued work: the difference of two readings is the step every rank took, the slowest included
+    (a GPU's kernels run asynchronously to the Python that launches them)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dist.barrier()
+    return time.perf_counter()

@@ -135,6 +135,7 @@ class OpDef:
     heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
     variants: tuple[Variant, ...] = ()
     colour: str = "#ffffff"
+    loop: str = ""  # a letter of dims the op's code loops over in Python, once per index (passes/host_cost.py)
 
     @property
     def differentiable(self) -> bool:
@@ -502,10 +503,11 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("mul", _same, dims="*,*->*", linear="each", colour=ELEMENTWISE),
     _def("expert_ffn", _same, flops=_expert_ffn_flops, sparse=_expert_touch, bytes_read=_expert_reads,
          data_dependent=True,
-         dims="btd,btk,btk,efd,efd,edf->btd", sums="f", whole="dk", variants=(EXPERT_PARALLEL,), colour="#f9cb9c"),
+         dims="btd,btk,btk,efd,efd,edf->btd", sums="f", whole="dk", variants=(EXPERT_PARALLEL,), colour="#f9cb9c",
+         loop="e"),
     _def("expert_ffn_biased", _same, flops=_expert_ffn_flops, sparse=_biased_expert_touch,
          bytes_read=_biased_expert_reads, data_dependent=True, dims="btd,btk,btk,efd,efd,edf,ef,ef->btd", sums="f",
-         whole="dk", variants=(EXPERT_PARALLEL_BIASED,), colour="#f9cb9c"),
+         whole="dk", variants=(EXPERT_PARALLEL_BIASED,), colour="#f9cb9c", loop="e"),
     _def("expert_bias", lambda s, a: (*s[0][:-1], s[2][1]), sparse=_expert_bias_touch, bytes_read=_expert_bias_reads,
          dims="btk,btk,.d->btd", whole="k", linear="each", colour="#f9cb9c"),
     # Tucker-decomposed retrieval (UltraMem, UltraMemV2): token dims split, the rest whole

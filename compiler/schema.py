@@ -243,6 +243,10 @@ class HardwareSpec:
     intra_node: LinkSpec
     inter_node: LinkSpec
     source: str
+    # host terms, measured by `ultraplan calibrate` (passes/host_cost.py); 0: not modelled
+    op_overhead: float = 0.0  # seconds per plan op, forward and backward
+    optimizer_tensor: float = 0.0  # AdamW seconds per parameter tensor
+    optimizer_element: float = 0.0  # AdamW seconds per parameter element
 
     @property
     def num_devices(self) -> int:

@@ -123,7 +123,9 @@ def read_hardware(doc: Document) -> HardwareSpec:
         raise doc.error(path, "missing required field 'peak_flops'", hint="add 'peak_flops: {fp32: ...}'")
     return HardwareSpec(name=spec.name, devices_per_node=spec.devices_per_node, nodes=spec.nodes, peak_flops=flops,
                         memory_bytes=spec.memory_bytes, memory_bandwidth=spec.memory_bandwidth,
-                        intra_node=links["intra_node"], inter_node=links["inter_node"], source=Path(doc.file).name)
+                        intra_node=links["intra_node"], inter_node=links["inter_node"], source=Path(doc.file).name,
+                        op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
+                        optimizer_element=spec.optimizer_element)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +137,12 @@ class _HardwareFields:
     memory_bytes: float = dataclasses.field(metadata={"min": 0, "exclusive": True, "doc": "bytes per device"})
     memory_bandwidth: float = dataclasses.field(metadata={"min": 0, "exclusive": True, "doc": "bytes/s per device"})
     nodes: int = dataclasses.field(default=1, metadata={"min": 1})
+    op_overhead: float = dataclasses.field(default=0.0, metadata={
+        "min": 0, "doc": "seconds per plan op, forward and backward (ultraplan calibrate; 0: not modelled)"})
+    optimizer_tensor: float = dataclasses.field(default=0.0, metadata={
+        "min": 0, "doc": "AdamW seconds per parameter tensor (ultraplan calibrate)"})
+    optimizer_element: float = dataclasses.field(default=0.0, metadata={
+        "min": 0, "doc": "AdamW seconds per parameter element (ultraplan calibrate)"})
 
 
 def load_model_spec(path: str | Path, text: str | None = None) -> ModelSpec:

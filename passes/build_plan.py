@@ -43,6 +43,7 @@ from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
 from .gather_groups import gather_groups, group_plan
+from .host_cost import host_times, loop_passes
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -214,6 +215,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     bwd_terms: list[sympy.Expr] = []
     compute_terms: list[sympy.Expr] = []
     largest_terms: list[sympy.Expr] = []
+    traffic_terms: list[sympy.Expr] = []  # bytes each op moves on a device, and op launches (passes/host_cost.py)
+    launches = 0
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -271,6 +274,9 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             if train:
                 bwd_terms.append(c.backward_flops)
             compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
+            traffic_terms.append((c.bytes_read + c.bytes_written) / split)
+            launches += (1 + (train and needs_grad[node])) * loop_passes(
+                rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
             if not train:
                 largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)
@@ -290,10 +296,12 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
     largest = sympy.Max(*largest_terms) if largest_terms else ZERO
+    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches + len(comms.times),
+                      param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
-        "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time,
-        "step_time": compute_time + comms.time,
+        "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time, **host,
+        "step_time": sympy.Add(compute_time, comms.time, *host.values()),
     }
     totals.update(memory_terms(gm, sizes, param_bytes, largest, train))
     t = ctx.spec.train

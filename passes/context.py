@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..compiler.schema import HardwareSpec, ModelSpec
+from .host_cost import host_values
 from .symbols import PEAK, B, T, axis_bandwidth, axis_latency, axis_size
 
 
@@ -90,7 +91,7 @@ class PlanContext:
             out[axis_size(axis)] = n
             out[axis_bandwidth(axis)] = link.bandwidth
             out[axis_latency(axis)] = link.latency
-        return out
+        return out | host_values(self.hardware)  # a calibrated spec's host terms (passes/host_cost.py)
 
 
 @dataclass

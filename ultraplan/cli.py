@@ -131,6 +131,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     validated(args.spec, warn=True)
+    if args.sweep:
+        return cmd_sweep(args)
     from ultraplan import api
     from ultraplan.passes.context import Mesh
 
@@ -184,7 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = DataFlags(args.data, args.data_dtype, args.val_data, args.val_every, args.val_batches, args.metrics)
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
                  quiet=args.json or args.quiet, dtype=args.dtype, data=data, checkpoint_dir=args.checkpoint_dir,
-                 checkpoint_every=args.checkpoint_every, resume=args.resume, extra_args=failure_flags(args))
+                 checkpoint_every=args.checkpoint_every, resume=args.resume, extra_args=failure_flags(args),
+                 timed=args.json)
     if args.json:
         print(json.dumps(report, indent=1))
     elif args.check and "max_rel_diff_loss" in report:
@@ -351,6 +354,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return cmd_explain_plan(args)
     if getattr(args, "tables", False):
         return cmd_tables(args)
+    if getattr(args, "crossover", None):
+        return cmd_crossover(args)
     if args.stage not in STAGES:
         raise ValueError(f"--stage must be one of {', '.join(STAGES)}, got {args.stage!r}")
     from ultraplan.compiler.validate import load_model_spec
@@ -381,6 +386,66 @@ def cmd_fields(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plan --sweep (ultraplan/sweep.py) -----------------------------------------------------------
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ultraplan.sweep import parse_sweep, render, sweep
+
+    key, values = parse_sweep(args.sweep)
+    plan_args = {"hardware": args.hardware, "batch": args.batch, "seq": args.seq, "mode": args.mode,
+                 "strategy": args.strategy, "force": args.force, "bucket_mb": args.bucket_mb, "fuse": args.fuse}
+    print(render(key, sweep(args.spec, args.mesh, key, values, **plan_args)))
+    return 0
+
+
+# ---- explain --crossover (ultraplan/decision.py) --------------------------------------------------
+
+
+def cmd_crossover(args: argparse.Namespace) -> int:
+    validated(args.spec)
+    from ultraplan.decision import decide, render
+
+    plan_args = {"hardware": args.hardware, "batch": args.batch, "seq": args.seq, "mode": args.mode,
+                 "strategy": args.strategy, "force": args.force, "fuse": args.fuse}
+    print(render(decide(args.spec, args.mesh, args.crossover, args.over, **plan_args)))
+    return 0
+
+
+def _crossover_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--crossover", default=None, metavar="NODE=SBP_A/SBP_B",
+                   help="plan with NODE pinned to each SBP and solve (sympy) the batch at which their modelled "
+                        "step times are equal, e.g. 'layers_*_ffn_w_up=S(0)/B'")
+    p.add_argument("--over", choices=("batch", "seq"), default="batch", help="the variable --crossover solves for")
+
+
+# ---- calibrate (ultraplan/calibrate.py) ----------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from ultraplan.calibrate import calibrate
+
+    out = Path(args.output)
+    figures = calibrate(out, nproc=args.nproc, quick=args.quick, name=args.name)
+    link = figures["link"]
+    print(f"wrote {out}: peak {', '.join(f'{k} {v / 1e9:.3g} GFLOP/s' for k, v in figures['peak_flops'].items())}, "
+          f"memory {figures['memory_bandwidth'] / 1e9:.3g} GB/s, op overhead {figures['op_overhead'] * 1e6:.3g} us, "
+          f"link {link['bandwidth'] / 1e9:.3g} GB/s + {link['latency'] * 1e6:.3g} us per message")
+    return 0
+
+
+def _calibrate_parser(sub) -> None:
+    p = sub.add_parser("calibrate", help="measure this machine (FLOP/s, memory, collectives) into a hardware spec")
+    p.add_argument("-o", "--output", required=True,
+                   help="the hardware spec to write (e.g. specs/hardware/this-machine.yaml)")
+    p.add_argument("--nproc", type=int, default=max(2, os.cpu_count() or 2),
+                   help="ranks to measure with, at once (default: the CPU count, at least 2); the spec is "
+                        "this machine as that many devices")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: seconds, rougher figures")
+    p.add_argument("--name", default=None, help="the spec's name (default: the output file's stem)")
+    p.set_defaults(func=cmd_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ultraplan", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -396,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     _bucket_arg(p)
     p.add_argument("--json", action="store_true", help="print the plan JSON")
     p.add_argument("-o", "--output", help="write the plan JSON here")
+    p.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                   help="plan at each value of batch or seq (e.g. batch=1,8,64,512) and print where the chosen "
+                        "signatures change, with the modelled step time at each point")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("compile", help="write program.py (a training program), plan.json, plan.dot, plan.svg")
     p.add_argument("spec")
@@ -439,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-candidates", action="store_true", help="plan.json: the per-layer costs only (no re-pricing)")
     p.add_argument("--tables", action="store_true", help="instead: per value table / expert group, its placement, "
                    "bytes moved per step, memory per device and the batch at which the choice would flip")
+    _crossover_args(p)
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("diff", help="where two plan.json differ and what each difference costs")
     p.add_argument("a")
@@ -450,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "moe, ...), norm, train, hardware or link; all when left out")
     p.set_defaults(func=cmd_fields)
     _data_and_report_parsers(sub)
+    _calibrate_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -81,8 +82,10 @@ def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
         quiet: bool = False, dtype: str = "float32", data: DataFlags = NO_DATA, checkpoint_dir: Path | None = None,
-        checkpoint_every: int | None = None, resume: bool = False, extra_args: Sequence[str] = ()) -> dict:
-    """Run the program in ``out_dir``; with ``check`` compare it with the eager reference.
+        checkpoint_every: int | None = None, resume: bool = False, extra_args: Sequence[str] = (),
+        timed: bool = False) -> dict:
+    """Run the program in ``out_dir``; with ``check`` compare it with the eager reference; with
+    ``timed`` (or ``check``) report the measured step time beside the plan's (``step_report``).
 
     Returns a JSON-able report; ``report["ok"]`` is False when the run failed or the check did.
     ``report["losses"]`` are the losses of the steps this run made, ``report["loss_steps"]`` their
@@ -108,7 +111,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     batches = data.reference_batches(plan.batch, plan.seq, dict(plan.model)["vocab_size"])  # None: synthetic task
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:
-        dump = Path(tmp) / "result.json" if check else None
+        dump = Path(tmp) / "result.json" if check or timed else None
         made = Path(tmp) / "losses.json"
         code = launch(out_dir, nproc, steps, seed, dump, quiet, dtype,
                       (*extra, *extra_args, "--losses-out", str(made)), data)
@@ -118,10 +121,12 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
             return report
         record = json.loads(made.read_text())
         report.update(losses=record["losses"], loss_steps=record["steps"])
+        if dump is not None:
+            result = json.loads(dump.read_text())
+            report |= step_report(plan, result.get("step_times", []))
         if not check:
             report["ok"] = True
             return report
-        result = json.loads(dump.read_text())
         params = torch.load(result["params"])
     first = result.get("first_step", 0)
     if first >= steps:
@@ -141,6 +146,22 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
         "ok": diffs["loss"] <= tolerance["loss"] and diffs["params"] <= tolerance["params"],
     })
     return report
+
+
+# Steps left out of the step-time median: the first runs under CommDebugMode and counts saved
+# tensors, and the first ones also pay allocation and autograd's first-use costs.
+WARMUP_STEPS = 2
+
+
+def step_report(plan: Plan, step_times: list[float]) -> dict:
+    """The median of the steps after ``WARMUP_STEPS`` (all of them when the run was shorter) beside
+    the plan's modelled ``step_time`` under the hardware it was planned for (``plan.hardware``):
+    a median, since other work on the machine stretches single steps."""
+    steady = step_times[WARMUP_STEPS:] or step_times
+    return {"step_time_measured_s": statistics.median(steady) if steady else None,
+            "step_time_predicted_s": plan.total("step_time").value,
+            "step_times_s": step_times, "step_time_warmup_steps": len(step_times) - len(steady),
+            "hardware": plan.hardware}
 
 
 def saved_report(plan: Plan, result: dict) -> dict:

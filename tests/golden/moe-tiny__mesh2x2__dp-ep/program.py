@@ -386,8 +386,10 @@ def main(argv=None):
     losses = []
     calls_in_first_step, seen_by_torch = {}, {}
     guard = watchdog.Watchdog(mesh.rank, mesh.size, args.timeout)  # names a rank that stalls
+    step_times = []  # each step's seconds on rank 0, from one barrier to the next (the runner takes the median)
     for step in range(start, args.steps):
         guard.beat(step)
+        began = runtime.synced_clock()
         if data is None:
             batch = seeded.permutation_walk_batch(args.seed, step, GLOBAL_BATCH, SEQ_LEN, VOCAB_SIZE)
             local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
@@ -414,6 +416,7 @@ def main(argv=None):
             optimizer.step()
             if hasattr(model, "refresh_state"):
                 model.refresh_state()
+        step_times.append(runtime.synced_clock() - began)
         seconds = meter.lap()
         val_loss = None
         if train_data.validation_due(args, step, args.steps):
@@ -432,7 +435,8 @@ def main(argv=None):
         shards = [(name, model.get_parameter(name), sbp) for name, sbp, _ in PARAMS]
         runtime.dump(args.dump, mesh, losses, shards, {"steps": args.steps, "first_step": start, "dtype": args.dtype,
                                                         "calls_in_first_step": calls_in_first_step,
-                                                        "comm_debug_first_step": seen_by_torch})
+                                                        "comm_debug_first_step": seen_by_torch,
+                                                        "step_times": step_times})
     runtime.teardown(owned)
     return losses
 

@@ -1,0 +1,126 @@
+"""The cost model against reality: predicted and measured step times of compiled programs.
+
+    python bench/step_time.py                                   # the table of docs/cost-model.md
+    python bench/step_time.py --nproc 2 --specs dense-tiny --strategies dp tp --repeats 1
+
+For each rank count: ``ultraplan calibrate --nproc N`` writes a spec of this machine (into a
+temporary directory, or ``--hardware-dir``), then every (spec, strategy) is compiled with it and run
+``--repeats`` times, the cases interleaved so that a change of the machine's load touches every case
+alike. Each run's measured step time is the median of its steps after the warm-up (``run --json``'s
+``step_time_measured_s``); the table gives the median over repeats, the plan's
+``step_time_predicted_s``, their ratio, and for each spec and rank count whether the predicted order
+of strategies is the measured one wherever two measured times differ by more than 25%. The load
+average is printed beside (other work on the machine stretches every figure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ULTRAPLAN = [sys.executable, "-m", "ultraplan"]
+DEFAULT_CASES = {"dense-tiny": ["dp", "fsdp", "tp"], "moe-tiny": ["dp", "fsdp", "ep"],
+                 "dense-100m": ["dp", "fsdp", "tp"]}
+ORDER_MARGIN = 1.25  # strategies whose measured times differ by more than this must be predicted in order
+
+
+def calibrate(nproc: int, out: Path) -> None:
+    subprocess.run([*ULTRAPLAN, "calibrate", "--nproc", str(nproc), "-o", str(out)], check=True)
+
+
+def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path) -> bool:
+    done = subprocess.run([*ULTRAPLAN, "compile", spec, "--mesh", str(nproc), "--strategy", strategy,
+                           "--hardware", str(hardware), "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  {spec} {strategy} on {nproc}: not compiled: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+    return done.returncode == 0
+
+
+def run_case(out: Path, steps: int, tries: int = 2) -> dict | None:
+    """``run --json``'s report; a failed run is tried again once (gloo can abort a rank at exit on a
+    loaded machine, runtime.finish says why), then left out."""
+    for _ in range(tries):
+        done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json"],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(done.stdout)
+        print(f"  {out.name}: the run failed (exit code {done.returncode})", file=sys.stderr, flush=True)
+    return None
+
+
+def order_check(rows: list[dict]) -> tuple[int, int]:
+    """(pairs whose measured times differ by more than ORDER_MARGIN, of those predicted in that order)."""
+    pairs = agree = 0
+    for a, b in itertools.combinations(rows, 2):
+        slow, fast = (a, b) if a["measured"] > b["measured"] else (b, a)
+        if slow["measured"] > ORDER_MARGIN * fast["measured"]:
+            pairs += 1
+            agree += slow["predicted"] > fast["predicted"]
+    return pairs, agree
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--specs", nargs="+", default=list(DEFAULT_CASES))
+    parser.add_argument("--strategies", nargs="+", default=None, help="default: three per spec (DEFAULT_CASES)")
+    parser.add_argument("--steps", type=int, default=7, help="steps per run (the first 2 are warm-up)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
+    parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
+    args = parser.parse_args(argv)
+    tmp = tempfile.TemporaryDirectory()
+    hw_dir = Path(args.hardware_dir or tmp.name)
+    hw_dir.mkdir(parents=True, exist_ok=True)
+    table = []
+    for nproc in args.nproc:
+        hardware = hw_dir / f"this-machine-{nproc}.yaml"
+        calibrate(nproc, hardware)
+        cases = []
+        for spec in args.specs:
+            for strategy in args.strategies or DEFAULT_CASES.get(spec, ["dp", "fsdp", "tp"]):
+                out = Path(tmp.name) / f"{spec}-{strategy}-{nproc}"
+                if compile_case(spec, strategy, nproc, hardware, out):
+                    cases.append({"spec": spec, "strategy": strategy, "nproc": nproc, "dir": out, "runs": []})
+        for repeat in range(args.repeats):
+            for case in cases:
+                report = run_case(case["dir"], args.steps)
+                if report is None:
+                    continue
+                case["runs"].append(report["step_time_measured_s"])
+                case["predicted"] = report["step_time_predicted_s"]
+                load = os.getloadavg()[0]
+                case.setdefault("load", []).append(load)
+                print(f"  {case['spec']} {case['strategy']} on {nproc} (repeat {repeat}): measured "
+                      f"{case['runs'][-1] * 1e3:.1f} ms, predicted {case['predicted'] * 1e3:.1f} ms, load {load:.1f}",
+                      file=sys.stderr, flush=True)
+        cases = [c for c in cases if c["runs"]]
+        for case in cases:
+            case["measured"] = statistics.median(case["runs"])
+        table += cases
+        if args.json_out:
+            Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
+                                                      indent=1))
+    print("| spec | ranks | strategy | predicted ms | measured ms (median of runs) | predicted / measured | load |")
+    print("|---|---|---|---|---|---|---|")
+    for c in table:
+        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | {c['predicted'] * 1e3:.1f} | {c['measured'] * 1e3:.1f} "
+              f"({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | {c['predicted'] / c['measured']:.2f} | "
+              f"{statistics.median(c['load']):.1f} |")
+    within = sum(abs(c["predicted"] / c["measured"] - 1) <= 0.25 for c in table)
+    print(f"\nwithin 25%: {within} of {len(table)}")
+    for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
+        pairs, agree = order_check(list(group))
+        print(f"order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""calibrate's fit and spec (ultraplan/calibrate.py), the host terms a calibrated spec adds to a plan
+(passes/host_cost.py) and the runner's step-time report, against independent arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import runpy
+
+import pytest
+from ultraplan.compiler.validate import load_hardware_spec
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.pipeline import make_plan
+
+from tests.conftest import ROOT
+from ultraplan import api
+from ultraplan.calibrate import fit_link, render_spec, ring_terms
+from ultraplan.runner import step_report
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+
+
+def ring(kind: str, n: int, payload: float) -> tuple[float, float]:
+    """The ring model of the NCCL tests' performance notes (docs/PERFORMANCE.md of nccl-tests): an
+    all-reduce sends 2 (n-1)/n of its buffer in 2 (n-1) steps; an all-gather of n shards of
+    ``payload`` and a reduce-scatter of ``payload`` send (n-1)/n of the whole buffer in n-1 steps; an
+    all-to-all of ``payload`` sends the (n-1)/n of it bound for the others (written out here, not
+    taken from passes/sbp.py)."""
+    if kind == "all_reduce":
+        return 2 * (n - 1), 2 * (n - 1) / n * payload
+    if kind == "all_gather":
+        return n - 1, (n - 1) * payload
+    if kind == "reduce_scatter":
+        return n - 1, (n - 1) / n * payload
+    return n - 1, (n - 1) / n * payload
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_ring_terms_are_the_ring_model(kind, n):
+    messages, wire = ring_terms(kind, n, 65536.0)
+    assert (messages, wire) == pytest.approx(ring(kind, n, 65536.0))
+
+
+def test_fit_link_recovers_latency_and_bandwidth():
+    latency, bandwidth = 7.5e-5, 3.2e9
+    rows = [{"kind": k, "n": n, "payload_bytes": p,
+             "seconds": ring(k, n, p)[0] * latency + ring(k, n, p)[1] / bandwidth}
+            for k in KINDS for n in (2, 4) for p in (1024, 65536, 4 * 2**20)]
+    fit = fit_link(rows)
+    assert fit["latency"] == pytest.approx(latency, rel=1e-9)
+    assert fit["bandwidth"] == pytest.approx(bandwidth, rel=1e-9)
+    assert fit["median_rel_error"] < 1e-9
+
+
+def test_fit_link_clamps_a_negative_latency_to_zero():
+    rows = [{"kind": "all_reduce", "n": 2, "payload_bytes": p, "seconds": p / 1e9 * (1 + 0.2 * (-1) ** i)}
+            for i, p in enumerate((1024, 4096, 65536, 2**20))]
+    fit = fit_link(rows)
+    assert fit["latency"] >= 0 and fit["bandwidth"] > 0
+
+
+FIGURES = {"peak_flops": {"fp32": 5.0e10, "bf16": 2.5e10}, "memory_bandwidth": 8.0e9, "op_overhead": 2.0e-4,
+           "optimizer_tensor": 1.0e-4, "optimizer_element": 1.0e-8,
+           "link": {"latency": 1.0e-4, "bandwidth": 1.0e9, "median_rel_error": 0.1},
+           "link_by_group_size": {2: {"latency": 1.0e-4, "bandwidth": 1.0e9, "median_rel_error": 0.1}}}
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    path = tmp_path / "measured.yaml"
+    path.write_text(render_spec("measured", 2, FIGURES, {"threads_per_rank": 1}, "ultraplan calibrate -o x"))
+    return path
+
+
+def test_rendered_spec_loads_with_every_figure(calibrated):
+    hw = load_hardware_spec(calibrated)
+    assert (hw.name, hw.devices_per_node, hw.nodes) == ("measured", 2, 1)
+    assert hw.peak_flops == FIGURES["peak_flops"]
+    assert (hw.memory_bandwidth, hw.op_overhead, hw.optimizer_tensor, hw.optimizer_element) == (8.0e9, 2.0e-4,
+                                                                                               1.0e-4, 1.0e-8)
+    assert hw.intra_node == hw.inter_node
+    assert (hw.intra_node.bandwidth, hw.intra_node.latency) == (1.0e9, 1.0e-4)
+
+
+def test_host_terms_of_a_calibrated_spec(calibrated):
+    """step_time gains memory_time + overhead_time; overhead_time is op_overhead per launch plus AdamW's
+    per tensor and per element over the plan's own parameter list; without op_overhead nothing changes."""
+    hw = load_hardware_spec(calibrated)
+    spec = api.load("dense-tiny")
+    plan, gm, _ = make_plan(spec, hw, Mesh((2,)), strategies=("fsdp",))
+    bare, _, _ = make_plan(spec, dataclasses.replace(hw, op_overhead=0.0), Mesh((2,)), strategies=("fsdp",))
+    totals, base = dict(plan.totals), dict(bare.totals)
+    assert "overhead_time" not in base and "memory_time" not in base
+    assert totals["step_time"].value == pytest.approx(
+        base["step_time"].value + totals["memory_time"].value + totals["overhead_time"].value)
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta["ultraplan"].cost is not None]
+    local_elements = sum(p.bytes_per_device.value / 4 for p in plan.params)  # fp32 masters
+    rest = totals["overhead_time"].value - 1.0e-4 * len(plan.params) - 1.0e-8 * local_elements
+    assert rest / 2.0e-4 == pytest.approx(round(rest / 2.0e-4), abs=1e-6)
+    launches = round(rest / 2.0e-4)
+    calls = len(plan.collectives)  # the step's collectives, gradient buckets included
+    assert len(ops) < launches - calls <= 2 * len(ops)  # every op forward, those the backward reaches again
+    traffic = sum(n.bytes_read.value + n.bytes_written.value for n in plan.nodes if n.op != "boxing")
+    assert 0 < totals["memory_time"].value <= 3 * traffic / 8.0e9
+
+
+def test_step_report_takes_the_median_after_the_warmup():
+    plan = api.plan("dense-tiny", "1")
+    report = step_report(plan, [9.0, 5.0, 0.3, 0.1, 0.2, 0.4, 100.0])
+    assert report["step_time_measured_s"] == pytest.approx(0.3)
+    assert report["step_time_warmup_steps"] == 2
+    assert report["step_time_predicted_s"] == plan.total("step_time").value
+    assert step_report(plan, [0.5])["step_time_measured_s"] == 0.5
+    assert math.isfinite(report["step_time_predicted_s"])
+
+
+def test_step_time_bench_order_check():
+    """bench/step_time.py's order check: pairs measured more than 25% apart, and of those the ones the
+    model puts in the same order."""
+    bench = runpy.run_path(str(ROOT / "bench" / "step_time.py"))
+    rows = [{"measured": 1.0, "predicted": 1.0}, {"measured": 1.2, "predicted": 0.5},  # within 25%: not judged
+            {"measured": 2.0, "predicted": 3.0}, {"measured": 4.0, "predicted": 2.0}]
+    # judged: (1.0, 2.0) ok, (1.0, 4.0) ok, (1.2, 2.0) ok, (1.2, 4.0) ok, (2.0, 4.0) wrong
+    assert bench["order_check"](rows) == (5, 4)
+
+
+def test_loop_passes_count_local_experts():
+    """The dropless MoE runs its experts one by one in Python (compiler/ops.py: expert_ffn), so each local
+    expert is a launch: 16 replicated, 8 per device when its weights are split over 2 (ep)."""
+    from ultraplan.passes.host_cost import loop_passes
+    from ultraplan.passes.sbp import Broadcast, Split
+
+    b, t, d, k, e, f = 2, 4, 8, 2, 16, 6
+    shapes = [(b, t, d), (b, t, k), (b, t, k), (e, f, d), (e, f, d), (e, d, f)]
+    replicated = [(Broadcast(),)] * 6
+    expert_parallel = [(Split(0),)] * 3 + [(Split(0),)] * 3
+    assert loop_passes("expert_ffn", shapes, replicated, [2]) == 16
+    assert loop_passes("expert_ffn", shapes, expert_parallel, [2]) == 8
+    assert loop_passes("linear", [(b, t, d), (f, d)], [(Broadcast(),)] * 2, [2]) == 1

@@ -1,0 +1,190 @@
+"""``ultraplan calibrate``: measure this machine and write a hardware spec the cost model reads.
+
+A torchrun job of ``nproc`` ranks (``ultraplan/calibrate_worker.py``) times matrix products, a
+memory copy, the per-op overhead of a forward and backward through autograd, and every collective
+kind at several sizes on each group size a mesh axis of that world can have. Here the collectives'
+times are fitted, by least squares, to the cost model's own formula for them (``passes/sbp.box``,
+the ring model the plan prices each collective with):
+
+    seconds = messages(kind, n) * latency + wire_bytes(kind, n, payload) / bandwidth
+
+one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). All
+ranks of one host share its links, so ``intra_node`` holds the joint fit and ``inter_node`` the same
+figures: nothing crosses a node here, and a plan for this machine never prices an axis across nodes.
+
+The ranks are measured while they all run, as a compiled program's ranks do: on a CPU host of C
+cores, N > C ranks share the cores, and each rank's FLOP/s, bandwidth and overhead shrink to about
+C / N of one rank alone. The spec therefore describes this machine *as ``nproc`` devices*
+(``devices_per_node: nproc``): calibrate once per rank count you run with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import sympy
+import torch
+
+from ultraplan.passes.sbp import Broadcast, PartialSum, Split, box
+
+# each kind's (source, destination) SBP on the axis, and the logical bytes box() sizes it by from the
+# payload handed over (an all_gather's and an all_to_all's payload is one shard of n)
+PAIRS = {"all_reduce": (PartialSum(), Broadcast(), 1), "all_gather": (Split(0), Broadcast(), None),
+         "reduce_scatter": (PartialSum(), Split(0), 1), "all_to_all": (Split(0), Split(1), None)}
+
+
+# the program op_overhead is fitted on: small enough that op overhead is most of its step
+REFERENCE = ("dense-tiny", "dp")
+
+
+def ring_terms(kind: str, n: int, payload: float) -> tuple[float, float]:
+    """(messages, wire bytes per device) of one collective as the cost model prices it (sbp.box)."""
+    src, dst, scale = PAIRS[kind]
+    nbytes = payload * (scale or n)
+    step = box(src, dst, axis=0, nbytes=sympy.Float(nbytes), n=sympy.Integer(n))
+    return float(step.messages), float(step.wire)
+
+
+def fit_link(rows: list[dict]) -> dict:
+    """Least-squares (latency, 1 / bandwidth) of ``seconds = messages * latency + wire / bandwidth``
+    over ``rows``, each row weighted by 1 / seconds (relative errors: small and large messages count
+    alike). A negative coefficient (noise on a link whose one term is negligible) is refitted at zero.
+    Returns latency, bandwidth, and the median relative error of the fit."""
+    terms = [ring_terms(r["kind"], r["n"], r["payload_bytes"]) for r in rows]
+    a = torch.tensor([[m / r["seconds"], w / r["seconds"]] for (m, w), r in zip(terms, rows)], dtype=torch.float64)
+    y = torch.ones(len(rows), dtype=torch.float64)
+    lat, inv_bw = torch.linalg.lstsq(a, y.unsqueeze(1)).solution.squeeze(1).tolist()
+    if lat < 0:
+        lat, inv_bw = 0.0, float((a[:, 1] @ y) / (a[:, 1] @ a[:, 1]))
+    elif inv_bw <= 0:
+        lat, inv_bw = float((a[:, 0] @ y) / (a[:, 0] @ a[:, 0])), 0.0
+    inv_bw = max(inv_bw, 1e-15)  # a link too fast to see still has a finite bandwidth in the spec
+    errors = [abs(m * lat + w * inv_bw - r["seconds"]) / r["seconds"] for (m, w), r in zip(terms, rows)]
+    return {"latency": lat, "bandwidth": 1 / inv_bw, "median_rel_error": statistics.median(errors)}
+
+
+def summarise(raw: dict) -> dict:
+    """The spec's figures from the worker's measurements (medians over ranks)."""
+    peak = {}
+    for dtype, by_size in raw["matmul"].items():
+        largest = max(by_size, key=int)  # the largest product: the least overhead per FLOP
+        peak[{"float32": "fp32", "bfloat16": "bf16"}[dtype]] = statistics.median(by_size[largest])
+    rows = raw["collectives"]
+    per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
+    return {"peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
+            "op_overhead": statistics.median(raw["op_overhead"]),
+            "optimizer_tensor": statistics.median(raw["optimizer"]["tensor"]),
+            "optimizer_element": statistics.median(raw["optimizer"]["element"]),
+            "link": fit_link(rows), "link_by_group_size": per_size}
+
+
+def device_memory(nproc: int) -> float:
+    """Bytes one rank may use: a GPU's memory, else the host's memory shared by the ranks."""
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / nproc
+
+
+def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -> str:
+    """The hardware spec's YAML, its comment saying how, when and where each figure was measured."""
+    link = figures["link"]
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    lines = [
+        f"# {name}: this machine as measured by `{command}`",
+        f"# on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()} "
+        f"({os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}), torch {torch.__version__}.",
+        f"# {nproc} ranks measured at once ({raw['threads_per_rank']} thread(s) each): one device here is one rank's",
+        "# share of the machine; calibrate again for another rank count. Medians over repeats and ranks.",
+        "# peak_flops: square matmuls (2 n^3 FLOPs, the largest size timed); memory_bandwidth: a tensor",
+        "# copy (bytes read + written); optimizer_*: AdamW steps on many tiny and one large tensor;",
+        "# op_overhead: per plan op, fitted on the reference program " + f"{REFERENCE[0]} {REFERENCE[1]} "
+        + (f"({figures['reference_measured'] * 1e3:.1f} ms measured, {figures['reference_launches']:.0f} launches; "
+           f"floor {figures['op_overhead_floor'] * 1e6:.1f} us, a tiny op's forward + backward)"
+           if "reference_measured" in figures else "(not yet: a tiny op's forward + backward)") + ";",
+        "# passes/host_cost.py says how each enters step_time. links: the fit of every collective timed",
+        "# to messages * latency + wire bytes / bandwidth (passes/sbp.py's ring model), median relative",
+        f"# error {link['median_rel_error']:.0%}; by group size: " + "; ".join(
+            f"{n}: {f['latency'] * 1e6:.0f} us, {f['bandwidth'] / 1e9:.2f} GB/s ({f['median_rel_error']:.0%})"
+            for n, f in figures["link_by_group_size"].items()) + ".",
+        "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
+        "hardware:",
+        f"  name: {name}",
+        f"  devices_per_node: {nproc}",
+        "  nodes: 1",
+        "  peak_flops: {" + ", ".join(f"{k}: {v:.4g}" for k, v in figures["peak_flops"].items()) + "}",
+        f"  memory_bytes: {device_memory(nproc):.4g}",
+        f"  memory_bandwidth: {figures['memory_bandwidth']:.4g}",
+        f"  op_overhead: {figures['op_overhead']:.4g}",
+        f"  optimizer_tensor: {figures['optimizer_tensor']:.4g}",
+        f"  optimizer_element: {figures['optimizer_element']:.4g}",
+        f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
+        f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def measure(nproc: int, quick: bool) -> dict:
+    """Run the worker on ``nproc`` ranks with torchrun; its progress lines pass through to stderr."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measured.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ultraplan.calibrate_worker", "--out", str(out)] + (["--quick"] if quick else [])
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # as runner.launch
+        code = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr).returncode
+        if code != 0 or not out.is_file():
+            raise RuntimeError(f"the calibration job failed (exit code {code}): {' '.join(cmd)}")
+        return json.loads(out.read_text())
+
+
+def fit_op_overhead(spec: Path, nproc: int, steps: int) -> dict:
+    """The per-plan-op overhead that makes the reference program's modelled step time its measured
+    one: the program is compiled with ``spec`` (every other coefficient measured already), run for
+    ``steps`` steps, and its plan's ``step_time`` is linear in ``op_overhead`` (host_cost.py):
+
+        op_overhead = (measured - (step_time - launches * op_overhead)) / launches
+
+    A plan op runs several torch ops (an attention a dozen, a linear one or two) and each pays the
+    dispatcher and autograd; the microbenchmark's one tiny op is the floor it is not let below."""
+    from ultraplan import api
+    from ultraplan.passes.host_cost import OP_OVERHEAD
+    from ultraplan.runner import run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = api.compile(REFERENCE[0], str(nproc), tmp, hardware=str(spec), strategy=REFERENCE[1])
+        print(f"calibrate: the reference program ({REFERENCE[0]}, {REFERENCE[1]} on {nproc} ranks), {steps} steps",
+              file=sys.stderr, flush=True)
+        report = run(Path(tmp), nproc=nproc, steps=steps, seed=None, check=False, quiet=True, timed=True)
+    if not report["ok"]:
+        raise RuntimeError(f"the reference program failed (exit code {report['exit_code']})")
+    floor = api.load_hardware(spec).op_overhead
+    launches = float(sympy.sympify(plan.total("overhead_time").expr).coeff(sympy.Symbol(str(OP_OVERHEAD))))
+    rest = plan.total("step_time").value - launches * floor
+    measured = report["step_time_measured_s"]
+    fitted = max(floor, (measured - rest) / launches)
+    print(f"calibrate: reference step {measured * 1e3:.1f} ms measured, {rest * 1e3:.1f} ms modelled without op "
+          f"overhead, {launches:.0f} op launches: {fitted * 1e6:.1f} us per plan op", file=sys.stderr, flush=True)
+    return {"op_overhead": fitted, "op_overhead_floor": floor, "reference_measured": measured,
+            "reference_rest": rest, "reference_launches": launches}
+
+
+def calibrate(output: Path, *, nproc: int, quick: bool = False, name: str | None = None) -> dict:
+    """Measure, fit and write the spec at ``output``; return the figures (and the raw measurements)."""
+    if nproc < 2:
+        raise ValueError(f"--nproc must be at least 2 (collectives need two ranks), got {nproc}")
+    name = name or output.stem
+    raw = measure(nproc, quick)
+    figures = summarise(raw)
+    command = f"ultraplan calibrate -o {output} --nproc {nproc}" + (" --quick" if quick else "")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render_spec(name, nproc, figures, raw, command))  # op_overhead: the microbenchmark's
+    figures |= fit_op_overhead(output, nproc, 5 if quick else 12)
+    output.write_text(render_spec(name, nproc, figures, raw, command))
+    return figures | {"raw": raw}

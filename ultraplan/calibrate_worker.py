@@ -1,0 +1,221 @@
+"""The measuring half of ``ultraplan calibrate``: run under torchrun, every rank at once, as a compiled
+program's ranks run (on a CPU host the ranks share its cores and memory bus, so a rank's rates are
+measured while the others work too).
+
+Each rank times, by medians of repeats after a warm-up:
+
+- ``matmul``: square matrix products at each dtype (FLOPs ``2 n^3``, as ``FlopCounterMode`` counts);
+- ``copy``: a large tensor copied (bytes read + written over seconds: the memory bandwidth);
+- ``op_overhead``: a chain of tiny elementwise ops through autograd, forward and backward, per op
+  (what the dispatcher, autograd and Python cost each op whatever its size);
+- collectives on every process group a mesh axis of this world would use (the whole world, and
+  for each divisor size the groups of consecutive ranks), at several sizes; rank 0 records them.
+
+Rank 0 writes one JSON file (``--out``) that ``ultraplan.calibrate`` fits. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+# the calls the emitted runtime makes (torch 2.13 renamed *_into_tensor / *_tensor to *_single)
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# NCCL and each rank's GPU where there are GPUs (as the emitted runtime chooses), else gloo on the CPU
+DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def sync() -> None:
+    """Wait for the device's queued work: a GPU runs kernels asynchronously to the Python launching them."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def say(text: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"calibrate: {text}", file=sys.stderr, flush=True)
+
+
+def timed(fn, repeats: int, warmup: int = 2) -> float:
+    """The median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def gathered(value: float) -> list[float]:
+    """Every rank's ``value``, in rank order."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def matmul_rates(sizes: list[int], dtypes: list[str], repeats: int) -> dict[str, dict]:
+    out = {}
+    for dtype in dtypes:
+        for n in sizes:
+            a = torch.randn(n, n, dtype=getattr(torch, dtype), device=DEVICE)
+            b = torch.randn(n, n, dtype=getattr(torch, dtype), device=DEVICE)
+            dist.barrier()
+            seconds = timed(lambda a=a, b=b: torch.mm(a, b), repeats)
+            rates = gathered(2 * n**3 / seconds)
+            out.setdefault(dtype, {})[n] = rates
+            say(f"matmul {dtype} {n}x{n}: {statistics.median(rates) / 1e9:.2f} GFLOP/s per rank (median of ranks)")
+    return out
+
+
+def copy_rate(numel: int, repeats: int) -> list[float]:
+    src = torch.randn(numel, device=DEVICE)
+    dst = torch.empty_like(src)
+    dist.barrier()
+    seconds = timed(lambda: dst.copy_(src), repeats)
+    rates = gathered(2 * src.numel() * src.element_size() / seconds)
+    say(f"memory copy {src.numel() * 4 / 2**20:.0f} MiB: {statistics.median(rates) / 1e9:.2f} GB/s per rank")
+    return rates
+
+
+def op_overhead(chain: int, repeats: int) -> list[float]:
+    """Seconds per op of a forward and backward through ``chain`` tiny ops (8 elements: no real work)."""
+    x = torch.randn(8, device=DEVICE, requires_grad=True)
+
+    def step():
+        y = x
+        for _ in range(chain):
+            y = y * 1.0001
+        y.sum().backward()
+
+    dist.barrier()
+    per_op = gathered(timed(step, repeats) / chain)
+    say(f"per-op overhead (forward + backward through autograd): {statistics.median(per_op) * 1e6:.1f} us")
+    return per_op
+
+
+def optimizer_costs(numel: int, tensors: int, repeats: int) -> dict[str, list[float]]:
+    """AdamW's seconds per parameter tensor (a step over ``tensors`` 8-element ones) and per element
+    (a step over one ``numel``-element tensor, less one tensor's cost), constructed as the emitted
+    program constructs it (torch's default implementation for the device)."""
+
+    def step_seconds(params: list[torch.Tensor]) -> float:
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1)
+        return timed(optimizer.step, repeats)
+
+    small = [torch.randn(8, device=DEVICE, requires_grad=True) for _ in range(tensors)]
+    dist.barrier()
+    per_tensor = step_seconds(small) / tensors
+    per_element = max(step_seconds([torch.randn(numel, device=DEVICE, requires_grad=True)]) - per_tensor, 0.0) / numel
+    out = {"tensor": gathered(per_tensor), "element": gathered(per_element)}
+    say(f"AdamW: {statistics.median(out['tensor']) * 1e6:.1f} us per parameter tensor, "
+        f"{statistics.median(out['element']) * 1e9:.2f} ns per element")
+    return out
+
+
+def groups_by_size(world: int) -> dict[int, list[list[int]]]:
+    """For each group size n > 1 dividing the world: the groups of ``n`` ranks a mesh axis of that size
+    forms, either as the last axis (consecutive ranks) or as the first (ranks ``world / n`` apart);
+    the two differ only in which ranks pair up, and on one host they cross the same links."""
+    out = {}
+    for n in range(2, world + 1):
+        if world % n == 0:
+            out[n] = [list(range(start, start + n)) for start in range(0, world, n)]
+    return out
+
+
+def run_collective(kind: str, numel: int, group, n: int):
+    """A closure running one ``kind`` whose payload (the local tensor handed over) has ``numel`` floats."""
+    x = torch.randn(numel, device=DEVICE)
+    if kind == "all_reduce":
+        return lambda: dist.all_reduce(x, group=group)
+    if kind == "all_gather":
+        out = torch.empty(numel * n, device=DEVICE)
+        return lambda: ALL_GATHER(out, x, group=group)
+    if kind == "reduce_scatter":
+        x = torch.randn(numel - numel % n or n, device=DEVICE)
+        out = torch.empty(x.numel() // n, device=DEVICE)
+        return lambda: REDUCE_SCATTER(out, x, group=group)
+    x = torch.randn(numel - numel % n or n, device=DEVICE)
+    out = torch.empty_like(x)
+    return lambda: dist.all_to_all_single(out, x, group=group)
+
+
+def collectives(sizes: list[int], repeats: int) -> list[dict]:
+    """Rows {kind, n, payload_bytes, seconds}: the median over repeats (each after a barrier) on rank 0's
+    group of each size, while every other group of that size runs the same collective at once."""
+    rows = []
+    rank = dist.get_rank()
+    for n, members in groups_by_size(dist.get_world_size()).items():
+        groups = [dist.new_group(m) for m in members] if n < dist.get_world_size() else [None]
+        mine = groups[rank // n] if n < dist.get_world_size() else None
+        for kind in KINDS:
+            for numel in sizes:
+                fn = run_collective(kind, numel, mine, n)
+                payload = (numel if kind in ("all_reduce", "all_gather") else numel - numel % n or n) * 4
+
+                def barrier_then(fn=fn):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    fn()
+                    sync()
+                    return time.perf_counter() - start
+
+                for _ in range(2):
+                    barrier_then()
+                seconds = statistics.median(barrier_then() for _ in range(repeats))
+                seconds = max(gathered(seconds))  # the collective ends when its slowest member has it
+                rows.append({"kind": kind, "n": n, "payload_bytes": payload, "seconds": seconds})
+            say(f"{kind} on groups of {n}: " + ", ".join(
+                f"{r['payload_bytes'] / 1024:.0f} KiB {r['seconds'] * 1e6:.0f} us"
+                for r in rows if r["kind"] == kind and r["n"] == n))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds, for tests)")
+    args = parser.parse_args(argv)
+    global DEVICE
+    if DEVICE.type == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    torch.manual_seed(dist.get_rank())
+    quick, gpu = args.quick, DEVICE.type == "cuda"
+    result = {
+        "world_size": dist.get_world_size(),
+        "threads_per_rank": torch.get_num_threads(),
+        # a GPU reaches its rates only on large operands (and a copy larger than its caches)
+        "matmul": matmul_rates(([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512]),
+                               ["float32", "bfloat16"], 3 if quick else 7),
+        "copy": copy_rate((2**26 if quick else 2**28) if gpu else (2**21 if quick else 2**24), 3 if quick else 7),
+        "op_overhead": op_overhead(50 if quick else 200, 5 if quick else 9),
+        "optimizer": optimizer_costs(2**20 if quick else 2**22, 32 if quick else 128, 3 if quick else 7),
+        "collectives": collectives([256, 16384, 262144] if quick else [256, 4096, 65536, 262144, 1048576],
+                                   5 if quick else 9),
+    }
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
