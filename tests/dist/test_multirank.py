@@ -202,6 +202,9 @@ def test_cli_run_check(tmp_path):
 HUNDRED_M = ("dense-100m", "moe-100m", "pkm-100m", "peer-100m", "ultramem-100m", "ultramem-v2-100m")
 
 
+FIRST_ADAMW_STEP = 1e-3  # test_100m_specs_train_on_the_cpu says why
+
+
 def test_100m_specs_train_on_the_cpu(tmp_path):
     """Every ~100M-parameter family spec compiles, trains one step on one rank and equals eager.
 
@@ -209,6 +212,12 @@ def test_100m_specs_train_on_the_cpu(tmp_path):
     Compiled unfused, as the eager reference runs: in float32 a fused op's other rounding (SDPA's
     tiled softmax) can flip a top-k near-tie of a memory layer (ultramem-100m: 2.3e-4 in the first
     loss). Fused programs are checked against eager in float64 by test_strategies.
+
+    The parameters after the step are compared to FIRST_ADAMW_STEP, not float32's 1e-4: AdamW's first
+    step moves each element by lr * g / (|g| + eps), so an element whose gradient is near zero moves by
+    +lr or -lr as the rounding of g's sum decides, and the program sums in another order than eager.
+    Measured: dense-100m 1.2e-4 (relative, Frobenius) from eager on one CPU, under 1e-4 on another,
+    with the losses 9e-8 apart; a wrong shard or a missing collective moves them by far more.
     """
     cases = []
     for spec in HUNDRED_M:
@@ -225,5 +234,5 @@ def test_100m_specs_train_on_the_cpu(tmp_path):
         assert 80e6 <= sum(math.prod(p.shape) for p in plan.params) <= 130e6
         ref_losses, ref_params = train_reference(plan, 1, plan.training.seed)
         diffs = relative_differences(out["losses"], ref_losses, torch.load(out["params"]), ref_params)
-        assert diffs["loss"] <= TOLERANCES["float32"]["loss"] and diffs["params"] <= TOLERANCES["float32"]["params"], \
+        assert diffs["loss"] <= TOLERANCES["float32"]["loss"] and diffs["params"] <= FIRST_ADAMW_STEP, \
             (case["spec"], diffs)

@@ -23,7 +23,7 @@ from ultraplan.runner import saved_report
 
 pytestmark = pytest.mark.slow
 
-TINY = sorted({*RUNNABLE_SPECS, "gpt2-tiny", "olmoe-tiny"})
+TINY = sorted({*RUNNABLE_SPECS, "gpt2-tiny", "olmoe-tiny", "bytes-tiny"})
 BF16_ONE_RANK = ("dense-gqa-tied", "olmoe-tiny", "peer-tiny", "ultramem-v2-tiny")
 CASES = {  # rank count: (spec, strategy, bf16)
     1: [(spec, "dp", False) for spec in TINY] + [(spec, "dp", True) for spec in BF16_ONE_RANK],
