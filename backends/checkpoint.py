@@ -179,6 +179,20 @@ def write_atomically(path, text):
 # ---- saving and resuming ------------------------------------------------------------------------
 
 
+def check_same_batches(path: str, record: dict, seed: int, data: str | None) -> None:
+    """Refuse to resume a checkpoint whose run drew its batches otherwise: batches are a function of
+    (seed, step) and the token file (backends/train_data.py), so another seed or file would silently
+    continue on other data. A file is compared by its resolved path (./a.bin and a.bin match)."""
+    if record.get("seed") != seed:
+        raise SystemExit(f"{path} was saved by a run with --seed {record.get('seed')}, not {seed}: "
+                         f"the batches after it would differ; pass --seed {record.get('seed')}")
+    saved = record.get("data")
+    if (os.path.realpath(saved) if saved else None) != (os.path.realpath(data) if data else None):
+        fix = f"pass --data {saved}" if saved else "drop --data"
+        raise SystemExit(f"{path} was saved by a run reading {saved or 'random batches'}, not "
+                         f"{data or 'random batches'}: the batches after it would differ; {fix} to resume it")
+
+
 class Checkpointer:
     """Saves after every ``--checkpoint-every`` steps and after the last; resumes on ``--resume``.
 
@@ -224,9 +238,7 @@ class Checkpointer:
                 print(f"resume: no complete checkpoint in {self.directory}; starting at step 0", flush=True)
             return 0
         path, record = found[0]
-        if record.get("seed") != self.seed:
-            raise SystemExit(f"{path} was saved by a run with --seed {record.get('seed')}, not {self.seed}: "
-                             f"the batches after it would differ; pass --seed {record.get('seed')}")
+        check_same_batches(path, record, self.seed, self.record.get("data"))
         mine = self.shapes()
         if record.get("params") != mine:
             theirs = record.get("params") or {}

@@ -186,7 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     data = DataFlags(args.data, args.data_dtype, args.val_data, args.val_every, args.val_batches, args.metrics)
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
                  quiet=args.json or args.quiet, dtype=args.dtype, data=data, checkpoint_dir=args.checkpoint_dir,
-                 checkpoint_every=args.checkpoint_every, resume=args.resume, extra_args=failure_flags(args),
+                 checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_async=args.checkpoint_async,
+                 extra_args=failure_flags(args),
                  timed=args.json)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -486,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="save after every N-th step (and after the last, always when --checkpoint-dir is given)")
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--checkpoint-async", action="store_true",
+                   help="save in the background (dcp.async_save): training goes on while the files are written")
     _run_data_args(p)
     _failure_args(p)
     p.set_defaults(func=cmd_run)

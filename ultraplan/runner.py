@@ -67,23 +67,25 @@ def launch(out_dir: Path, nproc: int, steps: int, seed: int, dump: Path | None, 
     return run_job(cmd, env, out_dir)
 
 
-def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, resume: bool) -> tuple[str, ...]:
+def checkpoint_flags(checkpoint_dir: Path | None, checkpoint_every: int | None, resume: bool,
+                     asynchronous: bool = False) -> tuple[str, ...]:
     """The program's checkpoint flags (backends/checkpoint.py), checked here so a mistake is one line."""
-    if (checkpoint_every is not None or resume) and checkpoint_dir is None:
-        raise ValueError("--checkpoint-every and --resume need --checkpoint-dir DIR (where checkpoints are kept)")
+    if (checkpoint_every is not None or resume or asynchronous) and checkpoint_dir is None:
+        raise ValueError("--checkpoint-every, --checkpoint-async and --resume need --checkpoint-dir DIR "
+                         "(where checkpoints are kept)")
     if checkpoint_every is not None and checkpoint_every < 0:
         raise ValueError(f"--checkpoint-every must be at least 0, got {checkpoint_every}")
     if checkpoint_dir is None:
         return ()
     flags = ("--checkpoint-dir", str(Path(checkpoint_dir).resolve()))
     flags += ("--checkpoint-every", str(checkpoint_every)) if checkpoint_every is not None else ()
-    return flags + (("--resume",) if resume else ())
+    return flags + (("--resume",) if resume else ()) + (("--checkpoint-async",) if asynchronous else ())
 
 
 def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None, check: bool,
         quiet: bool = False, dtype: str = "float32", data: DataFlags = NO_DATA, checkpoint_dir: Path | None = None,
-        checkpoint_every: int | None = None, resume: bool = False, extra_args: Sequence[str] = (),
-        timed: bool = False) -> dict:
+        checkpoint_every: int | None = None, resume: bool = False, checkpoint_async: bool = False,
+        extra_args: Sequence[str] = (), timed: bool = False) -> dict:
     """Run the program in ``out_dir``; with ``check`` compare it with the eager reference; with
     ``timed`` (or ``check``) report the measured step time beside the plan's (``step_report``).
 
@@ -107,7 +109,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     seed = plan.training.seed if seed is None else seed
     if dtype not in RUN_DTYPES:
         raise ValueError(f"--dtype takes {' or '.join(RUN_DTYPES)}, got {dtype!r}")
-    extra = checkpoint_flags(checkpoint_dir, checkpoint_every, resume)
+    extra = checkpoint_flags(checkpoint_dir, checkpoint_every, resume, checkpoint_async)
     batches = data.reference_batches(plan.batch, plan.seq, dict(plan.model)["vocab_size"])  # None: synthetic task
     report: dict = {"dir": str(out_dir), "nproc": nproc, "steps": steps, "seed": seed, "dtype": dtype}
     with tempfile.TemporaryDirectory() as tmp:

@@ -77,6 +77,25 @@ def test_flag_mistakes_are_one_line(tmp_path, capsys):
         checkpoint_flags(tmp_path, -1, False)
     assert checkpoint_flags(tmp_path, 5, True) == ("--checkpoint-dir", str(tmp_path.resolve()),
                                                    "--checkpoint-every", "5", "--resume")
+    assert checkpoint_flags(tmp_path, None, False, True) == ("--checkpoint-dir", str(tmp_path.resolve()),
+                                                             "--checkpoint-async")
+    with pytest.raises(ValueError, match="need --checkpoint-dir"):
+        checkpoint_flags(None, None, False, True)
     assert cli.main(["export", str(tmp_path), "-o", str(tmp_path / "m.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no complete checkpoint" in err
+
+
+def test_resume_refuses_other_batches(tmp_path, monkeypatch):
+    """A checkpoint continues only on the batches it was trained on: same seed, same token file."""
+    monkeypatch.chdir(tmp_path)
+    record = {"step": 4, "seed": 3, "data": "docs.bin"}
+    checkpoint.check_same_batches("ck", record, 3, str(tmp_path / "docs.bin"))  # one file, two spellings
+    with pytest.raises(SystemExit, match=r"--seed 3, not 4.*pass --seed 3"):
+        checkpoint.check_same_batches("ck", record, 4, "docs.bin")
+    with pytest.raises(SystemExit, match=r"reading docs\.bin, not other\.bin.*pass --data docs\.bin"):
+        checkpoint.check_same_batches("ck", record, 3, "other.bin")
+    with pytest.raises(SystemExit, match=r"reading docs\.bin, not random batches"):
+        checkpoint.check_same_batches("ck", record, 3, None)
+    with pytest.raises(SystemExit, match="drop --data"):
+        checkpoint.check_same_batches("ck", {"seed": 3, "data": None}, 3, "docs.bin")
