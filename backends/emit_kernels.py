@@ -1,9 +1,10 @@
 """kernels.py of a compiled program: the Triton kernels of the plan's fused ops, as readable source.
 
-Written only when the plan has a fused op with a generated kernel (today ``gather_weighted_sum``,
-``gather_row_dot`` and ``add_rms_norm``, from passes/fuse.py's rules of those names). The file is
-backends/triton_gather.py and triton_norm.py verbatim, those the plan needs (they import only torch
-and triton), under a header that lists, for each fused node, the local shapes and dtype it runs at,
+Written only when the plan has a fused op with a generated kernel (``KERNEL_FILES``: the memory
+lookups ``gather_weighted_sum`` and ``gather_row_dot``, UltraMem's poolings ``gather_core_pool`` and
+``gather_ive_pool``, ``add_rms_norm``, and product-key selection ``pk_topk`` / ``pk_slot_scores``, from
+passes/fuse_rules.py's and fuse_graph.py's rules). The file is backends/triton_*.py verbatim, those
+the plan needs (they import only torch and triton), under a header that lists, for each fused node, the local shapes and dtype it runs at,
 the block sizes the documented rule picks for them and the bytes it moves per step; ``KERNELS``
 maps op names to the functions the program installs in ``ops.KERNELS`` with ``--kernels triton``.
 """
@@ -17,6 +18,7 @@ from ..passes.plan import Plan
 HERE = Path(__file__).parent
 # source file beside this one -> {op: its function there}; kernels.py holds the files the plan needs
 KERNEL_FILES = {"triton_gather.py": {"gather_weighted_sum": "gather_weighted_sum", "gather_row_dot": "gather_row_dot"},
+                "triton_pool.py": {"gather_core_pool": "pool_rows", "gather_ive_pool": "pool_rows"},
                 "triton_norm.py": {"add_rms_norm": "add_rms_norm"}}
 KERNEL_OPS = {op: fn for ops in KERNEL_FILES.values() for op, fn in ops.items()}
 
