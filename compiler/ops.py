@@ -307,6 +307,9 @@ def pk_slot_scores(half_scores_BTHCN: torch.Tensor, slots_BTHK: torch.Tensor, nu
     """The score of each selected slot, its row key's score plus its column key's (the grid's sum,
     in the same order, so equal to the unfused ``take(grid, best)`` bit for bit) -> (B, T, H, K). Its
     backward adds each slot's gradient into its two keys' scores, as the unfused takes do."""
+    kernel = KERNELS.get("pk_slot_scores")
+    if kernel is not None:
+        return kernel(half_scores_BTHCN, slots_BTHK, num_keys)
     row = torch.gather(half_scores_BTHCN[..., 0, :], -1, torch.div(slots_BTHK, num_keys, rounding_mode="floor"))
     col = torch.gather(half_scores_BTHCN[..., 1, :], -1, slots_BTHK % num_keys)
     return row + col
