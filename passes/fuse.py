@@ -84,6 +84,23 @@ def _all_read_after(first: fx.Node, last: fx.Node) -> bool:
     return not (set(first.users) & seen)
 
 
+def _placed_tables(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, tuple[str, ...]]:
+    """Value tables placed by ``--place``: parameter node -> its SBP per mesh axis ("S(0)", "B", ...)."""
+    from .placement import is_placement, placement_pins
+
+    out: dict[str, tuple[str, ...]] = {}
+    for pattern, text in getattr(ctx, "forces", ()):
+        if is_placement(text):
+            out.update({name: tuple(str(e) for e in nd) for name, nd in placement_pins(gm, ctx, pattern, text).items()})
+    return out
+
+
+def _placed(chain: list[fx.Node], placed: dict[str, tuple[str, ...]]) -> bool:
+    """Is the chain's first input (a lookup's table) split by ``--place`` on some mesh axis?"""
+    args = tensor_args(chain[0])
+    return bool(args) and any(entry != "B" for entry in placed.get(args[0].name, ()))
+
+
 def _worth(fusion: Fusion, ctx: PlanContext) -> tuple[bool, float, float]:
     values = ctx.values()
     saved = float(sympy.sympify(fusion.bytes_saved).subs(values)) / ctx.hardware.memory_bandwidth
@@ -154,11 +171,16 @@ def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     if not getattr(ctx, "fuse", True):
         return PassReport("fuse", time.perf_counter() - start, ["off (--no-fuse)"])
     total = ZERO
+    placed = _placed_tables(gm, ctx)
     for node in list(gm.graph.nodes):
         for rule in RULES:
             chain = _match(node, rule)
             if chain is None:
                 continue
+            if not rule.when_placed and _placed(chain, placed):
+                decisions.append(f"{rule.name} at {node.name}: kept, its table is placed (--place) and the fused op "
+                                 "has not every shard form of the unfused ones")
+                break
             recs = [info(n) for n in chain]
             fusion = Fusion(rule.name, rule.fused, tuple(n.name for n in chain),
                             rule.bytes_saved(recs, train), rule.extra_flops(recs, train), rule.why)

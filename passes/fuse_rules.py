@@ -45,6 +45,9 @@ class Rule:
     # last step's value stacked, and two ``pair_part`` nodes stand in for the two replaced nodes
     shared: bool = False
     when: Callable[[list[NodeInfo]], bool] | None = None  # a further condition on the matched records
+    # fuse where --place splits the first input (a table)? The UltraMem poolings' fused ops have the owned
+    # and column shard forms but not the routed lookup, nor one call for number on one axis and dim on another
+    when_placed: bool = True
 
 
 def _scores_elements(recs: list[NodeInfo]) -> sympy.Expr:
@@ -121,10 +124,11 @@ RULES: tuple[Rule, ...] = (
     # UltraMem's pooling of its value rows: UltraMemV2's multi-core pooling (column chunk k weighted by core
     # k), UltraMem's implicit value expansion (each pick pooled into its virtual block) with it
     Rule("gather+core_pool", (Step("gather_rows"), Step("core_pool", via=0)), "gather_core_pool", _rows_bytes_saved,
-         _nothing, "multi-core pooling as the rows are read: the gathered value rows are never stored", keep=()),
+         _nothing, "multi-core pooling as the rows are read: the gathered value rows are never stored", keep=(),
+         when_placed=False),
     Rule("gather+ive_pool", (Step("gather_rows"), Step("ive_pool", via=0)), "gather_ive_pool", _rows_bytes_saved,
          _nothing, "implicit value expansion pooled as the rows are read: the gathered value rows are never stored",
-         keep=("num_blocks",)),
+         keep=("num_blocks",), when_placed=False),
     Rule("add+rms_norm", (Step("add"), Step("rms_norm", via=0)), "add_rms_norm", _residual_norm_bytes_saved,
          _nothing, "residual add and RMSNorm in one pass: the sum is not read back, its gradient written once",
          shared=True, when=_same_layer_and_dtype),

@@ -131,3 +131,12 @@ def test_ultramem_plans_fuse_the_selection_and_the_pooling(spec, pool):
         assert fused.node(f.node).op == pool.replace("+", "_").replace("gather_", "gather_") and \
             fused.node(f.node).args[:2] == gather.args
     assert fused.total("memory_activations").value < plain.total("memory_activations").value
+
+
+def test_a_placed_table_keeps_its_gather_and_pooling():
+    """--place splits UltraMem's values number-wise: the routed lookup is a shard form of gather_rows
+    only, so the pooling stays unfused (the selection, which reads no table, is still fused)."""
+    plan = api.plan(MODELS / "ultramem-tiny.yaml", "2", force=["layers.*.ultramem.values=number"])
+    rules = [f.rule for f in plan.fusions]
+    assert "gather+ive_pool" not in rules and rules.count("tucker_topk") == 2
+    assert sum(n.op == "ive_pool" for n in plan.nodes) == 2
