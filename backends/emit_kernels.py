@@ -1,11 +1,13 @@
 """kernels.py of a compiled program: the Triton kernels of the plan's fused ops, as readable source.
 
-Written only when the plan has a fused op with a generated kernel (today ``gather_weighted_sum``,
-``gather_row_dot`` and ``add_rms_norm``, from passes/fuse.py's rules of those names). The file is
-backends/triton_gather.py and triton_norm.py verbatim, those the plan needs (they import only torch
-and triton), under a header that lists, for each fused node, the local shapes and dtype it runs at,
-the block sizes the documented rule picks for them and the bytes it moves per step; ``KERNELS``
-maps op names to the functions the program installs in ``ops.KERNELS`` with ``--kernels triton``.
+Written only when the plan has a fused op with a generated kernel (``KERNEL_FILES``: the memory
+lookups ``gather_weighted_sum`` and ``gather_row_dot``, UltraMem's poolings ``gather_core_pool`` and
+``gather_ive_pool``, ``add_rms_norm``, and product-key selection ``pk_topk`` / ``pk_slot_scores``, from
+passes/fuse_rules.py's and fuse_graph.py's rules). The file is backends/triton_*.py verbatim, those
+the plan needs (they import only torch and triton), under a header that lists, for each fused node,
+the local shapes and dtype it runs at, the block sizes the documented rule picks for them and the
+bytes it moves per step; ``KERNELS`` maps op names to the functions the program installs in
+``ops.KERNELS`` with ``--kernels triton``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from ..passes.plan import Plan
 HERE = Path(__file__).parent
 # source file beside this one -> {op: its function there}; kernels.py holds the files the plan needs
 KERNEL_FILES = {"triton_gather.py": {"gather_weighted_sum": "gather_weighted_sum", "gather_row_dot": "gather_row_dot"},
-                "triton_norm.py": {"add_rms_norm": "add_rms_norm"}}
+                "triton_pool.py": {"gather_core_pool": "pool_rows", "gather_ive_pool": "pool_rows"},
+                "triton_norm.py": {"add_rms_norm": "add_rms_norm"},
+                "triton_topk.py": {"pk_topk": "pk_topk", "pk_slot_scores": "pk_slot_scores"}}
 KERNEL_OPS = {op: fn for ops in KERNEL_FILES.values() for op, fn in ops.items()}
 
 
@@ -36,6 +40,13 @@ def _node_lines(plan: Plan, name: str) -> list[str]:
         return [f"    {name} = {node.op}({', '.join(node.args)}) -> ({', '.join(node.local_shape)}) {node.dtype}",
                 f"      BLOCK_D={_power_of_two_at_least(dim)}, one program per row; reads {node.bytes_read.value:.4g} "
                 "bytes forward"]
+    if node.op in ("pk_topk", "pk_slot_scores"):  # one program per (token, head) row
+        attrs = dict(node.attrs)
+        head = f"    {name} = {node.op}({', '.join(node.args)}) -> ({', '.join(node.local_shape)}) {node.dtype}"
+        k = int(node.local_shape[-1])
+        blocks = (f"BLOCK_N={_power_of_two_at_least(attrs['num_keys'])}, BLOCK_HK={_power_of_two_at_least(attrs['half_k'])}"
+                  if node.op == "pk_topk" else f"BLOCK_K={_power_of_two_at_least(k)}")
+        return [head, f"      {blocks}, one program per row; reads {node.bytes_read.value:.4g} bytes forward"]
     ids = plan.node(node.args[1]).local_shape
     per_token = 1
     for dim in ids[2:]:

@@ -1,16 +1,30 @@
-"""Time the fused memory lookup (gather + weighted sum of value rows) three ways, forward and
-backward: the unfused ops (ops.gather_rows + ops.weighted_sum), the torch fused op
-(ops.gather_weighted_sum: embedding_bag) and the Triton kernels (backends/triton_gather.py), and
-print the bytes each moves per second as a fraction of the memory bandwidth.
+"""Time every fused kernel against the unfused PyTorch ops it replaces, forward and backward, and
+print the bytes each moves per second as a fraction of the memory bandwidth, and the speedups.
 
-Paper sizes on a GPU (a table of 1M+ rows, value dims 256-1024, top-k 32-256, 4096-65536 tokens):
+Kernels (backends/triton_*.py) and what each is timed against:
+  gather_weighted_sum  gather_rows + weighted_sum;  F.embedding_bag (ops.gather_weighted_sum's torch form)
+  gather_row_dot       gather_rows + row_dot;       ops.gather_row_dot's torch form (einsum, embedding_bag back)
+  gather_core_pool     gather_rows + core_pool;     its torch form (embedding_bag over core column groups)
+  gather_ive_pool      gather_rows + ive_pool;      its torch form (embedding_bag bags cut per block)
+  add_rms_norm         add + rms_norm;              its torch form
+  pk_topk              topk, take, grid_scores, grid_indices, topk, take (forward: indices have no gradient)
+  pk_slot_scores       the gathers of the slots' two key scores (forward and backward)
 
-    python bench/kernels.py --rows 1048576 --dim 512 --topk 128 --tokens 16384
+Paper sizes on a GPU (the defaults: a table of 2^20 rows, value dim 512, top-k 128, 16384 tokens;
+PKM's N = 1024 keys per half; 4 product-key heads), one pass over every kernel in well under 5 minutes:
 
-On the CPU the Triton path needs TRITON_INTERPRET=1 (slow: use tiny sizes). Bytes counted for the
-forward: ids (8 B) and weights per selection, one row of D per selection read, one output row per
-token written; the backward reads the output gradient, the ids, weights and rows again, and
-scatter-adds one row per selection.
+    python bench/kernels.py                      # on CUDA
+    python bench/kernels.py --dim 1024 --topk 256 --tokens 65536 --kernels gather_weighted_sum
+
+Timing: CUDA events around each call after ``--warmup`` calls (Triton compiles on the first), the
+median of ``--repeat``; the backward is (forward + backward) - forward. Bytes: the least a fused
+kernel must move (each input read once, each selected row read once, each output written once; the
+backward also reads the rows again and read-modify-writes one gradient row per pick), the same
+figure for every path, so the fraction of bandwidth compares paths fairly. Bandwidth: the device's
+HBM figure from ``BANDWIDTH`` by name (vendor datasheets), or ``--bandwidth``.
+
+On the CPU (``--tiny``: toy sizes) the Triton path needs TRITON_INTERPRET=1 and is slow; the CPU
+path exists so the script is tested (tests/unit/test_triton_gather.py), not for its figures.
 """
 
 from __future__ import annotations
@@ -18,77 +32,186 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from ultraplan.compiler import ops
 
 ROOT = Path(__file__).resolve().parents[1]
+# peak memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (vendor datasheets)
+BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
+             "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12, "A10G": 0.6e12, "MI300X": 5.3e12}
 
 
-def _triton_module():
-    spec = importlib.util.spec_from_file_location("triton_gather", ROOT / "backends" / "triton_gather.py")
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "backends" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _seconds(fn, repeat: int, device: str) -> float:
-    """Median seconds of fn() after one warm-up call."""
-    times = []
-    for i in range(repeat + 1):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def bandwidth(device: str, given: float | None) -> float:
+    """The memory bandwidth the fractions are of: ``given``, else the device's datasheet figure."""
+    if given:
+        return given
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in BANDWIDTH.items():
+            if key in name:
+                return value
+        raise SystemExit(f"bench/kernels.py: no bandwidth known for {name!r}; pass --bandwidth BYTES_PER_S")
+    return 2e10  # a nominal CPU figure (the CPU path is a smoke test)
+
+
+class Timer:
+    """Median seconds of a call: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str, warmup: int, repeat: int) -> None:
+        self.device, self.warmup, self.repeat = device, warmup, repeat
+
+    def __call__(self, fn: Callable[[], object]) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeat):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                start_s = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start_s)
+        return sorted(times)[len(times) // 2]
+
+
+def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict]:
+    """Per kernel: its inputs (those with a gradient first), output gradient, paths and bytes (fwd, bwd)."""
+    gen = torch.Generator(device=dev).manual_seed(0)
+    e = torch.finfo(dtype).bits // 8
+    t, n, d, rows, cores, blocks = a.tokens, a.topk, a.dim, a.rows, a.cores, a.blocks
+
+    def rand(*shape: int, grad: bool = True) -> torch.Tensor:
+        return torch.randn(*shape, device=dev, generator=gen).to(dtype).requires_grad_(grad)
+
+    ids = torch.randint(0, rows, (t, 1, 1, n), device=dev, generator=gen)
+    picks = t * n * (8 + e) + t * n * d * e  # ids, a weight and a row per pick
+    back = t * d * e + t * n * (8 + e) + 3 * t * n * d * e + t * n * e  # rows again, scatter RMW, weight grads
+    gather, pool, norm, topk = (_module(f"triton_{m}") for m in ("gather", "pool", "norm", "topk"))
+    table, weights = rand(rows, d), rand(t, 1, 1, n)
+    core_weights, block_ids = rand(t, 1, 1, cores, n), torch.randint(0, blocks, (t, 1, 1, n), device=dev, generator=gen)
+    x, y, w = rand(t, d), rand(t, d), rand(d)
+    half_n, heads = a.keys, a.heads
+    half = rand(t, 1, heads, 2, half_n)
+    slots = ops.pk_topk(half, n, n, half_n)
+    torch_pool = ops._PoolRows.apply
+    return {
+        "gather_weighted_sum": dict(
+            inputs=(table, weights), rest=(ids,), grad=rand(t, 1, d, grad=False),
+            paths={"unfused": lambda tb, wt, i: ops.weighted_sum(ops.gather_rows(tb, i), wt),
+                   "embedding_bag": lambda tb, wt, i: ops._bag(tb, i, wt),
+                   "triton": lambda tb, wt, i: gather.gather_weighted_sum(tb, i, wt)},
+            bytes=(picks + t * d * e, back)),
+        "gather_row_dot": dict(
+            inputs=(table, x.view(t, 1, d)), rest=(ids,), grad=rand(t, 1, 1, n, grad=False),
+            paths={"unfused": lambda tb, h, i: ops.row_dot(h, ops.gather_rows(tb, i)),
+                   "torch": lambda tb, h, i: ops._GatherRowDot.apply(tb, i, h),
+                   "triton": lambda tb, h, i: gather.gather_row_dot(tb, i, h)},
+            bytes=(picks - t * n * e + t * d * e + t * n * e, back)),
+        "gather_core_pool": dict(
+            inputs=(table, core_weights), rest=(ids.view(t, 1, 1, n),), grad=rand(t, 1, d, grad=False),
+            paths={"unfused": lambda tb, wt, i: ops.core_pool(ops.gather_rows(tb, i), wt),
+                   "torch": lambda tb, wt, i: torch_pool(tb, i, wt, None, 1, 0, d),
+                   "triton": lambda tb, wt, i: pool.pool_rows(tb, i, wt, None, 1, 0, d)},
+            bytes=(picks + (cores - 1) * t * n * e + t * d * e, back + (cores - 1) * 2 * t * n * e)),
+        "gather_ive_pool": dict(
+            inputs=(table, core_weights), rest=(ids, block_ids), grad=rand(t, 1, blocks * d, grad=False),
+            paths={"unfused": lambda tb, wt, i, bl: ops.ive_pool(ops.gather_rows(tb, i), wt, bl, blocks),
+                   "torch": lambda tb, wt, i, bl: torch_pool(tb, i, wt, bl, blocks, 0, d),
+                   "triton": lambda tb, wt, i, bl: pool.pool_rows(tb, i, wt, bl, blocks, 0, d)},
+            bytes=(picks + (cores - 1 + 8 // e) * t * n * e + t * blocks * d * e,
+                   back + (cores - 1) * 2 * t * n * e + t * n * 8 + t * (blocks - 1) * d * e)),
+        "add_rms_norm": dict(
+            inputs=(x, y, w), rest=(), grad=rand(t, 2, d, grad=False),
+            paths={"unfused": lambda p, q, g: torch.stack((s := ops.add(p, q), ops.rms_norm(s, g, 1e-6)), -2),
+                   "torch": lambda p, q, g: ops._AddRmsNorm.apply(p, q, g, 1e-6),
+                   "triton": lambda p, q, g: norm.add_rms_norm(p, q, g, 1e-6)},
+            bytes=(4 * t * d * e + 4 * t, 4 * t * d * e + t * d * 4 + 4 * t)),
+        "pk_topk": dict(
+            inputs=(), rest=(half.detach(),), grad=None,
+            paths={"unfused": lambda hs: _unfused_topk(hs, n, n, half_n),
+                   "triton": lambda hs: topk.pk_topk(hs, n, n, half_n)},
+            bytes=(t * heads * (2 * half_n * e + n * 8), 0)),
+        "pk_slot_scores": dict(
+            inputs=(half,), rest=(slots,), grad=rand(t, 1, heads, n, grad=False),
+            paths={"torch": lambda hs, sl: ops.pk_slot_scores(hs, sl, half_n),
+                   "triton": lambda hs, sl: topk.pk_slot_scores(hs, sl, half_n)},
+            bytes=(t * heads * n * (8 + 3 * e), t * heads * (n * (8 + e) + 2 * n * 4 + 2 * half_n * 4))),
+    }
+
+
+def _unfused_topk(half: torch.Tensor, half_k: int, k: int, num_keys: int) -> torch.Tensor:
+    best = ops.topk_indices(half, half_k)
+    grid = ops.grid_scores(ops.take(half, best))
+    return ops.take(ops.grid_indices(best, num_keys), ops.topk_indices(grid, k))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=1 << 20)
     p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--topk", type=int, default=128)
+    p.add_argument("--topk", type=int, default=128, help="picks per token (and PKM's half_k = k)")
     p.add_argument("--tokens", type=int, default=16384)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--keys", type=int, default=1024, help="product keys per half")
+    p.add_argument("--heads", type=int, default=4, help="product-key heads")
+    p.add_argument("--cores", type=int, default=2, help="UltraMem cores (they divide --dim)")
+    p.add_argument("--blocks", type=int, default=4, help="UltraMem's implicit value expansion E")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--kernels", default="", help="comma-separated names (default: all)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bandwidth", type=float, default=4.8e12, help="memory bytes/s (default: H200 HBM3e)")
-    p.add_argument("--paths", default="unfused,embedding_bag,triton")
-    args = p.parse_args(argv)
-    dev, n, d, tokens = args.device, args.topk, args.dim, args.tokens
-    gen = torch.Generator(device=dev).manual_seed(0)
-    table = torch.randn(args.rows, d, device=dev, generator=gen, requires_grad=True)
-    ids = torch.randint(0, args.rows, (tokens, 1, 1, n), device=dev, generator=gen)
-    weights = torch.randn(tokens, 1, 1, n, device=dev, generator=gen, requires_grad=True)
-    grad = torch.randn(tokens, 1, d, device=dev, generator=gen)
-    fwd_bytes = tokens * n * (8 + 4 + 4 * d) + tokens * d * 4
-    bwd_bytes = tokens * d * 4 + tokens * n * (8 + 4 + 4 * d) + tokens * n * 4 * d * 2 + tokens * n * 4
-    paths = {"unfused": lambda t, i, w: ops.weighted_sum(ops.gather_rows(t, i), w),
-             "embedding_bag": ops.gather_weighted_sum}
-    if "triton" in args.paths:
-        paths["triton"] = _triton_module().gather_weighted_sum
-    print(f"gather + weighted sum: rows={args.rows} dim={d} topk={n} tokens={tokens} on {dev}; "
-          f"bandwidth {args.bandwidth:.3g} B/s")
+    p.add_argument("--bandwidth", type=float, default=None, help="memory bytes/s (default: the device's, by name)")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (the CPU smoke test)")
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.rows, a.dim, a.topk, a.tokens, a.keys, a.heads, a.cores, a.blocks = 37, 6, 3, 3, 5, 2, 2, 2
+        a.warmup, a.repeat = 0, 1
+    dev, bw = a.device, bandwidth(a.device, a.bandwidth)
+    timer = Timer(dev, a.warmup, a.repeat)
+    all_cases = cases(a, dev, getattr(torch, a.dtype))
+    chosen = a.kernels.split(",") if a.kernels else list(all_cases)
+    print(f"fused kernels on {torch.cuda.get_device_name() if dev == 'cuda' else dev}, {a.dtype}: rows={a.rows} "
+          f"dim={a.dim} topk={a.topk} tokens={a.tokens} keys={a.keys} heads={a.heads}; bandwidth {bw:.3g} B/s")
     results = []
-    for name in args.paths.split(","):
-        fn = paths[name]
-        fwd = _seconds(lambda fn=fn: fn(table, ids, weights), args.repeat, dev)
-        both = _seconds(lambda fn=fn: torch.autograd.grad(fn(table, ids, weights), (table, weights), grad),
-                        args.repeat, dev)
-        bwd = max(both - fwd, 1e-12)
-        row = {"path": name, "forward_s": fwd, "backward_s": bwd,
-               "forward_fraction": fwd_bytes / fwd / args.bandwidth, "backward_fraction": bwd_bytes / bwd / args.bandwidth}
-        results.append(row)
-        print(f"  {name:14s} forward {fwd * 1e3:9.3f} ms ({row['forward_fraction']:6.1%} of bandwidth)   "
-              f"backward {bwd * 1e3:9.3f} ms ({row['backward_fraction']:6.1%})")
-    base = results[0]
-    for row in results[1:]:
-        print(f"  {row['path']} vs {base['path']}: forward {base['forward_s'] / row['forward_s']:.2f}x, "
-              f"backward {base['backward_s'] / row['backward_s']:.2f}x")
+    for name in chosen:
+        case = all_cases[name]
+        fwd_bytes, bwd_bytes = case["bytes"]
+        rows = []
+        for path, fn in case["paths"].items():
+            def forward(fn=fn, case=case):
+                return fn(*case["inputs"], *case["rest"])
+            fwd = timer(forward)
+            row = {"kernel": name, "path": path, "forward_s": fwd, "forward_fraction": fwd_bytes / fwd / bw}
+            if case["grad"] is not None:
+                both = timer(lambda forward=forward, case=case: torch.autograd.grad(forward(), case["inputs"], case["grad"]))
+                row["backward_s"] = bwd = max(both - fwd, 1e-12)
+                row["backward_fraction"] = bwd_bytes / bwd / bw
+            rows.append(row)
+            back = (f"   backward {row['backward_s'] * 1e3:9.3f} ms ({row['backward_fraction']:6.1%})"
+                    if "backward_s" in row else "")
+            print(f"  {name:20s} {path:14s} forward {fwd * 1e3:9.3f} ms ({row['forward_fraction']:6.1%} of bandwidth){back}")
+        base = rows[0]
+        for row in rows[1:]:
+            speed = f"forward {base['forward_s'] / row['forward_s']:.2f}x"
+            if "backward_s" in row:
+                speed += f", backward {base['backward_s'] / row['backward_s']:.2f}x"
+            print(f"  {name:20s} {row['path']} vs {base['path']}: {speed}")
+        results += rows
     return results
 
 

@@ -406,6 +406,31 @@ VALUE_COLUMNS = Variant(
     args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
 
 
+# the fused poolings' shard forms (passes/fuse.py): number-wise, the picks of rows held elsewhere weigh 0
+# (as BAG_ROWS_OWNED); dimension-wise, UltraMemV2's pooling of the columns a device holds (as VALUE_COLUMNS)
+POOL_ROWS_OWNED = dataclasses.replace(
+    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_core_pool_owned",
+    why=ROWS_OWNED.why + "; the fused pooling pools the rows it holds, weighted by their cores, and the partial "
+    "outputs are summed")
+IVE_ROWS_OWNED = dataclasses.replace(
+    ROWS_OWNED, inputs=("S(0)", "B", "B", "B"), call="ops.gather_ive_pool_owned", why=POOL_ROWS_OWNED.why,
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("row_start", shard_start(s[0][0], axes))))
+POOL_COLUMNS = dataclasses.replace(
+    VALUE_COLUMNS, inputs=("S(1)", "B", "B"), call="ops.gather_core_pool_columns",
+    args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+
+
+def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
+    """gather_ive_pool reads what gather_core_pool does (``_bag_reads``) and each pick's block id."""
+    return _bag_reads(ins, dtypes, written, attrs) + _bytes(ins[3], dtypes[3])
+
+
+def _tucker_topk_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    """tucker_grid's products over the half_k x half_k grid (``_tucker_grid_flops``), inside the selection"""
+    tokens_heads, (_, cores, rank, _), m = numel(ins[1][:3]), ins[2], attrs["half_k"]
+    return 2 * tokens_heads * cores * rank * rank * m + 2 * tokens_heads * cores * m * m * rank
+
+
 def _prod(sizes: list[int]) -> int:
     out = 1
     for n in sizes:
@@ -530,6 +555,17 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
     _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
          colour=RETRIEVAL),
+    # UltraMem's fused ops (passes/fuse_graph.py, fuse.py): the selection (its grid inside), the selected
+    # scores from 2 R numbers per slot (row x core: 2 tokens H C R^2 M), the poolings without the gathered rows
+    _def("tucker_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), flops=_tucker_topk_flops, index=True,
+         dims="bt...,bt....,....->bt..", colour=INDEXING),
+    _def("tucker_slot_scores", lambda s, a: (*s[2][:3], s[1][1], s[2][-1]), result="first",
+         flops=lambda i, o, a: 2 * numel(o) * i[1][2] * i[1][3], dims="bt....,....,bt..->bt...", colour=RETRIEVAL),
+    _def("gather_core_pool", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
+         sparse=_gather_rows_touch, bytes_read=_bag_reads, dims="..,bt..,bt...->bt.",
+         variants=(POOL_ROWS_OWNED, POOL_COLUMNS), colour=RETRIEVAL),
+    _def("gather_ive_pool", lambda s, a: (*s[1][:2], a["num_blocks"] * s[0][1]), sparse=_gather_rows_touch,
+         bytes_read=_ive_reads, dims="..,bt..,bt...,bt..->bt.", variants=(IVE_ROWS_OWNED,), colour=RETRIEVAL),
     # mixture-of-experts load balancing: whole-batch statistics
     _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), index=True, data_dependent=True,
          dims="btk->.", sums="btk", colour=INDEXING),
@@ -548,6 +584,12 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
                  "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "gather_row_dot_owned",
                  "core_pool_columns", "_bag"}
+
+
+# the fused UltraMem ops' helpers and shard forms
+NOT_GRAPH_OPS |= {"_gcd", "_ranked", "_pool_groups", "_pooled", "_pool", "gather_core_pool_columns",
+                  "gather_core_pool_owned",
+                  "gather_ive_pool_owned"}
 
 
 def op_def(name: str) -> OpDef:

@@ -4,10 +4,11 @@ A ``GraphRule`` names each op of its pattern and its tensor arguments: another s
 outside value ``$name`` (the same name binds the same node). Some steps are ``outputs``: their
 values are read outside the pattern, and each becomes the fused op its ``Replace`` names, over
 outside values and earlier outputs; every other step must be read only inside the pattern and is
-removed. Product-key retrieval's selection is the one such rule today: seven ops between the half
-scores and the (scores, slots) pair become ``pk_topk`` (the slots, an index op) and
-``pk_slot_scores`` (their scores, the only differentiable part), so the half_k x half_k grid is
-never stored nor saved for the backward.
+removed. Two such rules: product-key retrieval's selection (seven ops between the half scores and
+the (scores, slots) pair become ``pk_topk``, the slots, an index op, and ``pk_slot_scores``, their
+scores, the only differentiable part) and UltraMem's Tucker selection (eight ops between the rank-1
+and per-rank scores and the (core scores, slots) pair become ``tucker_topk`` and
+``tucker_slot_scores``), so the half_k x half_k grid is never stored nor saved for the backward.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class GraphRule:
     outputs: tuple[Replace, ...]  # in the order they are made; the first carries the Fusion record
     bytes_saved: GraphCost
     why: str
+    extra_flops: GraphCost = lambda recs, train: ZERO  # FLOPs the fused ops add (a recomputation)
 
 
 def _pk_bytes_saved(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
@@ -66,6 +68,28 @@ def _pk_bytes_saved(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
 
     forward = 3 * size("half_best") + 2 * size("half_kept") + 3 * size("grid") + 2 * size("grid_slots") + 3 * size("best")
     return forward + (2 * size("grid") + 2 * size("half_kept") if train else ZERO)
+
+
+def _size(recs: dict[str, NodeInfo], step: str) -> sympy.Expr:
+    return numel(recs[step].shape) * BYTES_PER_ELEMENT.get(recs[step].dtype, 4)
+
+
+def _tucker_bytes_saved(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
+    """As ``_pk_bytes_saved`` for UltraMem's selection: the half top-m ids (read twice), the kept per-rank
+    scores, the grid of every core's scores (read by the core sum and the take), its sum, the grid of
+    slots and the final top-m ids (read twice), less what the fused scores write instead: each slot's
+    row and column rank vectors (as many as the kept per-rank scores), read back by the backward. In
+    training the grid's gradient is no longer written and read back."""
+    forward = (3 * _size(recs, "half_best") + _size(recs, "half_kept") + 3 * _size(recs, "grid")
+               + 2 * _size(recs, "total") + 2 * _size(recs, "grid_slots") + 3 * _size(recs, "best"))
+    return forward + (2 * _size(recs, "grid") - _size(recs, "half_kept") if train else ZERO)
+
+
+def _tucker_recompute(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
+    """tucker_slot_scores recomputes the selected slots' scores, row x core (2 tokens H C R^2 M FLOPs);
+    the grid's own products are done inside tucker_topk as before (its backward, 2x them, is gone)."""
+    cores, ranks = recs["grid"].shape[-2], recs["half_kept"].shape[-2]
+    return 2 * numel(recs["best"].shape) * cores * ranks * ranks
 
 
 GRAPH_RULES: tuple[GraphRule, ...] = (
@@ -83,6 +107,24 @@ GRAPH_RULES: tuple[GraphRule, ...] = (
          Replace("scores", "pk_slot_scores", ("$half_scores", "slots"), (("num_keys", "grid_slots", "num_keys"),))),
         _pk_bytes_saved,
         "product-key selection in one op: the candidate grid is made and dropped inside, never stored"),
+    GraphRule(
+        "tucker_topk",
+        (GStep("half_best", "topk_indices", ("$filtered",)),
+         GStep("half_kept", "take_ranked", ("$scores", "half_best")),
+         GStep("grid", "tucker_grid", ("half_kept", "$cores")),
+         GStep("total", "sum_cores", ("grid",)),
+         GStep("best", "topk_indices", ("total",)),
+         GStep("core_scores", "take_cores", ("grid", "best")),
+         GStep("grid_slots", "grid_indices", ("half_best",)),
+         GStep("slots", "take", ("grid_slots", "best"))),
+        (Replace("slots", "tucker_topk", ("$filtered", "$scores", "$cores"),
+                 (("half_k", "half_best", "k"), ("k", "best", "k"), ("num_keys", "grid_slots", "num_keys"))),
+         Replace("core_scores", "tucker_slot_scores", ("$scores", "$cores", "slots"),
+                 (("num_keys", "grid_slots", "num_keys"),))),
+        _tucker_bytes_saved,
+        "Tucker selection in one op: every core's grid is made and dropped inside; the selected slots' core "
+        "scores are recomputed from their row and column rank vectors",
+        _tucker_recompute),
 )
 
 
@@ -140,6 +182,11 @@ def rewrite_graph(gm: fx.GraphModule, bound: dict[str, fx.Node], rule: GraphRule
     outs = [bound[r.step] for r in rule.outputs]
     first = bound[rule.steps[0].name]
     assert first not in outs, f"{rule.name}: the first step is read inside the pattern, not an output"
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    outside = [bound[a] for r in rule.outputs for a in r.args if a.startswith("$")]
+    late = max(outside, key=order.__getitem__, default=None)  # an argument made after the first step (a get_attr)
+    if late is not None and order[late] > order[first]:
+        first = late.next
     for node in outs:
         first.prepend(node)
     for replace, node in zip(rule.outputs, outs):

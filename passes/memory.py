@@ -216,6 +216,12 @@ SAVES["pk_slot_scores"] = Saves((0,), internal=lambda o, i, n, s: 2 * 8 * numel(
 # 1/rms per row (the output is (B, T, 2, D): rows = O / (2 D)); pair_part is a view of it
 SAVES["add_rms_norm"] = Saves(output=True, internal=lambda o, i, n, s: o / (2 * s[-1]))
 SAVES["pair_part"] = Saves(view_of=0)
+# UltraMem's selected scores keep the row and column keys' rank vectors (2 R per slot, the output's
+# dtype: O * 2 R / C), the cores and the int64 slots; the fused poolings keep the table, ids, weights
+# (and IVE's block ids), never the (B, T, H, M, V) gathered rows
+SAVES["tucker_slot_scores"] = Saves((1, 2), internal=lambda o, i, n, s: 2 * o * info(tensor_args(n)[1]).shape[-1] / s[-2])
+SAVES["gather_core_pool"] = Saves((0, 1, 2))
+SAVES["gather_ive_pool"] = Saves((0, 1, 2, 3))
 
 
 def _expert_parallel_ffn(out, ins, node, local_out):

@@ -91,6 +91,7 @@ RULE_CASES = {  # name: (bundled spec, text replaced, replacement, bf16, fuse)
     "moe sigmoid": ("moe-tiny", "router: softmax", "router: sigmoid, normalize_topk: true", False, True),
     "ultramem rms biased": ("ultramem-tiny", "ultramem: {", "ultramem: {query_norm_bias: true, key_norm_bias: true, ",
                             False, False),
+    "ultramem fused": ("ultramem-tiny", "", "", False, True),  # Tucker selection and IVE pooling fused
     "ultramem-v2 balance bf16": ("ultramem-v2-tiny", V2_SHARED, "key_expand: 2, key_balance_weight: 0.05, "
                                  "official_query: true, " + V2_SHARED, True, True),
     "ultramem-v2 layer": ("ultramem-v2-tiny", V2_SHARED, "query_norm: layer, key_norm: layer, query_norm_bias: false, "

@@ -64,27 +64,31 @@ def test_row_dot_kernel_equals_gather_then_dot(kernels, b, t, h, k, rows, d):
 
 
 def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
-    """bench/kernels.py's CPU path (the GPU sizes need a device) runs every path, so it cannot rot."""
+    """bench/kernels.py's CPU path (the GPU sizes need a device) runs every kernel and path, so it cannot rot."""
     import runpy
 
     bench = runpy.run_path(str(ROOT / "bench" / "kernels.py"))
-    results = bench["main"](["--rows", "37", "--dim", "6", "--topk", "3", "--tokens", "5", "--repeat", "1",
-                             "--device", "cpu"])
-    assert [r["path"] for r in results] == ["unfused", "embedding_bag", "triton"]
+    results = bench["main"](["--tiny", "--device", "cpu"])
+    paths = {(r["kernel"], r["path"]) for r in results}
+    kernels = ("gather_weighted_sum", "gather_row_dot", "gather_core_pool", "gather_ive_pool", "add_rms_norm", "pk_topk",
+               "pk_slot_scores")
+    assert {k for k, _ in paths} == set(kernels) and all((k, "triton") in paths for k in kernels)
+    assert ("gather_weighted_sum", "embedding_bag") in paths
     assert all(r["forward_s"] > 0 and r["forward_fraction"] > 0 for r in results)
-    assert "triton vs unfused" in capsys.readouterr().out
+    assert all("backward_s" in r for r in results if r["kernel"] != "pk_topk")
+    out = capsys.readouterr().out
+    assert "gather_ive_pool      triton vs unfused" in out and "of bandwidth" in out
 
 
 @pytest.mark.slow
 def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, monkeypatch):
-    """pkm-tiny on 2 ranks (tp) with `--kernels triton` under the interpreter: kernels.py is written
-    beside the program, and a training step through it equals the eager reference; the same step
-    with a broken forward kernel does not (so the kernels are what ran)."""
+    """pkm-tiny and ultramem-tiny on 2 ranks (tp) with `--kernels triton` under the interpreter:
+    kernels.py is written beside each program, and a training step through it equals the eager
+    reference; pkm's step with a broken forward kernel does not (so the comparison can fail), and
+    ultramem's kernels.py records that its pooling kernel ran (so the kernels are what ran)."""
 
     from ultraplan import api, runner
 
-    api.compile("pkm-tiny", "2", tmp_path, strategy="tp")
-    assert "KERNELS = {'gather_weighted_sum'" in (tmp_path / "kernels.py").read_text()
     real_run = runner.run_job
     commands = []
 
@@ -93,11 +97,27 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
         return real_run(commands[-1], *args, **kw)
 
     monkeypatch.setattr(runner, "run_job", with_triton)
-    report = runner.run(tmp_path, nproc=None, steps=1, seed=None, check=True, quiet=True)
-    assert commands and report["ok"], report
-    source = (tmp_path / "kernels.py").read_text()
+    pkm, ultramem = tmp_path / "pkm", tmp_path / "ultramem"
+    api.compile("pkm-tiny", "2", pkm, strategy="tp")
+    api.compile("ultramem-tiny", "2", ultramem, strategy="tp", batch=2, seq=8)  # 16 tokens: the interpreter is slow
+    source = (pkm / "kernels.py").read_text()
+    assert "KERNELS = {'gather_weighted_sum'" in source and "'pk_topk': pk_topk" in source
+    # the product-key top-k kernel under the interpreter costs minutes for pkm-tiny's 256 rows per layer:
+    # tests/unit/test_triton_topk.py checks it; here the program runs its torch form
+    (pkm / "kernels.py").write_text(source + "\n\nKERNELS.pop('pk_topk')\nKERNELS.pop('pk_slot_scores')\n")
+    source = (ultramem / "kernels.py").read_text()
+    assert "'gather_ive_pool': pool_rows" in source
+    marker = tmp_path / "pool_rows_ran"
+    (ultramem / "kernels.py").write_text(
+        source + f"\n\n_pool_rows = pool_rows\n\n\ndef pool_rows(*args):\n    open({str(marker)!r}, 'a').write('x')\n"
+        "    return _pool_rows(*args)\n\n\nKERNELS['gather_ive_pool'] = pool_rows\n")
+    for directory in (pkm, ultramem):
+        report = runner.run(directory, nproc=None, steps=1, seed=None, check=True, quiet=True)
+        assert report["ok"], report
+    assert len(commands) == 2 and marker.read_text().count("x") >= 2 * 2  # both ranks, both memory layers
+    source = (pkm / "kernels.py").read_text()
     broken = source.replace("acc += tl.sum(vals.to(tl.float32) * w[:, None], axis=0)",
                             "acc += 2 * tl.sum(vals.to(tl.float32) * w[:, None], axis=0)")
     assert broken != source
-    (tmp_path / "kernels.py").write_text(broken)
-    assert not runner.run(tmp_path, nproc=None, steps=1, seed=None, check=True, quiet=True)["ok"]
+    (pkm / "kernels.py").write_text(broken)
+    assert not runner.run(pkm, nproc=None, steps=1, seed=None, check=True, quiet=True)["ok"]
