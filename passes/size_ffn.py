@@ -22,6 +22,7 @@ This is the one pass that runs before lowering, because what it decides is a sha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 
@@ -135,13 +136,21 @@ def size_ffn(spec: ModelSpec) -> tuple[ModelSpec, PassReport]:
     report = PassReport("size_ffn")
     layers = [layer for layer in spec.layers if layer.ffn_sizing()]
     if layers:
-        probe = with_widths(spec, {(layer.index, layer.ffn_sizing()[0].name): PROBE_WIDTH for layer in layers})
-        gm = lower(build_model(probe, device="meta"), mode="infer")
-        annotate_cost(gm, None)
-        flops = flops_per_token_by(gm, _sublayer_of)
-        sizings = [_size(layer, flops) for layer in layers]
+        spec, sizings = _sized(spec)
         report.decisions += [s.describe() for s in sizings]
         report.costs.update({f"layers.{s.layer}.{s.ffn}.memory_to_ffn": s.achieved for s in sizings})
-        spec = with_widths(spec, {(s.layer, s.ffn): s.width for s in sizings})
     report.seconds = time.perf_counter() - start
     return spec, report
+
+
+@functools.lru_cache(maxsize=64)
+def _sized(spec: ModelSpec) -> tuple[ModelSpec, tuple[Sizing, ...]]:
+    """The sized spec and each layer's sizing; memoised (specs are frozen values), as every plan of a spec
+    sizes it alike and the probe graph's trace and sympy simplify are most of a tiny plan's spec passes."""
+    layers = [layer for layer in spec.layers if layer.ffn_sizing()]
+    probe = with_widths(spec, {(layer.index, layer.ffn_sizing()[0].name): PROBE_WIDTH for layer in layers})
+    gm = lower(build_model(probe, device="meta"), mode="infer")
+    annotate_cost(gm, None)
+    flops = flops_per_token_by(gm, _sublayer_of)
+    sizings = tuple(_size(layer, flops) for layer in layers)
+    return with_widths(spec, {(s.layer, s.ffn): s.width for s in sizings}), sizings

@@ -9,6 +9,8 @@ FLOP/s at the spec's ``train.precision`` (fp32 or bf16). Costs stay symbolic thr
 
 from __future__ import annotations
 
+import functools
+
 import sympy
 
 from ..compiler.shapes import B, T
@@ -51,11 +53,13 @@ def _hardware_symbols(expr: sympy.Expr) -> frozenset[str]:
     return frozenset(str(s) for s in expr.free_symbols if str(s).startswith(("bw", "lat", "peak")))
 
 
+@functools.lru_cache(maxsize=4096)
 def readable(expr: sympy.Expr) -> sympy.Expr:
     """A total in a form a reader can follow, cheaply: expanded, its terms grouped by the hardware
     symbols they hold (bandwidth, latency, peak) and their denominator, each group factored
     (``176*lat0*(n0 - 1) + 768*B*T*(5*T + 864)/(n0*peak)``). ``sympy.simplify`` of whole totals
-    gave similar text but was most of a large plan's time (bench/plan_speed.py)."""
+    gave similar text but was most of a large plan's time (bench/plan_speed.py). Memoised: plans of one
+    spec share many totals, and factoring is still the slow part of a tiny plan."""
     expanded = sympy.expand(sympy.sympify(expr))
     groups: dict[tuple, list[sympy.Expr]] = {}
     for term in sympy.Add.make_args(expanded):

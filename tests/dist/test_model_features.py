@@ -1,12 +1,13 @@
 """The model features public checkpoints need (qk_norm full and per head, q/k/v/o and FFN biases,
 learned positions) run in the emitted program under dp, fsdp, tp, sp (and ep for the MoE) on 2 gloo
 ranks and equal eager: losses and final parameters to runner.TOLERANCES in float32 and float64,
-collectives as the plan predicts. Specs: gpt2-tiny (every attention/FFN option and learned positions),
-olmoe-tiny (full-width QK-norm before RoPE, MoE) and ultramem-v2-tiny with the official UltraMem
-code's options (key expansion, the key-balance loss, the official query projection, a biased RMS
-query norm; under dp and tp). One torchrun runs every case
-(tests/dist/driver.py), as tests/dist/test_strategies.py does for the other tiny specs; kept apart
-from its RUNNABLE_SPECS so that suite's runtime does not grow by two specs x four meshes.
+collectives as the plan predicts, and (float32) the bytes autograd saved as the plan predicts within
+10%. Specs: gpt2-tiny (every attention/FFN option and learned positions), olmoe-tiny (full-width
+QK-norm before RoPE, MoE) and ultramem-v2-tiny with the official UltraMem code's options (key
+expansion, the key-balance loss, the official query projection, a biased RMS query norm; under dp
+and tp). One torchrun runs every case (tests/dist/driver.py), as tests/dist/test_strategies.py does
+for the other tiny specs; kept apart from its RUNNABLE_SPECS so that suite's runtime does not grow
+by two specs x four meshes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tests.conftest import MODELS, ROOT
 from tests.dist.test_multirank import torchrun
 from ultraplan import api
 from ultraplan.reference import relative_differences, train_reference
-from ultraplan.runner import TOLERANCES, comm_report
+from ultraplan.runner import TOLERANCES, comm_report, saved_report
 
 pytestmark = pytest.mark.slow
 
@@ -81,3 +82,18 @@ def test_collectives_equal_the_plan(feature_run):
         where = (case["spec"], case["strategy"], case["dtype"])
         assert comm["comm_bytes_measured"] == pytest.approx(comm["comm_bytes_predicted"], rel=1e-12), where
         assert comm["comm_calls_measured"] == comm["comm_calls_predicted"], where
+
+
+def test_saved_activation_bytes_as_predicted(feature_run):
+    """What autograd saved in each float32 program's first step is the plan's prediction within 10%
+    (tests/dist/test_saved_bytes.py's bound): olmoe-tiny under tp holds each device's share of the
+    experts' width, under ep the routed tokens; gpt2-tiny's biases and learned positions."""
+    off = []
+    for case in feature_run:
+        if case["dtype"] != "float32":
+            continue
+        report = saved_report(api.read_plan(case["dir"]), json.loads(open(case["dump"]).read()))
+        measured, predicted = report["saved_activation_bytes_measured"], report["saved_activation_bytes_predicted"]
+        if not (measured > 0 and abs(predicted - measured) <= 0.1 * measured):
+            off.append((case["spec"], case["strategy"], measured, predicted))
+    assert not off, off

@@ -26,7 +26,7 @@ from tests.conftest import MODELS, ROOT
 from ultraplan import api
 from ultraplan.data import prepare
 from ultraplan.reference import relative_differences, train_reference
-from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES, comm_report
+from ultraplan.runner import LOSS_TOLERANCE, TOLERANCES, comm_report, saved_report
 
 pytestmark = pytest.mark.slow
 
@@ -176,6 +176,21 @@ def test_measured_bytes_equal_planned(rank_run, spec):
     assert comm["comm_calls_measured"] == comm["comm_calls_predicted"] == comm["comm_calls_torch_first_step"]
     assert {k for k, v in comm["comm_calls_predicted"].items() if v} <= {"all_reduce"}  # data parallel
     assert len(plan.grad_buckets) > 1 if nproc == 4 else len(plan.grad_buckets) <= 1
+
+
+def test_saved_activation_bytes_as_predicted(rank_run):
+    """What autograd saved in each float32 program's first step is the plan's prediction within 10%, as
+    tests/dist/test_saved_bytes.py holds it: every runnable tiny spec on each rank count's mesh (these
+    very programs; test_strategies holds it for the other strategies)."""
+    nproc, cases = rank_run
+    off = []
+    for spec in MESHES[nproc]:
+        case = find_case(cases, spec, "float32")
+        report = saved_report(api.read_plan(case["dir"]), json.loads(open(case["dump"]).read()))
+        measured, predicted = report["saved_activation_bytes_measured"], report["saved_activation_bytes_predicted"]
+        if not (measured > 0 and abs(predicted - measured) <= 0.1 * measured):
+            off.append((spec, MESHES[nproc][spec], measured, predicted))
+    assert not off, off
 
 
 # Gloo can abort a rank at interpreter exit, after all its work is done, when a worker thread
