@@ -19,7 +19,7 @@ to every emitted program. It holds no model knowledge; the program passes in eve
   needs collectives inside.
   Every rank of an axis must make the same calls in the same order, backward included (an SPMD
   program does); ``expert_parallel_ffn`` keeps that true even for a rank no token is routed to.
-- ``comm_debug`` counts the collectives torch itself sees (CommDebugMode), a check on ours;
+- ``comm_debug`` counts the collectives torch's dispatcher runs (as CommDebugMode does), a check on ours;
   ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
 - ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
 - ``forward_in`` runs the model on copies of its weights in the plan's compute dtype (mixed
@@ -33,13 +33,13 @@ import os
 import socket
 import sys
 import time
-import warnings
 from collections import Counter
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.utils._python_dispatch import TorchDispatchMode
 
 COMM_BYTES: Counter = Counter()  # collective kind -> payload bytes handed to it on this rank
 COMM_CALLS: Counter = Counter()  # collective kind -> calls on this rank (forward and backward)
@@ -423,11 +423,26 @@ TORCH_COMM_NAMES = {"allreduce_": "all_reduce", "_allgather_base_": "all_gather"
                     "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
 
 
+# the collectives torch's own CommDebugMode counts (torch/distributed/tensor/debug/_comm_mode.py:
+# ``c10d_collective_ops`` and its ``comm_registry``), by op name; barriers, sends and receives are not
+TORCH_COLLECTIVES = {"c10d": frozenset({
+    "allreduce_", "allreduce_coalesced_", "allgather_", "_allgather_base_", "allgather_coalesced_",
+    "allgather_into_tensor_coalesced_", "reduce_scatter_", "_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_",
+    "alltoall_", "alltoall_base_", "broadcast_", "gather_", "scatter_", "reduce_"})}
+TORCH_COLLECTIVES["_c10d_functional"] = TORCH_COLLECTIVES["c10d_functional"] = frozenset({
+    "all_reduce", "all_reduce_coalesced", "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
+    "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "all_to_all_single", "broadcast"})
+TORCH_COLLECTIVES["_c10d_functional_autograd"] = frozenset({"all_to_all_single"})
+TORCH_COLLECTIVES["_dtensor"] = frozenset({"shard_dim_alltoall"})
+
+
 class comm_debug:
-    """``with comm_debug() as seen:`` runs the block under torch's ``CommDebugMode`` and fills the
-    dict ``seen`` on exit with the number of collective calls torch itself saw, keyed by this
-    file's kind names (c10d op names mapped; anything else under its own name). A check on
-    COMM_CALLS that does not depend on our own counting. Collectives run inside autograd's
+    """``with comm_debug() as seen:`` counts the collective ops torch's dispatcher runs in the block
+    and fills the dict ``seen`` on exit with the number of calls, keyed by this file's kind names
+    (c10d op names mapped; anything else under its own name). A check on COMM_CALLS that does not
+    depend on our own counting: the same test as torch's ``CommDebugMode`` (a dispatch mode that
+    sees each c10d op), without its per-module trace of every op (module hooks and a record per
+    op, about half the CPU of a small program's first step). Collectives run inside autograd's
     backward are seen too: the CPU backward runs on the calling thread, where the mode is active.
     (On CUDA the backward of CUDA tensors runs on autograd's device thread instead; torch hands
     its thread-local state to that thread, but this was verified on gloo/CPU only.)
@@ -442,14 +457,7 @@ class comm_debug:
     def __enter__(self):
         if not self.enabled:
             return self.seen
-        try:
-            from torch.distributed.tensor.debug import CommDebugMode
-        except ImportError:  # torch < 2.4
-            from torch.distributed._tensor.debug import CommDebugMode
-        # its module tracker warns about full backward hooks on the model's first backward; the
-        # counts are what we want from it, so that one warning is noise here
-        warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-        self.mode = CommDebugMode()
+        self.mode = _CollectivesSeen()
         self.mode.__enter__()
         return self.seen
 
@@ -457,11 +465,27 @@ class comm_debug:
         if self.mode is None:
             return False
         self.mode.__exit__(*exc)
-        for op, calls in self.mode.get_comm_counts().items():
-            name = str(getattr(op, "__name__", op)).split(".")[-1]
+        for name, calls in self.mode.calls.items():
             kind = TORCH_COMM_NAMES.get(name, name)
             self.seen[kind] = self.seen.get(kind, 0) + calls
         return False
+
+
+class _CollectivesSeen(TorchDispatchMode):
+    """The dispatch mode behind ``comm_debug``: counts TORCH_COLLECTIVES by op name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(t.__name__ == "DTensor" for t in types):
+            return NotImplemented  # let DTensor lower to plain collectives first, as CommDebugMode does
+        out = func(*args, **(kwargs or {}))
+        packet = getattr(func, "_overloadpacket", None)
+        if packet is not None and packet.__name__ in TORCH_COLLECTIVES.get(func.namespace, ()):
+            self.calls[packet.__name__] += 1
+        return out
 
 
 SAVED_BYTES = 0  # bytes of the distinct tensors autograd saved in the forward count_saved watched
