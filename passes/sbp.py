@@ -62,16 +62,23 @@ Sbp = Split | Broadcast | PartialSum
 NdSbp = tuple[Sbp, ...]
 
 
-def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None) -> tuple:
+def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None, mesh=None) -> tuple:
     """The dims one device holds: each ``S(d)`` on axis ``a`` divides dim ``d`` by ``sizes[a]``.
 
     ``sizes`` are numbers or the symbols ``n{axis}``; ``skip_axis`` leaves that axis's split
-    out (the size a collective on that axis sees).
+    out (the size a collective on that axis sees). A split that does not divide (``mesh``: the
+    axes' numeric sizes, or ``sizes`` themselves when they are numbers) holds torch.chunk's largest
+    share, ``ceiling(d / n)``: only a value table's rows split so (passes/placement.py).
     """
     dims = list(shape)
+    numeric = mesh if mesh is not None else sizes if all(isinstance(n, int) for n in sizes) else None
+    counts = [int(d) if numeric is not None and isinstance(d, (int, sympy.Integer)) else None for d in shape]
     for axis, entry in enumerate(sbp):
         if axis != skip_axis and isinstance(entry, Split):
-            dims[entry.dim] = dims[entry.dim] / sizes[axis]
+            d, count = dims[entry.dim], counts[entry.dim]
+            uneven = count is not None and count % numeric[axis]
+            dims[entry.dim] = sympy.ceiling(d / sizes[axis]) if uneven else d / sizes[axis]
+            counts[entry.dim] = -(-count // numeric[axis]) if count is not None else None
     return tuple(dims)
 
 

@@ -13,15 +13,20 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import math
+import types
 
 import pytest
 import sympy
 import torch
+from ultraplan.backends import runtime
 from ultraplan.compiler import ops
 from ultraplan.compiler.shapes import B
 from ultraplan.passes.context import Mesh, PlanError
 from ultraplan.passes.placement_report import Option, _expr, _flip, table_comm_bytes, table_reports
 
+from tests.conftest import MODELS
 from ultraplan import api
 
 
@@ -48,8 +53,6 @@ def test_place_pins_tables_per_axis():
 def test_place_errors_say_what_to_do():
     with pytest.raises(PlanError, match=r"no value table or expert weight matches 'layers\.0\.attention\.wq'"):
         api.plan("pkm-tiny", "2", force=["layers.0.attention.wq=number"])
-    with pytest.raises(PlanError, match="does not split over the mesh"):
-        api.plan("pkm-tiny", "3", hardware="h200-8", force=["layers.1.pkm.values=number"])
     with pytest.raises(PlanError, match="give one, or one per axis"):
         api.plan("pkm-tiny", "2", force=["layers.1.pkm.values=number,dim"])
 
@@ -142,3 +145,55 @@ def test_core_pool_columns_are_slices_of_core_pool(shards):
     for s in range(shards):
         part = ops.core_pool_columns(rows[..., s * width:(s + 1) * width], weights, s * width, 12)
         torch.testing.assert_close(part, whole[..., s * width:(s + 1) * width], rtol=0, atol=1e-12)
+
+
+def _pkm_with_keys(tmp_path, keys: int, topk: int = 8) -> str:
+    """pkm-tiny with ``keys``^2 value rows (a table whose rows need not divide over the devices)."""
+    path = tmp_path / f"pkm-{keys}.yaml"
+    text = (MODELS / "pkm-tiny.yaml").read_text()
+    path.write_text(text.replace("num_keys: 16,", f"num_keys: {keys},").replace("topk: 8,", f"topk: {topk},"))
+    return str(path)
+
+
+def test_uneven_rows_count_the_largest_torch_chunk_share(tmp_path):
+    """225 rows number-wise on 2 and 4 devices, and on both axes of 2x2: each device is planned the largest
+    of torch.chunk's shares (113, 57, 57 rows of 32 float32 values), under a named strategy and under the
+    search; the lookup's row_start is emitted in chunk shares; the other tables keep their even split."""
+    spec = _pkm_with_keys(tmp_path, 15)
+    for mesh, words, strategy in (("2", "number", None), ("4", "number", None), ("2x2", "number", None),
+                                  ("2", "number", "auto")):
+        plan = api.plan(spec, mesh, force=[f"layers.1.pkm.values={words}"], strategy=strategy)
+        devices = math.prod(int(n) for n in mesh.split("x"))
+        largest = torch.arange(225).chunk(2 if mesh == "2x2" else devices)[0].chunk(2 if mesh == "2x2" else 1)[0]
+        table = next(p for p in plan.params if p.name == "layers.1.pkm.values")
+        assert table.bytes_per_device.value == largest.numel() * 32 * 4, (mesh, strategy)
+        lookup = next(n for n in plan.nodes if n.call == "ops.gather_weighted_sum_owned")
+        axes = [0] if mesh != "2x2" else [0, 1]
+        assert dict(lookup.local_attrs)["row_start"] == {"shard_start": [225, axes, "chunks"]}, (mesh, strategy)
+
+
+@pytest.mark.parametrize("mesh_shape, size, splits", [((2,), 225, (0,)), ((4,), 225, (0,)), ((2, 2), 169, (0, 1)),
+                                                      ((2, 2), 169, (1, 0)), ((3,), 1000, (0,)), ((8,), 1000, (0,))])
+def test_chunked_shard_range_is_torch_chunk(mesh_shape, size, splits):
+    """runtime.Mesh.shard_range(..., chunks=True) gives every coordinate torch.chunk's block (nested over
+    several axes, outer first: DTensor's Shard on each), and equals the even split where sizes divide."""
+    for coords in itertools.product(*map(range, mesh_shape)):
+        mesh = types.SimpleNamespace(shape=mesh_shape, coords=coords)
+        block = torch.arange(size)
+        for axis in splits:
+            chunks = block.chunk(mesh_shape[axis])
+            block = chunks[coords[axis]] if coords[axis] < len(chunks) else block[:0]
+        start, stop = runtime.Mesh.shard_range(mesh, size, splits, chunks=True)
+        assert (start, stop) == ((int(block[0]), int(block[-1]) + 1) if len(block) else (start, start)), coords
+        even = runtime.Mesh.shard_range(mesh, 16 * math.prod(mesh_shape), splits)
+        assert runtime.Mesh.shard_range(mesh, 16 * math.prod(mesh_shape), splits, chunks=True) == even
+
+
+def test_uneven_placements_that_cannot_run_are_refused(tmp_path):
+    """A value dim or expert count that does not divide is still refused, and so are rows in shares that
+    leave a device none (36 rows in shares of 6 over 7 devices), each in one line naming the fix."""
+    with pytest.raises(PlanError, match="does not split over the mesh"):
+        api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
+    with pytest.raises(PlanError, match="leave a device of the 7 without rows"):
+        api.plan(_pkm_with_keys(tmp_path, 6, topk=4), "7", hardware="h200-8", batch=7,
+                 force=["layers.1.pkm.values=number"])
