@@ -24,7 +24,16 @@ from ultraplan.backends import runtime
 from ultraplan.compiler import ops
 from ultraplan.compiler.shapes import B
 from ultraplan.passes.context import Mesh, PlanError
-from ultraplan.passes.placement_report import Option, _expr, _flip, table_comm_bytes, table_reports
+from ultraplan.passes.pipeline import make_plan
+from ultraplan.passes.placement_report import (
+    Option,
+    _expr,
+    _flip,
+    table_comm_bytes,
+    table_reports,
+    value_dim_flips,
+    with_value_dim,
+)
 
 from tests.conftest import MODELS
 from ultraplan import api
@@ -197,3 +206,26 @@ def test_uneven_placements_that_cannot_run_are_refused(tmp_path):
     with pytest.raises(PlanError, match="leave a device of the 7 without rows"):
         api.plan(_pkm_with_keys(tmp_path, 6, topk=4), "7", hardware="h200-8", batch=7,
                  force=["layers.1.pkm.values=number"])
+
+
+def test_value_dim_flip_is_where_replanned_step_times_cross():
+    """ultramem-tiny's table on 2 H200s at a 2x2-token step: replicated, its gradient all-reduce grows
+    with the table's width faster than number-wise lookups do, which cost more collectives: the solved
+    width at which they cross lies between the two nearest widths (multiples of 16) of a scan of the
+    cost model re-planned there, the order of the two placements swapping between them."""
+    spec, hardware, mesh = api.load("ultramem-tiny"), api.load_hardware("h200-2x8"), Mesh.parse("2")
+
+    def plan_at(s, words: str):
+        return make_plan(s, hardware, mesh, forces=(("layers.1.ultramem.*", words),), batch=2, seq=2)[0]
+
+    def step(s, words: str) -> float:
+        return plan_at(s, words).total("step_time").value
+
+    ((other, where),) = value_dim_flips(spec, ["replicate", "number"], "replicate", plan_at)
+    assert other == "number" and where.startswith("value_dim = "), where
+    root = float(where.split()[-1])
+    below, above = int(root // 16 * 16), int(root // 16 * 16 + 16)
+    assert 16 < below < root < above
+    order = [step(with_value_dim(spec, w // 16), "replicate") - step(with_value_dim(spec, w // 16), "number")
+             for w in (below, above)]
+    assert order[0] < 0 < order[1], (root, order)
