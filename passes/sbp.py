@@ -180,14 +180,24 @@ def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
     that an inner axis still splits would need a strided layout. When innermost-first meets one,
     outermost-first is tried (``[P,S(4)] -> [S(0),S(0)]``: reduce-scatter dim 0 on axis 0, then
     all-to-all each chunk on axis 1, a number-wise table across nodes, dimension-wise within);
-    when both meet one it is refused."""
+    when both meet one, the inner axes that split are first made whole (``B``, or ``P`` left as it
+    is), then every axis is boxed outermost first (``[S(4),S(4)] -> [S(0),S(0)]``: all-gather dim 4
+    on axis 1, all-to-all on axis 0, each device keeps its chunk of dim 0 on axis 1: a value table
+    split dimension-wise on both axes, whose gathered rows a consumer takes by token)."""
     try:
         return _boxings(src, dst, shape, dtype, reversed(range(len(src))))
     except PlanError as inner_first:
         try:
             return _boxings(src, dst, shape, dtype, range(len(src)))
         except PlanError:
-            raise inner_first from None
+            whole = tuple(src[:1]) + tuple(Broadcast() if isinstance(e, Split) else e for e in src[1:])
+            if whole == src:
+                raise inner_first from None
+            try:
+                return (_boxings(src, whole, shape, dtype, reversed(range(len(src))))
+                        + _boxings(whole, dst, shape, dtype, range(len(src))))
+            except PlanError:
+                raise inner_first from None
 
 
 def _boxings(src: NdSbp, dst: NdSbp, shape, dtype: str, order) -> list[Boxing]:

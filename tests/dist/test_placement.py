@@ -4,7 +4,7 @@ On 2 and 4 gloo ranks and the 2x2 mesh, for each memory spec (UltraMem, UltraMem
 and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts:
 ``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or expert parallelism) and ``dim``
 (the value dim, or the experts' width, split), a few cases per rank count (``CASES``), and on 2x2 the
-2-D combination ``number,dim`` and rows split over both axes. Between them the cases run both number-wise
+2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the cases run both number-wise
 lookups (``rows_owned``: ids all-gathered, partial sums reduced; ``rows_routed``: ids routed to the
 owners by all_to_all, which the cost model takes where the gathered rows are wide). Three cases
 place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
@@ -45,13 +45,15 @@ UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
-# pooled per column by core_pool_columns; UltraMemV2 and the experts inside a node on 2x2), and rows
-# split over both axes (the routed lookup nests)
+# pooled per column by core_pool_columns; the experts inside a node on 2x2; UltraMem and UltraMemV2
+# dimension-wise on both axes of 2x2, their gathered rows boxed to tokens through a gather on the
+# inner axis), and rows split over both axes (the routed lookup nests; expert parallelism alone runs
+# in test_strategies' dp,ep)
 CASES = {
     2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("memory-plus-tiny", "2", "dim"),
         ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
-    4: [("ultramem-v2-tiny", "4", "number"), ("moe-tiny", "4", "number"), ("ultramem-odd", "2x2", "number"),
-        ("ultramem-v2-tiny", "2x2", "number,dim"), ("moe-tiny", "2x2", "number,dim")],
+    4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
+        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-tiny", "2x2", "number,dim")],
 }
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
 

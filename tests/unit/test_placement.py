@@ -232,3 +232,18 @@ def test_value_dim_flip_is_where_replanned_step_times_cross():
     order = [step(with_value_dim(spec, w // 16), "replicate") - step(with_value_dim(spec, w // 16), "number")
              for w in (below, above)]
     assert order[0] < 0 < order[1], (root, order)
+
+
+def test_boxing_through_a_whole_inner_axis():
+    """Rows gathered from a table split dimension-wise on both axes of a 2-D mesh go to tokens split on
+    both: neither axis order boxes ``[S(4),S(4)] -> [S(0),S(0)]`` without a strided layout, so the inner
+    axis is gathered whole first, then axis 0 all-to-alls and axis 1 keeps its chunk (ring wire bytes per
+    device: the gather (n-1)/n of the axis-0 shard it assembles, the all-to-all (n-1)/n^2 of the whole)."""
+    from ultraplan.passes.sbp import boxings, parse_nd
+
+    steps = boxings(parse_nd("S(4),S(4)"), parse_nd("S(0),S(0)"), (4, 3, 2, 2, 8), "float32")
+    assert [(b.axis, b.collective, b.src, b.dst) for b in steps] == [
+        (1, "all_gather", "S(4)", "B"), (0, "all_to_all", "S(4)", "S(0)"), (1, "local", "B", "S(0)")]
+    wire = [float(b.wire.subs({s: 2 for s in b.wire.free_symbols})) for b in steps]
+    whole = 4 * 3 * 2 * 2 * 8 * 4  # bytes of the float32 tensor
+    assert wire == [whole / 2 / 2, whole / 4, 0.0]
