@@ -4,9 +4,10 @@ On 2 and 4 gloo ranks and the 2x2 mesh, for each memory spec (UltraMem, UltraMem
 and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts:
 ``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or expert parallelism) and ``dim``
 (the value dim, or the experts' width, split), a few cases per rank count (``CASES``), and on 2x2 the
-2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the cases run both number-wise
-lookups (``rows_owned``: ids all-gathered, partial sums reduced; ``rows_routed``: ids routed to the
-owners by all_to_all, which the cost model takes where the gathered rows are wide). Three cases
+2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
+cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
+``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
+rows are wide). Three cases
 place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
 UltraMem with 13^2 = 169, made from the tiny specs here): each rank holds torch.chunk's share of the
 rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), checked against torch.chunk itself. After
