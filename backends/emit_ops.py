@@ -54,8 +54,9 @@ def _attr_value(value) -> str:
     if isinstance(value, dict) and "mesh" in value:
         return "self.mesh"
     if isinstance(value, dict) and "shard_start" in value:
-        size, axes = value["shard_start"]
-        return f"self.mesh.shard_range({int(size)}, {literal(tuple(int(a) for a in axes))})[0]"
+        size, axes, *chunks = value["shard_start"]
+        extra = ", chunks=True" if chunks else ""  # a dim that does not divide: torch.chunk's shares
+        return f"self.mesh.shard_range({int(size)}, {literal(tuple(int(a) for a in axes))}{extra})[0]"
     return literal(value)
 
 

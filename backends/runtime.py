@@ -93,20 +93,24 @@ class Mesh:
         """The process group of mesh axis ``axis`` that this rank belongs to."""
         return self.groups[axis]
 
-    def shard_range(self, total, splits):
+    def shard_range(self, total, splits, chunks=False):
         """(start, stop) of the indices this rank holds of a dim of size ``total`` split over the
         mesh axes ``splits`` (outermost first: over splits[0], then each chunk over splits[1], ...).
 
-        Splits are even (torch.chunk of a divisible size); anything else is a ValueError.
+        Splits are even (torch.chunk of a divisible size); anything else is a ValueError, unless
+        ``chunks``: then a size that does not divide is split as torch.chunk and DTensor's Shard do
+        (every coordinate gets ceil(size / n) indices, the last ones what is left, possibly none), the
+        uneven number-wise placement of a value table's rows (passes/placement.py).
         """
         start, size = 0, int(total)
         for axis in splits:
             n = self.shape[axis]
-            if size % n:
+            if size % n and not chunks:
                 raise ValueError(f"a dim of size {total} does not split evenly over mesh axes {tuple(splits)} "
                                  f"of sizes {tuple(self.shape[a] for a in splits)} (size {size} over {n})")
-            size //= n
-            start += self.coords[axis] * size
+            block = -(-size // n)
+            offset = min(self.coords[axis] * block, size)
+            start, size = start + offset, min(block, size - offset)
         return start, start + size
 
 
@@ -180,15 +184,16 @@ def _split_axes(sbp, ndim):
     return axes
 
 
-def shard_ranges(shape, mesh, sbp):
+def shard_ranges(shape, mesh, sbp, chunks=False):
     """((start, stop), ...) per dim: the part of a ``shape`` tensor this rank holds under ``sbp``.
 
     "B" and "P" entries leave the ranges whole (a P shard is a share of values, not of indices).
+    ``chunks``: sizes that do not divide split as torch.chunk does (``Mesh.shard_range``).
     """
     if len(sbp) != len(mesh.shape):
         raise ValueError(f"sbp {tuple(sbp)} has {len(sbp)} entries for a {len(mesh.shape)}-axis mesh")
     axes = _split_axes(sbp, len(shape))
-    return tuple(mesh.shard_range(size, tuple(axes[d])) for d, size in enumerate(shape))
+    return tuple(mesh.shard_range(size, tuple(axes[d]), chunks) for d, size in enumerate(shape))
 
 
 def local_slice(full, mesh, sbp):
@@ -914,27 +919,60 @@ def param(name, shape, init, std, seed, mesh, sbp, init_shard):
         raise ValueError(f"parameter {name} cannot be placed {tuple(sbp)}: a parameter is never a partial sum")
     shape = tuple(int(s) for s in shape)
     stats = {}
-    shard = init_shard(name, shape, init, std, seed, shard_ranges(shape, mesh, sbp), stats=stats)
+    shard = init_shard(name, shape, init, std, seed, shard_ranges(shape, mesh, sbp, chunks=True), stats=stats)
     peak = stats.get("peak_bytes", 0)
     PARAM_BYTES += shard.numel() * shard.element_size()
     INIT_PEAK_BYTES = max(INIT_PEAK_BYTES, peak)
-    return torch.nn.Parameter(shard.to(mesh.device))
+    out = torch.nn.Parameter(shard.to(mesh.device))
+    out.full_shape = shape  # the logical shape: gather_full needs it where a split does not divide
+    return out
 
 
-def gather_full(tensor, mesh, sbp):
+def gather_full(tensor, mesh, sbp, shape=None):
     """The full logical tensor from every rank's shard (for checkpoints and checks).
 
     Uses the raw collectives: NOT counted in COMM_BYTES / COMM_CALLS (a check, not the step).
-    Axes are undone innermost first, the inverse of the axis-0-outer split order.
+    Axes are undone innermost first, the inverse of the axis-0-outer split order. ``shape`` (the
+    logical shape) is needed only where a split does not divide (``shard_range``'s chunks): each
+    shard is padded to the largest, gathered, and the padding dropped.
     """
     out = tensor.detach()
+    stages = _chunk_stages(shape, mesh, sbp) if shape is not None else {}
     for axis in reversed(range(len(sbp))):
         dim = split_dim(sbp[axis])
-        if dim is not None:
+        if dim is not None and axis in stages:
+            out = _gather_chunks(out, mesh.group(axis), mesh.shape[axis], dim, stages[axis])
+        elif dim is not None:
             out = _all_gather_raw(out, mesh.group(axis), mesh.shape[axis], dim)
         elif sbp[axis] == "P":
             out = _all_reduce_raw(out.clone(memory_format=torch.contiguous_format), mesh.group(axis))
     return out
+
+
+def _chunk_stages(shape, mesh, sbp):
+    """Mesh axis -> the size of the dim it splits before it does (only for splits that do not divide)."""
+    axes = _split_axes(sbp, len(shape))
+    out = {}
+    for dim, split in axes.items():
+        size = int(shape[dim])
+        for axis in split:
+            n = mesh.shape[axis]
+            if size % n:
+                out[axis] = size
+            block = -(-size // n)
+            size = max(0, min(block, size - mesh.coords[axis] * block))
+    return out
+
+
+def _gather_chunks(x, group, n, dim, size):
+    """Concatenate the group's torch.chunk shares of a dim of ``size`` along ``dim``: padded, gathered, trimmed."""
+    block = -(-size // n)
+    pad = list(x.shape)
+    pad[dim] = block - x.shape[dim]
+    padded = torch.cat([x, x.new_zeros(pad)], dim=dim)
+    whole = _all_gather_raw(padded, group, n, dim)
+    keep = [min(block, max(0, size - j * block)) for j in range(n)]
+    return torch.cat([whole.narrow(dim, j * block, k) for j, k in enumerate(keep)], dim=dim)
 
 
 def dump(path, mesh, losses, named_shards, extra=None):
@@ -953,7 +991,7 @@ def dump(path, mesh, losses, named_shards, extra=None):
             "init_peak_bytes": INIT_PEAK_BYTES, "saved_bytes": SAVED_BYTES}
     everyone = [None] * mesh.size
     dist.all_gather_object(everyone, mine)
-    state = {name: gather_full(t, mesh, sbp).cpu() for name, t, sbp in named_shards}
+    state = {name: gather_full(t, mesh, sbp, getattr(t, "full_shape", None)).cpu() for name, t, sbp in named_shards}
     if mesh.rank == 0:
         torch.save(state, path + ".pt")
         result = {"losses": losses, "comm": comm, "world_size": mesh.size, "params": path + ".pt",

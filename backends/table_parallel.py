@@ -3,7 +3,9 @@
 Copied verbatim beside every emitted program (as runtime.py is); it imports torch and its neighbour
 ``runtime`` (the counted, differentiable collectives), nothing of ultraplan. A table placed
 number-wise holds rows [start, start + R) on each device (split outer mesh axis first, as everywhere
-in runtime.py). Each (token, pick) id goes to the device owning its row by all_to_all with variable
+in runtime.py); rows that do not divide split as torch.chunk does (runtime.Mesh.shard_range's
+``chunks``: ceil(rows / n) per coordinate, the last ones what is left, possibly none). Each (token,
+pick) id goes to the device owning its row by all_to_all with variable
 splits, the row comes back the same way: the UltraMem paper's number-wise partition (Huang et al.
 2025, arXiv 2411.12364), and the dispatch GShard uses for experts (runtime.expert_parallel_ffn).
 Over several mesh axes the routing nests: first to the owner's coordinate on the outer axis, there
@@ -32,9 +34,7 @@ def _route(table, ids, mesh, axes, row_start, rows):
     if not axes:
         return F.embedding(ids - row_start, table)
     axis, n = axes[0], mesh.shape[axes[0]]
-    if rows % n:
-        raise ValueError(f"{rows} table rows do not split over mesh axis {axis} of size {n}")
-    block = rows // n
+    block = max(1, -(-rows // n))  # torch.chunk's share: ceil(rows / n), the last coordinates what is left
     group = mesh.group(axis)
     owner = torch.div(ids - row_start, block, rounding_mode="floor")
     order = torch.argsort(owner, stable=True)  # by owning coordinate
@@ -44,7 +44,8 @@ def _route(table, ids, mesh, axes, row_start, rows):
     dist.all_to_all_single(recv, send.contiguous(), group=group)
     send_counts, recv_counts = send.tolist(), recv.tolist()
     ids_in = runtime._AllToAllRows.apply(ids[order], group, send_counts, recv_counts)
-    rows_in = _route(table, ids_in, mesh, axes[1:], row_start + mesh.coords[axis] * block, block)
+    offset = min(mesh.coords[axis] * block, rows)
+    rows_in = _route(table, ids_in, mesh, axes[1:], row_start + offset, min(block, rows - offset))
     back = runtime._AllToAllRows.apply(rows_in, group, recv_counts, send_counts)  # in ``order``
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)

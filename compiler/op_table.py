@@ -74,6 +74,15 @@ def shard_start(size: Any, axes: list[int]) -> dict[str, list]:
     return {"shard_start": [int(size), list(axes)]}
 
 
+def chunk_start(size: Any, axes: list[int], sizes: list[int]) -> dict[str, list]:
+    """``shard_start`` of a dim that may not divide over ``sizes``: then split as torch.chunk does
+    (runtime.Mesh.shard_range's ``chunks``), the uneven number-wise placement of a table's rows."""
+    rest, even = int(size), True
+    for n in sizes:
+        even, rest = even and rest % n == 0, -(-rest // n)
+    return shard_start(size, axes) if even else {"shard_start": [int(size), list(axes), "chunks"]}
+
+
 @dataclass(frozen=True)
 class InternalComm:
     """A collective a variant's call runs inside, per device: ``payload`` bytes handed to it (sympy
@@ -114,6 +123,7 @@ class Variant:
     args: ArgsRule
     comms: CommRule | None = None
     applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
+    uneven: tuple[int, ...] = ()  # inputs whose S(0) may split as torch.chunk does (a table's rows)
 
 
 @dataclass(frozen=True)
@@ -361,7 +371,7 @@ ROWS_OWNED = Variant(
     "for rows it does not hold, so the devices' outputs sum to the lookup; the ids are all-gathered "
     "before and the partial outputs reduced after by ordinary boxing (as Megatron-LM's vocabulary-parallel "
     "embedding; UltraMem's number-wise partition, Huang et al. 2025)",
-    args=lambda s, a, axes, sizes: (("row_start", shard_start(s[0][0], axes)),))
+    args=lambda s, a, axes, sizes: (("row_start", chunk_start(s[0][0], axes, sizes)),), uneven=(0,))
 BAG_ROWS_OWNED = dataclasses.replace(
     ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_weighted_sum_owned",
     why=ROWS_OWNED.why + "; the fused bag pools the rows it holds, weighted, and the partial bags are summed")
@@ -390,7 +400,7 @@ ROWS_ROUTED = Variant(
     "device owning its row by all_to_all with variable splits and the row comes back the same way "
     "(UltraMem's number-wise partition, Huang et al. 2025; GShard's dispatch)",
     args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)), ("num_rows", int(s[0][0]))),
-    comms=_routed_comms)
+    comms=_routed_comms, uneven=(0,))
 BAG_ROWS_ROUTED = dataclasses.replace(
     ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_weighted_sum",
     why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")

@@ -235,7 +235,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             grads = tuple(comms.describe(b, "gradient_sync", node.name, why) for b in rec.grad_boxing)
             grad_entries.append(GradEntry(p.name, node.name, tuple(rec.grad_boxing), MASTER,
                                           min((position[u] for u in node.users), default=position[node])))
-            local = numel(local_dims(rec.shape, rec.at_rest, sizes)) * BYTES_PER_ELEMENT[MASTER]
+            local = numel(local_dims(rec.shape, rec.at_rest, sizes, mesh=ctx.mesh.shape)) * BYTES_PER_ELEMENT[MASTER]
             param_terms.append(local)
             used = next((u for u in node.users if info(u).op == "boxing"), None)  # fsdp's gather
             used_sbp = info(used).sbp.output if used is not None else rec.at_rest

@@ -42,6 +42,7 @@ from ..compiler.lower import tensor_args
 from ..compiler.node_info import NodeInfo, info
 from ..compiler.op_table import OP_TABLE
 from .context import PassReport, PlanContext, PlanError
+from .placement import splits_unevenly
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Signature, Split, box_cost, boxings, nd_str
 from .signatures import AxisSignature, axis_signatures
 from .strategies import STRATEGIES, AxisPins, check_batch, forced_pins, pin_axes
@@ -148,8 +149,10 @@ class _Planner:
         forced = node.name in self.forced
         rest = used if forced else tuple(p.at_rest.get(node.name, used[a]) for a, p in enumerate(self.pins))
         for axis, entry in enumerate(rest):
-            if isinstance(entry, Split) and (entry.dim >= len(rec.param.shape) or
-                                             rec.param.shape[entry.dim] % self.mesh[axis]):
+            if not isinstance(entry, Split):
+                continue
+            uneven = forced and used == rest and splits_unevenly(node, entry.dim)  # a --place'd table's rows
+            if entry.dim >= len(rec.param.shape) or (rec.param.shape[entry.dim] % self.mesh[axis] and not uneven):
                 raise PlanError(f"{node.name}: {rec.param.name} {rec.param.shape} cannot be {entry} over the mesh "
                                 f"{self.ctx.mesh} (the dim does not exist or does not divide)")
         rec.at_rest = rest
@@ -238,8 +241,11 @@ class _Planner:
 
     def _check_combined(self, node, record, ins, out, chosen, shapes) -> None:
         """Per-axis choices combine: a dim split on several axes, and head counts, must divide by the product."""
-        for nd, shape in [*zip(ins, shapes), (out, info(node).concrete_shape)]:
+        uneven = {i for c in chosen if c.variant is not None for i in c.variant.uneven}
+        for i, (nd, shape) in enumerate([*zip(ins, shapes), (out, info(node).concrete_shape)]):
             for dim in range(len(shape or ())):
+                if i in uneven and dim == 0:  # a table's rows in torch.chunk's shares (passes/placement.py)
+                    continue
                 factor = 1
                 for axis, entry in enumerate(nd):
                     if entry == Split(dim):

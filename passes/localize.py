@@ -5,7 +5,8 @@ record's ``heads``); a variant runs another function with the shard's place (the
 ``Variant.call`` and ``Variant.args``: ``vocab_start``, the expert axis). Values that depend on
 which device runs the call are data the emitter spells, never numbers of one rank:
 ``{"shard_start": [size, [axes]]}`` (where this device's share of a dim of ``size`` split over
-``axes`` starts) and ``{"mesh": []}`` (the program's mesh).
+``axes`` starts; a third entry ``"chunks"`` where the size does not divide: torch.chunk's shares)
+and ``{"mesh": []}`` (the program's mesh).
 
 The collectives a variant runs inside (``Variant.comms``) are listed here as ``Boxing`` steps, so
 the plan's one list holds them with every other collective.

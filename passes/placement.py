@@ -58,6 +58,15 @@ def placed_dims(node: fx.Node) -> tuple[int, int | None] | None:
     return EXPERT_DIMS.get(_own(node))
 
 
+def splits_unevenly(node: fx.Node, dim: int) -> bool:
+    """May ``dim`` of this parameter split over devices that do not divide it? A value table's rows
+    (number-wise) may: each device holds torch.chunk's share (DTensor's ``Shard``: ceil(R / n) rows,
+    the last devices what is left), which the lookup variants that take the table split (the op
+    table's ``uneven`` inputs: ``rows_owned``, ``rows_routed``) read wherever their block starts."""
+    rec = info(node)
+    return rec.op == "param" and rec.param.group == "values" and dim == 0
+
+
 def table_params(gm: fx.GraphModule) -> list[fx.Node]:
     """The parameter nodes a placement applies to: value tables and expert weights."""
     return [n for n in gm.graph.nodes if placed_dims(n) is not None]
@@ -95,11 +104,15 @@ def placement_pins(gm: fx.GraphModule, ctx: PlanContext, pattern: str, text: str
         for axis, entry in enumerate(nd):
             if not isinstance(entry, Split):
                 continue
-            size = info(node).param.shape[entry.dim]
-            if size % _split_over(nd, entry, ctx.mesh.shape):
+            size, devices = info(node).param.shape[entry.dim], _split_over(nd, entry, ctx.mesh.shape)
+            if size % devices and not splits_unevenly(node, entry.dim):
                 raise PlanError(f"--place {pattern}={text}: {name} {info(node).param.shape} dim {entry.dim} of size "
                                 f"{size} does not split over the mesh {ctx.mesh} axes placing it {words[axis]}; "
                                 "use a mesh whose axes divide it, or replicate")
+            if size % devices and (devices - 1) * -(-size // devices) >= size:
+                raise PlanError(f"--place {pattern}={text}: {name}'s {size} rows in torch.chunk's shares of "
+                                f"{-(-size // devices)} leave a device of the {devices} without rows; use fewer devices "
+                                "on the axes placing it number, or replicate")
         out[node.name] = nd
     return out
 

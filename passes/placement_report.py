@@ -19,12 +19,20 @@ of their difference in B, every other symbol at the plan's value): the batch at 
 would flip. Lookup traffic grows with B while a replicated table's gradient all-reduce does not, so
 replicated against split placements flips at one batch; number-wise against dimension-wise both
 grow with B, so they flip (if at all) with the value dim or the mesh, not the batch.
+
+The value dim is a number of the spec, not a symbol of the plan, so its flip point is solved from
+plans: each placement is planned again with every table's ``value_dim`` doubled, its step time
+written as a line in the symbol ``D_v`` through the two (every term of the step time that depends on
+the value width is proportional to it: lookup and gradient bytes, the lookups' and pooling's FLOPs)
+and checked on a third plan at triple width, and the crossing solved by ``sympy.solve`` in ``D_v``
+(``value_dim_flips``; tests/unit/test_placement.py compares it with a scan of re-planned widths).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import sympy
 
@@ -62,6 +70,7 @@ class TableReport:
     chosen: Option
     options: tuple[Option, ...]
     flips: tuple[tuple[str, str], ...]  # (other placement, "B = 1234.5" or why it never flips)
+    dim_flips: tuple[tuple[str, str], ...] = ()  # (other placement, "D_v = 40.5" or why it never flips)
 
 
 def table_groups(plan: Plan) -> dict[str, tuple[str, ...]]:
@@ -139,10 +148,77 @@ def _numeric_root(diff: sympy.Expr) -> str:
     return "never for 1/16 <= B <= 2^30"
 
 
+D_V = sympy.Symbol("D_v", positive=True)
+WIDTHS = (2, 3)  # value-dim factors re-planned: the line's second point, and its check
+
+
+def with_value_dim(spec: ModelSpec, factor: int) -> ModelSpec | None:
+    """``spec`` with every memory sublayer's value width (``value_dim``) times ``factor``; None when no
+    sublayer has one (PKM's values default to the residual width: no width of their own to vary)."""
+    changed, layers = False, []
+    for layer in spec.layers:
+        subs = []
+        for sub in layer.sublayers:
+            width = getattr(sub.config, "value_dim", None)
+            if isinstance(width, int):
+                sub = dataclasses.replace(sub, config=dataclasses.replace(sub.config, value_dim=width * factor))
+                changed = True
+            subs.append(sub)
+        layers.append(dataclasses.replace(layer, sublayers=tuple(subs)))
+    return dataclasses.replace(spec, layers=tuple(layers)) if changed else None
+
+
+def value_dim_of(spec: ModelSpec) -> int | None:
+    """The first memory sublayer's value width (the one ``with_value_dim`` scales), if any."""
+    return next((s.config.value_dim for layer in spec.layers for s in layer.sublayers
+                 if isinstance(getattr(s.config, "value_dim", None), int)), None)
+
+
+def step_time_line(times: dict[int, float], width: int) -> sympy.Expr | str:
+    """The step time as a line in ``D_v`` through its values at ``width`` times each factor (1 and
+    WIDTHS[0]), or why not: a third factor's value off the line (relative 1e-6)."""
+    (f1, t1), (f2, t2), (f3, t3) = sorted(times.items())
+    slope = sympy.nsimplify((t2 - t1) / ((f2 - f1) * width), rational=True)
+    line = sympy.nsimplify(t1, rational=True) + slope * (D_V - f1 * width)
+    if abs(float(line.subs(D_V, f3 * width)) - t3) > 1e-6 * max(abs(t3), 1e-30):
+        return f"not solved: the step time is not linear in the value dim ({t1:.6g}, {t2:.6g}, {t3:.6g} s)"
+    return line
+
+
+def _dim_flip(a: sympy.Expr | str, b: sympy.Expr | str) -> str:
+    """The value dim at which two step-time lines cross, or why not."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a if isinstance(a, str) else b
+    diff = sympy.expand(a - b)
+    if not diff.has(D_V):
+        return "never: the difference does not depend on the value dim"
+    roots = [r for r in sympy.solve(sympy.Eq(diff, 0), D_V) if r.is_real and r > 0]
+    return f"value_dim = {float(min(roots)):.6g}" if roots else "never for value_dim > 0"
+
+
+def value_dim_flips(spec: ModelSpec, words: list[str], chosen: str, plan_at: Callable[[ModelSpec, str], Plan]
+                    ) -> tuple[tuple[str, str], ...]:
+    """Against the ``chosen`` placement, the value dim at which each other placement of ``words`` would
+    be faster or slower: ``plan_at(spec, placement)`` plans the table placed so."""
+    width = value_dim_of(spec)
+    if width is None:
+        return tuple((w, "not solved: the model's tables have no value_dim of their own") for w in words if w != chosen)
+    lines: dict[str, sympy.Expr | str] = {}
+    for w in words:
+        try:
+            times = {f: plan_at(with_value_dim(spec, f) if f != 1 else spec, w).total("step_time").value
+                     for f in (1, *WIDTHS)}
+            lines[w] = step_time_line(times, width)
+        except PlanError as exc:
+            lines[w] = f"not solved: {exc}"
+    return tuple((w, _dim_flip(lines[chosen], lines[w])) for w in words if w != chosen)
+
+
 def table_reports(spec: ModelSpec, hardware, mesh: Mesh, *, batch: int | None = None, seq: int | None = None,
                   mode: str = "train", strategies: tuple[str, ...] = (), forces: tuple[tuple[str, str], ...] = (),
-                  fuse: bool = True, spec_text: str = "") -> list[TableReport]:
-    """The per-table report of the plan these arguments make (one re-plan per table and placement)."""
+                  fuse: bool = True, spec_text: str = "", value_dims: bool = True) -> list[TableReport]:
+    """The per-table report of the plan these arguments make (one re-plan per table and placement;
+    ``value_dims``: two more per placement at wider values, for the value-dim flip points)."""
     args = dict(batch=batch, seq=seq, mode=mode, strategies=strategies, fuse=fuse, spec_text=spec_text)
     base, _, _ = make_plan(spec, hardware, mesh, forces=forces, **args)
     values = make_context(spec, hardware, mesh, batch=batch, seq=seq, mode=mode).values()
@@ -164,7 +240,13 @@ def table_reports(spec: ModelSpec, hardware, mesh: Mesh, *, batch: int | None = 
         chosen = options[chosen_words]
         flips = tuple((o.placement, _flip(chosen, o, values)) for o in options.values()
                       if o is not chosen and not o.error)
-        reports.append(TableReport(glob, params, chosen, tuple(options.values()), flips))
+        dim_flips = ()
+        if value_dims:
+            def plan_at(s: ModelSpec, words: str, glob: str = glob) -> Plan:
+                return make_plan(s, hardware, mesh, forces=(*forces, (glob, words)), **args)[0]
+            dim_flips = value_dim_flips(spec, [o.placement for o in options.values() if not o.error], chosen_words,
+                                        plan_at)
+        reports.append(TableReport(glob, params, chosen, tuple(options.values()), flips, dim_flips))
     return reports
 
 
@@ -196,4 +278,6 @@ def render(reports: list[TableReport]) -> str:
                          f"B/device{'' if o.fits else ' (does not fit)'}; step {o.step_time_value:.6g} s")
         for other, where in r.flips:
             lines.append(f"    step time crosses {other}: {where}")
+        for other, where in r.dim_flips:
+            lines.append(f"    in the value dim, crosses {other}: {where}")
     return "\n".join(lines)

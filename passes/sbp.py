@@ -62,16 +62,23 @@ Sbp = Split | Broadcast | PartialSum
 NdSbp = tuple[Sbp, ...]
 
 
-def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None) -> tuple:
+def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None, mesh=None) -> tuple:
     """The dims one device holds: each ``S(d)`` on axis ``a`` divides dim ``d`` by ``sizes[a]``.
 
     ``sizes`` are numbers or the symbols ``n{axis}``; ``skip_axis`` leaves that axis's split
-    out (the size a collective on that axis sees).
+    out (the size a collective on that axis sees). A split that does not divide (``mesh``: the
+    axes' numeric sizes, or ``sizes`` themselves when they are numbers) holds torch.chunk's largest
+    share, ``ceiling(d / n)``: only a value table's rows split so (passes/placement.py).
     """
     dims = list(shape)
+    numeric = mesh if mesh is not None else sizes if all(isinstance(n, int) for n in sizes) else None
+    counts = [int(d) if numeric is not None and isinstance(d, (int, sympy.Integer)) else None for d in shape]
     for axis, entry in enumerate(sbp):
         if axis != skip_axis and isinstance(entry, Split):
-            dims[entry.dim] = dims[entry.dim] / sizes[axis]
+            d, count = dims[entry.dim], counts[entry.dim]
+            uneven = count is not None and count % numeric[axis]
+            dims[entry.dim] = sympy.ceiling(d / sizes[axis]) if uneven else d / sizes[axis]
+            counts[entry.dim] = -(-count // numeric[axis]) if count is not None else None
     return tuple(dims)
 
 
@@ -173,14 +180,24 @@ def boxings(src: NdSbp, dst: NdSbp, shape, dtype: str) -> list[Boxing]:
     that an inner axis still splits would need a strided layout. When innermost-first meets one,
     outermost-first is tried (``[P,S(4)] -> [S(0),S(0)]``: reduce-scatter dim 0 on axis 0, then
     all-to-all each chunk on axis 1, a number-wise table across nodes, dimension-wise within);
-    when both meet one it is refused."""
+    when both meet one, the inner axes that split are first made whole (``B``, or ``P`` left as it
+    is), then every axis is boxed outermost first (``[S(4),S(4)] -> [S(0),S(0)]``: all-gather dim 4
+    on axis 1, all-to-all on axis 0, each device keeps its chunk of dim 0 on axis 1: a value table
+    split dimension-wise on both axes, whose gathered rows a consumer takes by token)."""
     try:
         return _boxings(src, dst, shape, dtype, reversed(range(len(src))))
     except PlanError as inner_first:
         try:
             return _boxings(src, dst, shape, dtype, range(len(src)))
         except PlanError:
-            raise inner_first from None
+            whole = tuple(src[:1]) + tuple(Broadcast() if isinstance(e, Split) else e for e in src[1:])
+            if whole == src:
+                raise inner_first from None
+            try:
+                return (_boxings(src, whole, shape, dtype, reversed(range(len(src))))
+                        + _boxings(whole, dst, shape, dtype, range(len(src))))
+            except PlanError:
+                raise inner_first from None
 
 
 def _boxings(src: NdSbp, dst: NdSbp, shape, dtype: str, order) -> list[Boxing]:

@@ -37,6 +37,7 @@ from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
 from .memory import SAVES
+from .placement import splits_unevenly
 from .precision import MASTER
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
 from .signatures import axis_signatures
@@ -131,10 +132,11 @@ class Costing:
                 elements /= self.mesh[axis]
         return elements * BYTES_PER_ELEMENT.get(rec.dtype, 4)
 
-    def _divides(self, shape: tuple, nd: NdSbp) -> bool:
+    def _divides(self, shape: tuple, nd: NdSbp, rows_unevenly: bool = False) -> bool:
+        """Every split divides its dim (``rows_unevenly``: dim 0 may split in torch.chunk's shares)."""
         for dim, size in enumerate(shape or ()):
             factor = math.prod(n for n, e in zip(self.mesh, nd) if e == Split(dim))
-            if size % factor:
+            if size % factor and not (rows_unevenly and dim == 0):
                 return False
         return all(e.dim < len(shape or ()) for e in nd if isinstance(e, Split))
 
@@ -182,7 +184,8 @@ class Costing:
         out = []
         for axes in itertools.product(*options):
             rest, used = tuple(a[0] for a in axes), tuple(a[1] for a in axes)
-            if any(isinstance(e, PartialSum) for e in used) or not self._divides(shape, rest):
+            uneven = node.name in self.forced and splits_unevenly(node, 0)  # a --place'd table's rows
+            if any(isinstance(e, PartialSum) for e in used) or not self._divides(shape, rest, uneven):
                 continue
             gather = self.box_time(rest, used, node)
             if gather is None:
@@ -295,7 +298,9 @@ class Costing:
         """choose_sbp's checks of a combined signature: dims and head counts divide, one variant."""
         if len({c.variant.name for c in axes if c.variant}) > 1:
             return False
-        if not all(self._divides(s, nd) for s, nd in [*zip(shapes, ins), (info(node).concrete_shape, raw)]):
+        uneven = {i for c in axes if c.variant is not None for i in c.variant.uneven}
+        pairs = [*zip(shapes, ins), (info(node).concrete_shape, raw)]
+        if not all(self._divides(s, nd, i in uneven) for i, (s, nd) in enumerate(pairs)):
             return False
         for letter, counts in record.heads.items():
             factor = math.prod(n for n, c in zip(self.mesh, axes) if c.split == letter)

@@ -14,7 +14,8 @@ from the op's dims (``"*i,oi->*o"`` for linear) and its traits:
 - the record's variants (vocabulary-parallel cross entropy, expert parallelism, ...).
 
 Every split needs its dim divisible by the axis size (even splits only: the emitted program and
-the shard-wise init assume torch.chunk of a divisible dim).
+the shard-wise init assume torch.chunk of a divisible dim), except a variant's ``uneven`` inputs (a
+value table's rows, in torch.chunk's shares).
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def axis_signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tup
         ins = tuple(parse_sbp(s) for s in variant.inputs)
         if variant.applies is not None and not variant.applies(attrs, n):
             continue
-        if all(_fits(sbp, shape, n) for sbp, shape in zip(ins, shapes)):
+        if all(_fits(sbp, shape, n) or (i in variant.uneven and sbp == Split(0))
+               for i, (sbp, shape) in enumerate(zip(ins, shapes))):
             found.append(AxisSignature(ins, parse_sbp(variant.output), variant=variant))
     return found
 

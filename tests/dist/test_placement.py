@@ -4,9 +4,13 @@ On 2 and 4 gloo ranks and the 2x2 mesh, for each memory spec (UltraMem, UltraMem
 and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts:
 ``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or expert parallelism) and ``dim``
 (the value dim, or the experts' width, split), a few cases per rank count (``CASES``), and on 2x2 the
-2-D combination ``number,dim`` and rows split over both axes. Between them the cases run both number-wise
-lookups (``rows_owned``: ids all-gathered, partial sums reduced; ``rows_routed``: ids routed to the
-owners by all_to_all, which the cost model takes where the gathered rows are wide). After
+2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
+cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
+``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
+rows are wide). Three cases
+place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
+UltraMem with 13^2 = 169, made from the tiny specs here): each rank holds torch.chunk's share of the
+rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), checked against torch.chunk itself. After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -16,6 +20,7 @@ per rank count, to keep CI short.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import pytest
@@ -25,7 +30,7 @@ from tests.conftest import MODELS, ROOT
 from tests.dist import test_strategies as strategies
 from tests.dist.test_multirank import torchrun
 from ultraplan import api
-from ultraplan.reference import relative_differences
+from ultraplan.reference import relative_differences, train_reference
 from ultraplan.runner import TOLERANCES, comm_report
 
 pytestmark = pytest.mark.slow
@@ -33,25 +38,59 @@ pytestmark = pytest.mark.slow
 STEPS = 3
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
-          "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*"}
+          "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
+          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values"}
+# specs whose tables' rows divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
+UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
+          "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
-# pooled per column by core_pool_columns; UltraMemV2 and the experts inside a node on 2x2), and rows
-# split over both axes (the routed lookup nests)
+# pooled per column by core_pool_columns; the experts inside a node on 2x2; UltraMem and UltraMemV2
+# dimension-wise on both axes of 2x2, their gathered rows boxed to tokens through a gather on the
+# inner axis), and rows split over both axes (the routed lookup nests; expert parallelism alone runs
+# in test_strategies' dp,ep)
 CASES = {
-    2: [("ultramem-tiny", "2", "number"), ("pkm-tiny", "2", "number"), ("memory-plus-tiny", "2", "dim"),
+    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("memory-plus-tiny", "2", "dim"),
         ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
-    4: [("ultramem-v2-tiny", "4", "number"), ("moe-tiny", "4", "number"), ("ultramem-tiny", "2x2", "number"),
-        ("ultramem-v2-tiny", "2x2", "number,dim"), ("moe-tiny", "2x2", "number,dim")],
+    4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
+        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-tiny", "2x2", "number,dim")],
 }
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
 
 
-def reference(spec: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """The eager float64 run test_strategies made already (the same STEPS; cached there)."""
+def spec_path(spec: str, root) -> str:
+    """The spec file of a case: a bundled tiny spec, or an ``UNEVEN`` one written under ``root``."""
+    if spec not in UNEVEN:
+        return str(MODELS / f"{spec}.yaml")
+    base, old, new = UNEVEN[spec]
+    text = (MODELS / f"{base}.yaml").read_text()
+    assert old in text, (base, old)
+    path = root / f"{spec}.yaml"
+    path.write_text(text.replace(old, new).replace(f"name: {base}", f"name: {spec}"))
+    return str(path)
+
+
+@functools.cache
+def reference(spec: str, path: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The eager float64 run: test_strategies made it already for the bundled specs (the same STEPS;
+    cached there); an uneven spec's is made here."""
     assert strategies.STEPS == STEPS
-    return strategies.reference(spec, "float64")
+    if spec not in UNEVEN:
+        return strategies.reference(spec, "float64")
+    plan = api.plan(path, "1")
+    return train_reference(plan, STEPS, plan.training.seed, torch.float64)
+
+
+def chunk_numel(shape: tuple[int, ...], sbp: str, mesh: tuple[int, ...], coords: tuple[int, ...]) -> int:
+    """Elements a device at ``coords`` holds of a ``shape`` parameter stored ``sbp``, by torch.chunk (the
+    shares DTensor's Shard gives; outer mesh axis first), independently of the program's shard_range."""
+    part = torch.empty(shape, device="meta")
+    for axis, entry in enumerate(sbp.split(",")):
+        if entry.startswith("S("):
+            chunks = part.chunk(mesh[axis], dim=int(entry[2:-1]))
+            part = chunks[coords[axis]] if coords[axis] < len(chunks) else part.narrow(int(entry[2:-1]), 0, 0)
+    return part.numel()
 
 
 read_plan = functools.cache(api.read_plan)
@@ -64,8 +103,9 @@ def placement_run(request, tmp_path_factory):
     cases = []
     for spec, mesh, place in CASES[nproc]:
         out = root / f"{spec}__{mesh}__{place.replace(',', '-')}"
-        api.compile(MODELS / f"{spec}.yaml", mesh, out, force=[f"{TABLES[spec]}={place}"])
-        cases.append({"spec": spec, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
+        path = spec_path(spec, root)
+        api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
+        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
     manifest = root / "manifest.json"
     manifest.write_text(json.dumps(cases))
@@ -78,7 +118,7 @@ def test_every_placement_equals_eager(placement_run):
     failures = []
     for case in placement_run[1]:
         result = json.loads(open(case["dump"]).read())
-        ref_losses, ref_params = reference(case["spec"])
+        ref_losses, ref_params = reference(case["spec"], case["path"])
         diffs = relative_differences(result["losses"], ref_losses, torch.load(result["params"]), ref_params)
         if diffs["loss"] > TOLERANCES["float64"]["loss"] or diffs["params"] > TOLERANCES["float64"]["params"]:
             failures.append((case["spec"], case["mesh"], case["place"], diffs))
@@ -86,8 +126,9 @@ def test_every_placement_equals_eager(placement_run):
 
 
 def test_tables_are_placed_and_held_as_planned(placement_run):
-    """The placed parameters are stored split as asked; every rank holds exactly the plan's bytes and
-    never made more than one shard plus one init block at a time."""
+    """The placed parameters are stored split as asked; every rank holds exactly its torch.chunk share of
+    every parameter (the plan's bytes where splits divide; the plan counts the largest share where they
+    do not) and never made more than one shard plus one init block at a time."""
     for case in placement_run[1]:
         plan = read_plan(case["dir"])
         result = json.loads(open(case["dump"]).read())
@@ -99,7 +140,11 @@ def test_tables_are_placed_and_held_as_planned(placement_run):
                 expected = {"number": "S(0)", "replicate": "B"}.get(word)
                 assert entry == expected if expected else entry.startswith("S(") and entry != "S(0)", (case, p.name)
         planned = sum(p.bytes_per_device.value for p in plan.params) * 2  # float64
-        assert result["param_bytes"] == [planned] * placement_run[0], case
+        shape = tuple(int(n) for n in case["mesh"].split("x"))
+        held = [8 * sum(chunk_numel(tuple(p.shape), p.sbp, shape, coords) for p in plan.params)
+                for coords in itertools.product(*map(range, shape))]  # rank order: the last axis fastest
+        assert result["param_bytes"] == held and max(held) == planned, case
+        assert (min(held) < planned) == (case["spec"] in UNEVEN), case
         largest_shard = max(p.bytes_per_device.value for p in plan.params)  # never a whole table at init
         assert all(peak <= largest_shard + strategies.INIT_BLOCK_BYTES for peak in result["init_peak_bytes"]), case
 

@@ -1,0 +1,106 @@
+"""Is ``--strategy auto`` ever slower (modelled) than the same search with a value table forced one way?
+
+    python bench/placement_vs_auto.py                     # the paper configurations, meshes 2 to 128x8, batch 1 to 4096
+    python bench/placement_vs_auto.py --tiny              # pkm-tiny on 2x2 at batch 4 and 512 (CI's subset)
+    python bench/placement_vs_auto.py --spec specs/models/paper/ultramem-227m-1.2b.yaml --mesh 8 --hardware h200-8
+
+The search sees every placement of every table as signatures of its lookups (passes/search*.py), so
+free it can only do as well or better than with a table pinned (``--place GLOB=WORDS``, which the
+search plans around). Per spec, mesh and batch the free search is planned once, then once per table
+group (the module owning the table, every layer's at once: ``memory_tables.ring.*``,
+``layers.*.ultramem.*``, expert weights ``layers.*.moe.w_*``) and placement (the same word on every
+axis, and ``number,dim`` on a 2-D mesh).
+A violation is a forced plan that fits the device and whose modelled step time is below the free
+one's by more than 1e-9 relatively (or that fits where the free plan does not). Placements the sizes
+do not allow are skipped (counted). Inference is one new token per sequence (``--mode infer --seq 1``,
+the decode step); ``--mode train`` plans the spec's sequence length. Prints one line per violation
+and a summary; ``--json`` writes every comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "specs" / "models" / "paper").glob("*.yaml"))
+FULL_MESHES = [("2", "h200-8"), ("8", "h200-8"), ("8x8", "h200-128x8"), ("128x8", "h200-128x8")]
+FULL_BATCHES = tuple(4**i for i in range(7))  # 1, 4, ..., 4096
+TINY = {"specs": ["pkm-tiny"], "meshes": [("2x2", "h200-2x8")], "batches": (4, 512)}
+RELATIVE = 1e-9
+
+
+def placements(mesh: str) -> list[str]:
+    """The placements compared: each word on every axis, and number across nodes with dim inside on 2-D."""
+    axes = len(mesh.split("x"))
+    return [",".join([w] * axes) for w in ("number", "dim", "replicate")] + (["number,dim"] if axes == 2 else [])
+
+
+def compare(spec: str, mesh: str, hardware: str, batch: int, mode: str = "infer") -> dict:
+    """The free search against every forced placement of every table group, at one point."""
+    from ultraplan.passes.context import PlanError
+    from ultraplan.passes.placement_report import table_groups
+
+    from ultraplan import api
+
+    point = dict(hardware=hardware, batch=batch, mode=mode, seq=1 if mode == "infer" else None, strategy="auto")
+    start = time.perf_counter()
+    free = api.plan(spec, mesh, **point)
+    base = {"spec": spec, "mesh": mesh, "batch": batch, "mode": mode, "auto_step_time": free.total("step_time").value,
+            "auto_fits": free.fits}
+    out = {**base, "forced": [], "violations": [], "skipped": 0}
+    for glob in sorted({re.sub(r"^layers\.\d+\.", "layers.*.", g) for g in table_groups(free)}):
+        for words in placements(mesh):
+            try:
+                forced = api.plan(spec, mesh, force=[f"{glob}={words}"], **point)
+            except PlanError:
+                out["skipped"] += 1
+                continue
+            row = {"table": glob, "placement": words, "step_time": forced.total("step_time").value, "fits": forced.fits}
+            out["forced"].append(row)
+            faster = row["step_time"] < base["auto_step_time"] * (1 - RELATIVE)
+            if forced.fits and (faster or not free.fits):
+                out["violations"].append(row)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CI's subset: tiny specs on 2 and 2x2, two batches")
+    parser.add_argument("--spec", action="append", help="a spec (repeatable; default: specs/models/paper/*)")
+    parser.add_argument("--mesh", help="one mesh (with --hardware) instead of 2, 8, 8x8 and 128x8")
+    parser.add_argument("--hardware", default="h200-128x8")
+    parser.add_argument("--batch", type=int, action="append", help="a batch (repeatable; default 1, 4, ..., 4096)")
+    parser.add_argument("--mode", choices=("infer", "train"), default="infer")
+    parser.add_argument("--json", help="write every comparison here")
+    args = parser.parse_args(argv)
+    specs = args.spec or (TINY["specs"] if args.tiny else PAPER)
+    meshes = [(args.mesh, args.hardware)] if args.mesh else TINY["meshes"] if args.tiny else FULL_MESHES
+    batches = tuple(args.batch or (TINY["batches"] if args.tiny else FULL_BATCHES))
+    results = []
+    for spec in specs:
+        for mesh, hardware in meshes:
+            for batch in batches:
+                r = compare(spec, mesh, hardware, batch, args.mode)
+                results.append(r)
+                print(f"{spec} on {mesh} ({hardware}), {args.mode} batch {batch}: auto {r['auto_step_time']:.6g} s"
+                      f"{'' if r['auto_fits'] else ' (does not fit)'}, {len(r['forced'])} forced, {r['skipped']} "
+                      f"not possible, {len(r['violations'])} violation(s) [{r['seconds']:.1f} s]", file=sys.stderr,
+                      flush=True)
+                for v in r["violations"]:
+                    print(f"VIOLATION {spec} {mesh} batch {batch}: {v['table']}={v['placement']} "
+                          f"{v['step_time']:.9g} s < auto {r['auto_step_time']:.9g} s", flush=True)
+    total = sum(len(r["violations"]) for r in results)
+    print(f"{len(results)} points, {sum(len(r['forced']) for r in results)} forced plans, {total} violation(s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
