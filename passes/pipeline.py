@@ -132,10 +132,13 @@ def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
     compiler/tensor_sizes.py counts): the spec-level check names the usual suspects, this one sees
     every tensor lowering made."""
     point = {B: ctx.batch, T: ctx.seq}
+    known: dict[object, int] = {}  # a graph has few distinct dims; xreplace, not subs: a plain substitution
     for node in gm.graph.nodes:
         elements = 1
         for dim in info(node).shape:
-            elements *= int(dim.subs(point)) if hasattr(dim, "subs") else int(dim)
+            if dim not in known:
+                known[dim] = int(dim.xreplace(point)) if hasattr(dim, "xreplace") else int(dim)
+            elements *= known[dim]
         if elements * ELEMENT_BYTES > MAX_TENSOR_BYTES:
             raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq}: {node.name} would be "
                             f"{elements:.3g} elements = {elements * ELEMENT_BYTES:.3g} bytes, past 2^63 - 1; "
