@@ -210,8 +210,7 @@ def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb, fo
     assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("spec,mesh", [("moe-tiny", "2x2"), ("ultramem-v2-tiny", "8")])
-def test_the_knapsack_path_equals_plain_branch_and_cut(spec, mesh):
+def test_the_knapsack_path_equals_plain_branch_and_cut(spec="ultramem-v2-tiny", mesh="8"):
     # memory rows that bind between the leanest and the fastest plan make the LP fractional: solve's path
     # there (the Lagrangian start, reduced-cost fixing, presolved MIP, the fixed tie-break) must reach the
     # optimum HiGHS's branch and cut finds on the untouched program (search_bnb.mip, no start, nothing fixed)
@@ -227,7 +226,7 @@ def test_the_knapsack_path_equals_plain_branch_and_cut(spec, mesh):
     lean = leanest(problem).memory
     assert lean < fast
     fractional = 0
-    for share in (0.2, 0.5, 0.8):
+    for share in (0.2, 0.5):  # both fractional at the root (about 4 s in all on 2 cores)
         tight = dataclasses.replace(problem, capacity=lean + share * (fast - lean))
         lp, x, _ = build(tight)
         fractional += chosen(relaxation(_highs(lp))[1], x) is None
