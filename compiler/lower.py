@@ -33,6 +33,25 @@ STREAM_LABELS = {"x", "residual", "delivered"}
 class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__(autowrap_modules=(ops,))
+        self._names: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache: dict):
+        """fx.Tracer.getattr by a name table: torch's scans ``named_parameters()`` on every access,
+        quadratic in the parameters (most of lowering a 120B model's 500 of them)."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._names is None:
+            self._names = ({id(p): n for n, p in self.root.named_parameters()},
+                           {id(b): n for n, b in self.root.named_buffers()})
+        params, buffers = self._names
+        name = params.get(id(attr_val)) if isinstance(attr_val, torch.nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:
+            return attr_val
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
 
 
 def tensor_args(node: fx.Node) -> list[fx.Node]:

@@ -192,7 +192,14 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
             for c in cands[cls[u]]:
                 nds[lid(c.ins[i])] = c.ins[i]
         wanted = {w for use in found if use.moves for w in use.takes}
-        boxes = {(o, w): costing.box_time(outs[o], nds[w], v) for o in outs for w in wanted}
+        shape, dtype, memo = rec.concrete_shape, rec.dtype, costing.pair_memo
+        boxes = {}
+        for o in outs:  # memoised by layout ids: hashing the layouts themselves was most of this loop
+            for w in wanted:
+                key = (o, w, shape, dtype)
+                if key not in memo:
+                    memo[key] = costing.box_time(outs[o], nds[w], v)
+                boxes[o, w] = memo[key]
         saved = {w: costing.local_bytes(v, nds[w]) for use in found if use.keeps for w in use.takes}
         out.append(Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
                           {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary))

@@ -72,6 +72,7 @@ class Costing:
         self.train = ctx.mode == "train"
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
+        self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
         self.memo: dict[fx.Node, list[Cand]] = {}
         sources = {info(b).buffer.source for b in gm.graph.nodes if info(b).op == "buffer" and info(b).buffer.source}
         self.sources = sources

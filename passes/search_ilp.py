@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 import highspy
 import numpy as np
 
-from .search_bnb import Infeasible, chosen, minimise, mip, near_optimal_only, relaxation
+from .search_bnb import Infeasible, chosen, fix_by_reduced_cost, lagrangian, minimise, mip, near_optimal_only, relaxation
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
 GIB = 2.0**30  # the memory row in GiB, for the same reason
@@ -348,10 +348,18 @@ def solve(problem: Problem) -> Solution:
     """The optimal assignment, ties broken by the smallest sum of candidate indices."""
     lp, x, objective = build(problem)
     h = _highs(lp)
-    values = minimise(h, x, integrality=lp.integer)
+    bound, values = relaxation(h)
+    root = None
+    if chosen(values, x) is None:  # the memory row binds (a knapsack) or buckets count fractionally
+        root = _branch_and_cut(h, lp, x, bound, values)
+        values = root[2]
     best = float(sum(c * values[i] for i, c in objective.items()))
     # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
-    near_optimal_only(h, x, best * 1e-9 + 1e-9 + 1e-7)  # 1e-7: HiGHS's dual feasibility tolerance
+    band = best * 1e-9 + 1e-9 + 1e-7  # 1e-7: HiGHS's dual feasibility tolerance
+    if root is None:
+        near_optimal_only(h, x, band)
+    else:  # the root LP's reduced costs against the optimum: what cannot be within the band of it
+        fix_by_reduced_cost(h, x, root[0], root[1], best - bound + band)
     _rows(h, [(-highspy.kHighsInf, best * (1 + 1e-9) + 1e-9, objective)])
     n = len(lp.cost)
     ranks = np.zeros(n)
@@ -368,6 +376,29 @@ def solve(problem: Problem) -> Solution:
     choice = _second(h, lp, x, values, accept)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
+
+
+def _branch_and_cut(h: highspy.Highs, lp: _Lp, x: list[list[int]], bound: float,
+                    values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The integer optimum when the root LP (``bound``, ``values``) is fractional: HiGHS's MIP solver,
+    started from the Lagrangian assignment (``search_bnb.lagrangian``, at the memory row's dual) when
+    that fits, after forbidding the candidates whose root reduced cost exceeds that assignment's gap
+    to the bound (they are in no better assignment). Returns (root values, root reduced costs, optimum)."""
+    sol = h.getSolution()
+    reduced = np.asarray(sol.col_dual, dtype=float).copy()
+    values = values.copy()
+    row = len(lp.rows) - 1  # the memory row, built last
+    cost = np.array(lp.cost, dtype=float)
+    weights = np.zeros(len(cost))
+    for c, m in lp.rows[row][2].items():
+        weights[c] = m
+    start = None
+    if sol.dual_valid:
+        found = lagrangian(h, x, row, cost, weights, max(0.0, -float(sol.row_dual[row])) * (1 + 1e-3))
+        if found is not None and float(weights @ found) <= lp.rows[row][1]:
+            start = found
+            fix_by_reduced_cost(h, x, values, reduced, float(cost @ found) - bound + 1e-9 * abs(bound) + 1e-7)
+    return values, reduced, mip(h, lp.integer, start)
 
 
 def leanest(problem: Problem) -> Solution:

@@ -63,9 +63,24 @@ def expand_dims(spec: str, ranks: list[int], out_rank: int) -> tuple[list[str], 
     return [expand(t, r) for t, r in zip(tensors, ranks)], expand(out, out_rank)
 
 
+_KNOWN: dict[tuple, tuple[AxisSignature, ...]] = {}
+
+
 def axis_signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], attrs: dict,
                     n: int) -> list[AxisSignature]:
-    """Every signature of ``record`` on an axis of ``n`` devices, for these concrete shapes."""
+    """Every signature of ``record`` on an axis of ``n`` devices, for these concrete shapes; memoised,
+    as a large graph asks the same few questions thousands of times (choose_sbp and the search)."""
+    key = (record.name, id(record), tuple(tuple(s or ()) for s in shapes), tuple(out_shape or ()),
+           repr(sorted(attrs.items())), n)
+    if key not in _KNOWN:
+        if len(_KNOWN) > 65536:
+            _KNOWN.clear()
+        _KNOWN[key] = tuple(_signatures(record, shapes, out_shape, attrs, n))
+    return list(_KNOWN[key])
+
+
+def _signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], attrs: dict,
+                n: int) -> list[AxisSignature]:
     dims, out = expand_dims(record.dims, [len(s) for s in shapes], len(out_shape))
     count = len(shapes)
     found = [AxisSignature((B_,) * count, B_)]  # on an axis of one device every split is the whole, and free

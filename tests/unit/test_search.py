@@ -208,3 +208,30 @@ def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb, fo
     bound = bucket_bound(plan, ctx.values(), cap)
     assert bound > 0 and math.isclose(plan.total("search_bucket_bound").value, bound, rel_tol=1e-12)
     assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
+
+
+def test_the_knapsack_path_equals_plain_branch_and_cut(spec="ultramem-v2-tiny", mesh="8"):
+    # memory rows that bind between the leanest and the fastest plan make the LP fractional: solve's path
+    # there (the Lagrangian start, reduced-cost fixing, presolved MIP, the fixed tie-break) must reach the
+    # optimum HiGHS's branch and cut finds on the untouched program (search_bnb.mip, no start, nothing fixed)
+    from ultraplan.passes.search_bnb import chosen, mip, relaxation
+    from ultraplan.passes.search_ilp import _highs, build, leanest
+
+    loaded = load_model_spec(MODELS / f"{spec}.yaml")
+    hw, parsed = api.load_hardware("h200-8"), Mesh.parse(mesh)
+    _, gm, _ = make_plan(loaded, hw, parsed, stop_after="fuse", batch=64)
+    ctx = make_context(loaded, hw, parsed, batch=64, strategies=("auto",) * len(parsed.shape))
+    problem, _, _, _ = build_problem(gm, ctx, {}, {})
+    fast = solve(dataclasses.replace(problem, capacity=math.inf)).memory
+    lean = leanest(problem).memory
+    assert lean < fast
+    fractional = 0
+    for share in (0.2, 0.5):  # both fractional at the root (about 4 s in all on 2 cores)
+        tight = dataclasses.replace(problem, capacity=lean + share * (fast - lean))
+        lp, x, _ = build(tight)
+        fractional += chosen(relaxation(_highs(lp))[1], x) is None
+        reference = evaluate(tight, chosen(mip(_highs(lp), lp.integer, None), x))
+        solved = solve(tight)
+        assert reference[2] and solved.memory <= tight.capacity
+        assert math.isclose(solved.time, reference[0], rel_tol=1e-9)
+    assert fractional  # the knapsack path ran
