@@ -25,10 +25,12 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
 
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
 how); ``loop_pass``, ``coll_overhead``, ``opt_tensor`` and ``opt_element`` (AdamW's cost per
-parameter tensor and per element) are timed directly. Specs without these fields (the bundled datasheet specs) keep the two-term model,
-and the search (passes/search*.py) weighs only those two terms: the new ones barely depend on the
-signatures chosen (a shard's traffic and its optimizer share shrink as its FLOPs do), which is what
-docs/cost-model.md measures.
+parameter tensor and per element) are timed directly. Specs without these fields (the bundled
+datasheet specs) keep the two-term model, and the search (passes/search*.py) weighs only those
+two terms. Most of the host terms follow the FLOPs (a shard's traffic and its optimizer share shrink
+with them); ``passes`` and ``collectives`` do not (expert parallelism halves the loop, tensor
+parallelism adds a collective per layer), so on a calibrated CPU spec an auto plan can be modelled
+slower than a named one: docs/cost-model.md.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         "# collective_overhead: a 1 KiB all_reduce timed in place (between tiny ops, no barrier) less the",
         "# link's formula, per call; by group size: " + "; ".join(
             f"{n}: {v * 1e6:.0f} us" for n, v in figures["collective_overhead_by_group_size"].items())
-        + f". loop_pass: one expert of the dropless MoE's loop, forward or backward.",
+        + ". loop_pass: one expert of the dropless MoE's loop, forward or backward.",
         "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
         "hardware:",
         f"  name: {name}",
