@@ -97,6 +97,10 @@ def describe(r: dict) -> str:
             f"auto {auto}, best named {best_text} (of {len(r['named'])} that fit){extra} [{r['plan_seconds']:.0f} s]")
 
 
+def primes(k: int) -> list[int]:
+    return [p for p in range(2, k + 1) if k % p == 0 and all(p % q for q in range(2, p))]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--specs", default=None, help="comma-separated; default: every bundled spec")
@@ -105,6 +109,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", default="train,infer")
     parser.add_argument("--hardware", default=None, help="default: h200-8, or h200-128x8 beyond 8 devices")
     parser.add_argument("--jsonl", default=None, help="append each case here; cases already there are skipped")
+    parser.add_argument("--spread", action="store_true",
+                        help="each spec's first point before any spec's second (a stopped run covers every spec)")
     args = parser.parse_args(argv)
     specs = args.specs.split(",") if args.specs else bundled_specs()
     done: dict[tuple, dict] = {}
@@ -112,9 +118,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for line in Path(args.jsonl).read_text().splitlines():
             r = json.loads(line)
             done[(r["spec"], r["mesh"], r["batch"], r["mode"])] = r
+    points = list(itertools.product(args.meshes.split(","), [int(b) for b in args.batches.split(",")],
+                                    args.modes.split(",")))
+    if args.spread:  # points in a stride order (consecutive ones differ in mesh, batch and mode), specs round-robin
+        stride = next(k for k in (7, 11, 13, 17, 1) if all(len(points) % p for p in primes(k)))
+        points = [points[i * stride % len(points)] for i in range(len(points))]
+        cases = [(spec, *point) for point in points for spec in specs]
+    else:
+        cases = [(spec, *point) for spec in specs for point in points]
     results, start = [], time.perf_counter()
-    for spec, mesh, batch, mode in itertools.product(specs, args.meshes.split(","),
-                                                     [int(b) for b in args.batches.split(",")], args.modes.split(",")):
+    for spec, mesh, batch, mode in cases:
         r = done.get((spec, mesh, batch, mode))
         if r is None:
             r = compare(spec, mesh, batch, mode, args.hardware)
