@@ -11,6 +11,12 @@ alike. Each run's measured step time is the median of its steps after the warm-u
 ``step_time_predicted_s``, their ratio, and for each spec and rank count whether the predicted order
 of strategies is the measured one wherever two measured times differ by more than 25%. The load
 average is printed beside (other work on the machine stretches every figure).
+
+``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
+put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
+calibrates its own spec right after this one and plans every case; the table gains its prediction
+(``before``). The programs run are this version's (a named strategy's program does not depend on
+the cost model).
 """
 
 from __future__ import annotations
@@ -31,13 +37,20 @@ DEFAULT_CASES = {"dense-tiny": ["dp", "fsdp", "tp"], "moe-tiny": ["dp", "fsdp", 
 ORDER_MARGIN = 1.25  # strategies whose measured times differ by more than this must be predicted in order
 
 
-def calibrate(nproc: int, out: Path) -> None:
-    subprocess.run([*ULTRAPLAN, "calibrate", "--nproc", str(nproc), "-o", str(out)], check=True)
+def with_path(path: str | None) -> dict | None:
+    """The environment that imports ultraplan from ``path`` first (None: this checkout's)."""
+    return None if path is None else dict(os.environ, PYTHONPATH=path)
 
 
-def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path) -> bool:
+def calibrate(nproc: int, out: Path, env: dict | None = None) -> None:
+    subprocess.run([*ULTRAPLAN, "calibrate", "--nproc", str(nproc), "-o", str(out)], check=True, env=env,
+                   cwd=tempfile.gettempdir() if env else None)
+
+
+def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path, env: dict | None = None) -> bool:
     done = subprocess.run([*ULTRAPLAN, "compile", spec, "--mesh", str(nproc), "--strategy", strategy,
-                           "--hardware", str(hardware), "-o", str(out)], capture_output=True, text=True)
+                           "--hardware", str(hardware), "-o", str(out)], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir() if env else None)
     if done.returncode != 0:
         print(f"  {spec} {strategy} on {nproc}: not compiled: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
     return done.returncode == 0
@@ -75,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
     parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
+    parser.add_argument("--baseline", default=None, help="PYTHONPATH of another cost model to predict beside")
     args = parser.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     hw_dir = Path(args.hardware_dir or tmp.name)
@@ -83,12 +97,19 @@ def main(argv: list[str] | None = None) -> int:
     for nproc in args.nproc:
         hardware = hw_dir / f"this-machine-{nproc}.yaml"
         calibrate(nproc, hardware)
+        base_hw = hw_dir / f"baseline-{nproc}.yaml"
+        if args.baseline:
+            calibrate(nproc, base_hw, with_path(args.baseline))
         cases = []
         for spec in args.specs:
             for strategy in args.strategies or DEFAULT_CASES.get(spec, ["dp", "fsdp", "tp"]):
                 out = Path(tmp.name) / f"{spec}-{strategy}-{nproc}"
                 if compile_case(spec, strategy, nproc, hardware, out):
                     cases.append({"spec": spec, "strategy": strategy, "nproc": nproc, "dir": out, "runs": []})
+                    base = out.with_name(out.name + "-baseline")
+                    if args.baseline and compile_case(spec, strategy, nproc, base_hw, base, with_path(args.baseline)):
+                        totals = dict(json.loads((base / "plan.json").read_text())["totals"])
+                        cases[-1]["before"] = totals["step_time"]["value"]
         for repeat in range(args.repeats):
             for case in cases:
                 report = run_case(case["dir"], args.steps)
@@ -108,17 +129,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
                                                       indent=1))
-    print("| spec | ranks | strategy | predicted ms | measured ms (median of runs) | predicted / measured | load |")
-    print("|---|---|---|---|---|---|---|")
+    before = args.baseline and all("before" in c for c in table)
+    print("| spec | ranks | strategy | " + ("before ms | before / measured | " if before else "")
+          + "predicted ms | measured ms (runs) | predicted / measured | load |")
+    print("|---" * (9 if before else 7) + "|")
     for c in table:
-        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | {c['predicted'] * 1e3:.1f} | {c['measured'] * 1e3:.1f} "
+        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
+              + (f"{c['before'] * 1e3:.1f} | {c['before'] / c['measured']:.2f} | " if before else "")
+              + f"{c['predicted'] * 1e3:.1f} | {c['measured'] * 1e3:.1f} "
               f"({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | {c['predicted'] / c['measured']:.2f} | "
               f"{statistics.median(c['load']):.1f} |")
-    within = sum(abs(c["predicted"] / c["measured"] - 1) <= 0.25 for c in table)
-    print(f"\nwithin 25%: {within} of {len(table)}")
-    for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
-        pairs, agree = order_check(list(group))
-        print(f"order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
+    for key in ("before", "predicted") if before else ("predicted",):
+        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
+        print(f"\n{key}: within 25% in {within} of {len(table)}")
+        for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
+            pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
+            print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
     return 0
 
 

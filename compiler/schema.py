@@ -247,6 +247,8 @@ class HardwareSpec:
     op_overhead: float = 0.0  # seconds per plan op, forward and backward
     optimizer_tensor: float = 0.0  # AdamW seconds per parameter tensor
     optimizer_element: float = 0.0  # AdamW seconds per parameter element
+    collective_overhead: float = 0.0  # seconds per collective call beyond its link's formula
+    loop_pass: float = 0.0  # seconds per pass of an op's Python loop (an expert), forward or backward
 
     @property
     def num_devices(self) -> int:

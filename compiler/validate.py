@@ -125,7 +125,8 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         memory_bytes=spec.memory_bytes, memory_bandwidth=spec.memory_bandwidth,
                         intra_node=links["intra_node"], inter_node=links["inter_node"], source=Path(doc.file).name,
                         op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
-                        optimizer_element=spec.optimizer_element)
+                        optimizer_element=spec.optimizer_element, collective_overhead=spec.collective_overhead,
+                        loop_pass=spec.loop_pass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,10 @@ class _HardwareFields:
         "min": 0, "doc": "AdamW seconds per parameter tensor (ultraplan calibrate)"})
     optimizer_element: float = dataclasses.field(default=0.0, metadata={
         "min": 0, "doc": "AdamW seconds per parameter element (ultraplan calibrate)"})
+    collective_overhead: float = dataclasses.field(default=0.0, metadata={
+        "min": 0, "doc": "seconds a collective call costs a program beyond its link's formula (ultraplan calibrate)"})
+    loop_pass: float = dataclasses.field(default=0.0, metadata={
+        "min": 0, "doc": "seconds per pass of an op's Python loop, forward or backward (ultraplan calibrate)"})
 
 
 def load_model_spec(path: str | Path, text: str | None = None) -> ModelSpec:

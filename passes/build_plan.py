@@ -216,7 +216,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     compute_terms: list[sympy.Expr] = []
     largest_terms: list[sympy.Expr] = []
     traffic_terms: list[sympy.Expr] = []  # bytes each op moves on a device, and op launches (passes/host_cost.py)
-    launches = 0
+    launches = passes = 0
     output, output_boxing = "", ()
     needs_grad = _needs_grad(gm)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -275,8 +275,9 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
                 bwd_terms.append(c.backward_flops)
             compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
             traffic_terms.append((c.bytes_read + c.bytes_written) / split)
-            launches += (1 + (train and needs_grad[node])) * loop_passes(
-                rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
+            runs = 1 + (train and needs_grad[node])  # forward, and again backward
+            launches += runs
+            passes += runs * loop_passes(rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
             if not train:
                 largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)
@@ -296,7 +297,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
     largest = sympy.Max(*largest_terms) if largest_terms else ZERO
-    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches + len(comms.times),
+    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches, passes, len(comms.times),
                       param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),

@@ -11,20 +11,26 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
                      * (3 in train: the backward reads the output's gradient and the saved inputs
                      and writes the inputs' gradients, about twice the forward's traffic; 1 in infer)
                      / mem_bw
-    overhead_time  = launches * op_overhead + (train) local parameter tensors * opt_tensor
-                     + local parameter elements * opt_element
+    overhead_time  = launches * op_overhead + passes * loop_pass + collectives * coll_overhead
+                     + (train) local parameter tensors * opt_tensor + local parameter elements * opt_element
     launches       = op nodes in the forward + those the backward reaches (each runs again there),
-                     an op that loops in Python (the op table's ``loop``: the dropless MoE runs
-                     each local expert in turn) counted once per local index of its loop dim,
                      + the step's collectives (each a call through the runtime: an autograd
-                     function, a buffer to pack or unpack, the wait; beside the link's latency)
+                     function, a buffer to pack or unpack; beside the link's latency)
+    passes         = for an op that loops in Python (the op table's ``loop``: the dropless MoE runs
+                     each local expert in turn, a dozen torch ops each), the local size of its loop
+                     dim, forward and again backward
+    collectives    = the step's collectives: what each costs a program beyond the link's formula
+                     (the wait for its peers, which on a host with more ranks than cores is the
+                     wait for them to be scheduled), timed in place by calibrate
 
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
-how), ``opt_tensor`` and ``opt_element`` are AdamW's cost per parameter tensor and per element,
-timed directly. Specs without these fields (the bundled datasheet specs) keep the two-term model,
-and the search (passes/search*.py) weighs only those two terms: the new ones barely depend on the
-signatures chosen (a shard's traffic and its optimizer share shrink as its FLOPs do), which is what
-docs/cost-model.md measures.
+how); ``loop_pass``, ``coll_overhead``, ``opt_tensor`` and ``opt_element`` (AdamW's cost per
+parameter tensor and per element) are timed directly. Specs without these fields (the bundled
+datasheet specs) keep the two-term model, and the search (passes/search*.py) weighs only those
+two terms. Most of the host terms follow the FLOPs (a shard's traffic and its optimizer share shrink
+with them); ``passes`` and ``collectives`` do not (expert parallelism halves the loop, tensor
+parallelism adds a collective per layer), so on a calibrated CPU spec an auto plan can be modelled
+slower than a named one: docs/cost-model.md.
 """
 
 from __future__ import annotations
@@ -38,15 +44,17 @@ MEM_BW = sympy.Symbol("mem_bw", positive=True)
 OP_OVERHEAD = sympy.Symbol("op_overhead", nonnegative=True)
 OPT_TENSOR = sympy.Symbol("opt_tensor", nonnegative=True)
 OPT_ELEMENT = sympy.Symbol("opt_element", nonnegative=True)
+LOOP_PASS = sympy.Symbol("loop_pass", nonnegative=True)
+COLL_OVERHEAD = sympy.Symbol("coll_overhead", nonnegative=True)
 BACKWARD_TRAFFIC = 2  # the backward's bytes per forward byte (module docstring)
 
 
 def loop_passes(op: str, input_shapes: list, input_sbps: list, sizes: list) -> sympy.Expr:
-    """How many times the op's code runs its body on a device: 1, or the local size of the op table's
-    ``loop`` dim (the first input holding it, as this device holds that input)."""
+    """How many times the op's code runs its loop's body on a device: 0 (no loop), or the local size
+    of the op table's ``loop`` dim (the first input holding it, as this device holds that input)."""
     record = OP_TABLE[op]
     if not record.loop:
-        return sympy.Integer(1)
+        return sympy.Integer(0)
     from .sbp import local_dims  # sbp -> context -> this module: imported when first needed
     for letters, shape, sbp in zip(record.dims.split("->")[0].split(","), input_shapes, input_sbps):
         if record.loop in letters:
@@ -64,17 +72,19 @@ def host_values(hardware: HardwareSpec) -> dict[sympy.Symbol, float]:
     if not calibrated(hardware):
         return {}
     return {MEM_BW: hardware.memory_bandwidth, OP_OVERHEAD: hardware.op_overhead,
-            OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element}
+            OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element,
+            LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead}
 
 
-def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr, param_elements: sympy.Expr,
-               param_tensors: int, train: bool) -> dict[str, sympy.Expr]:
+def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr, passes: sympy.Expr,
+               collectives: int, param_elements: sympy.Expr, param_tensors: int, train: bool) -> dict[str, sympy.Expr]:
     """``memory_time`` and ``overhead_time`` (module docstring); empty for an uncalibrated spec.
-    ``traffic``: the forward's bytes per device; ``param_elements``: the local (stored) elements."""
+    ``traffic``: the forward's bytes per device; ``launches`` the op launches (collectives not
+    included); ``param_elements``: the local (stored) elements."""
     if not calibrated(hardware):
         return {}
     memory = traffic * (1 + BACKWARD_TRAFFIC if train else 1) / MEM_BW
-    overhead = launches * OP_OVERHEAD
+    overhead = (launches + collectives) * OP_OVERHEAD + passes * LOOP_PASS + collectives * COLL_OVERHEAD
     if train:
         overhead += param_tensors * OPT_TENSOR + param_elements * OPT_ELEMENT
     return {"memory_time": memory, "overhead_time": overhead}

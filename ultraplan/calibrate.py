@@ -8,7 +8,10 @@ the ring model the plan prices each collective with):
 
     seconds = messages(kind, n) * latency + wire_bytes(kind, n, payload) / bandwidth
 
-one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). All
+one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). A
+small all-reduce is also timed in place, between chains of tiny ops with no barrier, as a program
+calls it; what it takes beyond the link's formula is ``collective_overhead``, per call (on a CPU
+host with more ranks than cores, mostly the wait for the peers to be scheduled). All
 ranks of one host share its links, so ``intra_node`` holds the joint fit and ``inter_node`` the same
 figures: nothing crosses a node here, and a plan for this machine never prices an axis across nodes.
 
@@ -77,13 +80,23 @@ def summarise(raw: dict) -> dict:
     for dtype, by_size in raw["matmul"].items():
         largest = max(by_size, key=int)  # the largest product: the least overhead per FLOP
         peak[{"float32": "fp32", "bfloat16": "bf16"}[dtype]] = statistics.median(by_size[largest])
-    rows = raw["collectives"]
+    rows = [r for r in raw["collectives"] if not r.get("in_place")]
     per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
-    return {"peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
+    link = fit_link(rows)
+    overhead = {r["n"]: max(r["seconds"] - in_link(link, r), 0.0) for r in raw["collectives"] if r.get("in_place")}
+    return {"collective_overhead": statistics.median(overhead.values()) if overhead else 0.0,
+            "collective_overhead_by_group_size": overhead, "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
+            "peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
             "op_overhead": statistics.median(raw["op_overhead"]),
             "optimizer_tensor": statistics.median(raw["optimizer"]["tensor"]),
             "optimizer_element": statistics.median(raw["optimizer"]["element"]),
-            "link": fit_link(rows), "link_by_group_size": per_size}
+            "link": link, "link_by_group_size": per_size}
+
+
+def in_link(link: dict, row: dict) -> float:
+    """Seconds the link's formula gives one measured collective (``row``)."""
+    messages, wire = ring_terms(row["kind"], row["n"], row["payload_bytes"])
+    return messages * link["latency"] + wire / link["bandwidth"]
 
 
 def device_memory(nproc: int) -> float:
@@ -114,6 +127,10 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         f"# error {link['median_rel_error']:.0%}; by group size: " + "; ".join(
             f"{n}: {f['latency'] * 1e6:.0f} us, {f['bandwidth'] / 1e9:.2f} GB/s ({f['median_rel_error']:.0%})"
             for n, f in figures["link_by_group_size"].items()) + ".",
+        "# collective_overhead: a 1 KiB all_reduce timed in place (between tiny ops, no barrier) less the",
+        "# link's formula, per call; by group size: " + "; ".join(
+            f"{n}: {v * 1e6:.0f} us" for n, v in figures["collective_overhead_by_group_size"].items())
+        + ". loop_pass: one expert of the dropless MoE's loop, forward or backward.",
         "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
         "hardware:",
         f"  name: {name}",
@@ -125,6 +142,8 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         f"  op_overhead: {figures['op_overhead']:.4g}",
         f"  optimizer_tensor: {figures['optimizer_tensor']:.4g}",
         f"  optimizer_element: {figures['optimizer_element']:.4g}",
+        f"  collective_overhead: {figures['collective_overhead']:.4g}",
+        f"  loop_pass: {figures['loop_pass']:.4g}",
         f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
         f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
     ]

@@ -8,8 +8,15 @@ Each rank times, by medians of repeats after a warm-up:
 - ``copy``: a large tensor copied (bytes read + written over seconds: the memory bandwidth);
 - ``op_overhead``: a chain of tiny elementwise ops through autograd, forward and backward, per op
   (what the dispatcher, autograd and Python cost each op whatever its size);
+- ``loop_pass``: the dropless mixture of experts' Python loop (the program's own ``ops.expert_ffn``),
+  forward and backward, per expert it runs: a dozen torch ops per expert, which a plan counts as one
+  pass of its op's loop (passes/host_cost.py);
 - collectives on every process group a mesh axis of this world would use (the whole world, and
   for each divisor size the groups of consecutive ranks), at several sizes; rank 0 records them.
+  Each after a barrier, for the link's latency and bandwidth, and once more *in place*: a small
+  all-reduce between chains of tiny ops, no barrier, as a program calls it. The difference is what
+  a collective costs a program beyond its link: the runtime's call, and, where more ranks than
+  cores share the host, the wait for the peers to be scheduled (``collective_overhead``).
 
 Rank 0 writes one JSON file (``--out``) that ``ultraplan.calibrate`` fits. Progress goes to stderr.
 """
@@ -127,6 +134,53 @@ def optimizer_costs(numel: int, tensors: int, repeats: int) -> dict[str, list[fl
     return out
 
 
+def loop_pass(repeats: int, tokens: int = 64, width: int = 32, hidden: int = 24) -> list[float]:
+    """Seconds per expert of ``ops.expert_ffn`` forward and backward, halved (a plan counts a loop
+    op's passes forward and again backward): the step from 2 to 16 experts, every expert routed
+    some of ``tokens`` tokens (2 per token), tiny widths so that the loop's overhead is all there is."""
+    from ultraplan.compiler import ops
+
+    def run(experts: int):
+        x = torch.randn(1, tokens, width, device=DEVICE, requires_grad=True)
+        indices = (torch.arange(tokens * 2, device=DEVICE) % experts).reshape(1, tokens, 2)
+        gates = torch.rand(1, tokens, 2, device=DEVICE)
+        w = [torch.randn(experts, *s, device=DEVICE, requires_grad=True)
+             for s in ((hidden, width), (hidden, width), (width, hidden))]
+        return lambda: ops.expert_ffn(x, indices, gates, *w, "swiglu").sum().backward()
+
+    few, many = run(2), run(16)
+    dist.barrier()
+    seconds = max(timed(many, repeats) - timed(few, repeats), 0.0) / 14 / 2
+    out = gathered(seconds)
+    say(f"loop pass (one expert of the dropless MoE, forward or backward): {statistics.median(out) * 1e6:.1f} us")
+    return out
+
+
+def in_place_collective(n: int, group, calls: int, chain: int = 8, numel: int = 256) -> float:
+    """Seconds one small all_reduce adds to a program on a group of ``n``: ``calls`` rounds of ``chain``
+    tiny ops then the all_reduce, no barrier in between, less the same rounds without it (medians of
+    3). Ranks drift apart between collectives as a program's do, so each call pays the wait for
+    its slowest peer, which a barrier before each timed call hides."""
+    x, y = torch.randn(numel, device=DEVICE), torch.randn(8, device=DEVICE)
+
+    def rounds(collective: bool):
+        def fn():
+            for _ in range(calls):
+                z = y
+                for _ in range(chain):
+                    z = z * 1.0001
+                if collective:
+                    dist.all_reduce(x, group=group)
+            sync()
+        return fn
+
+    dist.barrier()
+    with_calls = timed(rounds(True), 3, warmup=1)
+    dist.barrier()
+    without = timed(rounds(False), 3, warmup=1)
+    return max(with_calls - without, 0.0) / calls
+
+
 def groups_by_size(world: int) -> dict[int, list[list[int]]]:
     """For each group size n > 1 dividing the world: the groups of ``n`` ranks a mesh axis of that size
     forms, either as the last axis (consecutive ranks) or as the first (ranks ``world / n`` apart);
@@ -180,9 +234,13 @@ def collectives(sizes: list[int], repeats: int) -> list[dict]:
                 seconds = statistics.median(barrier_then() for _ in range(repeats))
                 seconds = max(gathered(seconds))  # the collective ends when its slowest member has it
                 rows.append({"kind": kind, "n": n, "payload_bytes": payload, "seconds": seconds})
+            if kind == "all_reduce":
+                seconds = max(gathered(in_place_collective(n, mine, 20 if repeats < 9 else 50)))
+                rows.append({"kind": kind, "n": n, "payload_bytes": 1024, "seconds": seconds, "in_place": True})
+                say(f"all_reduce of 1 KiB in place (between tiny ops, no barrier) on groups of {n}: {seconds * 1e6:.0f} us")
             say(f"{kind} on groups of {n}: " + ", ".join(
                 f"{r['payload_bytes'] / 1024:.0f} KiB {r['seconds'] * 1e6:.0f} us"
-                for r in rows if r["kind"] == kind and r["n"] == n))
+                for r in rows if r["kind"] == kind and r["n"] == n and not r.get("in_place")))
     return rows
 
 
@@ -206,6 +264,7 @@ def main(argv=None) -> None:
                                ["float32", "bfloat16"], 3 if quick else 7),
         "copy": copy_rate((2**26 if quick else 2**28) if gpu else (2**21 if quick else 2**24), 3 if quick else 7),
         "op_overhead": op_overhead(50 if quick else 200, 5 if quick else 9),
+        "loop_pass": loop_pass(5 if quick else 9),
         "optimizer": optimizer_costs(2**20 if quick else 2**22, 32 if quick else 128, 3 if quick else 7),
         "collectives": collectives([256, 16384, 262144] if quick else [256, 4096, 65536, 262144, 1048576],
                                    5 if quick else 9),

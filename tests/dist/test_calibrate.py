@@ -29,8 +29,14 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
     assert (hw.devices_per_node, hw.nodes) == (2, 1)
     assert hw.peak_flops["fp32"] > 1e8 and hw.memory_bandwidth > 1e7
     assert hw.op_overhead >= figures["op_overhead_floor"] > 0
+    # an expert of the dropless MoE runs a dozen torch ops: a pass costs more than one tiny op
+    assert hw.loop_pass > figures["op_overhead_floor"] / 2
     link = figures["link"]
-    rows = figures["raw"]["collectives"]
+    in_place = [r for r in figures["raw"]["collectives"] if r.get("in_place")]
+    assert [r["n"] for r in in_place] == [2]
+    assert hw.collective_overhead == pytest.approx(max(in_place[0]["seconds"] - (
+        2 * link["latency"] + 1024 / link["bandwidth"]), 0.0), rel=1e-3)  # 1 KiB all_reduce on 2: 2 messages
+    rows = [r for r in figures["raw"]["collectives"] if not r.get("in_place")]
     errors = [abs(m * link["latency"] + w / link["bandwidth"] - r["seconds"]) / r["seconds"]
               for r in rows for m, w in [ring_terms(r["kind"], r["n"], r["payload_bytes"])]]
     assert statistics.median(errors) == pytest.approx(link["median_rel_error"])

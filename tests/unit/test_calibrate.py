@@ -61,7 +61,8 @@ def test_fit_link_clamps_a_negative_latency_to_zero():
 
 
 FIGURES = {"peak_flops": {"fp32": 5.0e10, "bf16": 2.5e10}, "memory_bandwidth": 8.0e9, "op_overhead": 2.0e-4,
-           "optimizer_tensor": 1.0e-4, "optimizer_element": 1.0e-8,
+           "optimizer_tensor": 1.0e-4, "optimizer_element": 1.0e-8, "loop_pass": 5.0e-5,
+           "collective_overhead": 3.0e-5, "collective_overhead_by_group_size": {2: 3.0e-5},
            "link": {"latency": 1.0e-4, "bandwidth": 1.0e9, "median_rel_error": 0.1},
            "link_by_group_size": {2: {"latency": 1.0e-4, "bandwidth": 1.0e9, "median_rel_error": 0.1}}}
 
@@ -81,11 +82,13 @@ def test_rendered_spec_loads_with_every_figure(calibrated):
                                                                                                1.0e-4, 1.0e-8)
     assert hw.intra_node == hw.inter_node
     assert (hw.intra_node.bandwidth, hw.intra_node.latency) == (1.0e9, 1.0e-4)
+    assert (hw.collective_overhead, hw.loop_pass) == (3.0e-5, 5.0e-5)
 
 
 def test_host_terms_of_a_calibrated_spec(calibrated):
-    """step_time gains memory_time + overhead_time; overhead_time is op_overhead per launch plus AdamW's
-    per tensor and per element over the plan's own parameter list; without op_overhead nothing changes."""
+    """step_time gains memory_time + overhead_time; overhead_time is op_overhead per launch, the
+    collective overhead per collective and AdamW's per tensor and per element over the plan's own
+    parameter list; without op_overhead nothing changes."""
     hw = load_hardware_spec(calibrated)
     spec = api.load("dense-tiny")
     plan, gm, _ = make_plan(spec, hw, Mesh((2,)), strategies=("fsdp",))
@@ -96,10 +99,10 @@ def test_host_terms_of_a_calibrated_spec(calibrated):
         base["step_time"].value + totals["memory_time"].value + totals["overhead_time"].value)
     ops = [n for n in gm.graph.nodes if n.op == "call_function" and n.meta["ultraplan"].cost is not None]
     local_elements = sum(p.bytes_per_device.value / 4 for p in plan.params)  # fp32 masters
-    rest = totals["overhead_time"].value - 1.0e-4 * len(plan.params) - 1.0e-8 * local_elements
+    calls = len(plan.collectives)  # the step's collectives, gradient buckets included
+    rest = totals["overhead_time"].value - 1.0e-4 * len(plan.params) - 1.0e-8 * local_elements - 3.0e-5 * calls
     assert rest / 2.0e-4 == pytest.approx(round(rest / 2.0e-4), abs=1e-6)
     launches = round(rest / 2.0e-4)
-    calls = len(plan.collectives)  # the step's collectives, gradient buckets included
     assert len(ops) < launches - calls <= 2 * len(ops)  # every op forward, those the backward reaches again
     traffic = sum(n.bytes_read.value + n.bytes_written.value for n in plan.nodes if n.op != "boxing")
     assert 0 < totals["memory_time"].value <= 3 * traffic / 8.0e9
@@ -137,4 +140,21 @@ def test_loop_passes_count_local_experts():
     expert_parallel = [(Split(0),)] * 3 + [(Split(0),)] * 3
     assert loop_passes("expert_ffn", shapes, replicated, [2]) == 16
     assert loop_passes("expert_ffn", shapes, expert_parallel, [2]) == 8
-    assert loop_passes("linear", [(b, t, d), (f, d)], [(Broadcast(),)] * 2, [2]) == 1
+    assert loop_passes("linear", [(b, t, d), (f, d)], [(Broadcast(),)] * 2, [2]) == 0
+
+
+@pytest.mark.parametrize("strategy, local_experts", [("dp", 16), ("ep", 8)])
+def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, strategy, local_experts):
+    """overhead_time's ``loop_pass`` coefficient is each MoE layer's local experts, forward and again
+    backward (ops.expert_ffn and runtime.expert_parallel_ffn loop over them), and ``coll_overhead``'s
+    is the step's collective calls, read off the plan's own list."""
+    import sympy
+
+    hw = load_hardware_spec(calibrated)
+    spec = api.load("moe-tiny")
+    plan, _, _ = make_plan(spec, hw, Mesh((2,)), strategies=(strategy,))
+    overhead = sympy.expand(sympy.sympify(plan.total("overhead_time").expr).subs(sympy.Symbol("n0"), 2))
+    moe_layers = sum(n.op.startswith("expert_ffn") for n in plan.nodes)
+    assert moe_layers == 2  # specs/models/moe-tiny.yaml: {block: moe, repeat: 2}
+    assert overhead.coeff(sympy.Symbol("loop_pass")) == 2 * moe_layers * local_experts
+    assert overhead.coeff(sympy.Symbol("coll_overhead")) == len(plan.collectives)
