@@ -118,6 +118,95 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
     return lines
 
 
+def _member(offsets: list[int], k: int) -> tuple[int, int]:
+    """Output position ``k`` of an iteration as (its layer, that layer's output)."""
+    m = max(n for n in range(len(offsets)) if offsets[n] <= k)
+    return m, k - offsets[m]
+
+
+def _period_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
+    """A loop of ``run.period`` layers per iteration (``for i in range(0, 8, 2):``), each layer called
+    as ``self.layers[i + m]`` with its arguments as ``run.wiring`` says. A variable is rebound when
+    the value it holds is read by no later layer of the iteration (the residual stream stays ``x``)."""
+    p = run.period
+    calls: list[LayerCallPlan] = [c for c in plan.layer_calls if run.start <= c.index < run.stop]
+    blocks = {b.name: b for b in plan.blocks}
+    first = calls[:p]
+    members = [blocks[c.block] for c in first]
+    kinds = ", ".join(c.block for c in first)
+    lines = [f"        # ---- layers {run.start}-{run.stop - 1}: {kinds} in turn"]
+    slots = [(m, j) for m, c in enumerate(first) for j in range(len(c.inputs))]
+    source = dict(zip(slots, run.wiring))  # (layer, argument) -> (-1, input) or (layer, output)
+    inputs = {w[1]: first[m].inputs[j] for (m, j), w in source.items() if w[0] == -1}
+    offsets = [sum(len(c.outputs) for c in first[:m]) for m in range(p)]
+    position = {(m, k): offsets[m] + k for m, c in enumerate(first) for k in range(len(c.outputs))}
+    carried = {j: k for k, j in run.carry}  # input -> output position feeding it
+    into = {k: j for k, j in run.carry}
+
+    def read_after(key: tuple[int, int], m: int) -> bool:
+        """Whether a layer after layer ``m`` of the iteration reads ``key``, or the loop keeps it."""
+        if key[0] >= 0 and position[key] in into:
+            return True  # a carried output is the next iteration's input
+        return any(w == key for (n, _), w in source.items() if n > m)
+
+    holds: dict[str, tuple[int, int]] = {}  # loop variable -> what it holds: (-1, input) or (layer, output)
+    var_of: dict[tuple[int, int], str] = {}
+    for j in sorted(carried):
+        k = carried[j]
+        m, _ = _member(offsets, k)
+        base = members[m].output_names[k - offsets[m]]
+        var = v.reusable(inputs[j], list(holds))
+        if var is None:
+            var = v.fresh(base)
+            lines.append(f"        {var} = {v.names.values[inputs[j]]}")
+        holds[var], var_of[(-1, j)] = (-1, j), var
+    for j, value in inputs.items():
+        var_of.setdefault((-1, j), v.names.values[value])
+    lists = {}
+    for k in run.collected:
+        m, out = _member(offsets, k)
+        lists[k] = v.fresh(f"{block_local_names(members[m], plan)[members[m].outputs[out]]}_per_layer")
+    lines += [f"        {var} = []" for var in lists.values()]
+    lines.append(f"        for i in range({run.start}, {run.stop}, {p}):")
+    prefetching = bool(plan.gather_groups)
+    for m, (call, block) in enumerate(zip(first, members)):
+        args = [var_of[source[(m, j)]] for j in range(len(call.inputs))]
+        if prefetching:
+            after = f"i + {m + 1}"
+            args.append(f"following=self.layers[{after}]" if m + 1 < p else
+                        f"following=self.layers[{after}] if {after} < len(self.layers) else None")
+        targets: list[str] = []
+        for k, base in enumerate(block.output_names):
+            key, var = (m, k), None
+            if position[key] in into:  # the loop's variable, unless what it holds is still to be read
+                var = var_of[(-1, into[position[key]])]
+                var = None if var in targets or read_after(holds[var], m) else var
+            if var is None and base == "x":  # the residual stream rebinds a variable no later layer reads
+                free = [var_of[source[(m, j)]] for j in range(len(call.inputs))]
+                var = next((f for f in free if f in holds and f not in targets and not read_after(holds[f], m)), None)
+            if var is None:
+                var = v.fresh(block_local_names(block, plan)[block.outputs[k]])
+            targets.append(var)
+        lines.append(f"            {', '.join(targets)} = self.layers[i{f' + {m}' if m else ''}]({', '.join(args)})")
+        for k, var in enumerate(targets):
+            holds[var], var_of[(m, k)] = (m, k), var
+            if position[(m, k)] in lists:
+                lines.append(f"            {lists[position[(m, k)]]}.append({var})")
+    late = [(var_of[(-1, j)], var_of[_member(offsets, k)]) for k, j in run.carry
+            if var_of[(-1, j)] != var_of[_member(offsets, k)]]  # carried outputs whose variable was still needed
+    if late:
+        lines.append(f"            {', '.join(a for a, _ in late)} = {', '.join(b for _, b in late)}")
+    for t in range(len(calls) // p):
+        outs = [o for c in calls[t * p:(t + 1) * p] for o in c.outputs]
+        for k, name in enumerate(outs):
+            if k in lists:
+                v.names.values[name] = f"{lists[k]}[{t}]"
+    last = [o for c in calls[-p:] for o in c.outputs]
+    for k, j in run.carry:
+        v.names.values[last[k]] = var_of[(-1, j)]
+    return lines
+
+
 def forward_lines(plan: Plan) -> list[str]:
     """``def forward(self, tokens, targets)`` of the Model, returning the loss."""
     member = {n: c.index for c in plan.layer_calls for n in c.nodes}
@@ -140,7 +229,7 @@ def forward_lines(plan: Plan) -> list[str]:
     group = None
     for kind, item in _order(plan, member):
         if kind == "run":
-            lines += _run_lines(plan, item, v)
+            lines += _period_lines(plan, item, v) if item.period > 1 else _run_lines(plan, item, v)
             group = None
             continue
         heading = layer_group(item.layer)

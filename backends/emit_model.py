@@ -162,18 +162,46 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
     return lines
 
 
+def _periodic(plan: Plan, blocks: dict[str, BlockPlan]) -> dict[int, tuple[int, tuple[str, ...]]]:
+    """Loops of ``period`` > 1 whose layers are plain instances of the same blocks in every
+    iteration: start -> (stop, the blocks of one iteration), made as one comprehension."""
+    calls = {c.index: c for c in plan.layer_calls}
+    out = {}
+    for run in plan.layer_runs:
+        kinds = tuple(calls[i].block for i in range(run.start, run.start + run.period))
+        if run.period > 1 and all(calls[i].block == kinds[(i - run.start) % run.period]
+                                  and not blocks[calls[i].block].constants for i in range(run.start, run.stop)):
+            out[run.start] = (run.stop, kinds)
+    return out
+
+
 def _layer_list(plan: Plan) -> list[str]:
-    """``self.layers``: each layer an instance of its block, consecutive plain ones as one range."""
+    """``self.layers``: each layer an instance of its block, consecutive plain ones as one range, a
+    repeating pattern of plain ones as one comprehension over its iterations."""
     blocks = {b.name: b for b in plan.blocks}
+    periodic = _periodic(plan, blocks)
+    lines = ["        self.layers = torch.nn.ModuleList(["]
     items: list[tuple[str, list[int]]] = []
+    skip = 0
     for call in plan.layer_calls:
+        if call.index < skip:
+            continue
+        if call.index in periodic:
+            stop, kinds = periodic[call.index]
+            items.append((", ".join(kinds), [call.index, stop]))
+            skip = stop
+            continue
         block = blocks[call.block]
         if items and items[-1][0] == call.block and not block.constants and items[-1][1][-1] + 1 == call.index:
             items[-1][1].append(call.index)
         else:
             items.append((call.block, [call.index]))
-    lines = ["        self.layers = torch.nn.ModuleList(["]
     for name, indices in items:
+        if name not in blocks:  # a repeating pattern
+            kinds = name.split(", ")
+            lines.append(f'            *(block(f"layers.{{i + m}}.", seed, mesh) for i in range({indices[0]}, {indices[1]}, '
+                         f"{len(kinds)}) for m, block in enumerate(({name}))),")
+            continue
         block = blocks[name]
         if len(indices) > 1:
             lines.append(f'            *({name}(f"layers.{{i}}.", seed, mesh) for i in range({indices[0]}, '

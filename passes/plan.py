@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -175,14 +175,21 @@ class LayerCallPlan:
 
 @dataclass(frozen=True)
 class LayerRunPlan:
-    """Consecutive layers the program runs as one loop: each reads the same values, except where
-    ``carry`` feeds a layer's output ``k`` to the next layer's input ``j``; outputs in ``collected``
-    are read elsewhere (a balance loss, a skip-layer delivery) and kept in a list per position."""
+    """Consecutive layers the program runs as one loop, ``period`` layers per iteration (a dense
+    layer and a memory layer in turn: period 2). An iteration reads the same values as the one
+    before, except where ``carry`` feeds its output ``k`` to the next iteration's input ``j``;
+    outputs in ``collected`` are read elsewhere (a balance loss, a skip-layer delivery) and kept in
+    a list per position. An iteration's inputs are the values its layers read from outside it, in
+    first-read order; its outputs are its layers' outputs, layer after layer, in each layer's order."""
 
     start: int
     stop: int
     carry: tuple[tuple[int, int], ...]  # (output position, input position)
     collected: tuple[int, ...]
+    period: int = 1  # layers per iteration
+    # where each layer of an iteration takes each argument from, layer after layer: (-1, j) the
+    # iteration's input j, (m, k) output k of its layer m (m < this layer)
+    wiring: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
