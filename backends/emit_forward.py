@@ -11,9 +11,33 @@ from __future__ import annotations
 
 import heapq
 
-from ..passes.plan import LayerCallPlan, LayerRunPlan, Plan
+from ..passes.plan import GatherGroupPlan, LayerCallPlan, LayerRunPlan, Plan
 from .emit_ops import Names, attr_path, block_local_names, node_lines, shape_text
-from .text import comment, identifier, layer_group
+from .text import comment, fmt_bytes, identifier, layer_group, literal
+
+
+def shards_text(g: GatherGroupPlan, names: Names, nodes: dict) -> str:
+    """The group's shards as the tuple ``runtime.gather_group`` takes."""
+    shards = [names.values[nodes[m].args[0]] for m in g.nodes]
+    return f"({shards[0]},)" if len(shards) == 1 else f"({', '.join(shards)})"
+
+
+def gather_lines(g: GatherGroupPlan, names: Names, local: dict[str, str], nodes: dict) -> list[str]:
+    """One ``runtime.gather_group`` call for a gather group (passes/gather_groups.py)."""
+    out = []
+    for c in g.steps:
+        phase = "" if c.phase == "forward" else f" ({c.phase})"
+        out.append(f"        # plan{phase}: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
+                   f"{c.collective}, {fmt_bytes(c.payload_bytes.value)}: {names.text(c.reason)}")
+    shards = shards_text(g, names, nodes)
+    targets = [f"            {local[m]},  # {shape_text(nodes[m].local_shape)} [{nodes[m].sbp_out}]" for m in g.nodes]
+    for m in g.nodes:
+        names.values[m] = local[m]
+    call = f"runtime.gather_group({shards}, self.mesh, axis={g.steps[0].axis}, dims={literal(g.dims)})"
+    if len(g.nodes) == 1:
+        (m,) = g.nodes
+        return [*out, f"        ({local[m]},) = {call}  # {shape_text(nodes[m].local_shape)} [{nodes[m].sbp_out}]"]
+    return [*out, "        (", *targets, f"        ) = {call}"]
 
 
 def _order(plan: Plan, member: dict[str, int]) -> list[tuple[str, object]]:
@@ -91,7 +115,8 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
     args = [v.names.values[i] for i in first.inputs]
     prefetching = bool(plan.gather_groups)  # each layer prefetches the next one's gather groups
     if not loop:
-        following = [f"following=self.layers[{run.start + 1}]"] if prefetching and run.stop < len(plan.layer_calls) else []
+        following = [f"following=self.layers[{run.start + 1}]"] if prefetching and run.stop < len(plan.layer_calls) else \
+            ["following=self"] if prefetching and _model_prefetches(plan) else []
         lines.append(f"        {', '.join(out_vars)} = self.layers[{run.start}]({', '.join(args + following)})")
         v.names.values.update(zip(first.outputs, out_vars))
         return lines
@@ -102,7 +127,8 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
     sliced = "self.layers" if (run.start, run.stop) == (0, len(plan.layer_calls)) else \
         f"self.layers[{run.start}:{run.stop}]"
     if prefetching:
-        lines.append(f"        for layer, following in runtime.with_following(self.layers, {run.start}, {run.stop}):")
+        after = ", after=self" if _model_prefetches(plan) else ""  # the last layer starts the Model's own
+        lines.append(f"        for layer, following in runtime.with_following(self.layers, {run.start}, {run.stop}{after}):")
         loop_args.append("following=following")
     else:
         lines.append(f"        for layer in {sliced}:")
@@ -116,6 +142,11 @@ def _run_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
         if k in carried:
             v.names.values[name] = out_vars[k]
     return lines
+
+
+def _model_prefetches(plan: Plan) -> bool:
+    """Whether the Model has gather groups its last layer starts (``Model.prefetch``)."""
+    return any(g.prefetch_after >= 0 for g in plan.gather_groups)
 
 
 def _member(offsets: list[int], k: int) -> tuple[int, int]:
@@ -174,7 +205,8 @@ def _period_lines(plan: Plan, run: LayerRunPlan, v: _Vars) -> list[str]:
         if prefetching:
             after = f"i + {m + 1}"
             args.append(f"following=self.layers[{after}]" if m + 1 < p else
-                        f"following=self.layers[{after}] if {after} < len(self.layers) else None")
+                        f"following=self.layers[{after}] if {after} < len(self.layers) else "
+                        + ("self" if _model_prefetches(plan) else "None"))
         targets: list[str] = []
         for k, base in enumerate(block.output_names):
             key, var = (m, k), None
@@ -227,7 +259,18 @@ def forward_lines(plan: Plan) -> list[str]:
     names = Names(values)
     v = _Vars(names, readers, {identifier(n.name) for n in plan.nodes if n.name not in member})
     group = None
+    own = {m: g for g in plan.gather_groups if g.layer < 0 for m in g.nodes}  # the Model's gather groups
+    nodes = {n.name: n for n in plan.nodes}
     for kind, item in _order(plan, member):
+        if kind == "node" and item.name in own:
+            g = own[item.name]
+            if item.name == g.nodes[0]:
+                heading = layer_group(item.layer)
+                if heading != group or group is None:
+                    group = heading
+                    lines.append(f"        # ---- {comment(heading or 'model')}")
+                lines += gather_lines(g, names, {m: identifier(m) for m in g.nodes}, nodes)
+            continue
         if kind == "run":
             lines += _period_lines(plan, item, v) if item.period > 1 else _run_lines(plan, item, v)
             group = None

@@ -120,11 +120,12 @@ class GatherGroupPlan:
     """fsdp gathers of one layer run as one flat all-gather (passes/gather_groups.py decides which):
     its backward is one reduce-scatter of the concatenated gradients."""
 
-    layer: int  # the layer (``layers.i``) whose forward runs it, before its members' first use
+    layer: int  # the layer (``layers.i``) whose forward runs it, before its members' first use; -1: the Model's
     params: tuple[str, ...]  # canonical names, in flat-buffer order
     nodes: tuple[str, ...]  # their boxing nodes (each node's own boxing is what the group replaces)
     dims: tuple[int, ...]  # the dimension each parameter is split on
     steps: tuple[CollectivePlan, ...]  # the all-gather and, in training, the reduce-scatter; also in collectives
+    prefetch_after: int = -1  # a Model's group used after the layers: the layer whose forward starts it; else -1
 
 
 @dataclass(frozen=True)
