@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sympy
 from torch import fx
 
 from ..compiler.build import build_model
@@ -131,11 +132,14 @@ def check_graph_sizes(gm: fx.GraphModule, ctx: PlanContext) -> None:
     """Every value of the graph at the plan's B and T fits torch's int64 byte count (at float64, as
     compiler/tensor_sizes.py counts): the spec-level check names the usual suspects, this one sees
     every tensor lowering made."""
-    point = {B: ctx.batch, T: ctx.seq}
+    point = {B: sympy.Integer(ctx.batch), T: sympy.Integer(ctx.seq)}
+    sizes: dict[object, int] = {}  # a few distinct dims: each substituted once (xreplace, not subs: plan speed)
     for node in gm.graph.nodes:
         elements = 1
         for dim in info(node).shape:
-            elements *= int(dim.subs(point)) if hasattr(dim, "subs") else int(dim)
+            if dim not in sizes:
+                sizes[dim] = int(dim.xreplace(point)) if hasattr(dim, "xreplace") else int(dim)
+            elements *= sizes[dim]
         if elements * ELEMENT_BYTES > MAX_TENSOR_BYTES:
             raise PlanError(f"torch cannot size this graph at B={ctx.batch}, T={ctx.seq}: {node.name} would be "
                             f"{elements:.3g} elements = {elements * ELEMENT_BYTES:.3g} bytes, past 2^63 - 1; "
