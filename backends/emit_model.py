@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 from ..passes.plan import BlockPlan, GatherGroupPlan, Plan
-from .emit_forward import forward_lines
+from .emit_forward import forward_lines, gather_lines, shards_text
 from .emit_ops import Names, attr_path, block_local_names, node_lines, shape_text
 from .text import comment, fmt_bytes, identifier, layer_group, literal
 
@@ -74,38 +74,20 @@ def _refresh(plan: Plan, buffers: list[str], prefix: str) -> list[str]:
     return lines
 
 
-def _shards(g: GatherGroupPlan, names: Names, nodes: dict) -> str:
-    return ", ".join(names.values[nodes[m].args[0]] for m in g.nodes)
-
-
 FOLLOWING = ["        if following is not None:  # the next layer's gather groups travel while this layer computes",
              "            following.prefetch()"]
 
 
-def _prefetch_method(groups: list[GatherGroupPlan], names: Names, nodes: dict) -> list[str]:
+def _prefetch_method(groups: list[GatherGroupPlan], names: Names, nodes: dict, whose: str = "this layer") -> list[str]:
     """``prefetch()``: start this layer's gather groups ahead of its forward (runtime.prefetch_group),
-    called by the layer before it, as FSDP2 prefetches the next module's all-gather."""
+    called by the layer before it, as FSDP2 prefetches the next module's all-gather (the Model's:
+    those of its parameters used after the layers, called by the last layer)."""
     lines = ["", "    def prefetch(self):",
-             '        """Start this layer\'s gather groups now; its forward\'s runtime.gather_group takes them."""']
+             f'        """Start the gather groups of {whose} now; its forward\'s runtime.gather_group takes them."""']
     for g in groups:
-        lines.append(f"        runtime.prefetch_group(({_shards(g, names, nodes)}), self.mesh, "
+        lines.append(f"        runtime.prefetch_group({shards_text(g, names, nodes)}, self.mesh, "
                      f"axis={g.steps[0].axis}, dims={literal(g.dims)})")
     return lines if groups else [*lines, "        return  # this layer gathers nothing"]
-
-
-def _gather_lines(g: GatherGroupPlan, names: Names, local: dict[str, str], nodes: dict) -> list[str]:
-    """One ``runtime.gather_group`` call for a layer's gather group (passes/gather_groups.py)."""
-    out = []
-    for c in g.steps:
-        phase = "" if c.phase == "forward" else f" ({c.phase})"
-        out.append(f"        # plan{phase}: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "
-                   f"{c.collective}, {fmt_bytes(c.payload_bytes.value)}: {names.text(c.reason)}")
-    shards = _shards(g, names, nodes)
-    targets = [f"            {local[m]},  # {shape_text(nodes[m].local_shape)} [{nodes[m].sbp_out}]" for m in g.nodes]
-    for m in g.nodes:
-        names.values[m] = local[m]
-    return [*out, "        (", *targets,
-            f"        ) = runtime.gather_group(({shards}), self.mesh, axis={g.steps[0].axis}, dims={literal(g.dims)})"]
 
 
 def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
@@ -143,7 +125,7 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
         node = nodes[name]
         if name in gathers:
             if name == gathers[name].nodes[0]:
-                lines += _gather_lines(gathers[name], names, local, nodes)
+                lines += gather_lines(gathers[name], names, local, nodes)
                 if gathers[name] is own[-1]:
                     lines += FOLLOWING
             continue
@@ -162,18 +144,46 @@ def _block_class(block: BlockPlan, plan: Plan) -> list[str]:
     return lines
 
 
+def _periodic(plan: Plan, blocks: dict[str, BlockPlan]) -> dict[int, tuple[int, tuple[str, ...]]]:
+    """Loops of ``period`` > 1 whose layers are plain instances of the same blocks in every
+    iteration: start -> (stop, the blocks of one iteration), made as one comprehension."""
+    calls = {c.index: c for c in plan.layer_calls}
+    out = {}
+    for run in plan.layer_runs:
+        kinds = tuple(calls[i].block for i in range(run.start, run.start + run.period))
+        if run.period > 1 and all(calls[i].block == kinds[(i - run.start) % run.period]
+                                  and not blocks[calls[i].block].constants for i in range(run.start, run.stop)):
+            out[run.start] = (run.stop, kinds)
+    return out
+
+
 def _layer_list(plan: Plan) -> list[str]:
-    """``self.layers``: each layer an instance of its block, consecutive plain ones as one range."""
+    """``self.layers``: each layer an instance of its block, consecutive plain ones as one range, a
+    repeating pattern of plain ones as one comprehension over its iterations."""
     blocks = {b.name: b for b in plan.blocks}
+    periodic = _periodic(plan, blocks)
+    lines = ["        self.layers = torch.nn.ModuleList(["]
     items: list[tuple[str, list[int]]] = []
+    skip = 0
     for call in plan.layer_calls:
+        if call.index < skip:
+            continue
+        if call.index in periodic:
+            stop, kinds = periodic[call.index]
+            items.append((", ".join(kinds), [call.index, stop]))
+            skip = stop
+            continue
         block = blocks[call.block]
         if items and items[-1][0] == call.block and not block.constants and items[-1][1][-1] + 1 == call.index:
             items[-1][1].append(call.index)
         else:
             items.append((call.block, [call.index]))
-    lines = ["        self.layers = torch.nn.ModuleList(["]
     for name, indices in items:
+        if name not in blocks:  # a repeating pattern
+            kinds = name.split(", ")
+            lines.append(f'            *(block(f"layers.{{i + m}}.", seed, mesh) for i in range({indices[0]}, {indices[1]}, '
+                         f"{len(kinds)}) for m, block in enumerate(({name}))),")
+            continue
         block = blocks[name]
         if len(indices) > 1:
             lines.append(f'            *({name}(f"layers.{{i}}.", seed, mesh) for i in range({indices[0]}, '
@@ -210,6 +220,11 @@ def model_lines(plan: Plan) -> list[str]:
     if derived or own_refresh:
         lines.append("        self.refresh_state()")
     lines += ["", *forward_lines(plan)]
+    ahead = [g for g in plan.gather_groups if g.prefetch_after >= 0]
+    if ahead:
+        nodes = {n.name: n for n in plan.nodes}
+        values = {s.node: attr_path("self", s.name) for s in plan.params}
+        lines += _prefetch_method(ahead, Names(values), nodes, "the Model's parameters used after the layers")
     if derived or own_refresh:
         lines += ["", "    @torch.no_grad()", "    def refresh_state(self):",
                   '        """State derived from parameters; the training loop calls this after every step."""']

@@ -644,10 +644,11 @@ def gather_group(shards, mesh, axis, dims):
     return _GatherGroup.apply(flight, *inputs)
 
 
-def with_following(layers, start, stop):
-    """(layer, the layer after it or None) for ``layers[start:stop]``: a layer's forward prefetches
-    the gather groups of the one after it (``prefetch_group``)."""
-    return [(layers[i], layers[i + 1] if i + 1 < len(layers) else None) for i in range(start, stop)]
+def with_following(layers, start, stop, after=None):
+    """(layer, the layer after it) for ``layers[start:stop]``: a layer's forward prefetches the gather
+    groups of the one after it (``prefetch_group``); the last layer's is ``after`` (the Model, whose
+    parameters used after the layers it then prefetches), or None."""
+    return [(layers[i], layers[i + 1] if i + 1 < len(layers) else after) for i in range(start, stop)]
 
 
 # ---- ops whose shard-local form needs collectives -----------------------------------------------

@@ -22,7 +22,11 @@ constructor; a number that changes a shape changes the signature through that sh
 Values a layer reads from outside (the residual stream, a table shared by several layers,
 tokens) are its inputs, passed as arguments; so a shared table stays one parameter. Consecutive
 layers form a run (one loop in the program) when each reads the same inputs as the one before,
-except those fed by the previous layer's outputs (``carry``), the same positions throughout.
+except those fed by the previous layer's outputs (``carry``), the same positions throughout. Layers
+of different kinds that alternate (a memory layer every 4th layer, reading a shared table the
+dense ones do not) loop by period: an iteration runs ``period`` consecutive layers, and the
+iterations must match as single layers do (``LayerRunPlan.wiring`` says which argument of each
+layer comes from outside the iteration and which from an earlier layer of it).
 """
 
 from __future__ import annotations
@@ -181,38 +185,96 @@ def _local_names(values: list[str], plan: Plan, stream: set[str]) -> tuple[str, 
     return tuple(out)
 
 
+MAX_PERIOD = 8  # the longest repeating pattern of layers looked for (memory every 4th layer: 4)
+
+
+@dataclasses.dataclass
+class _Period:
+    """``calls`` as one iteration of a loop: what it reads from outside, what its layers return."""
+
+    calls: list[LayerCallPlan]
+    inputs: list[str]  # values read from outside the iteration, in first-read order
+    outputs: list[str]  # its layers' outputs, layer after layer
+    wiring: tuple[tuple[int, int], ...]  # per layer argument: (-1, input) or (layer, output)
+    shape: tuple[tuple[int, int], ...]  # (arguments, outputs) per layer
+
+    @staticmethod
+    def of(calls: list[LayerCallPlan]) -> _Period:
+        made = {out: (m, k) for m, call in enumerate(calls) for k, out in enumerate(call.outputs)}
+        inputs: list[str] = []
+        wiring = []
+        for m, call in enumerate(calls):
+            for value in call.inputs:
+                if value in made and made[value][0] < m:
+                    wiring.append(made[value])
+                    continue
+                if value not in inputs:
+                    inputs.append(value)
+                wiring.append((-1, inputs.index(value)))
+        return _Period(calls, inputs, [o for c in calls for o in c.outputs], tuple(wiring),
+                       tuple((len(c.inputs), len(c.outputs)) for c in calls))
+
+
+def _follows(prev: _Period, nxt: _Period) -> tuple[tuple[int, int], ...] | None:
+    """The carry pairs (output of ``prev``, input of ``nxt``) when ``nxt`` can run as the loop
+    iteration after ``prev``: the same wiring, and each input either ``prev``'s at the same position
+    or one of ``prev``'s outputs; None when it cannot."""
+    if prev.shape != nxt.shape or prev.wiring != nxt.wiring or len(prev.inputs) != len(nxt.inputs):
+        return None
+    pairs = []
+    for j, value in enumerate(nxt.inputs):
+        if value in prev.outputs:
+            pairs.append((prev.outputs.index(value), j))
+        elif value != prev.inputs[j]:
+            return None
+    return tuple(pairs)
+
+
+def _extent(calls: list[LayerCallPlan], start: int, period: int) -> tuple[list[_Period], tuple[tuple[int, int], ...]]:
+    """The iterations of ``period`` layers from ``start`` that form one loop (greedy), and its carry."""
+    periods = [_Period.of(calls[start:start + period])]
+    carry = None
+    while start + (len(periods) + 1) * period <= len(calls):
+        at = start + len(periods) * period
+        nxt = _Period.of(calls[at:at + period])
+        pairs = _follows(periods[-1], nxt)
+        if pairs is None or (carry is not None and pairs != carry):
+            break
+        carry = pairs
+        periods.append(nxt)
+    return periods, carry or ()
+
+
 def _runs(calls: list[LayerCallPlan], readers: dict[str, list[str]]) -> list[LayerRunPlan]:
-    """Group consecutive layers into loops (greedy: extend while the next layer's inputs are the
-    previous layer's at the same positions, or its outputs at the same carry positions)."""
+    """Group consecutive layers into loops: from each layer on, the period (1 to MAX_PERIOD layers
+    per iteration) whose loop covers the most layers, the shortest on a tie; a layer no loop of two
+    iterations or more covers is a call of its own."""
     runs: list[LayerRunPlan] = []
     start = 0
     while start < len(calls):
-        stop, carry = start + 1, None
-        while stop < len(calls):
-            prev, nxt = calls[stop - 1], calls[stop]
-            if len(prev.inputs) != len(nxt.inputs) or len(prev.outputs) != len(nxt.outputs):
-                break
-            pairs = []
-            for j, value in enumerate(nxt.inputs):
-                if value in prev.outputs:
-                    pairs.append((prev.outputs.index(value), j))
-                elif value != prev.inputs[j]:
-                    pairs = None
-                    break
-            if pairs is None or (carry is not None and tuple(pairs) != carry):
-                break
-            carry = tuple(pairs)
-            stop += 1
-        carry = carry or ()
-        run_calls = calls[start:stop]
+        periods, carry = _extent(calls, start, 1)
+        for period in range(2, min(MAX_PERIOD, (len(calls) - start) // 2) + 1):
+            found, pairs = _extent(calls, start, period)
+            if len(found) > 1 and len(found) * period > len(periods) * len(periods[0].calls):
+                periods, carry = found, pairs
+        carried = dict(carry)
         collected = []
-        for k in range(len(run_calls[0].outputs)):
-            carried = any(out == k for out, _ in carry)
-            elsewhere = any(set(readers.get(call.outputs[k], ())) - {f"call:{call.index + 1}"} for call in run_calls[:-1])
-            if not carried or elsewhere:
-                collected.append(k)
-        runs.append(LayerRunPlan(calls[start].index, calls[stop - 1].index + 1, carry, tuple(collected)))
-        start = stop
+        for k in range(len(periods[0].outputs)):
+            for t, it in enumerate(periods):
+                last = t == len(periods) - 1
+                if last and k in carried:
+                    continue  # the loop's variable after the loop
+                inside = {f"call:{c.index}" for c in it.calls}
+                if k in carried:
+                    inside |= {f"call:{c.index}" for c in periods[t + 1].calls}
+                if set(readers.get(it.outputs[k], ())) - inside:
+                    collected.append(k)
+                    break
+        first, last = periods[0].calls[0], periods[-1].calls[-1]
+        period = len(periods[0].calls)
+        runs.append(LayerRunPlan(first.index, last.index + 1, carry, tuple(collected), period,
+                                 periods[0].wiring if period > 1 else ()))
+        start += len(periods) * period
     return runs
 
 

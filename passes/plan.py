@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 FLOAT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
 
 
@@ -120,11 +120,12 @@ class GatherGroupPlan:
     """fsdp gathers of one layer run as one flat all-gather (passes/gather_groups.py decides which):
     its backward is one reduce-scatter of the concatenated gradients."""
 
-    layer: int  # the layer (``layers.i``) whose forward runs it, before its members' first use
+    layer: int  # the layer (``layers.i``) whose forward runs it, before its members' first use; -1: the Model's
     params: tuple[str, ...]  # canonical names, in flat-buffer order
     nodes: tuple[str, ...]  # their boxing nodes (each node's own boxing is what the group replaces)
     dims: tuple[int, ...]  # the dimension each parameter is split on
     steps: tuple[CollectivePlan, ...]  # the all-gather and, in training, the reduce-scatter; also in collectives
+    prefetch_after: int = -1  # a Model's group used after the layers: the layer whose forward starts it; else -1
 
 
 @dataclass(frozen=True)
@@ -175,14 +176,21 @@ class LayerCallPlan:
 
 @dataclass(frozen=True)
 class LayerRunPlan:
-    """Consecutive layers the program runs as one loop: each reads the same values, except where
-    ``carry`` feeds a layer's output ``k`` to the next layer's input ``j``; outputs in ``collected``
-    are read elsewhere (a balance loss, a skip-layer delivery) and kept in a list per position."""
+    """Consecutive layers the program runs as one loop, ``period`` layers per iteration (a dense
+    layer and a memory layer in turn: period 2). An iteration reads the same values as the one
+    before, except where ``carry`` feeds its output ``k`` to the next iteration's input ``j``;
+    outputs in ``collected`` are read elsewhere (a balance loss, a skip-layer delivery) and kept in
+    a list per position. An iteration's inputs are the values its layers read from outside it, in
+    first-read order; its outputs are its layers' outputs, layer after layer, in each layer's order."""
 
     start: int
     stop: int
     carry: tuple[tuple[int, int], ...]  # (output position, input position)
     collected: tuple[int, ...]
+    period: int = 1  # layers per iteration
+    # where each layer of an iteration takes each argument from, layer after layer: (-1, j) the
+    # iteration's input j, (m, k) output k of its layer m (m < this layer)
+    wiring: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,53 @@ def test_memory_layers_get_their_own_block():
     assert _blocks(plan) == {"DenseBlock": (0, 2, 4, 5), "MemoryBlock": (1, 3)}
     memory = plan.blocks[1]
     assert memory.output_names == ("x", "ultramem_delayed")  # delivered two layers later, by the Model
-    assert [(r.start, r.stop) for r in plan.layer_runs] == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 6)]
+    # [dense, memory] twice loops by period 2 (the memory layer returns one more value, so a period
+    # of one would break at every layer); layer 3's delivery (model-level) ends the loop
+    assert [(r.start, r.stop, r.period) for r in plan.layer_runs] == [(0, 4, 2), (4, 6, 1)]
+    run = plan.layer_runs[0]
+    # an iteration reads x (input 0); the dense layer's x feeds the memory layer, whose x is carried
+    assert run.wiring == ((-1, 0), (0, 0)) and run.carry == ((1, 0),)
+    assert run.collected == (2,)  # the delayed memory output, delivered by the Model after layer 3 and 5
+
+
+def test_alternating_kinds_loop_by_period(tmp_path):
+    """Memory+ layers reading a shared table every other layer: one loop of period 2, and the
+    program spells it as calls of self.layers[i] and self.layers[i + 1] (the value checked against
+    eager by tests/dist/test_multirank.py and test_strategies.py)."""
+    plan = api.plan(MODELS / "memory-plus-tiny.yaml", "2", strategy="fsdp")
+    ((run,),) = (plan.layer_runs,)
+    assert (run.start, run.stop, run.period, run.carry, run.collected) == (0, 4, 2, ((1, 0),), ())
+    # the dense layer reads x (input 0); the memory layer the dense layer's x and the shared table (input 1)
+    assert run.wiring == ((-1, 0), (0, 0), (-1, 1))
+    api.compile(MODELS / "memory-plus-tiny.yaml", "2", tmp_path, strategy="fsdp")
+    text = (tmp_path / "program.py").read_text()
+    assert "for m, block in enumerate((DenseBlock, MemoryBlock))" in text
+    assert "        for i in range(0, 4, 2):\n            x = self.layers[i](x, following=self.layers[i + 1])\n" in text
+    assert "            x = self.layers[i + 1](x, memory_tables_pkm_shared_values_B, following=" in text
+
+
+def test_periods_cover_the_most_layers():
+    """The period chosen from each layer is the one whose loop covers the most layers (shortest on a
+    tie), a naive search over the calls written out by hand."""
+    from ultraplan.passes.blocks import _runs
+    from ultraplan.passes.plan import LayerCallPlan
+
+    def calls(kinds: str) -> list[LayerCallPlan]:
+        out, x = [], "embed"
+        for i, kind in enumerate(kinds):  # "d": x -> x; "m": (x, table) -> x
+            out.append(LayerCallPlan(i, kind, f"layers.{i}.", (f"n{i}",), (x, "table") if kind == "m" else (x,),
+                                     (f"n{i}",)))
+            x = f"n{i}"
+        return out
+
+    def shape(kinds: str) -> list[tuple[int, int, int]]:
+        return [(r.start, r.stop, r.period) for r in _runs(calls(kinds), {})]
+
+    assert shape("dddd") == [(0, 4, 1)]
+    assert shape("dmdmdm") == [(0, 6, 2)]
+    assert shape("ddddmdddmdddmddd") == [(0, 4, 1), (4, 16, 4)]  # Memory+ 227M's pattern, shortened
+    assert shape("ddmddmddm") == [(0, 9, 3)]
+    assert shape("dmd") == [(0, 1, 1), (1, 2, 1), (2, 3, 1)]
 
 
 def test_ring_tables_are_inputs_and_offsets_constants():

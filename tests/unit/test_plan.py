@@ -91,7 +91,7 @@ def test_cli_plan_json_and_explain(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["plan", "dense-tiny", "--mesh", "4", "--json", "-o", str(out)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["version"] == PLAN_VERSION == 3 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
+    assert data["version"] == PLAN_VERSION == 4 and data["mesh"] == [4] and Plan.from_json(out.read_text()).mesh == (4,)
     assert main(["explain", "dense-tiny", "--mesh", "2", "--stage", "choose_sbp"]) == 0
     text = capsys.readouterr().out
     assert "# Constructed by choose_sbp" in text and "build_plan" not in text

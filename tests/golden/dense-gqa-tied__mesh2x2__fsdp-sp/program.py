@@ -158,7 +158,7 @@ class GqaBlock(torch.nn.Module):
         return ffn_residual
 
     def prefetch(self):
-        """Start this layer's gather groups now; its forward's runtime.gather_group takes them."""
+        """Start the gather groups of this layer now; its forward's runtime.gather_group takes them."""
         runtime.prefetch_group((self.attention.norm.weight, self.attention.norm.bias, self.attention.wq, self.attention.wk, self.attention.wv, self.attention.wo, self.ffn.norm.weight, self.ffn.norm.bias, self.ffn.w_up, self.ffn.w_down), self.mesh, axis=0, dims=(0, 0, 1, 1, 1, 0, 0, 0, 1, 0))
 
 
@@ -184,19 +184,22 @@ class Model(torch.nn.Module):
         # tokens: (B/2, T) [S(0),B]
         # targets: (B/2, T) [S(0),B]
         # ---- model
-        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 6.14 kB: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        embed_weight_B_S0 = runtime.all_gather(self.embed.weight, self.mesh, axis=0, dim=1)  # (48, 64) [B,S(0)]
+        # plan: S(1) -> B on mesh axis 0 (2 devices), all_gather, 6.14 kB: embed.weight stored sharded (fsdp), all-gathered before use
+        # plan (backward): P -> S(1) on mesh axis 0 (2 devices), reduce_scatter, 12.29 kB: the dual of embed.weight's gather: one reduce-scatter of its gradient, started in the backward
+        (embed_weight_B_S0,) = runtime.gather_group((self.embed.weight,), self.mesh, axis=0, dims=(1,))  # (48, 64) [B,S(0)]
         x = ops.embedding_rows(tokens, embed_weight_B_S0, row_start=self.mesh.shard_range(96, (1,))[0])  # (B/2, T, 64) [S(0),P] embedding as a shard (b, vocab_parallel)
         # plan: P -> S(1) on mesh axis 1 (2 devices), reduce_scatter, 24.58 kB: x is pinned [S(0),S(1)] (sp on axis 1)
         x_S0_S1 = runtime.reduce_scatter(x, self.mesh, axis=1, dim=1)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- layers 0-2: GqaBlock
-        for layer, following in runtime.with_following(self.layers, 0, 3):
+        for layer, following in runtime.with_following(self.layers, 0, 3, after=self):
             x_S0_S1 = layer(x_S0_S1, following=following)
         # ---- final_norm
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        final_norm_weight_B_B = runtime.all_gather(self.final_norm.weight, self.mesh, axis=0, dim=0)  # (64) [B,B]
-        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: stored sharded (fsdp), all-gathered before use; the backward reduce-scatters its gradient
-        final_norm_bias_B_B = runtime.all_gather(self.final_norm.bias, self.mesh, axis=0, dim=0)  # (64) [B,B]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: final_norm.weight stored sharded (fsdp), all-gathered before use, started by layer 2
+        # plan (backward): P -> S(0) on mesh axis 0 (2 devices), reduce_scatter, 256 B: the dual of final_norm.weight's gather: one reduce-scatter of its gradient, started in the backward
+        (final_norm_weight_B_B,) = runtime.gather_group((self.final_norm.weight,), self.mesh, axis=0, dims=(0,))  # (64) [B,B]
+        # plan: S(0) -> B on mesh axis 0 (2 devices), all_gather, 128 B: final_norm.bias stored sharded (fsdp), all-gathered before use, started by layer 2
+        # plan (backward): P -> S(0) on mesh axis 0 (2 devices), reduce_scatter, 256 B: the dual of final_norm.bias's gather: one reduce-scatter of its gradient, started in the backward
+        (final_norm_bias_B_B,) = runtime.gather_group((self.final_norm.bias,), self.mesh, axis=0, dims=(0,))  # (64) [B,B]
         final_norm_normed = ops.layer_norm(x_S0_S1, final_norm_weight_B_B, final_norm_bias_B_B, eps=1e-05)  # (B/2, T/2, 64) [S(0),S(1)]
         # ---- model
         # plan: S(1) -> B on mesh axis 1 (2 devices), all_gather, 12.29 kB: logits (linear) takes final_norm_normed as [S(0),B]
@@ -204,6 +207,11 @@ class Model(torch.nn.Module):
         logits = ops.linear(final_norm_normed_S0_B, embed_weight_B_S0)  # (B/2, T, 48) [S(0),S(2)]
         loss = runtime.vocab_parallel_cross_entropy(logits, targets, mesh=self.mesh, axes=(1,), vocab_start=self.mesh.shard_range(96, (1,))[0]) * (1/2)  # [P,P]: this device's mean over its share of the batch, times that share, is a partial sum of the global mean
         return loss
+
+    def prefetch(self):
+        """Start the gather groups of the Model's parameters used after the layers now; its forward's runtime.gather_group takes them."""
+        runtime.prefetch_group((self.final_norm.weight,), self.mesh, axis=0, dims=(0,))
+        runtime.prefetch_group((self.final_norm.bias,), self.mesh, axis=0, dims=(0,))
 
 
 def gradient_buckets(model, mesh):
