@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import sympy
 from torch import fx
 
 from ..compiler.build import build_model
