@@ -82,10 +82,10 @@ def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
 
 @pytest.mark.slow
 def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, monkeypatch):
-    """pkm-tiny and ultramem-tiny on 2 ranks (tp) with `--kernels triton` under the interpreter:
-    kernels.py is written beside each program, and a training step through it equals the eager
-    reference; pkm's step with a broken forward kernel does not (so the comparison can fail), and
-    ultramem's kernels.py records that its pooling kernel ran (so the kernels are what ran)."""
+    """pkm-tiny, ultramem-tiny and ultramem-v2-tiny on 2 ranks (tp) with `--kernels triton` under the
+    interpreter: kernels.py is written beside each program, and a training step through it equals the
+    eager reference; pkm's step with a broken forward kernel does not (so the comparison can fail),
+    and the UltraMem programs' kernels.py record that their kernels ran (so the kernels are what ran)."""
 
     from ultraplan import api, runner
 
@@ -97,24 +97,30 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
         return real_run(commands[-1], *args, **kw)
 
     monkeypatch.setattr(runner, "run_job", with_triton)
-    pkm, ultramem = tmp_path / "pkm", tmp_path / "ultramem"
+    pkm, ultramem, v2 = tmp_path / "pkm", tmp_path / "ultramem", tmp_path / "ultramem-v2"
     api.compile("pkm-tiny", "2", pkm, strategy="tp")
-    api.compile("ultramem-tiny", "2", ultramem, strategy="tp", batch=2, seq=8)  # 16 tokens: the interpreter is slow
+    for spec, directory in (("ultramem-tiny", ultramem), ("ultramem-v2-tiny", v2)):  # 16 tokens: the interpreter is slow
+        api.compile(spec, "2", directory, strategy="tp", batch=2, seq=8)
     source = (pkm / "kernels.py").read_text()
     assert "KERNELS = {'gather_weighted_sum'" in source and "'pk_topk': pk_topk" in source
     # the product-key top-k kernel under the interpreter costs minutes for pkm-tiny's 256 rows per layer:
     # tests/unit/test_triton_topk.py checks it; here the program runs its torch form
     (pkm / "kernels.py").write_text(source + "\n\nKERNELS.pop('pk_topk')\nKERNELS.pop('pk_slot_scores')\n")
-    source = (ultramem / "kernels.py").read_text()
-    assert "'gather_ive_pool': pool_rows" in source
-    marker = tmp_path / "pool_rows_ran"
-    (ultramem / "kernels.py").write_text(
-        source + f"\n\n_pool_rows = pool_rows\n\n\ndef pool_rows(*args):\n    open({str(marker)!r}, 'a').write('x')\n"
-        "    return _pool_rows(*args)\n\n\nKERNELS['gather_ive_pool'] = pool_rows\n")
-    for directory in (pkm, ultramem):
+    spied = {(ultramem, "gather_ive_pool"): "pool_rows", (v2, "gather_core_pool"): "pool_rows",
+             (v2, "gather_row_dot"): "gather_row_dot"}
+    for (directory, op), kernel in spied.items():  # each call through the kernel leaves an x in its marker file
+        source = (directory / "kernels.py").read_text()
+        assert f"'{op}': {kernel}" in source
+        marker = tmp_path / f"{directory.name}-{op}"
+        (directory / "kernels.py").write_text(
+            source + f"\n\n_{op} = KERNELS[{op!r}]\n\n\ndef _spy_{op}(*args):\n"
+            f"    open({str(marker)!r}, 'a').write('x')\n    return _{op}(*args)\n\n\nKERNELS[{op!r}] = _spy_{op}\n")
+    for directory in (pkm, ultramem, v2):
         report = runner.run(directory, nproc=None, steps=1, seed=None, check=True, quiet=True)
         assert report["ok"], report
-    assert len(commands) == 2 and marker.read_text().count("x") >= 2 * 2  # both ranks, both memory layers
+    assert len(commands) == 3
+    for directory, op in spied:  # both ranks, every memory layer
+        assert (tmp_path / f"{directory.name}-{op}").read_text().count("x") >= 2 * 2, (directory.name, op)
     source = (pkm / "kernels.py").read_text()
     broken = source.replace("acc += tl.sum(vals.to(tl.float32) * w[:, None], axis=0)",
                             "acc += 2 * tl.sum(vals.to(tl.float32) * w[:, None], axis=0)")
