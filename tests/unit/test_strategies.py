@@ -86,7 +86,10 @@ def test_fsdp_stores_shards_and_gathers_before_use():
     assert all(not p.grad_sync for p in plan.params)
     kinds = collectives(plan)
     grouped = [name for g in plan.gather_groups for name in g.params]  # one collective per layer (gather groups)
-    assert len(grouped) == len(set(grouped)) == len(plan.params) - 3  # all but embedding, final norm, head
+    assert len(grouped) == len(set(grouped)) == len(plan.params)  # every parameter gathers in a group
+    model_level = {name for g in plan.gather_groups if g.layer == -1 for name in g.params}
+    assert model_level == {"embed.weight", "final_norm.weight", "lm_head.weight"} and \
+        all(len(g.params) == 1 for g in plan.gather_groups if g.layer == -1)  # the Model's own: one each
     expected = len(plan.params) - len(grouped) + len(plan.gather_groups)
     assert kinds[("all_gather", "forward")] == kinds[("reduce_scatter", "backward")] == expected
     dp = api.plan(MODELS / "dense-tiny.yaml", "4")
