@@ -150,7 +150,7 @@ def run(out_dir: Path, *, nproc: int | None, steps: int | None, seed: int | None
     return report
 
 
-# Steps left out of the step-time median: the first runs under CommDebugMode and counts saved
+# Steps left out of the step-time median: the first runs under comm_debug (a dispatch mode) and counts saved
 # tensors, and the first ones also pay allocation and autograd's first-use costs.
 WARMUP_STEPS = 2
 
@@ -182,7 +182,7 @@ def saved_report(plan: Plan, result: dict) -> dict:
 def comm_report(plan: Plan, result: dict, steps: int) -> dict:
     """Per step and kind: bytes handed to collectives (the mean over ranks: routed all_to_all payloads
     differ between ranks, their mean is what the plan predicts) and calls, measured and predicted
-    (the plan's one list of collectives), and the calls torch's CommDebugMode saw in the first step.
+    (the plan's one list of collectives), and the calls torch's dispatcher ran in the first step (runtime.comm_debug).
     The plan's bytes are in each collective's dtype; a float64 run (``result["dtype"]``) hands every
     floating value in float64, int64 ones (indices, counts) as planned."""
     ranks = result["comm_by_rank"]

@@ -6,7 +6,7 @@ and fsdp,sp (and dense-tiny with auto, what the search chose): after several Ada
 final parameters equal the eager single-process run in float64 to 1e-10 (every case) and in float32 (the
 1-D meshes; the 2x2 ones only in float64, to keep CI short) to runner.TOLERANCES, whose comment says
 why; the bytes handed to each kind of collective and the calls equal the plan's one list of collectives,
-the calls equal what torch's CommDebugMode counted in the first step, and every rank holds exactly its
+the calls equal what torch's dispatcher ran in the first step (runtime.comm_debug), and every rank holds exactly its
 shards (the plan's bytes per device) and never made more than one shard plus one init block. A strategy
 a spec's sizes do not divide is a clear error instead (checked too). One torchrun per rank count runs
 every case (tests/dist/driver.py). The 2x2 cases use small gradient buckets (several per model;

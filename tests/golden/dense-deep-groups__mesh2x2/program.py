@@ -501,7 +501,7 @@ def main(argv=None):
             local = runtime.local_slice(batch, mesh, BATCH_SBP).to(mesh.device)
         else:  # this rank's rows and positions (+1 for the targets), read from the file
             local = data.window(args.seed, step, GLOBAL_BATCH, SEQ_LEN, part).to(mesh.device)
-        # the first step also runs under torch's CommDebugMode, which counts the collectives it sees
+        # the first step also runs under comm_debug, which counts the collectives torch's dispatcher runs
         # and counts the bytes autograd saves for its backward (runtime.count_saved)
         with runtime.comm_debug(enabled=step == start) as seen:
             with runtime.count_saved(model, enabled=step == start):
