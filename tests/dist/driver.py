@@ -1,6 +1,12 @@
 """Run several compiled programs inside one torchrun process group (one start per rank count).
 
     torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
+    python tests/dist/driver.py --nproc N MANIFEST.json
+
+The second form starts the same job without torchrun: one process imports torch and what the programs import,
+then forks the N ranks, which so skip their own imports (about 4 s of CPU each on 2 cores, and torchrun's
+agent another 4 s): see ``launch``. The ranks get torchrun's environment and join the TCPStore this process
+hosts, as torchrun's agent does; when one rank fails the others are killed, as torchrun does.
 
 The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases, optionally with more program
 ``"args"`` and ``"env"`` (set for that case alone); each program's ``main`` is called in turn with the process group
@@ -11,13 +17,17 @@ per case (each directory is a new path, so Python's own bytecode cache never hit
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import json
 import os
+import signal
+import socket
 import sys
+import traceback
 
 import torch.distributed as dist
 
@@ -86,7 +96,65 @@ def main() -> None:
     dist.destroy_process_group()
 
 
+# what the emitted programs and their neighbour files import: imported once, before the ranks are forked
+PRELOAD = ("torch", "torch.nn.functional", "torch.distributed.device_mesh", "torch.distributed.tensor",
+           "torch.distributed.checkpoint", "torch.utils._python_dispatch", "torch.utils.checkpoint", "numpy")
+PR_SET_PDEATHSIG = 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, manifest: str) -> int:
+    """Fork ``nproc`` ranks that each run ``main`` on ``manifest``; the exit code torchrun would give."""
+    for name in PRELOAD:  # no thread pool is started by an import, so forking after it is safe
+        importlib.import_module(name)
+    port = _free_port()
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "ROLE_WORLD_SIZE": str(nproc),
+           "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RUN_ID": "driver"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ranks = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:  # a rank: ends with os._exit, never returns into the launcher
+            code = 1
+            try:
+                ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher killed: so is the rank
+                os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
+                sys.argv = [sys.argv[0], manifest]
+                main()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        ranks[pid] = rank
+    store = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False)  # torchrun's agent's
+    code = 0
+    while ranks:
+        pid, status = os.wait()
+        rank = ranks.pop(pid, None)
+        if rank is None or status == 0:
+            continue
+        if not code:  # the first rank to fail: the others are stopped (their own exits are not news)
+            code = os.waitstatus_to_exitcode(status)
+            print(f"driver: rank {rank} exited with {code}; stopping the others", file=sys.stderr)
+            for other in ranks:
+                os.kill(other, signal.SIGKILL)
+    del store
+    return 1 if code else 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "--nproc":
+        sys.exit(launch(int(sys.argv[2]), sys.argv[3]))
     main()
     # every case's results are written: leave without interpreter teardown, where gloo can abort a
     # finished rank (pytorch/pytorch PR #179291; backends/runtime.py's finish says more)

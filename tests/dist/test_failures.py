@@ -23,7 +23,7 @@ import uuid
 import pytest
 import torch
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, job_lock
 from ultraplan import api
 from ultraplan.launch import job_processes, kill_job
 
@@ -110,6 +110,12 @@ def jobs(program, tmp_path_factory):
              {"dir": str(program), "steps": 4, "dtype": "float64", "dump": str(skip / "skip.json"), "env": fault,
               "args": ["--skip-nonfinite"]}]
     (skip / "manifest.json").write_text(json.dumps(cases))
+    with job_lock(exclusive=True):  # what these tests time is the job alone: no other worker's ranks beside it
+        yield from _started(launcher, cli, skip, cases)
+
+
+def _started(launcher, cli, skip, cases):
+    """Start every job; after the module's tests, end whatever of them is left."""
     started = {
         "raise": Job([*launcher, "--steps", "5"], fault="raise:1:2"),
         "kill": Job([*launcher, "--steps", "5"], fault="kill:1:2"),

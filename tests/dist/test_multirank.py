@@ -22,7 +22,7 @@ from ultraplan.backends import train_data
 from ultraplan.compiler import ops
 from ultraplan.passes.plan import Plan
 
-from tests.conftest import MODELS, ROOT
+from tests.conftest import MODELS, ROOT, job_lock
 from ultraplan import api
 from ultraplan.data import prepare
 from ultraplan.reference import relative_differences, train_reference
@@ -51,10 +51,19 @@ def reference(spec: str, dtype: str) -> tuple[list[float], dict[str, torch.Tenso
     return train_reference(plan, STEPS, plan.training.seed, getattr(torch, dtype))
 
 
+DRIVER = str(ROOT / "tests" / "dist" / "driver.py")
+
+
 def torchrun(nproc: int, *args: str, cwd=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    """A job of ``nproc`` gloo ranks: torchrun's, or for tests/dist/driver.py its own launcher (the ranks forked
+    from one process that imported torch once; driver.py says why). Under xdist it holds the job lock shared."""
+    if args[:1] == (DRIVER,):
+        cmd = [sys.executable, DRIVER, "--nproc", str(nproc), *args[1:]]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    with job_lock():
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture(scope="module", params=sorted(MESHES))

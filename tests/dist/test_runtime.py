@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, job_lock
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,8 @@ def run(tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
            str(ROOT / "tests" / "dist" / "runtime_cases.py"), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    with job_lock():
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-6000:]
     return out
 
