@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node N tests/dist/driver.py MANIFEST.json
     python tests/dist/driver.py --nproc N MANIFEST.json
+    python tests/dist/driver.py --nproc N --script FILE ARGS...
 
 The second form starts the same job without torchrun: one process imports torch and what the programs import,
 then forks the N ranks, which so skip their own imports (about 4 s of CPU each on 2 cores, and torchrun's
-agent another 4 s): see ``launch``. The ranks get torchrun's environment and join the TCPStore this process
+agent another 4 s): see ``launch``. With ``--script`` each rank runs FILE as ``__main__`` instead. The ranks get torchrun's environment and join the TCPStore this process
 hosts, as torchrun's agent does; when one rank fails the others are killed, as torchrun does.
 
 The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases, optionally with more program
@@ -24,6 +25,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import runpy
 import signal
 import socket
 import sys
@@ -108,8 +110,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc: int, manifest: str) -> int:
-    """Fork ``nproc`` ranks that each run ``main`` on ``manifest``; the exit code torchrun would give."""
+def launch(nproc: int, argv: list[str]) -> int:
+    """Fork ``nproc`` ranks that each run ``main`` on the manifest ``argv[0]`` (or ``--script FILE ARGS...``:
+    FILE as ``__main__``); the exit code torchrun would give."""
     for name in PRELOAD:  # no thread pool is started by an import, so forking after it is safe
         importlib.import_module(name)
     port = _free_port()
@@ -126,8 +129,12 @@ def launch(nproc: int, manifest: str) -> int:
             try:
                 ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher killed: so is the rank
                 os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank), ROLE_RANK=str(rank))
-                sys.argv = [sys.argv[0], manifest]
-                main()
+                if argv[0] == "--script":
+                    sys.argv = argv[1:]
+                    runpy.run_path(argv[1], run_name="__main__")
+                else:
+                    sys.argv = [sys.argv[0], *argv]
+                    main()
                 code = 0
             except BaseException:
                 traceback.print_exc()
@@ -154,7 +161,7 @@ def launch(nproc: int, manifest: str) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--nproc":
-        sys.exit(launch(int(sys.argv[2]), sys.argv[3]))
+        sys.exit(launch(int(sys.argv[2]), sys.argv[3:]))
     main()
     # every case's results are written: leave without interpreter teardown, where gloo can abort a
     # finished rank (pytorch/pytorch PR #179291; backends/runtime.py's finish says more)

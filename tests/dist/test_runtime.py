@@ -26,8 +26,8 @@ CASES = ("setup", "shard_range", "data_windows", "collectives", "vocab_cross_ent
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runtime")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-           str(ROOT / "tests" / "dist" / "runtime_cases.py"), str(out)]
+    cmd = [sys.executable, str(ROOT / "tests" / "dist" / "driver.py"), "--nproc", "4",  # its launcher: driver.py
+           "--script", str(ROOT / "tests" / "dist" / "runtime_cases.py"), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     with job_lock():
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
