@@ -30,32 +30,31 @@ def write_spec(tmp_path):
 
 
 # ---- parallel runs (pytest-xdist, `make test` runs `-n auto --dist loadgroup`) ---------------------------------
-# Each worker is sent whole groups of tests: a group is the tests that share a module-scoped fixture instance
-# (a multi-rank job is started once, on one worker), a unit-test file, or a multi-rank test that shares nothing.
+# Each worker is sent whole groups of tests: a group is the tests that share a module-scoped fixture (its
+# multi-rank jobs are started once, on one worker), a unit-test file, or a multi-rank test that shares nothing.
 # Groups go out longest first (GROUP_SECONDS, measured on 2 cores) so that no long job starts last.
 GROUP_SECONDS = {
-    "tests/dist/test_strategies.py[strategy_run=4]": 150, "tests/dist/test_multirank.py[rank_run=4]": 80,
-    "tests/dist/test_multirank.py::test_100m_specs_train_on_the_cpu": 70, "tests/dist/test_runtime.py": 60,
-    "tests/dist/test_checkpoint.py[two_ranks]": 50, "tests/dist/test_strategies.py[strategy_run=2]": 40,
-    "tests/dist/test_placement.py[placement_run=4]": 40, "tests/dist/test_multirank.py[rank_run=2]": 35,
+    "tests/dist/test_strategies.py[strategy_run]": 190, "tests/dist/test_multirank.py[rank_run]": 140,
+    "tests/dist/test_multirank.py::test_100m_specs_train_on_the_cpu": 70, "tests/dist/test_placement.py[placement_run]": 60,
+    "tests/dist/test_checkpoint.py[two_ranks]": 50, "tests/dist/test_runtime.py": 40,
     "tests/dist/test_checkpoint.py[four_ranks]": 35, "tests/dist/test_failures.py": 30,
-    "tests/dist/test_model_features.py": 30, "tests/dist/test_multirank.py[rank_run=1]": 25,
+    "tests/dist/test_model_features.py": 30,
 }
 
 
 def _module_fixtures(item: pytest.Item) -> list[str]:
-    """The module-scoped fixture instances ``item`` uses, as ``name`` or ``name=param``."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
+    """The module-scoped fixtures ``item`` uses. Every parameter of one goes to one worker: the module's caches
+    (the eager references every rank count compares with) then serve them all."""
     found = []
     for name in item.fixturenames:
         defs = item._fixtureinfo.name2fixturedefs.get(name)
         if defs and defs[-1].scope == "module":
-            found.append(f"{name}={params[name]}" if name in params else name)
+            found.append(name)
     return found
 
 
 def _groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """Each item's group: tests that share a module-scoped fixture instance (transitively) are one group,
+    """Each item's group: tests that share a module-scoped fixture (transitively) are one group,
     named by its member with the largest GROUP_SECONDS."""
     parent: dict[str, str] = {}
 
