@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check . tests/dist  # ruff skips folders named dist unless named
-	$(PY) -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder  # groups and their order: tests/conftest.py
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder  # the order: tests/conftest.py
 
 docs: $(STAMP)
 	$(PY) tools/gen_spec_reference.py

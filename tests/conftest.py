@@ -29,74 +29,29 @@ def write_spec(tmp_path):
     return write
 
 
-# ---- parallel runs (pytest-xdist, `make test` runs `-n auto --dist loadgroup`) ---------------------------------
-# Each worker is sent whole groups of tests: a group is the tests that share a module-scoped fixture (its
-# multi-rank jobs are started once, on one worker), a unit-test file, or a multi-rank test that shares nothing.
-# Groups go out longest first (GROUP_SECONDS, measured on 2 cores) so that no long job starts last.
-GROUP_SECONDS = {
-    "tests/dist/test_strategies.py[strategy_run]": 190, "tests/dist/test_multirank.py[rank_run]": 140,
-    "tests/dist/test_multirank.py::test_100m_specs_train_on_the_cpu": 70, "tests/dist/test_placement.py[placement_run]": 60,
-    "tests/dist/test_checkpoint.py[two_ranks]": 50, "tests/dist/test_runtime.py": 40,
-    "tests/dist/test_checkpoint.py[four_ranks]": 35, "tests/dist/test_failures.py": 30,
+# ---- parallel runs (pytest-xdist: `make test` runs `-n auto --dist loadfile --no-loadscope-reorder`) -------------
+# Each worker is sent whole files (a file's module-scoped multi-rank jobs then start once, on one worker, and its
+# caches of eager references serve every rank count), longest first as FILE_SECONDS says (measured on 2 cores,
+# rounded): xdist sends files in collection order, and a long job sent last would end the run alone.
+# (xdist's finer --dist loadgroup does not group under pytest 9: it renames node ids through an attribute
+# pytest 9 no longer reads.)
+FILE_SECONDS = {
+    "tests/dist/test_multirank.py": 230, "tests/dist/test_strategies.py": 190, "tests/dist/test_checkpoint.py": 85,
+    "tests/dist/test_placement.py": 60, "tests/dist/test_runtime.py": 40, "tests/dist/test_failures.py": 30,
     "tests/dist/test_model_features.py": 30,
 }
 
 
-def _module_fixtures(item: pytest.Item) -> list[str]:
-    """The module-scoped fixtures ``item`` uses. Every parameter of one goes to one worker: the module's caches
-    (the eager references every rank count compares with) then serve them all."""
-    found = []
-    for name in item.fixturenames:
-        defs = item._fixtureinfo.name2fixturedefs.get(name)
-        if defs and defs[-1].scope == "module":
-            found.append(name)
-    return found
-
-
-def _groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
-    """Each item's group: tests that share a module-scoped fixture (transitively) are one group,
-    named by its member with the largest GROUP_SECONDS."""
-    parent: dict[str, str] = {}
-
-    def find(key: str) -> str:
-        while parent.setdefault(key, key) != key:
-            key = parent[key]
-        return key
-
-    keys = {}
-    for item in items:
-        file = item.nodeid.split("::")[0]
-        shared = [f"{file}[{f}]" for f in _module_fixtures(item)]
-        if not file.startswith("tests/dist/"):
-            shared = [file]  # a unit-test file stays whole (module-level caches serve all its tests)
-        elif not shared:
-            shared = [item.nodeid.split("[")[0]]  # parametrized cases of one such test stay together
-        for key in shared:
-            a, b = find(shared[0]), find(key)
-            if a != b:  # the root is the member expected to take longest
-                a, b = sorted((a, b), key=lambda k: (-seconds(k), k))
-                parent[b] = a
-        keys[item] = shared[0]
-    return {item: find(key) for item, key in keys.items()}
-
-
-def seconds(group: str) -> float:
-    """GROUP_SECONDS of a group, or of its file; a multi-rank group not listed goes before the unit files."""
-    file = group.split("::")[0].split("[")[0]
-    return GROUP_SECONDS.get(group, GROUP_SECONDS.get(file, 10 if file.startswith("tests/dist/") else 0))
+def seconds(item: pytest.Item) -> float:
+    """FILE_SECONDS of the item's file; a multi-rank file not listed goes before the unit-test files."""
+    file = item.nodeid.split("::")[0]
+    return FILE_SECONDS.get(file, 10 if file.startswith("tests/dist/") else 0)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist: mark each item's group and put the longest groups first (xdist sends groups in
-    collection order; within a group the order is pytest's)."""
-    if not hasattr(config, "workerinput"):
-        return
-    groups = _groups(items)
-    first_seen: dict[str, int] = {}
-    for item in items:
-        first_seen.setdefault(groups[item], len(first_seen))
-        item.add_marker(pytest.mark.xdist_group(groups[item].replace("@", "_")))
-    items.sort(key=lambda it: (-seconds(groups[it]), first_seen[groups[it]]))
+    """Under xdist: the longest files first (a stable sort: within a file pytest's order stays)."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda it: -seconds(it))
 
 
 def pytest_configure(config: pytest.Config) -> None:
