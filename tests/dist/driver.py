@@ -6,8 +6,9 @@
 
 The second form starts the same job without torchrun: one process imports torch and what the programs import,
 then forks the N ranks, which so skip their own imports (about 4 s of CPU each on 2 cores, and torchrun's
-agent another 4 s): see ``launch``. With ``--script`` each rank runs FILE as ``__main__`` instead. The ranks get torchrun's environment and join the TCPStore this process
-hosts, as torchrun's agent does; when one rank fails the others are killed, as torchrun does.
+agent another 4 s): see ``launch``. With ``--script`` each rank runs FILE as ``__main__`` instead. The ranks
+get torchrun's environment and join the TCPStore this process hosts, as torchrun's agent does; when one rank
+fails the others are killed, as torchrun does.
 
 The manifest lists ``{"dir": ..., "steps": ..., "dump": ..., "dtype": ...}`` cases, optionally with more program
 ``"args"`` and ``"env"`` (set for that case alone); each program's ``main`` is called in turn with the process group
