@@ -117,6 +117,51 @@ def near_optimal_only(h: highspy.Highs, x: list[list[int]], width: float) -> Non
     fix_by_reduced_cost(h, x, np.asarray(h.getSolution().col_value), np.asarray(h.getSolution().col_dual), width)
 
 
+def optimal_face(h: highspy.Highs, upper: np.ndarray, exact_rows: list[int], width: float) -> tuple[list, list]:
+    """Restrict the model in ``h``, at an LP optimum that was integral, to what an assignment within
+    ``width`` of the optimum can be, without the dense row "objective <= optimum + width" (which
+    makes the tie-break's LP several times slower). At an LP optimum every feasible point costs the
+    optimum plus, over the non-basic columns, reduced cost times the distance from their bound, plus
+    over the rows, |dual| times their slack: all non-negative. A point within ``width`` therefore has
+    every column of reduced cost above ``width`` at its bound and every row of |dual| above it without
+    slack, wherever those distances are 0 or at least 1. They are at the program's own completion of
+    an assignment (search_ilp: e, s, k, y are 0/1 and the rows ``exact_rows`` have 0/1 slack), so
+    fixing those columns (``upper`` finite) and rows keeps every assignment within ``width`` feasible:
+    the restricted minimum of any objective is a lower bound of its minimum within the band, and equal
+    to it when its answer is within the band. Returns the changed (columns, rows), for ``restore``."""
+    sol = h.getSolution()
+    values, reduced, duals = (np.asarray(a, dtype=float) for a in (sol.col_value, sol.col_dual, sol.row_dual))
+    finite = np.isfinite(upper)
+    low = np.nonzero(finite & (values <= INTEGRAL) & (reduced > width))[0].astype(np.int32)
+    high = np.nonzero(finite & (values >= upper - INTEGRAL) & (reduced < -width))[0].astype(np.int32)
+    if len(low):
+        h.changeColsBounds(len(low), low, np.zeros(len(low)), np.zeros(len(low)))
+    if len(high):
+        h.changeColsBounds(len(high), high, upper[high], upper[high])
+    model = h.getLp()
+    lower, upper_rows = np.asarray(model.row_lower_), np.asarray(model.row_upper_)  # each access copies
+    rows = []
+    for i in exact_rows:
+        lo, hi = float(lower[i]), float(upper_rows[i])
+        if lo == hi or abs(duals[i]) <= width:
+            continue
+        rows.append((i, lo, hi))
+        active = lo if duals[i] > 0 else hi  # a positive dual: the row sits at its lower bound
+        if np.isfinite(active):
+            h.changeRowBounds(i, active, active)
+    return [int(c) for c in (*low, *high)], rows
+
+
+def restore(h: highspy.Highs, upper: np.ndarray, changed: tuple[list, list]) -> None:
+    """Undo ``optimal_face``: the columns' bounds back to [0, upper], the rows' to theirs."""
+    cols, rows = changed
+    if cols:
+        idx = np.unique(np.asarray(cols, dtype=np.int32))
+        h.changeColsBounds(len(idx), idx, np.zeros(len(idx)), upper[idx])
+    for i, lo, hi in rows:
+        h.changeRowBounds(i, lo, hi)
+
+
 def mip(h: highspy.Highs, integrality: list[int], best: np.ndarray | None) -> np.ndarray:
     """HiGHS's MIP solver on the model (``integrality``: its integer columns), from ``best`` when
     that is a known feasible solution; the columns are continuous again afterwards."""
