@@ -12,6 +12,8 @@ knapsack), and HiGHS's branch and cut takes over, from the incumbent when one is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import highspy
 import numpy as np
 
@@ -117,23 +119,40 @@ def near_optimal_only(h: highspy.Highs, x: list[list[int]], width: float) -> Non
     fix_by_reduced_cost(h, x, np.asarray(h.getSolution().col_value), np.asarray(h.getSolution().col_dual), width)
 
 
-def optimal_face(h: highspy.Highs, upper: np.ndarray, exact_rows: list[int], width: float) -> tuple[list, list]:
-    """Restrict the model in ``h``, at an LP optimum that was integral, to what an assignment within
-    ``width`` of the optimum can be, without the dense row "objective <= optimum + width" (which
-    makes the tie-break's LP several times slower). At an LP optimum every feasible point costs the
-    optimum plus, over the non-basic columns, reduced cost times the distance from their bound, plus
-    over the rows, |dual| times their slack: all non-negative. A point within ``width`` therefore has
-    every column of reduced cost above ``width`` at its bound and every row of |dual| above it without
-    slack, wherever those distances are 0 or at least 1. They are at the program's own completion of
-    an assignment (search_ilp: e, s, k, y are 0/1 and the rows ``exact_rows`` have 0/1 slack), so
-    fixing those columns (``upper`` finite) and rows keeps every assignment within ``width`` feasible:
-    the restricted minimum of any objective is a lower bound of its minimum within the band, and equal
-    to it when its answer is within the band. Returns the changed (columns, rows), for ``restore``."""
+@dataclass
+class Root:
+    """An LP optimum of the model (``bound``; ``values``, ``reduced`` costs of the columns and row
+    ``duals``), kept to restrict later stages by what it proves."""
+
+    bound: float
+    values: np.ndarray
+    reduced: np.ndarray
+    duals: np.ndarray
+
+
+def root_of(h: highspy.Highs, bound: float) -> Root | None:
+    """The LP optimum just solved in ``h`` as a ``Root``; None when HiGHS has no valid duals."""
     sol = h.getSolution()
-    values, reduced, duals = (np.asarray(a, dtype=float) for a in (sol.col_value, sol.col_dual, sol.row_dual))
+    if not sol.dual_valid:
+        return None
+    return Root(bound, *(np.array(a, dtype=float) for a in (sol.col_value, sol.col_dual, sol.row_dual)))
+
+
+def optimal_face(h: highspy.Highs, upper: np.ndarray, exact_rows: list[int], root: Root, width: float) -> tuple:
+    """Restrict the model in ``h`` to what an assignment within ``width`` of the LP bound ``root``
+    can be, without a dense row "objective <= bound + width" (which makes the tie-break's LP several
+    times slower). At an LP optimum every feasible point costs the bound plus, over the non-basic
+    columns, reduced cost times the distance from their bound, plus over the rows, |dual| times their
+    slack: all non-negative. A point within ``width`` therefore has every column of reduced cost
+    above ``width`` at its bound and every row of |dual| above it without slack, wherever those
+    distances are 0 or at least 1. They are at the program's own completion of an assignment
+    (search_lp: e, s, k, y are 0/1 and the rows ``exact_rows`` have 0/1 slack), so pinning those
+    columns (``upper`` finite) and rows keeps every assignment within ``width`` feasible: the
+    restricted minimum of any objective is a lower bound of its minimum among them, and equal to it
+    when its answer is one of them. Returns what changed, for ``restore``."""
     finite = np.isfinite(upper)
-    low = np.nonzero(finite & (values <= INTEGRAL) & (reduced > width))[0].astype(np.int32)
-    high = np.nonzero(finite & (values >= upper - INTEGRAL) & (reduced < -width))[0].astype(np.int32)
+    low = np.nonzero(finite & (root.values <= INTEGRAL) & (root.reduced > width))[0].astype(np.int32)
+    high = np.nonzero(finite & (root.values >= upper - INTEGRAL) & (root.reduced < -width))[0].astype(np.int32)
     if len(low):
         h.changeColsBounds(len(low), low, np.zeros(len(low)), np.zeros(len(low)))
     if len(high):
@@ -143,11 +162,11 @@ def optimal_face(h: highspy.Highs, upper: np.ndarray, exact_rows: list[int], wid
     rows = []
     for i in exact_rows:
         lo, hi = float(lower[i]), float(upper_rows[i])
-        if lo == hi or abs(duals[i]) <= width:
+        if lo == hi or abs(root.duals[i]) <= width:
             continue
-        rows.append((i, lo, hi))
-        active = lo if duals[i] > 0 else hi  # a positive dual: the row sits at its lower bound
+        active = lo if root.duals[i] > 0 else hi  # a positive dual: the row sits at its lower bound
         if np.isfinite(active):
+            rows.append((i, lo, hi))
             h.changeRowBounds(i, active, active)
     return [int(c) for c in (*low, *high)], rows
 

@@ -26,17 +26,17 @@ import numpy as np
 
 from .search_bnb import (
     Infeasible,
+    Root,
     chosen,
     fix_by_reduced_cost,
     lagrangian,
-    minimise,
     mip,
-    near_optimal_only,
     optimal_face,
     relaxation,
     restore,
+    root_of,
 )
-from .search_lp import SCALE, Lp, build
+from .search_lp import GIB, SCALE, Lp, build
 from .search_model import Buckets, Demand, Group, Problem, Solution, Use, bucket_count, evaluate
 
 __all__ = ["Buckets", "Demand", "Group", "Infeasible", "Problem", "Solution", "Use", "bucket_count", "build", "evaluate",
@@ -119,53 +119,74 @@ def solve(problem: Problem) -> Solution:
     lp, x, objective = build(problem)
     h = _highs(lp)
     bound, values = relaxation(h)
-    root = reduced = None
-    if chosen(values, x) is None:  # the memory row binds (a knapsack) or buckets count fractionally
-        root = _branch_and_cut(h, lp, x, bound, values)
-        values = root[2]
-    elif h.getSolution().dual_valid:
-        reduced = np.asarray(h.getSolution().col_dual, dtype=float).copy()
-    best = float(sum(c * values[i] for i, c in objective.items()))
-    # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
-    band = best * 1e-9 + 1e-9 + 1e-7  # 1e-7: HiGHS's dual feasibility tolerance
+    root = root_of(h, bound)
     n = len(lp.cost)
     ranks = np.zeros(n)
     for cols in x:
         for k, c in enumerate(cols):
             ranks[c] = k
-    limit = (best * (1 + 1e-9) + 1e-9) / SCALE + problem.constant  # evaluate counts the constant
 
-    def accept(choice: list[int]) -> bool:
-        time, _, ok = evaluate(problem, choice)
-        return ok and time <= limit
+    def within(best: float) -> Callable[[list[int]], bool]:
+        limit = (best * (1 + 1e-9) + 1e-9) / SCALE + problem.constant  # evaluate counts the constant
+
+        def accept(choice: list[int]) -> bool:
+            time, _, ok = evaluate(problem, choice)
+            return ok and time <= limit
+        return accept
 
     choice = None
-    if reduced is not None:
-        choice = _on_face(h, lp, x, ranks, band, accept)
-        if choice is None:  # the root LP's reduced costs: what cannot be within the band of the optimum
-            fix_by_reduced_cost(h, x, values, reduced, band)
-    elif root is not None:  # the root LP's reduced costs against the optimum
-        fix_by_reduced_cost(h, x, root[0], root[1], best - bound + band)
+    if chosen(values, x) is None:  # the memory row binds (a knapsack) or buckets count fractionally
+        if root is not None:  # an assignment at the LP bound is optimal: the tie-break on its face
+            choice = _on_face(h, lp, x, root, ranks, _band(bound), within(bound))
+            h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
+        if choice is None:
+            values = _branch_and_cut(h, lp, x, root, values)
     if choice is None:
-        _rows(h, [(-highspy.kHighsInf, best * (1 + 1e-9) + 1e-9, objective)])
-        h.changeColsCost(n, np.arange(n, dtype=np.int32), ranks)
-        choice = _second(h, lp, x, values, accept)
+        best = float(sum(c * values[i] for i, c in objective.items()))
+        # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
+        choice = _second_stage(h, lp, x, root, values, best, _band(best), ranks, within(best),
+                               (best * (1 + 1e-9) + 1e-9, objective), indices=True)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "optimal")
 
 
-def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], ranks: np.ndarray, band: float,
+def _band(best: float) -> float:
+    """How far from the optimum ``best`` (solver units) the second stage looks: a relative 1e-9, and
+    1e-7 for HiGHS's dual feasibility tolerance."""
+    return best * 1e-9 + 1e-9 + 1e-7
+
+
+def _second_stage(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | None, first: np.ndarray, best: float,
+                  band: float, costs: np.ndarray, accept: Callable[[list[int]], bool],
+                  row: tuple[float, dict[int, float]], *, indices: bool) -> list[int]:
+    """Minimise ``costs`` among the assignments within ``band`` of the first stage's optimum
+    ``best`` (its solution ``first``): on the root LP's optimal face (``_on_face``) when its answer
+    is integral and ``accept`` admits it; else with the first objective as a row (``row``: its bound
+    and terms) after forbidding the candidates the root's reduced costs put outside the band
+    (``_second``, which may round when the costs are the candidate ``indices``)."""
+    width = best - root.bound + band if root is not None else band
+    choice = _on_face(h, lp, x, root, costs, width, accept) if root is not None else None
+    if choice is not None:
+        return choice
+    if root is not None:
+        fix_by_reduced_cost(h, x, root.values, root.reduced, width)
+    _rows(h, [(-highspy.kHighsInf, *row)])
+    h.changeColsCost(len(costs), np.arange(len(costs), dtype=np.int32), costs)
+    return _second(h, lp, x, first, accept if indices else None)
+
+
+def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np.ndarray, width: float,
              accept: Callable[[list[int]], bool]) -> list[int] | None:
-    """The tie-break without the objective row, when the first LP was integral: the LP restricted to
-    the assignments within ``band`` of its optimum (``search_bnb.optimal_face``: columns and rows
-    its reduced costs and duals pin) with the candidate indices as objective. Its answer, when
-    integral and within the band (``accept``), is the tie-break's: the restriction keeps every
-    assignment within the band, so none has a smaller index sum. Else None, with the model as it was
-    but for the objective (the caller's fallback adds the row and sets the same one)."""
+    """The second stage without the first objective's row: the LP restricted to what an assignment
+    within ``width`` of the root LP's bound can be (``search_bnb.optimal_face``: the columns and rows
+    its reduced costs and duals pin) with ``costs`` as objective (the candidate indices; for
+    ``leanest``, the time). Its answer, when integral and within the band (``accept``), is the
+    second stage's: the restriction keeps every assignment within the band, so none is better. Else
+    None, with the bounds as they were (the caller's fallback adds the row and sets the costs)."""
     upper = np.asarray(lp.upper, dtype=float)
-    changed = optimal_face(h, upper, lp.exact, band)
+    changed = optimal_face(h, upper, lp.exact, root, width)
     n = len(lp.cost)
-    h.changeColsCost(n, np.arange(n, dtype=np.int32), ranks)
+    h.changeColsCost(n, np.arange(n, dtype=np.int32), costs)
     try:
         found = chosen(relaxation(h)[1], x)
     except Infeasible:
@@ -176,27 +197,24 @@ def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], ranks: np.ndarray, ba
     return None
 
 
-def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], bound: float,
-                    values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The integer optimum when the root LP (``bound``, ``values``) is fractional: HiGHS's MIP solver,
+def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | None, values: np.ndarray) -> np.ndarray:
+    """The integer optimum when the root LP (``root``, ``values``) is fractional: HiGHS's MIP solver,
     started from the Lagrangian assignment (``search_bnb.lagrangian``, at the memory row's dual) when
     that fits, after forbidding the candidates whose root reduced cost exceeds that assignment's gap
-    to the bound (they are in no better assignment). Returns (root values, root reduced costs, optimum)."""
-    sol = h.getSolution()
-    reduced = np.asarray(sol.col_dual, dtype=float).copy()
-    values = values.copy()
+    to the bound (they are in no better assignment)."""
     row = len(lp.rows) - 1  # the memory row, built last
     cost = np.array(lp.cost, dtype=float)
     weights = np.zeros(len(cost))
     for c, m in lp.rows[row][2].items():
         weights[c] = m
     start = None
-    if sol.dual_valid:
-        found = lagrangian(h, x, row, cost, weights, max(0.0, -float(sol.row_dual[row])) * (1 + 1e-3))
+    if root is not None:
+        found = lagrangian(h, x, row, cost, weights, max(0.0, -float(root.duals[row])) * (1 + 1e-3))
         if found is not None and float(weights @ found) <= lp.rows[row][1]:
             start = found
-            fix_by_reduced_cost(h, x, values, reduced, float(cost @ found) - bound + 1e-9 * abs(bound) + 1e-7)
-    return values, reduced, mip(h, lp.integer, start)
+            width = float(cost @ found) - root.bound + 1e-9 * abs(root.bound) + 1e-7
+            fix_by_reduced_cost(h, x, values, root.reduced, width)
+    return mip(h, lp.integer, start)
 
 
 def leanest(problem: Problem) -> Solution:
@@ -210,11 +228,23 @@ def leanest(problem: Problem) -> Solution:
     for c, m in memory_row.items():
         weights[c] = m
     h.changeColsCost(n, np.arange(n, dtype=np.int32), weights)
-    values = minimise(h, x, integrality=lp.integer)
-    least = float(sum(m * values[c] for c, m in memory_row.items()))
-    near_optimal_only(h, x, least * 1e-9 + 1e-9 + 1e-7)
-    _rows(h, [(-highspy.kHighsInf, least * (1 + 1e-9) + 1e-9, memory_row)])
-    h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
-    choice = _second(h, lp, x, values)
+    bound, values = relaxation(h)
+    root = root_of(h, bound)
+    cost = np.array(lp.cost, dtype=float)
+
+    def within(least: float) -> Callable[[list[int]], bool]:
+        return lambda choice: evaluate(problem, choice)[1] <= (least * (1 + 1e-9) + 1e-9) * GIB  # in bytes
+
+    choice = None
+    if chosen(values, x) is None:
+        if root is not None:  # an assignment at the LP bound is the leanest: the fastest on its face
+            choice = _on_face(h, lp, x, root, cost, _band(bound), within(bound))
+            h.changeColsCost(n, np.arange(n, dtype=np.int32), weights)
+        if choice is None:
+            values = mip(h, lp.integer, None)
+    if choice is None:
+        least = float(sum(m * values[c] for c, m in memory_row.items()))
+        choice = _second_stage(h, lp, x, root, values, least, _band(least), cost, within(least),
+                               (least * (1 + 1e-9) + 1e-9, memory_row), indices=False)
     time, memory, _ = evaluate(problem, choice)
     return Solution(choice, time, memory, "leanest")

@@ -139,6 +139,30 @@ def test_clustering_loses_at_most_its_bound():
     assert boundary_bound(tied) > 0
 
 
+def test_ring_shared_memory_layers_cluster_within_their_bound():
+    # UltraMemV2 layers reading one ring-shared value table differ only in where their rows start
+    # (clusters.POSITIONS): they are one class, each member costs what its representative does in every
+    # candidate, and the clustered optimum is within boundary_bound of the unclustered one
+    from ultraplan.passes.clusters import POSITIONS
+
+    loaded = load_model_spec(MODELS / "ultramem-v2-tiny.yaml")
+    hw, parsed = api.load_hardware("h200-8"), Mesh.parse("4")
+    _, gm, _ = make_plan(loaded, hw, parsed, stop_after="fuse", batch=64)
+    ctx = make_context(loaded, hw, parsed, batch=64, strategies=("auto",))
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    tied, cands, cls, costing = build_problem(gm, ctx, {}, {}, cluster=True)
+    masked = [n for n in cls if info(n).op in POSITIONS]
+    assert len(masked) == 4 and len({cls[n] for n in masked}) == 1
+    assert len({info(n).attrs["offset"] for n in masked}) == 4
+    for node in masked:  # what the class's representative was priced at, node by node
+        own = costing.candidates(node)
+        assert [(c.time, c.memory, c.out) for c in own] == [(c.time, c.memory, c.out) for c in cands[cls[node]]]
+    assert len(tied.groups) < len(whole.groups) / 2
+    exact, clustered = solve(whole).time, solve(tied).time
+    assert exact <= clustered * (1 + 1e-9)
+    assert clustered <= exact + boundary_bound(tied) + 1e-12
+
+
 NAMED = ("dp", "fsdp", "tp", "sp", "ep")
 
 
