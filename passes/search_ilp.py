@@ -163,9 +163,11 @@ def _second_stage(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | Non
     ``best`` (its solution ``first``): on the root LP's optimal face (``_on_face``) when its answer
     is integral and ``accept`` admits it; else with the first objective as a row (``row``: its bound
     and terms) after forbidding the candidates the root's reduced costs put outside the band
-    (``_second``, which may round when the costs are the candidate ``indices``)."""
+    (``_second``, which may round when the costs are the candidate ``indices``). The face's pins
+    stay for that fallback when its LP was feasible: they keep every assignment within the band, and
+    on a memory-bound program they leave branch and cut a far smaller tie-break."""
     width = best - root.bound + band if root is not None else band
-    choice = _on_face(h, lp, x, root, costs, width, accept) if root is not None else None
+    choice = _on_face(h, lp, x, root, costs, width, accept, keep=True) if root is not None else None
     if choice is not None:
         return choice
     if root is not None:
@@ -176,24 +178,27 @@ def _second_stage(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | Non
 
 
 def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np.ndarray, width: float,
-             accept: Callable[[list[int]], bool]) -> list[int] | None:
+             accept: Callable[[list[int]], bool], *, keep: bool = False) -> list[int] | None:
     """The second stage without the first objective's row: the LP restricted to what an assignment
     within ``width`` of the root LP's bound can be (``search_bnb.optimal_face``: the columns and rows
     its reduced costs and duals pin) with ``costs`` as objective (the candidate indices; for
     ``leanest``, the time). Its answer, when integral and within the band (``accept``), is the
     second stage's: the restriction keeps every assignment within the band, so none is better. Else
-    None, with the bounds as they were (the caller's fallback adds the row and sets the costs)."""
+    None, with the bounds as they were (the caller's fallback adds the row and sets the costs), or
+    with ``keep`` and a feasible LP, as the face pinned them."""
     upper = np.asarray(lp.upper, dtype=float)
     changed = optimal_face(h, upper, lp.exact, root, width)
     n = len(lp.cost)
     h.changeColsCost(n, np.arange(n, dtype=np.int32), costs)
+    feasible = True
     try:
         found = chosen(relaxation(h)[1], x)
     except Infeasible:
-        found = None
+        found, feasible = None, False
     if found is not None and accept(found):
         return found
-    restore(h, upper, changed)
+    if not (keep and feasible):
+        restore(h, upper, changed)
     return None
 
 
