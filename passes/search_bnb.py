@@ -1,13 +1,15 @@
 """The search's integer program solved as an LP first, as a MIP only when the LP is not integral.
 
 Most of these programs are integral at the LP optimum: with both marginals on every edge
-(passes/search_ilp.py) the relaxation is tight on trees, and one dual simplex solve answers them,
+(passes/search_lp.py) the relaxation is tight on trees, and one dual simplex solve answers them,
 where HiGHS's MIP solver spends most of its time on root cuts, heuristics and strong branching that
 such a program does not need (on Llama-3-8B on 8x8: 0.1 s against 0.6 s). An LP optimum that is
 integral in the one-hot columns is optimal for the integer program too (the LP is its relaxation),
 and the other columns then take the values the program gives them (search_ilp's docstring). When
 the memory row binds, the relaxation mixes a fast candidate that does not fit with a lean one (a
-knapsack), and HiGHS's branch and cut takes over, from the incumbent when one is known.
+knapsack), and HiGHS's branch and cut takes over, from the incumbent when one is known. A root
+LP's reduced costs and duals also restrict later stages: ``fix_by_reduced_cost`` forbids
+candidates, ``optimal_face`` pins columns and rows, so that the tie-break needs no dense row.
 """
 
 from __future__ import annotations
@@ -59,18 +61,6 @@ def chosen(values: np.ndarray, x: list[list[int]]) -> list[int] | None:
     return out
 
 
-def minimise(h: highspy.Highs, x: list[list[int]], *, incumbent: np.ndarray | None = None,
-             integrality: list[int] | None = None) -> np.ndarray:
-    """The optimal solution of the model in ``h`` (continuous columns, its current costs) with every
-    group's x columns one-hot: the LP optimum when it is integral in x, else HiGHS's MIP solver
-    (``integrality``: the columns it treats as integers) from ``incumbent``, a solution known to be
-    feasible. Raises Infeasible when no assignment satisfies the rows."""
-    values = relaxation(h)[1]
-    if chosen(values, x) is not None:
-        return values
-    return mip(h, integrality or [], incumbent)
-
-
 def lagrangian(h: highspy.Highs, x: list[list[int]], row: int, cost: np.ndarray, weights: np.ndarray,
                multiplier: float) -> np.ndarray | None:
     """A solution of the model with row ``row`` (the memory row, ``weights`` its coefficients) moved
@@ -105,18 +95,6 @@ def fix_by_reduced_cost(h: highspy.Highs, x: list[list[int]], values: np.ndarray
     out = cols[(values[cols] <= INTEGRAL) & (reduced[cols] > width)]
     _set(h, [int(c) for c in out], 0.0)
     return len(out)
-
-
-def near_optimal_only(h: highspy.Highs, x: list[list[int]], width: float) -> None:
-    """After an LP optimum that was integral (``minimise`` answered without branching): forbid every
-    candidate that cannot be in an assignment within ``width`` of the optimum, so the second stage
-    (the tie-break) searches the near-optimal ones only. At an LP optimum every feasible point has
-    objective >= optimum + sum of reduced cost * x over the columns at their lower bound (plus
-    non-negative terms for the rest), so a candidate whose reduced cost exceeds ``width`` cannot be
-    chosen within it: the second stage's answer is unchanged, and its LP is far smaller."""
-    if not h.getSolution().dual_valid:
-        return
-    fix_by_reduced_cost(h, x, np.asarray(h.getSolution().col_value), np.asarray(h.getSolution().col_dual), width)
 
 
 @dataclass
