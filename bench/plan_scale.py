@@ -3,6 +3,8 @@ seconds, peak memory, and the chosen strategy per block of identical layers.
 
     python bench/plan_scale.py                      # the cases below (a few minutes on 2 cores)
     python bench/plan_scale.py --cases dense-tiny:2:cpu     # one case: SPEC:MESH:HARDWARE[:BATCH[:SEQ]]
+    python bench/plan_scale.py --cases '' --knapsack paper/ultramem-v2-2.5b-120b-top256:128x8:h200-128x8
+                                                    # its integer program, memory-bound (below)
 
 Cases: a Llama-3-8B-shaped spec on 8x8 (its batch 8 of 8192 tokens) and on 64 devices (batch 64 of 1024
 tokens: on 64 devices the 8-sequence batch cannot split, and no layout of it fits), the constructed 120B UltraMemV2 spec on
@@ -10,7 +12,10 @@ tokens: on 64 devices the 8-sequence batch cannot split, and no layout of it fit
 CPU seconds (``time.process_time``) beside the wall seconds: on a shared machine they move less
 with the load. Peak memory: the process's peak resident set (``resource.getrusage``; torch included) and the peak of
 Python allocations while planning (``tracemalloc``, in a second plan so that it does not touch the
-timing). Meta's FX+ILP autoparallel, for Llama-3-8B on this kind of 2-core machine, took 152-170 s
+timing). ``--knapsack`` solves one case's integer program alone with the device memory set between
+its leanest assignment's bytes and its fastest's (at each ``--shares`` of that range), where the
+memory row binds and branch and cut runs: CPU seconds, the optimum, its memory and index sum.
+Meta's FX+ILP autoparallel, for Llama-3-8B on this kind of 2-core machine, took 152-170 s
 on an 8x8 mesh and 32-42 s on a 1-D mesh of 64 (the issue's measurements).
 """
 
@@ -69,10 +74,48 @@ def bench(case: str) -> dict:
             "notes": [d for d in decisions if d.startswith("auto: parameters") or d.startswith("auto: no plan")]}
 
 
+def knapsack(case: str, shares: list[float]) -> list[dict]:
+    """The case's integer program (clustered, as auto builds it) solved at device memories between
+    its leanest and its fastest assignment's: the memory-bound programs of docs/search.md."""
+    import dataclasses
+    import math
+
+    from ultraplan.compiler.validate import load_model_spec
+    from ultraplan.passes.context import Mesh
+    from ultraplan.passes.pipeline import make_context, make_plan
+    from ultraplan.passes.search import build_problem
+    from ultraplan.passes.search_ilp import leanest, solve
+
+    from ultraplan import api
+
+    spec, mesh, hardware, *rest = case.split(":")
+    batch = int(rest[0]) if rest else None
+    loaded = load_model_spec(api.resolve_spec_path(spec, "models"))
+    hw, parsed = api.load_hardware(hardware), Mesh.parse(mesh)
+    auto = ("auto",) * len(parsed.shape)
+    _, gm, _ = make_plan(loaded, hw, parsed, batch=batch, stop_after="fuse", strategies=auto)
+    problem, _, _, _ = build_problem(gm, make_context(loaded, hw, parsed, batch=batch, strategies=auto), {}, {})
+    fast, lean = solve(dataclasses.replace(problem, capacity=math.inf)).memory, leanest(problem).memory
+    out = []
+    for share in shares:
+        capacity = lean + share * (fast - lean)
+        cpu = time.process_time()
+        found = solve(dataclasses.replace(problem, capacity=capacity))
+        cpu = time.process_time() - cpu
+        out.append({"share": share, "cpu_seconds": cpu, "time": found.time, "memory": found.memory,
+                    "capacity": capacity, "index_sum": sum(found.choice)})
+        print(f"{case} at {capacity / 2**30:.2f} GiB ({share:g} of {lean / 2**30:.2f}..{fast / 2**30:.2f}): "
+              f"{cpu:.2f} CPU s, step {found.time:.6g} s, {found.memory / 2**30:.2f} GiB, index sum "
+              f"{sum(found.choice)}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(CASES), help="SPEC:MESH:HARDWARE[:BATCH[:SEQ]], comma separated")
     parser.add_argument("--warmup", default="dense-tiny:2:cpu", help="a first plan that pays one-time warm-ups")
+    parser.add_argument("--knapsack", default="", help="SPEC:MESH:HARDWARE[:BATCH]: its program, memory-bound")
+    parser.add_argument("--shares", default="0.2,0.5,0.8", help="where in the leanest..fastest memory range")
     args = parser.parse_args(argv)
     import ultraplan.api  # noqa: F401  imports are not part of a plan's time
 
@@ -80,7 +123,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.warmup:
         bench(args.warmup)
     results = []
-    for case in args.cases.split(","):
+    if args.knapsack:
+        results += knapsack(args.knapsack, [float(v) for v in args.shares.split(",")])
+    for case in filter(None, args.cases.split(",")):
         r = bench(case)
         results.append(r)
         print(f"{case}: {r['seconds']:.2f} s per plan ({r['cpu_seconds']:.2f} s of CPU, {r['search_seconds']:.2f} s of "

@@ -10,6 +10,13 @@ it stands for, so a 32-layer model solves one block problem, not 32 (meta-pytorc
 ``repeated_subgraphs`` and ColossalAI's repeated-block aliasing do the same). Values are
 partitioned by which classes read them, so the costs of tied layers stay exact; what tying loses
 is bounded in docs/search.md (``boundary_bound`` computes it).
+
+Attributes that only say where a layer's rows start in a table several layers share (``POSITIONS``:
+UltraMemV2's ring- and block-shared value tables, compiler/memory_tables.py, put layer l at
+offset l n^2) are left out of the comparison: no cost rule reads them (compiler/op_table.py prices
+these ops by shapes), so layers that differ only there cost the same in every layout, as
+passes/blocks.py treats them as one block with per-layer constants. Without this no two
+UltraMemV2 layers of a shared table are identical and the Table 10 models do not cluster.
 """
 
 from __future__ import annotations
@@ -22,27 +29,36 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 
+POSITIONS: dict[str, frozenset[str]] = {op: frozenset({"offset"}) for op in ("shuffle_rows", "expanded_rows")}
+
 
 def block_of(node: fx.Node) -> str | None:
-    """``layers.3`` for a node of the fourth layer, None outside the repeated layers."""
-    parts = info(node).layer.split(".")
+    """``layers.3`` for a node of the fourth layer, None outside the repeated layers. A parameter or
+    buffer belongs where its canonical name puts it: a table several layers share (``memory_tables.*``)
+    is the model's, though tracing reaches it inside the first layer that reads it."""
+    rec = info(node)
+    state = rec.param or rec.buffer
+    parts = (state.name if state is not None else rec.layer).split(".")
     return ".".join(parts[:2]) if len(parts) >= 2 and parts[0] == "layers" else None
 
 
 def _describe(node: fx.Node, index: dict[fx.Node, int], prefix: str, extra: Callable[[fx.Node], object]) -> tuple:
     rec = info(node)
     param = rec.param
-    number = re.compile(rf"(?<![0-9]){re.escape(prefix.split('.')[1])}(?![0-9])")
+    i = re.escape(prefix.split(".")[1])
+    number = re.compile(rf"(?<=layers\.){i}(?![0-9])|(?<=layer){i}(?![0-9])")
 
-    def own(name: str) -> str:  # the layer's own names without its number (layers.3.x, memory_tables.layer3_x)
-        return number.sub("#", name)
+    def own(name: str) -> str:  # the layer's own names without its number (layers.3.x, memory_tables.layer3_x),
+        return number.sub("#", name)  # and nothing else: layer 2's ultramem_v2 keeps its "v2"
 
     param_key = (own(param.name), param.shape, param.group) if param is not None else None
     buf = rec.buffer
     buffer_key = (own(buf.name), buf.shape, buf.dtype, buf.init, buf.op, own(buf.source)) if buf is not None else None
     args = tuple(("in", index[a]) if a in index else ("out", info(a).concrete_shape, info(a).dtype)
                  for a in tensor_args(node))
-    return (rec.op, repr(sorted(rec.attrs.items())), rec.concrete_shape, rec.dtype, param_key,
+    masked = POSITIONS.get(rec.op, frozenset())
+    attrs = sorted((k, "#" if k in masked else v) for k, v in rec.attrs.items())
+    return (rec.op, repr(attrs), rec.concrete_shape, rec.dtype, param_key,
             buffer_key, rec.stream, rec.differentiable, rec.component, args, extra(node))
 
 

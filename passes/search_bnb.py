@@ -1,16 +1,20 @@
 """The search's integer program solved as an LP first, as a MIP only when the LP is not integral.
 
 Most of these programs are integral at the LP optimum: with both marginals on every edge
-(passes/search_ilp.py) the relaxation is tight on trees, and one dual simplex solve answers them,
+(passes/search_lp.py) the relaxation is tight on trees, and one dual simplex solve answers them,
 where HiGHS's MIP solver spends most of its time on root cuts, heuristics and strong branching that
 such a program does not need (on Llama-3-8B on 8x8: 0.1 s against 0.6 s). An LP optimum that is
 integral in the one-hot columns is optimal for the integer program too (the LP is its relaxation),
 and the other columns then take the values the program gives them (search_ilp's docstring). When
 the memory row binds, the relaxation mixes a fast candidate that does not fit with a lean one (a
-knapsack), and HiGHS's branch and cut takes over, from the incumbent when one is known.
+knapsack), and HiGHS's branch and cut takes over, from the incumbent when one is known. A root
+LP's reduced costs and duals also restrict later stages: ``fix_by_reduced_cost`` forbids
+candidates, ``optimal_face`` pins columns and rows, so that the tie-break needs no dense row.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import highspy
 import numpy as np
@@ -57,18 +61,6 @@ def chosen(values: np.ndarray, x: list[list[int]]) -> list[int] | None:
     return out
 
 
-def minimise(h: highspy.Highs, x: list[list[int]], *, incumbent: np.ndarray | None = None,
-             integrality: list[int] | None = None) -> np.ndarray:
-    """The optimal solution of the model in ``h`` (continuous columns, its current costs) with every
-    group's x columns one-hot: the LP optimum when it is integral in x, else HiGHS's MIP solver
-    (``integrality``: the columns it treats as integers) from ``incumbent``, a solution known to be
-    feasible. Raises Infeasible when no assignment satisfies the rows."""
-    values = relaxation(h)[1]
-    if chosen(values, x) is not None:
-        return values
-    return mip(h, integrality or [], incumbent)
-
-
 def lagrangian(h: highspy.Highs, x: list[list[int]], row: int, cost: np.ndarray, weights: np.ndarray,
                multiplier: float) -> np.ndarray | None:
     """A solution of the model with row ``row`` (the memory row, ``weights`` its coefficients) moved
@@ -105,16 +97,66 @@ def fix_by_reduced_cost(h: highspy.Highs, x: list[list[int]], values: np.ndarray
     return len(out)
 
 
-def near_optimal_only(h: highspy.Highs, x: list[list[int]], width: float) -> None:
-    """After an LP optimum that was integral (``minimise`` answered without branching): forbid every
-    candidate that cannot be in an assignment within ``width`` of the optimum, so the second stage
-    (the tie-break) searches the near-optimal ones only. At an LP optimum every feasible point has
-    objective >= optimum + sum of reduced cost * x over the columns at their lower bound (plus
-    non-negative terms for the rest), so a candidate whose reduced cost exceeds ``width`` cannot be
-    chosen within it: the second stage's answer is unchanged, and its LP is far smaller."""
-    if not h.getSolution().dual_valid:
-        return
-    fix_by_reduced_cost(h, x, np.asarray(h.getSolution().col_value), np.asarray(h.getSolution().col_dual), width)
+@dataclass
+class Root:
+    """An LP optimum of the model (``bound``; ``values``, ``reduced`` costs of the columns and row
+    ``duals``), kept to restrict later stages by what it proves."""
+
+    bound: float
+    values: np.ndarray
+    reduced: np.ndarray
+    duals: np.ndarray
+
+
+def root_of(h: highspy.Highs, bound: float) -> Root | None:
+    """The LP optimum just solved in ``h`` as a ``Root``; None when HiGHS has no valid duals."""
+    sol = h.getSolution()
+    if not sol.dual_valid:
+        return None
+    return Root(bound, *(np.array(a, dtype=float) for a in (sol.col_value, sol.col_dual, sol.row_dual)))
+
+
+def optimal_face(h: highspy.Highs, upper: np.ndarray, exact_rows: list[int], root: Root, width: float) -> tuple:
+    """Restrict the model in ``h`` to what an assignment within ``width`` of the LP bound ``root``
+    can be, without a dense row "objective <= bound + width" (which makes the tie-break's LP several
+    times slower). At an LP optimum every feasible point costs the bound plus, over the non-basic
+    columns, reduced cost times the distance from their bound, plus over the rows, |dual| times their
+    slack: all non-negative. A point within ``width`` therefore has every column of reduced cost
+    above ``width`` at its bound and every row of |dual| above it without slack, wherever those
+    distances are 0 or at least 1. They are at the program's own completion of an assignment
+    (search_lp: e, s, k, y are 0/1 and the rows ``exact_rows`` have 0/1 slack), so pinning those
+    columns (``upper`` finite) and rows keeps every assignment within ``width`` feasible: the
+    restricted minimum of any objective is a lower bound of its minimum among them, and equal to it
+    when its answer is one of them. Returns what changed, for ``restore``."""
+    finite = np.isfinite(upper)
+    low = np.nonzero(finite & (root.values <= INTEGRAL) & (root.reduced > width))[0].astype(np.int32)
+    high = np.nonzero(finite & (root.values >= upper - INTEGRAL) & (root.reduced < -width))[0].astype(np.int32)
+    if len(low):
+        h.changeColsBounds(len(low), low, np.zeros(len(low)), np.zeros(len(low)))
+    if len(high):
+        h.changeColsBounds(len(high), high, upper[high], upper[high])
+    model = h.getLp()
+    lower, upper_rows = np.asarray(model.row_lower_), np.asarray(model.row_upper_)  # each access copies
+    rows = []
+    for i in exact_rows:
+        lo, hi = float(lower[i]), float(upper_rows[i])
+        if lo == hi or abs(root.duals[i]) <= width:
+            continue
+        active = lo if root.duals[i] > 0 else hi  # a positive dual: the row sits at its lower bound
+        if np.isfinite(active):
+            rows.append((i, lo, hi))
+            h.changeRowBounds(i, active, active)
+    return [int(c) for c in (*low, *high)], rows
+
+
+def restore(h: highspy.Highs, upper: np.ndarray, changed: tuple[list, list]) -> None:
+    """Undo ``optimal_face``: the columns' bounds back to [0, upper], the rows' to theirs."""
+    cols, rows = changed
+    if cols:
+        idx = np.unique(np.asarray(cols, dtype=np.int32))
+        h.changeColsBounds(len(idx), idx, np.zeros(len(idx)), upper[idx])
+    for i, lo, hi in rows:
+        h.changeRowBounds(i, lo, hi)
 
 
 def mip(h: highspy.Highs, integrality: list[int], best: np.ndarray | None) -> np.ndarray:

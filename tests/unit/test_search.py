@@ -139,6 +139,36 @@ def test_clustering_loses_at_most_its_bound():
     assert boundary_bound(tied) > 0
 
 
+@pytest.fixture(scope="module")
+def ultramem_v2_tiny_on_8():
+    """ultramem-v2-tiny on 8 devices at batch 64 after fuse, its context, and its clustered problem."""
+    loaded = load_model_spec(MODELS / "ultramem-v2-tiny.yaml")
+    hw, parsed = api.load_hardware("h200-8"), Mesh.parse("8")
+    _, gm, _ = make_plan(loaded, hw, parsed, stop_after="fuse", batch=64)
+    ctx = make_context(loaded, hw, parsed, batch=64, strategies=("auto",) * len(parsed.shape))
+    return gm, ctx, build_problem(gm, ctx, {}, {})
+
+
+def test_ring_shared_memory_layers_cluster_within_their_bound(ultramem_v2_tiny_on_8):
+    # UltraMemV2 layers reading one ring-shared value table differ only in where their rows start
+    # (clusters.POSITIONS): they are one class, each member costs what its representative does in every
+    # candidate, and the clustered optimum is within boundary_bound of the unclustered one
+    from ultraplan.passes.clusters import POSITIONS
+
+    gm, ctx, (tied, cands, cls, costing) = ultramem_v2_tiny_on_8
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    masked = [n for n in cls if info(n).op in POSITIONS]
+    assert len(masked) == 4 and len({cls[n] for n in masked}) == 1
+    assert len({info(n).attrs["offset"] for n in masked}) == 4
+    for node in masked:  # what the class's representative was priced at, node by node
+        own = costing.candidates(node)
+        assert [(c.time, c.memory, c.out) for c in own] == [(c.time, c.memory, c.out) for c in cands[cls[node]]]
+    assert len(tied.groups) < len(whole.groups) / 2
+    exact, clustered = solve(whole).time, solve(tied).time
+    assert exact <= clustered * (1 + 1e-9)
+    assert clustered <= exact + boundary_bound(tied) + 1e-12
+
+
 NAMED = ("dp", "fsdp", "tp", "sp", "ep")
 
 
@@ -210,18 +240,14 @@ def test_the_search_prices_gradient_buckets_within_its_bound(mesh, bucket_mb, fo
     assert abs(plan.total("search_objective").value - plan.total("step_time").value) <= bound * (1 + 1e-9)
 
 
-def test_the_knapsack_path_equals_plain_branch_and_cut(spec="ultramem-v2-tiny", mesh="8"):
+def test_the_knapsack_path_equals_plain_branch_and_cut(ultramem_v2_tiny_on_8):
     # memory rows that bind between the leanest and the fastest plan make the LP fractional: solve's path
     # there (the Lagrangian start, reduced-cost fixing, presolved MIP, the fixed tie-break) must reach the
     # optimum HiGHS's branch and cut finds on the untouched program (search_bnb.mip, no start, nothing fixed)
     from ultraplan.passes.search_bnb import chosen, mip, relaxation
     from ultraplan.passes.search_ilp import _highs, build, leanest
 
-    loaded = load_model_spec(MODELS / f"{spec}.yaml")
-    hw, parsed = api.load_hardware("h200-8"), Mesh.parse(mesh)
-    _, gm, _ = make_plan(loaded, hw, parsed, stop_after="fuse", batch=64)
-    ctx = make_context(loaded, hw, parsed, batch=64, strategies=("auto",) * len(parsed.shape))
-    problem, _, _, _ = build_problem(gm, ctx, {}, {})
+    problem = ultramem_v2_tiny_on_8[2][0]
     fast = solve(dataclasses.replace(problem, capacity=math.inf)).memory
     lean = leanest(problem).memory
     assert lean < fast

@@ -1,0 +1,155 @@
+"""The integer program of ``--strategy auto`` as plain lists of columns and rows (``build``), over
+the groups and demands of passes/search_model.py; passes/search_ilp.py hands it to HiGHS and
+solves it.
+
+    x[g,k] in {0,1}        one-hot: sum_k x[g,k] = 1
+    u[p,o]                 sum of x[p,k] whose output layout is o (an expression)
+    v[j,w]                 sum of x[c,k] over the candidates k of use j's consumer c taking w
+    e[j,o,w] in [0,1]      use j takes layout o as w: sum_w e[j,o,w] = u[p,o], sum_o e[j,o,w] = v[j,w]
+                           (both marginals, as Alpa's edge variables: the LP relaxation is integral
+                           on trees); no e where o -> w has no boxing (S -> P), and for parameters
+                           and buffers none but o = w (consumers take them as stored)
+    s[d,o,w] >= e[j,o,w]   the boxing o -> w runs (once for every use j that needs it); its backward
+                           dual likewise, over the uses the gradient flows back through
+    k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it)
+    y[q] in [0,1]          gradient bucket key q (passes/buckets.py) is used: y >= sum_k x[g,k] over
+                           the candidates of each group g whose gradient joins q (its first bucket)
+    z[q] >= 0              its buckets beyond the first: z >= (sum count*min(bytes,cap)*x - first*y) / cap
+
+    minimise   sum count*time[k]*x + sum count*move(o,w)*s + sum count*dual(o,w)*s_dual
+               + sum latency[q]*(y + z)                              (modelled step seconds)
+    subject to sum count*memory[k]*x + sum count*saved(w)*k + A <= device memory  (one row: the
+               memory model's per-device bytes; A >= sum_k peak[k] x[g,k] for every g, inference)
+
+At an optimum e, s, k and y are 0/1 because x is, and z is its bound: the modelled bucket count
+``bucket_count`` (a parameter's gradient bandwidth is in its candidate's time; only the latency is
+per bucket, as the plan pays it).
+
+Rows marked ``exact`` have slack 0 or 1 at the program's own completion of an assignment (e, s, k,
+y at their least values): the tie-break's ``search_bnb.optimal_face`` may pin those by their duals.
+"""
+
+from __future__ import annotations
+
+import math
+
+import highspy
+
+from .search_model import Buckets, Demand, Group, Problem
+
+SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
+GIB = 2.0**30  # the memory row in GiB, for the same reason
+
+
+class Lp:
+    """Columns and rows collected in plain lists, handed to HiGHS at once."""
+
+    def __init__(self) -> None:
+        self.cost: list[float] = []
+        self.upper: list[float] = []
+        self.integer: list[int] = []
+        self.rows: list[tuple[float, float, dict[int, float]]] = []
+        self.exact: list[int] = []  # rows whose slack is 0 or 1 at the program's completion of an assignment
+
+    def col(self, cost: float, upper: float = 1.0, integer: bool = False) -> int:
+        self.cost.append(cost)
+        self.upper.append(upper)
+        if integer:
+            self.integer.append(len(self.cost) - 1)
+        return len(self.cost) - 1
+
+    def row(self, lower: float, upper: float, terms: dict[int, float], exact: bool = False) -> None:
+        if exact:
+            self.exact.append(len(self.rows))
+        self.rows.append((lower, upper, terms))
+
+
+def _add(terms: dict[int, float], col: int, coef: float) -> None:
+    terms[col] = terms.get(col, 0.0) + coef
+
+
+def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
+    """The model of the module docstring: (lp, x columns per group, time objective by column)."""
+    lp = Lp()
+    inf = highspy.kHighsInf
+    memory: dict[int, float] = {}
+    x = [[lp.col(g.count * t * SCALE, integer=True) for t in g.time] for g in problem.groups]
+    for g, cols in zip(problem.groups, x):
+        lp.row(1.0, 1.0, {c: 1.0 for c in cols})
+        for c, m in zip(cols, g.memory):
+            if m:
+                _add(memory, c, g.count * m / GIB)
+    if any(g.peak for g in problem.groups):
+        a = lp.col(0.0, upper=inf)
+        memory[a] = 1.0
+        for g, cols in zip(problem.groups, x):
+            if g.peak:
+                lp.row(0.0, inf, {a: 1.0} | {c: -p / GIB for c, p in zip(cols, g.peak) if p})
+    for d in problem.demands:
+        _demand(lp, d, problem.groups[d.producer], x, memory)
+    for b in problem.buckets:
+        _buckets(lp, b, problem.groups, x)
+    lp.row(-inf, problem.capacity / GIB, memory)
+    return lp, x, {i: c for i, c in enumerate(lp.cost) if c}
+
+
+def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict[int, float]) -> None:
+    """The rows of one value: per use a joint (o, w) choice with both marginals (tight on trees, as
+    Alpa's edge variables), and the boxing o -> w paid once however many uses run it."""
+    inf = highspy.kHighsInf
+    outs: dict[int, list[int]] = {}
+    for k, o in enumerate(producer.out):
+        outs.setdefault(o, []).append(x[d.producer][k])
+    paid: dict[tuple[str, int, int], int] = {}
+    kept: dict[int, int] = {}
+    single = sum(use.moves for use in d.uses) == 1
+    for use in d.uses:
+        if use.keeps:
+            for w, ks in use.takes.items():
+                if w not in kept:
+                    kept[w] = lp.col(0.0)
+                    _add(memory, kept[w], d.count * d.saved[w] / GIB)
+                lp.row(0.0, inf, {kept[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks}, exact=True)
+        if not use.moves:
+            continue
+        pairs = {}
+        by_out: dict[int, dict[int, float]] = {o: {c: -1.0 for c in cols} for o, cols in outs.items()}
+        by_in: dict[int, dict[int, float]] = {w: {x[use.group][k]: -1.0 for k in ks} for w, ks in use.takes.items()}
+        for o in outs:
+            for w in use.takes:
+                cost = d.move.get((o, w), 0.0)
+                if cost is not None and not (d.state and o != w):
+                    e = pairs[o, w] = lp.col(0.0)
+                    by_out[o][e] = by_in[w][e] = 1.0
+        for terms in (*by_out.values(), *by_in.values()):  # sum_w e[o,w] = u[o]; sum_o e[o,w] = v[w]
+            lp.row(0.0, 0.0, terms)
+        for (o, w), e in pairs.items():
+            move, dual = d.move.get((o, w)) or 0.0, d.dual.get((o, w), 0.0) if use.grad else 0.0
+            for kind, cost in (("move", move), ("dual", dual)):
+                if cost > 0 and single:  # one reader: the boxing runs exactly when e does
+                    lp.cost[e] += d.count * cost * SCALE
+                elif cost > 0:
+                    if (kind, o, w) not in paid:
+                        paid[kind, o, w] = lp.col(d.count * cost * SCALE)
+                    lp.row(0.0, inf, {paid[kind, o, w]: 1.0, e: -1.0}, exact=True)
+
+
+def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
+    """``bucket_count`` linearised: y in [0,1] is 1 when any member is chosen (the first bucket's
+    latency), z >= 0 the buckets beyond it: z >= (sum count*min(bytes, cap)*x - first*y) / cap."""
+    if b.latency <= 0:
+        return
+    inf = highspy.kHighsInf
+    y = lp.col(b.latency * SCALE)
+    per_group: dict[int, dict[int, float]] = {}
+    for g, k, _ in b.members:
+        per_group.setdefault(g, {})[x[g][k]] = 1.0
+    for cols in per_group.values():  # one-hot: y >= the sum of a group's member columns
+        lp.row(0.0, inf, {y: 1.0} | {c: -1.0 for c in cols}, exact=True)
+    if math.isinf(b.first):  # one per key (a gather group): no buckets beyond the first
+        return
+    z = lp.col(b.latency * SCALE, upper=inf)
+    beyond = {z: 1.0, y: b.first / b.cap}
+    for g, k, nbytes in b.members:
+        _add(beyond, x[g][k], -groups[g].count * min(nbytes, b.cap) / b.cap)
+    lp.row(0.0, inf, beyond)

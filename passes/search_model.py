@@ -1,0 +1,123 @@
+"""The search's problem, solver-free: groups of candidates, the demands between them, gradient
+buckets, and ``evaluate``, which prices one assignment directly (no linearisation).
+
+The graph has been reduced (passes/search.py, passes/clusters.py) to *groups*: one group per graph
+node, or per class of identical nodes in repeated layers (``count`` nodes sharing one choice).
+Group g has candidates k (its nd-SBP signatures), each with a modelled time ``time[k]`` (compute,
+collectives inside the call, a parameter's gather and gradient sync), bytes per device
+``memory[k]`` and, for inference, the activation it holds at once ``peak[k]``. Values move between
+groups through *demands*, one per value (or class of identical values): each of its uses (a
+consumer's input position) takes it in a layout w that depends on the consumer's candidate, and
+choose_sbp boxes a value once per layout however many consumers want it. passes/search_ilp.py
+states the integer program over these and solves it; ``evaluate`` is its objective computed
+directly, for brute-force checks, reasons and the tie-break's shortcuts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Group:
+    name: str
+    count: int
+    time: list[float]
+    memory: list[float]
+    out: list[int]  # the layout id consumers see, per candidate
+    peak: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Use:
+    """One consumer of a value (or the producer keeping its own output): the candidates of ``group``
+    that take the value in each layout ``w``; whether the gradient flows back through it (``grad``),
+    whether it keeps the value for its backward (``keeps``), whether it reads it at all (``moves``)."""
+
+    group: int
+    takes: dict[int, list[int]]
+    grad: bool = False
+    keeps: bool = False
+    moves: bool = True
+
+
+@dataclass
+class Demand:
+    """How one value (``count`` nodes of identical layers) is taken by its uses."""
+
+    producer: int
+    count: int
+    uses: list[Use]
+    move: dict[tuple[int, int], float | None] = field(default_factory=dict)  # (o, w) -> seconds; None: no boxing
+    dual: dict[tuple[int, int], float] = field(default_factory=dict)  # (o, w) -> seconds of the backward dual
+    saved: dict[int, float] = field(default_factory=dict)  # w -> bytes per device autograd keeps
+    state: bool = False  # a parameter or buffer: consumers take it as stored
+    boundary: bool = False  # read across a layer boundary (passes/clusters.py's bound sums these)
+
+
+@dataclass
+class Buckets:
+    """The gradients of one bucket key (passes/buckets.py: the same collectives, the same dtype),
+    packed into buckets of ``first`` then ``cap`` bytes, each paying ``latency`` seconds. ``members``
+    are (group, candidate, bytes per node) of the candidates whose gradient joins this key. With
+    ``first = cap = inf`` it is one collective per key however many join it: a layer's gather group
+    (passes/gather_groups.py), whose latency is paid once when any of its parameters is gathered."""
+
+    latency: float
+    first: float
+    cap: float
+    members: list[tuple[int, int, float]]
+
+
+@dataclass
+class Problem:
+    groups: list[Group]
+    demands: list[Demand]
+    capacity: float  # bytes per device
+    constant: float = 0.0  # seconds every plan pays (the loss's logging all-reduce)
+    buckets: list[Buckets] = field(default_factory=list)
+
+
+def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> float:
+    """The modelled number of buckets of one key: 0 when no gradient joins it, else the first bucket
+    plus the bytes beyond it over the cap, each parameter's bytes clipped to the cap (one that
+    large closes a bucket by itself): 1 + max(0, sum min(bytes, cap) - first) / cap."""
+    chosen = [(g, nbytes) for g, k, nbytes in b.members if choice[g] == k]
+    if not chosen:
+        return 0.0
+    clipped = sum(groups[g].count * min(nbytes, b.cap) for g, nbytes in chosen)
+    return 1.0 + max(0.0, clipped - b.first) / b.cap
+
+
+@dataclass
+class Solution:
+    choice: list[int]
+    time: float
+    memory: float
+    status: str
+
+
+def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:
+    """(time, memory, feasible) of one assignment, computed directly (no linearisation); with
+    ``demands``, only those demands' terms (what one group's choice touches)."""
+    groups = problem.groups
+    time = memory = 0.0
+    if demands is None:
+        time = problem.constant + sum(g.count * g.time[k] for g, k in zip(groups, choice))
+        memory = sum(g.count * g.memory[k] for g, k in zip(groups, choice))
+        memory += max((g.peak[k] for g, k in zip(groups, choice) if g.peak), default=0.0)
+        time += sum(b.latency * bucket_count(b, choice, groups) for b in problem.buckets)
+    ok = True
+    for d in problem.demands if demands is None else demands:
+        o = groups[d.producer].out[choice[d.producer]]
+        taken = {kind: {w for u in d.uses if getattr(u, kind) for w, ks in u.takes.items() if choice[u.group] in ks}
+                 for kind in ("moves", "grad", "keeps")}
+        memory += sum(d.count * d.saved[w] for w in taken["keeps"])
+        for w in taken["moves"]:
+            cost = d.move.get((o, w), 0.0)
+            if cost is None or (d.state and w != o):
+                ok = False
+            else:
+                time += d.count * cost
+        time += sum(d.count * (d.dual.get((o, w)) or 0.0) for w in taken["grad"])
+    return time, memory, ok and (demands is not None or memory <= problem.capacity)
