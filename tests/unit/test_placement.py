@@ -23,9 +23,11 @@ import sympy
 import torch
 from ultraplan.backends import runtime
 from ultraplan.compiler import ops
+from ultraplan.compiler.node_info import info
 from ultraplan.compiler.shapes import B
+from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.context import Mesh, PlanError
-from ultraplan.passes.pipeline import make_plan
+from ultraplan.passes.pipeline import make_context, make_plan
 from ultraplan.passes.placement_report import (
     Option,
     _expr,
@@ -35,6 +37,8 @@ from ultraplan.passes.placement_report import (
     value_dim_flips,
     with_value_dim,
 )
+from ultraplan.passes.sbp import Split, fits, local_numel
+from ultraplan.passes.search_costs import Costing
 
 from tests.conftest import MODELS, ROOT
 from ultraplan import api
@@ -182,6 +186,43 @@ def test_uneven_rows_count_the_largest_torch_chunk_share(tmp_path):
         lookup = next(n for n in plan.nodes if n.call == "ops.gather_weighted_sum_owned")
         axes = [0] if mesh != "2x2" else [0, 1]
         assert dict(lookup.local_attrs)["row_start"] == {"shard_start": [225, axes, "chunks"]}, (mesh, strategy)
+
+
+def test_the_search_splits_rows_unevenly_and_sizes_them_as_the_plan(tmp_path):
+    """Without --place the search considers a table's rows in torch.chunk's shares (sbp.fits, the plan's
+    own rule): PKM with 100^2 = 10000 rows on 3 devices whose memory only holds the table split picks S(0),
+    3334 rows a device, as fast as --place number and as large in the search's memory row as in the plan."""
+    spec = _pkm_with_keys(tmp_path, 100)
+    point = dict(batch=8, mode="train", strategy="auto")
+    whole = api.plan(spec, "3", hardware="h200-8", force=["layers.1.pkm.values=replicate"], **point)
+    split = api.plan(spec, "3", hardware="h200-8", force=["layers.1.pkm.values=number"], **point)
+    memory = [p.total("memory_per_device").value for p in (whole, split)]
+    hardware = tmp_path / "small.yaml"
+    hardware.write_text((ROOT / "specs" / "hardware" / "h200-8.yaml").read_text().replace(
+        "memory_bytes: 1.41e+11", f"memory_bytes: {sum(memory) / 2}"))
+    auto = api.plan(spec, "3", hardware=str(hardware), **point)
+    assert auto.fits and _sbp(auto, "layers.1.pkm.values") == "S(0)"
+    table = next(p for p in auto.params if p.name == "layers.1.pkm.values")
+    assert table.bytes_per_device.value == 3334 * 32 * 4  # torch.chunk(10000, 3)[0]: 3334 rows
+    assert auto.total("step_time").value <= split.total("step_time").value * (1 + 1e-9)
+    assert math.isclose(auto.total("search_objective").value, auto.total("step_time").value, rel_tol=1e-9)
+    model, h200, three = load_model_spec(spec), api.load_hardware("h200-8"), Mesh.parse("3")
+    gm = make_plan(model, h200, three, batch=8, stop_after="annotate_cost")[1]
+    ctx = make_context(model, h200, three, batch=8, strategies=("auto",))
+    node = next(n for n in gm.graph.nodes if info(n).op == "param" and info(n).param.name == "layers.1.pkm.values")
+    rows = {c.out: c.memory for c in Costing(gm, ctx, {}, {}).candidates(node)}
+    assert rows[(Split(0),)] == 3334 * 32 * 4 * 4  # the parameter, its gradient and AdamW's two moments
+
+
+def test_fits_is_one_rule_of_torch_chunk_shares():
+    """sbp.fits: dims outside ``uneven`` divide; uneven dims split in torch.chunk's shares, nested outer
+    axis first, while every device keeps one (9 rows over 4: shares 3,3,3,0 refused; 169 over 2x2: 43..42)."""
+    assert fits((10, 4), (Split(1),), (2,)) and not fits((10, 4), (Split(0),), (4,))
+    assert fits((10, 4), (Split(0),), (4,), frozenset({0})) and not fits((9, 4), (Split(0),), (4,), frozenset({0}))
+    assert fits((169, 4), (Split(0), Split(0)), (2, 2), frozenset({0}))
+    assert not fits((5, 4), (Split(0), Split(0)), (2, 3), frozenset({0}))  # 3 -> 1,1,1; 2 -> 1,1,0
+    assert not fits((10, 4), (Split(2),), (2,), frozenset({2}))
+    assert local_numel((1000, 3), (Split(0),), (3,)) == 334 * 3 == max(c.numel() for c in torch.ones(1000, 3).chunk(3))
 
 
 @pytest.mark.parametrize("mesh_shape, size, splits", [((2,), 225, (0,)), ((4,), 225, (0,)), ((2, 2), 169, (0, 1)),
