@@ -56,6 +56,10 @@ CASES = {
     4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
         ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-tiny", "2x2", "number,dim")],
 }
+# a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112, uneven) saved
+# after step 1, resumed dimension-wise (even columns) to step 2 and saved, resumed number-wise again to STEPS:
+# an uneven save read into another layout, and an even one read into uneven shares
+CHAIN = {2: [("pkm-odd", "number", 1), ("pkm-odd", "dim", 2), ("pkm-odd", "number", STEPS)], 4: []}
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
 
 
@@ -107,11 +111,19 @@ def placement_run(request, tmp_path_factory):
         api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
         cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
+    chain, saved = [], root / "checkpoints"
+    for i, (spec, place, steps) in enumerate(CHAIN[nproc]):
+        out = root / f"{spec}__{nproc}__{place}"
+        if not out.exists():
+            api.compile(spec_path(spec, root), str(nproc), out, force=[f"{TABLES[spec]}={place}"])
+        args = ["--checkpoint-dir", str(saved)] + ["--resume"] * bool(i)
+        chain.append({"spec": spec, "path": spec_path(spec, root), "dir": str(out), "steps": steps, "dtype": "float64",
+                      "dump": str(root / f"chain{i}.json"), "args": args})
     manifest = root / "manifest.json"
-    manifest.write_text(json.dumps(cases))
+    manifest.write_text(json.dumps(cases + chain))
     result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
     assert result.returncode == 0, result.stderr[-4000:]
-    return nproc, cases
+    return nproc, cases, chain
 
 
 def test_every_placement_equals_eager(placement_run):
@@ -158,3 +170,21 @@ def test_measured_collectives_equal_the_plan(placement_run):
         assert comm["comm_bytes_measured"] == pytest.approx(comm["comm_bytes_predicted"], rel=1e-12), where
         assert comm["comm_calls_measured"] == comm["comm_calls_predicted"], where
         assert comm["comm_calls_torch_first_step"] == comm["comm_calls_predicted"], where
+
+
+def test_uneven_shards_checkpoint_and_resume(placement_run):
+    """The chain's losses, step by step, and its final parameters equal the eager run (float64, 1e-10): each
+    resume read every row and both AdamW moments from a checkpoint written in another layout."""
+    chain = placement_run[2]
+    if not chain:
+        pytest.skip("the checkpoint chain runs on 2 ranks")
+    ref_losses, ref_params = reference(chain[0]["spec"], chain[0]["path"])
+    losses, first = [], 0
+    for case in chain:
+        result = json.loads(open(case["dump"]).read())
+        assert result.get("first_step", 0) == first, case
+        losses += result["losses"]
+        first = case["steps"]
+    diffs = relative_differences(losses, ref_losses, torch.load(result["params"]), ref_params)
+    assert len(losses) == STEPS
+    assert diffs["loss"] <= TOLERANCES["float64"]["loss"] and diffs["params"] <= TOLERANCES["float64"]["params"], diffs
