@@ -353,12 +353,12 @@ EXPERT_PARALLEL = Variant(
     "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
     args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
                                     ("num_experts", int(s[3][0]))),
-    comms=_expert_parallel_comms)
+    comms=_expert_parallel_comms, uneven=(3, 4, 5))  # the experts in torch.chunk's shares
 
 EXPERT_PARALLEL_BIASED = Variant(
     "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
     EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
-    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms)
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7))
 
 
 # Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value

@@ -60,13 +60,15 @@ def placed_dims(node: fx.Node) -> tuple[int, int | None] | None:
 
 def uneven_dims(node: fx.Node) -> frozenset[int]:
     """The dims of this parameter that may split over devices that do not divide them (sbp.fits): a
-    value table's rows (number-wise). Each device holds torch.chunk's share (DTensor's ``Shard``:
-    ceil(R / n) rows, the last devices what is left), which the lookup variants that take the table
-    split (the op table's ``uneven`` inputs: ``rows_owned``, ``rows_routed``) read wherever their block
-    starts. Every other parameter dim must divide."""
+    value table's rows and an expert weight's expert index (number-wise). Each device holds torch.chunk's
+    share (DTensor's ``Shard``: ceil(R / n) rows, the last devices what is left), which the variants that
+    take them split (the op table's ``uneven`` inputs: ``rows_owned``, ``rows_routed``,
+    ``expert_parallel``) read wherever their block starts. Every other parameter dim must divide."""
     rec = info(node)
     if rec.op == "param" and rec.param.group == "values":
         return frozenset({0})
+    if rec.op == "param" and _own(node) in EXPERT_DIMS:
+        return frozenset({EXPERT_DIMS[_own(node)][0]})  # the expert index: expert parallelism's owners
     return frozenset()
 
 

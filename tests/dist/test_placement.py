@@ -7,10 +7,12 @@ and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the
 2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
 cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
 ``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
-rows are wide). Three cases
+rows are wide). Four cases
 place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
 UltraMem with 13^2 = 169, made from the tiny specs here): each rank holds torch.chunk's share of the
-rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), checked against torch.chunk itself. After
+rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), and one MoE whose 15 experts split 8/7 across
+the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's owners; the experts' width split inside),
+checked against torch.chunk itself. After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -39,10 +41,11 @@ STEPS = 3
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
-          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values"}
-# specs whose tables' rows divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
+          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*"}
+# specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
-          "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,")}
+          "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
+          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
@@ -54,7 +57,7 @@ CASES = {
     2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("memory-plus-tiny", "2", "dim"),
         ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
     4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
-        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-tiny", "2x2", "number,dim")],
+        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-odd", "2x2", "number,dim")],
 }
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112, uneven) saved
 # after step 1, resumed dimension-wise (even columns) to step 2 and saved, resumed number-wise again to STEPS:
