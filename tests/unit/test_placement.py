@@ -242,9 +242,22 @@ def test_chunked_shard_range_is_torch_chunk(mesh_shape, size, splits):
         assert runtime.Mesh.shard_range(mesh, 16 * math.prod(mesh_shape), splits, chunks=True) == even
 
 
+def test_uneven_experts_split_in_torch_chunk_shares(tmp_path):
+    """15 experts number-wise on 2 devices: expert parallelism, each device planned torch.chunk's larger
+    share (8 experts of 24x32 float32 per weight); its owners (runtime.expert_parallel_ffn) follow the
+    same blocks, which tests/dist/test_placement.py runs against eager."""
+    spec = tmp_path / "moe-odd.yaml"
+    spec.write_text((MODELS / "moe-tiny.yaml").read_text().replace("experts: 16,", "experts: 15,"))
+    plan = api.plan(str(spec), "2", hardware="h200-8", force=["layers.*.moe.w_*=number"])
+    up = next(p for p in plan.params if p.name == "layers.1.moe.w_up")
+    assert up.sbp == "S(0)" and up.bytes_per_device.value == 8 * 24 * 32 * 4
+    ffn = next(n for n in plan.nodes if n.call == "runtime.expert_parallel_ffn")
+    assert dict(ffn.local_attrs)["num_experts"] == 15
+
+
 def test_uneven_placements_that_cannot_run_are_refused(tmp_path):
-    """A value dim or expert count that does not divide is still refused, and so are rows in shares that
-    leave a device none (36 rows in shares of 6 over 7 devices), each in one line naming the fix."""
+    """A value dim that does not divide is still refused, and so are rows in shares that leave a device
+    none (36 rows in shares of 6 over 7 devices), each in one line naming the fix."""
     with pytest.raises(PlanError, match="does not split over the mesh"):
         api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
     with pytest.raises(PlanError, match="leave a device of the 7 without rows"):
