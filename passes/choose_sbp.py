@@ -241,7 +241,8 @@ class _Planner:
         """Per-axis choices combine: a dim split on several axes, and head counts, must divide by the product."""
         uneven = {i for c in chosen if c.variant is not None for i in c.variant.uneven}
         for i, (nd, shape) in enumerate([*zip(ins, shapes), (out, info(node).concrete_shape)]):
-            if not fits(tuple(shape or ()), nd, self.mesh, frozenset({0}) if i in uneven else frozenset()):
+            chunked = frozenset(range(len(shape or ()))) if i in uneven else frozenset()  # a variant's table
+            if not fits(tuple(shape or ()), nd, self.mesh, chunked):
                 raise PlanError(f"{node.name} ({info(node).op}): a split of {tuple(shape or ())} as [{nd_str(nd)}] "
                                 f"does not divide over mesh {self.ctx.mesh} (sbp.fits)")
         for letter, counts in record.heads.items():

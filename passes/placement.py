@@ -66,7 +66,7 @@ def uneven_dims(node: fx.Node) -> frozenset[int]:
     ``expert_parallel``) read wherever their block starts. Every other parameter dim must divide."""
     rec = info(node)
     if rec.op == "param" and rec.param.group == "values":
-        return frozenset({0})
+        return frozenset({0, 1}) if len(rec.param.shape) > 1 else frozenset({0})  # rows, value columns
     if rec.op == "param" and _own(node) in EXPERT_DIMS:
         return frozenset({EXPERT_DIMS[_own(node)][0]})  # the expert index: expert parallelism's owners
     return frozenset()
@@ -112,9 +112,10 @@ def placement_pins(gm: fx.GraphModule, ctx: PlanContext, pattern: str, text: str
                                                                            uneven_dims(node)))
             size, devices = shape[entry.dim], _split_over(nd, entry, ctx.mesh.shape)
             if entry.dim in uneven_dims(node):
-                raise PlanError(f"--place {pattern}={text}: {name}'s {size} rows in torch.chunk's shares of "
-                                f"{chunk_share(size, devices)} leave a device of the {devices} without rows; use fewer "
-                                "devices on the axes placing it number, or replicate")
+                what = "rows" if entry.dim == dims[0] else "columns"
+                raise PlanError(f"--place {pattern}={text}: {name}'s {size} {what} in torch.chunk's shares of "
+                                f"{chunk_share(size, devices)} leave a device of the {devices} without {what}; use "
+                                f"fewer devices on the axes placing it {words[nd.index(entry)]}, or replicate")
             raise PlanError(f"--place {pattern}={text}: {name} {info(node).param.shape} dim {entry.dim} of size "
                             f"{size} does not split over the mesh {ctx.mesh} axes placing it "
                             f"{words[nd.index(entry)]}; use a mesh whose axes divide it, or replicate")

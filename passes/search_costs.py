@@ -292,7 +292,8 @@ class Costing:
             return False
         uneven = {i for c in axes if c.variant is not None for i in c.variant.uneven}
         pairs = [*zip(shapes, ins), (info(node).concrete_shape, raw)]
-        if not all(self._divides(s, nd, frozenset({0}) if i in uneven else frozenset()) for i, (s, nd) in enumerate(pairs)):
+        chunked = [frozenset(range(len(s or ()))) if i in uneven else frozenset() for i, (s, _) in enumerate(pairs)]
+        if not all(self._divides(s, nd, c) for (s, nd), c in zip(pairs, chunked)):
             return False
         for letter, counts in record.heads.items():
             factor = math.prod(n for n, c in zip(self.mesh, axes) if c.split == letter)

@@ -7,12 +7,14 @@ and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the
 2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
 cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
 ``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
-rows are wide). Four cases
-place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
-UltraMem with 13^2 = 169, made from the tiny specs here): each rank holds torch.chunk's share of the
-rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), and one MoE whose 15 experts split 8/7 across
-the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's owners; the experts' width split inside),
-checked against torch.chunk itself. After
+rows are wide). Five cases
+place tables whose rows or columns do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows
+of 33 values, UltraMem with 13^2 = 169 rows, made from the tiny specs here): each rank holds
+torch.chunk's share of the rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops) or of the
+columns (PKM dimension-wise, 17/16: each rank pools its columns into a zero row of the whole width,
+``table_parallel.gather_weighted_sum_columns``, and the partial bags are all-reduced), and one MoE
+whose 15 experts split 8/7 across the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's
+owners; the experts' width split inside), checked against torch.chunk itself. After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -43,7 +45,7 @@ TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memo
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
           "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*"}
 # specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
-UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
+UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
           "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
@@ -54,14 +56,14 @@ UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
 # inner axis), and rows split over both axes (the routed lookup nests; expert parallelism alone runs
 # in test_strategies' dp,ep)
 CASES = {
-    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("memory-plus-tiny", "2", "dim"),
-        ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
+    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim"),
+        ("memory-plus-tiny", "2", "dim"), ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
     4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
         ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-odd", "2x2", "number,dim")],
 }
-# a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112, uneven) saved
-# after step 1, resumed dimension-wise (even columns) to step 2 and saved, resumed number-wise again to STEPS:
-# an uneven save read into another layout, and an even one read into uneven shares
+# a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
+# step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
+# shares saved and read into another uneven layout, both ways
 CHAIN = {2: [("pkm-odd", "number", 1), ("pkm-odd", "dim", 2), ("pkm-odd", "number", STEPS)], 4: []}
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
 
