@@ -21,7 +21,7 @@ import types
 import pytest
 import sympy
 import torch
-from ultraplan.backends import runtime
+from ultraplan.backends import runtime, table_parallel
 from ultraplan.compiler import ops
 from ultraplan.compiler.node_info import info
 from ultraplan.compiler.shapes import B
@@ -88,6 +88,32 @@ def test_owned_lookups_sum_to_the_whole(shards):
         total = sum(parts)
         torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
         # the gradient of each shard's rows and the summed weight gradients are the whole lookup's
+        got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
+                                  (table, weights))
+        torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[1], grads[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_column_lookups_sum_to_the_whole(shards):
+    """A value dim of 7 in torch.chunk's shares (4/3 on 2; 2/2/2/1 on 4): each shard's columns in a zero row
+    of the whole width sum to ops.gather_rows / ops.gather_weighted_sum, and their gradients are the whole's."""
+    torch.manual_seed(0)
+    table = torch.randn(16, 7, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 16, (2, 3, 2, 4))
+    weights = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    starts = [0, *itertools.accumulate(len(c) for c in torch.arange(7).chunk(shards))][:-1]
+    for whole, shard in ((lambda t, w: ops.gather_rows(t, ids) * w.unsqueeze(-1),
+                          lambda t, w, s: table_parallel.gather_rows_columns(t, ids, col_start=s, total_cols=7)
+                          * w.unsqueeze(-1)),
+                         (lambda t, w: ops.gather_weighted_sum(t, ids, w),
+                          lambda t, w, s: table_parallel.gather_weighted_sum_columns(t, ids, w, col_start=s,
+                                                                                     total_cols=7))):
+        expected = whole(table, weights)
+        grads = torch.autograd.grad(expected.square().sum(), (table, weights))
+        parts = [shard(cols, weights, s) for cols, s in zip(table.chunk(shards, dim=1), starts)]
+        total = sum(parts)
+        torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
         got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
                                   (table, weights))
         torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
@@ -255,11 +281,25 @@ def test_uneven_experts_split_in_torch_chunk_shares(tmp_path):
     assert dict(ffn.local_attrs)["num_experts"] == 15
 
 
+def test_uneven_value_dims_read_their_columns():
+    """PKM's value dim of 32 dimension-wise on 3 devices: torch.chunk's shares (11/11/10 columns), the
+    column lookup (each device's columns in a zero row of the whole width) and its partial bags reduced
+    (here reduce-scattered to the tokens' split); the plan counts the largest share."""
+    plan = api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
+    table = next(p for p in plan.params if p.name == "layers.1.pkm.values")
+    assert table.sbp == "S(1)" and table.bytes_per_device.value == 256 * 11 * 4
+    bag = next(n for n in plan.nodes if n.call == "table_parallel.gather_weighted_sum_columns")
+    assert dict(bag.local_attrs)["col_start"] == {"shard_start": [32, [0], "chunks"]}
+    reduced = [c for c in plan.collectives if c.node.startswith(bag.name) and c.phase == "forward"]
+    assert [(c.src, c.payload_bytes.value) for c in reduced] == [("P", 6 * 16 * 32 * 4)]  # the whole width
+
+
 def test_uneven_placements_that_cannot_run_are_refused(tmp_path):
-    """A value dim that does not divide is still refused, and so are rows in shares that leave a device
-    none (36 rows in shares of 6 over 7 devices), each in one line naming the fix."""
+    """An experts' width that does not divide is still refused (an activation split on it would be
+    uneven), and so are rows in shares that leave a device none (36 rows in shares of 6 over 7 devices),
+    each in one line naming the fix."""
     with pytest.raises(PlanError, match="does not split over the mesh"):
-        api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
+        api.plan("moe-tiny", "5", hardware="h200-8", batch=5, force=["layers.*.moe.w_*=dim"])
     with pytest.raises(PlanError, match="leave a device of the 7 without rows"):
         api.plan(_pkm_with_keys(tmp_path, 6, topk=4), "7", hardware="h200-8", batch=7,
                  force=["layers.1.pkm.values=number"])
