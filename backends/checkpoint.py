@@ -83,8 +83,17 @@ def placements(sbp):
     return out
 
 
-def full_shape(local, sbp, mesh_shape):
-    """The logical shape of a tensor whose even shard on this rank is ``local``."""
+def full_shape(local, sbp, mesh_shape, logical=None):
+    """The logical shape of a tensor whose shard on this rank is ``local``.
+
+    ``logical`` (or ``local.full_shape``, which runtime.param sets on every parameter) wins: where a
+    split does not divide (a value table's rows in torch.chunk's shares, passes/sbp.py's ``fits``) the
+    ranks' shards differ and none of them times the mesh is the whole; DTensor's ``Shard`` takes the
+    same shares (torch.chunk's), so the DTensor of that shape holds this rank's rows where they are.
+    Without it the shard is even and the shape is the shard's times the mesh axes splitting it."""
+    logical = logical if logical is not None else getattr(local, "full_shape", None)
+    if logical is not None:
+        return tuple(int(d) for d in logical)
     shape = list(local.shape)
     for axis, placement in enumerate(placements(sbp)):
         if isinstance(placement, Shard):
@@ -92,9 +101,9 @@ def full_shape(local, sbp, mesh_shape):
     return tuple(shape)
 
 
-def as_dtensor(local, mesh, sbp):
-    """``local`` (this rank's shard, sharing its storage) as a DTensor of its logical shape."""
-    shape = full_shape(local, sbp, mesh.shape)
+def as_dtensor(local, mesh, sbp, logical=None):
+    """``local`` (this rank's shard, sharing its storage) as a DTensor of its logical shape (``full_shape``)."""
+    shape = full_shape(local, sbp, mesh.shape, logical)
     stride = [1] * len(shape)
     for d in reversed(range(len(shape) - 1)):
         stride[d] = stride[d + 1] * shape[d + 1]
@@ -120,8 +129,10 @@ def training_state(model, optimizer, params, mesh, step, seed, fill_optimizer=Fa
             moments = {"step": torch.tensor(0.0), **{k: torch.zeros_like(param.detach()) for k in MOMENTS}}
             if fill_optimizer:
                 optimizer.state[param] = moments
-        state["model"][name] = as_dtensor(param, mesh, sbp)
-        state["optim"][name] = {"step": moments["step"], **{k: as_dtensor(moments[k], mesh, sbp) for k in MOMENTS}}
+        logical = full_shape(param, sbp, mesh.shape)  # the moments are shaped as their parameter's shard
+        state["model"][name] = as_dtensor(param, mesh, sbp, logical)
+        state["optim"][name] = {"step": moments["step"],
+                                **{k: as_dtensor(moments[k], mesh, sbp, logical) for k in MOMENTS}}
     for name, buffer in model.named_buffers():
         state["buffers"][name] = buffer
     return state

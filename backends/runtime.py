@@ -720,8 +720,9 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
     """Dropless mixture of experts with the experts split over mesh axis ``axis``.
 
     x (b, t, d) are this rank's tokens; indices (b, t, k) int64 global expert ids; gates (b, t, k);
-    w_up, w_gate (E_local, f, d) and w_down (E_local, d, f) hold experts
-    [coord * E_local, (coord + 1) * E_local), E_local = num_experts / n. ``activation`` is
+    w_up, w_gate (E_local, f, d) and w_down (E_local, d, f) hold torch.chunk's share of the experts
+    (DTensor's Shard): [coord * block, coord * block + E_local), block = ceil(num_experts / n), E_local
+    = block but for the last coordinates, which hold what is left (passes/sbp.py's ``fits``). ``activation`` is
     "swiglu" (uses w_gate) or "gelu" (tanh approximation; w_gate unused, pass w_up again).
     ``biases``: none, or the local experts' (b_up, b_gate), each (E_local, f) (ops.expert_ffn_biased).
     Equals ops.expert_ffn (or expert_ffn_biased) on this rank's tokens with the full expert weights.
@@ -744,11 +745,12 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
     if activation not in ("swiglu", "gelu"):
         raise ValueError(f"unknown expert activation {activation!r}")
     n = mesh.shape[axis]
-    if num_experts % n:
-        raise ValueError(f"{num_experts} experts do not split over mesh axis {axis} of size {n}")
-    local_experts = num_experts // n
+    block = -(-num_experts // n)  # torch.chunk's share; the last coordinates hold what is left
+    first = min(mesh.coords[axis] * block, num_experts)
+    local_experts = min(block, num_experts - first)
     if w_up.shape[0] != local_experts:
-        raise ValueError(f"w_up holds {w_up.shape[0]} experts, expected {local_experts} = {num_experts} / {n}")
+        raise ValueError(f"w_up holds {w_up.shape[0]} experts, expected {local_experts} of {num_experts} "
+                         f"in torch.chunk's shares over {n}")
     group = mesh.group(axis)
     b, t, d = x.shape
     k = indices.shape[-1]
@@ -759,7 +761,7 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
     token_sorted = torch.div(order, k, rounding_mode="floor")  # assignment a is token a // k, slot a % k
     gate_sorted = gates.reshape(-1)[order]
 
-    send = torch.bincount(torch.div(expert_sorted, local_experts, rounding_mode="floor"), minlength=n)
+    send = torch.bincount(torch.div(expert_sorted, block, rounding_mode="floor"), minlength=n)
     recv = torch.empty_like(send)
     _count("all_to_all", send)
     dist.all_to_all_single(recv, send.contiguous(), group=group)
@@ -768,7 +770,7 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
     ids = _AllToAllRows.apply(expert_sorted, group, send_counts, recv_counts)
     rows = _AllToAllRows.apply(flat_x[token_sorted], group, send_counts, recv_counts)
 
-    local_ids = ids - mesh.coords[axis] * local_experts
+    local_ids = ids - first
     out = torch.zeros_like(rows)
     for e in range(local_experts):
         sel = torch.nonzero(local_ids == e).squeeze(1)

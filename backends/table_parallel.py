@@ -11,6 +11,11 @@ splits, the row comes back the same way: the UltraMem paper's number-wise partit
 Over several mesh axes the routing nests: first to the owner's coordinate on the outer axis, there
 to its coordinate on the next, and back in reverse.
 
+A dimension-wise table whose value dim does not divide reads its own columns (torch.chunk's share)
+of every picked row into a zero row of the whole width (``gather_rows_columns``,
+``gather_weighted_sum_columns``): no collective inside; the partial outputs are reduced by the
+plan's boxing.
+
 Collectives per axis, counted as "all_to_all" by runtime (A = ids this device sends on that axis,
 R = rows it receives there, data-dependent; e the table's element size, D its local width):
 forward 3 calls: counts (n int64), ids (A int64), rows back (R*D*e); backward 1 call: the rows'
@@ -66,3 +71,22 @@ def routed_gather_weighted_sum(table, indices, weights, *, mesh, axes, num_rows)
     rows = routed_gather_rows(table, indices, mesh=mesh, axes=axes, num_rows=num_rows)
     return torch.einsum("bnd,bn->bd", rows.reshape(b * t, -1, table.shape[1]),
                         weights.reshape(b * t, -1)).view(b, t, table.shape[1])
+
+
+def gather_rows_columns(table, indices, *, col_start, total_cols):
+    """``ops.gather_rows`` with the table's ``total_cols`` value columns in torch.chunk's shares: this
+    device's columns [col_start, col_start + D_local) of every picked row, in a zero row of the whole
+    width, so the devices' outputs sum to the lookup (the plan reduces them); the backward keeps the
+    gradient of this device's columns."""
+    rows = F.embedding(indices, table)
+    return F.pad(rows, (int(col_start), int(total_cols) - int(col_start) - table.shape[1]))
+
+
+def gather_weighted_sum_columns(table, indices, weights, *, col_start, total_cols):
+    """``ops.gather_weighted_sum`` with the value columns in torch.chunk's shares: each token's bag of
+    this device's columns, weighted, in a zero row of the whole width (the devices' outputs sum to the
+    bag; each weight's gradient is the sum of the devices' column dots, which the reduction gives)."""
+    b, t = indices.shape[:2]
+    rows = F.embedding(indices.reshape(b * t, -1), table)
+    bags = torch.einsum("bnd,bn->bd", rows, weights.reshape(b * t, -1)).view(b, t, table.shape[1])
+    return F.pad(bags, (int(col_start), int(total_cols) - int(col_start) - table.shape[1]))

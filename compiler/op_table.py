@@ -123,7 +123,8 @@ class Variant:
     args: ArgsRule
     comms: CommRule | None = None
     applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
-    uneven: tuple[int, ...] = ()  # inputs whose S(0) may split as torch.chunk does (a table's rows)
+    uneven: tuple[int, ...] = ()  # inputs whose split may be torch.chunk's shares (passes/sbp.py's fits)
+    uneven_only: bool = False  # offered only where an ``uneven`` input's split does not divide
 
 
 @dataclass(frozen=True)
@@ -353,12 +354,12 @@ EXPERT_PARALLEL = Variant(
     "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
     args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
                                     ("num_experts", int(s[3][0]))),
-    comms=_expert_parallel_comms)
+    comms=_expert_parallel_comms, uneven=(3, 4, 5))  # the experts in torch.chunk's shares
 
 EXPERT_PARALLEL_BIASED = Variant(
     "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
     EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
-    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms)
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7))
 
 
 # Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value
@@ -404,6 +405,23 @@ ROWS_ROUTED = Variant(
 BAG_ROWS_ROUTED = dataclasses.replace(
     ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_weighted_sum",
     why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")
+
+
+# A dimension-wise table whose value dim does not divide: each device reads its columns (torch.chunk's
+# share) of every picked row and writes them at their place in a zero row of the whole width, so the
+# devices' outputs sum to the lookup (as rows_owned does for rows); the partial output is then reduced by
+# ordinary boxing. Offered only where the columns do not divide (the einsum split of ``d`` is the even form:
+# an activation split on the value dim, which only an even split may be).
+COLS_OWNED = Variant(
+    "cols_owned", ("S(1)", "B"), "P", "table_parallel.gather_rows_columns",
+    "dimension-wise table, value dim in torch.chunk's shares: each device reads its columns of every picked "
+    "row into a zero row of the whole width, so the devices' outputs sum to the lookup (UltraMem's "
+    "dimension-wise partition, Huang et al. 2025, with DTensor's uneven Shard)",
+    args=lambda s, a, axes, sizes: (("col_start", chunk_start(s[0][1], axes, sizes)), ("total_cols", int(s[0][1]))),
+    uneven=(0,), uneven_only=True)
+BAG_COLS_OWNED = dataclasses.replace(
+    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_weighted_sum_columns",
+    why=COLS_OWNED.why + "; the fused bag pools its columns, weighted, and the partial bags are summed")
 
 
 # UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
@@ -493,7 +511,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          variants=(KV_REPLICATED_SDPA,), colour="#f4cccc"),
     _def("gather_weighted_sum", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,bt..->btd",
-         variants=(BAG_ROWS_OWNED, BAG_ROWS_ROUTED),
+         variants=(BAG_ROWS_OWNED, BAG_ROWS_ROUTED, BAG_COLS_OWNED),
          colour=RETRIEVAL),
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gather_row_dot", lambda s, a: s[1], flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
@@ -528,7 +546,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("sigmoid", _same, dims="*->*", colour=ELEMENTWISE),
     _def("normalize_sum", _same, dims="*.->*.", colour=ELEMENTWISE),
     _def("gather_rows", lambda s, a: (*s[1], s[0][1]), sparse=_gather_rows_touch, bytes_read=_ids_and_rows(1),
-         dims=".d,*->*d", variants=(ROWS_OWNED, ROWS_ROUTED),
+         dims=".d,*->*d", variants=(ROWS_OWNED, ROWS_ROUTED, COLS_OWNED),
          colour=RETRIEVAL),
     _def("weighted_sum", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bthkd,bthk->btd", sums="hk",
          linear="each", colour=RETRIEVAL),

@@ -42,8 +42,8 @@ from ..compiler.lower import tensor_args
 from ..compiler.node_info import NodeInfo, info
 from ..compiler.op_table import OP_TABLE
 from .context import PassReport, PlanContext, PlanError
-from .placement import splits_unevenly
-from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Signature, Split, box_cost, boxings, nd_str
+from .placement import uneven_dims
+from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Signature, Split, box_cost, boxings, chunk_share, fits, nd_str
 from .signatures import AxisSignature, axis_signatures
 from .strategies import STRATEGIES, AxisPins, check_batch, forced_pins, pin_axes
 from .symbols import BYTES_PER_ELEMENT, axis_size, readable
@@ -89,7 +89,7 @@ def _internal_cost(node: fx.Node, args: list[fx.Node], cand: AxisSignature, n: i
     """(bytes per device, collectives, 0) a variant's call sends inside it on one axis (its inputs
     split as the signature wants on that axis), so that a routed lookup is priced beside the boxing
     of the all-gathered one."""
-    local = [tuple(int(s) // (n if isinstance(sbp, Split) and d == sbp.dim else 1)
+    local = [tuple(chunk_share(s, n if isinstance(sbp, Split) and d == sbp.dim else 1)
                    for d, s in enumerate(info(a).concrete_shape or ())) for a, sbp in zip(args, cand.inputs)]
     comms = cand.variant.comms(local, [info(a).dtype for a in args], info(node).attrs, sympy.Integer(n), train)
     wire = sum(float(c.payload) * (2 * (n - 1) / n if c.collective == "all_reduce" else (n - 1) / n) for c in comms)
@@ -148,13 +148,11 @@ class _Planner:
             raise PlanError(f"{node.name}: a parameter cannot be P (a partial sum); pin S(d) or B")
         forced = node.name in self.forced
         rest = used if forced else tuple(p.at_rest.get(node.name, used[a]) for a, p in enumerate(self.pins))
-        for axis, entry in enumerate(rest):
-            if not isinstance(entry, Split):
-                continue
-            uneven = forced and used == rest and splits_unevenly(node, entry.dim)  # a --place'd table's rows
-            if entry.dim >= len(rec.param.shape) or (rec.param.shape[entry.dim] % self.mesh[axis] and not uneven):
-                raise PlanError(f"{node.name}: {rec.param.name} {rec.param.shape} cannot be {entry} over the mesh "
-                                f"{self.ctx.mesh} (the dim does not exist or does not divide)")
+        uneven = uneven_dims(node) if rest == used else frozenset()  # a gathered split must divide
+        if not fits(tuple(rec.param.shape), rest, self.mesh, uneven):
+            raise PlanError(f"{node.name}: {rec.param.name} {rec.param.shape} cannot be {nd_str(rest)} over the "
+                            f"mesh {self.ctx.mesh} (a dim does not exist or does not divide, or torch.chunk's shares "
+                            "leave a device without rows)")
         rec.at_rest = rest
         rec.sbp = Signature((), rest)
         train = self.ctx.mode == "train"
@@ -243,16 +241,10 @@ class _Planner:
         """Per-axis choices combine: a dim split on several axes, and head counts, must divide by the product."""
         uneven = {i for c in chosen if c.variant is not None for i in c.variant.uneven}
         for i, (nd, shape) in enumerate([*zip(ins, shapes), (out, info(node).concrete_shape)]):
-            for dim in range(len(shape or ())):
-                if i in uneven and dim == 0:  # a table's rows in torch.chunk's shares (passes/placement.py)
-                    continue
-                factor = 1
-                for axis, entry in enumerate(nd):
-                    if entry == Split(dim):
-                        factor *= self.mesh[axis]
-                if shape[dim] % factor:
-                    raise PlanError(f"{node.name} ({info(node).op}): dim {dim} of size {shape[dim]} does not split "
-                                    f"over {factor} devices ([{nd_str(nd)}] on mesh {self.ctx.mesh})")
+            chunked = frozenset(range(len(shape or ()))) if i in uneven else frozenset()  # a variant's table
+            if not fits(tuple(shape or ()), nd, self.mesh, chunked):
+                raise PlanError(f"{node.name} ({info(node).op}): a split of {tuple(shape or ())} as [{nd_str(nd)}] "
+                                f"does not divide over mesh {self.ctx.mesh} (sbp.fits)")
         for letter, counts in record.heads.items():
             factor = 1
             for axis, c in enumerate(chosen):

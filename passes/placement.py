@@ -29,7 +29,7 @@ from torch import fx
 
 from ..compiler.node_info import info
 from .context import PlanContext, PlanError
-from .sbp import Broadcast, NdSbp, Sbp, Split
+from .sbp import Broadcast, NdSbp, Sbp, Split, chunk_share, fits
 
 PLACEMENTS = ("number", "dim", "replicate")
 # MoE expert weights and where their expert index / hidden width sit: (component, own name) -> (number, dim)
@@ -58,13 +58,18 @@ def placed_dims(node: fx.Node) -> tuple[int, int | None] | None:
     return EXPERT_DIMS.get(_own(node))
 
 
-def splits_unevenly(node: fx.Node, dim: int) -> bool:
-    """May ``dim`` of this parameter split over devices that do not divide it? A value table's rows
-    (number-wise) may: each device holds torch.chunk's share (DTensor's ``Shard``: ceil(R / n) rows,
-    the last devices what is left), which the lookup variants that take the table split (the op
-    table's ``uneven`` inputs: ``rows_owned``, ``rows_routed``) read wherever their block starts."""
+def uneven_dims(node: fx.Node) -> frozenset[int]:
+    """The dims of this parameter that may split over devices that do not divide them (sbp.fits): a
+    value table's rows and an expert weight's expert index (number-wise). Each device holds torch.chunk's
+    share (DTensor's ``Shard``: ceil(R / n) rows, the last devices what is left), which the variants that
+    take them split (the op table's ``uneven`` inputs: ``rows_owned``, ``rows_routed``,
+    ``expert_parallel``) read wherever their block starts. Every other parameter dim must divide."""
     rec = info(node)
-    return rec.op == "param" and rec.param.group == "values" and dim == 0
+    if rec.op == "param" and rec.param.group == "values":
+        return frozenset({0, 1}) if len(rec.param.shape) > 1 else frozenset({0})  # rows, value columns
+    if rec.op == "param" and _own(node) in EXPERT_DIMS:
+        return frozenset({EXPERT_DIMS[_own(node)][0]})  # the expert index: expert parallelism's owners
+    return frozenset()
 
 
 def table_params(gm: fx.GraphModule) -> list[fx.Node]:
@@ -101,20 +106,26 @@ def placement_pins(gm: fx.GraphModule, ctx: PlanContext, pattern: str, text: str
     for node in matched:
         name, dims = info(node).param.name, placed_dims(node)
         nd = tuple(_sbp(w, dims, name, text) for w in words)
-        for axis, entry in enumerate(nd):
-            if not isinstance(entry, Split):
-                continue
-            size, devices = info(node).param.shape[entry.dim], _split_over(nd, entry, ctx.mesh.shape)
-            if size % devices and not splits_unevenly(node, entry.dim):
-                raise PlanError(f"--place {pattern}={text}: {name} {info(node).param.shape} dim {entry.dim} of size "
-                                f"{size} does not split over the mesh {ctx.mesh} axes placing it {words[axis]}; "
-                                "use a mesh whose axes divide it, or replicate")
-            if size % devices and (devices - 1) * -(-size // devices) >= size:
-                raise PlanError(f"--place {pattern}={text}: {name}'s {size} rows in torch.chunk's shares of "
-                                f"{-(-size // devices)} leave a device of the {devices} without rows; use fewer devices "
-                                "on the axes placing it number, or replicate")
+        shape = tuple(info(node).param.shape)
+        if not fits(shape, nd, ctx.mesh.shape, uneven_dims(node)):
+            entry = next(e for e in nd if isinstance(e, Split) and not fits(shape, _only(nd, e), ctx.mesh.shape,
+                                                                           uneven_dims(node)))
+            size, devices = shape[entry.dim], _split_over(nd, entry, ctx.mesh.shape)
+            if entry.dim in uneven_dims(node):
+                what = "rows" if entry.dim == dims[0] else "columns"
+                raise PlanError(f"--place {pattern}={text}: {name}'s {size} {what} in torch.chunk's shares of "
+                                f"{chunk_share(size, devices)} leave a device of the {devices} without {what}; use "
+                                f"fewer devices on the axes placing it {words[nd.index(entry)]}, or replicate")
+            raise PlanError(f"--place {pattern}={text}: {name} {info(node).param.shape} dim {entry.dim} of size "
+                            f"{size} does not split over the mesh {ctx.mesh} axes placing it "
+                            f"{words[nd.index(entry)]}; use a mesh whose axes divide it, or replicate")
         out[node.name] = nd
     return out
+
+
+def _only(nd: NdSbp, entry: Sbp) -> NdSbp:
+    """``nd`` with every split but ``entry`` made ``B`` (which of a placement's splits does not fit)."""
+    return tuple(e if e == entry else Broadcast() for e in nd)
 
 
 def _split_over(nd: NdSbp, entry: Sbp, mesh: tuple[int, ...]) -> int:

@@ -29,6 +29,8 @@ the emitted runtime counts, and what tests compare against a real collective.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import sympy
@@ -62,13 +64,57 @@ Sbp = Split | Broadcast | PartialSum
 NdSbp = tuple[Sbp, ...]
 
 
+def chunk_share(size: int, n: int) -> int:
+    """The largest of torch.chunk's ``n`` shares of ``size`` indices (DTensor's ``Shard``): ceil(size / n);
+    the size itself divided when ``n`` divides it. What a device is planned to hold of a split dim."""
+    return -(-int(size) // n)
+
+
+@functools.cache
+def fits(shape: tuple, nd: NdSbp, mesh: tuple[int, ...], uneven: frozenset[int] = frozenset()) -> bool:
+    """The one rule of splitting: may ``nd`` lay out a ``shape`` tensor on a mesh of ``mesh`` sizes?
+
+    Every split names a dim of ``shape``; a dim split on several axes splits outer axis first. A dim
+    must divide by the product of its axes' sizes, except the dims in ``uneven`` (a value table's rows
+    or columns, an expert group's expert index: passes/placement.py's ``uneven_dims``, and the inputs
+    an op-table variant declares ``uneven``), which split as torch.chunk does (runtime.Mesh.shard_range's
+    ``chunks``: ceil(size / n) per coordinate, the last ones what is left) as long as every device keeps
+    at least one index. Read by choose_sbp (the plan) and search_costs (``--strategy auto``) alike, so
+    the search considers exactly the layouts the plan accepts; ``local_dims`` and ``local_numel`` size
+    them by their largest share."""
+    if any(isinstance(e, Split) and e.dim >= len(shape) for e in nd):
+        return False
+    for dim, size in enumerate(shape):
+        axes = [mesh[a] for a, e in enumerate(nd) if e == Split(dim)]
+        if dim not in uneven:
+            if int(size) % math.prod(axes):
+                return False
+            continue
+        shares = [int(size)]
+        for n in axes:
+            shares = [min(chunk_share(s, n), s - j * chunk_share(s, n)) for s in shares for j in range(n)]
+            if min(shares) <= 0:
+                return False
+    return True
+
+
+def local_numel(shape, nd: NdSbp, mesh: tuple[int, ...]) -> int:
+    """Elements of the largest share one device holds of a ``shape`` tensor laid out ``nd`` (plain
+    numbers: the search's hot path; ``local_dims`` with a numeric mesh gives the same in sympy)."""
+    dims = [int(d) for d in shape or ()]
+    for axis, entry in enumerate(nd):
+        if isinstance(entry, Split):
+            dims[entry.dim] = chunk_share(dims[entry.dim], mesh[axis])
+    return math.prod(dims)
+
+
 def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None, mesh=None) -> tuple:
     """The dims one device holds: each ``S(d)`` on axis ``a`` divides dim ``d`` by ``sizes[a]``.
 
     ``sizes`` are numbers or the symbols ``n{axis}``; ``skip_axis`` leaves that axis's split
     out (the size a collective on that axis sees). A split that does not divide (``mesh``: the
     axes' numeric sizes, or ``sizes`` themselves when they are numbers) holds torch.chunk's largest
-    share, ``ceiling(d / n)``: only a value table's rows split so (passes/placement.py).
+    share, ``ceiling(d / n)`` (``chunk_share``): only the dims ``fits`` lets split unevenly do.
     """
     dims = list(shape)
     numeric = mesh if mesh is not None else sizes if all(isinstance(n, int) for n in sizes) else None
@@ -78,7 +124,7 @@ def local_dims(shape, sbp: NdSbp, sizes, *, skip_axis: int | None = None, mesh=N
             d, count = dims[entry.dim], counts[entry.dim]
             uneven = count is not None and count % numeric[axis]
             dims[entry.dim] = sympy.ceiling(d / sizes[axis]) if uneven else d / sizes[axis]
-            counts[entry.dim] = -(-count // numeric[axis]) if count is not None else None
+            counts[entry.dim] = chunk_share(count, numeric[axis]) if count is not None else None
     return tuple(dims)
 
 

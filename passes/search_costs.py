@@ -37,9 +37,9 @@ from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
 from .memory import SAVES
-from .placement import splits_unevenly
+from .placement import uneven_dims
 from .precision import MASTER
-from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split
+from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split, chunk_share, fits, local_numel
 from .signatures import axis_signatures
 from .strategies import AxisPins
 from .symbols import BYTES_PER_ELEMENT, PEAK, axis_bandwidth, axis_latency, evaluate
@@ -126,20 +126,13 @@ class Costing:
         return total, total
 
     def local_bytes(self, node: fx.Node, nd: NdSbp) -> float:
+        """Bytes of the largest share one device holds (torch.chunk's, where a table splits unevenly)."""
         rec = info(node)
-        elements = float(math.prod(rec.concrete_shape or ()))
-        for axis, entry in enumerate(nd):
-            if isinstance(entry, Split):
-                elements /= self.mesh[axis]
-        return elements * BYTES_PER_ELEMENT.get(rec.dtype, 4)
+        return float(local_numel(rec.concrete_shape, nd, self.mesh)) * BYTES_PER_ELEMENT.get(rec.dtype, 4)
 
-    def _divides(self, shape: tuple, nd: NdSbp, rows_unevenly: bool = False) -> bool:
-        """Every split divides its dim (``rows_unevenly``: dim 0 may split in torch.chunk's shares)."""
-        for dim, size in enumerate(shape or ()):
-            factor = math.prod(n for n, e in zip(self.mesh, nd) if e == Split(dim))
-            if size % factor and not (rows_unevenly and dim == 0):
-                return False
-        return all(e.dim < len(shape or ()) for e in nd if isinstance(e, Split))
+    def _divides(self, shape: tuple, nd: NdSbp, uneven: frozenset[int] = frozenset()) -> bool:
+        """sbp.fits, the plan's own rule (``uneven``: dims that may split in torch.chunk's shares)."""
+        return fits(tuple(shape or ()), nd, self.mesh, uneven)
 
     def _pin(self, node: fx.Node) -> tuple[Sbp | None, ...]:
         if node.name in self.forced:
@@ -170,7 +163,7 @@ class Costing:
     def _params(self, node: fx.Node) -> list[Cand]:
         rec = info(node)
         shape = rec.param.shape
-        options = []
+        options, uneven = [], uneven_dims(node)
         for axis, n in enumerate(self.mesh):
             if node.name in self.forced:
                 options.append([(self.forced[node.name][axis],) * 2])
@@ -180,13 +173,14 @@ class Costing:
             else:
                 dims = [Split(d) for d, size in enumerate(shape) if size % n == 0] if n > 1 else []
                 gathered = [] if rec.param.name in self.sources else [(s, B_) for s in dims]
-                options.append([(B_, B_), *[(s, s) for s in dims], *gathered])
+                chunked = [Split(d) for d in sorted(uneven) if shape[d] % n] if n > 1 else []  # used as stored
+                options.append([(B_, B_), *[(s, s) for s in dims + chunked], *gathered])
         saved = self.train and any(self.saves(user, node) for user in node.users)
         out = []
         for axes in itertools.product(*options):
             rest, used = tuple(a[0] for a in axes), tuple(a[1] for a in axes)
-            uneven = node.name in self.forced and splits_unevenly(node, 0)  # a --place'd table's rows
-            if any(isinstance(e, PartialSum) for e in used) or not self._divides(shape, rest, uneven):
+            if any(isinstance(e, PartialSum) for e in used) or not self._divides(shape, rest,
+                                                                                  uneven if rest == used else frozenset()):
                 continue
             gather = self.box_time(rest, used, node)
             if gather is None:
@@ -229,10 +223,7 @@ class Costing:
         axes = tuple(a for a in reversed(range(len(rest))) if isinstance(rest[a], Broadcast))
         if not axes:
             return 0.0, None
-        nbytes = float(math.prod(info(node).concrete_shape or ())) * BYTES_PER_ELEMENT[MASTER]
-        for a, e in enumerate(rest):
-            if isinstance(e, Split):
-                nbytes /= self.mesh[a]
+        nbytes = float(local_numel(info(node).concrete_shape, rest, self.mesh)) * BYTES_PER_ELEMENT[MASTER]
         seconds = 0.0
         for a in axes:
             n = self.mesh[a]
@@ -292,7 +283,7 @@ class Costing:
         dims = [float(s) for s in shape or ()]
         for axis, entry in enumerate(nd):
             if isinstance(entry, Split):
-                dims[entry.dim] /= self.mesh[axis]
+                dims[entry.dim] = float(chunk_share(int(dims[entry.dim]), self.mesh[axis]))
         return dims
 
     def _combined(self, node, record, axes, ins, raw, shapes) -> bool:
@@ -301,7 +292,8 @@ class Costing:
             return False
         uneven = {i for c in axes if c.variant is not None for i in c.variant.uneven}
         pairs = [*zip(shapes, ins), (info(node).concrete_shape, raw)]
-        if not all(self._divides(s, nd, i in uneven) for i, (s, nd) in enumerate(pairs)):
+        chunked = [frozenset(range(len(s or ()))) if i in uneven else frozenset() for i, (s, _) in enumerate(pairs)]
+        if not all(self._divides(s, nd, c) for (s, nd), c in zip(pairs, chunked)):
             return False
         for letter, counts in record.heads.items():
             factor = math.prod(n for n, c in zip(self.mesh, axes) if c.split == letter)

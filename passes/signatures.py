@@ -112,7 +112,9 @@ def _signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[i
         ins = tuple(parse_sbp(s) for s in variant.inputs)
         if variant.applies is not None and not variant.applies(attrs, n):
             continue
-        if all(_fits(sbp, shape, n) or (i in variant.uneven and sbp == Split(0))
+        if variant.uneven_only and all(_fits(ins[i], shapes[i], n) for i in variant.uneven):
+            continue  # the even form is another signature's
+        if all(_fits(sbp, shape, n) or (i in variant.uneven and isinstance(sbp, Split))
                for i, (sbp, shape) in enumerate(zip(ins, shapes))):
             found.append(AxisSignature(ins, parse_sbp(variant.output), variant=variant))
     return found

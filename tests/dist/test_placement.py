@@ -7,10 +7,14 @@ and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the
 2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
 cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
 ``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
-rows are wide). Three cases
-place tables whose rows do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows,
-UltraMem with 13^2 = 169, made from the tiny specs here): each rank holds torch.chunk's share of the
-rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops), checked against torch.chunk itself. After
+rows are wide). Five cases
+place tables whose rows or columns do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows
+of 33 values, UltraMem with 13^2 = 169 rows, made from the tiny specs here): each rank holds
+torch.chunk's share of the rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops) or of the
+columns (PKM dimension-wise, 17/16: each rank pools its columns into a zero row of the whole width,
+``table_parallel.gather_weighted_sum_columns``, and the partial bags are all-reduced), and one MoE
+whose 15 experts split 8/7 across the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's
+owners; the experts' width split inside), checked against torch.chunk itself. After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -39,10 +43,11 @@ STEPS = 3
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
-          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values"}
-# specs whose tables' rows divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
-UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
-          "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,")}
+          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*"}
+# specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
+UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
+          "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
+          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
@@ -51,11 +56,15 @@ UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15,"),
 # inner axis), and rows split over both axes (the routed lookup nests; expert parallelism alone runs
 # in test_strategies' dp,ep)
 CASES = {
-    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("memory-plus-tiny", "2", "dim"),
-        ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
+    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim"),
+        ("memory-plus-tiny", "2", "dim"), ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
     4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
-        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-tiny", "2x2", "number,dim")],
+        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-odd", "2x2", "number,dim")],
 }
+# a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
+# step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
+# shares saved and read into another uneven layout, both ways
+CHAIN = {2: [("pkm-odd", "number", 1), ("pkm-odd", "dim", 2), ("pkm-odd", "number", STEPS)], 4: []}
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
 
 
@@ -107,11 +116,19 @@ def placement_run(request, tmp_path_factory):
         api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
         cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
+    chain, saved = [], root / "checkpoints"
+    for i, (spec, place, steps) in enumerate(CHAIN[nproc]):
+        out = root / f"{spec}__{nproc}__{place}"
+        if not out.exists():
+            api.compile(spec_path(spec, root), str(nproc), out, force=[f"{TABLES[spec]}={place}"])
+        args = ["--checkpoint-dir", str(saved)] + ["--resume"] * bool(i)
+        chain.append({"spec": spec, "path": spec_path(spec, root), "dir": str(out), "steps": steps, "dtype": "float64",
+                      "dump": str(root / f"chain{i}.json"), "args": args})
     manifest = root / "manifest.json"
-    manifest.write_text(json.dumps(cases))
+    manifest.write_text(json.dumps(cases + chain))
     result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
     assert result.returncode == 0, result.stderr[-4000:]
-    return nproc, cases
+    return nproc, cases, chain
 
 
 def test_every_placement_equals_eager(placement_run):
@@ -158,3 +175,21 @@ def test_measured_collectives_equal_the_plan(placement_run):
         assert comm["comm_bytes_measured"] == pytest.approx(comm["comm_bytes_predicted"], rel=1e-12), where
         assert comm["comm_calls_measured"] == comm["comm_calls_predicted"], where
         assert comm["comm_calls_torch_first_step"] == comm["comm_calls_predicted"], where
+
+
+def test_uneven_shards_checkpoint_and_resume(placement_run):
+    """The chain's losses, step by step, and its final parameters equal the eager run (float64, 1e-10): each
+    resume read every row and both AdamW moments from a checkpoint written in another layout."""
+    chain = placement_run[2]
+    if not chain:
+        pytest.skip("the checkpoint chain runs on 2 ranks")
+    ref_losses, ref_params = reference(chain[0]["spec"], chain[0]["path"])
+    losses, first = [], 0
+    for case in chain:
+        result = json.loads(open(case["dump"]).read())
+        assert result.get("first_step", 0) == first, case
+        losses += result["losses"]
+        first = case["steps"]
+    diffs = relative_differences(losses, ref_losses, torch.load(result["params"]), ref_params)
+    assert len(losses) == STEPS
+    assert diffs["loss"] <= TOLERANCES["float64"]["loss"] and diffs["params"] <= TOLERANCES["float64"]["params"], diffs

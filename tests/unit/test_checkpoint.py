@@ -50,6 +50,10 @@ def test_placements_follow_the_sbp():
     # a (6, 4) shard split on dim 0 by both axes of a 2x3 mesh and dim 1 by none
     assert checkpoint.full_shape(torch.empty(6, 4), ("S(0)", "S(0)"), (2, 3)) == (36, 4)
     assert checkpoint.full_shape(torch.empty(6, 4), ("B", "S(1)"), (2, 3)) == (6, 12)
+    # torch.chunk's uneven shares (225 rows: 113 and 112 on 2) are sized by the parameter's logical shape
+    uneven = torch.empty(112, 4)
+    uneven.full_shape = (225, 4)
+    assert checkpoint.full_shape(uneven, ("S(0)",), (2,)) == (225, 4)
 
 
 def test_safetensors_writer_is_read_by_the_package(tmp_path):

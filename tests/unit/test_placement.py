@@ -21,11 +21,13 @@ import types
 import pytest
 import sympy
 import torch
-from ultraplan.backends import runtime
+from ultraplan.backends import runtime, table_parallel
 from ultraplan.compiler import ops
+from ultraplan.compiler.node_info import info
 from ultraplan.compiler.shapes import B
+from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.context import Mesh, PlanError
-from ultraplan.passes.pipeline import make_plan
+from ultraplan.passes.pipeline import make_context, make_plan
 from ultraplan.passes.placement_report import (
     Option,
     _expr,
@@ -35,6 +37,8 @@ from ultraplan.passes.placement_report import (
     value_dim_flips,
     with_value_dim,
 )
+from ultraplan.passes.sbp import Split, fits, local_numel
+from ultraplan.passes.search_costs import Costing
 
 from tests.conftest import MODELS, ROOT
 from ultraplan import api
@@ -84,6 +88,32 @@ def test_owned_lookups_sum_to_the_whole(shards):
         total = sum(parts)
         torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
         # the gradient of each shard's rows and the summed weight gradients are the whole lookup's
+        got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
+                                  (table, weights))
+        torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(got[1], grads[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_column_lookups_sum_to_the_whole(shards):
+    """A value dim of 7 in torch.chunk's shares (4/3 on 2; 2/2/2/1 on 4): each shard's columns in a zero row
+    of the whole width sum to ops.gather_rows / ops.gather_weighted_sum, and their gradients are the whole's."""
+    torch.manual_seed(0)
+    table = torch.randn(16, 7, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 16, (2, 3, 2, 4))
+    weights = torch.randn(2, 3, 2, 4, dtype=torch.float64, requires_grad=True)
+    starts = [0, *itertools.accumulate(len(c) for c in torch.arange(7).chunk(shards))][:-1]
+    for whole, shard in ((lambda t, w: ops.gather_rows(t, ids) * w.unsqueeze(-1),
+                          lambda t, w, s: table_parallel.gather_rows_columns(t, ids, col_start=s, total_cols=7)
+                          * w.unsqueeze(-1)),
+                         (lambda t, w: ops.gather_weighted_sum(t, ids, w),
+                          lambda t, w, s: table_parallel.gather_weighted_sum_columns(t, ids, w, col_start=s,
+                                                                                     total_cols=7))):
+        expected = whole(table, weights)
+        grads = torch.autograd.grad(expected.square().sum(), (table, weights))
+        parts = [shard(cols, weights, s) for cols, s in zip(table.chunk(shards, dim=1), starts)]
+        total = sum(parts)
+        torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
         got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
                                   (table, weights))
         torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
@@ -184,6 +214,43 @@ def test_uneven_rows_count_the_largest_torch_chunk_share(tmp_path):
         assert dict(lookup.local_attrs)["row_start"] == {"shard_start": [225, axes, "chunks"]}, (mesh, strategy)
 
 
+def test_the_search_splits_rows_unevenly_and_sizes_them_as_the_plan(tmp_path):
+    """Without --place the search considers a table's rows in torch.chunk's shares (sbp.fits, the plan's
+    own rule): PKM with 100^2 = 10000 rows on 3 devices whose memory only holds the table split picks S(0),
+    3334 rows a device, as fast as --place number and as large in the search's memory row as in the plan."""
+    spec = _pkm_with_keys(tmp_path, 100)
+    point = dict(batch=8, mode="train", strategy="auto")
+    whole = api.plan(spec, "3", hardware="h200-8", force=["layers.1.pkm.values=replicate"], **point)
+    split = api.plan(spec, "3", hardware="h200-8", force=["layers.1.pkm.values=number"], **point)
+    memory = [p.total("memory_per_device").value for p in (whole, split)]
+    hardware = tmp_path / "small.yaml"
+    hardware.write_text((ROOT / "specs" / "hardware" / "h200-8.yaml").read_text().replace(
+        "memory_bytes: 1.41e+11", f"memory_bytes: {sum(memory) / 2}"))
+    auto = api.plan(spec, "3", hardware=str(hardware), **point)
+    assert auto.fits and _sbp(auto, "layers.1.pkm.values") == "S(0)"
+    table = next(p for p in auto.params if p.name == "layers.1.pkm.values")
+    assert table.bytes_per_device.value == 3334 * 32 * 4  # torch.chunk(10000, 3)[0]: 3334 rows
+    assert auto.total("step_time").value <= split.total("step_time").value * (1 + 1e-9)
+    assert math.isclose(auto.total("search_objective").value, auto.total("step_time").value, rel_tol=1e-9)
+    model, h200, three = load_model_spec(spec), api.load_hardware("h200-8"), Mesh.parse("3")
+    gm = make_plan(model, h200, three, batch=8, stop_after="annotate_cost")[1]
+    ctx = make_context(model, h200, three, batch=8, strategies=("auto",))
+    node = next(n for n in gm.graph.nodes if info(n).op == "param" and info(n).param.name == "layers.1.pkm.values")
+    rows = {c.out: c.memory for c in Costing(gm, ctx, {}, {}).candidates(node)}
+    assert rows[(Split(0),)] == 3334 * 32 * 4 * 4  # the parameter, its gradient and AdamW's two moments
+
+
+def test_fits_is_one_rule_of_torch_chunk_shares():
+    """sbp.fits: dims outside ``uneven`` divide; uneven dims split in torch.chunk's shares, nested outer
+    axis first, while every device keeps one (9 rows over 4: shares 3,3,3,0 refused; 169 over 2x2: 43..42)."""
+    assert fits((10, 4), (Split(1),), (2,)) and not fits((10, 4), (Split(0),), (4,))
+    assert fits((10, 4), (Split(0),), (4,), frozenset({0})) and not fits((9, 4), (Split(0),), (4,), frozenset({0}))
+    assert fits((169, 4), (Split(0), Split(0)), (2, 2), frozenset({0}))
+    assert not fits((5, 4), (Split(0), Split(0)), (2, 3), frozenset({0}))  # 3 -> 1,1,1; 2 -> 1,1,0
+    assert not fits((10, 4), (Split(2),), (2,), frozenset({2}))
+    assert local_numel((1000, 3), (Split(0),), (3,)) == 334 * 3 == max(c.numel() for c in torch.ones(1000, 3).chunk(3))
+
+
 @pytest.mark.parametrize("mesh_shape, size, splits", [((2,), 225, (0,)), ((4,), 225, (0,)), ((2, 2), 169, (0, 1)),
                                                       ((2, 2), 169, (1, 0)), ((3,), 1000, (0,)), ((8,), 1000, (0,))])
 def test_chunked_shard_range_is_torch_chunk(mesh_shape, size, splits):
@@ -201,11 +268,38 @@ def test_chunked_shard_range_is_torch_chunk(mesh_shape, size, splits):
         assert runtime.Mesh.shard_range(mesh, 16 * math.prod(mesh_shape), splits, chunks=True) == even
 
 
+def test_uneven_experts_split_in_torch_chunk_shares(tmp_path):
+    """15 experts number-wise on 2 devices: expert parallelism, each device planned torch.chunk's larger
+    share (8 experts of 24x32 float32 per weight); its owners (runtime.expert_parallel_ffn) follow the
+    same blocks, which tests/dist/test_placement.py runs against eager."""
+    spec = tmp_path / "moe-odd.yaml"
+    spec.write_text((MODELS / "moe-tiny.yaml").read_text().replace("experts: 16,", "experts: 15,"))
+    plan = api.plan(str(spec), "2", hardware="h200-8", force=["layers.*.moe.w_*=number"])
+    up = next(p for p in plan.params if p.name == "layers.1.moe.w_up")
+    assert up.sbp == "S(0)" and up.bytes_per_device.value == 8 * 24 * 32 * 4
+    ffn = next(n for n in plan.nodes if n.call == "runtime.expert_parallel_ffn")
+    assert dict(ffn.local_attrs)["num_experts"] == 15
+
+
+def test_uneven_value_dims_read_their_columns():
+    """PKM's value dim of 32 dimension-wise on 3 devices: torch.chunk's shares (11/11/10 columns), the
+    column lookup (each device's columns in a zero row of the whole width) and its partial bags reduced
+    (here reduce-scattered to the tokens' split); the plan counts the largest share."""
+    plan = api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
+    table = next(p for p in plan.params if p.name == "layers.1.pkm.values")
+    assert table.sbp == "S(1)" and table.bytes_per_device.value == 256 * 11 * 4
+    bag = next(n for n in plan.nodes if n.call == "table_parallel.gather_weighted_sum_columns")
+    assert dict(bag.local_attrs)["col_start"] == {"shard_start": [32, [0], "chunks"]}
+    reduced = [c for c in plan.collectives if c.node.startswith(bag.name) and c.phase == "forward"]
+    assert [(c.src, c.payload_bytes.value) for c in reduced] == [("P", 6 * 16 * 32 * 4)]  # the whole width
+
+
 def test_uneven_placements_that_cannot_run_are_refused(tmp_path):
-    """A value dim or expert count that does not divide is still refused, and so are rows in shares that
-    leave a device none (36 rows in shares of 6 over 7 devices), each in one line naming the fix."""
+    """An experts' width that does not divide is still refused (an activation split on it would be
+    uneven), and so are rows in shares that leave a device none (36 rows in shares of 6 over 7 devices),
+    each in one line naming the fix."""
     with pytest.raises(PlanError, match="does not split over the mesh"):
-        api.plan("pkm-tiny", "3", hardware="h200-8", batch=6, force=["layers.1.pkm.values=dim"])
+        api.plan("moe-tiny", "5", hardware="h200-8", batch=5, force=["layers.*.moe.w_*=dim"])
     with pytest.raises(PlanError, match="leave a device of the 7 without rows"):
         api.plan(_pkm_with_keys(tmp_path, 6, topk=4), "7", hardware="h200-8", batch=7,
                  force=["layers.1.pkm.values=number"])
