@@ -75,6 +75,7 @@ class Costing:
         self.values = ctx.values()
         self.train = ctx.mode == "train"
         self.host = host_rates(self.values, self.train)
+        self.hosted = self.host.any  # a calibrated spec: the per-candidate host terms are worth computing
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
         self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
@@ -207,7 +208,7 @@ class Costing:
             if self.train:
                 seconds, sync = self.grad_sync(rest, node)
                 time += seconds
-                if self.host.any:  # AdamW on the stored shard (host_cost.optimizer_time)
+                if self.hosted:  # AdamW on the stored shard (host_cost.optimizer_time)
                     time += self.host.tensor + self.host.element * stored / BYTES_PER_ELEMENT.get(info(node).dtype, 4)
                 if rest != used and saved:
                     memory += self.local_bytes(node, used)
@@ -275,7 +276,7 @@ class Costing:
         written = self.num(rec.cost.bytes_written) if rec.cost and not self.train else 0.0
         rule = SAVES.get(rec.op) if self.train and any(info(a).differentiable for a in args) else None
         runs = 1 + (self.train and self.needs_grad[node])  # build_plan's launches: forward, and again backward
-        traffic = self.num(rec.cost.bytes_read + rec.cost.bytes_written) if rec.cost and self.host.any else 0.0
+        traffic = self.num(rec.cost.bytes_read + rec.cost.bytes_written) if rec.cost and self.hosted else 0.0
         out = []
         for axes in itertools.product(*per_axis):
             ins = tuple(tuple(c.inputs[i] for c in axes) for i in range(len(args)))
@@ -289,7 +290,7 @@ class Costing:
             split = math.prod(n for n, c in zip(self.mesh, axes) if c.variant or c.split)
             time = flops / split / self.values[PEAK] + self._internal(node, axes, ins)
             time += extra[0] + (extra[1] if self.train and self.needs_grad[node] else 0.0)
-            if rec.cost and self.host.any:  # host_cost.traffic_time and launch_time, as build_plan sums them
+            if self.hosted and rec.cost:  # host_cost.traffic_time and launch_time, as build_plan sums them
                 passes = float(loop_passes(rec.op, shapes, ins, self.mesh)) if record.loop else 0.0
                 time += traffic / split * self.host.byte + runs * (self.host.launch + passes * self.host.loop)
             memory = 0.0
