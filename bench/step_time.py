@@ -72,12 +72,13 @@ print(json.dumps([api.plan(spec, nproc, hardware=hardware, strategy=strategy).to
 """
 
 
-def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict]) -> list[float]:
-    """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``), and
-    every case's modelled step time with it (one process plans them all)."""
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[float]:
+    """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
+    reference run for the runs' own ``steps``: later steps can differ from early ones), and every
+    case's modelled step time with it (one process plans them all)."""
     out.write_text(base.read_text())
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
-                    f"refit(Path({str(out)!r}), {nproc})"], check=True, stdout=sys.stderr)
+                    f"refit(Path({str(out)!r}), {nproc}, steps={steps})"], check=True, stdout=sys.stderr)
     pairs = json.dumps([[c["spec"], c["strategy"]] for c in cases])
     done = subprocess.run([sys.executable, "-c", PREDICT, str(out), str(nproc), pairs], check=True,
                           capture_output=True, text=True)
@@ -144,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             case["once"] = dict(json.loads((case["dir"] / "plan.json").read_text())["totals"])["step_time"]["value"]
         for repeat in range(args.repeats):
             if args.refit and cases:
-                fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases)
+                fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
+                                          args.steps)
                 for case, value in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
             for case in cases:
