@@ -12,6 +12,13 @@ alike. Each run's measured step time is the median of its steps after the warm-u
 of strategies is the measured one wherever two measured times differ by more than 25%. The load
 average is printed beside (other work on the machine stretches every figure).
 
+The machine's load moves by minutes, and a calibration describes the minute it ran in. With
+``--refit`` (the default) ``op_overhead``, which carries most of a tiny program's modelled step, is
+fitted again on the reference program right before each round of runs (``calibrate.refit``:
+every other figure kept), each case planned with that round's spec, and the table gives both
+predictions: ``once`` (the calibration before the rounds) and ``at run`` (the median over rounds
+of the round's own). ``--no-refit`` keeps the one calibration.
+
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
 calibrates its own spec right after this one and plans every case; the table gains its prediction
@@ -56,6 +63,28 @@ def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path
     return done.returncode == 0
 
 
+PREDICT = """
+import json, sys
+from ultraplan import api
+hardware, nproc, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+print(json.dumps([api.plan(spec, nproc, hardware=hardware, strategy=strategy).total("step_time").value
+                  for spec, strategy in cases]))
+"""
+
+
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[float]:
+    """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
+    reference run for the runs' own ``steps``: later steps can differ from early ones), and every
+    case's modelled step time with it (one process plans them all)."""
+    out.write_text(base.read_text())
+    subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
+                    f"refit(Path({str(out)!r}), {nproc}, steps={steps})"], check=True, stdout=sys.stderr)
+    pairs = json.dumps([[c["spec"], c["strategy"]] for c in cases])
+    done = subprocess.run([sys.executable, "-c", PREDICT, str(out), str(nproc), pairs], check=True,
+                          capture_output=True, text=True)
+    return json.loads(done.stdout)
+
+
 def run_case(out: Path, steps: int, tries: int = 2) -> dict | None:
     """``run --json``'s report; a failed run is tried again once (gloo can abort a rank at exit on a
     loaded machine, runtime.finish says why), then left out."""
@@ -89,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
     parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
     parser.add_argument("--baseline", default=None, help="PYTHONPATH of another cost model to predict beside")
+    parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
+                        help="fit op_overhead again before each round of runs (default: yes)")
     args = parser.parse_args(argv)
     tmp = tempfile.TemporaryDirectory()
     hw_dir = Path(args.hardware_dir or tmp.name)
@@ -110,38 +141,46 @@ def main(argv: list[str] | None = None) -> int:
                     if args.baseline and compile_case(spec, strategy, nproc, base_hw, base, with_path(args.baseline)):
                         totals = dict(json.loads((base / "plan.json").read_text())["totals"])
                         cases[-1]["before"] = totals["step_time"]["value"]
+        for case in cases:
+            case["once"] = dict(json.loads((case["dir"] / "plan.json").read_text())["totals"])["step_time"]["value"]
         for repeat in range(args.repeats):
+            if args.refit and cases:
+                fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
+                                          args.steps)
+                for case, value in zip(cases, fresh):
+                    case.setdefault("at_run", []).append(value)
             for case in cases:
                 report = run_case(case["dir"], args.steps)
                 if report is None:
                     continue
                 case["runs"].append(report["step_time_measured_s"])
-                case["predicted"] = report["step_time_predicted_s"]
+                case.setdefault("round_predicted", []).append(case["at_run"][-1] if args.refit else case["once"])
                 load = os.getloadavg()[0]
                 case.setdefault("load", []).append(load)
                 print(f"  {case['spec']} {case['strategy']} on {nproc} (repeat {repeat}): measured "
-                      f"{case['runs'][-1] * 1e3:.1f} ms, predicted {case['predicted'] * 1e3:.1f} ms, load {load:.1f}",
-                      file=sys.stderr, flush=True)
+                      f"{case['runs'][-1] * 1e3:.1f} ms, predicted {case['round_predicted'][-1] * 1e3:.1f} ms "
+                      f"(once {case['once'] * 1e3:.1f} ms), load {load:.1f}", file=sys.stderr, flush=True)
         cases = [c for c in cases if c["runs"]]
         for case in cases:
             case["measured"] = statistics.median(case["runs"])
+            case["predicted"] = statistics.median(case["at_run"]) if args.refit else case["once"]
         table += cases
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
                                                       indent=1))
-    before = args.baseline and all("before" in c for c in table)
-    print("| spec | ranks | strategy | " + ("before ms | before / measured | " if before else "")
-          + "predicted ms | measured ms (runs) | predicted / measured | load |")
-    print("|---" * (9 if before else 7) + "|")
+    columns = ([("before", "before")] if args.baseline and all("before" in c for c in table) else [])
+    columns += [("once", "once")] + ([("predicted", "at run")] if args.refit else [])
+    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
+          + "measured ms (runs) | load |")
+    print("|---" * (5 + 2 * len(columns)) + "|")
     for c in table:
         print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
-              + (f"{c['before'] * 1e3:.1f} | {c['before'] / c['measured']:.2f} | " if before else "")
-              + f"{c['predicted'] * 1e3:.1f} | {c['measured'] * 1e3:.1f} "
-              f"({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | {c['predicted'] / c['measured']:.2f} | "
+              + "".join(f"{c[key] * 1e3:.1f} | {c[key] / c['measured']:.2f} | " for key, _ in columns)
+              + f"{c['measured'] * 1e3:.1f} ({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | "
               f"{statistics.median(c['load']):.1f} |")
-    for key in ("before", "predicted") if before else ("predicted",):
+    for key, label in columns:
         within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
-        print(f"\n{key}: within 25% in {within} of {len(table)}")
+        print(f"\n{label}: within 25% in {within} of {len(table)}")
         for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
             pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
             print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")

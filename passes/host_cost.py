@@ -26,14 +26,19 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
 how); ``loop_pass``, ``coll_overhead``, ``opt_tensor`` and ``opt_element`` (AdamW's cost per
 parameter tensor and per element) are timed directly. Specs without these fields (the bundled
-datasheet specs) keep the two-term model, and the search (passes/search*.py) weighs only those
-two terms. Most of the host terms follow the FLOPs (a shard's traffic and its optimizer share shrink
-with them); ``passes`` and ``collectives`` do not (expert parallelism halves the loop, tensor
-parallelism adds a collective per layer), so on a calibrated CPU spec an auto plan can be modelled
-slower than a named one: docs/cost-model.md.
+datasheet specs) keep the two-term model.
+
+The search (passes/search_costs.py) weighs the same terms, split by what decides them: an op
+candidate its traffic over the devices splitting it, its launches and loop passes; a boxing, a
+variant's inner collective, a gradient bucket and a gather group their collectives; a parameter
+candidate AdamW's share of it (its stored elements). ``host_rates`` evaluates this module's
+formulas once at unit arguments (every term is linear in its count), so that the search's
+objective is the plan's ``step_time`` with them too: tests/unit/test_search_host.py.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import sympy
 
@@ -76,6 +81,26 @@ def host_values(hardware: HardwareSpec) -> dict[sympy.Symbol, float]:
             LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead}
 
 
+def traffic_time(traffic: sympy.Expr, train: bool) -> sympy.Expr:
+    """Seconds of ``traffic`` forward bytes on a device, with the backward's share in training."""
+    return traffic * (1 + BACKWARD_TRAFFIC if train else 1) / MEM_BW
+
+
+def launch_time(launches: sympy.Expr, passes: sympy.Expr) -> sympy.Expr:
+    """Seconds of op launches (each forward or backward run of a plan op) and loop passes."""
+    return launches * OP_OVERHEAD + passes * LOOP_PASS
+
+
+def collectives_time(collectives: sympy.Expr) -> sympy.Expr:
+    """What ``collectives`` calls cost beyond their links: a launch each and the wait for the peers."""
+    return collectives * (OP_OVERHEAD + COLL_OVERHEAD)
+
+
+def optimizer_time(tensors: sympy.Expr, elements: sympy.Expr) -> sympy.Expr:
+    """AdamW's seconds for ``tensors`` local parameter tensors of ``elements`` elements in all."""
+    return tensors * OPT_TENSOR + elements * OPT_ELEMENT
+
+
 def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr, passes: sympy.Expr,
                collectives: int, param_elements: sympy.Expr, param_tensors: int, train: bool) -> dict[str, sympy.Expr]:
     """``memory_time`` and ``overhead_time`` (module docstring); empty for an uncalibrated spec.
@@ -83,8 +108,40 @@ def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr
     included); ``param_elements``: the local (stored) elements."""
     if not calibrated(hardware):
         return {}
-    memory = traffic * (1 + BACKWARD_TRAFFIC if train else 1) / MEM_BW
-    overhead = (launches + collectives) * OP_OVERHEAD + passes * LOOP_PASS + collectives * COLL_OVERHEAD
+    overhead = launch_time(launches, passes) + collectives_time(collectives)
     if train:
-        overhead += param_tensors * OPT_TENSOR + param_elements * OPT_ELEMENT
-    return {"memory_time": memory, "overhead_time": overhead}
+        overhead += optimizer_time(param_tensors, param_elements)
+    return {"memory_time": traffic_time(traffic, train), "overhead_time": overhead}
+
+
+@dataclass(frozen=True)
+class HostRates:
+    """The host terms per unit, in seconds, for the search: per forward byte of an op's traffic (the
+    backward's included in training), per op launch, per loop pass, per collective call, per
+    parameter tensor and per parameter element in AdamW. All 0 for an uncalibrated spec."""
+
+    byte: float = 0.0
+    launch: float = 0.0
+    loop: float = 0.0
+    collective: float = 0.0
+    tensor: float = 0.0
+    element: float = 0.0
+
+    @property
+    def any(self) -> bool:
+        return self != HostRates()
+
+
+def host_rates(values: dict, train: bool) -> HostRates:
+    """This module's formulas at unit counts, evaluated at ``values`` (a context's: the host symbols
+    are there only for a calibrated spec; without them every rate is 0)."""
+    if MEM_BW not in values:
+        return HostRates()
+    one = {s: values[s] for s in (MEM_BW, OP_OVERHEAD, OPT_TENSOR, OPT_ELEMENT, LOOP_PASS, COLL_OVERHEAD)}
+
+    def at(expr: sympy.Expr) -> float:
+        return float(sympy.sympify(expr).xreplace(one))
+
+    return HostRates(at(traffic_time(1, train)), at(launch_time(1, 0)), at(launch_time(0, 1)),
+                     at(collectives_time(1)), at(optimizer_time(1, 0)) if train else 0.0,
+                     at(optimizer_time(0, 1)) if train else 0.0)

@@ -7,7 +7,10 @@ expressions of the cost model, collectives from ``sbp.boxings`` and their duals 
 ``memory_per_device``:
 
 Collectives are timed as build_plan times them (messages * latency + wire bytes / bandwidth per
-axis link), in plain numbers here (``box_time``).
+axis link), in plain numbers here (``box_time``). A calibrated spec's host terms
+(passes/host_cost.py, evaluated once per unit by ``host_rates``) join them where build_plan counts
+them: each collective call (a boxing's, its dual's, a variant's inner one, a gradient bucket's, a
+gather group's), each op's traffic, launches and loop passes, each parameter's AdamW share.
 
 - an input: per axis ``B`` or ``S(0)`` (the batch), unless pinned;
 - a parameter: per axis (stored, used) in ``(B, B)``, ``(S(d), S(d))`` (Megatron-like: its
@@ -36,6 +39,7 @@ from ..compiler.op_table import OP_TABLE
 from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
+from .host_cost import host_rates, loop_passes
 from .memory import SAVES
 from .placement import uneven_dims
 from .precision import MASTER
@@ -70,6 +74,8 @@ class Costing:
         self.mesh = ctx.mesh.shape
         self.values = ctx.values()
         self.train = ctx.mode == "train"
+        self.host = host_rates(self.values, self.train)
+        self.hosted = self.host.any  # a calibrated spec: the per-candidate host terms are worth computing
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
         self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
@@ -117,11 +123,11 @@ class Costing:
                 return None
             bw, lat = self._link(axis)
             if pair == (PartialSum, Broadcast):
-                total += 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw
+                total += 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw + self.host.collective
             elif pair == (Split, Split):
-                total += (n - 1) * lat + (n - 1) / n**2 * nbytes / bw
+                total += (n - 1) * lat + (n - 1) / n**2 * nbytes / bw + self.host.collective
             elif pair in ((Split, Broadcast), (PartialSum, Split)):
-                total += (n - 1) * lat + (n - 1) / n * nbytes / bw
+                total += (n - 1) * lat + (n - 1) / n * nbytes / bw + self.host.collective
             layout[axis] = dst
         return total, total
 
@@ -196,6 +202,8 @@ class Costing:
             if self.train:
                 seconds, sync = self.grad_sync(rest, node)
                 time += seconds
+                if self.hosted:  # AdamW on the stored shard (host_cost.optimizer_time)
+                    time += self.host.tensor + self.host.element * stored / BYTES_PER_ELEMENT.get(info(node).dtype, 4)
                 if rest != used and saved:
                     memory += self.local_bytes(node, used)
             out.append(Cand(axes, (), used, used, time, memory, grad=sync, gather=group))
@@ -211,7 +219,7 @@ class Costing:
             return None
         if LAYER.match(info(node).param.name) is None:
             return None
-        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1]
+        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1] + self.host.collective
         return axes[0], info(node).dtype, latency * (2 if dual else 1)
 
     def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
@@ -231,8 +239,8 @@ class Costing:
         return seconds, ((axes, MASTER), nbytes)
 
     def bucket_latency(self, key: tuple) -> float:
-        """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis)."""
-        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] for a in key[0])
+        """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis, each a call)."""
+        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] + self.host.collective for a in key[0])
 
     def saves(self, user: fx.Node, value: fx.Node) -> bool:
         """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""
@@ -258,6 +266,8 @@ class Costing:
         flops = self.num(rec.cost.flops) + (self.num(rec.cost.backward_flops) if self.train else 0.0) if rec.cost else 0.0
         written = self.num(rec.cost.bytes_written) if rec.cost and not self.train else 0.0
         rule = SAVES.get(rec.op) if self.train and any(info(a).differentiable for a in args) else None
+        runs = 1 + (self.train and self.needs_grad[node])  # build_plan's launches: forward, and again backward
+        traffic = self.num(rec.cost.bytes_read + rec.cost.bytes_written) if rec.cost and self.hosted else 0.0
         out = []
         for axes in itertools.product(*per_axis):
             ins = tuple(tuple(c.inputs[i] for c in axes) for i in range(len(args)))
@@ -271,6 +281,9 @@ class Costing:
             split = math.prod(n for n, c in zip(self.mesh, axes) if c.variant or c.split)
             time = flops / split / self.values[PEAK] + self._internal(node, axes, ins)
             time += extra[0] + (extra[1] if self.train and self.needs_grad[node] else 0.0)
+            if self.hosted and rec.cost:  # host_cost.traffic_time and launch_time, as build_plan sums them
+                passes = float(loop_passes(rec.op, shapes, ins, self.mesh)) if record.loop else 0.0
+                time += traffic / split * self.host.byte + runs * (self.host.launch + passes * self.host.loop)
             memory = 0.0
             if rule is not None and rule.internal is not None:
                 dims = tuple(self._local_dims(rec.concrete_shape, raw))
@@ -314,7 +327,7 @@ class Costing:
             for comm in c.variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
-                total += messages * lat + share * self.num(comm.payload) / bw
+                total += messages * lat + share * self.num(comm.payload) / bw + self.host.collective
         return total
 
     def _link(self, axis: int) -> tuple[float, float]:

@@ -158,3 +158,30 @@ def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, stra
     assert moe_layers == 2  # specs/models/moe-tiny.yaml: {block: moe, repeat: 2}
     assert overhead.coeff(sympy.Symbol("loop_pass")) == 2 * moe_layers * local_experts
     assert overhead.coeff(sympy.Symbol("coll_overhead")) == len(plan.collectives)
+
+
+def test_refit_rewrites_op_overhead_only_and_keeps_the_first_floor(calibrated, tmp_path, monkeypatch):
+    """calibrate.refit: of the spec's figures only op_overhead changes (to the new fit), a note says
+    when; the fit's floor is the first calibration's (in the comment), not the spec's fitted figure."""
+    import ultraplan.calibrate as calibrate
+
+    text = calibrated.read_text().replace("(not yet: a tiny op's forward + backward)",
+                                          "(70.0 ms measured, 74 launches; floor 43.2 us, a tiny op's forward + backward)")
+    calibrated.write_text(text)
+    (tmp_path / "first.yaml").write_text(text)
+    floors = []
+
+    def fake_fit(spec, nproc, steps, floor=None):
+        floors.append(floor)
+        return {"op_overhead": 5.5e-4, "reference_measured": 0.0617}
+
+    monkeypatch.setattr(calibrate, "fit_op_overhead", fake_fit)
+    for _ in range(2):  # twice: one note, not two
+        assert calibrate.refit(calibrated, 2)["op_overhead"] == 5.5e-4
+    assert floors == [pytest.approx(43.2e-6)] * 2
+    after = calibrated.read_text()
+    assert after.count("# op_overhead refitted") == 1 and "61.7 ms measured" in after
+    hw = load_hardware_spec(calibrated)
+    assert hw.op_overhead == 5.5e-4
+    first = load_hardware_spec(tmp_path / "first.yaml")
+    assert dataclasses.replace(hw, op_overhead=2.0e-4, source=first.source) == first
