@@ -597,7 +597,7 @@ NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sd
 
 
 # the fused UltraMem ops' helpers and shard forms
-NOT_GRAPH_OPS |= {"_gcd", "_ranked", "_pool_groups", "_pooled", "_pool", "gather_core_pool_columns",
+NOT_GRAPH_OPS |= {"_gcd", "_ranked", "stable_topk", "_pool_groups", "_pooled", "_pool", "gather_core_pool_columns",
                   "gather_core_pool_owned",
                   "gather_ive_pool_owned"}
 

@@ -650,16 +650,24 @@ def tucker_topk(filtered_BTHCN: torch.Tensor, scores_BTHCRN: torch.Tensor, cores
     """TDQKR's selection in one op: each half's top ``half_k`` keys by the rank-1 scores, every core's
     bilinear score over the half_k x half_k grid, the top ``k`` of their sum -> the slots (row * N + col),
     (B, T, H, k) int64. The same ops as unfused (topk_indices, take_ranked, tucker_grid, sum_cores,
-    topk_indices, grid_indices, take), so the same slots and tie-breaking; the (B, T, H, C, M^2) grid
-    is made and dropped inside, never saved for the backward (no gradient flows through indices:
+    topk_indices, grid_indices, take), so the same slots whenever no two candidates tie; equal scores
+    go to the lowest index at both stages (``stable_topk``: the rule of the Triton kernel,
+    backends/triton_tucker.py; torch.topk promises none). The (B, T, H, C, M^2) grid is made and
+    dropped inside, never saved for the backward (no gradient flows through indices:
     ``tucker_slot_scores`` gives the selected scores'). UltraMem, Huang et al. 2025, sec. 3.2."""
     kernel = KERNELS.get("tucker_topk")
     if kernel is not None:
         return kernel(filtered_BTHCN, scores_BTHCRN, cores_HKRR, half_k, k, num_keys)
     with torch.no_grad():
-        half_best = topk_indices(filtered_BTHCN, half_k)
+        half_best = stable_topk(filtered_BTHCN, half_k)
         grid = tucker_grid(take_ranked(scores_BTHCRN, half_best), cores_HKRR)
-        return take(grid_indices(half_best, num_keys), topk_indices(sum_cores(grid), k))
+        return take(grid_indices(half_best, num_keys), stable_topk(sum_cores(grid), k))
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_indices`` with a defined tie rule: largest first, equal values by the lowest index (a
+    stable descending sort's first k), so a kernel and this fallback pick the same among ties."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def _ranked(ids_BTHM: torch.Tensor, ranks: int) -> torch.Tensor:

@@ -13,17 +13,24 @@ from tests.conftest import MODELS
 from ultraplan import api
 
 
-def _unfused_selection(filtered, scores, cores, half_k, k, n):
-    half_best = ops.topk_indices(filtered, half_k)
+def _stable_topk(x, k):
+    """The tie rule of the fused selection, lowest index first among equals, by a naive loop."""
+    rows = x.reshape(-1, x.shape[-1]).tolist()
+    picks = [sorted(range(len(row)), key=lambda i, row=row: (-row[i], i))[:k] for row in rows]
+    return torch.tensor(picks, dtype=torch.int64).view(*x.shape[:-1], k)
+
+
+def _unfused_selection(filtered, scores, cores, half_k, k, n, topk=ops.topk_indices):
+    half_best = topk(filtered, half_k)
     grid = ops.tucker_grid(ops.take_ranked(scores, half_best), cores)
-    best = ops.topk_indices(ops.sum_cores(grid), k)
+    best = topk(ops.sum_cores(grid), k)
     return ops.take_cores(grid, best), ops.take(ops.grid_indices(half_best, n), best)
 
 
 @pytest.mark.parametrize(("b", "t", "h", "r", "c", "n", "half_k", "k", "ties"), [
     (2, 3, 2, 3, 2, 7, 3, 5, False),  # non-powers of two
     (1, 2, 1, 1, 1, 5, 1, 1, False),  # rank 1, one core, top-k of 1
-    (2, 2, 1, 2, 3, 6, 4, 4, True),  # equal scores everywhere: the tie-breaking must be the unfused ops'
+    (2, 2, 1, 2, 3, 6, 4, 4, True),  # equal scores everywhere: the lowest index first (torch.topk has no rule)
     (0, 3, 2, 2, 2, 4, 2, 3, False),  # an empty token set
 ])
 def test_tucker_selection_equals_the_unfused_ops(b, t, h, r, c, n, half_k, k, ties):
@@ -34,7 +41,8 @@ def test_tucker_selection_equals_the_unfused_ops(b, t, h, r, c, n, half_k, k, ti
         scores, cores = torch.randint(0, 2, scores.shape, generator=gen).double(), cores.round()
     scores.requires_grad_(), cores.requires_grad_()
     filtered = ops.rank_one_scores(scores, torch.randn(2, h, r, generator=gen, dtype=torch.float64))
-    want_scores, want_slots = _unfused_selection(filtered, scores, cores, half_k, k, n)
+    want_scores, want_slots = _unfused_selection(filtered, scores, cores, half_k, k, n,
+                                                 *([_stable_topk] if ties else []))
     slots = ops.tucker_topk(filtered, scores, cores, half_k, k, n)
     got_scores = ops.tucker_slot_scores(scores, cores, slots, n)
     assert slots.dtype == torch.int64 and slots.shape == (b, t, h, k) and torch.equal(slots, want_slots)
