@@ -54,3 +54,17 @@ def test_tucker_topk_kernel_equals_the_fallback(kernels, b, t, h, r, c, n, half_
         assert all(len(set(row.tolist())) == k for row in slots.reshape(-1, k))
     elif b:  # no ties among random scores: the unfused ops' slots
         assert torch.equal(slots, _unfused_selection(filtered.to(wide), scores.to(wide), cores.to(wide), half_k, k, n)[1])
+
+
+@pytest.mark.parametrize(("h", "n", "half_k", "k", "ties"), [(2, 7, 3, 4, False), (1, 5, 2, 1, True)])
+def test_tucker_grid_topk_kernel_equals_the_fallback(kernels, h, n, half_k, k, ties):
+    """The kernel given the halves' picks (UltraMemV2's key-balance loss reads them): the fallback's slots,
+    equal grid totals included (integer scores: the lowest grid position first)."""
+    gen = torch.Generator().manual_seed(n + k)
+    scores = torch.randn(1, 2, h, 2, 2, n, generator=gen, dtype=torch.float64)
+    if ties:
+        scores = torch.randint(0, 2, scores.shape, generator=gen).double()
+    cores = torch.rand(h, 2, 2, 2, generator=gen, dtype=torch.float64).round() + 1
+    half_best = ops.topk_indices(ops.rank_one_scores(scores, torch.ones(2, h, 2, dtype=torch.float64)), half_k)
+    slots = kernels.tucker_grid_topk(half_best, scores, cores, k, n)
+    assert torch.equal(slots, ops.tucker_grid_topk(half_best, scores, cores, k, n))
