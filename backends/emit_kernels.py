@@ -2,7 +2,8 @@
 
 Written only when the plan has a fused op with a generated kernel (``KERNEL_FILES``: the memory
 lookups ``gather_weighted_sum`` and ``gather_row_dot``, UltraMem's poolings ``gather_core_pool`` and
-``gather_ive_pool``, ``add_rms_norm``, and product-key selection ``pk_topk`` / ``pk_slot_scores``, from
+``gather_ive_pool``, ``add_rms_norm``, product-key selection ``pk_topk`` / ``pk_slot_scores`` and UltraMem's
+Tucker selection ``tucker_topk`` / ``tucker_grid_topk``, from
 passes/fuse_rules.py's and fuse_graph.py's rules). The file is backends/triton_*.py verbatim, those
 the plan needs (they import only torch and triton), under a header that lists, for each fused node,
 the local shapes and dtype it runs at, the block sizes the documented rule picks for them and the
@@ -21,7 +22,8 @@ HERE = Path(__file__).parent
 KERNEL_FILES = {"triton_gather.py": {"gather_weighted_sum": "gather_weighted_sum", "gather_row_dot": "gather_row_dot"},
                 "triton_pool.py": {"gather_core_pool": "pool_rows", "gather_ive_pool": "pool_rows"},
                 "triton_norm.py": {"add_rms_norm": "add_rms_norm"},
-                "triton_topk.py": {"pk_topk": "pk_topk", "pk_slot_scores": "pk_slot_scores"}}
+                "triton_topk.py": {"pk_topk": "pk_topk", "pk_slot_scores": "pk_slot_scores"},
+                "triton_tucker.py": {"tucker_topk": "tucker_topk", "tucker_grid_topk": "tucker_grid_topk"}}
 KERNEL_OPS = {op: fn for ops in KERNEL_FILES.values() for op, fn in ops.items()}
 
 
@@ -40,12 +42,18 @@ def _node_lines(plan: Plan, name: str) -> list[str]:
         return [f"    {name} = {node.op}({', '.join(node.args)}) -> ({', '.join(node.local_shape)}) {node.dtype}",
                 f"      BLOCK_D={_power_of_two_at_least(dim)}, one program per row; reads {node.bytes_read.value:.4g} "
                 "bytes forward"]
-    if node.op in ("pk_topk", "pk_slot_scores"):  # one program per (token, head) row
+    if node.op in ("pk_topk", "pk_slot_scores", "tucker_topk", "tucker_grid_topk"):  # a program per (token, head) row
         attrs = dict(node.attrs)
         head = f"    {name} = {node.op}({', '.join(node.args)}) -> ({', '.join(node.local_shape)}) {node.dtype}"
         k = int(node.local_shape[-1])
-        blocks = (f"BLOCK_N={_power_of_two_at_least(attrs['num_keys'])}, BLOCK_HK={_power_of_two_at_least(attrs['half_k'])}"
-                  if node.op == "pk_topk" else f"BLOCK_K={_power_of_two_at_least(k)}")
+        if node.op == "pk_slot_scores":
+            blocks = f"BLOCK_K={_power_of_two_at_least(k)}"
+        elif node.op == "tucker_grid_topk":  # the halves' picks given: no key block
+            blocks = f"BLOCK_M={_power_of_two_at_least(int(plan.node(node.args[0]).local_shape[-1]))}"
+        else:
+            list_block = "BLOCK_HK" if node.op == "pk_topk" else "BLOCK_M"
+            blocks = (f"BLOCK_N={_power_of_two_at_least(attrs['num_keys'])}, "
+                      f"{list_block}={_power_of_two_at_least(attrs['half_k'])}")
         return [head, f"      {blocks}, one program per row; reads {node.bytes_read.value:.4g} bytes forward"]
     ids = plan.node(node.args[1]).local_shape
     per_token = 1

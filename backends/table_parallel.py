@@ -28,16 +28,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 try:  # inside the ultraplan package
+    from ..compiler import ops
     from . import runtime
 except ImportError:  # beside an emitted program
+    import ops
     import runtime
 
 
-def _route(table, ids, mesh, axes, row_start, rows):
+def _route(table, ids, mesh, axes, row_start, rows, as_sent=False):
     """Rows of ``table`` (this device's block) for global ``ids`` (A,) within [row_start, row_start +
-    rows), the rows the devices of ``axes`` hold together."""
+    rows), the rows the devices of ``axes`` hold together; ``as_sent``: the rows in the order they
+    came back and where each id's row is among them, (rows, (A,) positions), not put in id order."""
     if not axes:
-        return F.embedding(ids - row_start, table)
+        found = F.embedding(ids - row_start, table)
+        return (found, torch.arange(ids.numel(), device=ids.device)) if as_sent else found
     axis, n = axes[0], mesh.shape[axes[0]]
     block = max(1, -(-rows // n))  # torch.chunk's share: ceil(rows / n), the last coordinates what is left
     group = mesh.group(axis)
@@ -54,7 +58,7 @@ def _route(table, ids, mesh, axes, row_start, rows):
     back = runtime._AllToAllRows.apply(rows_in, group, recv_counts, send_counts)  # in ``order``
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    return back[inverse]
+    return (back, inverse) if as_sent else back[inverse]
 
 
 def routed_gather_rows(table, indices, *, mesh, axes, num_rows):
@@ -90,3 +94,17 @@ def gather_weighted_sum_columns(table, indices, weights, *, col_start, total_col
     rows = F.embedding(indices.reshape(b * t, -1), table)
     bags = torch.einsum("bnd,bn->bd", rows, weights.reshape(b * t, -1)).view(b, t, table.shape[1])
     return F.pad(bags, (int(col_start), int(total_cols) - int(col_start) - table.shape[1]))
+
+
+def routed_gather_core_pool(table, indices, weights, *, mesh, axes, num_rows):
+    """``ops.gather_core_pool`` with the table's rows split over mesh ``axes``: the picked rows come
+    from their owners as routed_gather_rows fetches them, and the fused pooling reads each where it
+    arrived (its index: the routing's inverse permutation), so they are never copied into pick order."""
+    arrived, where = _route(table, indices.reshape(-1), mesh, tuple(axes), 0, int(num_rows), as_sent=True)
+    return ops.gather_core_pool(arrived, where.view(indices.shape), weights)
+
+
+def routed_gather_ive_pool(table, indices, weights, blocks, *, num_blocks, mesh, axes, num_rows):
+    """``ops.gather_ive_pool`` with the table's rows split over mesh ``axes``, as routed_gather_core_pool."""
+    arrived, where = _route(table, indices.reshape(-1), mesh, tuple(axes), 0, int(num_rows), as_sent=True)
+    return ops.gather_ive_pool(arrived, where.view(indices.shape), weights, blocks, num_blocks)

@@ -9,9 +9,12 @@ Kernels (backends/triton_*.py) and what each is timed against:
   add_rms_norm         add + rms_norm;              its torch form
   pk_topk              topk, take, grid_scores, grid_indices, topk, take (forward: indices have no gradient)
   pk_slot_scores       the gathers of the slots' two key scores (forward and backward)
+  tucker_topk          topk, take_ranked, tucker_grid, sum_cores, grid_indices, topk, take; ops.tucker_topk's
+                       torch form (the same with a stable sort for the tie rule); forward only (indices)
 
 Paper sizes on a GPU (the defaults: a table of 2^20 rows, value dim 512, top-k 128, 16384 tokens;
-PKM's N = 1024 keys per half; 4 product-key heads), one pass over every kernel in well under 5 minutes:
+PKM's N = 1024 keys per half; 4 product-key heads; UltraMem's Tucker rank 2, 2 cores and top-k 32, its
+grid a half_k^2 tile in one program's registers), one pass over every kernel in well under 5 minutes:
 
     python bench/kernels.py                      # on CUDA
     python bench/kernels.py --dim 1024 --topk 256 --tokens 65536 --kernels gather_weighted_sum
@@ -93,7 +96,7 @@ def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict
     """Per kernel: its inputs (those with a gradient first), output gradient, paths and bytes (fwd, bwd)."""
     gen = torch.Generator(device=dev).manual_seed(0)
     e = torch.finfo(dtype).bits // 8
-    t, n, d, rows, cores, blocks = a.tokens, a.topk, a.dim, a.rows, a.cores, a.blocks
+    t, n, d, rows, cores, blocks, m = a.tokens, a.topk, a.dim, a.rows, a.cores, a.blocks, a.tucker_topk
 
     def rand(*shape: int, grad: bool = True) -> torch.Tensor:
         return torch.randn(*shape, device=dev, generator=gen).to(dtype).requires_grad_(grad)
@@ -101,13 +104,16 @@ def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict
     ids = torch.randint(0, rows, (t, 1, 1, n), device=dev, generator=gen)
     picks = t * n * (8 + e) + t * n * d * e  # ids, a weight and a row per pick
     back = t * d * e + t * n * (8 + e) + 3 * t * n * d * e + t * n * e  # rows again, scatter RMW, weight grads
-    gather, pool, norm, topk = (_module(f"triton_{m}") for m in ("gather", "pool", "norm", "topk"))
+    gather, pool, norm, topk, tucker = (_module(f"triton_{m}") for m in ("gather", "pool", "norm", "topk", "tucker"))
     table, weights = rand(rows, d), rand(t, 1, 1, n)
     core_weights, block_ids = rand(t, 1, 1, cores, n), torch.randint(0, blocks, (t, 1, 1, n), device=dev, generator=gen)
     x, y, w = rand(t, d), rand(t, d), rand(d)
     half_n, heads = a.keys, a.heads
     half = rand(t, 1, heads, 2, half_n)
     slots = ops.pk_topk(half, n, n, half_n)
+    ranked = rand(t, 1, heads, 2, a.ranks, half_n, grad=False)
+    tucker_cores = rand(heads, cores, a.ranks, a.ranks, grad=False)
+    filtered = ops.rank_one_scores(ranked, rand(2, heads, a.ranks, grad=False))
     torch_pool = ops._PoolRows.apply
     return {
         "gather_weighted_sum": dict(
@@ -151,6 +157,12 @@ def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict
             paths={"torch": lambda hs, sl: ops.pk_slot_scores(hs, sl, half_n),
                    "triton": lambda hs, sl: topk.pk_slot_scores(hs, sl, half_n)},
             bytes=(t * heads * n * (8 + 3 * e), t * heads * (n * (8 + e) + 2 * n * 4 + 2 * half_n * 4))),
+        "tucker_topk": dict(  # half_k = k = m; the kept keys' rank scores and the list scratch as well
+            inputs=(), rest=(filtered, ranked, tucker_cores), grad=None,
+            paths={"unfused": lambda f, sc, co: _unfused_tucker(f, sc, co, m, m, half_n),
+                   "torch": lambda f, sc, co: ops.tucker_topk(f, sc, co, m, m, half_n),
+                   "triton": lambda f, sc, co: tucker.tucker_topk(f, sc, co, m, m, half_n)},
+            bytes=(t * heads * (2 * half_n * e + 2 * a.ranks * m * e + 2 * m * 16 + m * 8), 0)),
     }
 
 
@@ -158,6 +170,13 @@ def _unfused_topk(half: torch.Tensor, half_k: int, k: int, num_keys: int) -> tor
     best = ops.topk_indices(half, half_k)
     grid = ops.grid_scores(ops.take(half, best))
     return ops.take(ops.grid_indices(best, num_keys), ops.topk_indices(grid, k))
+
+
+def _unfused_tucker(filtered: torch.Tensor, scores: torch.Tensor, cores: torch.Tensor, half_k: int, k: int,
+                    num_keys: int) -> torch.Tensor:
+    best = ops.topk_indices(filtered, half_k)
+    grid = ops.tucker_grid(ops.take_ranked(scores, best), cores)
+    return ops.take(ops.grid_indices(best, num_keys), ops.topk_indices(ops.sum_cores(grid), k))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -169,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--keys", type=int, default=1024, help="product keys per half")
     p.add_argument("--heads", type=int, default=4, help="product-key heads")
     p.add_argument("--cores", type=int, default=2, help="UltraMem cores (they divide --dim)")
+    p.add_argument("--ranks", type=int, default=2, help="UltraMem's Tucker rank")
+    p.add_argument("--tucker-topk", type=int, default=32, help="UltraMem's top-k (and half_k) for tucker_topk")
     p.add_argument("--blocks", type=int, default=4, help="UltraMem's implicit value expansion E")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--kernels", default="", help="comma-separated names (default: all)")
@@ -179,7 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tiny", action="store_true", help="toy sizes (the CPU smoke test)")
     a = p.parse_args(argv)
     if a.tiny:
-        a.rows, a.dim, a.topk, a.tokens, a.keys, a.heads, a.cores, a.blocks = 37, 6, 3, 3, 5, 2, 2, 2
+        a.rows, a.dim, a.topk, a.tokens, a.keys, a.heads, a.cores, a.blocks, a.tucker_topk = 37, 6, 3, 3, 5, 2, 2, 2, 3
         a.warmup, a.repeat = 0, 1
     dev, bw = a.device, bandwidth(a.device, a.bandwidth)
     timer = Timer(dev, a.warmup, a.repeat)

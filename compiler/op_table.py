@@ -442,10 +442,31 @@ POOL_ROWS_OWNED = dataclasses.replace(
     "outputs are summed")
 IVE_ROWS_OWNED = dataclasses.replace(
     ROWS_OWNED, inputs=("S(0)", "B", "B", "B"), call="ops.gather_ive_pool_owned", why=POOL_ROWS_OWNED.why,
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("row_start", shard_start(s[0][0], axes))))
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("row_start", chunk_start(s[0][0], axes, sizes))))
+# routed: the rows come back from their owners and the fused pooling reads them where they arrived
+POOL_ROWS_ROUTED = dataclasses.replace(
+    ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_core_pool",
+    why=ROWS_ROUTED.why + "; the fused pooling reads each row where it arrived, never copying them into pick order")
+IVE_ROWS_ROUTED = dataclasses.replace(
+    ROWS_ROUTED, inputs=("S(0)",) * 4, call="table_parallel.routed_gather_ive_pool", why=POOL_ROWS_ROUTED.why,
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), *ROWS_ROUTED.args(s, a, axes, sizes)))
 POOL_COLUMNS = dataclasses.replace(
     VALUE_COLUMNS, inputs=("S(1)", "B", "B"), call="ops.gather_core_pool_columns",
     args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+
+# UltraMem's IVE pooling on a dimension-wise table: each device pools its columns of every block; the E
+# blocks interleave the columns in the (B, T, E * V) output, so the shards' outputs are a partial sum
+IVE_COLUMNS = Variant(
+    "value_columns", ("S(4)", "B", "B"), "P", "ops.ive_pool_columns",
+    "dimension-wise table under implicit value expansion: each device pools the value columns it holds into "
+    "each pick's virtual block, weighted by the core whose chunk holds the column, and writes zeros for the "
+    "other columns (the blocks interleave them), so the devices' outputs sum to the pooling",
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
+                                    ("total_cols", int(s[0][-1]))))
+IVE_POOL_COLUMNS = dataclasses.replace(
+    IVE_COLUMNS, inputs=("S(1)", "B", "B", "B"), call="ops.gather_ive_pool_columns",
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
+                                    ("total_cols", int(s[0][-1]))))
 
 
 def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
@@ -457,6 +478,11 @@ def _tucker_topk_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
     """tucker_grid's products over the half_k x half_k grid (``_tucker_grid_flops``), inside the selection"""
     tokens_heads, (_, cores, rank, _), m = numel(ins[1][:3]), ins[2], attrs["half_k"]
     return 2 * tokens_heads * cores * rank * rank * m + 2 * tokens_heads * cores * m * m * rank
+
+
+def _tucker_grid_topk_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
+    """``_tucker_topk_flops`` with half_k the given picks' last dim."""
+    return _tucker_topk_flops(ins, out, {**attrs, "half_k": ins[0][-1]})
 
 
 def _prod(sizes: list[int]) -> int:
@@ -582,18 +608,21 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
     _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
-         colour=RETRIEVAL),
+         variants=(IVE_COLUMNS,), colour=RETRIEVAL),
     # UltraMem's fused ops (passes/fuse_graph.py, fuse.py): the selection (its grid inside), the selected
     # scores from 2 R numbers per slot (row x core: 2 tokens H C R^2 M), the poolings without the gathered rows
     _def("tucker_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), flops=_tucker_topk_flops, index=True,
          dims="bt...,bt....,....->bt..", colour=INDEXING),
+    _def("tucker_grid_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), flops=_tucker_grid_topk_flops,
+         index=True, dims="bt...,bt....,....->bt..", colour=INDEXING),
     _def("tucker_slot_scores", lambda s, a: (*s[2][:3], s[1][1], s[2][-1]), result="first",
          flops=lambda i, o, a: 2 * numel(o) * i[1][2] * i[1][3], dims="bt....,....,bt..->bt...", colour=RETRIEVAL),
     _def("gather_core_pool", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims="..,bt..,bt...->bt.",
-         variants=(POOL_ROWS_OWNED, POOL_COLUMNS), colour=RETRIEVAL),
+         variants=(POOL_ROWS_OWNED, POOL_ROWS_ROUTED, POOL_COLUMNS), colour=RETRIEVAL),
     _def("gather_ive_pool", lambda s, a: (*s[1][:2], a["num_blocks"] * s[0][1]), sparse=_gather_rows_touch,
-         bytes_read=_ive_reads, dims="..,bt..,bt...,bt..->bt.", variants=(IVE_ROWS_OWNED,), colour=RETRIEVAL),
+         bytes_read=_ive_reads, dims="..,bt..,bt...,bt..->bt.", variants=(IVE_ROWS_OWNED, IVE_ROWS_ROUTED, IVE_POOL_COLUMNS),
+         colour=RETRIEVAL),
     # mixture-of-experts load balancing: whole-batch statistics
     _def("expert_counts", lambda s, a: (sympy.Integer(a["num_experts"]),), index=True, data_dependent=True,
          dims="btk->.", sums="btk", colour=INDEXING),
@@ -611,13 +640,13 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 # shard forms variants call, and the losses' float32 upcast under mixed precision
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
                  "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "gather_row_dot_owned",
-                 "core_pool_columns", "_bag"}
+                 "core_pool_columns", "ive_pool_columns", "_into_columns", "_bag"}
 
 
 # the fused UltraMem ops' helpers and shard forms
-NOT_GRAPH_OPS |= {"_gcd", "_ranked", "_pool_groups", "_pooled", "_pool", "gather_core_pool_columns",
+NOT_GRAPH_OPS |= {"_gcd", "_ranked", "stable_topk", "_pool_groups", "_pooled", "_pool", "gather_core_pool_columns",
                   "gather_core_pool_owned",
-                  "gather_ive_pool_owned"}
+                  "gather_ive_pool_owned", "gather_ive_pool_columns"}
 
 
 def op_def(name: str) -> OpDef:

@@ -616,6 +616,31 @@ def core_pool_columns(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, col
     return torch.einsum("bthmv,bthvm->btv", rows_BTHMV, weights_BTHKM.index_select(-2, core_of))
 
 
+def _into_columns(pooled_BTX: torch.Tensor, num_blocks: int, col_start: int, total_cols: int) -> torch.Tensor:
+    """A column shard's (B, T, E * V_local) pooling, block by block, placed at its columns of the
+    whole (B, T, E * total_cols), zeros elsewhere: a partial sum, the shards' outputs add up to the whole."""
+    b, t, width = pooled_BTX.shape
+    local = width // num_blocks
+    shaped = pooled_BTX.view(b, t, num_blocks, local)
+    return F.pad(shaped, (col_start, total_cols - col_start - local)).reshape(b, t, num_blocks * total_cols)
+
+
+def ive_pool_columns(rows_BTHMV: torch.Tensor, weights_BTHKM: torch.Tensor, blocks_BTHM: torch.Tensor,
+                     num_blocks: int, col_start: int, total_cols: int) -> torch.Tensor:
+    """``ive_pool`` on a dimension-wise shard of the value table: the rows hold columns [col_start,
+    col_start + V) of ``total_cols``, each weighted by the core whose chunk holds it and pooled into
+    its pick's block -> (B, T, E * total_cols), this shard's columns of each block, zeros elsewhere
+    (the E blocks interleave the columns, so the shards' outputs are summed, not concatenated)."""
+    b, t, h, m, local = rows_BTHMV.shape
+    columns = torch.arange(col_start, col_start + local, device=rows_BTHMV.device)
+    core_of = torch.div(columns, total_cols // weights_BTHKM.shape[-2], rounding_mode="floor")
+    w = weights_BTHKM.index_select(-2, core_of).transpose(-1, -2).reshape(b, t, h * m, local)
+    weighted = rows_BTHMV.reshape(b, t, h * m, local) * w
+    index = blocks_BTHM.reshape(b, t, h * m, 1).expand(b, t, h * m, local)
+    pooled = weighted.new_zeros(b, t, num_blocks, local).scatter_add(2, index, weighted)
+    return _into_columns(pooled.reshape(b, t, num_blocks * local), num_blocks, col_start, total_cols)
+
+
 def block_of(virtual_rows: torch.Tensor, block_rows: int) -> torch.Tensor:
     """Implicit value expansion: which of the E virtual blocks a virtual row is in."""
     return torch.div(virtual_rows, block_rows, rounding_mode="floor")
@@ -650,16 +675,37 @@ def tucker_topk(filtered_BTHCN: torch.Tensor, scores_BTHCRN: torch.Tensor, cores
     """TDQKR's selection in one op: each half's top ``half_k`` keys by the rank-1 scores, every core's
     bilinear score over the half_k x half_k grid, the top ``k`` of their sum -> the slots (row * N + col),
     (B, T, H, k) int64. The same ops as unfused (topk_indices, take_ranked, tucker_grid, sum_cores,
-    topk_indices, grid_indices, take), so the same slots and tie-breaking; the (B, T, H, C, M^2) grid
-    is made and dropped inside, never saved for the backward (no gradient flows through indices:
+    topk_indices, grid_indices, take), so the same slots whenever no two candidates tie; equal scores
+    go to the lowest index at both stages (``stable_topk``: the rule of the Triton kernel,
+    backends/triton_tucker.py; torch.topk promises none). The (B, T, H, C, M^2) grid is made and
+    dropped inside, never saved for the backward (no gradient flows through indices:
     ``tucker_slot_scores`` gives the selected scores'). UltraMem, Huang et al. 2025, sec. 3.2."""
     kernel = KERNELS.get("tucker_topk")
     if kernel is not None:
         return kernel(filtered_BTHCN, scores_BTHCRN, cores_HKRR, half_k, k, num_keys)
     with torch.no_grad():
-        half_best = topk_indices(filtered_BTHCN, half_k)
+        half_best = stable_topk(filtered_BTHCN, half_k)
         grid = tucker_grid(take_ranked(scores_BTHCRN, half_best), cores_HKRR)
-        return take(grid_indices(half_best, num_keys), topk_indices(sum_cores(grid), k))
+        return take(grid_indices(half_best, num_keys), stable_topk(sum_cores(grid), k))
+
+
+def tucker_grid_topk(half_best_BTHCM: torch.Tensor, scores_BTHCRN: torch.Tensor, cores_HKRR: torch.Tensor, k: int,
+                     num_keys: int) -> torch.Tensor:
+    """``tucker_topk`` given each half's top-m keys (B, T, H, 2, m), made outside because something
+    else reads them too (UltraMemV2's key-balance loss counts them): the grid, its top ``k`` (the
+    same tie rule) and the slots, the grid made and dropped inside -> (B, T, H, k) int64."""
+    kernel = KERNELS.get("tucker_grid_topk")
+    if kernel is not None:
+        return kernel(half_best_BTHCM, scores_BTHCRN, cores_HKRR, k, num_keys)
+    with torch.no_grad():
+        grid = tucker_grid(take_ranked(scores_BTHCRN, half_best_BTHCM), cores_HKRR)
+        return take(grid_indices(half_best_BTHCM, num_keys), stable_topk(sum_cores(grid), k))
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk_indices`` with a defined tie rule: largest first, equal values by the lowest index (a
+    stable descending sort's first k), so a kernel and this fallback pick the same among ties."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def _ranked(ids_BTHM: torch.Tensor, ranks: int) -> torch.Tensor:
@@ -819,6 +865,15 @@ def gather_ive_pool(table_RV: torch.Tensor, rows_BTHM: torch.Tensor, weights_BTH
     implicit value expansion with multi-core pooling, each pick pooled into its virtual block ->
     (B, T, E * V) (Huang et al. 2025, sec. 3.3), by embedding_bags cut per (token, block, core)."""
     return _pool("gather_ive_pool", table_RV, rows_BTHM, weights_BTHKM, blocks_BTHM, num_blocks, 0, table_RV.shape[1])
+
+
+def gather_ive_pool_columns(table_RV: torch.Tensor, rows_BTHM: torch.Tensor, weights_BTHKM: torch.Tensor,
+                            blocks_BTHM: torch.Tensor, num_blocks: int, col_start: int, total_cols: int) -> torch.Tensor:
+    """``gather_ive_pool`` on a dimension-wise shard of the table (columns [col_start, col_start + V)
+    of ``total_cols``) -> (B, T, E * total_cols), as ``ive_pool_columns``: this shard's columns of each
+    block pooled by the fused op, zeros elsewhere (a partial sum over the shards)."""
+    pooled = _pool("gather_ive_pool", table_RV, rows_BTHM, weights_BTHKM, blocks_BTHM, num_blocks, col_start, total_cols)
+    return _into_columns(pooled, num_blocks, col_start, total_cols)
 
 
 def gather_ive_pool_owned(table_RV: torch.Tensor, rows_BTHM: torch.Tensor, weights_BTHKM: torch.Tensor,

@@ -95,10 +95,14 @@ def _placed_tables(gm: fx.GraphModule, ctx: PlanContext) -> dict[str, tuple[str,
     return out
 
 
-def _placed(chain: list[fx.Node], placed: dict[str, tuple[str, ...]]) -> bool:
-    """Is the chain's first input (a lookup's table) split by ``--place`` on some mesh axis?"""
+def _placed_apart(chain: list[fx.Node], placed: dict[str, tuple[str, ...]], forms: tuple[str, ...] | None) -> bool:
+    """Does ``--place`` split the chain's first input (a lookup's table) in a way the fused op has no
+    shard form for: a split not among ``forms``, or two different splits on two mesh axes?"""
     args = tensor_args(chain[0])
-    return bool(args) and any(entry != "B" for entry in placed.get(args[0].name, ()))
+    if forms is None or not args:
+        return False
+    splits = {entry for entry in placed.get(args[0].name, ()) if entry != "B"}
+    return len(splits) > 1 or not splits <= set(forms)
 
 
 def _worth(fusion: Fusion, ctx: PlanContext) -> tuple[bool, float, float]:
@@ -177,9 +181,9 @@ def fuse(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             chain = _match(node, rule)
             if chain is None:
                 continue
-            if not rule.when_placed and _placed(chain, placed):
-                decisions.append(f"{rule.name} at {node.name}: kept, its table is placed (--place) and the fused op "
-                                 "has not every shard form of the unfused ones")
+            if _placed_apart(chain, placed, rule.placed_forms):
+                decisions.append(f"{rule.name} at {node.name}: kept, its table is placed (--place) in a way the fused "
+                                 "op has no shard form for (one split per axis, of its rows or of its columns)")
                 break
             recs = [info(n) for n in chain]
             fusion = Fusion(rule.name, rule.fused, tuple(n.name for n in chain),

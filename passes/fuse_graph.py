@@ -8,7 +8,9 @@ removed. Two such rules: product-key retrieval's selection (seven ops between th
 the (scores, slots) pair become ``pk_topk``, the slots, an index op, and ``pk_slot_scores``, their
 scores, the only differentiable part) and UltraMem's Tucker selection (eight ops between the rank-1
 and per-rank scores and the (core scores, slots) pair become ``tucker_topk`` and
-``tucker_slot_scores``), so the half_k x half_k grid is never stored nor saved for the backward.
+``tucker_slot_scores``; where the halves' top-m ids are read outside too, UltraMemV2's key-balance loss,
+the seven after them become ``tucker_grid_topk`` and ``tucker_slot_scores``), so the half_k x half_k grid
+is never stored nor saved for the backward.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def _tucker_bytes_saved(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
     return forward + (2 * _size(recs, "grid") - _size(recs, "half_kept") if train else ZERO)
 
 
+def _tucker_grid_bytes_saved(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
+    """``_tucker_bytes_saved`` where the half top-m ids are made outside (UltraMemV2's key-balance loss
+    counts them): they are written and read as before, so only the rest counts."""
+    forward = (_size(recs, "half_kept") + 3 * _size(recs, "grid") + 2 * _size(recs, "total")
+               + 2 * _size(recs, "grid_slots") + 3 * _size(recs, "best"))
+    return forward + (2 * _size(recs, "grid") - _size(recs, "half_kept") if train else ZERO)
+
+
 def _tucker_recompute(recs: dict[str, NodeInfo], train: bool) -> sympy.Expr:
     """tucker_slot_scores recomputes the selected slots' scores, row x core (2 tokens H C R^2 M FLOPs);
     the grid's own products are done inside tucker_topk as before (its backward, 2x them, is gone)."""
@@ -124,6 +134,23 @@ GRAPH_RULES: tuple[GraphRule, ...] = (
         _tucker_bytes_saved,
         "Tucker selection in one op: every core's grid is made and dropped inside; the selected slots' core "
         "scores are recomputed from their row and column rank vectors",
+        _tucker_recompute),
+    GraphRule(  # the halves' top-m read elsewhere too (UltraMemV2's key-balance loss): the selection from there
+        "tucker_grid_topk",
+        (GStep("half_kept", "take_ranked", ("$scores", "$half_best")),
+         GStep("grid", "tucker_grid", ("half_kept", "$cores")),
+         GStep("total", "sum_cores", ("grid",)),
+         GStep("best", "topk_indices", ("total",)),
+         GStep("core_scores", "take_cores", ("grid", "best")),
+         GStep("grid_slots", "grid_indices", ("$half_best",)),
+         GStep("slots", "take", ("grid_slots", "best"))),
+        (Replace("slots", "tucker_grid_topk", ("$half_best", "$scores", "$cores"),
+                 (("k", "best", "k"), ("num_keys", "grid_slots", "num_keys"))),
+         Replace("core_scores", "tucker_slot_scores", ("$scores", "$cores", "slots"),
+                 (("num_keys", "grid_slots", "num_keys"),))),
+        _tucker_grid_bytes_saved,
+        "Tucker selection from the halves' top-m (read elsewhere too) in one op: every core's grid is made and "
+        "dropped inside; the selected slots' core scores are recomputed from their row and column rank vectors",
         _tucker_recompute),
 )
 

@@ -45,9 +45,10 @@ class Rule:
     # last step's value stacked, and two ``pair_part`` nodes stand in for the two replaced nodes
     shared: bool = False
     when: Callable[[list[NodeInfo]], bool] | None = None  # a further condition on the matched records
-    # fuse where --place splits the first input (a table)? The UltraMem poolings' fused ops have the owned
-    # and column shard forms but not the routed lookup, nor one call for number on one axis and dim on another
-    when_placed: bool = True
+    # where --place splits the first input (a table): the table's SBP entries the fused op has shard forms
+    # for (None: any). The UltraMem poolings' have the number-wise (owned and routed) and the column forms,
+    # on one or several mesh axes, but not one call for number on one axis and dim on another
+    placed_forms: tuple[str, ...] | None = None
 
 
 def _scores_elements(recs: list[NodeInfo]) -> sympy.Expr:
@@ -125,10 +126,10 @@ RULES: tuple[Rule, ...] = (
     # k), UltraMem's implicit value expansion (each pick pooled into its virtual block) with it
     Rule("gather+core_pool", (Step("gather_rows"), Step("core_pool", via=0)), "gather_core_pool", _rows_bytes_saved,
          _nothing, "multi-core pooling as the rows are read: the gathered value rows are never stored", keep=(),
-         when_placed=False),
+         placed_forms=("S(0)", "S(1)")),
     Rule("gather+ive_pool", (Step("gather_rows"), Step("ive_pool", via=0)), "gather_ive_pool", _rows_bytes_saved,
          _nothing, "implicit value expansion pooled as the rows are read: the gathered value rows are never stored",
-         keep=("num_blocks",), when_placed=False),
+         keep=("num_blocks",), placed_forms=("S(0)", "S(1)")),
     Rule("add+rms_norm", (Step("add"), Step("rms_norm", via=0)), "add_rms_norm", _residual_norm_bytes_saved,
          _nothing, "residual add and RMSNorm in one pass: the sum is not read back, its gradient written once",
          shared=True, when=_same_layer_and_dtype),

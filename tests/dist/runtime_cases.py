@@ -497,9 +497,53 @@ def case_data_windows(mesh):
         del tokens  # the memmap, before its directory goes
 
 
+def case_routed_pools(mesh):
+    """table_parallel's routed fused poolings (UltraMem's, UltraMemV2's), the table's 13 rows split over
+    one mesh axis and over both (the routing nests; torch.chunk's uneven shares): this rank's pooling
+    and its weights' gradient equal ops.gather_core_pool / gather_ive_pool on the whole table, and the
+    shard's gradient is its rows of the whole table's over every token of the ranks that share it;
+    4 all_to_all calls per axis (counts, ids, rows back; the rows' gradients)."""
+    import table_parallel
+
+    rows, v, cores, blocks, b, t, h, m = 13, 6, 2, 3, 2, 3, 2, 4
+    axes_list = [(0,)] if len(mesh.shape) == 1 else [(1,), (0, 1)]
+
+    def picks(axes, coords):
+        gen = torch.Generator().manual_seed(seeded.stable_seed(0, str(("routed picks", axes, coords))))
+        return (torch.randint(0, rows, (b, t, h, m), generator=gen), torch.randint(0, blocks, (b, t, h, m), generator=gen),
+                torch.randn(b, t, h, cores, m, generator=gen, dtype=F64))
+
+    for axes, ive in itertools.product(axes_list, (False, True)):
+        whole = randn(("routed table", axes), (rows, v))
+        start, stop = mesh.shard_range(rows, axes, chunks=True)
+        table = whole[start:stop].clone().requires_grad_()
+        ids, block_ids, weights = picks(axes, tuple(mesh.coords))
+        weights.requires_grad_()
+        calls = runtime.COMM_CALLS.get("all_to_all", 0)
+        if ive:
+            out = table_parallel.routed_gather_ive_pool(table, ids, weights, block_ids, num_blocks=blocks, mesh=mesh,
+                                                        axes=axes, num_rows=rows)
+        else:
+            out = table_parallel.routed_gather_core_pool(table, ids, weights, mesh=mesh, axes=axes, num_rows=rows)
+        out.backward(randn(("routed grad", axes, ive, tuple(mesh.coords)), out.shape))
+        assert runtime.COMM_CALLS["all_to_all"] - calls == 4 * len(axes), (axes, ive)
+        reference = whole.clone().requires_grad_()
+        sharing = [tuple(j[axes.index(a)] if a in axes else c for a, c in enumerate(mesh.coords))
+                   for j in itertools.product(*(range(mesh.shape[a]) for a in axes))]
+        for coords in sharing:
+            i, bl, w = picks(axes, coords)
+            w.requires_grad_()
+            ref = ops.gather_ive_pool(reference, i, w, bl, blocks) if ive else ops.gather_core_pool(reference, i, w)
+            ref.backward(randn(("routed grad", axes, ive, coords), ref.shape))
+            if coords == tuple(mesh.coords):
+                close(out.detach(), ref.detach(), f"routed pool {axes} ive={ive}")
+                close(weights.grad, w.grad, f"routed pool {axes} ive={ive}: the weights' gradient")
+        close(table.grad, reference.grad[start:stop], f"routed pool {axes} ive={ive}: the shard's gradient")
+
+
 CASES = [("shard_range", case_shard_range), ("data_windows", case_data_windows), ("collectives", case_collectives),
          ("vocab_cross_entropy", case_vocab_cross_entropy), ("expert_parallel", case_expert_parallel),
-         ("grad_buckets", case_grad_buckets), ("gather_group", case_gather_group)]
+         ("grad_buckets", case_grad_buckets), ("gather_group", case_gather_group), ("routed_pools", case_routed_pools)]
 
 
 def main():

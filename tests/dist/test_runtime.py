@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 MESHES = ([4], [2, 2])
 CASES = ("setup", "shard_range", "data_windows", "collectives", "vocab_cross_entropy", "expert_parallel", "grad_buckets",
-         "gather_group", "params")
+         "gather_group", "routed_pools", "params")
 
 
 @pytest.fixture(scope="module")

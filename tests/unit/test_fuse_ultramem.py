@@ -13,17 +13,24 @@ from tests.conftest import MODELS
 from ultraplan import api
 
 
-def _unfused_selection(filtered, scores, cores, half_k, k, n):
-    half_best = ops.topk_indices(filtered, half_k)
+def _stable_topk(x, k):
+    """The tie rule of the fused selection, lowest index first among equals, by a naive loop."""
+    rows = x.reshape(-1, x.shape[-1]).tolist()
+    picks = [sorted(range(len(row)), key=lambda i, row=row: (-row[i], i))[:k] for row in rows]
+    return torch.tensor(picks, dtype=torch.int64).view(*x.shape[:-1], k)
+
+
+def _unfused_selection(filtered, scores, cores, half_k, k, n, topk=ops.topk_indices):
+    half_best = topk(filtered, half_k)
     grid = ops.tucker_grid(ops.take_ranked(scores, half_best), cores)
-    best = ops.topk_indices(ops.sum_cores(grid), k)
+    best = topk(ops.sum_cores(grid), k)
     return ops.take_cores(grid, best), ops.take(ops.grid_indices(half_best, n), best)
 
 
 @pytest.mark.parametrize(("b", "t", "h", "r", "c", "n", "half_k", "k", "ties"), [
     (2, 3, 2, 3, 2, 7, 3, 5, False),  # non-powers of two
     (1, 2, 1, 1, 1, 5, 1, 1, False),  # rank 1, one core, top-k of 1
-    (2, 2, 1, 2, 3, 6, 4, 4, True),  # equal scores everywhere: the tie-breaking must be the unfused ops'
+    (2, 2, 1, 2, 3, 6, 4, 4, True),  # equal scores everywhere: the lowest index first (torch.topk has no rule)
     (0, 3, 2, 2, 2, 4, 2, 3, False),  # an empty token set
 ])
 def test_tucker_selection_equals_the_unfused_ops(b, t, h, r, c, n, half_k, k, ties):
@@ -34,7 +41,8 @@ def test_tucker_selection_equals_the_unfused_ops(b, t, h, r, c, n, half_k, k, ti
         scores, cores = torch.randint(0, 2, scores.shape, generator=gen).double(), cores.round()
     scores.requires_grad_(), cores.requires_grad_()
     filtered = ops.rank_one_scores(scores, torch.randn(2, h, r, generator=gen, dtype=torch.float64))
-    want_scores, want_slots = _unfused_selection(filtered, scores, cores, half_k, k, n)
+    want_scores, want_slots = _unfused_selection(filtered, scores, cores, half_k, k, n,
+                                                 *([_stable_topk] if ties else []))
     slots = ops.tucker_topk(filtered, scores, cores, half_k, k, n)
     got_scores = ops.tucker_slot_scores(scores, cores, slots, n)
     assert slots.dtype == torch.int64 and slots.shape == (b, t, h, k) and torch.equal(slots, want_slots)
@@ -107,6 +115,19 @@ def test_pool_shards_equal_the_whole(v, cores, widths):
     ive = ops.gather_ive_pool(table, ids, weights, block_ids, 3)
     owned = sum(ops.gather_ive_pool_owned(table[s:s + 6], ids, weights, block_ids, 3, s) for s in (0, 6))
     torch.testing.assert_close(owned, ive, rtol=1e-12, atol=1e-12)
+    # IVE's column shards: each block's columns interleave, so the shards' (zero-padded) outputs sum to the
+    # whole, fused and unfused alike, and the unfused form's gradient is the whole's share
+    rows = ops.gather_rows(table, ids).requires_grad_()
+    unfused = ops.ive_pool(rows, weights, block_ids, 3)
+    parts = [ops.ive_pool_columns(rows[..., s:s + w], weights, block_ids, 3, s, v) for s, w in zip(starts, widths)]
+    torch.testing.assert_close(sum(parts), unfused, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sum(ops.gather_ive_pool_columns(table[:, s:s + w], ids, weights, block_ids, 3, s, v)
+                                   for s, w in zip(starts, widths)), ive, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(unfused.shape, dtype=unfused.dtype)
+    want = torch.autograd.grad(unfused, (rows, weights), grad)
+    got = torch.autograd.grad(sum(parts), (rows, weights), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(("spec", "pool"), [("ultramem-tiny", "gather+ive_pool"), ("ultramem-v2-tiny", "gather+core_pool")])
@@ -133,10 +154,43 @@ def test_ultramem_plans_fuse_the_selection_and_the_pooling(spec, pool):
     assert fused.total("memory_activations").value < plain.total("memory_activations").value
 
 
-def test_a_placed_table_keeps_its_gather_and_pooling():
-    """--place splits UltraMem's values number-wise: the routed lookup is a shard form of gather_rows
-    only, so the pooling stays unfused (the selection, which reads no table, is still fused)."""
-    plan = api.plan(MODELS / "ultramem-tiny.yaml", "2", force=["layers.*.ultramem.values=number"])
+@pytest.mark.parametrize(("mesh", "place", "call"), [
+    ("2", "number", ("table_parallel.routed_gather_ive_pool", "ops.gather_ive_pool_owned")),
+    ("2", "dim", ("ops.gather_ive_pool_columns",)),
+    ("2x2", "number,dim", None),  # one split per axis only: kept
+])
+def test_a_placed_table_fuses_its_pooling_where_a_shard_form_exists(mesh, place, call):
+    """--place splits UltraMem's values: number-wise (routed or owned) and dimension-wise, on one or both
+    axes, the fused pooling runs its shard form; number on one axis and dim on the other has none, so the
+    gather and pooling stay unfused (the selection, which reads no table, is fused either way)."""
+    plan = api.plan(MODELS / "ultramem-tiny.yaml", mesh, force=[f"layers.*.ultramem.values={place}"])
     rules = [f.rule for f in plan.fusions]
-    assert "gather+ive_pool" not in rules and rules.count("tucker_topk") == 2
-    assert sum(n.op == "ive_pool" for n in plan.nodes) == 2
+    assert rules.count("tucker_topk") == 2
+    pools = [n for n in plan.nodes if n.op in ("ive_pool", "gather_ive_pool")]
+    assert len(pools) == 2 and rules.count("gather+ive_pool") == (0 if call is None else 2)
+    if call is not None:
+        assert all(n.op == "gather_ive_pool" and n.call in call for n in pools), [n.call for n in pools]
+
+
+def test_key_balance_loss_keeps_the_half_picks_and_fuses_the_rest(write_spec):
+    """UltraMemV2 with its key-balance loss: the loss counts each half's top-m, so those stay a node,
+    and the grid, its top-m and the slots' scores fuse into tucker_grid_topk and tucker_slot_scores;
+    the fused selection equals the unfused ops on those picks (float64), and the loss reads the
+    rank-1 scores (its gradient) as unfused."""
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring,", "key_balance_weight: 0.01, share: ring,")
+    fused = api.plan(write_spec(text), "1")
+    rules = [f.rule for f in fused.fusions]
+    assert rules.count("tucker_grid_topk") > 0 and "tucker_topk" not in rules
+    for f in (f for f in fused.fusions if f.rule == "tucker_grid_topk"):
+        slots = fused.node(f.node)
+        picks = fused.node(slots.args[0])
+        assert slots.op == "tucker_grid_topk" and picks.op == "topk_indices" and f.bytes_saved.value > 0
+        assert any(n.op == "half_key_counts" and picks.name in n.args for n in fused.nodes)
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 2, 2, 2, 7, generator=gen, dtype=torch.float64)
+    cores = torch.rand(2, 3, 2, 2, generator=gen, dtype=torch.float64)
+    filtered = ops.rank_one_scores(scores, torch.randn(2, 2, 2, generator=gen, dtype=torch.float64))
+    half_best = ops.topk_indices(filtered, 3)
+    want = ops.take(ops.grid_indices(half_best, 7),
+                    ops.topk_indices(ops.sum_cores(ops.tucker_grid(ops.take_ranked(scores, half_best), cores)), 5))
+    assert torch.equal(ops.tucker_grid_topk(half_best, scores, cores, 5, 7), want)

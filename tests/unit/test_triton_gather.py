@@ -71,11 +71,11 @@ def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
     results = bench["main"](["--tiny", "--device", "cpu"])
     paths = {(r["kernel"], r["path"]) for r in results}
     kernels = ("gather_weighted_sum", "gather_row_dot", "gather_core_pool", "gather_ive_pool", "add_rms_norm", "pk_topk",
-               "pk_slot_scores")
+               "pk_slot_scores", "tucker_topk")
     assert {k for k, _ in paths} == set(kernels) and all((k, "triton") in paths for k in kernels)
     assert ("gather_weighted_sum", "embedding_bag") in paths
     assert all(r["forward_s"] > 0 and r["forward_fraction"] > 0 for r in results)
-    assert all("backward_s" in r for r in results if r["kernel"] != "pk_topk")
+    assert all("backward_s" in r for r in results if r["kernel"] not in ("pk_topk", "tucker_topk"))
     out = capsys.readouterr().out
     assert "gather_ive_pool      triton vs unfused" in out and "of bandwidth" in out
 
@@ -106,6 +106,10 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
     # the product-key top-k kernel under the interpreter costs minutes for pkm-tiny's 256 rows per layer:
     # tests/unit/test_triton_topk.py checks it; here the program runs its torch form
     (pkm / "kernels.py").write_text(source + "\n\nKERNELS.pop('pk_topk')\nKERNELS.pop('pk_slot_scores')\n")
+    for directory in (ultramem, v2):  # the Tucker top-k kernel, likewise (tests/unit/test_triton_tucker.py)
+        source = (directory / "kernels.py").read_text()
+        assert "'tucker_topk': tucker_topk" in source and "def tucker_topk_kernel(" in source
+        (directory / "kernels.py").write_text(source + "\n\nKERNELS.pop('tucker_topk')\n")
     spied = {(ultramem, "gather_ive_pool"): "pool_rows", (v2, "gather_core_pool"): "pool_rows",
              (v2, "gather_row_dot"): "gather_row_dot"}
     for (directory, op), kernel in spied.items():  # each call through the kernel leaves an x in its marker file
