@@ -128,10 +128,10 @@ def compare(spec: str, mesh: str, batch: int, mode: str, hardware: str | None = 
     step = auto.total("step_time").value
     objective = auto.total("search_objective").value
     bound = auto.total("search_bucket_bound").value
-    memory = auto.total("memory_per_device").value
+    memory = auto.total("memory_per_device").value if state else None  # the bound is checked where it was used
     beaten = {s: t for s, t in named.items() if step > t * (1 + REL) + bound}
     modelled = abs(step - objective) <= REL * step + bound
-    bound_holds = memory >= state * (1 - REL)
+    bound_holds = memory is None or memory >= state * (1 - REL)
     out.update(auto=step, fits=auto.fits, objective=objective, bound=bound, beaten_by=beaten, modelled=modelled,
                auto_memory=memory, bound_holds=bound_holds,
                ok=(auto.fits or not named) and not beaten and modelled and bound_holds)

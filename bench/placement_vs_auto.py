@@ -64,8 +64,9 @@ def compare(spec: str, mesh: str, hardware: str, batch: int, mode: str = "infer"
         for words in placements(mesh):
             try:
                 forced = plan(spec, mesh, force=[f"{glob}={words}"], **point)
-            except PlanError:
+            except PlanError as exc:
                 out["skipped"] += 1
+                out.setdefault("not_possible", []).append({"table": glob, "placement": words, "why": str(exc)[:300]})
                 continue
             row = {"table": glob, "placement": words, "step_time": forced.total("step_time").value, "fits": forced.fits}
             out["forced"].append(row)
@@ -108,6 +109,22 @@ def summary(results: list[dict]) -> dict:
             "violations": sum(len(r["violations"]) for r in results)}
 
 
+def markdown(results: list[dict]) -> str:
+    """The docs' table: per mesh and in all, the points, forced plans, those that fit, and auto's standing."""
+    lines = ["| mesh | points (specs) | batches | forced plans (not possible) | forced plans that fit | "
+             "points where one fits | auto = best forced | auto < best forced | auto fits | violations |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    meshes = sorted({r["mesh"] for r in results}, key=lambda m: (len(m.split("x")), int(m.split("x")[0])))
+    for mesh in [*meshes, "all"]:
+        rs = [r for r in results if mesh in ("all", r["mesh"])]
+        c = summary(rs)
+        lines.append(f"| {mesh} | {c['points']} ({len({r['spec'] for r in rs})}) | "
+                     f"{','.join(str(b) for b in sorted({r['batch'] for r in rs}))} | {c['forced']} ({c['not_possible']}) | "
+                     f"{c['forced_fit']} | {c['points_where_forced_fits']} | {c['auto_equal']} | {c['auto_better']} | "
+                     f"{c['auto_fits']} | {c['violations']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="CI's subset: tiny specs on 2 and 2x2, two batches")
@@ -123,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.summary:
         results = list(read_jsonl(args.summary).values())
         print(json.dumps(summary(results)))
+        print(markdown(results), end="")
         for r in results:
             for v in r["violations"]:
                 print(f"VIOLATION {r['spec']} {r['mesh']} batch {r['batch']}: {v['table']}={v['placement']} "
