@@ -55,11 +55,7 @@ def test_named_plans_are_skipped_only_when_the_bound_exceeds_the_device(monkeypa
     small = dataclasses.replace(api.load_hardware("h200-8"), memory_bytes=1000.0)
     load = api.load_hardware
     monkeypatch.setattr(api, "load_hardware", lambda name=None: small if name == "h200-8" else load(name))
-    PLANNER._hardware["h200-8"] = small
-    try:
-        r = AUTO_VS_NAMED["compare"]("dense-tiny", "2", 8, "train", None, PLANNER)
-    finally:
-        del PLANNER._hardware["h200-8"]
+    r = AUTO_VS_NAMED["compare"]("dense-tiny", "2", 8, "train", None, CachedPlanner())  # reads the small one
     assert r["skipped_by_bound"] == 5 and r["named"] == {} and r["refused"] == 0, r
     assert r["fits"] is False and r["bound_holds"] and r["ok"], r
 
