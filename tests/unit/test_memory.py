@@ -117,6 +117,10 @@ class _SavedProbe(fx.Interpreter):
         super().__init__(gm)
         self.params, self.dtype = params, dtype
         self.per_node: dict[str, dict[int, int]] = {}
+        # Storages are keyed by address, so every packed tensor is held until the probe ends: a
+        # storage autograd later drops (a saved temporary inside an op) could otherwise be freed and
+        # its address reused by another, and the two would count once.
+        self.held: list[torch.Tensor] = []
 
     def run_node(self, n):
         if n.op != "call_function":
@@ -128,6 +132,7 @@ class _SavedProbe(fx.Interpreter):
         def pack(t):
             if t.untyped_storage().data_ptr() not in self.params:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                self.held.append(t)
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
