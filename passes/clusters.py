@@ -3,7 +3,8 @@
 A layer is the nodes whose ``layer`` starts with ``layers.{i}``. Two layers are identical when their
 nodes, in graph order, have the same op, attributes, concrete shape, dtype, parameter (name within
 the layer and shape), traits, pins, whether a gradient reaches them, and the same arguments (an
-argument inside the layer by its position there, one outside it only as "outside"). Every class of
+argument inside the layer by its position there, one outside it by its shape, dtype and pins: a layer
+whose own value table is forced another way is not tied to the others). Every class of
 identical layers is planned as one block with its boundary layouts: node ``j`` of every layer in
 the class is one group of the integer program (passes/search_ilp.py) with ``count`` = the layers
 it stands for, so a 32-layer model solves one block problem, not 32 (meta-pytorch/autoparallel's
@@ -54,7 +55,7 @@ def _describe(node: fx.Node, index: dict[fx.Node, int], prefix: str, extra: Call
     param_key = (own(param.name), param.shape, param.group) if param is not None else None
     buf = rec.buffer
     buffer_key = (own(buf.name), buf.shape, buf.dtype, buf.init, buf.op, own(buf.source)) if buf is not None else None
-    args = tuple(("in", index[a]) if a in index else ("out", info(a).concrete_shape, info(a).dtype)
+    args = tuple(("in", index[a]) if a in index else ("out", info(a).concrete_shape, info(a).dtype, extra(a))
                  for a in tensor_args(node))
     masked = POSITIONS.get(rec.op, frozenset())
     attrs = sorted((k, "#" if k in masked else v) for k, v in rec.attrs.items())
@@ -62,9 +63,26 @@ def _describe(node: fx.Node, index: dict[fx.Node, int], prefix: str, extra: Call
             buffer_key, rec.stream, rec.differentiable, rec.component, args, extra(node))
 
 
-def classes(gm: fx.GraphModule, extra: Callable[[fx.Node], object], *, cluster: bool = True) -> dict[fx.Node, int]:
+def runs(n: int) -> list[int]:
+    """The run of each of ``n`` identical layers when they are split for a knapsack: runs of 1, 2, 4,
+    ... layers and the rest, so any number 0..n of them is a sum of whole runs (the bounded knapsack's
+    binary split, e.g. Martello and Toth, *Knapsack Problems*, 1990, section 3.2) with about log2(n)
+    choices instead of one: ``runs(5) == [0, 1, 1, 2, 2]``, ``runs(24)``: runs of 1, 2, 4, 8 and 9."""
+    out: list[int] = []
+    size = 1
+    while len(out) < n:
+        take = min(size, n - len(out))
+        out += [len(set(out))] * take
+        size *= 2
+    return out
+
+
+def classes(gm: fx.GraphModule, extra: Callable[[fx.Node], object], *, cluster: bool = True,
+            split: bool = False) -> dict[fx.Node, int]:
     """Class id of every node (not the output): nodes of identical layers at the same position share
-    one; every other node has its own. ``extra(node)`` adds what the caller must see equal (pins)."""
+    one; every other node has its own. ``extra(node)`` adds what the caller must see equal (pins).
+    ``split``: identical layers are tied in consecutive ``runs`` rather than all together, so that
+    when the device memory binds some of them can take a leaner layout than the others."""
     layers: dict[str, list[fx.Node]] = {}
     out: dict[fx.Node, int] = {}
     batch: dict[tuple, int] = {}  # the batch's inputs (tokens, targets) by shape and pins
@@ -79,10 +97,15 @@ def classes(gm: fx.GraphModule, extra: Callable[[fx.Node], object], *, cluster: 
             out[node] = len(out) + 10**9  # renumbered below
         else:
             layers.setdefault(block, []).append(node)
+    keys = {block: tuple(_describe(n, {n: i for i, n in enumerate(nodes)}, block + ".", extra) for n in nodes)
+            for block, nodes in layers.items()}
+    run_of: dict[str, int] = {}
+    for key in set(keys.values()):
+        same = [block for block in layers if keys[block] == key]
+        run_of |= dict(zip(same, runs(len(same)) if split else [0] * len(same)))
     seen: dict[tuple, list[int]] = {}
     for block, nodes in layers.items():
-        index = {n: i for i, n in enumerate(nodes)}
-        key = tuple(_describe(n, index, block + ".", extra) for n in nodes)
+        key = (keys[block], run_of[block])
         if key not in seen:
             seen[key] = [len(out) + 10**9 + i for i in range(len(nodes))]
         for n, cls in zip(nodes, seen[key]):

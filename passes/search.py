@@ -57,14 +57,15 @@ class Search:
 
 
 def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
-                  *, cluster: bool = True) -> tuple[Problem, list[list[Cand]], dict[fx.Node, int], Costing]:
+                  *, cluster: bool = True, split: bool = False
+                  ) -> tuple[Problem, list[list[Cand]], dict[fx.Node, int], Costing]:
     costing = Costing(gm, ctx, named, forced)
 
     def pins(node: fx.Node) -> tuple:
         return (forced.get(node.name), tuple(p.outputs.get(node.name) for p in named.values()),
                 tuple(p.at_rest.get(node.name) for p in named.values()), costing.needs_grad[node])
 
-    cls = classes(gm, pins, cluster=cluster)
+    cls = classes(gm, pins, cluster=cluster, split=split)
     reps: dict[int, fx.Node] = {}
     counts: dict[int, int] = {}
     for node, c in cls.items():
@@ -250,6 +251,12 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
     fits = True
     try:
         solution = solve(problem)
+        if cluster and solution.memory_binds and any(g.count > 1 for g in problem.groups):
+            # A knapsack: tying identical layers to one choice would leave them all in the leaner
+            # layout where some could afford the faster one. Tied in binary runs instead (clusters.runs),
+            # any number of them can; every tied assignment is still one of these, so this is no worse.
+            problem, cands, cls, _ = build_problem(gm, ctx, named, forced, split=True)
+            solution = solve(problem)
     except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false
         fits = False
         solution = leanest(problem)

@@ -120,6 +120,8 @@ def solve(problem: Problem) -> Solution:
     h = _highs(lp)
     bound, values = relaxation(h)
     root = root_of(h, bound)
+    _, limit, memory_terms = lp.rows[-1]  # build's last row: the device memory, in GiB
+    binds = bool(sum(coef * values[c] for c, coef in memory_terms.items()) >= limit * (1 - 1e-9) - 1e-9)
     n = len(lp.cost)
     ranks = np.zeros(n)
     for cols in x:
@@ -147,7 +149,7 @@ def solve(problem: Problem) -> Solution:
         choice = _second_stage(h, lp, x, root, values, best, _band(best), ranks, within(best),
                                (best * (1 + 1e-9) + 1e-9, objective), indices=True)
     time, memory, _ = evaluate(problem, choice)
-    return Solution(choice, time, memory, "optimal")
+    return Solution(choice, time, memory, "optimal", binds)
 
 
 def _band(best: float) -> float:

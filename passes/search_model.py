@@ -95,6 +95,7 @@ class Solution:
     time: float
     memory: float
     status: str
+    memory_binds: bool = False  # the LP relaxation fills the device memory (passes/search.py splits ties then)
 
 
 def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:

@@ -13,7 +13,7 @@ from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import make_context, make_plan
 from ultraplan.passes.search import boundary_bound, bucket_bound, build_problem
-from ultraplan.passes.search_ilp import Demand, Problem, Use, evaluate, solve
+from ultraplan.passes.search_ilp import Demand, Problem, Use, evaluate, leanest, solve
 
 from tests.conftest import ROOT
 from ultraplan import api
@@ -137,6 +137,62 @@ def test_clustering_loses_at_most_its_bound():
     assert exact <= clustered * (1 + 1e-9)
     assert clustered <= exact + boundary_bound(tied) + 1e-12
     assert boundary_bound(tied) > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 24, 32])
+def test_binary_runs_reach_every_number_of_layers(n):
+    from ultraplan.passes.clusters import runs
+
+    of = runs(n)
+    sizes = [of.count(r) for r in range(max(of) + 1)]
+    assert of == sorted(of) and len(of) == n and len(sizes) == n.bit_length()
+    sums = {sum(c) for k in range(len(sizes) + 1) for c in itertools.combinations(sizes, k)}
+    assert sums == set(range(n + 1))  # any number of the layers can take another layout
+
+
+def test_a_knapsack_unties_identical_layers():
+    # 4 identical layers, device memory between the leanest plan and the fastest: all four tied to
+    # one choice must stay lean, where some of them could afford the faster layout. Tied in binary runs
+    # (1 + 2 + 1 layers) the search reaches the unclustered optimum; search() does so when the memory binds.
+    from ultraplan.passes.search import search
+
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
+    capacity = lean + 0.7 * (fast - lean)
+    tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=capacity))
+    tied, _, _, _ = build_problem(gm, tight, {}, {})
+    split, _, cls, _ = build_problem(gm, tight, {}, {}, split=True)
+    exact = solve(dataclasses.replace(whole, capacity=capacity))
+    clustered, untied = solve(tied), solve(split)
+    assert clustered.memory_binds and exact.memory_binds
+    assert math.isclose(untied.time, exact.time, rel_tol=1e-9) and untied.memory <= capacity
+    assert clustered.time > 1.5 * exact.time  # what the tie cost: the faster layout for none of the layers
+    found = search(gm, tight, {}, {})
+    assert math.isclose(found.objective, untied.time, rel_tol=1e-9) and found.group_of == cls
+    downs = [found.cands[g][found.choice[g]].axes for n, g in found.group_of.items() if n.name.endswith("ffn_w_down")]
+    assert len(downs) == 4 and len(set(downs)) > 1  # the layers did not all choose alike
+
+
+def test_a_layer_whose_own_table_is_forced_is_not_tied_to_the_others():
+    # unshared UltraMemV2 tables are the model's (memory_tables.layer{l}_*), outside the layers that read
+    # them: a layer reading a table forced another way must be its own class, or the search ties it to
+    # layouts made for the other layers' tables (the 120B on 8 H200s: 0.745 s tied against 0.99 ms free)
+    from ultraplan.passes.clusters import count_blocks
+    from ultraplan.passes.sbp import parse_nd
+
+    text = (MODELS / "ultramem-v2-tiny.yaml").read_text().replace("share: ring, share_layers: 2, ", "")
+    loaded = load_model_spec(MODELS / "ultramem-v2-tiny.yaml", text=text)
+    hw, parsed = api.load_hardware("h200-8"), Mesh.parse("2")
+    _, gm, _ = make_plan(loaded, hw, parsed, stop_after="fuse", batch=8)
+    ctx = make_context(loaded, hw, parsed, batch=8, strategies=("auto",))
+    tables = [n.name for n in gm.graph.nodes if n.name.startswith("memory_tables_layer2_")]
+    assert tables
+    _, _, free, _ = build_problem(gm, ctx, {}, {})
+    _, _, pinned, _ = build_problem(gm, ctx, {}, {t: parse_nd("B") for t in tables})
+    assert count_blocks(gm, free) == {"layers.0": 4}
+    assert count_blocks(gm, pinned) == {"layers.0": 3, "layers.2": 1}
 
 
 @pytest.fixture(scope="module")
