@@ -51,10 +51,9 @@ train:
   lr: 4.0e-4
 """
 PAPER = "specs/models/paper/ultramem-v2-2.5b-120b-top256.yaml"
-# The paper spec's 3092^2 rows per table split evenly over no mesh axis above 16 (3092^2 = 2^4 * 597529)
-# and plans split evenly; 3072 keys (3072^2 = 2^20 * 9 rows) divide every mesh here, for 116B in tables
-# instead of 117.5B. Read from the paper spec, the one number changed.
-ULTRAMEM_120B = (Path(__file__).resolve().parents[1] / PAPER).read_text().replace("num_keys: 3092", "num_keys: 3072")
+# The paper spec as it is: its 3092^2 rows per table (2^4 * 597529) split over 64 or 1024 devices in
+# torch.chunk's shares (uneven rows, passes/sbp.fits).
+ULTRAMEM_120B = PAPER
 FULL = {"models": {"UltraMemV2-120B": (ULTRAMEM_120B, "memory_tables.*"), "MoE-120B": (MOE_120B, "layers.*.moe.w_*")},
         "meshes": [("8", "h200-8"), ("8x8", "h200-128x8"), ("128x8", "h200-128x8")]}
 TINY = {"models": {"ultramem-v2-tiny": ("ultramem-v2-tiny", "memory_tables.ring.*"),

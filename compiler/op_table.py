@@ -125,6 +125,7 @@ class Variant:
     applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
     uneven: tuple[int, ...] = ()  # inputs whose split may be torch.chunk's shares (passes/sbp.py's fits)
     uneven_only: bool = False  # offered only where an ``uneven`` input's split does not divide
+    one_axis: bool = False  # its call routes over one mesh axis (``axis=``): never on two axes of a node
 
 
 @dataclass(frozen=True)
@@ -354,12 +355,12 @@ EXPERT_PARALLEL = Variant(
     "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
     args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
                                     ("num_experts", int(s[3][0]))),
-    comms=_expert_parallel_comms, uneven=(3, 4, 5))  # the experts in torch.chunk's shares
+    comms=_expert_parallel_comms, uneven=(3, 4, 5), one_axis=True)  # the experts in torch.chunk's shares
 
 EXPERT_PARALLEL_BIASED = Variant(
     "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
     EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
-    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7))
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7), one_axis=True)
 
 
 # Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value

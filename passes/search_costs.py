@@ -300,9 +300,12 @@ class Costing:
         return dims
 
     def _combined(self, node, record, axes, ins, raw, shapes) -> bool:
-        """choose_sbp's checks of a combined signature: dims and head counts divide, one variant."""
+        """choose_sbp's checks of a combined signature: dims and head counts divide, one variant (a
+        one-axis variant on one axis only)."""
         if len({c.variant.name for c in axes if c.variant}) > 1:
             return False
+        if sum(1 for c in axes if c.variant is not None and c.variant.one_axis) > 1:
+            return False  # its call routes over one axis (runtime.expert_parallel_ffn's ``axis``)
         uneven = {i for c in axes if c.variant is not None for i in c.variant.uneven}
         pairs = [*zip(shapes, ins), (info(node).concrete_shape, raw)]
         chunked = [frozenset(range(len(s or ()))) if i in uneven else frozenset() for i, (s, _) in enumerate(pairs)]

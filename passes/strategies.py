@@ -170,6 +170,9 @@ def ep(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[Axi
     pins = AxisPins(axis, "ep")
     _inputs(gm, Split(0), pins)
     experts = [node for node in _params(gm) if _role(node) in EXPERT_WEIGHTS]
+    if experts and any(p.strategy == "ep" for p in others):
+        raise PlanError(f"ep on mesh axis {axis} and on another axis: expert parallelism routes tokens over one "
+                        "mesh axis (runtime.expert_parallel_ffn); use ep on one axis and dp, fsdp or tp on the other")
     for node in experts:
         count = info(node).param.shape[0]
         if count % n:
