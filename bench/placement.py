@@ -158,11 +158,13 @@ def plot(rows: list[dict], models: list[str], mesh: str, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, len(models), figsize=(5.5 * len(models), 7.5), squeeze=False)
+    colour = {p: f"C{i}" for i, p in enumerate(placements(mesh))}  # one colour per placement in every panel
     for col, model in enumerate(models):
         for row, mode in enumerate(("infer", "train")):
             ax = axes[row][col]
             for placement, curve in curves(rows, model, mesh, mode).items():
-                ax.plot([b for b, _ in curve], [v for _, v in curve], marker=".", label=placement)
+                ax.plot([b for b, _ in curve], [v for _, v in curve], marker=".", label=placement,
+                        color=colour.get(placement))
             ax.set(xscale="log", xlabel=f"{'inference' if mode == 'infer' else 'training'} batch (sequences)",
                    ylabel="bytes sent per token (all devices)", title=f"{model}, {mode}, mesh {mesh}")
             top = max((v for c in curves(rows, model, mesh, mode).values() for _, v in c), default=1.0)
