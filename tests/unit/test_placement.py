@@ -98,17 +98,20 @@ def test_owned_lookups_sum_to_the_whole(shards):
                           lambda t, w, s: ops.gather_rows_owned(t, ids, s) * w.unsqueeze(-1)),
                          (lambda t, w: ops.gather_weighted_sum(t, ids, w),
                           lambda t, w, s: ops.gather_weighted_sum_owned(t, ids, w, s))):
-        expected = whole(table, weights)
-        grads = torch.autograd.grad(expected.square().sum(), (table, weights))
         rows = 16 // shards
-        parts = [shard(table[s * rows:(s + 1) * rows], weights, s * rows) for s in range(shards)]
-        total = sum(parts)
-        torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
-        # the gradient of each shard's rows and the summed weight gradients are the whole lookup's
-        got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
-                                  (table, weights))
-        torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
-        torch.testing.assert_close(got[1], grads[1], rtol=0, atol=1e-12)
+        _parts_are_the_whole(whole(table, weights), (table, weights),
+                             [shard(table[s * rows:(s + 1) * rows], weights, s * rows) for s in range(shards)])
+
+
+def _parts_are_the_whole(expected: torch.Tensor, inputs: tuple, parts: list[torch.Tensor]) -> None:
+    """The shards' outputs sum to ``expected``, and the gradient of each shard's slice of the table and
+    the summed weight gradients are the whole lookup's (of the sum of squares)."""
+    grads = torch.autograd.grad(expected.square().sum(), inputs, retain_graph=True)
+    total = sum(parts)
+    torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
+    got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(), inputs)
+    for g, want in zip(got, grads):
+        torch.testing.assert_close(g, want, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("shards", [2, 4])
@@ -126,15 +129,8 @@ def test_column_lookups_sum_to_the_whole(shards):
                          (lambda t, w: ops.gather_weighted_sum(t, ids, w),
                           lambda t, w, s: table_parallel.gather_weighted_sum_columns(t, ids, w, col_start=s,
                                                                                      total_cols=7))):
-        expected = whole(table, weights)
-        grads = torch.autograd.grad(expected.square().sum(), (table, weights))
-        parts = [shard(cols, weights, s) for cols, s in zip(table.chunk(shards, dim=1), starts)]
-        total = sum(parts)
-        torch.testing.assert_close(total, expected, rtol=0, atol=1e-12)
-        got = torch.autograd.grad((total.detach() * 2 * sum(parts)).sum() - total.detach().square().sum(),
-                                  (table, weights))
-        torch.testing.assert_close(got[0], grads[0], rtol=0, atol=1e-12)
-        torch.testing.assert_close(got[1], grads[1], rtol=0, atol=1e-12)
+        _parts_are_the_whole(whole(table, weights), (table, weights),
+                             [shard(cols, weights, s) for cols, s in zip(table.chunk(shards, dim=1), starts)])
 
 
 def test_report_bytes_are_the_plans_change():

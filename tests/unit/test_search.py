@@ -70,6 +70,13 @@ def ffn_slice(request):
     three weights and four ops), each cut to 2-3 candidates (all-B, the optimum's, the last): at most 3^7.
     With DDP's caps every gradient fits the first bucket; with 4 KiB buckets the count grows with the bytes."""
     gm, ctx = annotated(mesh="2", batch=64, bucket_cap_bytes=request.param)  # batch 64: the fastest plan is not the leanest
+    problem = ffn_slice_of(gm, ctx)
+    return problem, enumerate_all(problem)
+
+
+def ffn_slice_of(gm, ctx) -> Problem:
+    """The unclustered problem with every group fixed to its optimum but layer 0's FFN (its three
+    weights and four ops), each of those cut to 2-3 candidates (all-B, the optimum's, the last)."""
     problem, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
     full = solve(problem).choice
     names = {f"layers_0_ffn_{n}" for n in ("w_up", "up", "w_gate", "gate", "act", "w_down", "down")}
@@ -77,8 +84,7 @@ def ffn_slice(request):
     assert len(free) == 7
     keep = {g: (sorted({0, full[g], len(problem.groups[g].time) - 1}) if g in free else [full[g]])
             for g in range(len(problem.groups))}
-    problem = restrict(problem, keep)
-    return problem, enumerate_all(problem)
+    return restrict(problem, keep)
 
 
 def test_the_integer_program_equals_brute_force(ffn_slice):

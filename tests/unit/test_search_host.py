@@ -17,11 +17,10 @@ from ultraplan.compiler.validate import load_model_spec
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.host_cost import host_rates
 from ultraplan.passes.pipeline import make_context, make_plan
-from ultraplan.passes.search import build_problem
 from ultraplan.passes.search_ilp import solve
 
 from tests.conftest import ROOT
-from tests.unit.test_search import brute_force, enumerate_all, restrict
+from tests.unit.test_search import brute_force, enumerate_all, ffn_slice_of
 from ultraplan import api
 
 MODELS = ROOT / "specs" / "models"
@@ -61,14 +60,7 @@ def test_the_integer_program_with_host_terms_equals_brute_force():
     spec, parsed = load_model_spec(MODELS / "dense-tiny.yaml"), Mesh.parse("2")
     _, gm, _ = make_plan(spec, HOST_HEAVY, parsed, stop_after="annotate_cost", batch=64)
     ctx = make_context(spec, HOST_HEAVY, parsed, strategies=("auto",), batch=64)
-    problem, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
-    full = solve(problem).choice
-    names = {f"layers_0_ffn_{n}" for n in ("w_up", "up", "w_gate", "gate", "act", "w_down", "down")}
-    free = [g for g, gr in enumerate(problem.groups) if gr.name in names]
-    assert len(free) == 7
-    keep = {g: (sorted({0, full[g], len(problem.groups[g].time) - 1}) if g in free else [full[g]])
-            for g in range(len(problem.groups))}
-    problem = restrict(problem, keep)
+    problem = ffn_slice_of(gm, ctx)
     choice, time = brute_force(enumerate_all(problem), problem.capacity)
     solved = solve(problem)
     assert math.isclose(solved.time, time, rel_tol=1e-9)
