@@ -120,7 +120,7 @@ def solve(problem: Problem) -> Solution:
     h = _highs(lp)
     bound, values = relaxation(h)
     root = root_of(h, bound)
-    _, limit, memory_terms = lp.rows[-1]  # build's last row: the device memory, in GiB
+    _, limit, memory_terms = lp.rows[lp.memory_row]  # the device memory, in GiB
     binds = bool(sum(coef * values[c] for c, coef in memory_terms.items()) >= limit * (1 - 1e-9) - 1e-9)
     n = len(lp.cost)
     ranks = np.zeros(n)

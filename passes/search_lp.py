@@ -50,6 +50,7 @@ class Lp:
         self.integer: list[int] = []
         self.rows: list[tuple[float, float, dict[int, float]]] = []
         self.exact: list[int] = []  # rows whose slack is 0 or 1 at the program's completion of an assignment
+        self.memory_row = -1  # the device-memory row's index (build sets it)
 
     def col(self, cost: float, upper: float = 1.0, integer: bool = False) -> int:
         self.cost.append(cost)
@@ -89,6 +90,7 @@ def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
         _demand(lp, d, problem.groups[d.producer], x, memory)
     for b in problem.buckets:
         _buckets(lp, b, problem.groups, x)
+    lp.memory_row = len(lp.rows)
     lp.row(-inf, problem.capacity / GIB, memory)
     return lp, x, {i: c for i, c in enumerate(lp.cost) if c}
 
