@@ -17,6 +17,11 @@ import sympy
 import torch
 from torch import fx
 
+# A GraphModule that writes its Python code only when someone reads or runs it: planning mutates the
+# graph in several passes and never runs it, and each eager recompile of an 8B graph's 800 nodes
+# costs a tenth of a second (torch/fx/_lazy_graph_module.py, the class inductor uses for the same reason).
+from torch.fx._lazy_graph_module import _LazyGraphModule
+
 from . import ops
 from .build import DecoderModel, TrainingGraph, init_rules, optimizer_groups, state_rules
 from .node_info import BufferInfo, NodeInfo, ParamInfo, info
@@ -107,7 +112,7 @@ def lower(model: DecoderModel, *, mode: str = "train") -> fx.GraphModule:
     tracer = _Tracer()
     graph = tracer.trace(root)
     graph.eliminate_dead_code()  # e.g. MoE balance losses in an inference graph: nothing reads them
-    gm = fx.GraphModule(root, graph, root.__class__.__name__)
+    gm = _LazyGraphModule(root, graph, root.__class__.__name__)
     rules = init_rules(model)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
