@@ -1,13 +1,13 @@
 """Every forced value-table and expert placement runs and equals the eager reference (passes/placement.py).
 
 On 2 and 4 gloo ranks and the 2x2 mesh, for each memory spec (UltraMem, UltraMemV2 with its ring table
-and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts:
-``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or expert parallelism) and ``dim``
-(the value dim, or the experts' width, split), a few cases per rank count (``CASES``), and on 2x2 the
-2-D combination ``number,dim``, ``dim`` on both axes and rows split over both axes. Between them the
-cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
+and pre-values, PKM, Memory+'s shared values, PEER's down and up tables) and the MoE's experts, every
+forced placement (``full_matrix``): ``--place TABLE=number`` (rows split: the ``rows_owned`` lookup, or
+expert parallelism), ``dim`` (the value dim, or the experts' width, split) and ``replicate`` on 2 and 4,
+and on 2x2 each word on both axes and the 2-D combinations ``number,dim`` and ``dim,number``. Between
+them the cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
 ``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
-rows are wide). Five cases
+rows are wide). Five more cases
 place tables whose rows or columns do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows
 of 33 values, UltraMem with 13^2 = 169 rows, made from the tiny specs here): each rank holds
 torch.chunk's share of the rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops) or of the
@@ -29,6 +29,7 @@ import json
 
 import pytest
 import torch
+from ultraplan.passes.context import PlanError
 
 from tests.conftest import MODELS, ROOT
 from tests.dist import test_strategies as strategies
@@ -48,24 +49,39 @@ TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memo
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
           "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
-# (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
-# twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
-# UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
-# pooled per column by core_pool_columns; the experts inside a node on 2x2; UltraMem and UltraMemV2
-# dimension-wise on both axes of 2x2, their gathered rows boxed to tokens through a gather on the
-# inner axis), and rows split over both axes (the routed lookup nests; expert parallelism alone runs
-# in test_strategies' dp,ep)
-CASES = {
-    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim"),
-        ("memory-plus-tiny", "2", "dim"), ("peer-tiny", "2", "number"), ("ultramem-v2-tiny", "2", "dim")],
-    4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
-        ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-odd", "2x2", "number,dim")],
+# the uneven cases (spec, mesh, placement) per rank count: rows split unevenly number-wise (the routed
+# lookup, nested over both axes of 2x2), PKM's 33 columns dimension-wise, and 15 experts split 8/7
+# across 2x2's first axis with their width split inside; the full matrix of the bundled tiny specs
+# (``full_matrix``, below) joins them
+UNEVEN_CASES = {
+    2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim")],
+    4: [("ultramem-odd", "2x2", "number"), ("moe-odd", "2x2", "number,dim")],
 }
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
 # step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
 # shares saved and read into another uneven layout, both ways
 CHAIN = {2: [("pkm-odd", "number", 1), ("pkm-odd", "dim", 2), ("pkm-odd", "number", STEPS)], 4: []}
 EXPERTS = ("w_up", "w_gate", "w_down")  # moe-tiny's placed expert weights (no expert biases)
+PLACEMENTS = {"2": ("number", "dim", "replicate"), "4": ("number", "dim", "replicate"),
+              "2x2": ("number,number", "dim,dim", "replicate,replicate", "number,dim", "dim,number")}
+
+
+def full_matrix() -> dict[int, list[tuple[str, str, str]]]:
+    """Every bundled tiny memory spec and the MoE, with every placement on 2 and 4 ranks and every 2-D
+    combination on 2x2: ``number`` (rows split: the owned or routed lookup, or expert parallelism),
+    ``dim`` (the value dim, or the experts' width, split) and ``replicate``. A placement the sizes do not
+    allow is refused at compile time and reported (``test_every_case_plans_or_says_why``)."""
+    specs = [s for s in TABLES if s not in UNEVEN]
+    return {n: [(s, m, p) for s in specs for m in PLACEMENTS if _size(m) == n for p in PLACEMENTS[m]] for n in (2, 4)}
+
+
+def _size(mesh: str) -> int:
+    return functools.reduce(lambda a, b: a * b, map(int, mesh.split("x")))
+
+
+CASES = {n: full_matrix()[n] + UNEVEN_CASES[n] for n in (2, 4)}
+# expert parallelism routes over one mesh axis (runtime.expert_parallel_ffn), so experts split on both is refused
+NOT_POSSIBLE = {("moe-tiny", "2x2", "number,number")}
 
 
 def spec_path(spec: str, root) -> str:
@@ -109,11 +125,15 @@ read_plan = functools.cache(api.read_plan)
 def placement_run(request, tmp_path_factory):
     nproc = request.param
     root = tmp_path_factory.mktemp(f"placement{nproc}")
-    cases = []
+    cases, refused = [], []
     for spec, mesh, place in CASES[nproc]:
         out = root / f"{spec}__{mesh}__{place.replace(',', '-')}"
         path = spec_path(spec, root)
-        api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
+        try:
+            api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
+        except PlanError as exc:  # a placement the sizes do not allow: only the full matrix asks for those
+            refused.append((spec, mesh, place, str(exc)))
+            continue
         cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
     chain, saved = [], root / "checkpoints"
@@ -128,7 +148,16 @@ def placement_run(request, tmp_path_factory):
     manifest.write_text(json.dumps(cases + chain))
     result = torchrun(nproc, str(ROOT / "tests" / "dist" / "driver.py"), str(manifest))
     assert result.returncode == 0, result.stderr[-4000:]
-    return nproc, cases, chain
+    return nproc, cases, chain, refused
+
+
+def test_every_case_plans_or_says_why(placement_run):
+    """Every case compiles but those the sizes rule out (``NOT_POSSIBLE``), refused in one line naming why."""
+    refused = placement_run[3]
+    for *_, why in refused:
+        assert "\n" not in why.strip() and "Traceback" not in why, why
+    expected = {case for case in NOT_POSSIBLE if _size(case[1]) == placement_run[0]}
+    assert {tuple(case) for *case, _ in refused} == expected, refused
 
 
 def test_every_placement_equals_eager(placement_run):
