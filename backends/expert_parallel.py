@@ -79,8 +79,10 @@ def expert_stops(mesh, axes, num_experts):
 
 def _local_experts(rows, local_ids, w_up, w_gate, w_down, biases, activation):
     """Each local expert on the rows that arrived for it, in place of them (every expert runs, on zero
-    rows if none arrived, so every weight gets a gradient, zero where unused)."""
-    out = torch.zeros_like(rows)
+    rows if none arrived, so every weight gets a gradient, zero where unused). The result depends on the
+    rows even where no expert is held (an empty index_add), so that rank's backward runs both exchanges."""
+    none = torch.zeros(0, dtype=torch.int64, device=rows.device)
+    out = torch.zeros_like(rows).index_add(0, none, rows[none])
     for e in range(w_up.shape[0]):
         sel = torch.nonzero(local_ids == e).squeeze(1)
         h = rows[sel]
