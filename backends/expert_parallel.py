@@ -27,16 +27,14 @@ except ImportError:  # beside an emitted program
     import runtime
 
 
-def _group_ranks(mesh, axes, coords):
-    """Global ranks of the group spanning ``axes`` through ``coords`` (its other coordinates fixed),
-    in group order: the spanned coordinates row-major, outer axis first (rank order, as axes ascend)."""
-    ranks = []
+def _members(mesh, axes, coords):
+    """The coordinates of the group spanning ``axes`` through ``coords`` (its other coordinates fixed), in
+    group order: the spanned coordinates row-major, outer axis first (rank order, as axes ascend)."""
     for sub in itertools.product(*(range(mesh.shape[a]) for a in axes)):
         full = list(coords)
         for a, c in zip(axes, sub):
             full[a] = c
-        ranks.append(int(mesh.device_mesh.mesh[tuple(full)]))  # DeviceMesh's rank at those coordinates
-    return ranks
+        yield tuple(full)
 
 
 def spanning_group(mesh, axes):
@@ -57,7 +55,7 @@ def spanning_group(mesh, axes):
             coords = [0] * len(mesh.shape)
             for a, c in zip(others, fixed):
                 coords[a] = c
-            group = dist.new_group(_group_ranks(mesh, axes, coords))
+            group = dist.new_group([int(mesh.device_mesh.mesh[c]) for c in _members(mesh, axes, coords)])
             if all(mesh.coords[a] == c for a, c in zip(others, fixed)):
                 mine = group
         cache[axes] = mine
@@ -68,12 +66,7 @@ def expert_stops(mesh, axes, num_experts):
     """(n,) int64: the end of each group member's experts, in group order (torch.chunk's nested shares,
     as ``Mesh.shard_range`` gives them); ascending, so the owner of expert e is the first member whose
     end exceeds e (a member holding none repeats its predecessor's end and owns nothing)."""
-    stops = []
-    for sub in itertools.product(*(range(mesh.shape[a]) for a in axes)):
-        coords = list(mesh.coords)
-        for a, c in zip(axes, sub):
-            coords[a] = c
-        stops.append(mesh.shard_range(num_experts, axes, chunks=True, coords=coords)[1])
+    stops = [mesh.shard_range(num_experts, axes, chunks=True, coords=c)[1] for c in _members(mesh, axes, mesh.coords)]
     return torch.tensor(stops, dtype=torch.int64)
 
 

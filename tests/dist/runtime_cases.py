@@ -353,6 +353,11 @@ def case_expert_parallel(mesh):
     assert (empty == 0) == (mesh.coords == (1, 1)), empty
     starved = expert_case(mesh, (0, 1), 8, "swiglu", lambda coords: torch.tensor([6, 7]).expand(2, 3, 2).clone())
     assert (starved == 0) == (mesh.coords != (1, 1)), starved
+    # two of three axes (1x2x2): groups made with new_group, all four ranks on axes 1, 2; two groups of two
+    # (ranks 0, 1 and 2, 3) on axes 0, 2, where 3 experts split 2/1 in each
+    wide = runtime.Mesh((1, 2, 2), mesh.device)
+    expert_case(wide, (1, 2), 6, "swiglu", topk_routing(6))
+    expert_case(wide, (0, 2), 3, "gelu", topk_routing(3))
 
 
 def case_params(mesh, out_dir):
