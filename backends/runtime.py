@@ -1,7 +1,8 @@
 """runtime.py: what an emitted program needs besides torch (process group, mesh, collectives).
 
-This file must import nothing but torch and the standard library: it is copied verbatim next
-to every emitted program. It holds no model knowledge; the program passes in every decision.
+This file must import nothing but torch and the standard library (and, when called, its neighbour
+expert_parallel.py, which imports it): it is copied verbatim next to every emitted program. It holds no
+model knowledge; the program passes in every decision.
 
 - ``setup`` starts (or joins) the process group: NCCL when CUDA is present, gloo otherwise;
   without torchrun's environment it runs as a single process. The mesh is torch's ``DeviceMesh``.
@@ -15,8 +16,8 @@ to every emitted program. It holds no model knowledge; the program passes in eve
   bytes of the local tensor given to the collective to ``COMM_BYTES[kind]`` and 1 to
   ``COMM_CALLS[kind]``, so a run can be compared with the plan's predicted payload. Kinds:
   "all_reduce", "all_gather", "reduce_scatter", "all_to_all".
-- ``vocab_parallel_cross_entropy`` and ``expert_parallel_ffn`` are ops whose shard-local form
-  needs collectives inside.
+- ``vocab_parallel_cross_entropy`` and ``expert_parallel_ffn`` (expert_parallel.py's) are ops whose
+  shard-local form needs collectives inside.
   Every rank of an axis must make the same calls in the same order, backward included (an SPMD
   program does); ``expert_parallel_ffn`` keeps that true even for a rank no token is routed to.
 - ``comm_debug`` counts the collectives torch's dispatcher runs (as CommDebugMode does), a check on ours;
@@ -37,7 +38,6 @@ from collections import Counter
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -93,15 +93,17 @@ class Mesh:
         """The process group of mesh axis ``axis`` that this rank belongs to."""
         return self.groups[axis]
 
-    def shard_range(self, total, splits, chunks=False):
-        """(start, stop) of the indices this rank holds of a dim of size ``total`` split over the
-        mesh axes ``splits`` (outermost first: over splits[0], then each chunk over splits[1], ...).
+    def shard_range(self, total, splits, chunks=False, coords=None):
+        """(start, stop) of the indices this rank (or the rank at ``coords``) holds of a dim of size
+        ``total`` split over the mesh axes ``splits`` (outermost first: over splits[0], then each chunk
+        over splits[1], ...).
 
         Splits are even (torch.chunk of a divisible size); anything else is a ValueError, unless
         ``chunks``: then a size that does not divide is split as torch.chunk and DTensor's Shard do
         (every coordinate gets ceil(size / n) indices, the last ones what is left, possibly none), the
         uneven number-wise placement of a value table's rows (passes/placement.py).
         """
+        coords = self.coords if coords is None else coords
         start, size = 0, int(total)
         for axis in splits:
             n = self.shape[axis]
@@ -109,7 +111,7 @@ class Mesh:
                 raise ValueError(f"a dim of size {total} does not split evenly over mesh axes {tuple(splits)} "
                                  f"of sizes {tuple(self.shape[a] for a in splits)} (size {size} over {n})")
             block = -(-size // n)
-            offset = min(self.coords[axis] * block, size)
+            offset = min(coords[axis] * block, size)
             start, size = start + offset, min(block, size - offset)
         return start, start + size
 
@@ -716,73 +718,14 @@ def vocab_parallel_cross_entropy(logits, targets, mesh, axes, vocab_start):
     return _VocabParallelCrossEntropy.apply(logits, targets, mesh, tuple(axes), int(vocab_start))
 
 
-def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activation, mesh, axis, num_experts):
-    """Dropless mixture of experts with the experts split over mesh axis ``axis``.
-
-    x (b, t, d) are this rank's tokens; indices (b, t, k) int64 global expert ids; gates (b, t, k);
-    w_up, w_gate (E_local, f, d) and w_down (E_local, d, f) hold torch.chunk's share of the experts
-    (DTensor's Shard): [coord * block, coord * block + E_local), block = ceil(num_experts / n), E_local
-    = block but for the last coordinates, which hold what is left (passes/sbp.py's ``fits``). ``activation`` is
-    "swiglu" (uses w_gate) or "gelu" (tanh approximation; w_gate unused, pass w_up again).
-    ``biases``: none, or the local experts' (b_up, b_gate), each (E_local, f) (ops.expert_ffn_biased).
-    Equals ops.expert_ffn (or expert_ffn_biased) on this rank's tokens with the full expert weights.
-
-    Steps: each (token, slot) assignment, sorted by expert id (so by owning rank, then expert),
-    sends its row of x to the rank owning its expert; that rank runs each local expert on the
-    rows that arrived for it (every local expert runs, on zero rows if none arrived, so every
-    weight gets a gradient, zero where unused); the results go back by the inverse exchange and
-    are gate-weighted and summed per token (in expert order, as ops.expert_ffn adds them).
-
-    Collectives, all on ``axis`` and counted as "all_to_all" (A = b*t*k assignments of this rank,
-    R = rows this rank receives, data-dependent; e the element size of x, d its width):
-      forward, 4 calls: counts (n int64: 8n B), expert ids (A int64: 8A B), rows (A*d*e B),
-        results back (R*d*e B: data-dependent);
-      backward, 2 calls: gradient of the results (A*d*e B), gradient of the rows (R*d*e B:
-        data-dependent). Counts and ids have no backward.
-    Over the axis's ranks R sums to the sum of A, so the group's total is routing-independent;
-    one rank's R is not. A rank that receives nothing still takes part in every call.
-    """
-    if activation not in ("swiglu", "gelu"):
-        raise ValueError(f"unknown expert activation {activation!r}")
-    n = mesh.shape[axis]
-    block = -(-num_experts // n)  # torch.chunk's share; the last coordinates hold what is left
-    first = min(mesh.coords[axis] * block, num_experts)
-    local_experts = min(block, num_experts - first)
-    if w_up.shape[0] != local_experts:
-        raise ValueError(f"w_up holds {w_up.shape[0]} experts, expected {local_experts} of {num_experts} "
-                         f"in torch.chunk's shares over {n}")
-    group = mesh.group(axis)
-    b, t, d = x.shape
-    k = indices.shape[-1]
-    flat_x = x.reshape(b * t, d)
-    expert = indices.reshape(-1)
-    order = torch.argsort(expert, stable=True)  # by expert id, so by owning rank, then expert
-    expert_sorted = expert[order]
-    token_sorted = torch.div(order, k, rounding_mode="floor")  # assignment a is token a // k, slot a % k
-    gate_sorted = gates.reshape(-1)[order]
-
-    send = torch.bincount(torch.div(expert_sorted, block, rounding_mode="floor"), minlength=n)
-    recv = torch.empty_like(send)
-    _count("all_to_all", send)
-    dist.all_to_all_single(recv, send.contiguous(), group=group)
-    send_counts, recv_counts = send.tolist(), recv.tolist()
-
-    ids = _AllToAllRows.apply(expert_sorted, group, send_counts, recv_counts)
-    rows = _AllToAllRows.apply(flat_x[token_sorted], group, send_counts, recv_counts)
-
-    local_ids = ids - first
-    out = torch.zeros_like(rows)
-    for e in range(local_experts):
-        sel = torch.nonzero(local_ids == e).squeeze(1)
-        h = rows[sel]
-        b_up, b_gate = (biases[0][e], biases[1][e]) if biases else (None, None)
-        up = F.linear(h, w_up[e], b_up)
-        act = F.silu(F.linear(h, w_gate[e], b_gate)) * up if activation == "swiglu" else F.gelu(up, approximate="tanh")
-        out = out.index_add(0, sel, F.linear(act, w_down[e]))
-
-    back = _AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order
-    weighted = back * gate_sorted.unsqueeze(-1)
-    return torch.zeros_like(flat_x).index_add(0, token_sorted, weighted).reshape(b, t, d)
+def expert_parallel_ffn(*args, **kwargs):
+    """Expert parallelism over one or several mesh axes: expert_parallel.py (shipped beside this file,
+    kept apart to keep this one small), here under the name emitted programs call."""
+    try:  # inside the ultraplan package
+        from . import expert_parallel
+    except ImportError:  # beside an emitted program
+        import expert_parallel
+    return expert_parallel.expert_parallel_ffn(*args, **kwargs)
 
 
 # ---- mixed precision ----------------------------------------------------------------------------

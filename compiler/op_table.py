@@ -125,7 +125,9 @@ class Variant:
     applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
     uneven: tuple[int, ...] = ()  # inputs whose split may be torch.chunk's shares (passes/sbp.py's fits)
     uneven_only: bool = False  # offered only where an ``uneven`` input's split does not divide
-    one_axis: bool = False  # its call routes over one mesh axis (``axis=``): never on two axes of a node
+    # on several mesh axes its call runs each collective once, over the process group spanning them (n the
+    # product of their sizes, the slowest of their links), not once per axis as ``comms`` otherwise counts
+    spanning: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,7 +326,8 @@ def _expert_parallel_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: 
     """runtime.expert_parallel_ffn: the routing counts, then each (token, slot)'s expert id and row
     to the expert's device, the results back; the backward sends the result gradients out and the
     row gradients back. What a device receives depends on routing; its mean over devices is what
-    each sends, so the plan predicts that mean."""
+    each sends, so the plan predicts that mean. On several axes each is one call over the group
+    spanning them (``spanning``): n is the product of their sizes."""
     assignments = numel(ins[0][:-1]) * ins[1][-1]
     rows, x = assignments * ins[0][-1] * BYTES[dtypes[0]], dtypes[0]  # rows travel in x's dtype
     out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
@@ -353,14 +356,15 @@ EXPERT_PARALLEL = Variant(
     "expert_parallel", ("S(0)", "S(0)", "S(0)", "S(0)", "S(0)", "S(0)"), "S(0)", "runtime.expert_parallel_ffn",
     "expert parallelism: each (token, slot) goes to the device holding its expert by all_to_all with "
     "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
-    args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH), ("axis", axes[0]),
+    args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH),
+                                    ("axis", axes[0]) if len(axes) == 1 else ("axes", tuple(axes)),
                                     ("num_experts", int(s[3][0]))),
-    comms=_expert_parallel_comms, uneven=(3, 4, 5), one_axis=True)  # the experts in torch.chunk's shares
+    comms=_expert_parallel_comms, uneven=(3, 4, 5), spanning=True)  # the experts in torch.chunk's shares
 
 EXPERT_PARALLEL_BIASED = Variant(
     "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
     EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
-    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7), one_axis=True)
+    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7), spanning=True)
 
 
 # Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 
 import sympy
@@ -96,6 +97,12 @@ def _scale_text(scale: object, values: dict) -> str:
 
 
 def collective_time(b: Boxing) -> sympy.Expr:
+    """Latency per message plus wire bytes over bandwidth, on the axis's link; a group spanning several
+    axes lies on one node exactly when each of its axes' groups does (every member reaches every other
+    through one group per axis), so it takes the slowest of their links."""
+    if b.span:
+        latency = sympy.Max(*(axis_latency(a) for a in b.span))
+        return b.messages * latency + b.wire / sympy.Min(*(axis_bandwidth(a) for a in b.span))
     return b.messages * axis_latency(b.axis) + b.wire / axis_bandwidth(b.axis)
 
 
@@ -124,7 +131,8 @@ class _Collectives:
                  dtype: str = "float32") -> CollectivePlan:
         """The collective as a plan, not counted in the step (a parameter's gradient needs, which its
         bucket carries)."""
-        return CollectivePlan(b.collective, b.axis, self.ctx.mesh.shape[b.axis], b.src, b.dst,
+        devices = math.prod(self.ctx.mesh.shape[a] for a in b.span or (b.axis,))
+        return CollectivePlan(b.collective, b.axis, devices, b.src, b.dst,
                               cost(b.payload, self.values), cost(b.wire, self.values),
                               cost(collective_time(b), self.values), reason, phase, node, data_dependent, dtype)
 

@@ -181,8 +181,6 @@ class _Planner:
                     continue
                 if cand.variant is not None and taken and cand.variant.name not in taken:
                     continue
-                if cand.variant is not None and cand.variant.one_axis and cand.variant.name in taken:
-                    continue  # its call routes over one mesh axis (runtime.expert_parallel_ffn's ``axis``)
                 cost = self._cost(node, args, have, cand, axis, n, pinned)
                 if cost is not None and (best_cost is None or cost < best_cost):
                     best, best_cost = cand, cost

@@ -9,13 +9,15 @@ which device runs the call are data the emitter spells, never numbers of one ran
 and ``{"mesh": []}`` (the program's mesh).
 
 The collectives a variant runs inside (``Variant.comms``) are listed here as ``Boxing`` steps, so
-the plan's one list holds them with every other collective.
+the plan's one list holds them with every other collective: per axis, or, for a ``spanning`` variant on
+several axes, once over the group spanning them (the Boxing's ``span``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import sympy
 from torch import fx
 
 from ..compiler.lower import tensor_args
@@ -60,13 +62,16 @@ def internal_collectives(node: fx.Node, mesh: tuple[int, ...], train: bool) -> l
     sizes = [axis_size(a) for a in range(len(mesh))]
     local = [local_dims(info(a).shape, info(a).sbp.output, sizes) for a in tensor_args(node)]
     dtypes = [info(a).dtype for a in tensor_args(node)]
+    spans = variant.spanning and len(axes) > 1  # one call over the group of all its axes, not one per axis
     out = []
-    for axis in axes:
-        n = axis_size(axis)
+    for group in ([tuple(axes)] if spans else [(a,) for a in axes]):
+        n = sympy.Mul(*(axis_size(a) for a in group))
+        where = f" (one group over mesh axes {', '.join(map(str, group))})" if spans else ""
         for c in variant.comms(local, dtypes, info(node).attrs, n, train):
             share = 2 * (n - 1) / n if c.collective == "all_reduce" else (n - 1) / n
             messages = 2 * (n - 1) if c.collective == "all_reduce" else n - 1
-            out.append((c.phase, Boxing(c.collective, axis, c.what, "B" if c.collective == "all_reduce" else "S",
-                                               c.payload, share * c.payload, messages),
+            out.append((c.phase, Boxing(c.collective, group[0], c.what + where,
+                                        "B" if c.collective == "all_reduce" else "S", c.payload, share * c.payload,
+                                        messages, group if spans else ()),
                         c.data_dependent, c.dtype))
     return out

@@ -225,11 +225,11 @@ SAVES["gather_ive_pool"] = Saves((0, 1, 2, 3))
 
 
 def _expert_parallel_ffn(out, ins, node, local_out):
-    # runtime.expert_parallel_ffn (experts split over a mesh axis), e the element size of x. Per
+    # runtime.expert_parallel_ffn (experts split over mesh axes), e the element size of x. Per
     # (token, slot) assignment of this device (A = tokens x K): the rows sent back and their
     # gate-weighted copy (D each: saved by the product and by index_add), the gate (1), the sort order
     # and the token index (int64: 16 B). Per row received (R, routing-dependent; its mean over the
-    # devices of the axis is A): the row (D, saved by the up and gate projections), the expert's
+    # devices of its group is A): the row (D, saved by the up and gate projections), the expert's
     # output (D, saved by index_add), up, gate, silu(gate) and their product (4 F; gelu: up and its
     # value, 2 F) and the row's index (int64: 8 B). Measured with saved_tensors_hooks on moe-tiny, ep
     # on 2 devices: 236,544 bytes per layer in float32 in the mean over devices, exactly this.

@@ -105,10 +105,6 @@ def placement_pins(gm: fx.GraphModule, ctx: PlanContext, pattern: str, text: str
     out: dict[str, NdSbp] = {}
     for node in matched:
         name, dims = info(node).param.name, placed_dims(node)
-        if _own(node) in EXPERT_DIMS and words.count("number") > 1:
-            raise PlanError(f"--place {pattern}={text}: {name}'s experts split over {words.count('number')} mesh "
-                            "axes, but expert parallelism routes tokens over one (runtime.expert_parallel_ffn); "
-                            "place the experts number on one axis (e.g. number,dim or number,replicate)")
         nd = tuple(_sbp(w, dims, name, text) for w in words)
         shape = tuple(info(node).param.shape)
         if not fits(shape, nd, ctx.mesh.shape, uneven_dims(node)):

@@ -145,7 +145,8 @@ def nd_str(sbp: NdSbp) -> str:
 
 @dataclass(frozen=True)
 class Boxing:
-    """One collective on one mesh axis, with its per-device costs as sympy expressions."""
+    """One collective on one mesh axis (or over the group spanning several: ``span``), with its
+    per-device costs as sympy expressions."""
 
     collective: str
     axis: int
@@ -154,6 +155,9 @@ class Boxing:
     payload: sympy.Expr  # bytes of the local tensor handed to the collective
     wire: sympy.Expr  # bytes each device sends (ring model)
     messages: sympy.Expr
+    # the mesh axes its process group spans, where more than ``axis`` (the first of them): a variant's
+    # call running once over several axes (op_table's ``Variant.spanning``, expert parallelism)
+    span: tuple[int, ...] = ()
 
     @property
     def dual(self) -> str:

@@ -300,12 +300,9 @@ class Costing:
         return dims
 
     def _combined(self, node, record, axes, ins, raw, shapes) -> bool:
-        """choose_sbp's checks of a combined signature: dims and head counts divide, one variant (a
-        one-axis variant on one axis only)."""
+        """choose_sbp's checks of a combined signature: dims and head counts divide, one variant."""
         if len({c.variant.name for c in axes if c.variant}) > 1:
             return False
-        if sum(1 for c in axes if c.variant is not None and c.variant.one_axis) > 1:
-            return False  # its call routes over one axis (runtime.expert_parallel_ffn's ``axis``)
         uneven = {i for c in axes if c.variant is not None for i in c.variant.uneven}
         pairs = [*zip(shapes, ins), (info(node).concrete_shape, raw)]
         chunked = [frozenset(range(len(s or ()))) if i in uneven else frozenset() for i, (s, _) in enumerate(pairs)]
@@ -318,16 +315,21 @@ class Costing:
         return True
 
     def _internal(self, node: fx.Node, axes, ins) -> float:
-        """Seconds of the collectives a variant runs inside its call (localize.internal_collectives)."""
+        """Seconds of the collectives a variant runs inside its call (localize.internal_collectives): per
+        axis, or once over the group spanning its axes (a ``spanning`` variant on several, on the
+        slowest of their links)."""
+        used = [axis for axis, c in enumerate(axes) if c.variant is not None and c.variant.comms is not None]
+        if not used:
+            return 0.0
+        variant = axes[used[0]].variant
+        local = [self._local_dims(info(a).concrete_shape, nd) for a, nd in zip(tensor_args(node), ins)]
+        dtypes = [info(a).dtype for a in tensor_args(node)]
         total = 0.0
-        for axis, c in enumerate(axes):
-            if c.variant is None or c.variant.comms is None:
-                continue
-            n = self.mesh[axis]
-            local = [self._local_dims(info(a).concrete_shape, nd) for a, nd in zip(tensor_args(node), ins)]
-            bw, lat = self._link(axis)
-            dtypes = [info(a).dtype for a in tensor_args(node)]
-            for comm in c.variant.comms(local, dtypes, info(node).attrs, n, self.train):
+        for group in ([used] if variant.spanning and len(used) > 1 else [[a] for a in used]):
+            n = math.prod(self.mesh[a] for a in group)
+            links = [self._link(a) for a in group]
+            bw, lat = min(b for b, _ in links), max(t for _, t in links)
+            for comm in variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
                 total += messages * lat + share * self.num(comm.payload) / bw + self.host.collective

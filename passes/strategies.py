@@ -27,11 +27,14 @@ is all-reduced to the ``B`` stream under ``tp``, reduce-scattered to ``S(1)`` un
             reduce-scatter out of each tensor-parallel region.
 - ``ep``:   as ``dp``, with each MoE's experts split over the axis (``S(0)`` on the expert index):
             tokens go to their experts' devices and back by all_to_all (GShard, Lepikhin et al. 2020).
+            Named on several axes (``ep,ep``) the experts split over all of them, outer axis first, and
+            each token's row travels once, over the group spanning those axes (expert_parallel.py).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -170,14 +173,17 @@ def ep(gm: fx.GraphModule, axis: int, n: int, ctx: PlanContext, others: list[Axi
     pins = AxisPins(axis, "ep")
     _inputs(gm, Split(0), pins)
     experts = [node for node in _params(gm) if _role(node) in EXPERT_WEIGHTS]
-    if experts and any(p.strategy == "ep" for p in others):
-        raise PlanError(f"ep on mesh axis {axis} and on another axis: expert parallelism routes tokens over one "
-                        "mesh axis (runtime.expert_parallel_ffn); use ep on one axis and dp, fsdp or tp on the other")
+    # ep on several axes splits the experts over all of them (expert_parallel.py routes over the group
+    # spanning them), so their count must divide by the product of those axes' sizes
+    axes = sorted([axis, *(p.axis for p in others if p.strategy == "ep")])
+    devices = math.prod(ctx.mesh.shape[a] for a in axes)
     for node in experts:
         count = info(node).param.shape[0]
-        if count % n:
-            raise PlanError(f"ep on mesh axis {axis} splits the experts of {info(node).param.name} over {n} devices, "
-                            f"but there are {count}, not divisible by {n}; use an axis of a size that divides it")
+        if count % devices:
+            where = f"mesh axis {axis}" if len(axes) == 1 else f"mesh axes {', '.join(map(str, axes))}"
+            raise PlanError(f"ep on {where} splits the experts of {info(node).param.name} over {devices} devices, "
+                            f"but there are {count}, not divisible by {devices}; use axes whose sizes divide it, "
+                            "or --place the experts number (torch.chunk's shares)")
         pins.outputs[node.name] = Split(0)
     if experts:
         pins.decisions.append(f"axis {axis} ep: batch S(0) over {n}, experts S(0) ({len(experts)} expert weights), "

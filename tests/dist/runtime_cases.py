@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -241,13 +242,33 @@ def case_vocab_cross_entropy(mesh):
         close(logits.grad, reference.grad[:, :, start:stop], f"vocab CE backward {axes}")
 
 
-def expert_case(mesh, axis, num_experts, activation, routing):
-    """ep ffn on this rank's tokens vs ops.expert_ffn; weights' gradients vs the sum of every
-    group member's reference gradients. ``routing(coords)`` gives (b, t, k) indices."""
+def nested_chunk(total, mesh, axes, coords):
+    """(start, stop) of the indices ``coords`` holds of ``total`` split over ``axes`` outer first, by
+    torch.chunk itself (DTensor's nested Shard), independently of Mesh.shard_range; (0, 0) for none."""
+    part = torch.arange(total)
+    for a in axes:
+        chunks = part.chunk(mesh.shape[a])
+        part = chunks[coords[a]] if coords[a] < len(chunks) else part[:0]
+    return (int(part[0]), int(part[-1]) + 1) if part.numel() else (0, 0)
+
+
+def group_peers(mesh, axes):
+    """The coordinates of this rank's group spanning ``axes`` (its other coordinates fixed), in group order."""
+    out = []
+    for sub in itertools.product(*(range(mesh.shape[a]) for a in axes)):
+        coords = list(mesh.coords)
+        for a, c in zip(axes, sub):
+            coords[a] = c
+        out.append(tuple(coords))
+    return out
+
+
+def expert_case(mesh, axes, num_experts, activation, routing):
+    """ep ffn over mesh ``axes`` on this rank's tokens vs ops.expert_ffn; weights' gradients vs the sum of
+    every group member's reference gradients. ``routing(coords)`` gives (b, t, k) indices. The experts
+    split in torch.chunk's nested shares (uneven where they do not divide); returns the rows received."""
     b, t, d, f, k = 2, 3, 4, 5, 2
-    n = mesh.shape[axis]
-    me = mesh.coords[axis]
-    local = num_experts // n
+    n = math.prod(mesh.shape[a] for a in axes)
     w_up, w_gate, w_down = (randn(("w", i), s) for i, s in
                             enumerate([(num_experts, f, d), (num_experts, f, d), (num_experts, d, f)]))
     if activation == "gelu":
@@ -269,25 +290,28 @@ def expert_case(mesh, axis, num_experts, activation, routing):
     x, idx, gates = tokens(mesh.coords)
     x.requires_grad_()
     gates.requires_grad_()
-    shard = slice(me * local, (me + 1) * local)
+    start, stop = nested_chunk(num_experts, mesh, axes, mesh.coords)
+    shard = slice(start, stop)
     mine = [w_up[shard].clone().requires_grad_(), w_gate[shard].clone().requires_grad_(),
             w_down[shard].clone().requires_grad_()]
     wg = mine[0] if activation == "gelu" else mine[1]
     assignments = b * t * k
-    received = sum(int(((routing(c) // local) == me).sum()) for c in peers(mesh, axis))
+    peers_ = group_peers(mesh, axes)
+    received = sum(int(((routing(c) >= start) & (routing(c) < stop)).sum()) for c in peers_)
     forward_bytes = 8 * n + 8 * assignments + nbytes((assignments, d)) + nbytes((received, d))
     backward_bytes = nbytes((assignments, d)) + nbytes((received, d))
+    where = {"axis": axes[0]} if len(axes) == 1 else {"axes": tuple(axes)}
     with Expect({"all_to_all": (6, forward_bytes + backward_bytes)}):
         y = runtime.expert_parallel_ffn(x, idx, gates, mine[0], wg, mine[2], activation=activation, mesh=mesh,
-                                          axis=axis, num_experts=num_experts)
+                                        num_experts=num_experts, **where)
         (y * randn(("g", mesh.coords), (b, t, d))).sum().backward()
     ref_y, ref_grads = reference(mesh.coords)
-    what = f"ep ffn {activation} axis {axis}"
+    what = f"ep ffn {activation} axes {tuple(axes)} experts {num_experts}"
     close(y.detach(), ref_y, what)
     close(x.grad, ref_grads[0], what + " dx")
     close(gates.grad, ref_grads[1], what + " dgates")
     summed = [torch.zeros_like(w) for w in (w_up, w_gate, w_down)]
-    for c in peers(mesh, axis):
+    for c in peers_:
         _, grads = reference(c)
         for s, g in zip(summed, grads[2:]):
             s += g
@@ -295,8 +319,9 @@ def expert_case(mesh, axis, num_experts, activation, routing):
     for name, p, s in zip(names, mine, summed):
         if activation == "gelu" and name == "w_gate":
             continue  # the same tensor as w_up here
-        assert p.grad is not None, f"{what}: {name} has no gradient (received {received} rows)"
-        close(p.grad, s[shard], f"{what} d{name}")
+        if p.numel():  # a rank holding no experts has no weight to differentiate
+            assert p.grad is not None, f"{what}: {name} has no gradient (received {received} rows)"
+            close(p.grad, s[shard], f"{what} d{name}")
     return received
 
 
@@ -311,12 +336,28 @@ def case_expert_parallel(mesh):
     for axis in axes:
         n = mesh.shape[axis]
         for activation in ("swiglu", "gelu"):
-            expert_case(mesh, axis, 2 * n, activation, topk_routing(2 * n))
+            expert_case(mesh, (axis,), 2 * n, activation, topk_routing(2 * n))
         # every token picks experts of coordinate 0 only: the other coordinates receive nothing
-        starved = expert_case(mesh, axis, 2 * n, "swiglu", lambda coords: torch.tensor([0, 1]).expand(2, 3, 2).clone())
+        starved = expert_case(mesh, (axis,), 2 * n, "swiglu", lambda coords: torch.tensor([0, 1]).expand(2, 3, 2).clone())
         assert (starved == 0) == (mesh.coords[axis] != 0), starved
     # one expert per rank on the world axis, experts with uneven loads
-    expert_case(mesh, 0, mesh.shape[0], "swiglu", topk_routing(mesh.shape[0]))
+    expert_case(mesh, (0,), mesh.shape[0], "swiglu", topk_routing(mesh.shape[0]))
+    if len(mesh.shape) == 1:
+        return
+    # both axes of 2x2, one group of 4: 8 experts in 2s; 6 in torch.chunk's nested shares (3 | 3, then 2, 1
+    # per node: 2/1/2/1); 3 experts (2 | 1, then 1/1/1/0: the last rank holds none and receives nothing)
+    for experts in (8, 6, 3):
+        for activation in ("swiglu", "gelu"):
+            expert_case(mesh, (0, 1), experts, activation, topk_routing(experts))
+    empty = expert_case(mesh, (0, 1), 3, "swiglu", topk_routing(3))
+    assert (empty == 0) == (mesh.coords == (1, 1)), empty
+    starved = expert_case(mesh, (0, 1), 8, "swiglu", lambda coords: torch.tensor([6, 7]).expand(2, 3, 2).clone())
+    assert (starved == 0) == (mesh.coords != (1, 1)), starved
+    # two of three axes (1x2x2): groups made with new_group, all four ranks on axes 1, 2; two groups of two
+    # (ranks 0, 1 and 2, 3) on axes 0, 2, where 3 experts split 2/1 in each
+    wide = runtime.Mesh((1, 2, 2), mesh.device)
+    expert_case(wide, (1, 2), 6, "swiglu", topk_routing(6))
+    expert_case(wide, (0, 2), 3, "gelu", topk_routing(3))
 
 
 def case_params(mesh, out_dir):

@@ -7,14 +7,17 @@ expert parallelism), ``dim`` (the value dim, or the experts' width, split) and `
 and on 2x2 each word on both axes and the 2-D combinations ``number,dim`` and ``dim,number``. Between
 them the cases run both number-wise lookups (``rows_owned``: ids all-gathered, partial sums reduced;
 ``rows_routed``: ids routed to the owners by all_to_all, which the cost model takes where the gathered
-rows are wide). Five more cases
+rows are wide). More cases
 place tables whose rows or columns do not divide over the devices (``UNEVEN``: PKM with 15^2 = 225 rows
 of 33 values, UltraMem with 13^2 = 169 rows, made from the tiny specs here): each rank holds
 torch.chunk's share of the rows (113/112 on 2; 43/42/42/42 over 2x2, routed in two hops) or of the
 columns (PKM dimension-wise, 17/16: each rank pools its columns into a zero row of the whole width,
 ``table_parallel.gather_weighted_sum_columns``, and the partial bags are all-reduced), and one MoE
 whose 15 experts split 8/7 across the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's
-owners; the experts' width split inside), checked against torch.chunk itself. After
+owners; the experts' width split inside), checked against torch.chunk itself. Experts split number-wise on
+both axes of 2x2 (``number,number``, and ``--strategy ep,ep``, which places them so) route each token's row
+in one all_to_all over the group of all four ranks (backends/expert_parallel.py): moe-tiny's 16 experts 4
+per rank, and 6 experts in torch.chunk's nested shares 2/1/2/1 (``moe-six``). After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -44,19 +47,23 @@ STEPS = 3
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
-          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*"}
+          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*",
+          "moe-six": "layers.*.moe.w_*"}
 # specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
-          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
+          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,"),
+          "moe-six": ("moe-tiny", "experts: 16,", "experts: 6,")}
 # the uneven cases (spec, mesh, placement) per rank count: rows split unevenly number-wise (the routed
-# lookup, nested over both axes of 2x2), PKM's 33 columns dimension-wise, and 15 experts split 8/7
-# across 2x2's first axis with their width split inside; the full matrix of the bundled tiny specs
-# (``full_matrix``, below) joins them
+# lookup, nested over both axes of 2x2), PKM's 33 columns dimension-wise, 15 experts split 8/7 across
+# 2x2's first axis with their width split inside, and 6 experts over both axes (2/1/2/1, one
+# all_to_all group of four); the full matrix of the bundled tiny specs (``full_matrix``, below) joins them
 UNEVEN_CASES = {
     2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim")],
-    4: [("ultramem-odd", "2x2", "number"), ("moe-odd", "2x2", "number,dim")],
+    4: [("ultramem-odd", "2x2", "number"), ("moe-odd", "2x2", "number,dim"), ("moe-six", "2x2", "number,number")],
 }
+# named strategies that place the same way, run in the same process group: (spec, mesh, strategy, placement it makes)
+STRATEGY_CASES = {2: [], 4: [("moe-tiny", "2x2", "ep,ep", "number,number")]}
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
 # step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
 # shares saved and read into another uneven layout, both ways
@@ -80,8 +87,7 @@ def _size(mesh: str) -> int:
 
 
 CASES = {n: full_matrix()[n] + UNEVEN_CASES[n] for n in (2, 4)}
-# expert parallelism routes over one mesh axis (runtime.expert_parallel_ffn), so experts split on both is refused
-NOT_POSSIBLE = {("moe-tiny", "2x2", "number,number")}
+NOT_POSSIBLE: set[tuple[str, str, str]] = set()  # every bundled tiny spec takes every placement
 
 
 def spec_path(spec: str, root) -> str:
@@ -136,6 +142,12 @@ def placement_run(request, tmp_path_factory):
             continue
         cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
+    for spec, mesh, strategy, place in STRATEGY_CASES[nproc]:
+        out = root / f"{spec}__{mesh}__{strategy.replace(',', '-')}"
+        path = spec_path(spec, root)
+        api.compile(path, mesh, out, strategy=strategy)
+        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "strategy": strategy, "dir": str(out),
+                      "steps": STEPS, "dtype": "float64", "dump": str(out / "result.json")})
     chain, saved = [], root / "checkpoints"
     for i, (spec, place, steps) in enumerate(CHAIN[nproc]):
         out = root / f"{spec}__{nproc}__{place}"

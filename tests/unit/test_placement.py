@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import runpy
 import types
@@ -70,22 +69,6 @@ def test_place_errors_say_what_to_do():
         api.plan("pkm-tiny", "2", force=["layers.0.attention.wq=number"])
     with pytest.raises(PlanError, match="give one, or one per axis"):
         api.plan("pkm-tiny", "2", force=["layers.1.pkm.values=number,dim"])
-
-
-def test_experts_route_over_one_mesh_axis():
-    # runtime.expert_parallel_ffn routes over one axis: experts split number-wise on both axes of 2x2 would
-    # be stored in quarters while the call expects halves (the program failed at its first step); --place
-    # refuses it in one line, and the search and named strategies never put expert parallelism on two axes
-    with pytest.raises(PlanError, match="expert parallelism routes tokens over one"):
-        api.plan("moe-tiny", "2x2", force=["layers.*.moe.w_*=number,number"])
-    one = placed("moe-tiny", "2x2", "layers.*.moe.w_*=number,dim")
-    assert _sbp(one, "layers.1.moe.w_up") == "S(0),S(1)"
-    with pytest.raises(PlanError, match="use ep on one axis"):
-        api.plan("moe-tiny", "2x2", strategy="ep,ep", batch=64)
-    for strategy in ("auto", "ep,dp", "dp,ep"):
-        plan = api.plan("moe-tiny", "2x2", strategy=strategy, batch=64)
-        routed = [s for s in json.loads(plan.to_json())["nodes"] if s["op"] == "expert_ffn"]
-        assert routed and all(s["splits"].count("expert_parallel") <= 1 for s in routed), strategy
 
 
 @pytest.mark.parametrize("shards", [2, 4])
