@@ -423,6 +423,13 @@ COLS_OWNED = Variant(
 BAG_COLS_OWNED = dataclasses.replace(
     COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_weighted_sum_columns",
     why=COLS_OWNED.why + "; the fused bag pools its columns, weighted, and the partial bags are summed")
+# UltraMemV2's pre-value gate (gather_row_dot): a dot product over the value dim is a sum over its columns, so
+# each device dots its columns of every picked row with the same columns of the token's hidden and the partial
+# dots add up (the einsum split of ``d`` is its even form, the hidden split with the table)
+DOT_COLS_OWNED = dataclasses.replace(
+    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_row_dot_columns",
+    why=COLS_OWNED.why + "; each device dots its columns of each pick with its token's hidden's same columns, and "
+    "the partial dots are summed")
 
 
 # UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
@@ -454,6 +461,12 @@ IVE_ROWS_ROUTED = dataclasses.replace(
 POOL_COLUMNS = dataclasses.replace(
     VALUE_COLUMNS, inputs=("S(1)", "B", "B"), call="ops.gather_core_pool_columns",
     args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+# its uneven form: the pooled columns of this device's share in a zero row of the whole width, a partial sum
+# (as COLS_OWNED), since an activation cannot be split unevenly
+POOL_COLS_OWNED = dataclasses.replace(
+    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_core_pool_columns",
+    why=COLS_OWNED.why + "; the fused pooling pools each of its columns with its core's weights, and the partial "
+    "poolings are summed")
 
 # UltraMem's IVE pooling on a dimension-wise table: each device pools its columns of every block; the E
 # blocks interleave the columns in the (B, T, E * V) output, so the shards' outputs are a partial sum
@@ -464,10 +477,12 @@ IVE_COLUMNS = Variant(
     "other columns (the blocks interleave them), so the devices' outputs sum to the pooling",
     args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
                                     ("total_cols", int(s[0][-1]))))
+# fused, the table is the input, so its columns may be torch.chunk's shares (the output is a partial sum either way)
 IVE_POOL_COLUMNS = dataclasses.replace(
     IVE_COLUMNS, inputs=("S(1)", "B", "B", "B"), call="ops.gather_ive_pool_columns",
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
-                                    ("total_cols", int(s[0][-1]))))
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),
+                                    ("col_start", chunk_start(s[0][-1], axes, sizes)), ("total_cols", int(s[0][-1]))),
+    uneven=(0,))
 
 
 def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
@@ -543,7 +558,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gather_row_dot", lambda s, a: s[1], flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,btd->bt..", sums="d",
-         variants=(DOT_ROWS_OWNED,), colour=RETRIEVAL),
+         variants=(DOT_ROWS_OWNED, DOT_COLS_OWNED), colour=RETRIEVAL),
     # the residual add and the norm of its result, stacked (B, T, 2, D); pair_part reads one (a view)
     _def("add_rms_norm", lambda s, a: (*s[0][:-1], sympy.Integer(2), s[0][-1]), dims="btd,btd,d->bt.d", whole="d",
          colour=NORM),
@@ -620,7 +635,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          flops=lambda i, o, a: 2 * numel(o) * i[1][2] * i[1][3], dims="bt....,....,bt..->bt...", colour=RETRIEVAL),
     _def("gather_core_pool", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims="..,bt..,bt...->bt.",
-         variants=(POOL_ROWS_OWNED, POOL_ROWS_ROUTED, POOL_COLUMNS), colour=RETRIEVAL),
+         variants=(POOL_ROWS_OWNED, POOL_ROWS_ROUTED, POOL_COLUMNS, POOL_COLS_OWNED), colour=RETRIEVAL),
     _def("gather_ive_pool", lambda s, a: (*s[1][:2], a["num_blocks"] * s[0][1]), sparse=_gather_rows_touch,
          bytes_read=_ive_reads, dims="..,bt..,bt...,bt..->bt.", variants=(IVE_ROWS_OWNED, IVE_ROWS_ROUTED, IVE_POOL_COLUMNS),
          colour=RETRIEVAL),
