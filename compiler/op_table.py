@@ -485,6 +485,22 @@ IVE_POOL_COLUMNS = dataclasses.replace(
     uneven=(0,))
 
 
+# The unfused poolings are weighted sums of the gathered rows (by core, and for IVE into blocks), so linear in
+# the rows: rows that are a partial sum over the devices (an uneven column lookup's zero-padded shares, COLS_OWNED;
+# or a number-wise ROWS_OWNED lookup's) pool to a partial sum, reduced after the pooling, V or E * V per token
+# instead of the H * M * V gathered rows. Not ``linear="each"``: the weights are linear too but IVE's block ids
+# are not (a zero block id is block 0), so only the rows may be P.
+POOL_PARTIAL_ROWS = Variant(
+    "partial_rows", ("P", "B"), "P", "ops.core_pool",
+    "rows a partial sum over the devices (a column or row shard's lookup, zeros elsewhere): the pooling is linear "
+    "in the rows, so each device pools what it holds and the pooled outputs are summed (the reduction moves the "
+    "pooled width, not the gathered rows)",
+    args=lambda s, a, axes, sizes: ())
+IVE_PARTIAL_ROWS = dataclasses.replace(
+    POOL_PARTIAL_ROWS, inputs=("P", "B", "B"), call="ops.ive_pool",
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),))
+
+
 def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
     """gather_ive_pool reads what gather_core_pool does (``_bag_reads``) and each pick's block id."""
     return _bag_reads(ins, dtypes, written, attrs) + _bytes(ins[3], dtypes[3])
@@ -619,12 +635,12 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expanded_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
     _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
     _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
-         variants=(VALUE_COLUMNS,),
+         variants=(VALUE_COLUMNS, POOL_PARTIAL_ROWS),
          colour=RETRIEVAL),
     _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
     _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
-         variants=(IVE_COLUMNS,), colour=RETRIEVAL),
+         variants=(IVE_COLUMNS, IVE_PARTIAL_ROWS), colour=RETRIEVAL),
     # UltraMem's fused ops (passes/fuse_graph.py, fuse.py): the selection (its grid inside), the selected
     # scores from 2 R numbers per slot (row x core: 2 tokens H C R^2 M), the poolings without the gathered rows
     _def("tucker_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), flops=_tucker_topk_flops, index=True,
