@@ -14,7 +14,11 @@ torch.chunk's share of the rows (113/112 on 2; 43/42/42/42 over 2x2, routed in t
 columns (PKM dimension-wise, 17/16: each rank pools its columns into a zero row of the whole width,
 ``table_parallel.gather_weighted_sum_columns``, and the partial bags are all-reduced), and one MoE
 whose 15 experts split 8/7 across the 2x2 mesh's nodes (expert parallelism routes to torch.chunk's
-owners; the experts' width split inside), checked against torch.chunk itself. After
+owners; the experts' width split inside), checked against torch.chunk itself. Eight more place the value
+columns of UltraMem (15 over 3 cores) and UltraMemV2 (27 values, 9 pre-values) ``dim`` on 2 (8/7) and
+``dim,dim`` on 2x2 (4/4/4/3), fused and unfused: every read of the tables in its column form (the pre-value
+row dot's partial dots, the poolings' zero-padded column shares, the unfused poolings of the column
+lookup's partial rows), so the partial outputs are reduced after the pooling. After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -40,14 +44,21 @@ from ultraplan.runner import TOLERANCES, comm_report
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+UNFUSED = " unfused"  # a case's placement ending so is compiled with ``fuse=False`` (``--no-fuse``)
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
-          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*"}
+          "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*",
+          "ultramem-cols": "layers.*.ultramem.values", "ultramem-v2-cols": "memory_tables.ring.*"}
 # specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
-          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,")}
+          "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,"),
+          # value (and pre-value) dims that divide over neither 2 nor 2x2: 15 (8/7; 4/4/4/3), 27 and 9, over 3 cores
+          "ultramem-cols": ("ultramem-tiny", "value_dim: 16, heads: 2, rank: 2, cores: 2,",
+                            "value_dim: 15, heads: 2, rank: 2, cores: 3,"),
+          "ultramem-v2-cols": ("ultramem-v2-tiny", "value_dim: 24, pre_value_dim: 8, rank: 2, cores: 2,",
+                               "value_dim: 27, pre_value_dim: 9, rank: 2, cores: 3,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
@@ -61,6 +72,12 @@ CASES = {
     4: [("ultramem-v2-tiny", "4", "number"), ("ultramem-tiny", "2x2", "dim,dim"), ("ultramem-odd", "2x2", "number"),
         ("ultramem-v2-tiny", "2x2", "dim,dim"), ("moe-odd", "2x2", "number,dim")],
 }
+# value columns in torch.chunk's shares, every read of the table in its column form, fused (the pre-value row
+# dot's partial dots, the fused poolings' zero-padded column shares) and unfused (``UNFUSED``: the column
+# lookup's padded rows pooled as a partial sum, ``partial_rows``)
+for _n, _mesh, _place in ((2, "2", "dim"), (4, "2x2", "dim,dim")):
+    CASES[_n] += [(spec, _mesh, _place + unfused) for spec in ("ultramem-cols", "ultramem-v2-cols")
+                  for unfused in ("", UNFUSED)]
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
 # step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
 # shares saved and read into another uneven layout, both ways
@@ -110,11 +127,12 @@ def placement_run(request, tmp_path_factory):
     nproc = request.param
     root = tmp_path_factory.mktemp(f"placement{nproc}")
     cases = []
-    for spec, mesh, place in CASES[nproc]:
-        out = root / f"{spec}__{mesh}__{place.replace(',', '-')}"
+    for spec, mesh, case_place in CASES[nproc]:
+        place = case_place.removesuffix(UNFUSED)
+        out = root / f"{spec}__{mesh}__{case_place.replace(',', '-').replace(' ', '-')}"
         path = spec_path(spec, root)
-        api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
-        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
+        api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"], fuse=place == case_place)
+        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": case_place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
     chain, saved = [], root / "checkpoints"
     for i, (spec, place, steps) in enumerate(CHAIN[nproc]):
@@ -149,7 +167,8 @@ def test_tables_are_placed_and_held_as_planned(placement_run):
     for case in placement_run[1]:
         plan = read_plan(case["dir"])
         result = json.loads(open(case["dump"]).read())
-        words = case["place"].split(",") * (2 if "," not in case["place"] and "x" in case["mesh"] else 1)
+        place = case["place"].removesuffix(UNFUSED)
+        words = place.split(",") * (2 if "," not in place and "x" in case["mesh"] else 1)
         placed = [p for p in plan.params if p.group == "values" or (".moe." in p.name and p.name.split(".")[-1] in EXPERTS)]
         assert placed, case
         for p in placed:
