@@ -4,7 +4,8 @@ torch.chunk's shares, and the unfused poolings' ``partial_rows``).
 
 - each shard's form (its columns of the table, torch.chunk's share, starting anywhere) gives a partial sum:
   the shards' outputs add up to the whole op, and their gradients are the whole's (float64, exact up to
-  rounding), in torch and through the Triton kernels a program installs (interpreted on the CPU, float32);
+  rounding), in torch and through the Triton kernels a program installs (interpreted on the CPU, float32),
+  and the unfused poolings of a number-wise lookup's partial rows likewise;
 - the plans of UltraMem and UltraMemV2 with odd value dims (tests/dist/test_placement.py's ``ultramem-cols``,
   ``ultramem-v2-cols``) placed ``dim`` on 2 and 2x2 take those forms, fused and unfused, and reduce only the
   pooled (or dotted) width, never the gathered rows.
@@ -72,6 +73,18 @@ def test_column_reads_sum_to_the_whole(shards):
     )
     for whole, shard in cases:
         _parts_are_the_whole(whole, (table, weights), [shard(t, s) for t, s in _shards(table, shards)])
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+def test_unfused_poolings_of_owned_rows_sum_to_the_whole(shards):
+    """``partial_rows`` takes any rows that are a partial sum: a number-wise lookup's (rows_owned: the rows a
+    shard holds, zeros for the others; 11 rows in torch.chunk's shares) pool to shares of the whole pooling."""
+    table, ids, weights, _, blocks = _lookup_inputs(torch.float64, 27)
+    parts = table.chunk(shards, dim=0)
+    starts = [0, *itertools.accumulate(p.shape[0] for p in parts)][:-1]
+    for pool in (lambda rows: ops.core_pool(rows, weights), lambda rows: ops.ive_pool(rows, weights, blocks, 3)):
+        _parts_are_the_whole(pool(ops.gather_rows(table, ids)), (table, weights),
+                             [pool(ops.gather_rows_owned(p, ids, s)) for p, s in zip(parts, starts)])
 
 
 @pytest.fixture
