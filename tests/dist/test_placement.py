@@ -18,7 +18,8 @@ owners; the experts' width split inside), checked against torch.chunk itself. Ei
 columns of UltraMem (15 over 3 cores) and UltraMemV2 (27 values, 9 pre-values) ``dim`` on 2 (8/7) and
 ``dim,dim`` on 2x2 (4/4/4/3), fused and unfused: every read of the tables in its column form (the pre-value
 row dot's partial dots, the poolings' zero-padded column shares, the unfused poolings of the column
-lookup's partial rows), so the partial outputs are reduced after the pooling. After
+lookup's partial rows), so the partial outputs are reduced after the pooling; and PKM's 34 columns
+``dim,dim`` on 2x2, which each axis divides but the mesh does not (17, then 9/8). After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -49,7 +50,8 @@ TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memo
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
           "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*",
-          "ultramem-cols": "layers.*.ultramem.values", "ultramem-v2-cols": "memory_tables.ring.*"}
+          "ultramem-cols": "layers.*.ultramem.values", "ultramem-v2-cols": "memory_tables.ring.*",
+          "pkm-34": "layers.1.pkm.values", "pkm-14": "layers.1.pkm.values"}
 # specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
@@ -58,7 +60,10 @@ UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,
           "ultramem-cols": ("ultramem-tiny", "value_dim: 16, heads: 2, rank: 2, cores: 2,",
                             "value_dim: 15, heads: 2, rank: 2, cores: 3,"),
           "ultramem-v2-cols": ("ultramem-v2-tiny", "value_dim: 24, pre_value_dim: 8, rank: 2, cores: 2,",
-                               "value_dim: 27, pre_value_dim: 9, rank: 2, cores: 3,")}
+                               "value_dim: 27, pre_value_dim: 9, rank: 2, cores: 3,"),
+          # value dims each mesh axis divides but their product does not: 34 on 2x2 (17, then 9/8), 14 on 4x2
+          "pkm-34": ("pkm-tiny", "num_keys: 16,", "num_keys: 16, value_dim: 34,"),
+          "pkm-14": ("pkm-tiny", "num_keys: 16,", "num_keys: 16, value_dim: 14,")}
 # (spec, mesh, placement) per rank count, few per process group to keep CI short: every spec once or
 # twice; number-wise in both forms (owned: pkm, memory-plus, peer, UltraMemV2's pre-values; routed:
 # UltraMem, UltraMemV2's values; experts: expert parallelism), dimension-wise (memory-plus; UltraMemV2,
@@ -78,6 +83,7 @@ CASES = {
 for _n, _mesh, _place in ((2, "2", "dim"), (4, "2x2", "dim,dim")):
     CASES[_n] += [(spec, _mesh, _place + unfused) for spec in ("ultramem-cols", "ultramem-v2-cols")
                   for unfused in ("", UNFUSED)]
+CASES[4].append(("pkm-34", "2x2", "dim,dim"))  # each axis divides 34, the mesh does not: the column form on both
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
 # step 1, resumed dimension-wise (columns 17/16) to step 2 and saved, resumed number-wise again to STEPS: uneven
 # shares saved and read into another uneven layout, both ways

@@ -157,3 +157,19 @@ def test_odd_value_dims_take_the_column_forms(tmp_path, spec, fuse, mesh):
     assert all(n.splits == ("partial_rows",) * len(mesh.split("x")) for n in pools) and bool(pools) != fuse
     gathered = {n.name for n in reads if n.op == "gather_rows" and "pre" not in n.name}
     assert not any(c.node.startswith(tuple(gathered)) for c in plan.collectives if c.phase == "forward")
+
+
+@pytest.mark.parametrize(("spec", "mesh"), [("pkm-34", "2x2"), ("pkm-14", "4x2")])
+@pytest.mark.parametrize("strategy", ["dp", "auto"])
+def test_columns_each_axis_divides_but_the_mesh_does_not(tmp_path, spec, mesh, strategy):
+    """34 value columns on 2x2 (17 per node, then 9/8) and 14 on 4x2 (4/4/4/2, then halves): one axis alone
+    cannot tell that the split is uneven, so the column form must run on every axis that splits the columns,
+    its start nested over all of them (signatures.covers_uneven). Before, 34 on 2x2 found no signature and
+    14 on 4x2 ran the column form on axis 0 beside an even split on axis 1, its start computed over axis 0
+    alone; the named plan and the search agree."""
+    plan = api.plan(spec_path(spec, tmp_path), mesh, strategy=strategy, force=[f"{TABLES[spec]}=dim"])
+    (bag,) = [n for n in plan.nodes if n.op == "gather_weighted_sum"]
+    assert bag.splits == ("cols_owned", "cols_owned")
+    size = 34 if spec == "pkm-34" else 14
+    assert dict(bag.local_attrs)["col_start"] == {"shard_start": [size, [0, 1], "chunks"]}
+
