@@ -13,8 +13,9 @@ to its coordinate on the next, and back in reverse.
 
 A dimension-wise table whose value dim does not divide reads its own columns (torch.chunk's share)
 of every picked row into a zero row of the whole width (``gather_rows_columns``,
-``gather_weighted_sum_columns``): no collective inside; the partial outputs are reduced by the
-plan's boxing.
+``gather_weighted_sum_columns``, the fused pooling ``gather_core_pool_columns``) or dots them with its
+columns of the token's hidden (``gather_row_dot_columns``): no collective inside; the partial outputs
+are reduced by the plan's boxing.
 
 Collectives per axis, counted as "all_to_all" by runtime (A = ids this device sends on that axis,
 R = rows it receives there, data-dependent; e the table's element size, D its local width):
@@ -94,6 +95,25 @@ def gather_weighted_sum_columns(table, indices, weights, *, col_start, total_col
     rows = F.embedding(indices.reshape(b * t, -1), table)
     bags = torch.einsum("bnd,bn->bd", rows, weights.reshape(b * t, -1)).view(b, t, table.shape[1])
     return F.pad(bags, (int(col_start), int(total_cols) - int(col_start) - table.shape[1]))
+
+
+def gather_row_dot_columns(table, indices, x, *, col_start, total_cols):
+    """``ops.gather_row_dot`` with the value columns in torch.chunk's shares (UltraMemV2's pre-values): a dot
+    product over the value dim is the sum of its columns' dots, so each device dots its columns of every
+    picked row with the same columns of its token's hidden (the fused op, its kernel if installed) and the
+    devices' partial dots sum to the whole; the hidden's gradient is nonzero on this device's columns only,
+    and the plan's boxing of the hidden sums the devices' gradients as it sums the dots."""
+    del total_cols  # the hidden is whole: its columns are where the table's are
+    return ops.gather_row_dot(table, indices, x.narrow(-1, int(col_start), table.shape[1]).contiguous())
+
+
+def gather_core_pool_columns(table, indices, weights, *, col_start, total_cols):
+    """``ops.gather_core_pool`` with the value columns in torch.chunk's shares (UltraMemV2's values): this
+    device's columns pooled, each with the weights of the core whose chunk holds it (``ops``'s column form,
+    whose column groups follow any shard start), in a zero row of the whole width, so the devices' outputs
+    sum to the pooling."""
+    pooled = ops.gather_core_pool_columns(table, indices, weights, int(col_start), int(total_cols))
+    return F.pad(pooled, (int(col_start), int(total_cols) - int(col_start) - table.shape[1]))
 
 
 def routed_gather_core_pool(table, indices, weights, *, mesh, axes, num_rows):

@@ -427,6 +427,13 @@ COLS_OWNED = Variant(
 BAG_COLS_OWNED = dataclasses.replace(
     COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_weighted_sum_columns",
     why=COLS_OWNED.why + "; the fused bag pools its columns, weighted, and the partial bags are summed")
+# UltraMemV2's pre-value gate (gather_row_dot): a dot product over the value dim is a sum over its columns, so
+# each device dots its columns of every picked row with the same columns of the token's hidden and the partial
+# dots add up (the einsum split of ``d`` is its even form, the hidden split with the table)
+DOT_COLS_OWNED = dataclasses.replace(
+    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_row_dot_columns",
+    why=COLS_OWNED.why + "; each device dots its columns of each pick with its token's hidden's same columns, and "
+    "the partial dots are summed")
 
 
 # UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
@@ -458,6 +465,12 @@ IVE_ROWS_ROUTED = dataclasses.replace(
 POOL_COLUMNS = dataclasses.replace(
     VALUE_COLUMNS, inputs=("S(1)", "B", "B"), call="ops.gather_core_pool_columns",
     args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
+# its uneven form: the pooled columns of this device's share in a zero row of the whole width, a partial sum
+# (as COLS_OWNED), since an activation cannot be split unevenly
+POOL_COLS_OWNED = dataclasses.replace(
+    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_core_pool_columns",
+    why=COLS_OWNED.why + "; the fused pooling pools each of its columns with its core's weights, and the partial "
+    "poolings are summed")
 
 # UltraMem's IVE pooling on a dimension-wise table: each device pools its columns of every block; the E
 # blocks interleave the columns in the (B, T, E * V) output, so the shards' outputs are a partial sum
@@ -468,10 +481,28 @@ IVE_COLUMNS = Variant(
     "other columns (the blocks interleave them), so the devices' outputs sum to the pooling",
     args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
                                     ("total_cols", int(s[0][-1]))))
+# fused, the table is the input, so its columns may be torch.chunk's shares (the output is a partial sum either way)
 IVE_POOL_COLUMNS = dataclasses.replace(
     IVE_COLUMNS, inputs=("S(1)", "B", "B", "B"), call="ops.gather_ive_pool_columns",
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
-                                    ("total_cols", int(s[0][-1]))))
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),
+                                    ("col_start", chunk_start(s[0][-1], axes, sizes)), ("total_cols", int(s[0][-1]))),
+    uneven=(0,))
+
+
+# The unfused poolings are weighted sums of the gathered rows (by core, and for IVE into blocks), so linear in
+# the rows: rows that are a partial sum over the devices (an uneven column lookup's zero-padded shares, COLS_OWNED;
+# or a number-wise ROWS_OWNED lookup's) pool to a partial sum, reduced after the pooling, V or E * V per token
+# instead of the H * M * V gathered rows. Not ``linear="each"``: the weights are linear too but IVE's block ids
+# are not (a zero block id is block 0), so only the rows may be P.
+POOL_PARTIAL_ROWS = Variant(
+    "partial_rows", ("P", "B"), "P", "ops.core_pool",
+    "rows a partial sum over the devices (a column or row shard's lookup, zeros elsewhere): the pooling is linear "
+    "in the rows, so each device pools what it holds and the pooled outputs are summed (the reduction moves the "
+    "pooled width, not the gathered rows)",
+    args=lambda s, a, axes, sizes: ())
+IVE_PARTIAL_ROWS = dataclasses.replace(
+    POOL_PARTIAL_ROWS, inputs=("P", "B", "B"), call="ops.ive_pool",
+    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),))
 
 
 def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
@@ -547,7 +578,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("swiglu", _same, dims="*,*->*", colour=ELEMENTWISE),
     _def("gather_row_dot", lambda s, a: s[1], flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims=".d,bt..,btd->bt..", sums="d",
-         variants=(DOT_ROWS_OWNED,), colour=RETRIEVAL),
+         variants=(DOT_ROWS_OWNED, DOT_COLS_OWNED), colour=RETRIEVAL),
     # the residual add and the norm of its result, stacked (B, T, 2, D); pair_part reads one (a view)
     _def("add_rms_norm", lambda s, a: (*s[0][:-1], sympy.Integer(2), s[0][-1]), dims="btd,btd,d->bt.d", whole="d",
          colour=NORM),
@@ -608,12 +639,12 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
     _def("expanded_rows", _same, index=True, dims="*,.->*", colour=INDEXING),
     _def("scale_cores", _same, dims="bt...,bt..->bt...", colour=RETRIEVAL),
     _def("core_pool", _tokens_by_last, flops=lambda i, o, a: 2 * numel(i[0]), dims="bt...,bt...->bt.",
-         variants=(VALUE_COLUMNS,),
+         variants=(VALUE_COLUMNS, POOL_PARTIAL_ROWS),
          colour=RETRIEVAL),
     _def("block_of", _same, index=True, dims="*->*", colour=INDEXING),
     _def("row_in_block", _same, index=True, dims="*->*", colour=INDEXING),
     _def("ive_pool", lambda s, a: (*s[0][:2], a["num_blocks"] * s[0][-1]), dims="bt...,bt...,bt..->bt.",
-         variants=(IVE_COLUMNS,), colour=RETRIEVAL),
+         variants=(IVE_COLUMNS, IVE_PARTIAL_ROWS), colour=RETRIEVAL),
     # UltraMem's fused ops (passes/fuse_graph.py, fuse.py): the selection (its grid inside), the selected
     # scores from 2 R numbers per slot (row x core: 2 tokens H C R^2 M), the poolings without the gathered rows
     _def("tucker_topk", lambda s, a: (*s[0][:3], sympy.Integer(a["k"])), flops=_tucker_topk_flops, index=True,
@@ -624,7 +655,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
          flops=lambda i, o, a: 2 * numel(o) * i[1][2] * i[1][3], dims="bt....,....,bt..->bt...", colour=RETRIEVAL),
     _def("gather_core_pool", lambda s, a: (*s[1][:2], s[0][1]), flops=lambda i, o, a: 2 * numel(i[1]) * i[0][1],
          sparse=_gather_rows_touch, bytes_read=_bag_reads, dims="..,bt..,bt...->bt.",
-         variants=(POOL_ROWS_OWNED, POOL_ROWS_ROUTED, POOL_COLUMNS), colour=RETRIEVAL),
+         variants=(POOL_ROWS_OWNED, POOL_ROWS_ROUTED, POOL_COLUMNS, POOL_COLS_OWNED), colour=RETRIEVAL),
     _def("gather_ive_pool", lambda s, a: (*s[1][:2], a["num_blocks"] * s[0][1]), sparse=_gather_rows_touch,
          bytes_read=_ive_reads, dims="..,bt..,bt...,bt..->bt.", variants=(IVE_ROWS_OWNED, IVE_ROWS_ROUTED, IVE_POOL_COLUMNS),
          colour=RETRIEVAL),

@@ -44,7 +44,7 @@ from ..compiler.op_table import OP_TABLE
 from .context import PassReport, PlanContext, PlanError
 from .placement import uneven_dims
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Signature, Split, box_cost, boxings, chunk_share, fits, nd_str
-from .signatures import AxisSignature, axis_signatures
+from .signatures import AxisSignature, axis_signatures, chunked_dims, covers_uneven
 from .strategies import STRATEGIES, AxisPins, check_batch, forced_pins, pin_axes
 from .symbols import BYTES_PER_ELEMENT, axis_size, readable
 
@@ -172,15 +172,19 @@ class _Planner:
         shapes = [info(a).concrete_shape for a in args]
         pinned = self.pin(node)
         chosen: list[AxisSignature] = []
+        # parameters stored in torch.chunk's shares over the mesh (a placed table's columns, 34 on 2x2)
+        chunked = chunked_dims(shapes, [h if _state(a) else None for a, h in zip(args, have)], self.mesh)
         for axis, n in enumerate(self.mesh):
             best, best_cost = None, None
             want = self.pins[axis].signatures.get(node.name)  # chosen by the search (--strategy auto)
             taken = {c.variant.name for c in chosen if c.variant}  # one variant per node (localize)
-            for cand in axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n):
+            for cand in axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n, chunked):
                 if want is not None and cand != want:
                     continue
                 if cand.variant is not None and taken and cand.variant.name not in taken:
                     continue
+                if not covers_uneven([*chosen, cand], chunked):
+                    continue  # an uneven input's dim split by its variant on one axis and an einsum on another
                 cost = self._cost(node, args, have, cand, axis, n, pinned)
                 if cost is not None and (best_cost is None or cost < best_cost):
                     best, best_cost = cand, cost

@@ -44,7 +44,7 @@ from .memory import SAVES
 from .placement import uneven_dims
 from .precision import MASTER
 from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split, chunk_share, fits, local_numel
-from .signatures import axis_signatures
+from .signatures import axis_signatures, chunked_dims, covers_uneven
 from .strategies import AxisPins
 from .symbols import BYTES_PER_ELEMENT, PEAK, axis_bandwidth, axis_latency, evaluate
 
@@ -257,9 +257,12 @@ class Costing:
         args = tensor_args(node)
         shapes = [info(a).concrete_shape for a in args]
         states = [set(c.out for c in self.candidates(a)) if info(a).op in ("param", "buffer") else None for a in args]
+        # parameters some candidate stores in torch.chunk's shares over the mesh: offer their column forms too
+        stored_chunked = frozenset().union(*(chunked_dims(shapes, [o if j == i else None for j in range(len(args))],
+                                                          self.mesh) for i, st in enumerate(states) if st for o in st))
         per_axis = []
         for axis, n in enumerate(self.mesh):
-            sigs = axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n)
+            sigs = axis_signatures(record, shapes, rec.concrete_shape, rec.attrs, n, stored_chunked)
             per_axis.append([s for s in sigs if all(st is None or any(o[axis] == w for o in st)
                                                     for st, w in zip(states, s.inputs))])
         pin = self._pin(node)
@@ -274,6 +277,9 @@ class Costing:
             raw = tuple(c.output for c in axes)
             if not self._combined(node, record, axes, ins, raw, shapes):
                 continue
+            if (stored_chunked or any(c.variant is not None and c.variant.uneven for c in axes)) and not covers_uneven(
+                    axes, chunked_dims(shapes, [nd if st is not None else None for st, nd in zip(states, ins)], self.mesh)):
+                continue  # choose_sbp's rule: an uneven input's dim split by one variant on every axis
             seen = tuple(p or o for p, o in zip(pin, raw))
             extra = (0.0, 0.0) if seen == raw else self.box_time(raw, seen, node)
             if extra is None or any(st is not None and nd not in st for st, nd in zip(states, ins)):

@@ -20,6 +20,7 @@ value table's rows, in torch.chunk's shares).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..compiler.op_table import OpDef, Variant
@@ -67,20 +68,53 @@ _KNOWN: dict[tuple, tuple[AxisSignature, ...]] = {}
 
 
 def axis_signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], attrs: dict,
-                    n: int) -> list[AxisSignature]:
+                    n: int, chunked: frozenset[tuple[int, int]] = frozenset()) -> list[AxisSignature]:
     """Every signature of ``record`` on an axis of ``n`` devices, for these concrete shapes; memoised,
-    as a large graph asks the same few questions thousands of times (choose_sbp and the search)."""
+    as a large graph asks the same few questions thousands of times (choose_sbp and the search).
+    ``chunked``: (input, dim) pairs stored in torch.chunk's shares over the whole mesh although each axis
+    alone may divide them (34 columns on 2x2: 17, then 9/8; ``chunked_dims``), for which the
+    ``uneven_only`` variants are offered too (one axis cannot tell)."""
     key = (record.name, id(record), tuple(tuple(s or ()) for s in shapes), tuple(out_shape or ()),
-           repr(sorted(attrs.items())), n)
+           repr(sorted(attrs.items())), n, chunked)
     if key not in _KNOWN:
         if len(_KNOWN) > 65536:
             _KNOWN.clear()
-        _KNOWN[key] = tuple(_signatures(record, shapes, out_shape, attrs, n))
+        _KNOWN[key] = tuple(_signatures(record, shapes, out_shape, attrs, n, chunked))
     return list(_KNOWN[key])
 
 
+def chunked_dims(shapes: list[tuple[int, ...]], layouts: list[tuple | None],
+                 mesh: tuple[int, ...]) -> frozenset[tuple[int, int]]:
+    """The (input, dim) pairs of inputs laid out ``layouts`` (an NdSbp per input; None: not known) whose split
+    does not divide over the product of its axes' sizes: torch.chunk's shares (a placed table's)."""
+    out = set()
+    for i, (shape, nd) in enumerate(zip(shapes, layouts)):
+        for dim, size in enumerate(shape or ()):
+            sizes = [n for n, e in zip(mesh, nd or ()) if e == Split(dim)]
+            if sizes and int(size) % math.prod(sizes):
+                out.add((i, dim))
+    return frozenset(out)
+
+
+def covers_uneven(axes: tuple[AxisSignature, ...] | list[AxisSignature],
+                  chunked: frozenset[tuple[int, int]] = frozenset()) -> bool:
+    """Do per-axis signatures combine around uneven inputs? A variant's call places its ``uneven`` inputs'
+    shares over the axes it runs on (``chunk_start`` of the global size), so every axis that splits such an
+    input on the same dim must run that variant: an einsum split of that dim on another axis would hand the
+    call another share than it computes (splits of other dims, number-wise rows and dimension-wise columns,
+    combine freely). A ``chunked`` input (stored unevenly over the mesh) may be split only by such a variant."""
+    for i in range(len(axes[0].inputs) if axes else 0):
+        for dim in {c.inputs[i].dim for c in axes if isinstance(c.inputs[i], Split)}:
+            splitting = [c for c in axes if c.inputs[i] == Split(dim)]
+            owners = {c.variant.name for c in splitting if c.variant is not None and i in c.variant.uneven}
+            if (owners or (i, dim) in chunked) and (len(owners) != 1 or any(
+                    c.variant is None or c.variant.name not in owners for c in splitting)):
+                return False
+    return True
+
+
 def _signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[int, ...], attrs: dict,
-                n: int) -> list[AxisSignature]:
+                n: int, chunked: frozenset[tuple[int, int]] = frozenset()) -> list[AxisSignature]:
     dims, out = expand_dims(record.dims, [len(s) for s in shapes], len(out_shape))
     count = len(shapes)
     found = [AxisSignature((B_,) * count, B_)]  # on an axis of one device every split is the whole, and free
@@ -112,7 +146,8 @@ def _signatures(record: OpDef, shapes: list[tuple[int, ...]], out_shape: tuple[i
         ins = tuple(parse_sbp(s) for s in variant.inputs)
         if variant.applies is not None and not variant.applies(attrs, n):
             continue
-        if variant.uneven_only and all(_fits(ins[i], shapes[i], n) for i in variant.uneven):
+        if variant.uneven_only and all(_fits(ins[i], shapes[i], n) and (i, getattr(ins[i], "dim", None)) not in chunked
+                                       for i in variant.uneven):
             continue  # the even form is another signature's
         if all(_fits(sbp, shape, n) or (i in variant.uneven and isinstance(sbp, Split))
                for i, (sbp, shape) in enumerate(zip(ins, shapes))):

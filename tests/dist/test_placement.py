@@ -17,7 +17,12 @@ whose 15 experts split 8/7 across the 2x2 mesh's nodes (expert parallelism route
 owners; the experts' width split inside), checked against torch.chunk itself. Experts split number-wise on
 both axes of 2x2 (``number,number``, and ``--strategy ep,ep``, which places them so) route each token's row
 in one all_to_all over the group of all four ranks (backends/expert_parallel.py): moe-tiny's 16 experts 4
-per rank, and 6 experts in torch.chunk's nested shares 2/1/2/1 (``moe-six``). After
+per rank, and 6 experts in torch.chunk's nested shares 2/1/2/1 (``moe-six``). Eight more place the value
+columns of UltraMem (15 over 3 cores) and UltraMemV2 (27 values, 9 pre-values) ``dim`` on 2 (8/7) and
+``dim,dim`` on 2x2 (4/4/4/3), fused and unfused: every read of the tables in its column form (the pre-value
+row dot's partial dots, the poolings' zero-padded column shares, the unfused poolings of the column
+lookup's partial rows), so the partial outputs are reduced after the pooling; and PKM's 34 columns
+``dim,dim`` on 2x2, which each axis divides but the mesh does not (17, then 9/8). After
 STEPS AdamW steps (the values' own LR schedule included) losses and final parameters equal the eager
 single-process run in float64 to 1e-10; each rank holds only its shards of the tables (the plan's bytes);
 the bytes and calls handed to each collective equal the plan's one list. float64 only, and one torchrun
@@ -44,16 +49,27 @@ from ultraplan.runner import TOLERANCES, comm_report
 pytestmark = pytest.mark.slow
 
 STEPS = 3
+UNFUSED = " unfused"  # a case's placement ending so is compiled with ``fuse=False`` (``--no-fuse``)
 TABLES = {"ultramem-tiny": "layers.*.ultramem.values", "ultramem-v2-tiny": "memory_tables.ring.*",
           "pkm-tiny": "layers.1.pkm.values", "memory-plus-tiny": "memory_tables.pkm_shared.values",
           "peer-tiny": "layers.1.peer.*", "moe-tiny": "layers.*.moe.w_*",
           "pkm-odd": "layers.1.pkm.values", "ultramem-odd": "layers.*.ultramem.values", "moe-odd": "layers.*.moe.w_*",
-          "moe-six": "layers.*.moe.w_*"}
+          "moe-six": "layers.*.moe.w_*",
+          "ultramem-cols": "layers.*.ultramem.values", "ultramem-v2-cols": "memory_tables.ring.*",
+          "pkm-34": "layers.1.pkm.values", "pkm-14": "layers.1.pkm.values"}
 # specs whose tables' rows (or experts) divide over neither 2 nor 4 devices: (tiny spec, its text, replaced by)
 UNEVEN = {"pkm-odd": ("pkm-tiny", "num_keys: 16,", "num_keys: 15, value_dim: 33,"),
           "ultramem-odd": ("ultramem-tiny", "num_keys: 12,", "num_keys: 13,"),
           "moe-odd": ("moe-tiny", "experts: 16,", "experts: 15,"),
-          "moe-six": ("moe-tiny", "experts: 16,", "experts: 6,")}
+          "moe-six": ("moe-tiny", "experts: 16,", "experts: 6,"),
+          # value (and pre-value) dims that divide over neither 2 nor 2x2: 15 (8/7; 4/4/4/3), 27 and 9, over 3 cores
+          "ultramem-cols": ("ultramem-tiny", "value_dim: 16, heads: 2, rank: 2, cores: 2,",
+                            "value_dim: 15, heads: 2, rank: 2, cores: 3,"),
+          "ultramem-v2-cols": ("ultramem-v2-tiny", "value_dim: 24, pre_value_dim: 8, rank: 2, cores: 2,",
+                               "value_dim: 27, pre_value_dim: 9, rank: 2, cores: 3,"),
+          # value dims each mesh axis divides but their product does not: 34 on 2x2 (17, then 9/8), 14 on 4x2
+          "pkm-34": ("pkm-tiny", "num_keys: 16,", "num_keys: 16, value_dim: 34,"),
+          "pkm-14": ("pkm-tiny", "num_keys: 16,", "num_keys: 16, value_dim: 14,")}
 # the uneven cases (spec, mesh, placement) per rank count: rows split unevenly number-wise (the routed
 # lookup, nested over both axes of 2x2), PKM's 33 columns dimension-wise, 15 experts split 8/7 across
 # 2x2's first axis with their width split inside, and 6 experts over both axes (2/1/2/1, one
@@ -62,6 +78,13 @@ UNEVEN_CASES = {
     2: [("ultramem-odd", "2", "number"), ("pkm-odd", "2", "number"), ("pkm-odd", "2", "dim")],
     4: [("ultramem-odd", "2x2", "number"), ("moe-odd", "2x2", "number,dim"), ("moe-six", "2x2", "number,number")],
 }
+# value columns in torch.chunk's shares, every read of the table in its column form, fused (the pre-value row
+# dot's partial dots, the fused poolings' zero-padded column shares) and unfused (``UNFUSED``: the column
+# lookup's padded rows pooled as a partial sum, ``partial_rows``)
+for _n, _mesh, _place in ((2, "2", "dim"), (4, "2x2", "dim,dim")):
+    UNEVEN_CASES[_n] += [(spec, _mesh, _place + unfused) for spec in ("ultramem-cols", "ultramem-v2-cols")
+                         for unfused in ("", UNFUSED)]
+UNEVEN_CASES[4].append(("pkm-34", "2x2", "dim,dim"))  # each axis divides 34, the mesh does not: the column form on both
 # named strategies that place the same way, run in the same process group: (spec, mesh, strategy, placement it makes)
 STRATEGY_CASES = {2: [], 4: [("moe-tiny", "2x2", "ep,ep", "number,number")]}
 # a DCP checkpoint chain on 2 ranks (backends/checkpoint.py): pkm-odd's rows number-wise (113/112) saved after
@@ -132,15 +155,16 @@ def placement_run(request, tmp_path_factory):
     nproc = request.param
     root = tmp_path_factory.mktemp(f"placement{nproc}")
     cases, refused = [], []
-    for spec, mesh, place in CASES[nproc]:
-        out = root / f"{spec}__{mesh}__{place.replace(',', '-')}"
+    for spec, mesh, case_place in CASES[nproc]:
+        place = case_place.removesuffix(UNFUSED)
+        out = root / f"{spec}__{mesh}__{case_place.replace(',', '-').replace(' ', '-')}"
         path = spec_path(spec, root)
         try:
-            api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"])
-        except PlanError as exc:  # a placement the sizes do not allow: only the full matrix asks for those
-            refused.append((spec, mesh, place, str(exc)))
+            api.compile(path, mesh, out, force=[f"{TABLES[spec]}={place}"], fuse=place == case_place)
+        except PlanError as exc:  # a placement the sizes do not allow: reported, and checked against NOT_POSSIBLE
+            refused.append((spec, mesh, case_place, str(exc)))
             continue
-        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": place, "dir": str(out), "steps": STEPS,
+        cases.append({"spec": spec, "path": path, "mesh": mesh, "place": case_place, "dir": str(out), "steps": STEPS,
                       "dtype": "float64", "dump": str(out / "result.json")})
     for spec, mesh, strategy, place in STRATEGY_CASES[nproc]:
         out = root / f"{spec}__{mesh}__{strategy.replace(',', '-')}"
@@ -190,7 +214,8 @@ def test_tables_are_placed_and_held_as_planned(placement_run):
     for case in placement_run[1]:
         plan = read_plan(case["dir"])
         result = json.loads(open(case["dump"]).read())
-        words = case["place"].split(",") * (2 if "," not in case["place"] and "x" in case["mesh"] else 1)
+        place = case["place"].removesuffix(UNFUSED)
+        words = place.split(",") * (2 if "," not in place and "x" in case["mesh"] else 1)
         placed = [p for p in plan.params if p.group == "values" or (".moe." in p.name and p.name.split(".")[-1] in EXPERTS)]
         assert placed, case
         for p in placed:
