@@ -39,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plan_speed import machine
 
 ROOT = Path(__file__).resolve().parents[1]
-NEIGHBOURS = ("checkpoint", "ops", "progress", "runtime", "seeded", "train_data")
+
+def _neighbours() -> tuple[str, ...]:
+    """The module names every program ships beside itself (backends/program.py's VERBATIM, the one list)."""
+    from ultraplan.backends.program import VERBATIM
+
+    return tuple(Path(name).stem for name in VERBATIM)
 LOSS_AGREEMENT = 1e-4  # float32, a few AdamW steps: sums in another order (runner.LOSS_TOLERANCE is 1e-5 per loss)
 
 
@@ -47,7 +52,7 @@ LOSS_AGREEMENT = 1e-4  # float32, a few AdamW steps: sums in another order (runn
 
 
 def _load_program(directory: str):
-    for name in NEIGHBOURS:  # each program imports its own neighbour files
+    for name in _neighbours():  # each program imports its own neighbour files
         sys.modules.pop(name, None)
     sys.path.insert(0, directory)
     spec = importlib.util.spec_from_file_location("program_under_bench", f"{directory}/program.py")

@@ -108,3 +108,13 @@ def test_hostile_identifier_is_a_clear_error(tmp_path):
     spec.write_text(HOSTILE.replace("    b:\n", "    \"b; import os\":\n"))
     with pytest.raises(SpecError, match="plain identifier"):
         api.load(spec)
+
+
+def test_the_test_driver_reloads_every_shipped_module():
+    """tests/dist/driver.py forgets each program's neighbour modules between cases (one process runs
+    many programs); a module shipped beside programs but missing there would run stale between cases."""
+    from ultraplan.backends.program import VERBATIM
+
+    from tests.dist.driver import NEIGHBOURS
+
+    assert sorted(NEIGHBOURS) == sorted(name.removesuffix(".py") for name in VERBATIM)
