@@ -1,12 +1,10 @@
-"""The measuring half of ``ultraplan calibrate``: run under torchrun, every rank at once, as a compiled
-program's ranks run (on a CPU host the ranks share its cores and memory bus, so a rank's rates are
-measured while the others work too).
+"""The measuring half of ``ultraplan calibrate``: run under torchrun, as a compiled program's ranks run.
 
-The rates (matmul, copy, op overhead, loop pass, AdamW) are one core's: where more ranks run than
-the host has usable cores (``os.sched_getaffinity``), only as many ranks as cores time them, the
-others waiting, so that each timed rank has a core; the cost model shares them out by ``oversub``
-(passes/host_cost.py). The collectives are timed on every rank at once: their cost on a shared
-host is the wait for peers to be scheduled, which only the program's own rank count shows.
+The rates (matmul, copy, op overhead, loop pass, AdamW) are one core's, timed by as many ranks at
+once as the host has usable cores (``os.sched_getaffinity``; the others wait), so that they share
+its memory bus as a program's ranks do but each has a core; the cost model shares the cores out by
+``oversub`` (passes/host_cost.py). The collectives are timed on every rank at once: on a shared host
+their cost is the wait for peers to be scheduled, which only the program's own rank count shows.
 
 Each timed rank times, by medians of repeats after a warm-up:
 
