@@ -14,7 +14,15 @@ import pytest
 import sympy
 from ultraplan.compiler.validate import load_hardware_spec
 from ultraplan.passes.context import Mesh
-from ultraplan.passes.host_cost import COLL_KIND, COLL_OVERHEAD, OVERSUB, collective_rates, collectives_time, host_values
+from ultraplan.passes.host_cost import (
+    COLL_KIND,
+    COLL_OVERHEAD,
+    OVERSUB,
+    collective_rates,
+    collectives_time,
+    host_values,
+    kinds_correction,
+)
 from ultraplan.passes.pipeline import make_context, make_plan
 
 from ultraplan import api
@@ -145,3 +153,12 @@ def test_an_unknown_kind_is_refused(tmp_path):
     with pytest.raises(Exception, match="all_gahter"):
         load_hardware_spec(path)
     assert sympy.Symbol("coll_all_gather", nonnegative=True) == COLL_KIND["all_gather"]
+
+
+def test_kinds_correction_is_each_calls_figure_less_collective_overhead():
+    """What bench/step_time.py adds to a plan's step_time for its 'by kind' column: 5 all_gathers at
+    2 ms and 5 reduce_scatters at 3 ms instead of 1 ms each, the all_reduce (not listed) unchanged."""
+    values = host_values(dataclasses.replace(HOST, host_cores=2), 4)
+    calls = {"all_gather": 5, "reduce_scatter": 5, "all_reduce": 1}
+    assert kinds_correction(calls, values) == pytest.approx(5 * 1e-3 + 5 * 2e-3, rel=1e-12)
+    assert kinds_correction(calls, {}) == 0.0
