@@ -17,7 +17,10 @@ The machine's load moves by minutes, and a calibration describes the minute it r
 fitted again on the reference program right before each round of runs (``calibrate.refit``:
 every other figure kept), each case planned with that round's spec, and the table gives both
 predictions: ``once`` (the calibration before the rounds) and ``at run`` (the median over rounds
-of the round's own). ``--no-refit`` keeps the one calibration.
+of the round's own). ``--no-refit`` keeps the one calibration. With ``--refit`` the table also gives
+``by kind``: the round's plan with each collective call priced at its kind's calibrated figure
+(``collective_by_kind``) instead of the spec's one ``collective_overhead`` (the plan counts calls,
+not kinds: ``host_cost.kinds_correction``); ``bench/step_time_kinds.py`` re-prices a finished run.
 
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
@@ -117,6 +120,25 @@ def order_check(rows: list[dict]) -> tuple[int, int]:
     return pairs, agree
 
 
+def print_table(table: list[dict], columns: list[tuple[str, str]]) -> None:
+    """The markdown table of ``table``'s cases, a (prediction, its ratio to the measured time) pair per
+    ``columns`` entry (key, label), then per column the cases within 25% and the order check."""
+    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
+          + "measured ms (runs) | load |")
+    print("|---" * (5 + 2 * len(columns)) + "|")
+    for c in table:
+        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
+              + "".join(f"{c[key] * 1e3:.1f} | {c[key] / c['measured']:.2f} | " for key, _ in columns)
+              + f"{c['measured'] * 1e3:.1f} ({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | "
+              f"{statistics.median(c['load']):.1f} |")
+    for key, label in columns:
+        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
+        print(f"\n{label}: within 25% in {within} of {len(table)}")
+        for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
+            pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
+            print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
@@ -182,20 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       indent=1))
     columns = ([("before", "before")] if args.baseline and all("before" in c for c in table) else [])
     columns += [("once", "once")] + ([("predicted", "at run"), ("by_kind", "by kind")] if args.refit else [])
-    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
-          + "measured ms (runs) | load |")
-    print("|---" * (5 + 2 * len(columns)) + "|")
-    for c in table:
-        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
-              + "".join(f"{c[key] * 1e3:.1f} | {c[key] / c['measured']:.2f} | " for key, _ in columns)
-              + f"{c['measured'] * 1e3:.1f} ({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | "
-              f"{statistics.median(c['load']):.1f} |")
-    for key, label in columns:
-        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
-        print(f"\n{label}: within 25% in {within} of {len(table)}")
-        for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
-            pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
-            print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
+    print_table(table, columns)
     return 0
 
 

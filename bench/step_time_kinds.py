@@ -26,7 +26,7 @@ from ultraplan.passes.host_cost import host_values, kinds_correction
 from ultraplan import api
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_time import ORDER_MARGIN, order_check
+from step_time import print_table
 
 KIND_LINE = re.compile(r"group size: us at each size: (.*)\.$", re.M)
 
@@ -62,21 +62,7 @@ def main(argv: list[str]) -> int:
     for case in rows:
         case["by_kind"], case["by_kind_at_n"] = reprice(case, hw_dir)
     columns = [("predicted", "at run"), ("by_kind", "by kind"), ("by_kind_at_n", "by kind at n")]
-    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
-          + "measured ms |")
-    print("|---" * (4 + 2 * len(columns)) + "|")
-    for c in rows:
-        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
-              + "".join(f"{c[k] * 1e3:.1f} | {c[k] / c['measured']:.2f} | " for k, _ in columns)
-              + f"{c['measured'] * 1e3:.1f} |")
-    for key, label in columns:
-        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in rows)
-        groups = {}
-        for c in rows:
-            groups.setdefault((c["spec"], c["nproc"]), []).append(dict(c, predicted=c[key]))
-        pairs = [order_check(g) for g in groups.values()]
-        print(f"{label}: within 25% in {within} of {len(rows)}; order {sum(a for _, a in pairs)} of "
-              f"{sum(p for p, _ in pairs)} pairs measured more than {ORDER_MARGIN - 1:.0%} apart")
+    print_table(rows, columns)
     return 0
 
 
