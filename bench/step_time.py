@@ -17,7 +17,10 @@ The machine's load moves by minutes, and a calibration describes the minute it r
 fitted again on the reference program right before each round of runs (``calibrate.refit``:
 every other figure kept), each case planned with that round's spec, and the table gives both
 predictions: ``once`` (the calibration before the rounds) and ``at run`` (the median over rounds
-of the round's own). ``--no-refit`` keeps the one calibration.
+of the round's own). ``--no-refit`` keeps the one calibration. With ``--refit`` the table also gives
+``by kind``: the round's plan with each collective call priced at its kind's calibrated figure
+(``collective_by_kind``) instead of the spec's one ``collective_overhead`` (the plan counts calls,
+not kinds: ``host_cost.kinds_correction``); ``bench/step_time_kinds.py`` re-prices a finished run.
 
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
@@ -65,17 +68,26 @@ def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path
 
 PREDICT = """
 import json, sys
+from collections import Counter
 from ultraplan import api
+from ultraplan.passes.host_cost import host_values, kinds_correction
 hardware, nproc, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-print(json.dumps([api.plan(spec, nproc, hardware=hardware, strategy=strategy).total("step_time").value
-                  for spec, strategy in cases]))
+values = host_values(api.load_hardware(hardware), int(nproc))
+out = []
+for spec, strategy in cases:
+    plan = api.plan(spec, nproc, hardware=hardware, strategy=strategy)
+    step = plan.total("step_time").value
+    out.append([step, step + kinds_correction(Counter(c.collective for c in plan.collectives), values)])
+print(json.dumps(out))
 """
 
 
-def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[float]:
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[list[float]]:
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
     reference run for the runs' own ``steps``: later steps can differ from early ones), and every
-    case's modelled step time with it (one process plans them all)."""
+    case's modelled step time with it (one process plans them all): the plan's, and the plan's with
+    each collective call priced at its kind's figure (``host_cost.kinds_correction``: the plan
+    prices every call at ``collective_overhead``, build_plan counting calls, not kinds)."""
     out.write_text(base.read_text())
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
                     f"refit(Path({str(out)!r}), {nproc}, steps={steps})"], check=True, stdout=sys.stderr)
@@ -106,6 +118,25 @@ def order_check(rows: list[dict]) -> tuple[int, int]:
             pairs += 1
             agree += slow["predicted"] > fast["predicted"]
     return pairs, agree
+
+
+def print_table(table: list[dict], columns: list[tuple[str, str]]) -> None:
+    """The markdown table of ``table``'s cases, a (prediction, its ratio to the measured time) pair per
+    ``columns`` entry (key, label), then per column the cases within 25% and the order check."""
+    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
+          + "measured ms (runs) | load |")
+    print("|---" * (5 + 2 * len(columns)) + "|")
+    for c in table:
+        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
+              + "".join(f"{c[key] * 1e3:.1f} | {c[key] / c['measured']:.2f} | " for key, _ in columns)
+              + f"{c['measured'] * 1e3:.1f} ({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | "
+              f"{statistics.median(c['load']):.1f} |")
+    for key, label in columns:
+        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
+        print(f"\n{label}: within 25% in {within} of {len(table)}")
+        for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
+            pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
+            print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.refit and cases:
                 fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
                                           args.steps)
-                for case, value in zip(cases, fresh):
+                for case, (value, by_kind) in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
+                    case.setdefault("at_run_by_kind", []).append(by_kind)
             for case in cases:
                 report = run_case(case["dir"], args.steps)
                 if report is None:
@@ -164,26 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             case["measured"] = statistics.median(case["runs"])
             case["predicted"] = statistics.median(case["at_run"]) if args.refit else case["once"]
+            if args.refit:
+                case["by_kind"] = statistics.median(case["at_run_by_kind"])
         table += cases
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
                                                       indent=1))
     columns = ([("before", "before")] if args.baseline and all("before" in c for c in table) else [])
-    columns += [("once", "once")] + ([("predicted", "at run")] if args.refit else [])
-    print("| spec | ranks | strategy | " + "".join(f"{label} ms | {label} / measured | " for _, label in columns)
-          + "measured ms (runs) | load |")
-    print("|---" * (5 + 2 * len(columns)) + "|")
-    for c in table:
-        print(f"| {c['spec']} | {c['nproc']} | {c['strategy']} | "
-              + "".join(f"{c[key] * 1e3:.1f} | {c[key] / c['measured']:.2f} | " for key, _ in columns)
-              + f"{c['measured'] * 1e3:.1f} ({', '.join(f'{r * 1e3:.0f}' for r in c['runs'])}) | "
-              f"{statistics.median(c['load']):.1f} |")
-    for key, label in columns:
-        within = sum(abs(c[key] / c["measured"] - 1) <= 0.25 for c in table)
-        print(f"\n{label}: within 25% in {within} of {len(table)}")
-        for (spec, nproc), group in itertools.groupby(table, key=lambda c: (c["spec"], c["nproc"])):
-            pairs, agree = order_check([dict(c, predicted=c[key]) for c in group])
-            print(f"  order {spec} on {nproc}: {agree} of {pairs} pairs differing by > 25% predicted in the measured order")
+    columns += [("once", "once")] + ([("predicted", "at run"), ("by_kind", "by kind")] if args.refit else [])
+    print_table(table, columns)
     return 0
 
 

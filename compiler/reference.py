@@ -101,7 +101,10 @@ def sections() -> dict[str, list[str]]:
     out["norm"] = [f"`norm:` / `final_norm:` as a mapping. {_docstring(NormSpec)}", "", *dataclass_table(NormSpec)]
     out["train"] = [f"The optional top-level `train:` mapping. {_docstring(TrainSpec)}", "", *dataclass_table(TrainSpec)]
     out["hardware"] = ["A hardware spec's `hardware:` mapping; also `peak_flops: {fp32: FLOP/s, bf16: ...}` "
-                       "(fp32 required) and the links `intra_node` and `inter_node` (see link).", "",
+                       "(fp32 required), the links `intra_node` and `inter_node` (see link) and, from `ultraplan "
+                       "calibrate`, `collective_by_kind: {all_reduce: s, all_gather: s, reduce_scatter: s, "
+                       "all_to_all: s}` (seconds per call beyond the link; a kind not listed: "
+                       "`collective_overhead`).", "",
                        *dataclass_table(_HardwareFields)]
     out["link"] = [f"`intra_node:` / `inter_node:` of a hardware spec. {_docstring(LinkSpec)}", "",
                    *dataclass_table(LinkSpec)]

@@ -249,6 +249,9 @@ class HardwareSpec:
     optimizer_element: float = 0.0  # AdamW seconds per parameter element
     collective_overhead: float = 0.0  # seconds per collective call beyond its link's formula
     loop_pass: float = 0.0  # seconds per pass of an op's Python loop (an expert), forward or backward
+    # seconds per call of each collective kind beyond its link's formula; a kind not listed: collective_overhead
+    collective_by_kind: dict[str, float] = field(default_factory=dict)
+    host_cores: int = 0  # cores the ranks of one node share (calibrate); 0: not modelled (a core per device)
 
     @property
     def num_devices(self) -> int:

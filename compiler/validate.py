@@ -115,6 +115,14 @@ def read_hardware(doc: Document) -> HardwareSpec:
             flops[dtype] = coerce(doc, Sourced(value, (*item.path, dtype)), float)
         if "fp32" not in flops:
             raise doc.error(item.path, "peak_flops needs at least an fp32 entry", hint="add 'fp32: 1.0e+12'")
+    by_kind = {}
+    if "collective_by_kind" in items:
+        item = items.pop("collective_by_kind")
+        for kind, value in expect_mapping(doc, item, "collective_by_kind").items():
+            if kind not in COLLECTIVE_KINDS:
+                raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
+                                hint="one of " + ", ".join(COLLECTIVE_KINDS))
+            by_kind[kind] = coerce(doc, Sourced(value, (*item.path, kind)), float)
     spec = read_dataclass(doc, _HardwareFields, items, path)
     for key in ("intra_node", "inter_node"):
         if key not in links:
@@ -126,7 +134,7 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         intra_node=links["intra_node"], inter_node=links["inter_node"], source=Path(doc.file).name,
                         op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
                         optimizer_element=spec.optimizer_element, collective_overhead=spec.collective_overhead,
-                        loop_pass=spec.loop_pass)
+                        loop_pass=spec.loop_pass, collective_by_kind=by_kind, host_cores=spec.host_cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +156,12 @@ class _HardwareFields:
         "min": 0, "doc": "seconds a collective call costs a program beyond its link's formula (ultraplan calibrate)"})
     loop_pass: float = dataclasses.field(default=0.0, metadata={
         "min": 0, "doc": "seconds per pass of an op's Python loop, forward or backward (ultraplan calibrate)"})
+    host_cores: int = dataclasses.field(default=0, metadata={
+        "min": 0, "doc": "cores the ranks of one node share (ultraplan calibrate; 0: a core per device)"})
+
+
+# the collectives a hardware spec's collective_by_kind may price (passes/sbp.py's kinds)
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def load_model_spec(path: str | Path, text: str | None = None) -> ModelSpec:

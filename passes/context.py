@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from ..compiler.schema import HardwareSpec, ModelSpec
-from .host_cost import host_values
+from .host_cost import host_values, oversubscription
 from .symbols import PEAK, B, T, axis_bandwidth, axis_latency, axis_size
 
 
@@ -84,14 +84,16 @@ class PlanContext:
     def values(self) -> dict[sympy.Symbol, float]:
         """Numbers for every symbol a cost may contain."""
         peak = self.hardware.peak_flops  # at the precision the step computes in (fp32 when not listed)
-        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq,
-                                          PEAK: peak.get(self.spec.train.precision, peak["fp32"])}
+        # a rank's FLOP/s: one core's, shared where more ranks than cores run on a host (host_cost.py)
+        share = oversubscription(self.hardware, self.mesh.size)
+        rate = peak.get(self.spec.train.precision, peak["fp32"])
+        out: dict[sympy.Symbol, float] = {B: self.batch, T: self.seq, PEAK: rate / share if share != 1 else rate}
         for axis, n in enumerate(self.mesh.shape):
             link = self.axis_link(axis)
             out[axis_size(axis)] = n
             out[axis_bandwidth(axis)] = link.bandwidth
             out[axis_latency(axis)] = link.latency
-        return out | host_values(self.hardware)  # a calibrated spec's host terms (passes/host_cost.py)
+        return out | host_values(self.hardware, self.mesh.size)  # a calibrated spec's host terms (passes/host_cost.py)
 
 
 @dataclass

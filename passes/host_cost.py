@@ -10,18 +10,30 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
     memory_time    = (bytes read + written by every op, over the devices splitting it)
                      * (3 in train: the backward reads the output's gradient and the saved inputs
                      and writes the inputs' gradients, about twice the forward's traffic; 1 in infer)
-                     / mem_bw
-    overhead_time  = launches * op_overhead + passes * loop_pass + collectives * coll_overhead
-                     + (train) local parameter tensors * opt_tensor + local parameter elements * opt_element
+                     * oversub / mem_bw
+    overhead_time  = oversub * (launches * op_overhead + passes * loop_pass
+                                + (train) local parameter tensors * opt_tensor + local parameter elements * opt_element)
+                     + sum over the step's collectives of coll_<kind> (coll_overhead where the kind is not given)
     launches       = op nodes in the forward + those the backward reaches (each runs again there),
                      + the step's collectives (each a call through the runtime: an autograd
                      function, a buffer to pack or unpack; beside the link's latency)
     passes         = for an op that loops in Python (the op table's ``loop``: the dropless MoE runs
                      each local expert in turn, a dozen torch ops each), the local size of its loop
                      dim, forward and again backward
-    collectives    = the step's collectives: what each costs a program beyond the link's formula
-                     (the wait for its peers, which on a host with more ranks than cores is the
-                     wait for them to be scheduled), timed in place by calibrate
+    coll_<kind>    = what a collective of that kind (all_reduce, all_gather, reduce_scatter,
+                     all_to_all) costs a program beyond the link's formula: the runtime's call and
+                     the wait for its peers, which on a host with more ranks than cores is the wait
+                     for them to be scheduled; timed in place by calibrate, per kind, with as many
+                     ranks as the programs run (so it is not scaled by ``oversub``)
+    oversub        = max(1, ranks on the host / the host's cores): a rank's share of a core. A CPU
+                     rank's FLOP/s, copy bandwidth and per-op overhead are one core's; where more
+                     ranks than cores share a host each runs ``oversub`` times slower (the
+                     scheduler time-slices them). Context.values divides ``peak`` by it too, so
+                     compute_time = FLOPs / (peak / oversub). 1 for a spec without ``host_cores``.
+
+build_plan gives the count of the step's collectives, not their kinds, so a plan prices each call at
+``coll_overhead`` (calibrate writes the median of the kinds' figures there); ``host_times`` and
+``host_rates`` price each kind apart when given the calls by kind (``collectives_time``).
 
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
 how); ``loop_pass``, ``coll_overhead``, ``opt_tensor`` and ``opt_element`` (AdamW's cost per
@@ -38,6 +50,7 @@ objective is the plan's ``step_time`` with them too: tests/unit/test_search_host
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import sympy
@@ -51,6 +64,9 @@ OPT_TENSOR = sympy.Symbol("opt_tensor", nonnegative=True)
 OPT_ELEMENT = sympy.Symbol("opt_element", nonnegative=True)
 LOOP_PASS = sympy.Symbol("loop_pass", nonnegative=True)
 COLL_OVERHEAD = sympy.Symbol("coll_overhead", nonnegative=True)
+OVERSUB = sympy.Symbol("oversub", positive=True)
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+COLL_KIND = {kind: sympy.Symbol(f"coll_{kind}", nonnegative=True) for kind in COLLECTIVE_KINDS}
 BACKWARD_TRAFFIC = 2  # the backward's bytes per forward byte (module docstring)
 
 
@@ -72,40 +88,66 @@ def calibrated(hardware: HardwareSpec) -> bool:
     return hardware.op_overhead > 0
 
 
-def host_values(hardware: HardwareSpec) -> dict[sympy.Symbol, float]:
-    """The numbers of this module's symbols; none for an uncalibrated spec (its plans never use them)."""
+def oversubscription(hardware: HardwareSpec, ranks: int) -> float:
+    """``oversub``: how many ranks share each core of a host when ``ranks`` ranks run on this
+    hardware (as many on a node as it has devices), at least 1; 1 where the spec does not say how
+    many cores a host has (a GPU machine: a rank's device is its own)."""
+    if hardware.host_cores <= 0:
+        return 1.0
+    return max(1.0, min(ranks, hardware.devices_per_node) / hardware.host_cores)
+
+
+def collective_figure(hardware: HardwareSpec, kind: str) -> float:
+    """Seconds a call of ``kind`` costs beyond its link: calibrate's figure for that kind, else the
+    spec's one ``collective_overhead`` (a spec calibrated before the kinds were timed apart)."""
+    return hardware.collective_by_kind.get(kind, hardware.collective_overhead)
+
+
+def host_values(hardware: HardwareSpec, ranks: int | None = None) -> dict[sympy.Symbol, float]:
+    """The numbers of this module's symbols for a plan of ``ranks`` ranks (None: as many as the spec
+    has devices); none for an uncalibrated spec (its plans never use them)."""
     if not calibrated(hardware):
         return {}
+    ranks = hardware.num_devices if ranks is None else ranks
     return {MEM_BW: hardware.memory_bandwidth, OP_OVERHEAD: hardware.op_overhead,
             OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element,
-            LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead}
+            LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead,
+            OVERSUB: oversubscription(hardware, ranks)} | {
+            symbol: collective_figure(hardware, kind) for kind, symbol in COLL_KIND.items()}
 
 
 def traffic_time(traffic: sympy.Expr, train: bool) -> sympy.Expr:
     """Seconds of ``traffic`` forward bytes on a device, with the backward's share in training."""
-    return traffic * (1 + BACKWARD_TRAFFIC if train else 1) / MEM_BW
+    return traffic * (1 + BACKWARD_TRAFFIC if train else 1) * OVERSUB / MEM_BW
 
 
 def launch_time(launches: sympy.Expr, passes: sympy.Expr) -> sympy.Expr:
     """Seconds of op launches (each forward or backward run of a plan op) and loop passes."""
-    return launches * OP_OVERHEAD + passes * LOOP_PASS
+    return (launches * OP_OVERHEAD + passes * LOOP_PASS) * OVERSUB
 
 
-def collectives_time(collectives: sympy.Expr) -> sympy.Expr:
-    """What ``collectives`` calls cost beyond their links: a launch each and the wait for the peers."""
-    return collectives * (OP_OVERHEAD + COLL_OVERHEAD)
+def collectives_time(collectives: sympy.Expr | Mapping[str, sympy.Expr]) -> sympy.Expr:
+    """What collective calls cost beyond their links: a launch each (a rank's share of a core) and the
+    wait for the peers, per kind. ``collectives``: the calls by kind, or their number where the
+    caller does not give kinds (each then priced at ``coll_overhead``)."""
+    if not isinstance(collectives, Mapping):
+        return collectives * (OP_OVERHEAD * OVERSUB + COLL_OVERHEAD)
+    return sympy.Add(*(count * (OP_OVERHEAD * OVERSUB + COLL_KIND.get(kind, COLL_OVERHEAD))
+                       for kind, count in collectives.items()))
 
 
 def optimizer_time(tensors: sympy.Expr, elements: sympy.Expr) -> sympy.Expr:
     """AdamW's seconds for ``tensors`` local parameter tensors of ``elements`` elements in all."""
-    return tensors * OPT_TENSOR + elements * OPT_ELEMENT
+    return (tensors * OPT_TENSOR + elements * OPT_ELEMENT) * OVERSUB
 
 
 def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr, passes: sympy.Expr,
-               collectives: int, param_elements: sympy.Expr, param_tensors: int, train: bool) -> dict[str, sympy.Expr]:
+               collectives: int | Mapping[str, int], param_elements: sympy.Expr, param_tensors: int,
+               train: bool) -> dict[str, sympy.Expr]:
     """``memory_time`` and ``overhead_time`` (module docstring); empty for an uncalibrated spec.
     ``traffic``: the forward's bytes per device; ``launches`` the op launches (collectives not
-    included); ``param_elements``: the local (stored) elements."""
+    included); ``collectives``: the step's calls by kind (or their number: see collectives_time);
+    ``param_elements``: the local (stored) elements."""
     if not calibrated(hardware):
         return {}
     overhead = launch_time(launches, passes) + collectives_time(collectives)
@@ -118,7 +160,8 @@ def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr
 class HostRates:
     """The host terms per unit, in seconds, for the search: per forward byte of an op's traffic (the
     backward's included in training), per op launch, per loop pass, per collective call, per
-    parameter tensor and per parameter element in AdamW. All 0 for an uncalibrated spec."""
+    parameter tensor and per parameter element in AdamW. All 0 for an uncalibrated spec.
+    ``collective`` prices a call whose kind is not given (``collective_rates``: each kind's)."""
 
     byte: float = 0.0
     launch: float = 0.0
@@ -132,12 +175,22 @@ class HostRates:
         return self != HostRates()
 
 
+def kinds_correction(calls: Mapping[str, int], values: dict) -> float:
+    """Seconds a plan's ``step_time`` changes by when its collective calls (``calls``, by kind) are
+    priced at their kinds' figures rather than each at ``coll_overhead`` (build_plan gives the count
+    only): what ``collectives_time`` given the kinds would add. 0 for an uncalibrated spec."""
+    if MEM_BW not in values:
+        return 0.0
+    return float((collectives_time(calls) - collectives_time(sum(calls.values()))).xreplace(values))
+
+
 def host_rates(values: dict, train: bool) -> HostRates:
     """This module's formulas at unit counts, evaluated at ``values`` (a context's: the host symbols
     are there only for a calibrated spec; without them every rate is 0)."""
     if MEM_BW not in values:
         return HostRates()
-    one = {s: values[s] for s in (MEM_BW, OP_OVERHEAD, OPT_TENSOR, OPT_ELEMENT, LOOP_PASS, COLL_OVERHEAD)}
+    one = {s: values[s] for s in (MEM_BW, OP_OVERHEAD, OPT_TENSOR, OPT_ELEMENT, LOOP_PASS, COLL_OVERHEAD, OVERSUB,
+                                  *COLL_KIND.values())}
 
     def at(expr: sympy.Expr) -> float:
         return float(sympy.sympify(expr).xreplace(one))
@@ -145,3 +198,11 @@ def host_rates(values: dict, train: bool) -> HostRates:
     return HostRates(at(traffic_time(1, train)), at(launch_time(1, 0)), at(launch_time(0, 1)),
                      at(collectives_time(1)), at(optimizer_time(1, 0)) if train else 0.0,
                      at(optimizer_time(0, 1)) if train else 0.0)
+
+
+def collective_rates(values: dict) -> dict[str, float]:
+    """Seconds per collective call of each kind beyond its link (``collectives_time`` of one call), at
+    ``values``; all 0 for an uncalibrated spec. For a search that counts its calls by kind."""
+    if MEM_BW not in values:
+        return dict.fromkeys(COLLECTIVE_KINDS, 0.0)
+    return {kind: float(collectives_time({kind: 1}).xreplace(values)) for kind in COLLECTIVE_KINDS}

@@ -8,17 +8,21 @@ the ring model the plan prices each collective with):
 
     seconds = messages(kind, n) * latency + wire_bytes(kind, n, payload) / bandwidth
 
-one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). A
-small all-reduce is also timed in place, between chains of tiny ops with no barrier, as a program
-calls it; what it takes beyond the link's formula is ``collective_overhead``, per call (on a CPU
-host with more ranks than cores, mostly the wait for the peers to be scheduled). All
+one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). Each
+kind is also timed in place at 1 and 64 KiB, between chains of tiny ops with no barrier, as a
+program calls it; what it takes beyond the link's formula is ``collective_by_kind``, per call (the
+median over sizes and group sizes; on a CPU host with more ranks than cores, mostly the wait for
+the peers to be scheduled), and ``collective_overhead`` the median of the kinds. All
 ranks of one host share its links, so ``intra_node`` holds the joint fit and ``inter_node`` the same
 figures: nothing crosses a node here, and a plan for this machine never prices an axis across nodes.
 
-The ranks are measured while they all run, as a compiled program's ranks do: on a CPU host of C
-cores, N > C ranks share the cores, and each rank's FLOP/s, bandwidth and overhead shrink to about
-C / N of one rank alone. The spec therefore describes this machine *as ``nproc`` devices*
-(``devices_per_node: nproc``): calibrate once per rank count you run with.
+On a CPU host of C usable cores (``host_cores``, the affinity mask) with N > C ranks, the rates are
+timed by C ranks at once (a core each) and the cost model shares them out: each rank runs at
+1 / ``oversub`` = C / N of them (passes/host_cost.py). Timing all N at once instead gives each
+rank's median over windows the scheduler happened to give it alone (a 4-rank calibration on 2
+cores measured a higher FLOP/s per rank than a 2-rank one). The collectives are timed with all N
+ranks running, so their figures hold for N ranks: calibrate once per rank count you run with
+(the spec describes this machine as ``nproc`` devices, ``devices_per_node: nproc``).
 """
 
 from __future__ import annotations
@@ -84,9 +88,14 @@ def summarise(raw: dict) -> dict:
     rows = [r for r in raw["collectives"] if not r.get("in_place")]
     per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
     link = fit_link(rows)
-    overhead = {r["n"]: max(r["seconds"] - in_link(link, r), 0.0) for r in raw["collectives"] if r.get("in_place")}
-    return {"collective_overhead": statistics.median(overhead.values()) if overhead else 0.0,
-            "collective_overhead_by_group_size": overhead, "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
+    beyond: dict[str, dict[int, list[float]]] = {}  # kind -> group size -> seconds beyond the link, per size
+    for r in raw["collectives"]:
+        if r.get("in_place"):
+            beyond.setdefault(r["kind"], {}).setdefault(r["n"], []).append(max(r["seconds"] - in_link(link, r), 0.0))
+    by_kind = {kind: statistics.median(v for vs in by_n.values() for v in vs) for kind, by_n in beyond.items()}
+    return {"collective_overhead": statistics.median(by_kind.values()) if by_kind else 0.0,
+            "collective_by_kind": by_kind, "collective_beyond": beyond, "host_cores": raw.get("host_cores", 0),
+            "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
             "peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
             "op_overhead": statistics.median(raw["op_overhead"]),
             "optimizer_tensor": statistics.median(raw["optimizer"]["tensor"]),
@@ -128,10 +137,14 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         f"# error {link['median_rel_error']:.0%}; by group size: " + "; ".join(
             f"{n}: {f['latency'] * 1e6:.0f} us, {f['bandwidth'] / 1e9:.2f} GB/s ({f['median_rel_error']:.0%})"
             for n, f in figures["link_by_group_size"].items()) + ".",
-        "# collective_overhead: a 1 KiB all_reduce timed in place (between tiny ops, no barrier) less the",
-        "# link's formula, per call; by group size: " + "; ".join(
-            f"{n}: {v * 1e6:.0f} us" for n, v in figures["collective_overhead_by_group_size"].items())
-        + ". loop_pass: one expert of the dropless MoE's loop, forward or backward.",
+        "# collective_by_kind: each kind timed in place (between tiny ops, no barrier) less the link's",
+        "# formula, per call, the median over sizes and group sizes (collective_overhead: their median);",
+        "# group size: us at each size: " + "; ".join(
+            f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
+            for kind, by_n in figures["collective_beyond"].items()) + ".",
+        f"# host_cores: the cores the ranks share (affinity); the rates are one core's, timed by "
+        f"{min(nproc, figures['host_cores'] or nproc)} rank(s) at once;",
+        "# a plan of more ranks than cores shares them out (oversub). loop_pass: one expert of the MoE's loop.",
         "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
         "hardware:",
         f"  name: {name}",
@@ -145,6 +158,8 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         f"  optimizer_element: {figures['optimizer_element']:.4g}",
         f"  collective_overhead: {figures['collective_overhead']:.4g}",
         f"  loop_pass: {figures['loop_pass']:.4g}",
+        "  collective_by_kind: {" + ", ".join(f"{k}: {v:.4g}" for k, v in figures["collective_by_kind"].items()) + "}",
+        f"  host_cores: {figures['host_cores']}",
         f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
         f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
     ]
@@ -174,7 +189,7 @@ def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = No
     A plan op runs several torch ops (an attention a dozen, a linear one or two) and each pays the
     dispatcher and autograd; the microbenchmark's one tiny op is the floor it is not let below."""
     from ultraplan import api
-    from ultraplan.passes.host_cost import OP_OVERHEAD
+    from ultraplan.passes.host_cost import OP_OVERHEAD, OVERSUB, host_values
     from ultraplan.runner import run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,14 +199,18 @@ def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = No
         report = run(Path(tmp), nproc=nproc, steps=steps, seed=None, check=False, quiet=True, timed=True)
     if not report["ok"]:
         raise RuntimeError(f"the reference program failed (exit code {report['exit_code']})")
-    current = api.load_hardware(spec).op_overhead  # the microbenchmark's, or an earlier fit (``refit``)
+    hardware = api.load_hardware(spec)
+    current = hardware.op_overhead  # the microbenchmark's, or an earlier fit (``refit``)
     floor = current if floor is None else floor
-    launches = float(sympy.sympify(plan.total("overhead_time").expr).coeff(sympy.Symbol(str(OP_OVERHEAD))))
+    share = host_values(hardware, nproc)[OVERSUB]  # op_overhead is one core's: launches count oversub times
+    coefficient = sympy.sympify(plan.total("overhead_time").expr).expand().coeff(sympy.Symbol(str(OP_OVERHEAD)))
+    launches = float(coefficient.subs(sympy.Symbol(str(OVERSUB)), share))
     rest = plan.total("step_time").value - launches * current
     measured = report["step_time_measured_s"]
     fitted = max(floor, (measured - rest) / launches)
     print(f"calibrate: reference step {measured * 1e3:.1f} ms measured, {rest * 1e3:.1f} ms modelled without op "
-          f"overhead, {launches:.0f} op launches: {fitted * 1e6:.1f} us per plan op", file=sys.stderr, flush=True)
+          f"overhead, {launches:.0f} op launches (oversub included): {fitted * 1e6:.1f} us per plan op",
+          file=sys.stderr, flush=True)
     return {"op_overhead": fitted, "op_overhead_floor": floor, "reference_measured": measured,
             "reference_rest": rest, "reference_launches": launches}
 

@@ -1,8 +1,12 @@
-"""The measuring half of ``ultraplan calibrate``: run under torchrun, every rank at once, as a compiled
-program's ranks run (on a CPU host the ranks share its cores and memory bus, so a rank's rates are
-measured while the others work too).
+"""The measuring half of ``ultraplan calibrate``: run under torchrun, as a compiled program's ranks run.
 
-Each rank times, by medians of repeats after a warm-up:
+The rates (matmul, copy, op overhead, loop pass, AdamW) are one core's, timed by as many ranks at
+once as the host has usable cores (``os.sched_getaffinity``; the others wait), so that they share
+its memory bus as a program's ranks do but each has a core; the cost model shares the cores out by
+``oversub`` (passes/host_cost.py). The collectives are timed on every rank at once: on a shared host
+their cost is the wait for peers to be scheduled, which only the program's own rank count shows.
+
+Each timed rank times, by medians of repeats after a warm-up:
 
 - ``matmul``: square matrix products at each dtype (FLOPs ``2 n^3``, as ``FlopCounterMode`` counts);
 - ``copy``: a large tensor copied (bytes read + written over seconds: the memory bandwidth);
@@ -13,10 +17,11 @@ Each rank times, by medians of repeats after a warm-up:
   pass of its op's loop (passes/host_cost.py);
 - collectives on every process group a mesh axis of this world would use (the whole world, and
   for each divisor size the groups of consecutive ranks), at several sizes; rank 0 records them.
-  Each after a barrier, for the link's latency and bandwidth, and once more *in place*: a small
-  all-reduce between chains of tiny ops, no barrier, as a program calls it. The difference is what
-  a collective costs a program beyond its link: the runtime's call, and, where more ranks than
-  cores share the host, the wait for the peers to be scheduled (``collective_overhead``).
+  Each after a barrier, for the link's latency and bandwidth, and once more *in place*: each kind,
+  at 1 KiB and 64 KiB (the sizes of the tiny programs' per-layer collectives), between chains of
+  tiny ops, no barrier, as a program calls it. The difference is what a collective of that kind
+  costs a program beyond its link: the call, and, where more ranks than cores share the host, the
+  wait for the peers to be scheduled (``collective_by_kind``).
 
 Rank 0 writes one JSON file (``--out``) that ``ultraplan.calibrate`` fits. Progress goes to stderr.
 """
@@ -39,6 +44,18 @@ ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_te
 REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 # NCCL and each rank's GPU where there are GPUs (as the emitted runtime chooses), else gloo on the CPU
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+IN_PLACE_NUMELS = (256, 16384)  # 1 KiB and 64 KiB of float32 per rank
+
+
+def host_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def timing_rank() -> bool:
+    """Does this rank time the per-core rates? On a CPU host the first ``host_cores()`` ranks (a core
+    each; the rest wait in the gather); on GPUs every rank (its own device)."""
+    return DEVICE.type == "cuda" or dist.get_rank() < host_cores()
 
 
 def sync() -> None:
@@ -66,11 +83,16 @@ def timed(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def gathered(value: float) -> list[float]:
-    """Every rank's ``value``, in rank order."""
+def gathered(value: float | None) -> list[float]:
+    """Every rank's ``value``, in rank order, leaving out the ranks that timed nothing (None)."""
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
-    return out
+    return [v for v in out if v is not None]
+
+
+def per_core(fn, *args) -> float | None:
+    """``fn(*args)`` on a timing rank; None (nothing timed) on the others."""
+    return fn(*args) if timing_rank() else None
 
 
 def matmul_rates(sizes: list[int], dtypes: list[str], repeats: int) -> dict[str, dict]:
@@ -80,8 +102,8 @@ def matmul_rates(sizes: list[int], dtypes: list[str], repeats: int) -> dict[str,
             a = torch.randn(n, n, dtype=getattr(torch, dtype), device=DEVICE)
             b = torch.randn(n, n, dtype=getattr(torch, dtype), device=DEVICE)
             dist.barrier()
-            seconds = timed(lambda a=a, b=b: torch.mm(a, b), repeats)
-            rates = gathered(2 * n**3 / seconds)
+            seconds = per_core(timed, lambda a=a, b=b: torch.mm(a, b), repeats)
+            rates = gathered(None if seconds is None else 2 * n**3 / seconds)
             out.setdefault(dtype, {})[n] = rates
             say(f"matmul {dtype} {n}x{n}: {statistics.median(rates) / 1e9:.2f} GFLOP/s per rank (median of ranks)")
     return out
@@ -91,8 +113,8 @@ def copy_rate(numel: int, repeats: int) -> list[float]:
     src = torch.randn(numel, device=DEVICE)
     dst = torch.empty_like(src)
     dist.barrier()
-    seconds = timed(lambda: dst.copy_(src), repeats)
-    rates = gathered(2 * src.numel() * src.element_size() / seconds)
+    seconds = per_core(timed, lambda: dst.copy_(src), repeats)
+    rates = gathered(None if seconds is None else 2 * src.numel() * src.element_size() / seconds)
     say(f"memory copy {src.numel() * 4 / 2**20:.0f} MiB: {statistics.median(rates) / 1e9:.2f} GB/s per rank")
     return rates
 
@@ -108,7 +130,8 @@ def op_overhead(chain: int, repeats: int) -> list[float]:
         y.sum().backward()
 
     dist.barrier()
-    per_op = gathered(timed(step, repeats) / chain)
+    seconds = per_core(timed, step, repeats)
+    per_op = gathered(None if seconds is None else seconds / chain)
     say(f"per-op overhead (forward + backward through autograd): {statistics.median(per_op) * 1e6:.1f} us")
     return per_op
 
@@ -126,8 +149,11 @@ def optimizer_costs(numel: int, tensors: int, repeats: int) -> dict[str, list[fl
 
     small = [torch.randn(8, device=DEVICE, requires_grad=True) for _ in range(tensors)]
     dist.barrier()
-    per_tensor = step_seconds(small) / tensors
-    per_element = max(step_seconds([torch.randn(numel, device=DEVICE, requires_grad=True)]) - per_tensor, 0.0) / numel
+    per_tensor = per_element = None
+    if timing_rank():
+        per_tensor = step_seconds(small) / tensors
+        per_element = max(step_seconds([torch.randn(numel, device=DEVICE, requires_grad=True)]) - per_tensor,
+                          0.0) / numel
     out = {"tensor": gathered(per_tensor), "element": gathered(per_element)}
     say(f"AdamW: {statistics.median(out['tensor']) * 1e6:.1f} us per parameter tensor, "
         f"{statistics.median(out['element']) * 1e9:.2f} ns per element")
@@ -150,27 +176,29 @@ def loop_pass(repeats: int, tokens: int = 64, width: int = 32, hidden: int = 24)
 
     few, many = run(2), run(16)
     dist.barrier()
-    seconds = max(timed(many, repeats) - timed(few, repeats), 0.0) / 14 / 2
+    seconds = None
+    if timing_rank():
+        seconds = max(timed(many, repeats) - timed(few, repeats), 0.0) / 14 / 2
     out = gathered(seconds)
     say(f"loop pass (one expert of the dropless MoE, forward or backward): {statistics.median(out) * 1e6:.1f} us")
     return out
 
 
-def in_place_collective(n: int, group, calls: int, chain: int = 8, numel: int = 256) -> float:
-    """Seconds one small all_reduce adds to a program on a group of ``n``: ``calls`` rounds of ``chain``
-    tiny ops then the all_reduce, no barrier in between, less the same rounds without it (medians of
-    3). Ranks drift apart between collectives as a program's do, so each call pays the wait for
-    its slowest peer, which a barrier before each timed call hides."""
-    x, y = torch.randn(numel, device=DEVICE), torch.randn(8, device=DEVICE)
+def in_place_collective(kind: str, numel: int, n: int, group, calls: int, chain: int = 8) -> float:
+    """Seconds one ``kind`` of ``numel`` floats adds to a program on a group of ``n``: ``calls`` rounds
+    of ``chain`` tiny ops then the collective, no barrier in between, less the same rounds without it
+    (medians of 3). Ranks drift apart between collectives as a program's do, so each call pays the
+    wait for its slowest peer, which a barrier before each timed call hides."""
+    collective, y = run_collective(kind, numel, group, n), torch.randn(8, device=DEVICE)
 
-    def rounds(collective: bool):
+    def rounds(with_collective: bool):
         def fn():
             for _ in range(calls):
                 z = y
                 for _ in range(chain):
                     z = z * 1.0001
-                if collective:
-                    dist.all_reduce(x, group=group)
+                if with_collective:
+                    collective()
             sync()
         return fn
 
@@ -234,10 +262,12 @@ def collectives(sizes: list[int], repeats: int) -> list[dict]:
                 seconds = statistics.median(barrier_then() for _ in range(repeats))
                 seconds = max(gathered(seconds))  # the collective ends when its slowest member has it
                 rows.append({"kind": kind, "n": n, "payload_bytes": payload, "seconds": seconds})
-            if kind == "all_reduce":
-                seconds = max(gathered(in_place_collective(n, mine, 20 if repeats < 9 else 50)))
-                rows.append({"kind": kind, "n": n, "payload_bytes": 1024, "seconds": seconds, "in_place": True})
-                say(f"all_reduce of 1 KiB in place (between tiny ops, no barrier) on groups of {n}: {seconds * 1e6:.0f} us")
+            for numel in IN_PLACE_NUMELS:
+                seconds = max(gathered(in_place_collective(kind, numel, n, mine, 20 if repeats < 9 else 40)))
+                payload = (numel if kind in ("all_reduce", "all_gather") else numel - numel % n or n) * 4
+                rows.append({"kind": kind, "n": n, "payload_bytes": payload, "seconds": seconds, "in_place": True})
+                say(f"{kind} of {payload / 1024:.0f} KiB in place (between tiny ops, no barrier) on groups of {n}: "
+                    f"{seconds * 1e6:.0f} us")
             say(f"{kind} on groups of {n}: " + ", ".join(
                 f"{r['payload_bytes'] / 1024:.0f} KiB {r['seconds'] * 1e6:.0f} us"
                 for r in rows if r["kind"] == kind and r["n"] == n and not r.get("in_place")))
@@ -259,6 +289,7 @@ def main(argv=None) -> None:
     result = {
         "world_size": dist.get_world_size(),
         "threads_per_rank": torch.get_num_threads(),
+        "host_cores": host_cores() if DEVICE.type == "cpu" else 0,
         # a GPU reaches its rates only on large operands (and a copy larger than its caches)
         "matmul": matmul_rates(([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512]),
                                ["float32", "bfloat16"], 3 if quick else 7),

@@ -10,6 +10,7 @@ missing or counted many times over, not noise. docs/cost-model.md has the full t
 from __future__ import annotations
 
 import math
+import os
 import statistics
 
 import pytest
@@ -18,6 +19,8 @@ from ultraplan.compiler.validate import load_hardware_spec
 from ultraplan import api
 from ultraplan.calibrate import calibrate, ring_terms
 from ultraplan.runner import run
+
+from tests.unit.test_calibrate import KINDS, ring
 
 pytestmark = pytest.mark.slow
 
@@ -32,10 +35,17 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
     # an expert of the dropless MoE runs a dozen torch ops: a pass costs more than one tiny op
     assert hw.loop_pass > figures["op_overhead_floor"] / 2
     link = figures["link"]
+    assert hw.host_cores == len(os.sched_getaffinity(0))
+    # each kind timed in place at 1 and 64 KiB; its figure: the median of what it took beyond the link's
+    # formula (the ring model written out in tests/unit/test_calibrate.py), collective_overhead their median
     in_place = [r for r in figures["raw"]["collectives"] if r.get("in_place")]
-    assert [r["n"] for r in in_place] == [2]
-    assert hw.collective_overhead == pytest.approx(max(in_place[0]["seconds"] - (
-        2 * link["latency"] + 1024 / link["bandwidth"]), 0.0), rel=1e-3)  # 1 KiB all_reduce on 2: 2 messages
+    assert sorted((r["kind"], r["n"]) for r in in_place) == sorted((k, 2) for k in KINDS for _ in range(2))
+    for kind in KINDS:
+        beyond = [max(r["seconds"] - ring(kind, 2, r["payload_bytes"])[0] * link["latency"]
+                      - ring(kind, 2, r["payload_bytes"])[1] / link["bandwidth"], 0.0)
+                  for r in in_place if r["kind"] == kind]
+        assert hw.collective_by_kind[kind] == pytest.approx(statistics.median(beyond), rel=1e-3, abs=1e-9)
+    assert hw.collective_overhead == pytest.approx(statistics.median(hw.collective_by_kind.values()), rel=1e-3)
     rows = [r for r in figures["raw"]["collectives"] if not r.get("in_place")]
     errors = [abs(m * link["latency"] + w / link["bandwidth"] - r["seconds"]) / r["seconds"]
               for r in rows for m, w in [ring_terms(r["kind"], r["n"], r["payload_bytes"])]]

@@ -1,0 +1,164 @@
+"""The per-collective-kind figures and the oversubscription term (passes/host_cost.py) against
+hand-computed costs, and calibrate's reduction of its in-place rows to the per-kind figures.
+
+oversub = max(1, ranks on the host / host cores): a rank's compute, copy traffic, op launches and
+AdamW run at 1 / oversub of one core's rates; the collectives' in-place figures, measured with the
+program's own rank count, are not scaled."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+
+import pytest
+import sympy
+from ultraplan.compiler.validate import load_hardware_spec
+from ultraplan.passes.context import Mesh
+from ultraplan.passes.host_cost import (
+    COLL_KIND,
+    COLL_OVERHEAD,
+    OVERSUB,
+    collective_rates,
+    collectives_time,
+    host_values,
+    kinds_correction,
+)
+from ultraplan.passes.pipeline import make_context, make_plan
+
+from ultraplan import api
+from ultraplan.calibrate import render_spec, ring_terms, summarise
+
+HOST = dataclasses.replace(
+    api.load_hardware("cpu"), name="shared-host", devices_per_node=4, peak_flops={"fp32": 4e10}, memory_bandwidth=5e9,
+    op_overhead=1e-4, collective_overhead=1e-3, loop_pass=2e-4, optimizer_tensor=3e-5, optimizer_element=5e-9,
+    collective_by_kind={"all_gather": 2e-3, "reduce_scatter": 3e-3})
+
+
+# specs/hardware/this-machine-2.yaml as session 7's calibration wrote it (its figures, comment left out)
+SESSION_7 = """hardware:
+  name: this-machine-2
+  devices_per_node: 2
+  nodes: 1
+  peak_flops: {fp32: 9.789e+09, bf16: 1.022e+10}
+  memory_bytes: 1.264e+10
+  memory_bandwidth: 1.509e+09
+  op_overhead: 0.001337
+  optimizer_tensor: 0.0004346
+  optimizer_element: 6.548e-08
+  collective_overhead: 0.002759
+  loop_pass: 0.001596
+  intra_node: {bandwidth: 6.119e+08, latency: 0.0003893}
+  inter_node: {bandwidth: 6.119e+08, latency: 0.0003893}
+"""
+
+
+def test_a_spec_from_before_the_kinds_loads_and_plans_as_before(tmp_path):
+    """Session 7's spec has neither field: every kind is priced at its one collective_overhead,
+    oversub is 1, and dense-tiny dp plans at docs/cost-model.md's 139.3 ms (session 7's table)."""
+    path = tmp_path / "this-machine-2.yaml"
+    path.write_text(SESSION_7)
+    hw = load_hardware_spec(path)
+    assert (hw.host_cores, hw.collective_by_kind) == (0, {})
+    values = host_values(hw, 2)
+    assert values[OVERSUB] == 1.0
+    assert {values[s] for s in COLL_KIND.values()} == {values[COLL_OVERHEAD]} == {hw.collective_overhead}
+    step = api.plan("dense-tiny", "2", hardware=str(path), strategy="dp").total("step_time").value
+    assert round(step * 1e3, 1) == 139.3
+
+
+def test_collective_calls_are_priced_by_kind():
+    """fsdp's 5 all_gathers, 5 reduce_scatters and 1 all_reduce on 4 ranks of a 2-core host: each a
+    launch at oversub 2 (2 * 0.1 ms) and its kind's wait (all_reduce, not listed: collective_overhead)."""
+    values = host_values(dataclasses.replace(HOST, host_cores=2), 4)
+    calls = {"all_gather": 5, "reduce_scatter": 5, "all_reduce": 1}
+    want = 5 * (2e-4 + 2e-3) + 5 * (2e-4 + 3e-3) + (2e-4 + 1e-3)
+    assert float(collectives_time(calls).xreplace(values)) == pytest.approx(want, rel=1e-12)
+    assert float(collectives_time(11).xreplace(values)) == pytest.approx(11 * (2e-4 + 1e-3), rel=1e-12)
+    rates = collective_rates(values)
+    assert rates == pytest.approx({"all_reduce": 1.2e-3, "all_gather": 2.2e-3, "reduce_scatter": 3.2e-3,
+                                   "all_to_all": 1.2e-3}, rel=1e-12)
+
+
+@pytest.mark.parametrize("cores, ranks, share", [(0, 4, 1.0), (4, 4, 1.0), (2, 4, 2.0), (2, 2, 1.0), (1, 4, 4.0),
+                                                 (3, 4, 4 / 3)])
+def test_oversub_is_ranks_per_core_at_least_one(cores, ranks, share):
+    assert host_values(dataclasses.replace(HOST, host_cores=cores), ranks)[OVERSUB] == pytest.approx(share)
+
+
+def test_oversubscription_scales_a_ranks_work_and_not_its_waits():
+    """dense-tiny fsdp on 4 ranks: with 2 cores every per-core term doubles against 4 cores (compute,
+    memory traffic, launches, AdamW) and the collectives' waits stay: overhead_time(2 cores) - waits =
+    2 * (overhead_time(4 cores) - waits), the waits summed here from the plan's own collective list."""
+    spec = api.load("dense-tiny")
+    shared, _, _ = make_plan(spec, dataclasses.replace(HOST, host_cores=2), Mesh((4,)), strategies=("fsdp",))
+    alone, _, _ = make_plan(spec, dataclasses.replace(HOST, host_cores=4), Mesh((4,)), strategies=("fsdp",))
+    for total in ("compute_time", "memory_time"):
+        assert shared.total(total).value == pytest.approx(2 * alone.total(total).value, rel=1e-12)
+    assert shared.total("comm_time").value == pytest.approx(alone.total("comm_time").value, rel=1e-12)
+    # build_plan hands host_times the number of calls, not their kinds: each waits collective_overhead
+    waits = len(shared.collectives) * HOST.collective_overhead
+    assert shared.total("overhead_time").value - waits == pytest.approx(
+        2 * (alone.total("overhead_time").value - waits), rel=1e-9)
+    ctx = make_context(spec, dataclasses.replace(HOST, host_cores=2), Mesh((2,)), strategies=("fsdp",))
+    assert ctx.values()[OVERSUB] == 1.0  # 2 ranks on 2 cores: each its own
+
+
+def raw_measurements(in_place: list[dict], link_rows: list[dict]) -> dict:
+    """The worker's JSON with the rates at placeholder values and the given collective rows."""
+    return {"matmul": {"float32": {"256": [1e10]}}, "copy": [5e9], "op_overhead": [1e-5], "loop_pass": [2e-4],
+            "optimizer": {"tensor": [3e-5], "element": [5e-9]}, "host_cores": 2, "threads_per_rank": 1,
+            "collectives": link_rows + [dict(r, in_place=True) for r in in_place]}
+
+
+def test_summarise_takes_each_kinds_in_place_time_beyond_the_link():
+    """Link rows exactly on 1e-4 s per message + 1 GB/s; in place, each kind's rows (two sizes, two
+    group sizes) exceed the link's formula by known amounts: the figure is their median, and
+    collective_overhead the median of the kinds'."""
+    lat, bw = 1e-4, 1e9
+
+    def on_link(kind, n, payload):
+        messages, wire = ring_terms(kind, n, payload)
+        return messages * lat + wire / bw
+
+    kinds = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
+    link_rows = [{"kind": k, "n": n, "payload_bytes": p, "seconds": on_link(k, n, p)}
+                 for k in kinds for n in (2, 4) for p in (1024, 65536, 2**20)]
+    extra = {"all_reduce": [1e-3, 2e-3, 3e-3, 4e-3], "all_gather": [5e-3, 5e-3, 6e-3, 9e-3],
+             "reduce_scatter": [2e-3, 2e-3, 2e-3, 2e-3], "all_to_all": [0.0, 1e-3, 1e-3, 1e-3]}
+    in_place = [{"kind": k, "n": n, "payload_bytes": p, "seconds": on_link(k, n, p) + extra[k][i]}
+                for k in kinds for i, (n, p) in enumerate([(2, 1024), (2, 65536), (4, 1024), (4, 65536)])]
+    figures = summarise(raw_measurements(in_place, link_rows))
+    want = {k: statistics.median(v) for k, v in extra.items()}
+    assert figures["collective_by_kind"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert figures["collective_overhead"] == pytest.approx(statistics.median(want.values()), rel=1e-6)
+    assert figures["host_cores"] == 2
+
+
+def test_the_rendered_spec_carries_the_kinds_and_the_cores(tmp_path):
+    lat, bw = 1e-4, 1e9
+    rows = [{"kind": "all_reduce", "n": 2, "payload_bytes": p, "seconds": 2 * lat + p / bw} for p in (1024, 2**20)]
+    in_place = [{"kind": k, "n": 2, "payload_bytes": 1024, "seconds": 1e-3} for k in ("all_reduce", "all_gather")]
+    figures = summarise(raw_measurements(in_place, rows)) | {"op_overhead": 1e-4}
+    path = tmp_path / "m.yaml"
+    path.write_text(render_spec("m", 4, figures, {"threads_per_rank": 1}, "ultraplan calibrate -o m.yaml"))
+    hw = load_hardware_spec(path)
+    assert hw.host_cores == 2 and set(hw.collective_by_kind) == {"all_reduce", "all_gather"}
+    # an all_gather of 1 KiB shards on 2 ranks: one message, 1 KiB on the wire (the ring model)
+    assert hw.collective_by_kind["all_gather"] == pytest.approx(1e-3 - lat - 1024 / bw, rel=1e-3)
+
+
+def test_an_unknown_kind_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(SESSION_7 + "  collective_by_kind: {all_gahter: 1.0e-3}\n")
+    with pytest.raises(Exception, match="all_gahter"):
+        load_hardware_spec(path)
+    assert sympy.Symbol("coll_all_gather", nonnegative=True) == COLL_KIND["all_gather"]
+
+
+def test_kinds_correction_is_each_calls_figure_less_collective_overhead():
+    """What bench/step_time.py adds to a plan's step_time for its 'by kind' column: 5 all_gathers at
+    2 ms and 5 reduce_scatters at 3 ms instead of 1 ms each, the all_reduce (not listed) unchanged."""
+    values = host_values(dataclasses.replace(HOST, host_cores=2), 4)
+    calls = {"all_gather": 5, "reduce_scatter": 5, "all_reduce": 1}
+    assert kinds_correction(calls, values) == pytest.approx(5 * 1e-3 + 5 * 2e-3, rel=1e-12)
+    assert kinds_correction(calls, {}) == 0.0
