@@ -17,10 +17,9 @@ The machine's load moves by minutes, and a calibration describes the minute it r
 fitted again on the reference program right before each round of runs (``calibrate.refit``:
 every other figure kept), each case planned with that round's spec, and the table gives both
 predictions: ``once`` (the calibration before the rounds) and ``at run`` (the median over rounds
-of the round's own). ``--no-refit`` keeps the one calibration. With ``--refit`` the table also gives
-``by kind``: the round's plan with each collective call priced at its kind's calibrated figure
-(``collective_by_kind``) instead of the spec's one ``collective_overhead`` (the plan counts calls,
-not kinds: ``host_cost.kinds_correction``); ``bench/step_time_kinds.py`` re-prices a finished run.
+of the round's own). ``--no-refit`` keeps the one calibration. The plans price each collective call
+at its kind's calibrated figure (``collective_by_kind``); ``bench/step_time_kinds.py`` re-prices a run
+recorded before they did (session 10's, when a plan priced every call at ``collective_overhead``).
 
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
@@ -68,26 +67,17 @@ def compile_case(spec: str, strategy: str, nproc: int, hardware: Path, out: Path
 
 PREDICT = """
 import json, sys
-from collections import Counter
 from ultraplan import api
-from ultraplan.passes.host_cost import host_values, kinds_correction
 hardware, nproc, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-values = host_values(api.load_hardware(hardware), int(nproc))
-out = []
-for spec, strategy in cases:
-    plan = api.plan(spec, nproc, hardware=hardware, strategy=strategy)
-    step = plan.total("step_time").value
-    out.append([step, step + kinds_correction(Counter(c.collective for c in plan.collectives), values)])
+out = [api.plan(spec, nproc, hardware=hardware, strategy=strategy).total("step_time").value for spec, strategy in cases]
 print(json.dumps(out))
 """
 
 
-def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[list[float]]:
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[float]:
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
     reference run for the runs' own ``steps``: later steps can differ from early ones), and every
-    case's modelled step time with it (one process plans them all): the plan's, and the plan's with
-    each collective call priced at its kind's figure (``host_cost.kinds_correction``: the plan
-    prices every call at ``collective_overhead``, build_plan counting calls, not kinds)."""
+    case's modelled step time with it (one process plans them all)."""
     out.write_text(base.read_text())
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
                     f"refit(Path({str(out)!r}), {nproc}, steps={steps})"], check=True, stdout=sys.stderr)
@@ -178,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.refit and cases:
                 fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
                                           args.steps)
-                for case, (value, by_kind) in zip(cases, fresh):
+                for case, value in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
-                    case.setdefault("at_run_by_kind", []).append(by_kind)
             for case in cases:
                 report = run_case(case["dir"], args.steps)
                 if report is None:
@@ -196,14 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             case["measured"] = statistics.median(case["runs"])
             case["predicted"] = statistics.median(case["at_run"]) if args.refit else case["once"]
-            if args.refit:
-                case["by_kind"] = statistics.median(case["at_run_by_kind"])
         table += cases
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
                                                       indent=1))
     columns = ([("before", "before")] if args.baseline and all("before" in c for c in table) else [])
-    columns += [("once", "once")] + ([("predicted", "at run"), ("by_kind", "by kind")] if args.refit else [])
+    columns += [("once", "once")] + ([("predicted", "at run")] if args.refit else [])
     print_table(table, columns)
     return 0
 

@@ -2,13 +2,14 @@
 
     python bench/step_time_kinds.py st.json HW_DIR      # HW_DIR: the bench's --hardware-dir
 
-A plan prices every collective call at the spec's one ``collective_overhead`` (build_plan counts
-calls, not kinds); calibrate measures each kind in place on every group size (the spec's
-``collective_by_kind``, the median over group sizes, and each group size's figures in its comment).
-For each case and round this plans the case again with the round's spec (HW_DIR/this-machine-N-roundR.yaml)
-and prints two predictions beside the bench's: ``by kind`` (``host_cost.kinds_correction``: each call
-at its kind's figure) and ``by kind at n`` (each call at its kind's figure measured on groups of the
-program's size, all N ranks: the bench's programs have one mesh axis). Nothing is fitted here: the
+For a run recorded when plans priced every collective call at the spec's one ``collective_overhead``
+(session 10's, docs/cost-model.md); plans now price each call at its kind's figure. calibrate measures
+each kind in place on every group size (the spec's ``collective_by_kind``, the median over group
+sizes, and each group size's figures in its comment). For each case and round this plans the case
+again with the round's spec (HW_DIR/this-machine-N-roundR.yaml) and prints two predictions beside the
+bench's: ``by kind`` (the plan now: each call at its kind's figure) and ``by kind at n`` (each call at
+its kind's figure measured on groups of the program's size, all N ranks: the bench's programs have
+one mesh axis). Nothing is fitted here: the
 figures are calibrate's, the measured times the bench's.
 """
 
@@ -21,7 +22,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ultraplan.passes.host_cost import host_values, kinds_correction
+from ultraplan.passes.host_cost import collective_figure
 
 from ultraplan import api
 
@@ -50,9 +51,9 @@ def reprice(case: dict, hw_dir: Path) -> tuple[float, float]:
         hardware = api.load_hardware(spec)
         plan = api.plan(case["spec"], str(case["nproc"]), hardware=str(spec), strategy=case["strategy"])
         step, calls = plan.total("step_time").value, Counter(c.collective for c in plan.collectives)
-        by_kind.append(step + kinds_correction(calls, host_values(hardware, case["nproc"])))
+        by_kind.append(step)
         figures = figures_by_group_size(spec)
-        at_n.append(step + sum(count * (figures[kind][case["nproc"]] - hardware.collective_overhead)
+        at_n.append(step + sum(count * (figures[kind][case["nproc"]] - collective_figure(hardware, kind))
                                for kind, count in calls.items()))
     return statistics.median(by_kind), statistics.median(at_n)
 

@@ -125,6 +125,7 @@ class _Collectives:
         self.sync: list[CollectivePlan] = []
         self.logging: list[CollectivePlan] = []
         self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
+        self.calls: dict[str, int] = {}  # the step's collective calls by kind (each kind its calibrated wait)
         self.wires: list[sympy.Expr] = []
 
     def describe(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
@@ -143,6 +144,7 @@ class _Collectives:
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
             self.times.append(collective_time(b))
+            self.calls[b.collective] = self.calls.get(b.collective, 0) + 1
             self.wires.append(b.wire)
         return plan
 
@@ -305,7 +307,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
     largest = sympy.Max(*largest_terms) if largest_terms else ZERO
-    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches, passes, len(comms.times),
+    host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches, passes, comms.calls,
                       param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),

@@ -175,15 +175,6 @@ class HostRates:
         return self != HostRates()
 
 
-def kinds_correction(calls: Mapping[str, int], values: dict) -> float:
-    """Seconds a plan's ``step_time`` changes by when its collective calls (``calls``, by kind) are
-    priced at their kinds' figures rather than each at ``coll_overhead`` (build_plan gives the count
-    only): what ``collectives_time`` given the kinds would add. 0 for an uncalibrated spec."""
-    if MEM_BW not in values:
-        return 0.0
-    return float((collectives_time(calls) - collectives_time(sum(calls.values()))).xreplace(values))
-
-
 def host_rates(values: dict, train: bool) -> HostRates:
     """This module's formulas at unit counts, evaluated at ``values`` (a context's: the host symbols
     are there only for a calibrated spec; without them every rate is 0)."""

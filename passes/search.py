@@ -29,7 +29,7 @@ from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
 from .gather_groups import LAYER
-from .host_cost import host_rates
+from .host_cost import collective_rates
 from .memory import SAVES
 from .plan import Cost, Plan
 from .sbp import Broadcast, NdSbp, PartialSum
@@ -232,10 +232,10 @@ def bucket_bound(plan: Plan, values: dict, cap_bytes: int | None = None) -> floa
         key = (tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype)
         keys.setdefault(key, []).append(b)
     cap = float(DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else cap_bytes)
-    host = host_rates(values, True)  # a calibrated spec's cost per collective call (passes/host_cost.py)
+    call = collective_rates(values)["all_reduce"]  # a calibrated spec's wait per call (passes/host_cost.py)
     total = 0.0
     for buckets in keys.values():
-        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] + host.collective for s in buckets[0].steps)
+        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] + call for s in buckets[0].steps)
         full = [b for b in buckets if b.steps[0].payload_bytes.value >= b.cap_bytes]
         if not full:
             continue

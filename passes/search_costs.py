@@ -39,16 +39,17 @@ from ..compiler.op_table import OP_TABLE
 from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
-from .host_cost import host_rates, loop_passes
+from .host_cost import collective_rates, host_rates, loop_passes
 from .memory import SAVES
 from .placement import uneven_dims
 from .precision import MASTER
-from .sbp import Broadcast, NdSbp, PartialSum, Sbp, Split, chunk_share, fits, local_numel
+from .sbp import DUALS, Broadcast, NdSbp, PartialSum, Sbp, Split, chunk_share, fits, local_numel
 from .signatures import axis_signatures, chunked_dims, covers_uneven
 from .strategies import AxisPins
 from .symbols import BYTES_PER_ELEMENT, PEAK, axis_bandwidth, axis_latency, evaluate
 
 B_, P_ = Broadcast(), PartialSum()
+COLLECTIVE_OF = {(Split, Broadcast): "all_gather", (PartialSum, Split): "reduce_scatter"}  # one step's kind
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Costing:
         self.train = ctx.mode == "train"
         self.host = host_rates(self.values, self.train)
         self.hosted = self.host.any  # a calibrated spec: the per-candidate host terms are worth computing
+        self.call = collective_rates(self.values)  # seconds per collective call of each kind, beyond its link
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
         self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
@@ -93,8 +95,9 @@ class Costing:
         ``sbp.boxings`` step by step in plain numbers (its sympy is the slow part of a search):
         innermost axis first, each step sized by the layout the steps before it left; a dual moves
         the bytes of its forward step the other way (all_gather <-> reduce_scatter of the same
-        tensor, all_reduce and all_to_all their own), so it takes the same time; local steps are
-        free both ways. tests/unit/test_search.py checks the sum against the plan's step_time."""
+        tensor, all_reduce and all_to_all their own), so it takes the same link time, and each call
+        its own kind's calibrated wait (``collective_rates``); local steps are free both ways.
+        tests/unit/test_search.py checks the sum against the plan's step_time."""
         if have == want:
             return (0.0, 0.0)
         rec = info(node)
@@ -104,7 +107,7 @@ class Costing:
         return self.box_memo[key]
 
     def _box_seconds(self, have: NdSbp, want: NdSbp, shape: tuple, dtype: str) -> tuple[float, float] | None:
-        layout, total = list(have), 0.0
+        layout, total, dual = list(have), 0.0, 0.0
         elements = float(math.prod(shape or ()))
         for axis in reversed(range(len(have))):
             src, dst = layout[axis], want[axis]
@@ -123,13 +126,18 @@ class Costing:
                 return None
             bw, lat = self._link(axis)
             if pair == (PartialSum, Broadcast):
-                total += 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw + self.host.collective
+                link, kind = 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw, "all_reduce"
             elif pair == (Split, Split):
-                total += (n - 1) * lat + (n - 1) / n**2 * nbytes / bw + self.host.collective
+                link, kind = (n - 1) * lat + (n - 1) / n**2 * nbytes / bw, "all_to_all"
             elif pair in ((Split, Broadcast), (PartialSum, Split)):
-                total += (n - 1) * lat + (n - 1) / n * nbytes / bw + self.host.collective
+                link, kind = (n - 1) * lat + (n - 1) / n * nbytes / bw, COLLECTIVE_OF[pair]
+            else:
+                link, kind = 0.0, ""
+            if kind:  # the backward runs the dual collective on the gradient, the same bytes (sbp.DUALS)
+                total += link + self.call[kind]
+                dual += link + self.call[DUALS[kind]]
             layout[axis] = dst
-        return total, total
+        return total, dual
 
     def local_bytes(self, node: fx.Node, nd: NdSbp) -> float:
         """Bytes of the largest share one device holds (torch.chunk's, where a table splits unevenly)."""
@@ -219,8 +227,9 @@ class Costing:
             return None
         if LAYER.match(info(node).param.name) is None:
             return None
-        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1] + self.host.collective
-        return axes[0], info(node).dtype, latency * (2 if dual else 1)
+        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1]
+        calls = self.call["all_gather"] + (self.call["reduce_scatter"] if dual else 0.0)
+        return axes[0], info(node).dtype, latency * (2 if dual else 1) + calls
 
     def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
         """The gradient sync of a parameter stored ``rest``, as passes/buckets.py packs it: (the
@@ -240,7 +249,7 @@ class Costing:
 
     def bucket_latency(self, key: tuple) -> float:
         """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis, each a call)."""
-        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] + self.host.collective for a in key[0])
+        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] + self.call["all_reduce"] for a in key[0])
 
     def saves(self, user: fx.Node, value: fx.Node) -> bool:
         """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""
@@ -338,7 +347,7 @@ class Costing:
             for comm in variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
-                total += messages * lat + share * self.num(comm.payload) / bw + self.host.collective
+                total += messages * lat + share * self.num(comm.payload) / bw + self.call[comm.collective]
         return total
 
     def _link(self, axis: int) -> tuple[float, float]:

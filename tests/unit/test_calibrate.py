@@ -147,8 +147,8 @@ def test_loop_passes_count_local_experts():
 @pytest.mark.parametrize("strategy, local_experts", [("dp", 16), ("ep", 8)])
 def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, strategy, local_experts):
     """overhead_time's ``loop_pass`` coefficient is each MoE layer's local experts, forward and again
-    backward (ops.expert_ffn and runtime.expert_parallel_ffn loop over them), and ``coll_overhead``'s
-    is the step's collective calls, read off the plan's own list."""
+    backward (ops.expert_ffn and runtime.expert_parallel_ffn loop over them), and each
+    ``coll_<kind>``'s is the step's calls of that kind, read off the plan's own list."""
     import sympy
 
     hw = load_hardware_spec(calibrated)
@@ -160,7 +160,11 @@ def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, stra
     moe_layers = sum(n.op.startswith("expert_ffn") for n in plan.nodes)
     assert moe_layers == 2  # specs/models/moe-tiny.yaml: {block: moe, repeat: 2}
     assert overhead.coeff(sympy.Symbol("loop_pass")) == 2 * moe_layers * local_experts
-    assert overhead.coeff(sympy.Symbol("coll_overhead")) == len(plan.collectives)
+    kinds: dict[str, int] = {}
+    for c in plan.collectives:
+        kinds[c.collective] = kinds.get(c.collective, 0) + 1
+    assert kinds and all(overhead.coeff(sympy.Symbol(f"coll_{kind}")) == n for kind, n in kinds.items())
+    assert overhead.coeff(sympy.Symbol("coll_overhead")) == 0
 
 
 def test_refit_rewrites_op_overhead_only_and_keeps_the_first_floor(calibrated, tmp_path, monkeypatch):

@@ -18,10 +18,10 @@ from ultraplan.passes.host_cost import (
     COLL_KIND,
     COLL_OVERHEAD,
     OVERSUB,
+    collective_figure,
     collective_rates,
     collectives_time,
     host_values,
-    kinds_correction,
 )
 from ultraplan.passes.pipeline import make_context, make_plan
 
@@ -95,8 +95,8 @@ def test_oversubscription_scales_a_ranks_work_and_not_its_waits():
     for total in ("compute_time", "memory_time"):
         assert shared.total(total).value == pytest.approx(2 * alone.total(total).value, rel=1e-12)
     assert shared.total("comm_time").value == pytest.approx(alone.total("comm_time").value, rel=1e-12)
-    # build_plan hands host_times the number of calls, not their kinds: each waits collective_overhead
-    waits = len(shared.collectives) * HOST.collective_overhead
+    # build_plan hands host_times the calls by kind: each waits its kind's figure
+    waits = sum(collective_figure(HOST, c.collective) for c in shared.collectives)
     assert shared.total("overhead_time").value - waits == pytest.approx(
         2 * (alone.total("overhead_time").value - waits), rel=1e-9)
     ctx = make_context(spec, dataclasses.replace(HOST, host_cores=2), Mesh((2,)), strategies=("fsdp",))
@@ -155,10 +155,21 @@ def test_an_unknown_kind_is_refused(tmp_path):
     assert sympy.Symbol("coll_all_gather", nonnegative=True) == COLL_KIND["all_gather"]
 
 
-def test_kinds_correction_is_each_calls_figure_less_collective_overhead():
-    """What bench/step_time.py adds to a plan's step_time for its 'by kind' column: 5 all_gathers at
-    2 ms and 5 reduce_scatters at 3 ms instead of 1 ms each, the all_reduce (not listed) unchanged."""
-    values = host_values(dataclasses.replace(HOST, host_cores=2), 4)
-    calls = {"all_gather": 5, "reduce_scatter": 5, "all_reduce": 1}
-    assert kinds_correction(calls, values) == pytest.approx(5 * 1e-3 + 5 * 2e-3, rel=1e-12)
-    assert kinds_correction(calls, {}) == 0.0
+def test_a_plan_prices_each_call_at_its_kinds_figure(tmp_path):
+    """build_plan hands host_times the step's calls by kind, and the search prices each call at its
+    kind's rate: dense-tiny fsdp on 2 ranks planned with all_gather at 2 ms and reduce_scatter at 3 ms
+    costs, against the same spec with every kind at 1 ms, 1 ms more per all_gather and 2 ms more per
+    reduce_scatter it issues (counted from the plan's own collectives), and auto's objective is its step."""
+    flat = dataclasses.replace(HOST, collective_by_kind={})
+    plans = {}
+    for name, hw in (("kinds", HOST), ("flat", flat)):
+        plans[name], _, _ = make_plan(api.load("dense-tiny"), hw, Mesh((2,)), strategies=("fsdp",))
+    calls = {}
+    for c in plans["kinds"].collectives:
+        calls[c.collective] = calls.get(c.collective, 0) + 1
+    assert calls.get("all_gather") and calls.get("reduce_scatter"), calls
+    extra = calls["all_gather"] * 1e-3 + calls["reduce_scatter"] * 2e-3
+    step = {k: p.total("step_time").value for k, p in plans.items()}
+    assert step["kinds"] - step["flat"] == pytest.approx(extra, rel=1e-9)
+    auto, _, _ = make_plan(api.load("dense-tiny"), HOST, Mesh((2,)), strategies=("auto",))
+    assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)
