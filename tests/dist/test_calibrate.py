@@ -16,11 +16,10 @@ import statistics
 import pytest
 from ultraplan.compiler.validate import load_hardware_spec
 
+from tests.unit.test_calibrate import KINDS, ring
 from ultraplan import api
 from ultraplan.calibrate import calibrate, ring_terms
 from ultraplan.runner import run
-
-from tests.unit.test_calibrate import KINDS, ring
 
 pytestmark = pytest.mark.slow
 
