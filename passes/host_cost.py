@@ -31,9 +31,9 @@ them (``op_overhead`` > 0) gets three more terms in its plans' ``step_time``:
                      scheduler time-slices them). Context.values divides ``peak`` by it too, so
                      compute_time = FLOPs / (peak / oversub). 1 for a spec without ``host_cores``.
 
-build_plan gives the count of the step's collectives, not their kinds, so a plan prices each call at
-``coll_overhead`` (calibrate writes the median of the kinds' figures there); ``host_times`` and
-``host_rates`` price each kind apart when given the calls by kind (``collectives_time``).
+build_plan hands ``host_times`` the step's collectives by kind and the search prices each call at its
+kind's rate (``collective_rates``), so each kind is priced apart; ``coll_overhead`` (calibrate writes
+the median of the kinds' figures there) prices a call whose kind is not given.
 
 ``op_overhead`` is per plan op (a plan op is a few torch ops: a fitted figure, calibrate.py says
 how); ``loop_pass``, ``coll_overhead``, ``opt_tensor`` and ``opt_element`` (AdamW's cost per
@@ -57,6 +57,7 @@ import sympy
 
 from ..compiler.op_table import OP_TABLE
 from ..compiler.schema import HardwareSpec
+from ..compiler.validate import COLLECTIVE_KINDS  # the kinds a hardware spec may price
 
 MEM_BW = sympy.Symbol("mem_bw", positive=True)
 OP_OVERHEAD = sympy.Symbol("op_overhead", nonnegative=True)
@@ -65,7 +66,6 @@ OPT_ELEMENT = sympy.Symbol("opt_element", nonnegative=True)
 LOOP_PASS = sympy.Symbol("loop_pass", nonnegative=True)
 COLL_OVERHEAD = sympy.Symbol("coll_overhead", nonnegative=True)
 OVERSUB = sympy.Symbol("oversub", positive=True)
-COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 COLL_KIND = {kind: sympy.Symbol(f"coll_{kind}", nonnegative=True) for kind in COLLECTIVE_KINDS}
 BACKWARD_TRAFFIC = 2  # the backward's bytes per forward byte (module docstring)
 

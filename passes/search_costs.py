@@ -8,7 +8,8 @@ expressions of the cost model, collectives from ``sbp.boxings`` and their duals 
 
 Collectives are timed as build_plan times them (messages * latency + wire bytes / bandwidth per
 axis link), in plain numbers here (``box_time``). A calibrated spec's host terms
-(passes/host_cost.py, evaluated once per unit by ``host_rates``) join them where build_plan counts
+(passes/host_cost.py, evaluated once per unit by ``host_rates`` and, per collective kind,
+``collective_rates``) join them where build_plan counts
 them: each collective call (a boxing's, its dual's, a variant's inner one, a gradient bucket's, a
 gather group's), each op's traffic, launches and loop passes, each parameter's AdamW share.
 
