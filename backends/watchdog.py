@@ -113,10 +113,28 @@ def _end(message, details="", code=1, say=True):
         if say:
             _say(message)
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a flush a signal interrupted raises "reentrant call"
-                stream.flush()
+        _flush_streams()
         os._exit(code)
+
+
+def _flush_streams(wait=1.0):
+    """Flush Python's stdout and stderr, so what the rank printed before its last line is not lost.
+
+    In the main thread a flush that a signal cut into raises "reentrant call" at once. From another thread
+    the flush may wait for ever: CPython runs a signal handler inside a buffered write (it checks signals
+    there) while that write holds the buffer's lock, and the handler, having lost the race to end the rank,
+    waits for this thread's exit. So there the flush runs in a thread of its own, waited for ``wait`` seconds."""
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+
+    if threading.current_thread() is threading.main_thread():
+        flush()
+        return
+    flusher = threading.Thread(target=flush, name="ultraplan-flush", daemon=True)
+    flusher.start()
+    flusher.join(wait)
 
 
 def describe(exc):

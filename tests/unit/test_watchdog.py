@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from argparse import Namespace
 
@@ -105,3 +106,24 @@ def test_an_interrupted_rank_says_one_line():
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGINT and err == "[rank 3] stopped by SIGINT at step 5\n"
+
+
+def test_a_signal_inside_a_print_still_ends_the_rank_at_once():
+    """CPython runs a signal handler inside a buffered write, with the buffer's lock held; the handler loses
+    the race to the signal thread and waits for its exit, and that thread's flush must not wait for the lock.
+    The old code hung there in 4 of 10 tries (until the loser's 60 s were up); six tries catch it."""
+    code = ("import itertools, sys; sys.path.insert(0, sys.argv[1]); import watchdog; "
+            "watchdog.run_rank(lambda: [print(i, flush=True) for i in itertools.count()])")
+    for _ in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", code, str(ROOT / "backends")], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={"RANK": "2", "PATH": "/usr/bin:/bin"})
+        try:
+            proc.stdout.readline()
+            threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep the pipe drained
+            time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=10) == 128 + signal.SIGINT
+            assert proc.stderr.read() == b"[rank 2] stopped by SIGINT\n"
+        finally:
+            proc.kill()
+            proc.wait()
