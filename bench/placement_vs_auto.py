@@ -10,8 +10,8 @@ The search sees every placement of every table as signatures of its lookups (pas
 free it can only do as well or better than with a table pinned (``--place GLOB=WORDS``, which the
 search plans around). Per spec, mesh and batch the free search is planned once, then once per table
 group (the module owning the table, every layer's at once: ``memory_tables.ring.*``,
-``layers.*.ultramem.*``, expert weights ``layers.*.moe.w_*``) and placement (the same word on every
-axis, and ``number,dim`` on a 2-D mesh).
+``layers.*.ultramem.*``, ``memory_tables.layer*_ultramem_v2.*``, expert weights ``layers.*.moe.w_*``)
+and placement (the same word on every axis, and ``number,dim`` on a 2-D mesh).
 A violation is a forced plan that fits the device and whose modelled step time is below the free
 one's by more than 1e-9 relatively (or that fits where the free plan does not). Placements the sizes
 do not allow are skipped (counted). Inference is one new token per sequence (``--mode infer --seq 1``,
@@ -46,6 +46,13 @@ def placements(mesh: str) -> list[str]:
     return [",".join([w] * axes) for w in ("number", "dim", "replicate")] + (["number,dim"] if axes == 2 else [])
 
 
+def group_globs(groups) -> list[str]:
+    """One glob per table group, every layer's tables at once: ``layers.3.ultramem.*`` and
+    ``memory_tables.layer3_ultramem_v2.*`` (a spec's own module names) become ``layers.*.ultramem.*`` and
+    ``memory_tables.layer*_ultramem_v2.*``; a spec whose tables share a module keeps that one name."""
+    return sorted({re.sub(r"(^|\.)layer(s\.|_?)\d+(?=[._])", r"\1layer\2*", g) for g in groups})
+
+
 def compare(spec: str, mesh: str, hardware: str, batch: int, mode: str = "infer", planner=None) -> dict:
     """The free search against every forced placement of every table group, at one point."""
     from ultraplan.passes.context import PlanError
@@ -60,7 +67,7 @@ def compare(spec: str, mesh: str, hardware: str, batch: int, mode: str = "infer"
     base = {"spec": spec, "mesh": mesh, "batch": batch, "mode": mode, "auto_step_time": free.total("step_time").value,
             "auto_fits": free.fits}
     out = {**base, "hardware": hardware, "forced": [], "violations": [], "skipped": 0}
-    for glob in sorted({re.sub(r"^layers\.\d+\.", "layers.*.", g) for g in table_groups(free)}):
+    for glob in group_globs(table_groups(free)):
         for words in placements(mesh):
             try:
                 forced = plan(spec, mesh, force=[f"{glob}={words}"], **point)

@@ -104,7 +104,9 @@ def sections() -> dict[str, list[str]]:
                        "(fp32 required), the links `intra_node` and `inter_node` (see link) and, from `ultraplan "
                        "calibrate`, `collective_by_kind: {all_reduce: s, all_gather: s, reduce_scatter: s, "
                        "all_to_all: s}` (seconds per call beyond the link; a kind not listed: "
-                       "`collective_overhead`).", "",
+                       "`collective_overhead`) and `collective_by_group: {all_gather: {2: s, 4: s}, ...}` (the "
+                       "same per group size, ranks in the call's group; a size not listed: the nearest one "
+                       "listed, a kind not listed: its `collective_by_kind`).", "",
                        *dataclass_table(_HardwareFields)]
     out["link"] = [f"`intra_node:` / `inter_node:` of a hardware spec. {_docstring(LinkSpec)}", "",
                    *dataclass_table(LinkSpec)]

@@ -251,6 +251,8 @@ class HardwareSpec:
     loop_pass: float = 0.0  # seconds per pass of an op's Python loop (an expert), forward or backward
     # seconds per call of each collective kind beyond its link's formula; a kind not listed: collective_overhead
     collective_by_kind: dict[str, float] = field(default_factory=dict)
+    # the same per group size (kind -> ranks in the group -> seconds): the wait grows with the peers
+    collective_by_group: dict[str, dict[int, float]] = field(default_factory=dict)
     host_cores: int = 0  # cores the ranks of one node share (calibrate); 0: not modelled (a core per device)
 
     @property

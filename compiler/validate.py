@@ -123,6 +123,22 @@ def read_hardware(doc: Document) -> HardwareSpec:
                 raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
                                 hint="one of " + ", ".join(COLLECTIVE_KINDS))
             by_kind[kind] = coerce(doc, Sourced(value, (*item.path, kind)), float)
+    by_group: dict[str, dict[int, float]] = {}
+    if "collective_by_group" in items:
+        item = items.pop("collective_by_group")
+        for kind, sizes in expect_mapping(doc, item, "collective_by_group").items():
+            where = (*item.path, kind)
+            if kind not in COLLECTIVE_KINDS:
+                raise doc.error(where, f"unknown collective kind {kind!r}", hint="one of " + ", ".join(COLLECTIVE_KINDS))
+            for size, value in expect_mapping(doc, Sourced(sizes, where), kind).items():
+                ranks = int(size) if str(size).isdigit() else 0  # the document's keys are text
+                if ranks < 2:
+                    raise doc.error((*where, size), f"group size {size!r} is not a whole number of ranks of 2 or more",
+                                    hint=f"write '{kind}: {{2: 1.0e-4, 4: 2.0e-4}}': ranks in a group, then seconds")
+                seconds = coerce(doc, Sourced(value, (*where, size)), float)
+                if seconds < 0:
+                    raise doc.error((*where, size), f"{seconds} s is negative", hint="seconds per call, 0 or more")
+                by_group.setdefault(kind, {})[ranks] = seconds
     spec = read_dataclass(doc, _HardwareFields, items, path)
     for key in ("intra_node", "inter_node"):
         if key not in links:
@@ -134,7 +150,8 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         intra_node=links["intra_node"], inter_node=links["inter_node"], source=Path(doc.file).name,
                         op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
                         optimizer_element=spec.optimizer_element, collective_overhead=spec.collective_overhead,
-                        loop_pass=spec.loop_pass, collective_by_kind=by_kind, host_cores=spec.host_cores)
+                        loop_pass=spec.loop_pass, collective_by_kind=by_kind, collective_by_group=by_group,
+                        host_cores=spec.host_cores)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +177,7 @@ class _HardwareFields:
         "min": 0, "doc": "cores the ranks of one node share (ultraplan calibrate; 0: a core per device)"})
 
 
-# the collectives a hardware spec's collective_by_kind may price (passes/sbp.py's kinds)
+# the collectives a hardware spec's collective_by_kind and collective_by_group may price (passes/sbp.py's kinds)
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 

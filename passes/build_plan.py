@@ -125,7 +125,7 @@ class _Collectives:
         self.sync: list[CollectivePlan] = []
         self.logging: list[CollectivePlan] = []
         self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
-        self.calls: dict[str, int] = {}  # the step's collective calls by kind (each kind its calibrated wait)
+        self.calls: dict[tuple[str, int], int] = {}  # the step's calls by (kind, group size): each its calibrated wait
         self.wires: list[sympy.Expr] = []
 
     def describe(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
@@ -144,7 +144,8 @@ class _Collectives:
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
             self.times.append(collective_time(b))
-            self.calls[b.collective] = self.calls.get(b.collective, 0) + 1
+            key = (b.collective, plan.group_size)  # priced at its kind's wait on groups of this size
+            self.calls[key] = self.calls.get(key, 0) + 1
             self.wires.append(b.wire)
         return plan
 
@@ -306,7 +307,8 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     params, buckets = _bucket_gradients(comms, params, grad_entries, ctx)
     param_bytes, fwd, bwd = sympy.Add(*param_terms), sympy.Add(*fwd_terms), sympy.Add(*bwd_terms)
     compute_time = sympy.Add(*compute_terms) / PEAK
-    largest = sympy.Max(*largest_terms) if largest_terms else ZERO
+    # unevaluated: sympy 1.14 "simplifies" Max(x, x/(n0*n1)) to x/(n0*n1) for positive x and integers n
+    largest = sympy.Max(*dict.fromkeys(largest_terms), evaluate=False) if largest_terms else ZERO
     host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches, passes, comms.calls,
                       param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
     totals = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import sympy
@@ -93,7 +95,16 @@ class PlanContext:
             out[axis_size(axis)] = n
             out[axis_bandwidth(axis)] = link.bandwidth
             out[axis_latency(axis)] = link.latency
-        return out | host_values(self.hardware, self.mesh.size)  # a calibrated spec's host terms (passes/host_cost.py)
+        # a calibrated spec's host terms (passes/host_cost.py), its collectives' on every group this mesh forms
+        return out | host_values(self.hardware, self.mesh.size, self.group_sizes())
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The sizes of the groups a collective of this mesh runs on: an axis's, or the product of the
+        axes a spanning call covers (any set of them), 1 left out (no call)."""
+        shape = self.mesh.shape
+        sizes = {math.prod(shape[a] for a in axes) for k in range(1, len(shape) + 1)
+                 for axes in itertools.combinations(range(len(shape)), k)}
+        return tuple(sorted(n for n in sizes if n > 1))
 
 
 @dataclass

@@ -50,7 +50,8 @@ objective is the plan's ``step_time`` with them too: tests/unit/test_search_host
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import sympy
@@ -67,6 +68,19 @@ LOOP_PASS = sympy.Symbol("loop_pass", nonnegative=True)
 COLL_OVERHEAD = sympy.Symbol("coll_overhead", nonnegative=True)
 OVERSUB = sympy.Symbol("oversub", positive=True)
 COLL_KIND = {kind: sympy.Symbol(f"coll_{kind}", nonnegative=True) for kind in COLLECTIVE_KINDS}
+
+
+def coll_symbol(kind: str, group: int | None = None) -> sympy.Symbol:
+    """The wait of one ``kind`` call beyond its link: on groups of ``group`` ranks (``coll_all_gather_4``),
+    or whatever the group (``coll_all_gather``, for a caller that does not say)."""
+    if group is None:
+        return COLL_KIND[kind]
+    symbol = sympy.Symbol(f"coll_{kind}_{group}", nonnegative=True)
+    GROUP_SYMBOLS[symbol] = (kind, group)
+    return symbol
+
+
+GROUP_SYMBOLS: dict[sympy.Symbol, tuple[str, int]] = {}  # coll_symbol's (kind, group size) of each it made
 BACKWARD_TRAFFIC = 2  # the backward's bytes per forward byte (module docstring)
 
 
@@ -97,15 +111,23 @@ def oversubscription(hardware: HardwareSpec, ranks: int) -> float:
     return max(1.0, min(ranks, hardware.devices_per_node) / hardware.host_cores)
 
 
-def collective_figure(hardware: HardwareSpec, kind: str) -> float:
-    """Seconds a call of ``kind`` costs beyond its link: calibrate's figure for that kind, else the
-    spec's one ``collective_overhead`` (a spec calibrated before the kinds were timed apart)."""
+def collective_figure(hardware: HardwareSpec, kind: str, group: int | None = None) -> float:
+    """Seconds a call of ``kind`` on ``group`` ranks costs beyond its link: calibrate's figure for that
+    kind on groups of that size (``collective_by_group``; the nearest size timed where this one was
+    not: the wait grows with the peers to wait for), else the kind's over every size
+    (``collective_by_kind``), else the spec's one ``collective_overhead`` (a spec calibrated before the
+    kinds were timed apart)."""
+    sizes = hardware.collective_by_group.get(kind, {})
+    if group is not None and sizes:
+        return sizes[min(sizes, key=lambda n: (abs(math.log(n / group)), -n))]
     return hardware.collective_by_kind.get(kind, hardware.collective_overhead)
 
 
-def host_values(hardware: HardwareSpec, ranks: int | None = None) -> dict[sympy.Symbol, float]:
+def host_values(hardware: HardwareSpec, ranks: int | None = None,
+                groups: Iterable[int] = ()) -> dict[sympy.Symbol, float]:
     """The numbers of this module's symbols for a plan of ``ranks`` ranks (None: as many as the spec
-    has devices); none for an uncalibrated spec (its plans never use them)."""
+    has devices) whose collectives run on groups of the sizes ``groups``; none for an uncalibrated
+    spec (its plans never use them)."""
     if not calibrated(hardware):
         return {}
     ranks = hardware.num_devices if ranks is None else ranks
@@ -113,7 +135,8 @@ def host_values(hardware: HardwareSpec, ranks: int | None = None) -> dict[sympy.
             OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element,
             LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead,
             OVERSUB: oversubscription(hardware, ranks)} | {
-            symbol: collective_figure(hardware, kind) for kind, symbol in COLL_KIND.items()}
+            symbol: collective_figure(hardware, kind) for kind, symbol in COLL_KIND.items()} | {
+            coll_symbol(kind, n): collective_figure(hardware, kind, n) for kind in COLL_KIND for n in groups}
 
 
 def traffic_time(traffic: sympy.Expr, train: bool) -> sympy.Expr:
@@ -126,14 +149,15 @@ def launch_time(launches: sympy.Expr, passes: sympy.Expr) -> sympy.Expr:
     return (launches * OP_OVERHEAD + passes * LOOP_PASS) * OVERSUB
 
 
-def collectives_time(collectives: sympy.Expr | Mapping[str, sympy.Expr]) -> sympy.Expr:
+def collectives_time(collectives: sympy.Expr | Mapping[str | tuple[str, int], sympy.Expr]) -> sympy.Expr:
     """What collective calls cost beyond their links: a launch each (a rank's share of a core) and the
-    wait for the peers, per kind. ``collectives``: the calls by kind, or their number where the
-    caller does not give kinds (each then priced at ``coll_overhead``)."""
+    wait for the peers, per kind and group size. ``collectives``: the calls by ``(kind, group size)``
+    (or by kind alone), or their number where the caller does not give kinds (each then priced at
+    ``coll_overhead``)."""
     if not isinstance(collectives, Mapping):
         return collectives * (OP_OVERHEAD * OVERSUB + COLL_OVERHEAD)
-    return sympy.Add(*(count * (OP_OVERHEAD * OVERSUB + COLL_KIND.get(kind, COLL_OVERHEAD))
-                       for kind, count in collectives.items()))
+    return sympy.Add(*(count * (OP_OVERHEAD * OVERSUB + coll_symbol(*(key if isinstance(key, tuple) else (key,))))
+                       for key, count in collectives.items()))
 
 
 def optimizer_time(tensors: sympy.Expr, elements: sympy.Expr) -> sympy.Expr:
@@ -146,7 +170,7 @@ def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr
                train: bool) -> dict[str, sympy.Expr]:
     """``memory_time`` and ``overhead_time`` (module docstring); empty for an uncalibrated spec.
     ``traffic``: the forward's bytes per device; ``launches`` the op launches (collectives not
-    included); ``collectives``: the step's calls by kind (or their number: see collectives_time);
+    included); ``collectives``: the step's calls by (kind, group size) (or their number: see collectives_time);
     ``param_elements``: the local (stored) elements."""
     if not calibrated(hardware):
         return {}
@@ -191,9 +215,19 @@ def host_rates(values: dict, train: bool) -> HostRates:
                      at(optimizer_time(0, 1)) if train else 0.0)
 
 
-def collective_rates(values: dict) -> dict[str, float]:
-    """Seconds per collective call of each kind beyond its link (``collectives_time`` of one call), at
-    ``values``; all 0 for an uncalibrated spec. For a search that counts its calls by kind."""
+class CollectiveRates(dict):
+    """Seconds per collective call beyond its link (``collectives_time`` of one call), by kind and by
+    ``(kind, group size)``: ``rates["all_gather"]``, ``rates["all_gather", 4]``. A group size the
+    context gave no figure for is priced at the kind's."""
+
+    def __missing__(self, key):
+        return self[key[0]]
+
+
+def collective_rates(values: dict) -> CollectiveRates:
+    """``CollectiveRates`` at ``values`` (a context's: its group sizes' figures are there); all 0 for
+    an uncalibrated spec. For a search that counts its calls by kind and group."""
     if MEM_BW not in values:
-        return dict.fromkeys(COLLECTIVE_KINDS, 0.0)
-    return {kind: float(collectives_time({kind: 1}).xreplace(values)) for kind in COLLECTIVE_KINDS}
+        return CollectiveRates(dict.fromkeys(COLLECTIVE_KINDS, 0.0))
+    keys = [*COLLECTIVE_KINDS, *(GROUP_SYMBOLS[s] for s in values if s in GROUP_SYMBOLS)]
+    return CollectiveRates({key: float(collectives_time({key: 1}).xreplace(values)) for key in keys})

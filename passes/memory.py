@@ -244,11 +244,17 @@ def _expert_parallel_ffn(out, ins, node, local_out):
 EXPERT_PARALLEL = Saves((3, 4, 5), internal=_expert_parallel_ffn)  # the local experts' weights, as expert_ffn
 
 
-def _rule(node: fx.Node) -> Saves | None:
-    """The node's saved-tensor rule: the op kind's, or the expert-parallel variant's."""
-    if any(v is not None and v.name == "expert_parallel" for v in (info(node).variant or ())):
+def rule_for(op: str, variants) -> Saves | None:
+    """The saved-tensor rule of an ``op`` run with these per-axis ``variants`` (None where an axis runs
+    none): the op kind's, or the expert-parallel variant's. The search prices each candidate by it."""
+    if any(v is not None and v.name == "expert_parallel" for v in variants):
         return EXPERT_PARALLEL
-    return SAVES.get(info(node).op)
+    return SAVES.get(op)
+
+
+def _rule(node: fx.Node) -> Saves | None:
+    """The node's saved-tensor rule, as its plan runs it."""
+    return rule_for(info(node).op, info(node).variant or ())
 
 
 _LOCAL: dict[tuple, tuple[sympy.Expr, tuple]] = {}  # (shape, nd-SBP, dtype, sizes) -> bytes and dims

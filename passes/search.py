@@ -175,12 +175,14 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
             for k, c in enumerate(cands[g]):
                 takes.setdefault(lid(c.ins[i]), []).append(k)
             grad = train and rec.differentiable and OP_TABLE[info(u).op].differentiable and costing.needs_grad[u]
-            # a view (pair_part, leading_features) shares its base's storage, which memory.py counts once
-            # at the base: the search counts it there too (exact when the base is kept, as add_rms_norm's is)
-            view = rec.op in SAVES and SAVES[rec.op].view_of is not None
-            keeps = train and not state and not view and costing.saves(u, v) and i in SAVES[info(u).op].inputs
+            # a kept parameter is its stored copy (memory.py: parameters are not activations); a kept
+            # buffer (a fixed tensor, such as UltraMem's rank-one factor) is counted as memory.py counts it
+            keeps = train and rec.op != "param" and costing.saves(u, v) and i in SAVES[info(u).op].inputs
             found.append(Use(g, takes, bool(grad), bool(keeps)))
         rule = SAVES.get(rec.op)
+        # a view (pair_part, leading_features) shares its base's storage, which memory.py counts once at
+        # the base (exact when the base is kept, as add_rms_norm's is); a boxing of it is a tensor of its own
+        view = rule is not None and rule.view_of is not None
         if train and rule is not None and rule.output and any(info(a).differentiable for a in tensor_args(v)):
             own: dict[int, list[int]] = {}
             for k, c in enumerate(cands[producer]):
@@ -204,7 +206,7 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
                 boxes[o, w] = memo[key]
         saved = {w: costing.local_bytes(v, nds[w]) for use in found if use.keeps for w in use.takes}
         out.append(Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
-                          {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary))
+                          {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary, view))
     return out
 
 
@@ -232,10 +234,11 @@ def bucket_bound(plan: Plan, values: dict, cap_bytes: int | None = None) -> floa
         key = (tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype)
         keys.setdefault(key, []).append(b)
     cap = float(DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else cap_bytes)
-    call = collective_rates(values)["all_reduce"]  # a calibrated spec's wait per call (passes/host_cost.py)
+    call = collective_rates(values)  # a calibrated spec's wait per call (passes/host_cost.py)
     total = 0.0
     for buckets in keys.values():
-        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] + call for s in buckets[0].steps)
+        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] + call["all_reduce", s.group_size]
+                      for s in buckets[0].steps)
         full = [b for b in buckets if b.steps[0].payload_bytes.value >= b.cap_bytes]
         if not full:
             continue

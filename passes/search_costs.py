@@ -41,7 +41,7 @@ from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
 from .host_cost import collective_rates, host_rates, loop_passes
-from .memory import SAVES
+from .memory import SAVES, rule_for
 from .placement import uneven_dims
 from .precision import MASTER
 from .sbp import DUALS, Broadcast, NdSbp, PartialSum, Sbp, Split, chunk_share, fits, local_numel
@@ -78,7 +78,7 @@ class Costing:
         self.train = ctx.mode == "train"
         self.host = host_rates(self.values, self.train)
         self.hosted = self.host.any  # a calibrated spec: the per-candidate host terms are worth computing
-        self.call = collective_rates(self.values)  # seconds per collective call of each kind, beyond its link
+        self.call = collective_rates(self.values)  # seconds per call of each kind and group size, beyond its link
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
         self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
@@ -135,8 +135,8 @@ class Costing:
             else:
                 link, kind = 0.0, ""
             if kind:  # the backward runs the dual collective on the gradient, the same bytes (sbp.DUALS)
-                total += link + self.call[kind]
-                dual += link + self.call[DUALS[kind]]
+                total += link + self.call[kind, n]
+                dual += link + self.call[DUALS[kind], n]
             layout[axis] = dst
         return total, dual
 
@@ -228,8 +228,9 @@ class Costing:
             return None
         if LAYER.match(info(node).param.name) is None:
             return None
-        latency = (self.mesh[axes[0]] - 1) * self._link(axes[0])[1]
-        calls = self.call["all_gather"] + (self.call["reduce_scatter"] if dual else 0.0)
+        n = self.mesh[axes[0]]
+        latency = (n - 1) * self._link(axes[0])[1]
+        calls = self.call["all_gather", n] + (self.call["reduce_scatter", n] if dual else 0.0)
         return axes[0], info(node).dtype, latency * (2 if dual else 1) + calls
 
     def grad_sync(self, rest: NdSbp, node: fx.Node) -> tuple[float, tuple[tuple, float] | None]:
@@ -250,7 +251,7 @@ class Costing:
 
     def bucket_latency(self, key: tuple) -> float:
         """Seconds of latency one gradient bucket of ``key`` pays (one all-reduce per axis, each a call)."""
-        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] + self.call["all_reduce"] for a in key[0])
+        return sum(2 * (self.mesh[a] - 1) * self._link(a)[1] + self.call["all_reduce", self.mesh[a]] for a in key[0])
 
     def saves(self, user: fx.Node, value: fx.Node) -> bool:
         """Does ``user`` keep ``value`` for its backward (passes/memory.py's rule)?"""
@@ -278,7 +279,7 @@ class Costing:
         pin = self._pin(node)
         flops = self.num(rec.cost.flops) + (self.num(rec.cost.backward_flops) if self.train else 0.0) if rec.cost else 0.0
         written = self.num(rec.cost.bytes_written) if rec.cost and not self.train else 0.0
-        rule = SAVES.get(rec.op) if self.train and any(info(a).differentiable for a in args) else None
+        saving = self.train and any(info(a).differentiable for a in args)
         runs = 1 + (self.train and self.needs_grad[node])  # build_plan's launches: forward, and again backward
         traffic = self.num(rec.cost.bytes_read + rec.cost.bytes_written) if rec.cost and self.hosted else 0.0
         out = []
@@ -301,6 +302,7 @@ class Costing:
                 passes = float(loop_passes(rec.op, shapes, ins, self.mesh)) if record.loop else 0.0
                 time += traffic / split * self.host.byte + runs * (self.host.launch + passes * self.host.loop)
             memory = 0.0
+            rule = rule_for(rec.op, [c.variant for c in axes]) if saving else None  # memory.py's, by the variant
             if rule is not None and rule.internal is not None:
                 dims = tuple(self._local_dims(rec.concrete_shape, raw))
                 ins_bytes = [self.local_bytes(a, nd) for a, nd in zip(args, ins)]
@@ -348,7 +350,7 @@ class Costing:
             for comm in variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
-                total += messages * lat + share * self.num(comm.payload) / bw + self.call[comm.collective]
+                total += messages * lat + share * self.num(comm.payload) / bw + self.call[comm.collective, n]
         return total
 
     def _link(self, axis: int) -> tuple[float, float]:

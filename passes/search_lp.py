@@ -11,7 +11,9 @@ solves it.
                            and buffers none but o = w (consumers take them as stored)
     s[d,o,w] >= e[j,o,w]   the boxing o -> w runs (once for every use j that needs it); its backward
                            dual likewise, over the uses the gradient flows back through
-    k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it)
+    k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it); for a
+                           view (Demand.view) k[d,w] >= v[j,w] - u[p,w]: in its own layout it is its
+                           base's storage, counted at the base
     y[q] in [0,1]          gradient bucket key q (passes/buckets.py) is used: y >= sum_k x[g,k] over
                            the candidates of each group g whose gradient joins q (its first bucket)
     z[q] >= 0              its buckets beyond the first: z >= (sum count*min(bytes,cap)*x - first*y) / cap
@@ -111,7 +113,9 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
                 if w not in kept:
                     kept[w] = lp.col(0.0)
                     _add(memory, kept[w], d.count * d.saved[w] / GIB)
-                lp.row(0.0, inf, {kept[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks}, exact=True)
+                # kept[w] >= v[j,w] (a view: >= v[j,w] - u[p,w], its base's storage where w is its own layout)
+                own = {c: 1.0 for c in outs.get(w, ())} if d.view else {}
+                lp.row(0.0, inf, {kept[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks} | own, exact=True)
         if not use.moves:
             continue
         pairs = {}

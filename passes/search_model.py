@@ -53,6 +53,10 @@ class Demand:
     saved: dict[int, float] = field(default_factory=dict)  # w -> bytes per device autograd keeps
     state: bool = False  # a parameter or buffer: consumers take it as stored
     boundary: bool = False  # read across a layer boundary (passes/clusters.py's bound sums these)
+    # a view of its producer's input (memory.py's ``view_of``: pair_part, leading_features): kept in the
+    # producer's layout it is the base's storage, which memory.py counts at the base; kept in another,
+    # the boxing made a tensor of its own, counted here
+    view: bool = False
 
 
 @dataclass
@@ -113,7 +117,7 @@ def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None =
         o = groups[d.producer].out[choice[d.producer]]
         taken = {kind: {w for u in d.uses if getattr(u, kind) for w, ks in u.takes.items() if choice[u.group] in ks}
                  for kind in ("moves", "grad", "keeps")}
-        memory += sum(d.count * d.saved[w] for w in taken["keeps"])
+        memory += sum(d.count * d.saved[w] for w in taken["keeps"] if not (d.view and w == o))
         for w in taken["moves"]:
             cost = d.move.get((o, w), 0.0)
             if cost is None or (d.state and w != o):

@@ -10,9 +10,10 @@ the ring model the plan prices each collective with):
 
 one (latency, bandwidth) per group size (reported) and one over every row (the spec's link). Each
 kind is also timed in place at 1 and 64 KiB, between chains of tiny ops with no barrier, as a
-program calls it; what it takes beyond the link's formula is ``collective_by_kind``, per call (the
-median over sizes and group sizes; on a CPU host with more ranks than cores, mostly the wait for
-the peers to be scheduled), and ``collective_overhead`` the median of the kinds. All
+program calls it; what it takes beyond the link's formula is ``collective_by_group``, per call and
+group size (the median over sizes; on a CPU host with more ranks than cores, mostly the wait for
+the peers to be scheduled, which grows with the peers), ``collective_by_kind`` the median over group
+sizes too, and ``collective_overhead`` the median of the kinds. All
 ranks of one host share its links, so ``intra_node`` holds the joint fit and ``inter_node`` the same
 figures: nothing crosses a node here, and a plan for this machine never prices an axis across nodes.
 
@@ -93,8 +94,10 @@ def summarise(raw: dict) -> dict:
         if r.get("in_place"):
             beyond.setdefault(r["kind"], {}).setdefault(r["n"], []).append(max(r["seconds"] - in_link(link, r), 0.0))
     by_kind = {kind: statistics.median(v for vs in by_n.values() for v in vs) for kind, by_n in beyond.items()}
+    by_group = {kind: {n: statistics.median(vs) for n, vs in sorted(by_n.items())} for kind, by_n in beyond.items()}
     return {"collective_overhead": statistics.median(by_kind.values()) if by_kind else 0.0,
-            "collective_by_kind": by_kind, "collective_beyond": beyond, "host_cores": raw.get("host_cores", 0),
+            "collective_by_kind": by_kind, "collective_by_group": by_group, "collective_beyond": beyond,
+            "host_cores": raw.get("host_cores", 0),
             "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
             "peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
             "op_overhead": statistics.median(raw["op_overhead"]),
@@ -139,6 +142,7 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
             for n, f in figures["link_by_group_size"].items()) + ".",
         "# collective_by_kind: each kind timed in place (between tiny ops, no barrier) less the link's",
         "# formula, per call, the median over sizes and group sizes (collective_overhead: their median);",
+        "# collective_by_group: the same per group size (a plan prices each call at its group's);",
         "# group size: us at each size: " + "; ".join(
             f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
             for kind, by_n in figures["collective_beyond"].items()) + ".",
@@ -159,6 +163,9 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         f"  collective_overhead: {figures['collective_overhead']:.4g}",
         f"  loop_pass: {figures['loop_pass']:.4g}",
         "  collective_by_kind: {" + ", ".join(f"{k}: {v:.4g}" for k, v in figures["collective_by_kind"].items()) + "}",
+        "  collective_by_group: {" + ", ".join(
+            f"{k}: {{" + ", ".join(f"{n}: {v:.4g}" for n, v in by_n.items()) + "}"
+            for k, by_n in figures.get("collective_by_group", {}).items()) + "}",
         f"  host_cores: {figures['host_cores']}",
         f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
         f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",

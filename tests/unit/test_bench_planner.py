@@ -76,3 +76,19 @@ def test_grid_orders_cover_every_pair_before_repeating_one():
     first = cases[:8]
     assert {(s, m) for s, m, _, _ in first} == {(s, m) for s in ("a", "b") for m, _ in meshes}
     assert len({b for *_, b in first}) == 7
+
+
+def test_a_table_group_is_every_layers_table_at_once():
+    """placement_vs_auto forces one glob per table group: per-layer module names fold to ``*`` (the 120B
+    spec's 24 ``memory_tables.layerN_ultramem_v2`` tables are one group, forced in 4 plans, not 96), and
+    each glob matches every layer's table and nothing else."""
+    import fnmatch
+
+    names = ["layers.3.ultramem.*", "layers.12.ultramem.*", "memory_tables.layer3_ultramem_v2.*",
+             "memory_tables.layer10_ultramem_v2.*", "memory_tables.ring.*", "layers.0.moe.w_*", "player3_x.*"]
+    globs = PLACEMENT["group_globs"](names)
+    assert globs == ["layers.*.moe.w_*", "layers.*.ultramem.*", "memory_tables.layer*_ultramem_v2.*",
+                     "memory_tables.ring.*", "player3_x.*"]
+    assert fnmatch.filter(["memory_tables.layer3_ultramem_v2.values", "memory_tables.layer10_ultramem_v2.keys",
+                           "memory_tables.ring.values"], "memory_tables.layer*_ultramem_v2.*") == [
+        "memory_tables.layer3_ultramem_v2.values", "memory_tables.layer10_ultramem_v2.keys"]

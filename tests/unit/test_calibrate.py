@@ -148,7 +148,8 @@ def test_loop_passes_count_local_experts():
 def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, strategy, local_experts):
     """overhead_time's ``loop_pass`` coefficient is each MoE layer's local experts, forward and again
     backward (ops.expert_ffn and runtime.expert_parallel_ffn loop over them), and each
-    ``coll_<kind>``'s is the step's calls of that kind, read off the plan's own list."""
+    ``coll_<kind>_<group size>``'s is the step's calls of that kind on groups of that size (2 here), read
+    off the plan's own list."""
     import sympy
 
     hw = load_hardware_spec(calibrated)
@@ -162,8 +163,10 @@ def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, stra
     assert overhead.coeff(sympy.Symbol("loop_pass")) == 2 * moe_layers * local_experts
     kinds: dict[str, int] = {}
     for c in plan.collectives:
+        assert c.group_size == 2
         kinds[c.collective] = kinds.get(c.collective, 0) + 1
-    assert kinds and all(overhead.coeff(sympy.Symbol(f"coll_{kind}")) == n for kind, n in kinds.items())
+    assert kinds and all(overhead.coeff(sympy.Symbol(f"coll_{kind}_2")) == n for kind, n in kinds.items())
+    assert not any(overhead.coeff(sympy.Symbol(f"coll_{kind}")) for kind in kinds)
     assert overhead.coeff(sympy.Symbol("coll_overhead")) == 0
 
 

@@ -130,6 +130,10 @@ def test_summarise_takes_each_kinds_in_place_time_beyond_the_link():
     figures = summarise(raw_measurements(in_place, link_rows))
     want = {k: statistics.median(v) for k, v in extra.items()}
     assert figures["collective_by_kind"] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    for kind, v in extra.items():  # per group size: the first two rows are groups of 2, the last two of 4
+        got = figures["collective_by_group"][kind]
+        assert list(got) == [2, 4]
+        assert [got[2], got[4]] == pytest.approx([statistics.median(v[:2]), statistics.median(v[2:])], abs=1e-9)
     assert figures["collective_overhead"] == pytest.approx(statistics.median(want.values()), rel=1e-6)
     assert figures["host_cores"] == 2
 
@@ -145,6 +149,7 @@ def test_the_rendered_spec_carries_the_kinds_and_the_cores(tmp_path):
     assert hw.host_cores == 2 and set(hw.collective_by_kind) == {"all_reduce", "all_gather"}
     # an all_gather of 1 KiB shards on 2 ranks: one message, 1 KiB on the wire (the ring model)
     assert hw.collective_by_kind["all_gather"] == pytest.approx(1e-3 - lat - 1024 / bw, rel=1e-3)
+    assert hw.collective_by_group == {k: {2: pytest.approx(v, rel=1e-3)} for k, v in hw.collective_by_kind.items()}
 
 
 def test_an_unknown_kind_is_refused(tmp_path):
@@ -172,4 +177,60 @@ def test_a_plan_prices_each_call_at_its_kinds_figure(tmp_path):
     step = {k: p.total("step_time").value for k, p in plans.items()}
     assert step["kinds"] - step["flat"] == pytest.approx(extra, rel=1e-9)
     auto, _, _ = make_plan(api.load("dense-tiny"), HOST, Mesh((2,)), strategies=("auto",))
+    assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)
+
+
+@pytest.mark.parametrize("text, field", [
+    ("{all_gather: {one: 1.0e-3}}", "collective_by_group.all_gather.one"),
+    ("{all_gather: {1: 1.0e-3}}", "collective_by_group.all_gather.1"),
+    ("{all_gather: {2: -1.0e-3}}", "collective_by_group.all_gather.2"),
+    ("{all_gahter: {2: 1.0e-3}}", "collective_by_group.all_gahter"),
+    ("{all_gather: 1.0e-3}", "collective_by_group.all_gather")])
+def test_a_bad_group_figure_is_refused_naming_its_field(tmp_path, text, field):
+    from ultraplan.compiler.errors import SpecError
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(SESSION_7 + f"  collective_by_group: {text}\n")
+    with pytest.raises(SpecError, match=f"bad.yaml:15:.*hardware.{field}[:]"):
+        load_hardware_spec(path)
+
+
+GROUPS = dataclasses.replace(HOST, collective_by_group={"all_gather": {2: 4e-3, 8: 9e-3}, "all_reduce": {4: 6e-3}})
+
+
+def test_a_calls_figure_is_its_group_sizes_else_the_nearest_sizes_else_its_kinds():
+    assert collective_figure(GROUPS, "all_gather", 2) == 4e-3
+    assert collective_figure(GROUPS, "all_gather", 8) == 9e-3
+    assert collective_figure(GROUPS, "all_gather", 3) == 4e-3  # nearer 2 than 8 (by ratio)
+    assert collective_figure(GROUPS, "all_gather", 4) == 9e-3  # as near both: the larger, more peers to wait for
+    assert collective_figure(GROUPS, "all_gather", 64) == 9e-3
+    assert collective_figure(GROUPS, "all_gather") == 2e-3  # no group named: collective_by_kind
+    assert collective_figure(GROUPS, "reduce_scatter", 2) == 3e-3  # a kind without sizes: collective_by_kind
+    assert collective_figure(GROUPS, "all_to_all", 2) == 1e-3  # neither: collective_overhead
+    values = host_values(GROUPS, 8, groups=(2, 4, 8))
+    rates = collective_rates(values)
+    launch = 1e-4  # op_overhead at oversub 1 (no host_cores)
+    assert rates["all_gather", 2] == pytest.approx(launch + 4e-3) and rates["all_reduce", 2] == pytest.approx(
+        launch + 6e-3)
+    assert rates["all_gather", 16] == rates["all_gather"] == pytest.approx(launch + 2e-3)  # no such group here
+
+
+def test_a_plan_prices_each_call_at_its_groups_figure():
+    """dense-tiny on 2x4, dp on the axis of 2 and fsdp on the axis of 4: each call waits its kind's
+    figure on its own group's size. Against the same spec without ``collective_by_group`` the step
+    moves by the sum, over the plan's own collectives, of (group figure - kind figure); and auto's
+    objective on the 2x4 mesh is its step (the search prices the groups as the plan does)."""
+    by_group = {"all_gather": {2: 4e-3, 4: 7e-3}, "reduce_scatter": {2: 1e-3, 4: 5e-3}, "all_reduce": {2: 3e-4, 4: 2e-3}}
+    hw = dataclasses.replace(HOST, devices_per_node=8, collective_by_group=by_group)
+    flat = dataclasses.replace(hw, collective_by_group={})
+    spec = api.load("dense-tiny")
+    plans = {name: make_plan(spec, h, Mesh((2, 4)), strategies=("dp", "fsdp"))[0] for name, h in
+             (("groups", hw), ("flat", flat))}
+    sizes = {(c.collective, c.group_size) for c in plans["groups"].collectives}
+    assert {("all_reduce", 2), ("all_gather", 4), ("reduce_scatter", 4)} <= sizes, sizes
+    extra = sum(collective_figure(hw, c.collective, c.group_size) - collective_figure(hw, c.collective)
+                for c in plans["groups"].collectives)
+    step = {k: p.total("step_time").value for k, p in plans.items()}
+    assert step["groups"] - step["flat"] == pytest.approx(extra, rel=1e-9)
+    auto, _, _ = make_plan(spec, hw, Mesh((2, 4)), strategies=("auto", "auto"))
     assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)

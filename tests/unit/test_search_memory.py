@@ -1,0 +1,55 @@
+"""The search's memory row is the plan's ``memory_per_device``, to the byte, under every forced placement.
+
+passes/search_costs.py prices each candidate's memory by passes/memory.py's rules so that "fits" means
+the same to the search and to the plan; where they part, the search can hand back a plan that does not fit
+while a fitting one exists (olmoe-1b-7b trained on 8x8 at batch 256: the search counted expert-parallel
+candidates by the dropless loop's rule, 47 GiB under the plan's, and tied layers to a layout the plan
+found 17 GiB over the device). Three rules the search had apart from memory.py, each caught here: the
+expert-parallel variant's saved rows (memory.EXPERT_PARALLEL), a view kept in another layout than its
+base's (a boxing's tensor of its own: add_rms_norm's normed half split for the MoE), and a saved buffer
+(UltraMem's rank-one factor). In inference the plan had it wrong: its largest activation was sympy's
+Max of the ops' outputs, which sympy 1.14 "simplifies" to the smallest (Max(x, x/(n0*n1)) -> x/(n0*n1)),
+so pkm-tiny on 2x2 claimed 12 KiB where a replicated FFN writes 48 KiB. The search's figure is its own
+evaluation of its chosen assignment (passes/search_model.evaluate); the plan's is build_plan's sum of
+memory.py's terms.
+"""
+
+from __future__ import annotations
+
+import pytest
+from ultraplan.passes.context import Mesh, PlanError
+from ultraplan.passes.pipeline import make_plan
+
+from tests.dist.test_placement import TABLES
+from ultraplan import api
+
+SPECS = ("ultramem-tiny", "ultramem-v2-tiny", "pkm-tiny", "memory-plus-tiny", "peer-tiny", "moe-tiny", "olmoe-tiny")
+WORDS = ("number", "dim", "replicate")
+
+
+def cases():
+    for spec in SPECS:
+        table = TABLES.get(spec, "layers.*.moe.w_*")
+        yield spec, (2,), ()
+        yield spec, (2, 2), ()
+        for word in WORDS:
+            yield spec, (2,), (f"{table}={word}",)
+            yield spec, (2, 2), (f"{table}={word},{word}",)
+        yield spec, (2, 2), (f"{table}=number,dim",)
+
+
+@pytest.mark.parametrize("mode", ["train", "infer"])
+def test_the_search_counts_memory_as_the_plan_does(mode):
+    hw = api.load_hardware("h200-2x8")
+    checked = 0
+    for spec, mesh, forces in cases():
+        try:
+            plan, gm, _ = make_plan(api.load(spec), hw, Mesh(mesh), batch=8, mode=mode, strategies=("auto",) * len(mesh),
+                                    forces=api.parse_forces(list(forces)))
+        except PlanError:
+            continue  # a placement the sizes refuse (tests/dist/test_placement.py names each)
+        found = gm.meta["ultraplan.search"]
+        assert found.memory == pytest.approx(plan.total("memory_per_device").value, rel=1e-12, abs=0.5), \
+            (spec, mesh, forces, mode)
+        checked += 1
+    assert checked >= 40
