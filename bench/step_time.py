@@ -18,8 +18,9 @@ fitted again on the reference program right before each round of runs (``calibra
 every other figure kept), each case planned with that round's spec, and the table gives both
 predictions: ``once`` (the calibration before the rounds) and ``at run`` (the median over rounds
 of the round's own). ``--no-refit`` keeps the one calibration. The plans price each collective call
-at its kind's calibrated figure (``collective_by_kind``); ``bench/step_time_kinds.py`` re-prices a run
-recorded before they did (session 10's, when a plan priced every call at ``collective_overhead``).
+at its kind's calibrated figure on its group's size (``collective_by_group``); ``bench/step_time_kinds.py``
+re-prices a run recorded before they did (session 10's, when a plan priced every call at
+``collective_overhead``).
 
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then

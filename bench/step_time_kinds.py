@@ -7,9 +7,10 @@ For a run recorded when plans priced every collective call at the spec's one ``c
 each kind in place on every group size (the spec's ``collective_by_kind``, the median over group
 sizes, and each group size's figures in its comment). For each case and round this plans the case
 again with the round's spec (HW_DIR/this-machine-N-roundR.yaml) and prints two predictions beside the
-bench's: ``by kind`` (the plan now: each call at its kind's figure) and ``by kind at n`` (each call at
-its kind's figure measured on groups of the program's size, all N ranks: the bench's programs have
-one mesh axis). Nothing is fitted here: the
+bench's: ``by kind`` (each call at its kind's figure: the plan now, for these specs without
+``collective_by_group``) and ``by kind at n`` (each call at its kind's figure measured on groups of the
+program's size, all N ranks: the bench's programs have one mesh axis; what a plan now makes of a
+spec calibrate writes since session 11, ``collective_by_group``). Nothing is fitted here: the
 figures are calibrate's, the measured times the bench's.
 """
 

@@ -44,6 +44,8 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
                       - ring(kind, 2, r["payload_bytes"])[1] / link["bandwidth"], 0.0)
                   for r in in_place if r["kind"] == kind]
         assert hw.collective_by_kind[kind] == pytest.approx(statistics.median(beyond), rel=1e-3, abs=1e-9)
+        # on 2 ranks every call's group has 2: the group's figure is the kind's
+        assert hw.collective_by_group[kind] == {2: pytest.approx(hw.collective_by_kind[kind], rel=1e-3, abs=1e-9)}
     assert hw.collective_overhead == pytest.approx(statistics.median(hw.collective_by_kind.values()), rel=1e-3)
     rows = [r for r in figures["raw"]["collectives"] if not r.get("in_place")]
     errors = [abs(m * link["latency"] + w / link["bandwidth"] - r["seconds"]) / r["seconds"]
