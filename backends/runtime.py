@@ -1,8 +1,9 @@
 """runtime.py: what an emitted program needs besides torch (process group, mesh, collectives).
 
-This file must import nothing but torch and the standard library (and, when called, its neighbour
-expert_parallel.py, which imports it): it is copied verbatim next to every emitted program. It holds no
-model knowledge; the program passes in every decision.
+This file must import nothing but torch and the standard library (and its neighbours, which import it:
+fsdp_groups.py and grad_buckets.py at its end, re-exported here, and expert_parallel.py when called):
+it is copied verbatim next to every emitted program. It holds no model knowledge; the program passes
+in every decision.
 
 - ``setup`` starts (or joins) the process group: NCCL when CUDA is present, gloo otherwise;
   without torchrun's environment it runs as a single process. The mesh is torch's ``DeviceMesh``.
@@ -25,8 +26,9 @@ model knowledge; the program passes in every decision.
 - ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
 - ``forward_in`` runs the model on copies of its weights in the plan's compute dtype (mixed
   precision: bfloat16 copies of float32 master weights).
-- ``GradBuckets`` synchronises gradients in the plan's flat buckets, each launched during the
-  backward as soon as its gradients are ready.
+- ``GradBuckets`` (grad_buckets.py) synchronises gradients in the plan's flat buckets, each launched
+  during the backward as soon as its gradients are ready; ``gather_group`` and ``prefetch_group``
+  (fsdp_groups.py) gather a layer's fsdp-sharded parameters by one all-gather per axis.
 """
 
 import json
@@ -531,128 +533,6 @@ class count_saved:
         return False
 
 
-# ---- gather groups (fsdp) -----------------------------------------------------------------------
-# One layer's sharded parameters gathered by one all-gather, as FSDP2 does
-# (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_all_gather / foreach_reduce).
-
-
-def _flat_shards(tensors, dims):
-    """Each tensor with its split dim moved first, flattened, concatenated: one rank's flat buffer."""
-    return torch.cat([t.movedim(d, 0).reshape(-1) for t, d in zip(tensors, dims)])
-
-
-class _InFlight:
-    """One gather group's collectives: the all-gather started by ``_start_gather`` (perhaps a layer
-    early: ``prefetch_group``) and, in the backward, the reduce-scatter of its gradients, which
-    ``_ShardsIn``'s backward waits for."""
-
-    def __init__(self, mesh, axis, dims, shards):
-        self.mesh, self.axis, self.dims = mesh, axis, tuple(dims)
-        self.shapes = [s.movedim(d, 0).shape for s, d in zip(shards, dims)]
-        self.shard_shapes = [s.shape for s in shards]
-        flat = _flat_shards([s.detach() for s in shards], dims)
-        _count("all_gather", flat)
-        n = mesh.shape[axis]
-        self.rows = torch.empty((n * flat.numel(),), dtype=flat.dtype, device=flat.device)
-        self.work = _all_gather_single(self.rows, flat, group=mesh.group(axis), async_op=True)
-        self.reduced = self.reduce_work = None
-
-
-class _ShardsIn(torch.autograd.Function):
-    """Identity on a gather group's shards, applied when its all-gather starts. Its backward waits for
-    the group's reduce-scatter and hands each shard its gradient. Made before the layer ahead of the
-    group runs (when the group is prefetched), it comes after that layer's ops in the backward's
-    order (torch's engine runs the latest-made ready node first), so the reduce-scatter travels while
-    that layer's backward computes, as FSDP2 overlaps its reduce-scatters (_fsdp_param_group.py)."""
-
-    @staticmethod
-    def forward(ctx, flight, *shards):
-        ctx.flight = flight
-        return tuple(s.view_as(s) for s in shards)
-
-    @staticmethod
-    def backward(ctx, *placeholders):
-        flight = ctx.flight
-        flight.reduce_work.wait()
-        out, start, mine = [], 0, flight.reduced.view(-1)
-        for shape, d in zip(flight.shapes, flight.dims):
-            out.append(mine[start:start + shape.numel()].view(shape).movedim(0, d).contiguous())
-            start += shape.numel()
-        flight.reduced = flight.reduce_work = None
-        return (None, *out)
-
-
-class _GatherGroup(torch.autograd.Function):
-    """Local shards (each split on its ``dims`` entry) -> the full parameters, by one all-gather of
-    the concatenated shards (started by ``_InFlight``, waited for here). Row r of the gathered (n, L)
-    buffer is rank r's flat buffer, so each parameter is its pieces of the n rows, concatenated along
-    its dim. Backward: each full gradient cut into its n chunks along dim, rank r's chunks of all
-    parameters concatenated into row r, one reduce-scatter of the (n, L) buffer, started here and
-    waited for by ``_ShardsIn`` (this rank's row splits back into its shards' gradients there); the
-    gradients returned here are placeholders that only ``_ShardsIn`` receives, and it ignores them."""
-
-    @staticmethod
-    def forward(ctx, flight, *shards):
-        ctx.flight = flight
-        flight.work.wait()
-        n = flight.mesh.shape[flight.axis]
-        rows = flight.rows.view(n, -1)
-        out, start = [], 0
-        for shape, d in zip(flight.shapes, flight.dims):
-            size = shape.numel()
-            piece = rows[:, start:start + size].reshape(n * shape[0], *shape[1:])
-            out.append(piece.movedim(0, d).contiguous())
-            start += size
-        flight.rows = flight.work = None
-        return tuple(out)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        flight = ctx.flight
-        n = flight.mesh.shape[flight.axis]
-        like = next(g for g in grads if g is not None)
-        grads = [g if g is not None else like.new_zeros((n * s[0], *s[1:])).movedim(0, d)
-                 for g, s, d in zip(grads, flight.shapes, flight.dims)]
-        rows = torch.cat([g.movedim(d, 0).reshape(n, -1) for g, d in zip(grads, flight.dims)], dim=1)
-        _count("reduce_scatter", rows)
-        flight.reduced = rows.new_empty((1, rows.shape[1]))  # gloo: (n, L) -> (1, L)
-        flight.reduce_work = _reduce_scatter_single(flight.reduced, rows, op=dist.ReduceOp.SUM,
-                                                    group=flight.mesh.group(flight.axis), async_op=True)
-        flight.sent = rows  # the reduce-scatter reads it until _ShardsIn waits
-        placeholder = rows.new_zeros(1)
-        return (None, *(placeholder.expand(shape) for shape in flight.shard_shapes))
-
-
-_PREFETCHED = {}  # (axis, ids of the shards) -> the _InFlight of a group prefetch_group started
-
-
-def _start_gather(shards, mesh, axis, dims):
-    flight = _InFlight(mesh, axis, dims, shards)
-    return flight, _ShardsIn.apply(flight, *shards)
-
-
-def prefetch_group(shards, mesh, axis, dims):
-    """Start the all-gather of a gather group now, so that it travels while the layer before it
-    computes (FSDP2's forward prefetch, FSDPParamGroup's unshard ahead of use); the group's
-    ``gather_group`` call takes the result. Same call and bytes as without the prefetch."""
-    _PREFETCHED[(axis, tuple(map(id, shards)))] = _start_gather(shards, mesh, axis, dims)
-
-
-def gather_group(shards, mesh, axis, dims):
-    """The full parameters of ``shards`` (split on mesh ``axis``, each along its entry of ``dims``),
-    by one all-gather (the one ``prefetch_group`` started, else one started now); the backward
-    reduce-scatters their gradients by one call, waited for when the shards' gradients are due."""
-    flight, inputs = _PREFETCHED.pop((axis, tuple(map(id, shards))), None) or _start_gather(shards, mesh, axis, dims)
-    return _GatherGroup.apply(flight, *inputs)
-
-
-def with_following(layers, start, stop, after=None):
-    """(layer, the layer after it) for ``layers[start:stop]``: a layer's forward prefetches the gather
-    groups of the one after it (``prefetch_group``); the last layer's is ``after`` (the Model, whose
-    parameters used after the layers it then prefetches), or None."""
-    return [(layers[i], layers[i + 1] if i + 1 < len(layers) else after) for i in range(start, stop)]
-
-
 # ---- ops whose shard-local form needs collectives -----------------------------------------------
 
 
@@ -746,107 +626,6 @@ def forward_in(dtype, model, *args):
     if all(t.dtype == dtype for t in floating.values()):
         return model(*args)
     return torch.func.functional_call(model, {name: t.to(dtype) for name, t in floating.items()}, args)
-
-
-# ---- gradient buckets ---------------------------------------------------------------------------
-
-
-class GradBuckets:
-    """Gradient synchronisation in flat buckets launched during the backward, as torch DDP's Reducer
-    does (torch/csrc/distributed/c10d/reducer.cpp; Li et al., VLDB 2020, section 3.2). Which
-    gradients share a bucket, in what order, is the plan's decision; this class only runs it.
-
-    ``buckets``, in launch order: (parameters, steps), the parameters whose gradients share one
-    flat buffer (in buffer order) and the collectives it needs, e.g. (("all_reduce", 0),): a sum
-    over mesh axis 0 (several steps run one after the other). A hook on each parameter
-    (``register_post_accumulate_grad_hook``) fires once its gradient is accumulated. When every
-    gradient of the next bucket is in, it is copied into the buffer and its first collective
-    launched asynchronously while the backward carries on. Buckets launch strictly in order (one
-    ready early waits for those before it), so every rank issues the same calls in the same order.
-
-    ``finish()``, after the backward: launches the buckets still waiting (a parameter no gradient
-    reached on this rank sends zeros: DDP's find_unused_parameters case), runs the remaining steps,
-    waits for all and points each ``.grad`` at its slice of the buffer. A parameter no gradient
-    reached on this rank takes the others' sum; when that is zero too, no rank reached it and its
-    ``.grad`` stays None, as a single-process run leaves it (the optimizer skips it). A program
-    whose backward also runs collectives on a bucket's axis must reach every parameter on every
-    rank, or a held-back bucket meets another collective; every op of ops.py and this file does
-    (``expert_parallel_ffn`` runs every local expert, on zero rows if need be).
-    Each call counts as its kind ("all_reduce") with the bytes of the buffer.
-    """
-
-    def __init__(self, mesh, buckets):
-        self.mesh = mesh
-        self.buckets = [(list(params), tuple((kind, int(axis)) for kind, axis in steps)) for params, steps in buckets]
-        self.bucket_of = {}
-        for index, (params, steps) in enumerate(self.buckets):
-            if any(kind != "all_reduce" for kind, _ in steps):
-                raise ValueError(f"gradient bucket {index}: only all_reduce steps are bucketed, got {steps}")
-            for p in params:  # keyed by id: a tensor's == is elementwise
-                if id(p) in self.bucket_of:
-                    raise ValueError(f"a parameter of shape {tuple(p.shape)} is in two gradient buckets")
-                self.bucket_of[id(p)] = index
-                p.register_post_accumulate_grad_hook(self._ready)
-        self.buffers = [None] * len(self.buckets)
-        self._reset()
-
-    def _reset(self):
-        self.waiting = [len(params) for params, _ in self.buckets]  # gradients not yet in, per bucket
-        self.reached = set()  # ids of the parameters a gradient reached in this backward
-        self.launched = 0  # buckets launched so far (always a prefix, in order)
-        self.works = [None] * len(self.buckets)
-        self.steps_run = [0] * len(self.buckets)
-
-    def _ready(self, param):
-        self.reached.add(id(param))
-        self.waiting[self.bucket_of[id(param)]] -= 1
-        while self.launched < len(self.buckets) and self.waiting[self.launched] == 0:
-            self._launch(self.launched)
-
-    def _launch(self, index):
-        params, _ = self.buckets[index]
-        grads = [p.grad for p in params]
-        like = next((g for g in grads if g is not None), params[0])
-        total = sum(p.numel() for p in params)
-        buffer = self.buffers[index]
-        if buffer is None or buffer.dtype != like.dtype or buffer.device != like.device:
-            buffer = self.buffers[index] = torch.empty(total, dtype=like.dtype, device=like.device)
-        offset = 0
-        for p, g in zip(params, grads):
-            part = buffer[offset:offset + p.numel()]
-            if g is None:
-                part.zero_()
-            else:
-                part.copy_(g.reshape(-1))
-            offset += p.numel()
-        self.launched += 1
-        self._next_step(index)
-
-    def _next_step(self, index):
-        kind, axis = self.buckets[index][1][self.steps_run[index]]
-        _count(kind, self.buffers[index])
-        self.works[index] = dist.all_reduce(self.buffers[index], op=dist.ReduceOp.SUM, group=self.mesh.group(axis),
-                                            async_op=True)
-        self.steps_run[index] += 1
-
-    def finish(self):
-        """After the backward: launch what is left, run every bucket's remaining steps, wait for all,
-        and set each parameter's ``.grad`` to its slice of the reduced buffer."""
-        while self.launched < len(self.buckets):
-            self._launch(self.launched)
-        while any(run < len(steps) for run, (_, steps) in zip(self.steps_run, self.buckets)):
-            for index, (_, steps) in enumerate(self.buckets):
-                if self.steps_run[index] < len(steps):
-                    self.works[index].wait()
-                    self._next_step(index)
-        for index, (params, _) in enumerate(self.buckets):
-            self.works[index].wait()
-            offset = 0
-            for p in params:
-                part = self.buffers[index][offset:offset + p.numel()].view(p.shape)
-                offset += p.numel()
-                p.grad = part if id(p) in self.reached or bool(part.any()) else None
-        self._reset()
 
 
 # ---- parameters, checks, results ----------------------------------------------------------------
@@ -961,3 +740,13 @@ def synced_clock():
         torch.cuda.synchronize()
     dist.barrier()
     return time.perf_counter()
+
+
+# ---- shipped beside this file: the names a program calls on ``runtime`` ----------------------------
+
+try:  # at the end: each imports this module, whole by now
+    from .fsdp_groups import gather_group, prefetch_group, with_following
+    from .grad_buckets import GradBuckets
+except ImportError:
+    from fsdp_groups import gather_group, prefetch_group, with_following  # noqa: F401
+    from grad_buckets import GradBuckets  # noqa: F401
