@@ -106,7 +106,9 @@ def sections() -> dict[str, list[str]]:
                        "all_to_all: s}` (seconds per call beyond the link; a kind not listed: "
                        "`collective_overhead`) and `collective_by_group: {all_gather: {2: s, 4: s}, ...}` (the "
                        "same per group size, ranks in the call's group; a size not listed: the nearest one "
-                       "listed, a kind not listed: its `collective_by_kind`).", "",
+                       "listed, a kind not listed: its `collective_by_kind`) and `collective_wire_factor: "
+                       "{all_gather: x, ...}` (each kind's seconds per wire byte against the link's; not "
+                       "listed: 1).", "",
                        *dataclass_table(_HardwareFields)]
     out["link"] = [f"`intra_node:` / `inter_node:` of a hardware spec. {_docstring(LinkSpec)}", "",
                    *dataclass_table(LinkSpec)]

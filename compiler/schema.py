@@ -253,6 +253,9 @@ class HardwareSpec:
     collective_by_kind: dict[str, float] = field(default_factory=dict)
     # the same per group size (kind -> ranks in the group -> seconds): the wait grows with the peers
     collective_by_group: dict[str, dict[int, float]] = field(default_factory=dict)
+    # each kind's seconds per wire byte against the link's (1: as the link's fit; gloo's all_gather and
+    # reduce_scatter move a byte about 3 times slower than its all_reduce on a CPU host); not listed: 1
+    collective_wire_factor: dict[str, float] = field(default_factory=dict)
     host_cores: int = 0  # cores the ranks of one node share (calibrate); 0: not modelled (a core per device)
 
     @property

@@ -139,6 +139,17 @@ def read_hardware(doc: Document) -> HardwareSpec:
                 if seconds < 0:
                     raise doc.error((*where, size), f"{seconds} s is negative", hint="seconds per call, 0 or more")
                 by_group.setdefault(kind, {})[ranks] = seconds
+    wire: dict[str, float] = {}
+    if "collective_wire_factor" in items:
+        item = items.pop("collective_wire_factor")
+        for kind, value in expect_mapping(doc, item, "collective_wire_factor").items():
+            if kind not in COLLECTIVE_KINDS:
+                raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
+                                hint="one of " + ", ".join(COLLECTIVE_KINDS))
+            wire[kind] = coerce(doc, Sourced(value, (*item.path, kind)), float)
+            if wire[kind] <= 0:
+                raise doc.error((*item.path, kind), f"a wire factor of {wire[kind]} is not positive",
+                                hint="seconds per wire byte against the link's: 1 is the link's own speed")
     spec = read_dataclass(doc, _HardwareFields, items, path)
     for key in ("intra_node", "inter_node"):
         if key not in links:
@@ -151,6 +162,7 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
                         optimizer_element=spec.optimizer_element, collective_overhead=spec.collective_overhead,
                         loop_pass=spec.loop_pass, collective_by_kind=by_kind, collective_by_group=by_group,
+                        collective_wire_factor=wire,
                         host_cores=spec.host_cores)
 
 
@@ -177,7 +189,7 @@ class _HardwareFields:
         "min": 0, "doc": "cores the ranks of one node share (ultraplan calibrate; 0: a core per device)"})
 
 
-# the collectives a hardware spec's collective_by_kind and collective_by_group may price (passes/sbp.py's kinds)
+# the collectives a hardware spec's collective_by_kind, _by_group and _wire_factor may price (passes/sbp.py's kinds)
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 

@@ -39,12 +39,13 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
+from ..compiler.schema import HardwareSpec
 from ..compiler.shapes import numel
 from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
 from .gather_groups import gather_groups, group_plan
-from .host_cost import host_times, loop_passes
+from .host_cost import host_times, loop_passes, wire_factor
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
@@ -96,14 +97,16 @@ def _scale_text(scale: object, values: dict) -> str:
     return memo[scale]
 
 
-def collective_time(b: Boxing) -> sympy.Expr:
-    """Latency per message plus wire bytes over bandwidth, on the axis's link; a group spanning several
+def collective_time(b: Boxing, hardware: HardwareSpec | None = None) -> sympy.Expr:
+    """Latency per message plus wire bytes over bandwidth, on the axis's link, the wire bytes weighed by
+    the kind's factor where ``hardware`` lists them (host_cost.wire_factor); a group spanning several
     axes lies on one node exactly when each of its axes' groups does (every member reaches every other
     through one group per axis), so it takes the slowest of their links."""
+    wire = b.wire * (wire_factor(hardware, b.collective) if hardware is not None else 1)
     if b.span:
         latency = sympy.Max(*(axis_latency(a) for a in b.span))
-        return b.messages * latency + b.wire / sympy.Min(*(axis_bandwidth(a) for a in b.span))
-    return b.messages * axis_latency(b.axis) + b.wire / axis_bandwidth(b.axis)
+        return b.messages * latency + wire / sympy.Min(*(axis_bandwidth(a) for a in b.span))
+    return b.messages * axis_latency(b.axis) + wire / axis_bandwidth(b.axis)
 
 
 def dual_of(b: Boxing) -> Boxing | None:
@@ -135,7 +138,8 @@ class _Collectives:
         devices = math.prod(self.ctx.mesh.shape[a] for a in b.span or (b.axis,))
         return CollectivePlan(b.collective, b.axis, devices, b.src, b.dst,
                               cost(b.payload, self.values), cost(b.wire, self.values),
-                              cost(collective_time(b), self.values), reason, phase, node, data_dependent, dtype)
+                              cost(collective_time(b, self.ctx.hardware), self.values), reason, phase, node,
+                              data_dependent, dtype)
 
     def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
             dtype: str = "float32") -> CollectivePlan:
@@ -143,7 +147,7 @@ class _Collectives:
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
              "loss_logging": self.logging}[phase].append(plan)
-            self.times.append(collective_time(b))
+            self.times.append(collective_time(b, self.ctx.hardware))
             key = (b.collective, plan.group_size)  # priced at its kind's wait on groups of this size
             self.calls[key] = self.calls.get(key, 0) + 1
             self.wires.append(b.wire)

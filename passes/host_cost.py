@@ -68,6 +68,7 @@ LOOP_PASS = sympy.Symbol("loop_pass", nonnegative=True)
 COLL_OVERHEAD = sympy.Symbol("coll_overhead", nonnegative=True)
 OVERSUB = sympy.Symbol("oversub", positive=True)
 COLL_KIND = {kind: sympy.Symbol(f"coll_{kind}", nonnegative=True) for kind in COLLECTIVE_KINDS}
+WIRE_KIND = {kind: sympy.Symbol(f"wire_{kind}", positive=True) for kind in COLLECTIVE_KINDS}
 
 
 def coll_symbol(kind: str, group: int | None = None) -> sympy.Symbol:
@@ -126,17 +127,26 @@ def collective_figure(hardware: HardwareSpec, kind: str, group: int | None = Non
 def host_values(hardware: HardwareSpec, ranks: int | None = None,
                 groups: Iterable[int] = ()) -> dict[sympy.Symbol, float]:
     """The numbers of this module's symbols for a plan of ``ranks`` ranks (None: as many as the spec
-    has devices) whose collectives run on groups of the sizes ``groups``; none for an uncalibrated
-    spec (its plans never use them)."""
+    has devices) whose collectives run on groups of the sizes ``groups``; for an uncalibrated spec
+    only its wire factors, if it lists any (its plans use no other)."""
+    wire = {WIRE_KIND[kind]: hardware.collective_wire_factor.get(kind, 1.0) for kind in WIRE_KIND
+            if hardware.collective_wire_factor}  # priced wherever a spec lists them (wire_factor)
     if not calibrated(hardware):
-        return {}
+        return wire
     ranks = hardware.num_devices if ranks is None else ranks
-    return {MEM_BW: hardware.memory_bandwidth, OP_OVERHEAD: hardware.op_overhead,
+    return wire | {MEM_BW: hardware.memory_bandwidth, OP_OVERHEAD: hardware.op_overhead,
             OPT_TENSOR: hardware.optimizer_tensor, OPT_ELEMENT: hardware.optimizer_element,
             LOOP_PASS: hardware.loop_pass, COLL_OVERHEAD: hardware.collective_overhead,
             OVERSUB: oversubscription(hardware, ranks)} | {
             symbol: collective_figure(hardware, kind) for kind, symbol in COLL_KIND.items()} | {
             coll_symbol(kind, n): collective_figure(hardware, kind, n) for kind in COLL_KIND for n in groups}
+
+
+def wire_factor(hardware: HardwareSpec, kind: str) -> sympy.Expr:
+    """What a ``kind`` collective's wire bytes over the link's bandwidth are multiplied by: the symbol
+    ``wire_<kind>`` for a spec that lists wire factors (calibrate writes them: on gloo an all_gather
+    moves a byte about 3 times slower than an all_reduce), else 1 (the link's fit holds for every kind)."""
+    return WIRE_KIND[kind] if hardware.collective_wire_factor and kind in WIRE_KIND else sympy.Integer(1)
 
 
 def traffic_time(traffic: sympy.Expr, train: bool) -> sympy.Expr:

@@ -40,7 +40,7 @@ from ..compiler.op_table import OP_TABLE
 from .build_plan import _needs_grad
 from .context import PlanContext
 from .gather_groups import LAYER
-from .host_cost import collective_rates, host_rates, loop_passes
+from .host_cost import WIRE_KIND, collective_rates, host_rates, loop_passes
 from .memory import SAVES, rule_for
 from .placement import uneven_dims
 from .precision import MASTER
@@ -79,6 +79,8 @@ class Costing:
         self.host = host_rates(self.values, self.train)
         self.hosted = self.host.any  # a calibrated spec: the per-candidate host terms are worth computing
         self.call = collective_rates(self.values)  # seconds per call of each kind and group size, beyond its link
+        # each kind's wire bytes weighed against the link's (host_cost.wire_factor; 1 where the spec lists none)
+        self.wire = {kind: self.values.get(symbol, 1.0) for kind, symbol in WIRE_KIND.items()}
         self.needs_grad = _needs_grad(gm)
         self.box_memo: dict[tuple, tuple[float, float] | None] = {}
         self.pair_memo: dict[tuple, tuple[float, float] | None] = {}  # by layout ids (search._demands)
@@ -127,16 +129,16 @@ class Costing:
                 return None
             bw, lat = self._link(axis)
             if pair == (PartialSum, Broadcast):
-                link, kind = 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw, "all_reduce"
+                latency, wire, kind = 2 * (n - 1) * lat, 2 * (n - 1) / n * nbytes / bw, "all_reduce"
             elif pair == (Split, Split):
-                link, kind = (n - 1) * lat + (n - 1) / n**2 * nbytes / bw, "all_to_all"
+                latency, wire, kind = (n - 1) * lat, (n - 1) / n**2 * nbytes / bw, "all_to_all"
             elif pair in ((Split, Broadcast), (PartialSum, Split)):
-                link, kind = (n - 1) * lat + (n - 1) / n * nbytes / bw, COLLECTIVE_OF[pair]
+                latency, wire, kind = (n - 1) * lat, (n - 1) / n * nbytes / bw, COLLECTIVE_OF[pair]
             else:
-                link, kind = 0.0, ""
+                latency, wire, kind = 0.0, 0.0, ""
             if kind:  # the backward runs the dual collective on the gradient, the same bytes (sbp.DUALS)
-                total += link + self.call[kind, n]
-                dual += link + self.call[DUALS[kind], n]
+                total += latency + wire * self.wire[kind] + self.call[kind, n]
+                dual += latency + wire * self.wire[DUALS[kind]] + self.call[DUALS[kind], n]
             layout[axis] = dst
         return total, dual
 
@@ -246,7 +248,7 @@ class Costing:
         seconds = 0.0
         for a in axes:
             n = self.mesh[a]
-            seconds += 2 * (n - 1) / n * nbytes / self._link(a)[0]
+            seconds += 2 * (n - 1) / n * nbytes / self._link(a)[0] * self.wire["all_reduce"]
         return seconds, ((axes, MASTER), nbytes)
 
     def bucket_latency(self, key: tuple) -> float:
@@ -350,7 +352,8 @@ class Costing:
             for comm in variant.comms(local, dtypes, info(node).attrs, n, self.train):
                 reduce = comm.collective == "all_reduce"
                 share, messages = (2 * (n - 1) / n, 2 * (n - 1)) if reduce else ((n - 1) / n, n - 1)
-                total += messages * lat + share * self.num(comm.payload) / bw + self.call[comm.collective, n]
+                total += (messages * lat + share * self.num(comm.payload) / bw * self.wire[comm.collective]
+                          + self.call[comm.collective, n])
         return total
 
     def _link(self, axis: int) -> tuple[float, float]:

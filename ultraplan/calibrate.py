@@ -13,7 +13,9 @@ kind is also timed in place at 1 and 64 KiB, between chains of tiny ops with no 
 program calls it; what it takes beyond the link's formula is ``collective_by_group``, per call and
 group size (the median over sizes; on a CPU host with more ranks than cores, mostly the wait for
 the peers to be scheduled, which grows with the peers), ``collective_by_kind`` the median over group
-sizes too, and ``collective_overhead`` the median of the kinds. All
+sizes too, and ``collective_overhead`` the median of the kinds. The kinds also move bytes at their
+own speeds (gloo's all_gather and reduce_scatter several times slower than its all_reduce): each
+kind's bandwidth term is scaled by least squares on its rows, ``collective_wire_factor``. All
 ranks of one host share its links, so ``intra_node`` holds the joint fit and ``inter_node`` the same
 figures: nothing crosses a node here, and a plan for this machine never prices an axis across nodes.
 
@@ -89,6 +91,7 @@ def summarise(raw: dict) -> dict:
     rows = [r for r in raw["collectives"] if not r.get("in_place")]
     per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
     link = fit_link(rows)
+    link["wire_factor"] = wire_factors(link, rows)
     beyond: dict[str, dict[int, list[float]]] = {}  # kind -> group size -> seconds beyond the link, per size
     for r in raw["collectives"]:
         if r.get("in_place"):
@@ -97,19 +100,38 @@ def summarise(raw: dict) -> dict:
     by_group = {kind: {n: statistics.median(vs) for n, vs in sorted(by_n.items())} for kind, by_n in beyond.items()}
     return {"collective_overhead": statistics.median(by_kind.values()) if by_kind else 0.0,
             "collective_by_kind": by_kind, "collective_by_group": by_group, "collective_beyond": beyond,
+            "collective_wire_factor": link["wire_factor"],
             "host_cores": raw.get("host_cores", 0),
             "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
             "peak_flops": peak, "memory_bandwidth": statistics.median(raw["copy"]),
             "op_overhead": statistics.median(raw["op_overhead"]),
             "optimizer_tensor": statistics.median(raw["optimizer"]["tensor"]),
             "optimizer_element": statistics.median(raw["optimizer"]["element"]),
-            "link": link, "link_by_group_size": per_size}
+            "link": link, "link_by_group_size": per_size,
+            "wire_fit_error": statistics.median(abs(in_link(link, r) - r["seconds"]) / r["seconds"] for r in rows)}
+
+
+def wire_factors(link: dict, rows: list[dict]) -> dict[str, float]:
+    """Each kind's seconds per wire byte against the joint fit's ``link``: the least-squares scale s of
+    its rows' bandwidth term in ``seconds = messages * latency + s * wire / bandwidth``, relative errors
+    weighted alike (as ``fit_link``). On gloo over loopback an all_gather or a reduce_scatter moves a
+    byte about 3 times slower than an all_reduce (torch's ProcessGroupGloo stages them through
+    per-rank lists), which one link fits to half of each."""
+    out = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        terms = [ring_terms(kind, r["n"], r["payload_bytes"]) for r in mine]
+        a = [w / link["bandwidth"] / r["seconds"] for (_, w), r in zip(terms, mine)]
+        y = [(r["seconds"] - m * link["latency"]) / r["seconds"] for (m, _), r in zip(terms, mine)]
+        out[kind] = max(0.05, sum(p * q for p, q in zip(a, y)) / sum(p * p for p in a)) if any(a) else 1.0
+    return out
 
 
 def in_link(link: dict, row: dict) -> float:
-    """Seconds the link's formula gives one measured collective (``row``)."""
+    """Seconds the link's formula gives one measured collective (``row``), its wire at the kind's factor."""
     messages, wire = ring_terms(row["kind"], row["n"], row["payload_bytes"])
-    return messages * link["latency"] + wire / link["bandwidth"]
+    factor = link.get("wire_factor", {}).get(row["kind"], 1.0)
+    return messages * link["latency"] + factor * wire / link["bandwidth"]
 
 
 def device_memory(nproc: int) -> float:
@@ -143,6 +165,9 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         "# collective_by_kind: each kind timed in place (between tiny ops, no barrier) less the link's",
         "# formula, per call, the median over sizes and group sizes (collective_overhead: their median);",
         "# collective_by_group: the same per group size (a plan prices each call at its group's);",
+        "# collective_wire_factor: each kind's seconds per wire byte against the link's (least squares on",
+        "# its rows timed after a barrier, the link's latency kept); median relative error with them "
+        + f"{figures.get('wire_fit_error', float('nan')):.0%}.",
         "# group size: us at each size: " + "; ".join(
             f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
             for kind, by_n in figures["collective_beyond"].items()) + ".",
@@ -166,6 +191,8 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
         "  collective_by_group: {" + ", ".join(
             f"{k}: {{" + ", ".join(f"{n}: {v:.4g}" for n, v in by_n.items()) + "}"
             for k, by_n in figures.get("collective_by_group", {}).items()) + "}",
+        "  collective_wire_factor: {" + ", ".join(
+            f"{k}: {v:.4g}" for k, v in figures.get("collective_wire_factor", {}).items()) + "}",
         f"  host_cores: {figures['host_cores']}",
         f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
         f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",

@@ -39,9 +39,11 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
     # formula (the ring model written out in tests/unit/test_calibrate.py), collective_overhead their median
     in_place = [r for r in figures["raw"]["collectives"] if r.get("in_place")]
     assert sorted((r["kind"], r["n"]) for r in in_place) == sorted((k, 2) for k in KINDS for _ in range(2))
-    for kind in KINDS:
+    for kind in KINDS:  # the link's wire at the kind's factor (calibrate.wire_factors)
+        factor = hw.collective_wire_factor[kind]
+        assert factor == pytest.approx(link["wire_factor"][kind], rel=1e-3)
         beyond = [max(r["seconds"] - ring(kind, 2, r["payload_bytes"])[0] * link["latency"]
-                      - ring(kind, 2, r["payload_bytes"])[1] / link["bandwidth"], 0.0)
+                      - factor * ring(kind, 2, r["payload_bytes"])[1] / link["bandwidth"], 0.0)
                   for r in in_place if r["kind"] == kind]
         assert hw.collective_by_kind[kind] == pytest.approx(statistics.median(beyond), rel=1e-3, abs=1e-9)
         # on 2 ranks every call's group has 2: the group's figure is the kind's

@@ -234,3 +234,52 @@ def test_a_plan_prices_each_call_at_its_groups_figure():
     assert step["groups"] - step["flat"] == pytest.approx(extra, rel=1e-9)
     auto, _, _ = make_plan(spec, hw, Mesh((2, 4)), strategies=("auto", "auto"))
     assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)
+
+
+def test_wire_factors_are_each_kinds_bandwidth_against_the_links():
+    """Rows exactly on 1e-4 s per message and 1 GB/s, but all_gather's wire 3 times and all_to_all's 1.5
+    times slower: against that link the factors are 3, 1.5 and 1; with them the link's formula gives
+    every row's seconds back (calibrate.in_link), and summarise writes them into the spec."""
+    from ultraplan.calibrate import in_link, wire_factors
+
+    lat, bw = 1e-4, 1e9
+    slow = {"all_gather": 3.0, "all_to_all": 1.5}
+    rows = []
+    for kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
+        for n in (2, 4):
+            for payload in (1024, 65536, 2**20):
+                messages, wire = ring_terms(kind, n, payload)
+                rows.append({"kind": kind, "n": n, "payload_bytes": payload,
+                             "seconds": messages * lat + slow.get(kind, 1.0) * wire / bw})
+    link = {"latency": lat, "bandwidth": bw}
+    factors = wire_factors(link, rows)
+    assert factors == pytest.approx({"all_reduce": 1.0, "all_gather": 3.0, "reduce_scatter": 1.0, "all_to_all": 1.5},
+                                    rel=1e-9)
+    link["wire_factor"] = factors
+    assert all(in_link(link, r) == pytest.approx(r["seconds"], rel=1e-9) for r in rows)
+    figures = summarise(raw_measurements([], rows))
+    assert figures["collective_wire_factor"]["all_gather"] > 2 * figures["collective_wire_factor"]["all_reduce"]
+    assert figures["wire_fit_error"] < 0.05 < figures["link"]["median_rel_error"]
+
+
+def test_a_plan_weighs_each_collectives_wire_by_its_kinds_factor():
+    """dense-tiny on 2x4 (dp on the axis of 2, fsdp on the axis of 4), with all_gather's and
+    reduce_scatter's wire 3 times the link's: the step grows by 2 * wire / bandwidth of each such
+    collective the plan lists (its own bytes and link), every other collective unchanged; auto's
+    objective on the mesh is its step (the search weighs the wire as the plan does)."""
+    hw = dataclasses.replace(HOST, devices_per_node=8, collective_wire_factor={"all_gather": 3.0, "reduce_scatter": 3.0})
+    flat = dataclasses.replace(hw, collective_wire_factor={})
+    spec = api.load("dense-tiny")
+    plans = {name: make_plan(spec, h, Mesh((2, 4)), strategies=("dp", "fsdp"))[0] for name, h in
+             (("wire", hw), ("flat", flat))}
+    bandwidth = hw.intra_node.bandwidth
+    extra = sum(2 * c.wire_bytes.value / bandwidth for c in plans["wire"].collectives
+                if c.collective in ("all_gather", "reduce_scatter"))
+    assert extra > 0
+    step = {k: p.total("step_time").value for k, p in plans.items()}
+    assert step["wire"] - step["flat"] == pytest.approx(extra, rel=1e-9)
+    auto, _, _ = make_plan(spec, hw, Mesh((2, 4)), strategies=("auto", "auto"))
+    assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)
+    uncalibrated = dataclasses.replace(api.load_hardware("h200-8"), collective_wire_factor={"all_gather": 2.0})
+    datasheet, _, _ = make_plan(spec, uncalibrated, Mesh((2, 4)), strategies=("auto", "auto"))
+    assert datasheet.total("search_objective").value == pytest.approx(datasheet.total("step_time").value, rel=1e-9)
