@@ -79,11 +79,12 @@ def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], step
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
     reference run for the runs' own ``steps``: later steps can differ from early ones; the median of
     three runs, as one run at a bad moment, 31.8 ms where the next program's step took 15.3, put
-    every 2-rank prediction of session 11's first round 1.6 times over), and every case's modelled
-    step time with it (one process plans them all)."""
+    every 2-rank prediction of session 11's first round 1.6 times over; and the matmul rates timed
+    again before it, ``peak_flops``), and every case's modelled step time with it (one process plans
+    them all)."""
     out.write_text(base.read_text())
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
-                    f"refit(Path({str(out)!r}), {nproc}, steps={steps}, runs=3)"], check=True, stdout=sys.stderr)
+                    f"refit(Path({str(out)!r}), {nproc}, steps={steps}, runs=3, rates=True)"], check=True, stdout=sys.stderr)
     pairs = json.dumps([[c["spec"], c["strategy"]] for c in cases])
     done = subprocess.run([sys.executable, "-c", PREDICT, str(out), str(nproc), pairs], check=True,
                           capture_output=True, text=True)

@@ -84,10 +84,7 @@ def fit_link(rows: list[dict]) -> dict:
 
 def summarise(raw: dict) -> dict:
     """The spec's figures from the worker's measurements (medians over ranks)."""
-    peak = {}
-    for dtype, by_size in raw["matmul"].items():
-        largest = max(by_size, key=int)  # the largest product: the least overhead per FLOP
-        peak[{"float32": "fp32", "bfloat16": "bf16"}[dtype]] = statistics.median(by_size[largest])
+    peak = peak_flops(raw["matmul"])
     rows = [r for r in raw["collectives"] if not r.get("in_place")]
     per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
     link = fit_link(rows)
@@ -200,12 +197,13 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
     return "\n".join(lines) + "\n"
 
 
-def measure(nproc: int, quick: bool) -> dict:
+def measure(nproc: int, quick: bool, only_matmul: bool = False) -> dict:
     """Run the worker on ``nproc`` ranks with torchrun; its progress lines pass through to stderr."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "measured.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ultraplan.calibrate_worker", "--out", str(out)] + (["--quick"] if quick else [])
+               "-m", "ultraplan.calibrate_worker", "--out", str(out)] + (["--quick"] if quick else []) + (
+               ["--only-matmul"] if only_matmul else [])
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))  # as runner.launch
         code = subprocess.run(cmd, env=env, check=False, stdout=sys.stderr).returncode
         if code != 0 or not out.is_file():
@@ -251,16 +249,34 @@ def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = No
 
 FLOOR = re.compile(r"floor ([0-9.]+) us")
 OP_OVERHEAD_LINE = re.compile(r"^  op_overhead: .*$", re.M)
+PEAK_LINE = re.compile(r"^  peak_flops: .*$", re.M)
 REFIT_NOTE = re.compile(r"^# op_overhead refitted .*\n", re.M)
 
 
-def refit(spec: Path, nproc: int, *, steps: int = 12, runs: int = 1) -> dict:
+def peak_flops(matmul: dict) -> dict[str, float]:
+    """The spec's ``peak_flops`` from the worker's matmul rates: per dtype, the largest size's median."""
+    out = {}
+    for dtype, by_size in matmul.items():
+        largest = max(by_size, key=int)  # the largest product: the least overhead per FLOP
+        out[{"float32": "fp32", "bfloat16": "bf16"}[dtype]] = statistics.median(by_size[largest])
+    return out
+
+
+def refit(spec: Path, nproc: int, *, steps: int = 12, runs: int = 1, rates: bool = False) -> dict:
     """Fit ``op_overhead`` again, now, on the reference program, every other figure of ``spec`` kept,
     and rewrite that one line (and say so in the spec's comment). On a shared host the load moves by
     minutes, and ``op_overhead`` carries most of a tiny program's modelled step: fitted at the moment
-    programs run, it describes the machine they run on; the microbenchmarks (rates, links, the
-    per-call figures) move less and cost minutes. ``runs`` reference runs: the median of their
-    medians. The floor is the first calibration's (its comment), else 0."""
+    programs run, it describes the machine they run on; the microbenchmarks (links, the per-call
+    figures) move less and cost minutes. ``runs`` reference runs: the median of their medians. With
+    ``rates`` the matmul rates are timed again first (seconds; a 100M program's step is mostly its
+    matmuls, and one core's FLOP/s moved 1.5 times between two calibrations minutes apart here) and
+    ``peak_flops`` rewritten, so the fit sees them. The floor is the first calibration's (its
+    comment), else 0."""
+    if rates:
+        peak = peak_flops(measure(nproc, quick=False, only_matmul=True)["matmul"])
+        text = PEAK_LINE.sub("  peak_flops: {" + ", ".join(f"{k}: {v:.4g}" for k, v in peak.items()) + "}",
+                             spec.read_text())
+        spec.write_text(text)
     text = spec.read_text()
     found = FLOOR.search(text)
     floor = float(found.group(1)) * 1e-6 if found else 0.0
@@ -269,7 +285,8 @@ def refit(spec: Path, nproc: int, *, steps: int = 12, runs: int = 1) -> dict:
     stamp = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = (f"# op_overhead refitted {stamp} (load average {load:.2f}): the reference program "
-            f"{fitted['reference_measured'] * 1e3:.1f} ms measured (median of {runs} run(s))\n")
+            f"{fitted['reference_measured'] * 1e3:.1f} ms measured (median of {runs} run(s))"
+            + ("; peak_flops timed again before it" if rates else "") + "\n")
     text = REFIT_NOTE.sub("", text).replace("hardware:\n", note + "hardware:\n", 1)
     text = OP_OVERHEAD_LINE.sub(f"  op_overhead: {fitted['op_overhead']:.4g}", text)
     spec.write_text(text)

@@ -278,6 +278,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (seconds, for tests)")
+    parser.add_argument("--only-matmul", action="store_true", help="the matmul rates alone (calibrate.refit's rates)")
     args = parser.parse_args(argv)
     global DEVICE
     if DEVICE.type == "cuda":
@@ -286,13 +287,22 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     torch.manual_seed(dist.get_rank())
     quick, gpu = args.quick, DEVICE.type == "cuda"
+    matmul_sizes = ([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512])
+    if args.only_matmul:
+        result = {"world_size": dist.get_world_size(),
+                  "matmul": matmul_rates(matmul_sizes, ["float32", "bfloat16"], 3 if quick else 7)}
+        if dist.get_rank() == 0:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     result = {
         "world_size": dist.get_world_size(),
         "threads_per_rank": torch.get_num_threads(),
         "host_cores": host_cores() if DEVICE.type == "cpu" else 0,
         # a GPU reaches its rates only on large operands (and a copy larger than its caches)
-        "matmul": matmul_rates(([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512]),
-                               ["float32", "bfloat16"], 3 if quick else 7),
+        "matmul": matmul_rates(matmul_sizes, ["float32", "bfloat16"], 3 if quick else 7),
         "copy": copy_rate((2**26 if quick else 2**28) if gpu else (2**21 if quick else 2**24), 3 if quick else 7),
         "op_overhead": op_overhead(50 if quick else 200, 5 if quick else 9),
         "loop_pass": loop_pass(5 if quick else 9),

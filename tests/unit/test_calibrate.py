@@ -170,6 +170,32 @@ def test_loop_pass_and_collective_terms_count_experts_and_calls(calibrated, stra
     assert overhead.coeff(sympy.Symbol("coll_overhead")) == 0
 
 
+def test_refit_with_rates_times_the_matmuls_first_and_fits_with_them(calibrated, monkeypatch):
+    """calibrate.refit(rates=True): peak_flops is rewritten from the worker's matmul rates (the largest
+    size's median per dtype) before op_overhead is fitted, so the fit models the compute at the new rate;
+    every other figure is kept."""
+    import ultraplan.calibrate as calibrate
+
+    before = load_hardware_spec(calibrated)
+    seen = []
+
+    def fake_measure(nproc, quick, only_matmul=False):
+        assert only_matmul and not quick and nproc == 2
+        return {"matmul": {"float32": {"256": [1e10], "512": [3e10, 5e10, 4e10]}, "bfloat16": {"512": [2e10]}}}
+
+    def fake_fit(spec, nproc, steps, floor=None):
+        seen.append(load_hardware_spec(spec).peak_flops)
+        return {"op_overhead": 5.5e-4, "reference_measured": 0.0617}
+
+    monkeypatch.setattr(calibrate, "measure", fake_measure)
+    monkeypatch.setattr(calibrate, "fit_op_overhead", fake_fit)
+    calibrate.refit(calibrated, 2, rates=True)
+    assert seen == [{"fp32": 4e10, "bf16": 2e10}]
+    after = load_hardware_spec(calibrated)
+    assert "peak_flops timed again" in calibrated.read_text()
+    assert dataclasses.replace(after, peak_flops=before.peak_flops, op_overhead=before.op_overhead) == before
+
+
 def test_refit_rewrites_op_overhead_only_and_keeps_the_first_floor(calibrated, tmp_path, monkeypatch):
     """calibrate.refit: of the spec's figures only op_overhead changes (to the new fit), a note says
     when; the fit's floor is the first calibration's (in the comment), not the spec's fitted figure."""
