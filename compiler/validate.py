@@ -115,41 +115,32 @@ def read_hardware(doc: Document) -> HardwareSpec:
             flops[dtype] = coerce(doc, Sourced(value, (*item.path, dtype)), float)
         if "fp32" not in flops:
             raise doc.error(item.path, "peak_flops needs at least an fp32 entry", hint="add 'fp32: 1.0e+12'")
-    by_kind = {}
-    if "collective_by_kind" in items:
-        item = items.pop("collective_by_kind")
-        for kind, value in expect_mapping(doc, item, "collective_by_kind").items():
-            if kind not in COLLECTIVE_KINDS:
-                raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
-                                hint="one of " + ", ".join(COLLECTIVE_KINDS))
-            by_kind[kind] = coerce(doc, Sourced(value, (*item.path, kind)), float)
-    by_group: dict[str, dict[int, float]] = {}
-    if "collective_by_group" in items:
-        item = items.pop("collective_by_group")
-        for kind, sizes in expect_mapping(doc, item, "collective_by_group").items():
-            where = (*item.path, kind)
-            if kind not in COLLECTIVE_KINDS:
-                raise doc.error(where, f"unknown collective kind {kind!r}", hint="one of " + ", ".join(COLLECTIVE_KINDS))
-            for size, value in expect_mapping(doc, Sourced(sizes, where), kind).items():
-                ranks = int(size) if str(size).isdigit() else 0  # the document's keys are text
-                if ranks < 2:
-                    raise doc.error((*where, size), f"group size {size!r} is not a whole number of ranks of 2 or more",
-                                    hint=f"write '{kind}: {{2: 1.0e-4, 4: 2.0e-4}}': ranks in a group, then seconds")
-                seconds = coerce(doc, Sourced(value, (*where, size)), float)
-                if seconds < 0:
-                    raise doc.error((*where, size), f"{seconds} s is negative", hint="seconds per call, 0 or more")
-                by_group.setdefault(kind, {})[ranks] = seconds
-    wire: dict[str, float] = {}
-    if "collective_wire_factor" in items:
-        item = items.pop("collective_wire_factor")
-        for kind, value in expect_mapping(doc, item, "collective_wire_factor").items():
-            if kind not in COLLECTIVE_KINDS:
-                raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
-                                hint="one of " + ", ".join(COLLECTIVE_KINDS))
-            wire[kind] = coerce(doc, Sourced(value, (*item.path, kind)), float)
-            if wire[kind] <= 0:
-                raise doc.error((*item.path, kind), f"a wire factor of {wire[kind]} is not positive",
-                                hint="seconds per wire byte against the link's: 1 is the link's own speed")
+    def seconds(value, where):
+        out = coerce(doc, Sourced(value, where), float)
+        if out < 0:
+            raise doc.error(where, f"{out} s is negative", hint="seconds per call, 0 or more")
+        return out
+
+    def per_group(sizes, where):
+        out = {}
+        for size, value in expect_mapping(doc, Sourced(sizes, where), where[-1]).items():
+            ranks = int(size) if str(size).isdigit() else 0  # the document's keys are text
+            if ranks < 2:
+                raise doc.error((*where, size), f"group size {size!r} is not a whole number of ranks of 2 or more",
+                                hint=f"write '{where[-1]}: {{2: 1.0e-4, 4: 2.0e-4}}': ranks in a group, then seconds")
+            out[ranks] = seconds(value, (*where, size))
+        return out
+
+    def factor(value, where):
+        out = coerce(doc, Sourced(value, where), float)
+        if out <= 0:
+            raise doc.error(where, f"a wire factor of {out} is not positive",
+                            hint="seconds per wire byte against the link's: 1 is the link's own speed")
+        return out
+
+    by_kind = _per_kind(doc, items, "collective_by_kind", seconds)
+    by_group = _per_kind(doc, items, "collective_by_group", per_group)
+    wire = _per_kind(doc, items, "collective_wire_factor", factor)
     spec = read_dataclass(doc, _HardwareFields, items, path)
     for key in ("intra_node", "inter_node"):
         if key not in links:
@@ -164,6 +155,21 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         loop_pass=spec.loop_pass, collective_by_kind=by_kind, collective_by_group=by_group,
                         collective_wire_factor=wire,
                         host_cores=spec.host_cores)
+
+
+def _per_kind(doc: Document, items: dict, field: str, read) -> dict:
+    """A hardware spec's mapping of collective kinds (``field``, taken out of ``items``), each value
+    read by ``read(value, its path)``; an unknown kind is an error naming it."""
+    if field not in items:
+        return {}
+    item = items.pop(field)
+    out = {}
+    for kind, value in expect_mapping(doc, item, field).items():
+        if kind not in COLLECTIVE_KINDS:
+            raise doc.error((*item.path, kind), f"unknown collective kind {kind!r}",
+                            hint="one of " + ", ".join(COLLECTIVE_KINDS))
+        out[kind] = read(value, (*item.path, kind))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
