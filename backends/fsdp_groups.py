@@ -10,12 +10,6 @@ _fsdp_param_group.py); the backward reduce-scatters their gradients the same way
 import torch
 import torch.distributed as dist
 
-try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
-    from . import runtime
-except ImportError:
-    import runtime
-
-
 # One layer's sharded parameters gathered by one all-gather, as FSDP2 does
 # (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_all_gather / foreach_reduce).
 
@@ -135,3 +129,11 @@ def with_following(layers, start, stop, after=None):
     groups of the one after it (``prefetch_group``); the last layer's is ``after`` (the Model, whose
     parameters used after the layers it then prefetches), or None."""
     return [(layers[i], layers[i + 1] if i + 1 < len(layers) else after) for i in range(start, stop)]
+
+
+# at the end, as runtime.py imports this file at its own end: whichever of the two a program imports
+# first, each finds the other's names defined when it needs them
+try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
+    from . import runtime
+except ImportError:
+    import runtime

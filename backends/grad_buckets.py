@@ -7,11 +7,6 @@ name a program calls): torch, the standard library and runtime.py only.
 import torch
 import torch.distributed as dist
 
-try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
-    from . import runtime
-except ImportError:
-    import runtime
-
 
 class GradBuckets:
     """Gradient synchronisation in flat buckets launched during the backward, as torch DDP's Reducer
@@ -109,3 +104,11 @@ class GradBuckets:
                 offset += p.numel()
                 p.grad = part if id(p) in self.reached or bool(part.any()) else None
         self._reset()
+
+
+# at the end, as runtime.py imports this file at its own end: whichever of the two a program imports
+# first, each finds the other's names defined when it needs them
+try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
+    from . import runtime
+except ImportError:
+    import runtime

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT / "backends"), str(ROOT / "compiler")]  # the files as an emitted program sees them
 
+import fsdp_groups  # noqa: E402
 import ops  # noqa: E402
 import runtime  # noqa: E402
 import seeded  # noqa: E402
@@ -504,7 +505,7 @@ def case_gather_group(mesh):
             first = [2 * out for out in first]  # the layer before computing
             second = runtime.gather_group(halves[1], mesh, axis, dims[2:])
             torch.autograd.backward([*first, *second], [g / 2 if k < 2 else g for k, g in enumerate(grads)])
-        assert not runtime._PREFETCHED
+        assert not fsdp_groups._PREFETCHED
         for k, (out, full, shard, d) in enumerate(zip([*first, *second], fulls, fresh, dims)):
             equal(out.detach(), full * (2 if k < 2 else 1), f"prefetched gather_group parameter {k}")
             want = sum(randn(("gg-g", k, c), shapes[k]) for c in group).chunk(n, d)[me]
