@@ -231,7 +231,9 @@ class CollectiveRates(dict):
     context gave no figure for is priced at the kind's."""
 
     def __missing__(self, key):
-        return self[key[0]]
+        if isinstance(key, tuple):
+            return self[key[0]]
+        raise KeyError(f"no collective kind {key!r}: one of {', '.join(COLLECTIVE_KINDS)}")
 
 
 def collective_rates(values: dict) -> CollectiveRates:

@@ -213,6 +213,8 @@ def test_a_calls_figure_is_its_group_sizes_else_the_nearest_sizes_else_its_kinds
     assert rates["all_gather", 2] == pytest.approx(launch + 4e-3) and rates["all_reduce", 2] == pytest.approx(
         launch + 6e-3)
     assert rates["all_gather", 16] == rates["all_gather"] == pytest.approx(launch + 2e-3)  # no such group here
+    with pytest.raises(KeyError, match="all_gahter"):
+        rates["all_gahter"]
 
 
 def test_a_plan_prices_each_call_at_its_groups_figure():
