@@ -287,22 +287,25 @@ def main(argv=None) -> None:
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     torch.manual_seed(dist.get_rank())
     quick, gpu = args.quick, DEVICE.type == "cuda"
+    # a GPU reaches its rates only on large operands
     matmul_sizes = ([1024, 2048] if quick else [4096, 8192]) if gpu else ([128, 256] if quick else [256, 512])
-    if args.only_matmul:
-        result = {"world_size": dist.get_world_size(),
-                  "matmul": matmul_rates(matmul_sizes, ["float32", "bfloat16"], 3 if quick else 7)}
-        if dist.get_rank() == 0:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
-        dist.barrier()
-        dist.destroy_process_group()
-        return
-    result = {
-        "world_size": dist.get_world_size(),
+    result = {"world_size": dist.get_world_size(),
+              "matmul": matmul_rates(matmul_sizes, ["float32", "bfloat16"], 3 if quick else 7)}
+    if not args.only_matmul:
+        result |= everything_else(quick, gpu)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def everything_else(quick: bool, gpu: bool) -> dict:
+    """The measurements beside the matmul rates (``--only-matmul`` skips them: calibrate.refit's rates)."""
+    return {
         "threads_per_rank": torch.get_num_threads(),
         "host_cores": host_cores() if DEVICE.type == "cpu" else 0,
-        # a GPU reaches its rates only on large operands (and a copy larger than its caches)
-        "matmul": matmul_rates(matmul_sizes, ["float32", "bfloat16"], 3 if quick else 7),
+        # a copy larger than a GPU's caches
         "copy": copy_rate((2**26 if quick else 2**28) if gpu else (2**21 if quick else 2**24), 3 if quick else 7),
         "op_overhead": op_overhead(50 if quick else 200, 5 if quick else 9),
         "loop_pass": loop_pass(5 if quick else 9),
@@ -310,11 +313,6 @@ def main(argv=None) -> None:
         "collectives": collectives([256, 16384, 262144] if quick else [256, 4096, 65536, 262144, 1048576],
                                    5 if quick else 9),
     }
-    if dist.get_rank() == 0:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
