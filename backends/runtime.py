@@ -7,6 +7,7 @@ in every decision.
 
 - ``setup`` starts (or joins) the process group: NCCL when CUDA is present, gloo otherwise;
   without torchrun's environment it runs as a single process. The mesh is torch's ``DeviceMesh``.
+  On a CPU host it keeps each of a node's ranks on cores of its own (``pin_to_cores``).
 - ``Mesh`` gives this rank's coordinates, one process group per axis and the index range a rank
   holds of a split dim (``shard_range``).
 - Layouts are nd-SBPs: one of "S(d)" (split on dim d), "B" (broadcast) or "P" (partial sum) per
@@ -143,7 +144,38 @@ def setup(mesh_shape, timeout=None):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+        pin_to_cores()
     return Mesh(mesh_shape, device), owned
+
+
+HOST_CORES = None  # the cores this process could run on before ``pin_to_cores`` narrowed them
+
+
+def rank_cores(cores, local_rank, local_world):
+    """The cores of local rank ``local_rank`` of ``local_world`` on a host of ``cores``: an equal
+    block each where there are enough (a rank's intra-op threads stay on its block), else one core,
+    round robin (ranks ``r`` and ``r + len(cores)`` share one)."""
+    cores = sorted(cores)
+    block = max(1, len(cores) // local_world)
+    start = local_rank * block % len(cores)
+    return cores[start:start + block]
+
+
+def pin_to_cores():
+    """Keep this rank on cores of its own (``rank_cores``) when a node runs several ranks on CPUs;
+    return them (None: not pinned). Left to the scheduler, two ranks that wait on each other's
+    collectives share one core by turns and migrate: dense-tiny tp on 2 gloo ranks of a 2-core host
+    took 31 to 41 ms a step over three runs unpinned, 24 to 29 pinned (docs/cost-model.md).
+    ``ULTRAPLAN_PIN=0`` leaves placement to the scheduler (or to ``taskset``/``numactl``)."""
+    global HOST_CORES
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world < 2 or os.environ.get("ULTRAPLAN_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    if HOST_CORES is None:
+        HOST_CORES = sorted(os.sched_getaffinity(0))
+    cores = rank_cores(HOST_CORES, int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    os.sched_setaffinity(0, cores)
+    return cores
 
 
 def finish():

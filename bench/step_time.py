@@ -7,7 +7,9 @@ For each rank count: ``ultraplan calibrate --nproc N`` writes a spec of this mac
 temporary directory, or ``--hardware-dir``), then every (spec, strategy) is compiled with it and run
 ``--repeats`` times, the cases interleaved so that a change of the machine's load touches every case
 alike. Each run's measured step time is the median of its steps after the warm-up (``run --json``'s
-``step_time_measured_s``); the table gives the median over repeats, the plan's
+``step_time_measured_s``, over ``--steps`` steps, or ``--long-steps`` for a program planned at over a
+second a step); the table gives the median over repeats (three by default: one run at a slow moment,
+as moe-tiny ep's 125 ms against 50 ms in session 12, does not move it), the plan's
 ``step_time_predicted_s``, their ratio, and for each spec and rank count whether the predicted order
 of strategies is the measured one wherever two measured times differ by more than 25%. The load
 average is printed beside (other work on the machine stretches every figure).
@@ -45,6 +47,7 @@ ULTRAPLAN = [sys.executable, "-m", "ultraplan"]
 DEFAULT_CASES = {"dense-tiny": ["dp", "fsdp", "tp"], "moe-tiny": ["dp", "fsdp", "ep"],
                  "dense-100m": ["dp", "fsdp", "tp"]}
 ORDER_MARGIN = 1.25  # strategies whose measured times differ by more than this must be predicted in order
+LONG_STEP_S = 1.0  # a program planned at more seconds a step than this runs --long-steps
 
 
 def with_path(path: str | None) -> dict | None:
@@ -138,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_CASES))
     parser.add_argument("--strategies", nargs="+", default=None, help="default: three per spec (DEFAULT_CASES)")
-    parser.add_argument("--steps", type=int, default=7, help="steps per run (the first 2 are warm-up)")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="steps per run (the first 2 are warm-up)")
+    parser.add_argument("--long-steps", type=int, default=6,
+                        help="steps per run of a program planned at over a second a step (its steps vary less)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (their median: one slow run moves it not)")
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
     parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
     parser.add_argument("--baseline", default=None, help="PYTHONPATH of another cost model to predict beside")
@@ -168,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                         cases[-1]["before"] = totals["step_time"]["value"]
         for case in cases:
             case["once"] = dict(json.loads((case["dir"] / "plan.json").read_text())["totals"])["step_time"]["value"]
+            case["steps"] = args.steps if case["once"] < LONG_STEP_S else args.long_steps
         for repeat in range(args.repeats):
             if args.refit and cases:
                 fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
@@ -175,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 for case, value in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
             for case in cases:
-                report = run_case(case["dir"], args.steps)
+                report = run_case(case["dir"], case["steps"])
                 if report is None:
                     continue
                 case["runs"].append(report["step_time_measured_s"])

@@ -48,7 +48,12 @@ IN_PLACE_NUMELS = (256, 16384)  # 1 KiB and 64 KiB of float32 per rank
 
 
 def host_cores() -> int:
-    """The cores this process may run on (its affinity mask: a container's or taskset's limit)."""
+    """The cores this process could run on (its affinity mask: a container's or taskset's limit),
+    before ``runtime.pin_to_cores`` kept it on its own."""
+    from ultraplan.backends import runtime
+
+    if runtime.HOST_CORES is not None:
+        return len(runtime.HOST_CORES)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -285,6 +290,10 @@ def main(argv=None) -> None:
         DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(DEVICE)
     dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
+    if DEVICE.type == "cpu":
+        from ultraplan.backends.runtime import pin_to_cores
+
+        pin_to_cores()  # on the cores a program's rank of this rank number runs on (its runtime.setup)
     torch.manual_seed(dist.get_rank())
     quick, gpu = args.quick, DEVICE.type == "cuda"
     # a GPU reaches its rates only on large operands

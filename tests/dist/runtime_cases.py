@@ -596,6 +596,9 @@ def main():
         start = time.perf_counter()
         mesh, owned = runtime.setup(shape)
         assert not owned
+        # each CPU rank on its own cores of the host's (more ranks than cores: round robin)
+        mine = runtime.rank_cores(runtime.HOST_CORES, int(os.environ["LOCAL_RANK"]), 4)
+        assert sorted(os.sched_getaffinity(0)) == mine, (os.sched_getaffinity(0), mine)
         report.append({"mesh": shape, "case": "setup", "seconds": time.perf_counter() - start})
         for name, case in CASES:
             start = time.perf_counter()
