@@ -35,137 +35,41 @@ Every pass and emitter reads these records; no other file keeps a set of op name
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
 
 from . import ops
+from .op_records import BYTES, OpDef, ReadRule, ShapeRule, Touch
+from .op_variants import (
+    BAG_COLS_OWNED,
+    BAG_ROWS_OWNED,
+    BAG_ROWS_ROUTED,
+    COLS_OWNED,
+    DOT_COLS_OWNED,
+    DOT_ROWS_OWNED,
+    EXPERT_PARALLEL,
+    EXPERT_PARALLEL_BIASED,
+    IVE_COLUMNS,
+    IVE_PARTIAL_ROWS,
+    IVE_POOL_COLUMNS,
+    IVE_ROWS_OWNED,
+    IVE_ROWS_ROUTED,
+    KV_REPLICATED,
+    KV_REPLICATED_SDPA,
+    POOL_COLS_OWNED,
+    POOL_COLUMNS,
+    POOL_PARTIAL_ROWS,
+    POOL_ROWS_OWNED,
+    POOL_ROWS_ROUTED,
+    ROWS_OWNED,
+    ROWS_ROUTED,
+    VALUE_COLUMNS,
+    VOCAB_CROSS_ENTROPY,
+    VOCAB_EMBEDDING,
+)
 from .shapes import Shape, numel
-
-ShapeRule = Callable[[list[Shape], dict[str, Any]], Shape]
-FlopRule = Callable[[list[Shape], Shape, dict[str, Any]], sympy.Expr]
-
-
-@dataclass(frozen=True)
-class Touch:
-    """How much of an input tensor one token reads: ``rows_per_token`` of ``rows`` rows of
-    ``row_elems`` elements. A dense read is one row of everything (rows = rows_per_token = 1)."""
-
-    rows_per_token: sympy.Expr
-    rows: int
-    row_elems: int
-
-
-SparseRule = Callable[[list[Shape], dict[str, Any]], tuple[tuple[int, Touch], ...]]
-# bytes an op reads when that is not every input once: (input shapes, input dtypes, output bytes, attrs)
-ReadRule = Callable[[list[Shape], list[str], sympy.Expr, dict[str, Any]], sympy.Expr]
-
-
-# Values of a shard call that depend on which device runs it, as data the emitter spells: where this
-# device's share of a dim of ``size`` split over mesh ``axes`` starts, and the program's mesh.
-MESH: dict[str, list] = {"mesh": []}
-
-
-def shard_start(size: Any, axes: list[int]) -> dict[str, list]:
-    return {"shard_start": [int(size), list(axes)]}
-
-
-def chunk_start(size: Any, axes: list[int], sizes: list[int]) -> dict[str, list]:
-    """``shard_start`` of a dim that may not divide over ``sizes``: then split as torch.chunk does
-    (runtime.Mesh.shard_range's ``chunks``), the uneven number-wise placement of a table's rows."""
-    rest, even = int(size), True
-    for n in sizes:
-        even, rest = even and rest % n == 0, -(-rest // n)
-    return shard_start(size, axes) if even else {"shard_start": [int(size), list(axes), "chunks"]}
-
-
-@dataclass(frozen=True)
-class InternalComm:
-    """A collective a variant's call runs inside, per device: ``payload`` bytes handed to it (sympy
-    in the local shapes and the axis size), in the ``forward`` or the ``backward``."""
-
-    phase: str
-    collective: str
-    what: str
-    payload: sympy.Expr
-    data_dependent: bool = False  # depends on routing: the payload is the mean over devices
-    dtype: str = "float32"
-
-
-# (global input shapes, attrs, mesh axes it runs over, their sizes) -> the call's non-tensor arguments
-ArgsRule = Callable[[list[Shape], dict[str, Any], list[int], list[int]], tuple[tuple[str, Any], ...]]
-# (local input shapes, their dtypes, attrs, axis size, training?) -> the collectives inside the call
-CommRule = Callable[[list[Shape], list[str], dict[str, Any], sympy.Expr, bool], list[InternalComm]]
-
-# floating dtypes by width, for the ``float`` result rule (torch's promotion among them)
-FLOAT_WIDTH = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A shard form of an op on one mesh axis that is not an einsum split.
-
-    ``inputs`` / ``output`` are the SBPs on that axis (``"S(0)"``, ``"B"``, ``"P"``); ``call`` names
-    the function the shard runs instead of the op's own (``runtime.vocab_parallel_cross_entropy``),
-    ``args`` its non-tensor arguments; ``comms`` the collectives it runs inside, which the plan
-    lists with every other collective; ``why`` says what it does.
-    """
-
-    name: str
-    inputs: tuple[str, ...]
-    output: str
-    call: str
-    why: str
-    args: ArgsRule
-    comms: CommRule | None = None
-    applies: Callable[[dict[str, Any], int], bool] | None = None  # (attrs, axis size): may it run here?
-    uneven: tuple[int, ...] = ()  # inputs whose split may be torch.chunk's shares (passes/sbp.py's fits)
-    uneven_only: bool = False  # offered only where an ``uneven`` input's split does not divide
-    # on several mesh axes its call runs each collective once, over the process group spanning them (n the
-    # product of their sizes, the slowest of their links), not once per axis as ``comms`` otherwise counts
-    spanning: bool = False
-
-
-@dataclass(frozen=True)
-class OpDef:
-    name: str
-    fn: Callable
-    shape: ShapeRule
-    result: str = "float"
-    flops: FlopRule | None = None
-    sparse: SparseRule | None = None
-    bytes_read: ReadRule | None = None
-    index: bool = False
-    data_dependent: bool = False
-    dims: str = ""
-    sums: str = ""
-    mean: str = ""
-    whole: str = ""
-    linear: str = ""
-    heads: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    variants: tuple[Variant, ...] = ()
-    colour: str = "#ffffff"
-    loop: str = ""  # a letter of dims the op's code loops over in Python, once per index (passes/host_cost.py)
-
-    @property
-    def differentiable(self) -> bool:
-        return not self.index
-
-    def result_dtype(self, input_dtypes: list[str]) -> str:
-        if self.index:
-            return "int64"
-        if self.result == "first":
-            return input_dtypes[0]
-        floats = [d for d in input_dtypes if d in FLOAT_WIDTH] + (["float32"] if self.result == "fp32" else [])
-        return max(floats, key=FLOAT_WIDTH.__getitem__, default="float32")
-
-    def backward_flops(self, forward: sympy.Expr) -> sympy.Expr:
-        return 2 * forward
-
 
 # ---- shape rules --------------------------------------------------------------------------------
 
@@ -266,8 +170,6 @@ def _expert_bias_touch(ins: list[Shape], attrs: dict) -> tuple[tuple[int, Touch]
     return ((2, Touch(sympy.Integer(int(ins[0][-1])), experts, dim)),)
 
 
-BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8}
-
 
 def _bytes(shape: Shape, dtype: str) -> sympy.Expr:
     return numel(shape) * BYTES[dtype]
@@ -308,203 +210,6 @@ def _expert_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attr
     return sum((_bytes(s, d) for s, d in zip(ins[:3], dtypes[:3])), sympy.Integer(0)) + picked * matrices * hidden * dim * 4
 
 
-# ---- shard variants -----------------------------------------------------------------------------
-
-def _cross_entropy_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr,
-                         train: bool) -> list[InternalComm]:
-    """runtime.vocab_parallel_cross_entropy: per axis, one all-reduce of each position's max, one of
-    its sum of exponentials stacked with its target logit; the backward is local. In float32 even
-    from bfloat16 logits (it computes in at least float32, as ops.cross_entropy)."""
-    positions = numel(ins[1])
-    return [InternalComm("forward", "all_reduce", "each position's max", positions * 4),
-            InternalComm("forward", "all_reduce", "each position's sum of exponentials and target logit",
-                         2 * positions * 4)]
-
-
-def _expert_parallel_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr,
-                           train: bool) -> list[InternalComm]:
-    """runtime.expert_parallel_ffn: the routing counts, then each (token, slot)'s expert id and row
-    to the expert's device, the results back; the backward sends the result gradients out and the
-    row gradients back. What a device receives depends on routing; its mean over devices is what
-    each sends, so the plan predicts that mean. On several axes each is one call over the group
-    spanning them (``spanning``): n is the product of their sizes."""
-    assignments = numel(ins[0][:-1]) * ins[1][-1]
-    rows, x = assignments * ins[0][-1] * BYTES[dtypes[0]], dtypes[0]  # rows travel in x's dtype
-    out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
-           InternalComm("forward", "all_to_all", "expert ids", assignments * 8, dtype="int64"),
-           InternalComm("forward", "all_to_all", "token rows", rows, dtype=x),
-           InternalComm("forward", "all_to_all", "expert outputs", rows, data_dependent=True, dtype=x)]
-    if train:
-        out += [InternalComm("backward", "all_to_all", "expert output gradients", rows, dtype=x),
-                InternalComm("backward", "all_to_all", "token row gradients", rows, data_dependent=True, dtype=x)]
-    return out
-
-
-VOCAB_EMBEDDING = Variant(
-    "vocab_parallel", ("B", "S(0)"), "P", "ops.embedding_rows",
-    "vocabulary-parallel embedding: each device looks up the ids in its rows of the table and "
-    "writes zeros for the rest, so the devices' outputs sum to the lookup (Megatron-LM, Shoeybi et al. 2019)",
-    args=lambda s, a, axes, sizes: (("row_start", shard_start(s[1][0], axes)),))
-VOCAB_CROSS_ENTROPY = Variant(
-    "vocab_parallel", ("S(2)", "B"), "P", "runtime.vocab_parallel_cross_entropy",
-    "cross entropy over the split vocabulary: all-reduces of each position's max, sum of exponentials "
-    "and target logit, never the logits (Megatron-LM's vocab-parallel cross entropy)",
-    args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)),
-                                    ("vocab_start", shard_start(s[0][-1], axes))),
-    comms=_cross_entropy_comms)
-EXPERT_PARALLEL = Variant(
-    "expert_parallel", ("S(0)", "S(0)", "S(0)", "S(0)", "S(0)", "S(0)"), "S(0)", "runtime.expert_parallel_ffn",
-    "expert parallelism: each (token, slot) goes to the device holding its expert by all_to_all with "
-    "variable splits, and the results come back the same way (GShard, Lepikhin et al. 2020)",
-    args=lambda s, a, axes, sizes: (("activation", a["activation"]), ("mesh", MESH),
-                                    ("axis", axes[0]) if len(axes) == 1 else ("axes", tuple(axes)),
-                                    ("num_experts", int(s[3][0]))),
-    comms=_expert_parallel_comms, uneven=(3, 4, 5), spanning=True)  # the experts in torch.chunk's shares
-
-EXPERT_PARALLEL_BIASED = Variant(
-    "expert_parallel", ("S(0)",) * 8, "S(0)", "runtime.expert_parallel_ffn",
-    EXPERT_PARALLEL.why + "; each expert's up (and gate) biases travel with it",
-    args=EXPERT_PARALLEL.args, comms=_expert_parallel_comms, uneven=(3, 4, 5, 6, 7), spanning=True)
-
-
-# Value-table placements (number-wise: rows split; dimension-wise is the einsum split of the value
-# dim ``d`` that gather_rows' and gather_weighted_sum's dims already give). The UltraMem paper
-# (Huang et al. 2025, sec. 4.7 "training partition") names both partitions; passes/placement.py
-# prices and reports them.
-ROWS_OWNED = Variant(
-    "rows_owned", ("S(0)", "B"), "P", "ops.gather_rows_owned",
-    "number-wise table: each device holds a block of rows and looks up every token's ids, writing zeros "
-    "for rows it does not hold, so the devices' outputs sum to the lookup; the ids are all-gathered "
-    "before and the partial outputs reduced after by ordinary boxing (as Megatron-LM's vocabulary-parallel "
-    "embedding; UltraMem's number-wise partition, Huang et al. 2025)",
-    args=lambda s, a, axes, sizes: (("row_start", chunk_start(s[0][0], axes, sizes)),), uneven=(0,))
-BAG_ROWS_OWNED = dataclasses.replace(
-    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_weighted_sum_owned",
-    why=ROWS_OWNED.why + "; the fused bag pools the rows it holds, weighted, and the partial bags are summed")
-DOT_ROWS_OWNED = dataclasses.replace(
-    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_row_dot_owned",
-    why=ROWS_OWNED.why + "; each pick's dot with its token's hidden is taken where its row lives, 0 elsewhere")
-
-
-def _routed_comms(ins: list[Shape], dtypes: list[str], attrs: dict, n: sympy.Expr, train: bool) -> list[InternalComm]:
-    """table_parallel.routed_gather_rows: per axis the routing counts, each pick's id to the row's owner,
-    the row back; the backward sends the rows' gradients to the owners. What a device receives depends
-    on the ids; its mean over devices is what each sends, which the plan predicts."""
-    picks = numel(ins[1])
-    rows = picks * ins[0][1] * BYTES[dtypes[0]]
-    out = [InternalComm("forward", "all_to_all", "routing counts", n * 8, dtype="int64"),
-           InternalComm("forward", "all_to_all", "row ids to their owners", picks * 8, dtype="int64"),
-           InternalComm("forward", "all_to_all", "rows back", rows, data_dependent=True, dtype=dtypes[0])]
-    if train:
-        out.append(InternalComm("backward", "all_to_all", "row gradients to their owners", rows, dtype=dtypes[0]))
-    return out
-
-
-ROWS_ROUTED = Variant(
-    "rows_routed", ("S(0)", "S(0)"), "S(0)", "table_parallel.routed_gather_rows",
-    "number-wise table, routed: each device holds a block of rows; every (token, pick) id goes to the "
-    "device owning its row by all_to_all with variable splits and the row comes back the same way "
-    "(UltraMem's number-wise partition, Huang et al. 2025; GShard's dispatch)",
-    args=lambda s, a, axes, sizes: (("mesh", MESH), ("axes", tuple(axes)), ("num_rows", int(s[0][0]))),
-    comms=_routed_comms, uneven=(0,))
-BAG_ROWS_ROUTED = dataclasses.replace(
-    ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_weighted_sum",
-    why=ROWS_ROUTED.why + "; the weights stay with their tokens, which pool the rows that came back")
-
-
-# A dimension-wise table whose value dim does not divide: each device reads its columns (torch.chunk's
-# share) of every picked row and writes them at their place in a zero row of the whole width, so the
-# devices' outputs sum to the lookup (as rows_owned does for rows); the partial output is then reduced by
-# ordinary boxing. Offered only where the columns do not divide (the einsum split of ``d`` is the even form:
-# an activation split on the value dim, which only an even split may be).
-COLS_OWNED = Variant(
-    "cols_owned", ("S(1)", "B"), "P", "table_parallel.gather_rows_columns",
-    "dimension-wise table, value dim in torch.chunk's shares: each device reads its columns of every picked "
-    "row into a zero row of the whole width, so the devices' outputs sum to the lookup (UltraMem's "
-    "dimension-wise partition, Huang et al. 2025, with DTensor's uneven Shard)",
-    args=lambda s, a, axes, sizes: (("col_start", chunk_start(s[0][1], axes, sizes)), ("total_cols", int(s[0][1]))),
-    uneven=(0,), uneven_only=True)
-BAG_COLS_OWNED = dataclasses.replace(
-    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_weighted_sum_columns",
-    why=COLS_OWNED.why + "; the fused bag pools its columns, weighted, and the partial bags are summed")
-# UltraMemV2's pre-value gate (gather_row_dot): a dot product over the value dim is a sum over its columns, so
-# each device dots its columns of every picked row with the same columns of the token's hidden and the partial
-# dots add up (the einsum split of ``d`` is its even form, the hidden split with the table)
-DOT_COLS_OWNED = dataclasses.replace(
-    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_row_dot_columns",
-    why=COLS_OWNED.why + "; each device dots its columns of each pick with its token's hidden's same columns, and "
-    "the partial dots are summed")
-
-
-# UltraMem's multi-core scoring pools chunk k of the value columns with core k's scores; a value table
-# split on its columns (dimension-wise) pools its own columns, each with its chunk's core: the pooling
-# lines up with the partition instead of gathering the rows' columns first
-VALUE_COLUMNS = Variant(
-    "value_columns", ("S(4)", "B"), "S(2)", "ops.core_pool_columns",
-    "dimension-wise table: each device pools the value columns it holds, each with the weights of the core "
-    "whose chunk holds the column (UltraMem's multi-core scoring), so the split value dim reaches the output",
-    args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
-
-
-# the fused poolings' shard forms (passes/fuse.py): number-wise, the picks of rows held elsewhere weigh 0
-# (as BAG_ROWS_OWNED); dimension-wise, UltraMemV2's pooling of the columns a device holds (as VALUE_COLUMNS)
-POOL_ROWS_OWNED = dataclasses.replace(
-    ROWS_OWNED, inputs=("S(0)", "B", "B"), call="ops.gather_core_pool_owned",
-    why=ROWS_OWNED.why + "; the fused pooling pools the rows it holds, weighted by their cores, and the partial "
-    "outputs are summed")
-IVE_ROWS_OWNED = dataclasses.replace(
-    ROWS_OWNED, inputs=("S(0)", "B", "B", "B"), call="ops.gather_ive_pool_owned", why=POOL_ROWS_OWNED.why,
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("row_start", chunk_start(s[0][0], axes, sizes))))
-# routed: the rows come back from their owners and the fused pooling reads them where they arrived
-POOL_ROWS_ROUTED = dataclasses.replace(
-    ROWS_ROUTED, inputs=("S(0)", "S(0)", "S(0)"), call="table_parallel.routed_gather_core_pool",
-    why=ROWS_ROUTED.why + "; the fused pooling reads each row where it arrived, never copying them into pick order")
-IVE_ROWS_ROUTED = dataclasses.replace(
-    ROWS_ROUTED, inputs=("S(0)",) * 4, call="table_parallel.routed_gather_ive_pool", why=POOL_ROWS_ROUTED.why,
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), *ROWS_ROUTED.args(s, a, axes, sizes)))
-POOL_COLUMNS = dataclasses.replace(
-    VALUE_COLUMNS, inputs=("S(1)", "B", "B"), call="ops.gather_core_pool_columns",
-    args=lambda s, a, axes, sizes: (("col_start", shard_start(s[0][-1], axes)), ("total_cols", int(s[0][-1]))))
-# its uneven form: the pooled columns of this device's share in a zero row of the whole width, a partial sum
-# (as COLS_OWNED), since an activation cannot be split unevenly
-POOL_COLS_OWNED = dataclasses.replace(
-    COLS_OWNED, inputs=("S(1)", "B", "B"), call="table_parallel.gather_core_pool_columns",
-    why=COLS_OWNED.why + "; the fused pooling pools each of its columns with its core's weights, and the partial "
-    "poolings are summed")
-
-# UltraMem's IVE pooling on a dimension-wise table: each device pools its columns of every block; the E
-# blocks interleave the columns in the (B, T, E * V) output, so the shards' outputs are a partial sum
-IVE_COLUMNS = Variant(
-    "value_columns", ("S(4)", "B", "B"), "P", "ops.ive_pool_columns",
-    "dimension-wise table under implicit value expansion: each device pools the value columns it holds into "
-    "each pick's virtual block, weighted by the core whose chunk holds the column, and writes zeros for the "
-    "other columns (the blocks interleave them), so the devices' outputs sum to the pooling",
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]), ("col_start", shard_start(s[0][-1], axes)),
-                                    ("total_cols", int(s[0][-1]))))
-# fused, the table is the input, so its columns may be torch.chunk's shares (the output is a partial sum either way)
-IVE_POOL_COLUMNS = dataclasses.replace(
-    IVE_COLUMNS, inputs=("S(1)", "B", "B", "B"), call="ops.gather_ive_pool_columns",
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),
-                                    ("col_start", chunk_start(s[0][-1], axes, sizes)), ("total_cols", int(s[0][-1]))),
-    uneven=(0,))
-
-
-# The unfused poolings are weighted sums of the gathered rows (by core, and for IVE into blocks), so linear in
-# the rows: rows that are a partial sum over the devices (an uneven column lookup's zero-padded shares, COLS_OWNED;
-# or a number-wise ROWS_OWNED lookup's) pool to a partial sum, reduced after the pooling, V or E * V per token
-# instead of the H * M * V gathered rows. Not ``linear="each"``: the weights are linear too but IVE's block ids
-# are not (a zero block id is block 0), so only the rows may be P.
-POOL_PARTIAL_ROWS = Variant(
-    "partial_rows", ("P", "B"), "P", "ops.core_pool",
-    "rows a partial sum over the devices (a column or row shard's lookup, zeros elsewhere): the pooling is linear "
-    "in the rows, so each device pools what it holds and the pooled outputs are summed (the reduction moves the "
-    "pooled width, not the gathered rows)",
-    args=lambda s, a, axes, sizes: ())
-IVE_PARTIAL_ROWS = dataclasses.replace(
-    POOL_PARTIAL_ROWS, inputs=("P", "B", "B"), call="ops.ive_pool",
-    args=lambda s, a, axes, sizes: (("num_blocks", a["num_blocks"]),))
-
-
 def _ive_reads(ins: list[Shape], dtypes: list[str], written: sympy.Expr, attrs: dict) -> sympy.Expr:
     """gather_ive_pool reads what gather_core_pool does (``_bag_reads``) and each pick's block id."""
     return _bag_reads(ins, dtypes, written, attrs) + _bytes(ins[3], dtypes[3])
@@ -519,28 +224,6 @@ def _tucker_topk_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
 def _tucker_grid_topk_flops(ins: list[Shape], out: Shape, attrs: dict) -> sympy.Expr:
     """``_tucker_topk_flops`` with half_k the given picks' last dim."""
     return _tucker_topk_flops(ins, out, {**attrs, "half_k": ins[0][-1]})
-
-
-def _prod(sizes: list[int]) -> int:
-    out = 1
-    for n in sizes:
-        out *= n
-    return out
-
-
-KV_REPLICATED = Variant(
-    "kv_replicated", ("S(2)", "B", "B"), "S(2)", "ops.attention_kv_shard",
-    "query heads split, key/value heads replicated because there are fewer of them than devices (MQA, "
-    "small-group GQA): each device reads the kv head its query heads use (Megatron-LM's GQA tensor "
-    "parallelism replicates kv heads the same way)",
-    args=lambda s, a, axes, sizes: (("num_heads", a["num_heads"] // _prod(sizes)), ("total_heads", a["num_heads"]),
-                                    ("num_kv_heads", a["num_kv_heads"]), ("head_dim", a["head_dim"]),
-                                    ("q_head_start", shard_start(a["num_heads"], axes))),
-    applies=lambda a, n: a["num_heads"] % n == 0 and a["num_kv_heads"] % n != 0 and n % a["num_kv_heads"] == 0)
-
-
-# the fused attention's shard form: as KV_REPLICATED, through scaled_dot_product_attention
-KV_REPLICATED_SDPA = dataclasses.replace(KV_REPLICATED, call="ops.sdpa_attention_kv_shard")
 
 
 def _def(name: str, shape: ShapeRule, **kw: Any) -> OpDef:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..compiler.op_table import OP_TABLE, Touch, expected_distinct
+from ..compiler.op_records import Touch
+from ..compiler.op_table import OP_TABLE, expected_distinct
 from ..compiler.shapes import Shape, numel
 from .symbols import BYTES_PER_ELEMENT
 

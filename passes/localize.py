@@ -22,7 +22,8 @@ from torch import fx
 
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
-from ..compiler.op_table import OP_TABLE, Variant
+from ..compiler.op_records import Variant
+from ..compiler.op_table import OP_TABLE
 from .sbp import Boxing, local_dims
 from .symbols import axis_size
 

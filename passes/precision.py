@@ -30,7 +30,8 @@ from torch import fx
 
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
-from ..compiler.op_table import FLOAT_WIDTH, OP_TABLE
+from ..compiler.op_records import FLOAT_WIDTH
+from ..compiler.op_table import OP_TABLE
 from ..compiler.schema import ModelSpec
 from .context import PassReport, PlanContext
 from .plan import PrecisionPlan

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..compiler.op_table import OpDef, Variant
+from ..compiler.op_records import OpDef, Variant
 from .sbp import Broadcast, PartialSum, Sbp, Split, parse_sbp
 
 B_, P_ = Broadcast(), PartialSum()
