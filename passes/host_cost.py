@@ -193,14 +193,13 @@ def host_times(hardware: HardwareSpec, traffic: sympy.Expr, launches: sympy.Expr
 @dataclass(frozen=True)
 class HostRates:
     """The host terms per unit, in seconds, for the search: per forward byte of an op's traffic (the
-    backward's included in training), per op launch, per loop pass, per collective call, per
-    parameter tensor and per parameter element in AdamW. All 0 for an uncalibrated spec.
-    ``collective`` prices a call whose kind is not given (``collective_rates``: each kind's)."""
+    backward's included in training), per op launch, per loop pass, per parameter tensor and per
+    parameter element in AdamW. All 0 for an uncalibrated spec. A collective call's is its kind's
+    and group size's (``collective_rates``)."""
 
     byte: float = 0.0
     launch: float = 0.0
     loop: float = 0.0
-    collective: float = 0.0
     tensor: float = 0.0
     element: float = 0.0
 
@@ -221,7 +220,7 @@ def host_rates(values: dict, train: bool) -> HostRates:
         return float(sympy.sympify(expr).xreplace(one))
 
     return HostRates(at(traffic_time(1, train)), at(launch_time(1, 0)), at(launch_time(0, 1)),
-                     at(collectives_time(1)), at(optimizer_time(1, 0)) if train else 0.0,
+                     at(optimizer_time(1, 0)) if train else 0.0,
                      at(optimizer_time(0, 1)) if train else 0.0)
 
 
