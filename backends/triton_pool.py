@@ -102,7 +102,7 @@ def pool_rows_bwd_weights(grad_out, ids, table, blocks, grad_weights, N, W, K, E
 
 
 class PoolRows(torch.autograd.Function):
-    """ops._pool through the kernels above: saves the table, ids, weights and blocks, not the rows."""
+    """ops_fused._pool through the kernels above: saves the table, ids, weights and blocks, not the rows."""
 
     @staticmethod
     def forward(ctx, table_RV, rows_BTHM, weights_BTHKM, blocks_BTHM, num_blocks, col_start, total_cols):
@@ -151,5 +151,5 @@ class PoolRows(torch.autograd.Function):
 
 def pool_rows(table_RV: torch.Tensor, rows_BTHM: torch.Tensor, weights_BTHKM: torch.Tensor,
               blocks_BTHM: torch.Tensor | None, num_blocks: int, col_start: int, total_cols: int) -> torch.Tensor:
-    """The Triton form of ops._pool (gather_core_pool, its shards, gather_ive_pool), same arguments and result."""
+    """The Triton form of ops_fused._pool (gather_core_pool, its shards, gather_ive_pool), same arguments and result."""
     return PoolRows.apply(table_RV, rows_BTHM, weights_BTHKM, blocks_BTHM, num_blocks, col_start, total_cols)

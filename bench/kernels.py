@@ -39,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from ultraplan.compiler import ops
+from ultraplan.compiler import ops, ops_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 # peak memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (vendor datasheets)
@@ -114,7 +114,7 @@ def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict
     ranked = rand(t, 1, heads, 2, a.ranks, half_n, grad=False)
     tucker_cores = rand(heads, cores, a.ranks, a.ranks, grad=False)
     filtered = ops.rank_one_scores(ranked, rand(2, heads, a.ranks, grad=False))
-    torch_pool = ops._PoolRows.apply
+    torch_pool = ops_fused._PoolRows.apply
     return {
         "gather_weighted_sum": dict(
             inputs=(table, weights), rest=(ids,), grad=rand(t, 1, d, grad=False),

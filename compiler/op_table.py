@@ -40,7 +40,7 @@ from typing import Any
 
 import sympy
 
-from . import ops
+from . import ops, ops_fused
 from .op_records import BYTES, OpDef, ReadRule, ShapeRule, Touch
 from .op_variants import (
     BAG_COLS_OWNED,
@@ -373,8 +373,9 @@ def op_def(name: str) -> OpDef:
 
 
 def _check_table() -> None:
-    """Every function of ops.py is an op here (or a documented non-graph helper), and back."""
-    functions = {n for n, f in vars(ops).items() if inspect.isfunction(f) and f.__module__ == ops.__name__}
+    """Every function of ops.py and ops_fused.py is an op here (or a documented non-graph helper), and back."""
+    functions = {n for module in (ops, ops_fused) for n, f in vars(module).items()
+                 if inspect.isfunction(f) and f.__module__ == module.__name__}
     missing = functions - set(OP_TABLE) - NOT_GRAPH_OPS
     assert not missing, f"ops.py functions without an op record: {sorted(missing)}"
     assert set(OP_TABLE) <= functions, f"op records without a function: {sorted(set(OP_TABLE) - functions)}"

@@ -21,7 +21,8 @@ ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "
                    "watchdog", "contextlib", "datetime", "itertools", "math", "signal", "threading",
                    "traceback",  # watchdog.py beside it; and what they import (tqdm: used when installed)
                    "fsdp_groups", "grad_buckets",  # beside it, imported at runtime.py's end
-                   "expert_parallel"}  # beside it, imported by runtime.expert_parallel_ffn
+                   "expert_parallel",  # beside it, imported by runtime.expert_parallel_ffn
+                   "ops_fused"}  # beside it, imported at ops.py's end
 
 
 def imported_modules(source: str) -> set[str]:
@@ -37,7 +38,7 @@ def imported_modules(source: str) -> set[str]:
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
     for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py", "train_data.py", "progress.py",
-                 "watchdog.py", "expert_parallel.py", "fsdp_groups.py", "grad_buckets.py"):
+                 "watchdog.py", "expert_parallel.py", "fsdp_groups.py", "grad_buckets.py", "ops_fused.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name
