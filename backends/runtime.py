@@ -166,10 +166,12 @@ def pin_to_cores():
     return them (None: not pinned). Left to the scheduler, two ranks that wait on each other's
     collectives share one core by turns and migrate: dense-tiny tp on 2 gloo ranks of a 2-core host
     took 31 to 41 ms a step over three runs unpinned, 24 to 29 pinned (docs/cost-model.md).
-    ``ULTRAPLAN_PIN=0`` leaves placement to the scheduler (or to ``taskset``/``numactl``)."""
+    ``ULTRAPLAN_PIN=0`` (or ``off``, ``false``, ``no``) leaves placement to the scheduler (or to
+    ``taskset``/``numactl``)."""
     global HOST_CORES
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world < 2 or os.environ.get("ULTRAPLAN_PIN", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+    asked_not_to = os.environ.get("ULTRAPLAN_PIN", "1").strip().lower() in ("0", "off", "false", "no")
+    if local_world < 2 or asked_not_to or not hasattr(os, "sched_setaffinity"):
         return None
     if HOST_CORES is None:
         HOST_CORES = sorted(os.sched_getaffinity(0))

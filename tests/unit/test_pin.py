@@ -36,7 +36,8 @@ def test_pin_to_cores_sets_the_ranks_own_cores_once(monkeypatch):
     assert calls == [[2, 3], [2, 3]]
 
 
-@pytest.mark.parametrize(("env", "world"), [({"ULTRAPLAN_PIN": "0"}, "2"), ({}, "1")])
+@pytest.mark.parametrize(("env", "world"), [({"ULTRAPLAN_PIN": "0"}, "2"), ({"ULTRAPLAN_PIN": "Off"}, "2"),
+                                           ({"ULTRAPLAN_PIN": "false"}, "4"), ({}, "1")])
 def test_pin_to_cores_leaves_placement_alone(monkeypatch, env, world):
     """Asked not to, or one rank on the node (its threads may use every core)."""
     monkeypatch.setattr(runtime, "HOST_CORES", None)
