@@ -91,9 +91,8 @@ def _key_of_plan(plan: Plan) -> dict[str, tuple]:
 def context_of(plan: Plan, hardware: HardwareSpec) -> tuple[PlanContext, fx.GraphModule]:
     """The plan's question again and its graph after the fuse pass (what choose_sbp and the search see)."""
     spec, _ = prepare_spec(load_model_spec(plan.spec_source, text=plan.spec_text))
-    buckets = plan.grad_buckets  # the cap: DDP's (1 MiB first, then 25 MiB) unless --bucket-mb set one for all
-    ddp = not buckets or (buckets[0].cap_bytes == 2**20 and all(b.cap_bytes == 25 * 2**20 for b in buckets[1:]))
-    cap = None if ddp else buckets[0].cap_bytes
+    # the buckets' cap: --bucket-mb's, or the default (the same cap, so the same program either way)
+    cap = plan.grad_buckets[0].cap_bytes if plan.grad_buckets else None
     ctx = make_context(spec, hardware, Mesh(tuple(plan.mesh)), batch=plan.batch, seq=plan.seq, mode=plan.mode,
                        spec_text=plan.spec_text, strategies=tuple(plan.strategy.split(",")), forces=tuple(plan.forces),
                        bucket_cap_bytes=cap, fuse=bool(plan.fusions))

@@ -10,14 +10,22 @@ the same decision, for the plan to state and the program to spell:
 
 - Gradients share a bucket only when they need the same collectives (kind, mesh axis, SBP
   change, in the same order) and have the same dtype: one flat buffer, one call per step.
-- Parameters are taken in the order the forward first uses them, and a bucket is closed once its
-  bytes reach the cap, as torch's ``compute_bucket_assignment_by_size``
-  (torch/csrc/distributed/c10d/reducer.cpp) does: the cap of the first bucket is small (1 MiB,
-  ``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``) and of every later one 25 MiB
-  (``_DEFAULT_BUCKET_CAP_MB`` in torch/nn/parallel/distributed.py); a bucket may exceed its cap
-  by its last parameter. The first bucket holds the parameters the forward uses first, whose
-  gradients the backward makes last, so little traffic is left once the backward ends. A cap
-  given by hand (``bucket_cap_bytes``) applies to every bucket, as DDP's ``bucket_cap_mb`` does.
+- Parameters are taken in the order the forward first uses them and laid end to end, per key, on
+  a line of bytes, each parameter's bytes clipped to the cap (25 MiB, torch's
+  ``_DEFAULT_BUCKET_CAP_MB`` in torch/nn/parallel/distributed.py; ``bucket_cap_bytes`` sets
+  another, as DDP's ``bucket_cap_mb`` does). Bucket k holds the parameters whose clipped bytes end
+  in (k cap, (k+1) cap]: a parameter that would end past a bucket's boundary opens the next one.
+  A key of S' clipped bytes therefore fills exactly ceil(S' / cap) buckets, none empty (no
+  parameter's clipped bytes exceed a bucket's width). That count is what lets the sharding search
+  price gradient buckets exactly (passes/search_lp.py: an integer column per key). torch's
+  ``compute_bucket_assignment_by_size`` (torch/csrc/distributed/c10d/reducer.cpp) instead closes a
+  bucket once it reaches the cap and starts the next from zero, so its count depends on how far
+  each bucket overshoots (the order), which no linear count can follow: priced by bytes, a
+  searched plan could lose to a named one by up to two buckets' latency per key. Nor is there a
+  smaller first bucket (DDP's 1 MiB ``_DEFAULT_FIRST_BUCKET_BYTES``): with buckets of two widths
+  the count would depend on which parameter comes first. A bucket here holds the cap on average
+  (DDP's hold one to two caps): a key sends at least as many calls as DDP would and at most twice
+  as many (tests/unit/test_buckets.py checks both against torch's packing).
 - Buckets are launched in reverse of that order (distributed.py reverses the bucket list: "to
   approximate the order in which their gradients are produced"), and always in that order, so
   every rank issues the same collectives in the same order (the paper's section 3.2.3: no rank may
@@ -39,7 +47,6 @@ from .symbols import axis_size
 
 MIB = 1024 * 1024
 DEFAULT_BUCKET_CAP_BYTES = 25 * MIB  # torch/nn/parallel/distributed.py, _DEFAULT_BUCKET_CAP_MB
-DEFAULT_FIRST_BUCKET_CAP_BYTES = MIB  # torch.distributed._DEFAULT_FIRST_BUCKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -78,28 +85,23 @@ def _merged_steps(entries: Sequence[GradEntry]) -> tuple[Boxing, ...]:
     return tuple(out)
 
 
+def bucket_index(end: int, cap: int) -> int:
+    """The bucket of a parameter whose clipped bytes end at ``end`` on its key's line: (k cap, (k+1) cap]."""
+    return -(-end // cap) - 1
+
+
 def assign_buckets(entries: Sequence[GradEntry], size_of: Callable[[sympy.Expr], float],
                    cap_bytes: int | None = None) -> list[Bucket]:
     """Buckets in launch order. ``size_of`` evaluates a payload at the plan's point; ``cap_bytes``
-    None means DDP's defaults (a 1 MiB first bucket, then 25 MiB), a number that cap for all."""
-    caps = [DEFAULT_FIRST_BUCKET_CAP_BYTES, DEFAULT_BUCKET_CAP_BYTES] if cap_bytes is None else [int(cap_bytes)]
+    None means torch DDP's 25 MiB."""
+    cap = DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else int(cap_bytes)
     order = sorted((e for e in entries if e.steps), key=lambda e: e.first_use)
-    open_: dict[tuple, list[GradEntry]] = {}
-    filled: dict[tuple, float] = {}
-    cap_index: dict[tuple, int] = {}
-    closed: list[tuple[list[GradEntry], int]] = []
+    line: dict[tuple, int] = {}  # each key's clipped bytes so far
+    buckets: dict[tuple[tuple, int], list[GradEntry]] = {}  # in order of their first member
     for entry in order:
         key = _key(entry)
-        members = open_.setdefault(key, [])
-        members.append(entry)
-        filled[key] = filled.get(key, 0.0) + size_of(entry.steps[0].payload)
-        limit = caps[cap_index.get(key, 0)]
-        if filled[key] >= limit:
-            closed.append((members, limit))
-            open_[key], filled[key] = [], 0.0
-            cap_index[key] = min(cap_index.get(key, 0) + 1, len(caps) - 1)
-    closed += [(members, caps[cap_index.get(key, 0)]) for key, members in open_.items() if members]
-    position = {id(e): i for i, e in enumerate(order)}
-    closed.sort(key=lambda bucket: min(position[id(e)] for e in bucket[0]))  # reducer.cpp: by smallest index
-    return [Bucket(tuple(reversed(members)), _merged_steps(members), members[0].dtype, limit)
-            for members, limit in reversed(closed)]
+        line[key] = line.get(key, 0) + min(round(size_of(entry.steps[0].payload)), cap)
+        buckets.setdefault((key, bucket_index(line[key], cap)), []).append(entry)
+    # launched in reverse of the forward order, as DDP's reducer does
+    return [Bucket(tuple(reversed(members)), _merged_steps(members), members[0].dtype, cap)
+            for members in reversed(list(buckets.values()))]

@@ -176,7 +176,9 @@ def value_dim_of(spec: ModelSpec) -> int | None:
 
 def step_time_line(times: dict[int, float], width: int) -> sympy.Expr | str:
     """The step time as a line in ``D_v`` through its values at ``width`` times each factor (1 and
-    WIDTHS[0]), or why not: a third factor's value off the line (relative 1e-6)."""
+    WIDTHS[0]), or why not: a third factor's value off the line (relative 1e-6). Far beyond those
+    widths the line is an extrapolation: a table's gradient may add a bucket there (passes/buckets.py),
+    a step of one all-reduce's latency."""
     (f1, t1), (f2, t2), (f3, t3) = sorted(times.items())
     slope = sympy.nsimplify((t2 - t1) / ((f2 - f1) * width), rational=True)
     line = sympy.nsimplify(t1, rational=True) + slope * (D_V - f1 * width)

@@ -25,18 +25,16 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
-from .buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
+from .buckets import DEFAULT_BUCKET_CAP_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
 from .gather_groups import LAYER
-from .host_cost import collective_rates
 from .memory import SAVES
-from .plan import Cost, Plan
+from .plan import Cost
 from .sbp import Broadcast, NdSbp, PartialSum
 from .search_costs import Cand, Costing
 from .search_ilp import Buckets, Demand, Group, Infeasible, Problem, Use, leanest, solve
 from .strategies import AxisPins
-from .symbols import axis_latency
 
 KEY = "ultraplan.search"
 
@@ -98,19 +96,16 @@ def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPin
 
 
 def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> list[Buckets]:
-    """One set of gradient buckets per bucket key (passes/buckets.py's caps: DDP's 1 MiB first
-    bucket then 25 MiB, or ``--bucket-mb`` for all), its members the candidates whose gradient joins it."""
-    if ctx.bucket_cap_bytes is None:
-        first, cap = float(DEFAULT_FIRST_BUCKET_CAP_BYTES), float(DEFAULT_BUCKET_CAP_BYTES)
-    else:
-        first = cap = float(ctx.bucket_cap_bytes)
+    """One set of gradient buckets per bucket key (passes/buckets.py's cap: torch DDP's 25 MiB, or
+    ``--bucket-mb``), its members the candidates whose gradient joins it."""
+    cap = float(DEFAULT_BUCKET_CAP_BYTES if ctx.bucket_cap_bytes is None else ctx.bucket_cap_bytes)
     keys: dict[tuple, Buckets] = {}
     for g, options in enumerate(cands):
         for k, o in enumerate(options):
             if o.grad is not None:
                 key, nbytes = o.grad
                 if key not in keys:
-                    keys[key] = Buckets(costing.bucket_latency(key), first, cap, [])
+                    keys[key] = Buckets(costing.bucket_latency(key), cap, [])
                 keys[key].members.append((g, k, nbytes))
     return list(keys.values())
 
@@ -118,7 +113,7 @@ def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> lis
 def _gathers(cands: list[list[Cand]], members: dict[int, list[fx.Node]]) -> list[Buckets]:
     """One set per gather group (passes/gather_groups.py: a layer's fsdp gathers on one axis in one
     dtype run as one all-gather and one reduce-scatter): its latency is paid once per layer when any
-    member gathers, like a bucket key that fits one bucket (``first = cap = inf``). A class of
+    member gathers, like a bucket key that fits one bucket (``cap = inf``). A class of
     identical layers shares one choice, so its groups are one key paying once per layer it stands for."""
     keys: dict[tuple, Buckets] = {}
     for g, options in enumerate(cands):
@@ -128,7 +123,7 @@ def _gathers(cands: list[list[Cand]], members: dict[int, list[fx.Node]]) -> list
                 layers = tuple(sorted({int(LAYER.match(info(n).param.name).group(1)) for n in members[g]}))
                 key = (layers, axis, dtype)
                 if key not in keys:
-                    keys[key] = Buckets(latency * len(layers), math.inf, math.inf, [])
+                    keys[key] = Buckets(latency * len(layers), math.inf, [])
                 keys[key].members.append((g, k, 0.0))
     return list(keys.values())
 
@@ -221,32 +216,6 @@ def boundary_bound(problem: Problem) -> float:
     return total
 
 
-def bucket_bound(plan: Plan, values: dict, cap_bytes: int | None = None) -> float:
-    """How far the search's objective may be from the plan's ``step_time`` because the search counts
-    gradient buckets by bytes (docs/search.md): per bucket key with per-bucket latency L and n
-    buckets in the plan, the modelled count n' has n - 1 < n' < n + sum over the full buckets of
-    min(bytes of the parameter that closed it, cap) / cap, so the difference is below L times the
-    larger of 1 and that sum (0 where the key fits its first bucket: there n' = n). ``values``: the
-    context's (latencies per axis); ``cap_bytes``: ``--bucket-mb`` in bytes, None for DDP's caps."""
-    params = {p.name: p for p in plan.params}
-    keys: dict[tuple, list] = {}
-    for b in plan.grad_buckets:
-        key = (tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype)
-        keys.setdefault(key, []).append(b)
-    cap = float(DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else cap_bytes)
-    call = collective_rates(values)  # a calibrated spec's wait per call (passes/host_cost.py)
-    total = 0.0
-    for buckets in keys.values():
-        latency = sum(2 * (s.group_size - 1) * values[axis_latency(s.axis)] + call["all_reduce", s.group_size]
-                      for s in buckets[0].steps)
-        full = [b for b in buckets if b.steps[0].payload_bytes.value >= b.cap_bytes]
-        if not full:
-            continue
-        over = sum(min(params[b.params[0]].grad_sync[0].payload_bytes.value, cap) / cap for b in full)
-        total += latency * max(1.0, over)
-    return total
-
-
 def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
            *, cluster: bool = True) -> Search:
     start = time.perf_counter()
@@ -292,10 +261,7 @@ def record_search(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     if found is None or plan is None:
         return PassReport("record_search", time.perf_counter() - start)
     objective = Cost("the search's optimum: modelled step seconds (passes/search_ilp.py)", found.objective)
-    bound = Cost("|search_objective - step_time| is at most this: gradient buckets counted by bytes "
-                 "(search.bucket_bound, docs/search.md)", bucket_bound(plan, ctx.values(), ctx.bucket_cap_bytes))
-    gm.meta["ultraplan.plan"] = dataclasses.replace(
-        plan, totals=(*plan.totals, ("search_objective", objective), ("search_bucket_bound", bound)))
+    gm.meta["ultraplan.plan"] = dataclasses.replace(plan, totals=(*plan.totals, ("search_objective", objective)))
     return PassReport("record_search", time.perf_counter() - start,
                       [f"chosen by the search: objective {found.objective:.6g} s, plan step_time "
                        f"{plan.total('step_time').value:.6g} s"])

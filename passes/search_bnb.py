@@ -14,6 +14,7 @@ candidates, ``optimal_face`` pins columns and rows, so that the tie-break needs 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import highspy
@@ -58,6 +59,21 @@ def chosen(values: np.ndarray, x: list[list[int]]) -> list[int] | None:
         if values[cols[k]] < 1 - INTEGRAL:
             return None
         out.append(k)
+    return out
+
+
+def integral(values: np.ndarray, cols: list[int]) -> bool:
+    """Every one of ``cols`` (integer columns: the bucket counts) is whole in the solution ``values``."""
+    v = values[np.asarray(cols, dtype=np.int64)]
+    return bool(np.all(np.abs(v - np.round(v)) <= INTEGRAL))
+
+
+def rounded_up(values: np.ndarray, cols: list[int]) -> np.ndarray:
+    """``values`` with ``cols`` (bucket counts, each bounded below only) rounded up to whole numbers:
+    an integral x's completion that every row still admits, and the MIP may start from."""
+    out = values.copy()
+    idx = np.asarray(cols, dtype=np.int64)
+    out[idx] = np.ceil(out[idx] - INTEGRAL)
     return out
 
 
@@ -161,23 +177,42 @@ def restore(h: highspy.Highs, upper: np.ndarray, changed: tuple[list, list]) -> 
 
 def mip(h: highspy.Highs, integrality: list[int], best: np.ndarray | None) -> np.ndarray:
     """HiGHS's MIP solver on the model (``integrality``: its integer columns), from ``best`` when
-    that is a known feasible solution; the columns are continuous again afterwards."""
+    that is a known feasible solution; the columns are continuous again afterwards.
+
+    A run from a start is checked: HiGHS 1.16 (presolve on) can map a start into its presolved
+    model at a wrong objective, prune everything above that, and report "optimal" at that objective
+    while returning the start itself (ultramem-v2-tiny's knapsack on 8 devices: objective 595.4
+    reported, the start's 721.9 returned, the optimum 637.9; tests/unit/test_search.py). The
+    returned solution's objective must be the reported one; where it is not, the MIP runs again
+    without the start."""
     idx = np.asarray(integrality, dtype=np.int32)
     h.changeColsIntegrality(len(idx), idx, np.full(len(idx), highspy.HighsVarType.kInteger))
     h.setOptionValue("presolve", "on")  # off for the LPs (slower there); on, the MIP solves 3x faster
-    if best is not None:
-        start = highspy.HighsSolution()
-        start.col_value = list(best)
-        start.value_valid = True
-        h.setSolution(start)
     try:
-        h.run()
-        status = h.getModelStatus()
-        if status != highspy.HighsModelStatus.kOptimal:
+        if best is not None:
+            start = highspy.HighsSolution()
+            start.col_value = list(best)
+            start.value_valid = True
+            h.setSolution(start)
+            found = _run_mip(h)
+            cost = np.asarray(h.getLp().col_cost_)
+            if found is not None and math.isclose(float(cost @ found), h.getInfo().objective_function_value,
+                                                  rel_tol=1e-9, abs_tol=1e-7):
+                return found
+            h.clearSolver()  # forget the start (and what HiGHS made of it)
+        found = _run_mip(h)
+        if found is None:
             if best is not None:
                 return best
-            raise Infeasible(h.modelStatusToString(status))
-        return np.asarray(h.getSolution().col_value)
+            raise Infeasible(h.modelStatusToString(h.getModelStatus()))
+        return found
     finally:
         h.setOptionValue("presolve", "off")
         h.changeColsIntegrality(len(idx), idx, np.full(len(idx), highspy.HighsVarType.kContinuous))
+
+
+def _run_mip(h: highspy.Highs) -> np.ndarray | None:
+    h.run()
+    if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+        return None
+    return np.asarray(h.getSolution().col_value)

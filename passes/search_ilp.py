@@ -1,10 +1,10 @@
 """The integer program of ``--strategy auto`` (passes/search_lp.py builds it), solved exactly by
 HiGHS (``highspy``): as an LP first, which is integral on most of these programs, and by branch and
-cut only when the memory row binds or buckets count fractionally (passes/search_bnb.py).
+cut only when the memory row binds or a bucket count is fractional (passes/search_bnb.py).
 
-At an optimum e, s, k and y are 0/1 because x is, and z is its bound: the modelled bucket count
-``bucket_count`` (a parameter's gradient bandwidth is in its candidate's time; only the latency is
-per bucket, as the plan pays it).
+At an optimum e, s, k and y are 0/1 because x is, and n is the bucket count ``bucket_count`` (a
+parameter's gradient bandwidth is in its candidate's time; only the latency is per bucket, as the
+plan pays it), so the optimum is the plan's ``step_time``.
 
 Ties are broken deterministically by a second solve: among assignments whose time is within a
 relative 1e-9 of the optimum, the smallest sum of candidate indices (index 0 is all-``B``; the
@@ -29,12 +29,14 @@ from .search_bnb import (
     Root,
     chosen,
     fix_by_reduced_cost,
+    integral,
     lagrangian,
     mip,
     optimal_face,
     relaxation,
     restore,
     root_of,
+    rounded_up,
 )
 from .search_lp import GIB, SCALE, Lp, build
 from .search_model import Buckets, Demand, Group, Problem, Solution, Use, bucket_count, evaluate
@@ -101,7 +103,7 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
     except Infeasible:
         return start
     found = chosen(values, x)
-    if found is not None:
+    if found is not None and (accept(found) if accept is not None else integral(values, lp.counts)):
         return found
     if accept is not None:
         rounded = [int(np.argmax(values[cols])) for cols in x]
@@ -137,7 +139,7 @@ def solve(problem: Problem) -> Solution:
         return accept
 
     choice = None
-    if chosen(values, x) is None:  # the memory row binds (a knapsack) or buckets count fractionally
+    if chosen(values, x) is None or not integral(values, lp.counts):  # a knapsack, or buckets in part
         if root is not None:  # an assignment at the LP bound is optimal: the tie-break on its face
             choice = _on_face(h, lp, x, root, ranks, _band(bound), within(bound))
             h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
@@ -169,7 +171,8 @@ def _second_stage(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | Non
     stay for that fallback when its LP was feasible: they keep every assignment within the band, and
     on a memory-bound program they leave branch and cut a far smaller tie-break."""
     width = best - root.bound + band if root is not None else band
-    choice = _on_face(h, lp, x, root, costs, width, accept, keep=True) if root is not None else None
+    whole = None if indices else lp.counts  # a time objective prices the bucket counts: whole ones only
+    choice = _on_face(h, lp, x, root, costs, width, accept, keep=True, whole=whole) if root is not None else None
     if choice is not None:
         return choice
     if root is not None:
@@ -180,21 +183,24 @@ def _second_stage(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | Non
 
 
 def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np.ndarray, width: float,
-             accept: Callable[[list[int]], bool], *, keep: bool = False) -> list[int] | None:
+             accept: Callable[[list[int]], bool], *, keep: bool = False,
+             whole: list[int] | None = None) -> list[int] | None:
     """The second stage without the first objective's row: the LP restricted to what an assignment
     within ``width`` of the root LP's bound can be (``search_bnb.optimal_face``: the columns and rows
     its reduced costs and duals pin) with ``costs`` as objective (the candidate indices; for
     ``leanest``, the time). Its answer, when integral and within the band (``accept``), is the
     second stage's: the restriction keeps every assignment within the band, so none is better. Else
     None, with the bounds as they were (the caller's fallback adds the row and sets the costs), or
-    with ``keep`` and a feasible LP, as the face pinned them."""
+    with ``keep`` and a feasible LP, as the face pinned them. ``whole``: columns the answer must have
+    integral as well (the bucket counts, where ``costs`` price them and ``accept`` does not)."""
     upper = np.asarray(lp.upper, dtype=float)
     changed = optimal_face(h, upper, lp.exact, root, width)
     n = len(lp.cost)
     h.changeColsCost(n, np.arange(n, dtype=np.int32), costs)
     feasible = True
     try:
-        found = chosen(relaxation(h)[1], x)
+        values = relaxation(h)[1]
+        found = chosen(values, x) if whole is None or integral(values, whole) else None
     except Infeasible:
         found, feasible = None, False
     if found is not None and accept(found):
@@ -217,6 +223,8 @@ def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | N
     start = None
     if root is not None:
         found = lagrangian(h, x, row, cost, weights, max(0.0, -float(root.duals[row])) * (1 + 1e-3))
+        if found is not None:
+            found = rounded_up(found, lp.counts)  # whole bucket counts: a start the MIP accepts
         if found is not None and float(weights @ found) <= lp.rows[row][1]:
             start = found
             width = float(cost @ found) - root.bound + 1e-9 * abs(root.bound) + 1e-7
@@ -245,11 +253,12 @@ def leanest(problem: Problem) -> Solution:
     choice = None
     if chosen(values, x) is None:
         if root is not None:  # an assignment at the LP bound is the leanest: the fastest on its face
-            choice = _on_face(h, lp, x, root, cost, _band(bound), within(bound))
+            choice = _on_face(h, lp, x, root, cost, _band(bound), within(bound), whole=lp.counts)
             h.changeColsCost(n, np.arange(n, dtype=np.int32), weights)
         if choice is None:
             values = mip(h, lp.integer, None)
     if choice is None:
+        values = rounded_up(values, lp.counts)  # the memory objective leaves bucket counts anywhere
         least = float(sum(m * values[c] for c, m in memory_row.items()))
         choice = _second_stage(h, lp, x, root, values, least, _band(least), cost, within(least),
                                (least * (1 + 1e-9) + 1e-9, memory_row), indices=False)

@@ -14,18 +14,22 @@ solves it.
     k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it); for a
                            view (Demand.view) k[d,w] >= v[j,w] - u[p,w]: in its own layout it is its
                            base's storage, counted at the base
-    y[q] in [0,1]          gradient bucket key q (passes/buckets.py) is used: y >= sum_k x[g,k] over
-                           the candidates of each group g whose gradient joins q (its first bucket)
-    z[q] >= 0              its buckets beyond the first: z >= (sum count*min(bytes,cap)*x - first*y) / cap
+    y[q] in [0,1]          gradient bucket key or gather group q (passes/buckets.py,
+                           passes/gather_groups.py) is used: y >= sum_k x[g,k] over the candidates of
+                           each group g whose gradient joins (or that gathers in) q
+    z[q] integer >= 0      a bucket key's buckets beyond the first: z*cap >= sum count*min(bytes,cap)*x
+                           - cap*y, so at an optimum y + z = ceil(S' / cap), the count
+                           passes/buckets.py fills (``bucket_count``)
 
     minimise   sum count*time[k]*x + sum count*move(o,w)*s + sum count*dual(o,w)*s_dual
-               + sum latency[q]*(y + z)                              (modelled step seconds)
+               + sum latency[q]*(y[q] + z[q])                        (modelled step seconds)
     subject to sum count*memory[k]*x + sum count*saved(w)*k + A <= device memory  (one row: the
                memory model's per-device bytes; A >= sum_k peak[k] x[g,k] for every g, inference)
 
-At an optimum e, s, k and y are 0/1 because x is, and z is its bound: the modelled bucket count
-``bucket_count`` (a parameter's gradient bandwidth is in its candidate's time; only the latency is
-per bucket, as the plan pays it).
+At an optimum e, s, k and y are 0/1 because x is, and y + z is the exact bucket count (a parameter's
+gradient bandwidth is in its candidate's time; only the latency is per bucket, as the plan pays
+it). The x and z columns are the integer ones: an LP optimum fractional in either goes to branch
+and cut (passes/search_ilp.py).
 
 Rows marked ``exact`` have slack 0 or 1 at the program's own completion of an assignment (e, s, k,
 y at their least values): the tie-break's ``search_bnb.optimal_face`` may pin those by their duals.
@@ -41,6 +45,7 @@ from .search_model import Buckets, Demand, Group, Problem
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
 GIB = 2.0**30  # the memory row in GiB, for the same reason
+KIB = 1024.0  # bucket bytes in KiB
 
 
 class Lp:
@@ -52,6 +57,7 @@ class Lp:
         self.integer: list[int] = []
         self.rows: list[tuple[float, float, dict[int, float]]] = []
         self.exact: list[int] = []  # rows whose slack is 0 or 1 at the program's completion of an assignment
+        self.counts: list[int] = []  # the integer bucket-count columns (z), beside the one-hot x
         self.memory_row = -1  # the device-memory row's index (build sets it)
 
     def col(self, cost: float, upper: float = 1.0, integer: bool = False) -> int:
@@ -141,8 +147,10 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
 
 
 def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
-    """``bucket_count`` linearised: y in [0,1] is 1 when any member is chosen (the first bucket's
-    latency), z >= 0 the buckets beyond it: z >= (sum count*min(bytes, cap)*x - first*y) / cap."""
+    """``bucket_count`` as columns: y in [0,1] is 1 when any member is chosen (a gather group's one
+    collective, a bucket key's first bucket), the integer z >= 0 counts a key's buckets beyond the
+    first: z * cap >= sum count*min(bytes, cap)*x - cap*y, in KiB (a few bytes past a multiple of
+    the cap stay above the solver's feasibility tolerance)."""
     if b.latency <= 0:
         return
     inf = highspy.kHighsInf
@@ -152,10 +160,12 @@ def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> Non
         per_group.setdefault(g, {})[x[g][k]] = 1.0
     for cols in per_group.values():  # one-hot: y >= the sum of a group's member columns
         lp.row(0.0, inf, {y: 1.0} | {c: -1.0 for c in cols}, exact=True)
-    if math.isinf(b.first):  # one per key (a gather group): no buckets beyond the first
+    if math.isinf(b.cap):  # one collective per key (a gather group): no buckets beyond the first
         return
-    z = lp.col(b.latency * SCALE, upper=inf)
-    beyond = {z: 1.0, y: b.first / b.cap}
+    z = lp.col(b.latency * SCALE, upper=inf, integer=True)
+    lp.counts.append(z)
+    cap = round(b.cap)
+    beyond = {z: cap / KIB, y: cap / KIB}
     for g, k, nbytes in b.members:
-        _add(beyond, x[g][k], -groups[g].count * min(nbytes, b.cap) / b.cap)
+        _add(beyond, x[g][k], -groups[g].count * min(round(nbytes), cap) / KIB)
     lp.row(0.0, inf, beyond)

@@ -15,6 +15,7 @@ directly, for brute-force checks, reasons and the tie-break's shortcuts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -62,13 +63,12 @@ class Demand:
 @dataclass
 class Buckets:
     """The gradients of one bucket key (passes/buckets.py: the same collectives, the same dtype),
-    packed into buckets of ``first`` then ``cap`` bytes, each paying ``latency`` seconds. ``members``
-    are (group, candidate, bytes per node) of the candidates whose gradient joins this key. With
-    ``first = cap = inf`` it is one collective per key however many join it: a layer's gather group
+    packed into buckets of ``cap`` bytes, each paying ``latency`` seconds. ``members`` are (group,
+    candidate, bytes per node) of the candidates whose gradient joins this key. With ``cap = inf``
+    it is one collective per key however many join it: a layer's gather group
     (passes/gather_groups.py), whose latency is paid once when any of its parameters is gathered."""
 
     latency: float
-    first: float
     cap: float
     members: list[tuple[int, int, float]]
 
@@ -82,15 +82,18 @@ class Problem:
     buckets: list[Buckets] = field(default_factory=list)
 
 
-def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> float:
-    """The modelled number of buckets of one key: 0 when no gradient joins it, else the first bucket
-    plus the bytes beyond it over the cap, each parameter's bytes clipped to the cap (one that
-    large closes a bucket by itself): 1 + max(0, sum min(bytes, cap) - first) / cap."""
+def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> int:
+    """The number of buckets of one key, as passes/buckets.py fills them: 0 when no gradient joins
+    it, else ceil(S' / cap), S' the sum of the members' bytes each clipped to the cap (1 for a
+    gather group, whose cap is unbounded)."""
     chosen = [(g, nbytes) for g, k, nbytes in b.members if choice[g] == k]
     if not chosen:
-        return 0.0
-    clipped = sum(groups[g].count * min(nbytes, b.cap) for g, nbytes in chosen)
-    return 1.0 + max(0.0, clipped - b.first) / b.cap
+        return 0
+    if math.isinf(b.cap):
+        return 1
+    cap = round(b.cap)
+    clipped = sum(groups[g].count * min(round(nbytes), cap) for g, nbytes in chosen)
+    return -(-clipped // cap)
 
 
 @dataclass

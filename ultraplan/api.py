@@ -62,7 +62,7 @@ def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None 
          fuse: bool = True) -> Plan:
     """Plan ``spec_path`` for ``mesh`` (``"4"``, ``"2x2"``) with a strategy per axis (``"fsdp,tp"``)
     and hand pins (``["layers_*_q=S(2)"]``); ``bucket_mb`` caps every gradient bucket (MiB; default
-    DDP's: 1 MiB for the first, 25 MiB for the rest)."""
+    25, torch DDP's ``bucket_cap_mb``)."""
     path = resolve_spec_path(spec_path, "models")
     spec = load_model_spec(path)
     parsed = Mesh.parse(mesh)

@@ -71,7 +71,7 @@ def _say_defaults(args: argparse.Namespace, plan) -> None:
 
 def _bucket_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket-mb", type=float, default=None, metavar="MIB",
-                   help="cap of every gradient bucket in MiB (default as torch DDP: 1 MiB first, then 25)")
+                   help="cap of every gradient bucket in MiB (default 25, as torch DDP's bucket_cap_mb)")
 
 
 def _place_arg(p: argparse.ArgumentParser) -> None:

@@ -29,8 +29,7 @@ def test_meshes_beyond_one_node_are_priced_across_nodes():
 
 
 def fake_plan(step: float, fits: bool = True, objective: float | None = None):
-    totals = {"step_time": step, "search_objective": step if objective is None else objective,
-              "search_bucket_bound": 0.0}
+    totals = {"step_time": step, "search_objective": step if objective is None else objective}
     return SimpleNamespace(fits=fits, total=lambda key: SimpleNamespace(value=totals[key]))
 
 

@@ -33,7 +33,6 @@ def test_plan_scale_bench_runs_on_a_tiny_spec(capsys):
     assert "machine:" in out and "s per plan" in out and "layers.0 x2: axis 0" in out
     (r,) = results
     assert r["seconds"] > r["search_seconds"] > 0 and r["fits"] and r["traced_peak_bytes"] > 0
-    assert r["bucket_bound"] == 0  # every gradient bucket key fits its first bucket: the model is exact
     assert abs(r["objective"] - r["step_time"]) <= 1e-9 * r["step_time"]
 
 

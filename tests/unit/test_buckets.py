@@ -1,45 +1,96 @@
-"""Gradient buckets (passes/buckets.py): the plan packs gradients as torch DDP does, and its
-communication figures count the buckets it sends.
+"""Gradient buckets (passes/buckets.py): the plan lays each key's gradients end to end on a line of
+clipped bytes and cuts it every ``cap`` bytes, and its communication figures count the buckets it sends.
 
-The reference for the packing is torch's own ``dist._compute_bucket_assignment_by_size`` (the
-function DistributedDataParallel calls, torch/nn/parallel/distributed.py), given the same
-gradients (meta tensors of each parameter's local shape, in the order the forward first uses
-them) and the same caps; DDP then launches the buckets in reverse.
+The reference for the packing is a walk along that line written here (a bucket is closed when the
+next gradient would end past its boundary), given each parameter's gradient bytes in the order the
+forward first uses them; its counts are ceil(S' / cap) (what the search prices, passes/search_model.py)
+and at most twice what torch's own ``dist._compute_bucket_assignment_by_size`` (DistributedDataParallel's
+packing, torch/nn/parallel/distributed.py) makes of the same gradients.
 """
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import sympy
 import torch
 import torch.distributed as dist
-from ultraplan.passes.buckets import DEFAULT_BUCKET_CAP_BYTES, DEFAULT_FIRST_BUCKET_CAP_BYTES
+from ultraplan.passes.buckets import DEFAULT_BUCKET_CAP_BYTES, GradEntry, assign_buckets
+from ultraplan.passes.sbp import box, parse_sbp
 
 from tests.conftest import MODELS
 from ultraplan import api
 
 
-def ddp_buckets(plan, caps: list[int]) -> list[list[str]]:
-    """torch's bucket assignment of the plan's gradients, in DDP's launch order (names in each bucket
-    in reverse use order, as the plan lists them)."""
+def walk(sizes: list[int], cap: int) -> list[list[int]]:
+    """The byte line walked: indices per bucket, in forward order; a bucket closes when the next
+    gradient (its bytes clipped to the cap) would end past the bucket's boundary."""
+    out: list[list[int]] = [[]]
+    end, boundary = 0, cap
+    for i, size in enumerate(sizes):
+        end += min(size, cap)
+        while end > boundary:
+            out.append([])
+            boundary += cap
+        out[-1].append(i)
+    assert all(out), "an empty bucket"
+    return out
+
+
+def reference_buckets(plan, cap: int) -> list[list[str]]:
+    """The plan's gradients packed by ``walk`` per key (the same collectives and dtype), in launch
+    order: buckets by their first member in reverse, names in each in reverse use order."""
     used = {n.name: i for i, n in enumerate(plan.nodes)}
     first_use = {p.name: min(used[n.name] for n in plan.nodes if p.node in n.args) for p in plan.params}
     order = sorted((p for p in plan.params if p.grad_sync), key=lambda p: first_use[p.name])
-    tensors = [torch.empty(int(p.grad_sync[0].payload_bytes.value) // 4, device="meta") for p in order]
-    indices, _ = dist._compute_bucket_assignment_by_size(tensors, caps, [False] * len(tensors))
-    return [[order[i].name for i in reversed(bucket)] for bucket in reversed(indices)]
+    keys: dict[tuple, list] = {}
+    for p in order:
+        keys.setdefault((tuple((c.collective, c.axis, c.src, c.dst) for c in p.grad_sync), p.grad_sync[0].dtype),
+                        []).append(p)
+    buckets = []
+    for members in keys.values():
+        sizes = [round(p.grad_sync[0].payload_bytes.value) for p in members]
+        buckets += [[members[i] for i in bucket] for bucket in walk(sizes, cap)]
+    buckets.sort(key=lambda b: first_use[b[0].name])
+    return [[p.name for p in reversed(b)] for b in reversed(buckets)]
 
 
 @pytest.mark.parametrize(("spec", "mesh", "bucket_mb"), [("dense-100m", "8", None), ("dense-tiny", "4", 0.05),
-                                                         ("moe-tiny", "2", 0.01), ("dense-gqa-tied", "2", 0.02)])
-def test_buckets_are_what_torch_ddp_assigns(spec, mesh, bucket_mb):
-    plan = api.plan(MODELS / f"{spec}.yaml", mesh, bucket_mb=bucket_mb, hardware="h200-8")
-    caps = [DEFAULT_FIRST_BUCKET_CAP_BYTES, DEFAULT_BUCKET_CAP_BYTES] if bucket_mb is None else [int(bucket_mb * 2**20)]
-    expected = ddp_buckets(plan, caps)
+                                                         ("moe-tiny", "2", 0.01), ("dense-gqa-tied", "2", 0.02),
+                                                         ("dense-tiny", "2x2", 0.004)])
+def test_buckets_are_the_byte_line_cut_every_cap(spec, mesh, bucket_mb):
+    strategy = "dp,tp" if "x" in mesh else None  # two keys: the norms reduce over both axes, the rest over one
+    plan = api.plan(MODELS / f"{spec}.yaml", mesh, bucket_mb=bucket_mb, hardware="h200-8", strategy=strategy)
+    cap = DEFAULT_BUCKET_CAP_BYTES if bucket_mb is None else int(bucket_mb * 2**20)
+    expected = reference_buckets(plan, cap)
     assert len(expected) > 1  # several buckets, so the order is tested too
     assert [list(b.params) for b in plan.grad_buckets] == expected
+    assert all(b.cap_bytes == cap for b in plan.grad_buckets)
+
+
+def entries(sizes: list[int]) -> list[GradEntry]:
+    """Gradients of one key (an all-reduce on axis 0) of these many bytes, in forward order."""
+    return [GradEntry(f"p{i}", f"p{i}", (box(parse_sbp("P"), parse_sbp("B"), axis=0, nbytes=sympy.Integer(n), n=2),),
+                      "float32", i) for i, n in enumerate(sizes)]
+
+
+def test_a_key_fills_ceil_of_its_clipped_bytes_over_the_cap_and_at_most_twice_ddps_buckets():
+    rng = random.Random(0)
+    cap = 1000
+    for case in range(300):
+        # gradients from a few bytes to several caps (one larger than the cap counts as the cap)
+        sizes = [4 * rng.choice([rng.randint(1, 50), rng.randint(50, 250), rng.randint(250, 1000)])
+                 for _ in range(rng.randint(1, 40))]
+        got = assign_buckets(entries(sizes), float, cap)
+        names = [[int(e.name[1:]) for e in reversed(b.entries)] for b in reversed(got)]  # forward order
+        assert names == walk(sizes, cap), case
+        clipped = sum(min(n, cap) for n in sizes)
+        assert len(got) == math.ceil(clipped / cap), case
+        ddp, _ = dist._compute_bucket_assignment_by_size([torch.empty(n // 4, device="meta") for n in sizes], [cap],
+                                                        [False] * len(sizes))
+        assert len(ddp) <= len(got) <= 2 * len(ddp), case
 
 
 def test_every_gradient_is_in_one_bucket_and_the_plan_counts_buckets():
@@ -64,7 +115,7 @@ def test_every_gradient_is_in_one_bucket_and_the_plan_counts_buckets():
 
 
 def test_latency_of_gradient_sync_counts_buckets_not_parameters():
-    """dense-tiny dp on 4 devices: 21 gradients, 462 kB, one bucket under DDP's 1 MiB first cap;
+    """dense-tiny dp on 4 devices: 21 gradients, 462 kB, one bucket under the 25 MiB cap;
     the step's latency term is one all-reduce for the bucket and one for the loss (2 (n-1) messages
     each), where one per parameter would be 22."""
     plan = api.plan(MODELS / "dense-tiny.yaml", "4")

@@ -305,11 +305,14 @@ def test_value_dim_flip_is_where_replanned_step_times_cross():
     """ultramem-tiny's table on 2 H200s at a 2x2-token step: replicated, its gradient all-reduce grows
     with the table's width faster than number-wise lookups do, which cost more collectives: the solved
     width at which they cross lies between the two nearest widths (multiples of 16) of a scan of the
-    cost model re-planned there, the order of the two placements swapping between them."""
+    cost model re-planned there, the order of the two placements swapping between them. The gradients
+    go in one 1 GiB bucket: in 25 MiB ones the replicated table, grown 300 times, would add a bucket
+    (its latency a step in the line, which the solve extrapolates from widths 1-3 times the spec's)."""
     spec, hardware, mesh = api.load("ultramem-tiny"), api.load_hardware("h200-2x8"), Mesh.parse("2")
 
     def plan_at(s, words: str):
-        return make_plan(s, hardware, mesh, forces=(("layers.1.ultramem.*", words),), batch=2, seq=2)[0]
+        return make_plan(s, hardware, mesh, forces=(("layers.1.ultramem.*", words),), batch=2, seq=2,
+                         bucket_cap_bytes=2**30)[0]
 
     def step(s, words: str) -> float:
         return plan_at(s, words).total("step_time").value

@@ -39,7 +39,6 @@ def plan(spec: str, mesh: str, strategy: str, mode: str):
 def test_the_objective_is_the_step_time_with_host_terms(spec, mesh, mode, rival):
     auto = plan(spec, mesh, "auto", mode)
     assert auto.total("overhead_time").value > auto.total("compute_time").value  # the host terms weigh
-    assert auto.total("search_bucket_bound").value == 0
     assert math.isclose(auto.total("search_objective").value, auto.total("step_time").value, rel_tol=1e-9)
     # without the host terms the search chose plans slower than these named ones (0.1% and 2.6%)
     assert auto.total("step_time").value <= plan(spec, mesh, rival, mode).total("step_time").value * (1 + 1e-9)
