@@ -2,9 +2,10 @@
 HiGHS (``highspy``): as an LP first, which is integral on most of these programs, and by branch and
 cut only when the memory row binds or a bucket count is fractional (passes/search_bnb.py).
 
-At an optimum e, s, k and y are 0/1 because x is, and n is the bucket count ``bucket_count`` (a
-parameter's gradient bandwidth is in its candidate's time; only the latency is per bucket, as the
-plan pays it), so the optimum is the plan's ``step_time``.
+At an optimum e, s, k and y are 0/1 because x is, and y + z is a key's bucket count
+``bucket_count`` (a parameter's gradient bandwidth is in its candidate's time; only the latency is
+per bucket, as the plan pays it), so the optimum is the plan's ``step_time``. The z columns are
+integers: an LP optimum integral in x but not in z goes to branch and cut too.
 
 Ties are broken deterministically by a second solve: among assignments whose time is within a
 relative 1e-9 of the optimum, the smallest sum of candidate indices (index 0 is all-``B``; the
