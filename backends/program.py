@@ -122,7 +122,7 @@ def _sync_gradients(plan: Plan) -> list[str]:
     for i, bucket in enumerate(plan.grad_buckets):
         first = params[bucket.params[0]].grad_sync[0]
         lines.append(f"        # bucket {i}: {len(bucket.params)} gradients, "
-                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} (cap {bucket.cap_bytes / 2**20:g} MiB); "
+                     f"{_fmt_bytes(bucket.steps[0].payload_bytes.value)} ({bucket.cap_bytes / 2**20:g} MiB buckets); "
                      f"{comment(first.reason)}")
         for c in bucket.steps:
             lines.append(f"        # plan: {c.src} -> {c.dst} on mesh axis {c.axis} ({c.group_size} devices), "

@@ -11,21 +11,23 @@ the same decision, for the plan to state and the program to spell:
 - Gradients share a bucket only when they need the same collectives (kind, mesh axis, SBP
   change, in the same order) and have the same dtype: one flat buffer, one call per step.
 - Parameters are taken in the order the forward first uses them and laid end to end, per key, on
-  a line of bytes, each parameter's bytes clipped to the cap (25 MiB, torch's
-  ``_DEFAULT_BUCKET_CAP_MB`` in torch/nn/parallel/distributed.py; ``bucket_cap_bytes`` sets
-  another, as DDP's ``bucket_cap_mb`` does). Bucket k holds the parameters whose clipped bytes end
-  in (k cap, (k+1) cap]: a parameter that would end past a bucket's boundary opens the next one.
-  A key of S' clipped bytes therefore fills exactly ceil(S' / cap) buckets, none empty (no
-  parameter's clipped bytes exceed a bucket's width). That count is what lets the sharding search
-  price gradient buckets exactly (passes/search_lp.py: an integer column per key). torch's
-  ``compute_bucket_assignment_by_size`` (torch/csrc/distributed/c10d/reducer.cpp) instead closes a
-  bucket once it reaches the cap and starts the next from zero, so its count depends on how far
-  each bucket overshoots (the order), which no linear count can follow: priced by bytes, a
-  searched plan could lose to a named one by up to two buckets' latency per key. Nor is there a
-  smaller first bucket (DDP's 1 MiB ``_DEFAULT_FIRST_BUCKET_BYTES``): with buckets of two widths
-  the count would depend on which parameter comes first. A bucket here holds the cap on average
-  (DDP's hold one to two caps): a key sends at least as many calls as DDP would and at most twice
-  as many (tests/unit/test_buckets.py checks both against torch's packing).
+  a line of bytes, and the line is cut every ``width`` bytes (50 MiB by default;
+  ``bucket_bytes`` sets another): bucket k holds the parameters whose bytes end in
+  (k width, (k+1) width]. On the line a parameter counts at most half the width (25 MiB by
+  default, torch's ``_DEFAULT_BUCKET_CAP_MB`` in torch/nn/parallel/distributed.py), so none is
+  wider than a bucket and no bucket is empty: a key of S' such clipped bytes fills exactly
+  ceil(S' / width) buckets. That count is what lets the sharding search price gradient buckets
+  exactly (passes/search_lp.py: an integer column per key).
+- Why not torch's own packing. ``compute_bucket_assignment_by_size``
+  (torch/csrc/distributed/c10d/reducer.cpp) closes a bucket once it reaches its cap (25 MiB, the
+  first 1 MiB) and starts the next from zero, so its count depends on how far each bucket
+  overshoots (the order), which no linear count follows: priced by bytes, a searched plan could
+  lose to a named one by up to two buckets' latency per key. With the width twice DDP's cap the
+  line never needs more buckets than DDP does: every closed DDP bucket holds less than its cap
+  plus its last parameter, under two caps of clipped bytes, so S' < 2 cap (DDP's closed buckets
+  + 1/2), whence ceil(S' / width) is at most DDP's count. Nor fewer than about half of it. A
+  parameter of more than half the width shares its bucket with at most one like it (DDP sends each
+  alone): fewer, larger all-reduces, a coarser overlap with the backward.
 - Buckets are launched in reverse of that order (distributed.py reverses the bucket list: "to
   approximate the order in which their gradients are produced"), and always in that order, so
   every rank issues the same collectives in the same order (the paper's section 3.2.3: no rank may
@@ -46,7 +48,7 @@ from .sbp import Boxing, box, parse_sbp
 from .symbols import axis_size
 
 MIB = 1024 * 1024
-DEFAULT_BUCKET_CAP_BYTES = 25 * MIB  # torch/nn/parallel/distributed.py, _DEFAULT_BUCKET_CAP_MB
+DEFAULT_BUCKET_BYTES = 50 * MIB  # twice torch DDP's cap (_DEFAULT_BUCKET_CAP_MB): never more buckets than DDP
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Bucket:
     entries: tuple[GradEntry, ...]  # in the order their gradients are expected to be ready
     steps: tuple[Boxing, ...]
     dtype: str
-    cap_bytes: int
+    cap_bytes: int  # the line's bucket width
 
 
 def _key(entry: GradEntry) -> tuple:
@@ -85,23 +87,28 @@ def _merged_steps(entries: Sequence[GradEntry]) -> tuple[Boxing, ...]:
     return tuple(out)
 
 
-def bucket_index(end: int, cap: int) -> int:
-    """The bucket of a parameter whose clipped bytes end at ``end`` on its key's line: (k cap, (k+1) cap]."""
-    return -(-end // cap) - 1
+def clipped(nbytes: float, width: int) -> int:
+    """What a gradient of ``nbytes`` counts on its key's line of buckets ``width`` wide: at most half."""
+    return min(round(nbytes), max(1, width // 2))
+
+
+def bucket_index(end: int, width: int) -> int:
+    """The bucket of a gradient whose clipped bytes end at ``end`` on its key's line: (k width, (k+1) width]."""
+    return -(-end // width) - 1
 
 
 def assign_buckets(entries: Sequence[GradEntry], size_of: Callable[[sympy.Expr], float],
-                   cap_bytes: int | None = None) -> list[Bucket]:
-    """Buckets in launch order. ``size_of`` evaluates a payload at the plan's point; ``cap_bytes``
-    None means torch DDP's 25 MiB."""
-    cap = DEFAULT_BUCKET_CAP_BYTES if cap_bytes is None else int(cap_bytes)
+                   bucket_bytes: int | None = None) -> list[Bucket]:
+    """Buckets in launch order. ``size_of`` evaluates a payload at the plan's point; ``bucket_bytes``
+    is the line's bucket width (None: 50 MiB)."""
+    width = DEFAULT_BUCKET_BYTES if bucket_bytes is None else int(bucket_bytes)
     order = sorted((e for e in entries if e.steps), key=lambda e: e.first_use)
     line: dict[tuple, int] = {}  # each key's clipped bytes so far
     buckets: dict[tuple[tuple, int], list[GradEntry]] = {}  # in order of their first member
     for entry in order:
         key = _key(entry)
-        line[key] = line.get(key, 0) + min(round(size_of(entry.steps[0].payload)), cap)
-        buckets.setdefault((key, bucket_index(line[key], cap)), []).append(entry)
+        line[key] = line.get(key, 0) + clipped(size_of(entry.steps[0].payload), width)
+        buckets.setdefault((key, bucket_index(line[key], width)), []).append(entry)
     # launched in reverse of the forward order, as DDP's reducer does
-    return [Bucket(tuple(reversed(members)), _merged_steps(members), members[0].dtype, cap)
+    return [Bucket(tuple(reversed(members)), _merged_steps(members), members[0].dtype, width)
             for members in reversed(list(buckets.values()))]

@@ -209,8 +209,8 @@ def _bucket_gradients(comms: _Collectives, params: list[ParamPlan], entries: lis
     out = []
     for i, bucket in enumerate(buckets):
         names = ", ".join(e.name for e in bucket.entries)
-        why = (f"gradient bucket {i} of {len(buckets)} ({len(bucket.entries)} parameters, cap "
-               f"{bucket.cap_bytes / 2**20:g} MiB), launched when its last gradient is ready: {names}")
+        why = (f"gradient bucket {i} of {len(buckets)} ({len(bucket.entries)} parameters, "
+               f"{bucket.cap_bytes / 2**20:g} MiB wide), launched when its last gradient is ready: {names}")
         steps = tuple(comms.add(b, "gradient_sync", f"bucket {i}", why, dtype=bucket.dtype) for b in bucket.steps)
         out.append(GradBucketPlan(tuple(e.name for e in bucket.entries), tuple(e.node for e in bucket.entries),
                                   bucket.dtype, bucket.cap_bytes, steps))

@@ -61,7 +61,7 @@ class PlanContext:
     spec_text: str = ""  # the spec file's text, carried into the plan
     strategies: tuple[str, ...] = ()  # one named strategy per mesh axis (passes/strategies.py)
     forces: tuple[tuple[str, str], ...] = ()  # (glob over node names, nd-SBP text) pinned by hand
-    bucket_cap_bytes: int | None = None  # gradient bucket cap; None: 25 MiB (DDP's bucket_cap_mb)
+    bucket_cap_bytes: int | None = None  # gradient buckets' width on the byte line (passes/buckets.py); None: 50 MiB
     fuse: bool = True  # run the fusion pass (passes/fuse.py); --no-fuse turns it off
 
     def axis_link(self, axis: int):

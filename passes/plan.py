@@ -111,7 +111,7 @@ class GradBucketPlan:
     params: tuple[str, ...]  # canonical names, in flat-buffer order (the order they are expected ready)
     nodes: tuple[str, ...]  # their parameter nodes
     dtype: str
-    cap_bytes: int  # the size it was filled to (it may exceed it by its last parameter)
+    cap_bytes: int  # the width of its key's buckets on the byte line (passes/buckets.py)
     steps: tuple[CollectivePlan, ...]  # one collective per mesh axis its gradients are P on; also in collectives
 
 

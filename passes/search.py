@@ -25,7 +25,7 @@ from torch import fx
 from ..compiler.lower import tensor_args
 from ..compiler.node_info import info
 from ..compiler.op_table import OP_TABLE
-from .buckets import DEFAULT_BUCKET_CAP_BYTES
+from .buckets import DEFAULT_BUCKET_BYTES
 from .clusters import block_of, classes, count_blocks
 from .context import PassReport, PlanContext, PlanError
 from .gather_groups import LAYER
@@ -96,9 +96,9 @@ def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPin
 
 
 def _buckets(costing: Costing, cands: list[list[Cand]], ctx: PlanContext) -> list[Buckets]:
-    """One set of gradient buckets per bucket key (passes/buckets.py's cap: torch DDP's 25 MiB, or
+    """One set of gradient buckets per bucket key (passes/buckets.py's width: 50 MiB, or
     ``--bucket-mb``), its members the candidates whose gradient joins it."""
-    cap = float(DEFAULT_BUCKET_CAP_BYTES if ctx.bucket_cap_bytes is None else ctx.bucket_cap_bytes)
+    cap = float(DEFAULT_BUCKET_BYTES if ctx.bucket_cap_bytes is None else ctx.bucket_cap_bytes)
     keys: dict[tuple, Buckets] = {}
     for g, options in enumerate(cands):
         for k, o in enumerate(options):

@@ -230,7 +230,9 @@ def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | N
             start = found
             width = float(cost @ found) - root.bound + 1e-9 * abs(root.bound) + 1e-7
             fix_by_reduced_cost(h, x, values, root.reduced, width)
-    return mip(h, lp.integer, start)
+    # a binding memory row (a nonzero dual) is a knapsack, where presolve pays; else only bucket counts are
+    # fractional (search_bnb.mip)
+    return mip(h, lp.integer, start, presolve=root is None or abs(float(root.duals[row])) > 1e-9)
 
 
 def leanest(problem: Problem) -> Solution:

@@ -17,9 +17,9 @@ solves it.
     y[q] in [0,1]          gradient bucket key or gather group q (passes/buckets.py,
                            passes/gather_groups.py) is used: y >= sum_k x[g,k] over the candidates of
                            each group g whose gradient joins (or that gathers in) q
-    z[q] integer >= 0      a bucket key's buckets beyond the first: z*cap >= sum count*min(bytes,cap)*x
-                           - cap*y, so at an optimum y + z = ceil(S' / cap), the count
-                           passes/buckets.py fills (``bucket_count``)
+    z[q] integer >= 0      a bucket key's buckets beyond the first: z*width >= sum count*clipped(bytes)*x
+                           - width*y (each gradient at most half the bucket width), so at an optimum
+                           y + z = ceil(S' / width), the count passes/buckets.py fills (``bucket_count``)
 
     minimise   sum count*time[k]*x + sum count*move(o,w)*s + sum count*dual(o,w)*s_dual
                + sum latency[q]*(y[q] + z[q])                        (modelled step seconds)
@@ -41,6 +41,7 @@ import math
 
 import highspy
 
+from .buckets import clipped
 from .search_model import Buckets, Demand, Group, Problem
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
@@ -149,8 +150,9 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
 def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
     """``bucket_count`` as columns: y in [0,1] is 1 when any member is chosen (a gather group's one
     collective, a bucket key's first bucket), the integer z >= 0 counts a key's buckets beyond the
-    first: z * cap >= sum count*min(bytes, cap)*x - cap*y, in KiB (a few bytes past a multiple of
-    the cap stay above the solver's feasibility tolerance)."""
+    first: z * width >= sum count*clipped(bytes)*x - width*y, in KiB (a few bytes past a multiple
+    of the width stay above the solver's feasibility tolerance; ``buckets.clipped``: at most half
+    the width)."""
     if b.latency <= 0:
         return
     inf = highspy.kHighsInf
@@ -164,8 +166,8 @@ def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> Non
         return
     z = lp.col(b.latency * SCALE, upper=inf, integer=True)
     lp.counts.append(z)
-    cap = round(b.cap)
-    beyond = {z: cap / KIB, y: cap / KIB}
+    width = round(b.cap)
+    beyond = {z: width / KIB, y: width / KIB}
     for g, k, nbytes in b.members:
-        _add(beyond, x[g][k], -groups[g].count * min(round(nbytes), cap) / KIB)
+        _add(beyond, x[g][k], -groups[g].count * clipped(nbytes, width) / KIB)
     lp.row(0.0, inf, beyond)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .buckets import clipped
+
 
 @dataclass
 class Group:
@@ -63,8 +65,9 @@ class Demand:
 @dataclass
 class Buckets:
     """The gradients of one bucket key (passes/buckets.py: the same collectives, the same dtype),
-    packed into buckets of ``cap`` bytes, each paying ``latency`` seconds. ``members`` are (group,
-    candidate, bytes per node) of the candidates whose gradient joins this key. With ``cap = inf``
+    packed into buckets ``cap`` bytes wide on a line (passes/buckets.py), each paying ``latency``
+    seconds. ``members`` are (group, candidate, bytes per node) of the candidates whose gradient
+    joins this key. With ``cap = inf``
     it is one collective per key however many join it: a layer's gather group
     (passes/gather_groups.py), whose latency is paid once when any of its parameters is gathered."""
 
@@ -84,16 +87,16 @@ class Problem:
 
 def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> int:
     """The number of buckets of one key, as passes/buckets.py fills them: 0 when no gradient joins
-    it, else ceil(S' / cap), S' the sum of the members' bytes each clipped to the cap (1 for a
-    gather group, whose cap is unbounded)."""
+    it, else ceil(S' / cap), S' the sum of the members' bytes each clipped to half the width ``cap``
+    (``buckets.clipped``); 1 for a gather group, whose width is unbounded."""
     chosen = [(g, nbytes) for g, k, nbytes in b.members if choice[g] == k]
     if not chosen:
         return 0
     if math.isinf(b.cap):
         return 1
-    cap = round(b.cap)
-    clipped = sum(groups[g].count * min(round(nbytes), cap) for g, nbytes in chosen)
-    return -(-clipped // cap)
+    width = round(b.cap)
+    total = sum(groups[g].count * clipped(nbytes, width) for g, nbytes in chosen)
+    return -(-total // width)
 
 
 @dataclass

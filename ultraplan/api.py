@@ -61,8 +61,8 @@ def plan(spec_path: str | Path, mesh: str = "1", *, hardware: str | Path | None 
          force: list[str] | tuple[str, ...] | None = None, bucket_mb: float | None = None,
          fuse: bool = True) -> Plan:
     """Plan ``spec_path`` for ``mesh`` (``"4"``, ``"2x2"``) with a strategy per axis (``"fsdp,tp"``)
-    and hand pins (``["layers_*_q=S(2)"]``); ``bucket_mb`` caps every gradient bucket (MiB; default
-    25, torch DDP's ``bucket_cap_mb``)."""
+    and hand pins (``["layers_*_q=S(2)"]``); ``bucket_mb`` is the gradient buckets' width (MiB;
+    default 50, passes/buckets.py)."""
     path = resolve_spec_path(spec_path, "models")
     spec = load_model_spec(path)
     parsed = Mesh.parse(mesh)

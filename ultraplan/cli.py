@@ -71,7 +71,7 @@ def _say_defaults(args: argparse.Namespace, plan) -> None:
 
 def _bucket_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket-mb", type=float, default=None, metavar="MIB",
-                   help="cap of every gradient bucket in MiB (default 25, as torch DDP's bucket_cap_mb)")
+                   help="width of the gradient buckets in MiB (default 50; a gradient counts at most half of it)")
 
 
 def _place_arg(p: argparse.ArgumentParser) -> None:

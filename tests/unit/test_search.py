@@ -65,11 +65,11 @@ def brute_force(table, capacity: float) -> tuple[float, list[int]]:
     return min((s, c) for t, s, c in fits if t <= best * (1 + 1e-9))[1], best
 
 
-@pytest.fixture(scope="module", params=[None, 4096], ids=["25MiB-buckets", "4KiB-buckets"])
+@pytest.fixture(scope="module", params=[None, 4096], ids=["50MiB-buckets", "4KiB-buckets"])
 def ffn_slice(request):
     """dense-tiny on 2 devices at batch 64, every group fixed to the optimum except layer 0's FFN (7 nodes: its
     three weights and four ops), each cut to 2-3 candidates (all-B, the optimum's, the last): at most 3^7.
-    With the default cap (25 MiB) every key fits one bucket; with 4 KiB buckets the count grows with the bytes."""
+    With the default width (50 MiB) every key fits one bucket; with 4 KiB buckets the count grows with the bytes."""
     gm, ctx = annotated(mesh="2", batch=64, bucket_cap_bytes=request.param)  # batch 64: the fastest plan is not the leanest
     problem = ffn_slice_of(gm, ctx)
     return problem, enumerate_all(problem)
@@ -296,7 +296,7 @@ def test_the_search_counts_gradient_buckets_exactly(mesh, bucket_mb, force):
     plan = api.plan(MODELS / "dense-tiny.yaml", mesh, hardware="h200-8", strategy="auto", bucket_mb=bucket_mb,
                     force=force)
     keys = Counter((tuple((s.collective, s.axis, s.src, s.dst) for s in b.steps), b.dtype) for b in plan.grad_buckets)
-    assert max(keys.values()) > 2
+    assert max(keys.values()) >= 2
     assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-12)
 
 

@@ -331,7 +331,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 87 gradients, 452.99 kB (cap 25 MiB); stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B
+        # bucket 0: 87 gradients, 452.99 kB (50 MiB buckets); stored [B,B] (axis 0 dp; axis 1 dp); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 452.99 kB sent per device
         # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 452.99 kB sent per device
         ([

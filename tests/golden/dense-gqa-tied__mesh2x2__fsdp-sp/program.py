@@ -218,7 +218,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 14 gradients, 1.79 kB (cap 25 MiB); stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B
+        # bucket 0: 14 gradients, 1.79 kB (50 MiB buckets); stored [S(0),B] (axis 0 fsdp; axis 1 sp); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 1.79 kB sent per device
         ([
             model.final_norm.bias,  # final_norm.bias (64) [S(0),B]

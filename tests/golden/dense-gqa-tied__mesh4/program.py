@@ -172,7 +172,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 33 gradients, 347.65 kB (cap 25 MiB); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
+        # bucket 0: 33 gradients, 347.65 kB (50 MiB buckets); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 0 (4 devices), all_reduce, 521.47 kB sent per device
         ([
             model.final_norm.bias,  # final_norm.bias (64) [B]

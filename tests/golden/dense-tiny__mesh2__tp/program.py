@@ -167,7 +167,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 5 gradients, 1.28 kB (cap 25 MiB); stored [B] (axis 0 tp); its gradient arrives P on the axes it is B
+        # bucket 0: 5 gradients, 1.28 kB (50 MiB buckets); stored [B] (axis 0 tp); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 1.28 kB sent per device
         ([
             model.final_norm.weight,  # final_norm.weight (64) [B]

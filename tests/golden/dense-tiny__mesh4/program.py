@@ -161,7 +161,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 21 gradients, 462.08 kB (cap 25 MiB); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
+        # bucket 0: 21 gradients, 462.08 kB (50 MiB buckets); stored [B] (axis 0 dp); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 0 (4 devices), all_reduce, 693.12 kB sent per device
         ([
             model.lm_head.weight,  # lm_head.weight (128, 64) [B]

@@ -270,7 +270,7 @@ def gradient_buckets(model, mesh):
     """The plan's gradient buckets, in launch order: each a flat buffer whose collectives start during
     the backward once all its gradients are ready (runtime.GradBuckets); .finish() after backward."""
     return runtime.GradBuckets(mesh, [
-        # bucket 0: 6 gradients, 147.46 kB (cap 25 MiB); stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # bucket 0: 6 gradients, 147.46 kB (50 MiB buckets); stored [B,S(0)] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 147.46 kB sent per device
         ([
             model.layers[2].moe.w_down,  # layers.2.moe.w_down (16, 32, 24) [B,S(0)]
@@ -280,7 +280,7 @@ def gradient_buckets(model, mesh):
             model.layers[1].moe.w_up,  # layers.1.moe.w_up (16, 24, 32) [B,S(0)]
             model.layers[1].moe.w_gate,  # layers.1.moe.w_gate (16, 24, 32) [B,S(0)]
         ], (('all_reduce', 0),)),
-        # bucket 1: 32 gradients, 134.02 kB (cap 25 MiB); stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
+        # bucket 1: 32 gradients, 134.02 kB (50 MiB buckets); stored [B,B] (axis 0 dp; axis 1 ep); its gradient arrives P on the axes it is B
         # plan: P -> B on mesh axis 1 (2 devices), all_reduce, 134.02 kB sent per device
         # plan: P -> B on mesh axis 0 (2 devices), all_reduce, 134.02 kB sent per device
         ([
