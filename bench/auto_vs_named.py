@@ -130,7 +130,11 @@ def compare(spec: str, mesh: str, batch: int, mode: str, hardware: str | None = 
     beaten = {s: t for s, t in named.items() if step > t * (1 + REL)}
     modelled = abs(step - objective) <= REL * step
     bound_holds = memory is None or memory >= state * (1 - REL)
-    out.update(auto=step, fits=auto.fits, objective=objective, beaten_by=beaten, modelled=modelled,
+    try:  # how far from proven optimal the search left it (0: proven; plans before session 13 lack it)
+        gap = auto.total("search_gap").value
+    except KeyError:
+        gap = 0.0
+    out.update(auto=step, fits=auto.fits, objective=objective, gap=gap, beaten_by=beaten, modelled=modelled,
                auto_memory=memory, bound_holds=bound_holds,
                ok=(auto.fits or not named) and not beaten and modelled and bound_holds)
     return out

@@ -52,6 +52,7 @@ class Search:
     seconds: float
     blocks: dict[str, int]
     fits: bool = True
+    gap: float = 0.0  # seconds the optimum may lie below ``objective`` (0: proven; search_bnb.MIP_SECONDS)
 
 
 def build_problem(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], forced: dict[str, NdSbp],
@@ -233,7 +234,7 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
         fits = False
         solution = leanest(problem)
     return Search(problem, solution.choice, cands, cls, solution.time, solution.memory, time.perf_counter() - start,
-                  count_blocks(gm, cls), fits)
+                  count_blocks(gm, cls), fits, solution.gap)
 
 
 def pins_from(found: Search, gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins]) -> list[AxisPins]:
@@ -261,7 +262,12 @@ def record_search(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     if found is None or plan is None:
         return PassReport("record_search", time.perf_counter() - start)
     objective = Cost("the search's optimum: modelled step seconds (passes/search_ilp.py)", found.objective)
-    gm.meta["ultraplan.plan"] = dataclasses.replace(plan, totals=(*plan.totals, ("search_objective", objective)))
+    gap = Cost("how far below search_objective the optimum may lie: 0 when proven optimal, else what HiGHS's "
+               "branch and cut left at its time limit (search_bnb.MIP_SECONDS)", found.gap)
+    gm.meta["ultraplan.plan"] = dataclasses.replace(
+        plan, totals=(*plan.totals, ("search_objective", objective), ("search_gap", gap)))
     return PassReport("record_search", time.perf_counter() - start,
                       [f"chosen by the search: objective {found.objective:.6g} s, plan step_time "
-                       f"{plan.total('step_time').value:.6g} s"])
+                       f"{plan.total('step_time').value:.6g} s"
+                       + (f", not proven optimal: the optimum may be up to {found.gap:.3g} s lower (branch and cut "
+                          "stopped at its time limit)" if found.gap > 0 else "")])

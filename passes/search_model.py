@@ -106,6 +106,7 @@ class Solution:
     memory: float
     status: str
     memory_binds: bool = False  # the LP relaxation fills the device memory (passes/search.py splits ties then)
+    gap: float = 0.0  # seconds the optimum may lie below ``time`` (0: proven optimal; search_bnb.MIP_SECONDS)
 
 
 def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 from ultraplan.compiler.node_info import info
 from ultraplan.compiler.validate import load_model_spec
+from ultraplan.passes.alternatives import plan_choices
 from ultraplan.passes.context import Mesh
 from ultraplan.passes.pipeline import make_context, make_plan
 from ultraplan.passes.search import boundary_bound, build_problem
@@ -316,8 +317,45 @@ def test_the_knapsack_path_equals_plain_branch_and_cut(ultramem_v2_tiny_on_8):
         tight = dataclasses.replace(problem, capacity=lean + share * (fast - lean))
         lp, x, _ = build(tight)
         fractional += chosen(relaxation(_highs(lp))[1], x) is None
-        reference = evaluate(tight, chosen(mip(_highs(lp), lp.integer, None), x))
+        reference = evaluate(tight, chosen(mip(_highs(lp), lp.integer, None)[0], x))
         solved = solve(tight)
         assert reference[2] and solved.memory <= tight.capacity
         assert math.isclose(solved.time, reference[0], rel_tol=1e-9)
     assert fractional  # the knapsack path ran
+
+
+@pytest.mark.parametrize("spec,mesh,strategy,mode,bucket_mb", [
+    ("dense-tiny", "2x2", "dp,tp", "train", 0.05),  # two bucket keys, one of several buckets
+    ("dense-gqa-tied", "2x2", "fsdp,sp", "train", None),  # fsdp's gather groups beside a bucket key
+    ("moe-tiny", "2x2", "dp,ep", "train", None),
+    ("ultramem-tiny", "2", "dp", "train", 0.02),
+    ("moe-tiny", "4", "ep", "infer", None),
+])
+def test_the_search_prices_a_named_plan_as_the_plan_does(spec, mesh, strategy, mode, bucket_mb):
+    # auto <= every named plan by construction: the search's objective at the named plan's own choice
+    # (alternatives.plan_choices: the named plan located among the candidates of the all-free program)
+    # is that plan's step_time, and auto solves that program to optimality
+    hardware = api.load_hardware("h200-8")
+    named = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", strategy=strategy, mode=mode,
+                     bucket_mb=bucket_mb)
+    choices = plan_choices(named, hardware)
+    assert all(g.located for g in choices.groups)
+    assert math.isclose(choices.objective, named.total("step_time").value, rel_tol=1e-9)
+    auto = api.plan(MODELS / f"{spec}.yaml", mesh, hardware="h200-8", strategy="auto", mode=mode, bucket_mb=bucket_mb)
+    assert auto.total("step_time").value <= named.total("step_time").value * (1 + 1e-9)
+
+
+def test_a_branch_and_cut_out_of_time_plans_its_best_and_says_how_far_it_may_be(monkeypatch):
+    # 4 KiB buckets on 2x2: many bucket counts fractional at once, a branch and cut of seconds; stopped after
+    # 0.05 s the search keeps the best assignment found (a real plan: its objective is its step_time) and the
+    # plan and the report carry the gap to HiGHS's lower bound
+    from ultraplan.passes import search_bnb
+
+    monkeypatch.setattr(search_bnb, "MIP_SECONDS", 0.05)
+    plan, _, reports = make_plan(load_model_spec(MODELS / "dense-tiny.yaml"), api.load_hardware("h200-8"),
+                                 Mesh.parse("2x2"), strategies=("auto", "auto"), bucket_cap_bytes=4096)
+    gap = plan.total("search_gap").value
+    assert 0 < gap < plan.total("step_time").value
+    assert math.isclose(plan.total("search_objective").value, plan.total("step_time").value, rel_tol=1e-9)
+    line = next(d for r in reports if r.name == "record_search" for d in r.decisions)
+    assert "not proven optimal" in line
