@@ -84,10 +84,14 @@ def candidates(plan: Plan, choices: Choices, top: int | None = 4) -> list[str]:
     out = [f"candidates per node, priced by the search's model on mesh axes {axes} (its objective at this plan: "
            f"step {fmt_seconds(choices.objective)}, {fmt_bytes(choices.memory)} per device; the plan's step_time "
            f"{fmt_seconds(step)}"
-           + (": the search prices each fsdp gather and gradient sync per parameter, the plan per gather group and "
-              "bucket" if abs(choices.objective - step) > 1e-9 * step else "")
+           + (": they differ, so this plan's model is not this ultraplan's" if abs(choices.objective - step) > 1e-9 * step
+              else "")
            + "); each alternative: own seconds, then the change of the step and of memory per device were it chosen "
            "with every other choice kept"]
+    gap = dict(plan.totals).get("search_gap")
+    if gap is not None and gap.value > 0:
+        out.append(f"the search stopped before proving its optimum (branch and cut's time limit): the optimum may be up "
+                   f"to {fmt_seconds(gap.value)} faster than this plan")
     for g in choices.groups:
         chosen = next((a for a in g.alternatives if a.chosen), None)
         head = f"{_name(g)} ({g.op}, {g.why})"

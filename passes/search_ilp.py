@@ -97,8 +97,8 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
     is the candidate indices (an integer), an assignment ``accept`` admits whose index sum reaches
     the LP bound rounded up is optimal too: the first stage's, or the LP's rounded to each group's
     largest candidate. Else HiGHS's MIP solver, from the first stage's answer (for the index sum
-    given ``search_bnb.TIE_BREAK_SECONDS``: its answer is optimal in time whether or not it has
-    proven its index sum the least, so ties are broken deterministically only where that proof
+    given ``search_bnb.TIE_BREAK_SECONDS``: its answer is optimal in the first objective whether or
+    not it has proven the second least, so ties are broken deterministically only where that proof
     comes in time; moe-tiny on 2x2 with 0.2 MiB buckets took 39 s to give it). The first stage's
     answer also when the solver's tolerances make the added row look infeasible (its bound is the
     first optimum itself, at huge memory values a hair tight)."""
@@ -116,8 +116,9 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
             if sum(choice) <= math.ceil(bound - 1e-6) and accept(choice):
                 return choice
     try:
-        # under the first objective's row every assignment is optimal in time: the tie-break may stop early
-        found = chosen(mip(h, lp.integer, first, seconds=TIE_BREAK_SECONDS if accept is not None else None)[0], x)
+        # under the first objective's row every assignment is optimal in it (the time, or for leanest the
+        # memory): the second objective's branch and cut may stop early
+        found = chosen(mip(h, lp.integer, first, seconds=TIE_BREAK_SECONDS)[0], x)
         return found if found is not None and (accept is None or accept(found)) else start
     except Infeasible:
         return start
