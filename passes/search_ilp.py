@@ -153,7 +153,7 @@ def solve(problem: Problem) -> Solution:
             choice = _on_face(h, lp, x, root, ranks, _band(bound), within(bound))
             h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
         if choice is None:
-            values, gap = _branch_and_cut(h, lp, x, root, values)
+            values, gap = _branch_and_cut(h, lp, x, root, values, presolve=binds)
     if choice is None:
         best = float(sum(c * values[i] for i, c in objective.items()))
         # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
@@ -224,12 +224,13 @@ def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np
 
 
 def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | None,
-                    values: np.ndarray) -> tuple[np.ndarray, float]:
+                    values: np.ndarray, *, presolve: bool) -> tuple[np.ndarray, float]:
     """The integer optimum when the root LP (``root``, ``values``) is fractional: HiGHS's MIP solver,
     started from the Lagrangian assignment (``search_bnb.lagrangian``, at the memory row's dual) when
     that fits, after forbidding the candidates whose root reduced cost exceeds that assignment's gap
     to the bound (they are in no better assignment). With the gap to the optimum ``search_bnb.mip``
-    leaves (0: proven)."""
+    leaves (0: proven). ``presolve``: the LP fills the device memory (a knapsack, where HiGHS's
+    presolve pays); else only bucket counts are fractional (search_bnb.mip)."""
     row = len(lp.rows) - 1  # the memory row, built last
     cost = np.array(lp.cost, dtype=float)
     weights = np.zeros(len(cost))
@@ -244,9 +245,7 @@ def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | N
             start = found
             width = float(cost @ found) - root.bound + 1e-9 * abs(root.bound) + 1e-7
             fix_by_reduced_cost(h, x, values, root.reduced, width)
-    # a binding memory row (a nonzero dual) is a knapsack, where presolve pays; else only bucket counts are
-    # fractional (search_bnb.mip)
-    found, gap = mip(h, lp.integer, start, presolve=root is None or abs(float(root.duals[row])) > 1e-9)
+    found, gap = mip(h, lp.integer, start, presolve=presolve or root is None)
     if gap > 0 and root is not None:  # the root LP's bound may be the tighter one where HiGHS stopped early
         gap = min(gap, max(0.0, float(cost @ found) - root.bound))
     return found, gap

@@ -46,7 +46,6 @@ from .search_model import Buckets, Demand, Group, Problem
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
 GIB = 2.0**30  # the memory row in GiB, for the same reason
-KIB = 1024.0  # bucket bytes in KiB
 
 
 class Lp:
@@ -150,9 +149,10 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
 def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
     """``bucket_count`` as columns: y in [0,1] is 1 when any member is chosen (a gather group's one
     collective, a bucket key's first bucket), the integer z >= 0 counts a key's buckets beyond the
-    first: z * width >= sum count*clipped(bytes)*x - width*y, in KiB (a few bytes past a multiple
-    of the width stay above the solver's feasibility tolerance; ``buckets.clipped``: at most half
-    the width)."""
+    first: z * width >= sum count*clipped(bytes)*x - width*y, in 1/1024ths of the width (two bytes
+    past a multiple of the width stay above the solver's feasibility tolerance, 1e-7; coefficients
+    of whole widths would not, and of KiB ran the 120B search's LPs slower; ``buckets.clipped``: at
+    most half the width)."""
     if b.latency <= 0:
         return
     inf = highspy.kHighsInf
@@ -167,7 +167,7 @@ def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> Non
     z = lp.col(b.latency * SCALE, upper=inf, integer=True)
     lp.counts.append(z)
     width = round(b.cap)
-    beyond = {z: width / KIB, y: width / KIB}
+    beyond = {z: 1024.0, y: 1024.0}
     for g, k, nbytes in b.members:
-        _add(beyond, x[g][k], -groups[g].count * clipped(nbytes, width) / KIB)
+        _add(beyond, x[g][k], -groups[g].count * clipped(nbytes, width) * 1024.0 / width)
     lp.row(0.0, inf, beyond)
