@@ -22,7 +22,7 @@ import numpy as np
 
 INTEGRAL = 1e-6  # a group whose largest x is this close to 1 has chosen
 MIP_SECONDS = 20.0  # a branch and cut stops here with its best assignment and the gap it leaves (search_ilp)
-TIE_BREAK_SECONDS = 2.0  # the tie-break's branch and cut: any answer it has is optimal in time already
+TIE_BREAK_SECONDS = 2.0  # a second objective's branch and cut: its answers are optimal in the first already
 
 
 class Infeasible(Exception):
