@@ -22,6 +22,7 @@ import numpy as np
 
 INTEGRAL = 1e-6  # a group whose largest x is this close to 1 has chosen
 MIP_SECONDS = 20.0  # a branch and cut stops here with its best assignment and the gap it leaves (search_ilp)
+FEASIBLE = 2  # HiGHS's kSolutionStatusFeasible: a time-limited MIP has an incumbent
 TIE_BREAK_SECONDS = 2.0  # a second objective's branch and cut: its answers are optimal in the first already
 
 
@@ -226,7 +227,7 @@ def _run_mip(h: highspy.Highs) -> tuple[np.ndarray, float] | None:
     status, info = h.getModelStatus(), h.getInfo()
     if status == highspy.HighsModelStatus.kOptimal:
         gap = 0.0
-    elif status == highspy.HighsModelStatus.kTimeLimit and info.primal_solution_status == 2:  # feasible
+    elif status == highspy.HighsModelStatus.kTimeLimit and info.primal_solution_status == FEASIBLE:
         gap = max(0.0, info.objective_function_value - info.mip_dual_bound)
     else:
         return None

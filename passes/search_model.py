@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from .buckets import clipped
+from .buckets import bucket_index, clipped
 
 
 @dataclass
@@ -96,7 +96,7 @@ def bucket_count(b: Buckets, choice: list[int], groups: list[Group]) -> int:
         return 1
     width = round(b.cap)
     total = sum(groups[g].count * clipped(nbytes, width) for g, nbytes in chosen)
-    return -(-total // width)
+    return bucket_index(total, width) + 1  # the bucket the key's last clipped byte ends in
 
 
 @dataclass
