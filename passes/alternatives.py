@@ -26,7 +26,7 @@ from .plan import Plan
 from .sbp import nd_str
 from .search import build_problem
 from .search_costs import Cand
-from .search_explain import describe, local_change, touching
+from .search_explain import bucket_keys, describe, local_change, touching
 from .search_ilp import evaluate
 from .strategies import AxisPins, forced_pins, pin_axes
 
@@ -142,14 +142,15 @@ def plan_choices(plan: Plan, hardware: HardwareSpec) -> Choices:
     located = [k is not None for k in choice]
     full = [k if k is not None else 0 for k in choice]
     objective, memory, _ = evaluate(problem, full)
-    near = touching(problem)
+    near, keys = touching(problem), bucket_keys(problem)
     groups = []
     for g, options in enumerate(cands):
         nodes = members[g]
         alts = []
         if located[g]:
             for k, c in enumerate(options):
-                dt, dm, ok = (0.0, 0.0, True) if k == full[g] else local_change(problem, full, g, k, near.get(g, []))
+                dt, dm, ok = ((0.0, 0.0, True) if k == full[g]
+                              else local_change(problem, full, g, k, near.get(g, []), keys.get(g, [])))
                 alts.append(Alternative(k, describe(c), problem.groups[g].count * problem.groups[g].time[k], dt, dm,
                                         ok, memory + dm <= problem.capacity, k == full[g]))
             alts.sort(key=lambda a: (not a.chosen, not (a.valid and a.fits), a.delta_time, a.index))

@@ -224,10 +224,13 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
     fits = True
     try:
         solution = solve(problem)
-        if cluster and solution.memory_binds and any(g.count > 1 for g in problem.groups):
+        if (cluster and solution.memory_binds and solution.time > solution.untied * (1 + 1e-9) + 1e-12
+                and any(g.count > 1 for g in problem.groups)):
             # A knapsack: tying identical layers to one choice would leave them all in the leaner
             # layout where some could afford the faster one. Tied in binary runs instead (clusters.runs),
             # any number of them can; every tied assignment is still one of these, so this is no worse.
+            # Not where the tied answer reaches the relaxation's bound (``untied``): untied layers are
+            # a weighted average of tied ones there (docs/search.md "Repeated layers"), none is faster.
             problem, cands, cls, _ = build_problem(gm, ctx, named, forced, split=True)
             solution = solve(problem)
     except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false

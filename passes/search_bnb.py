@@ -184,16 +184,19 @@ def mip(h: highspy.Highs, integrality: list[int], best: np.ndarray | None, *,
     that is a known feasible solution; the columns are continuous again afterwards. Returns the
     solution and its gap to HiGHS's lower bound (solver units): 0 when proven optimal, more when
     the run reached ``MIP_SECONDS`` (many bucket counts fractional at once can make a branch and
-    cut long: moe-tiny on 2x2 with 10 KiB buckets ran minutes). ``presolve``:
+    cut long: moe-tiny on 2x2 with 10 KiB buckets ran minutes); a run out of time before its first
+    assignment, with no start, goes on without the limit (the limit bounds the proof, and a run
+    with nothing to return would call the program infeasible). ``presolve``:
     on where the memory row binds (the MIP then solves 3x faster, 120B UltraMemV2 on 128x8); off
     where only bucket counts are fractional (Llama-3-8B on 8x8: 0.12 s against 0.18 s).
 
     HiGHS 1.16 with presolve can map a start into its presolved model at a wrong objective, prune
     everything above that, and report "optimal" at that objective while returning the start itself
     (ultramem-v2-tiny's knapsack on 8 devices: 595.4 reported, the start's 721.9 returned, the
-    optimum 637.9, tests/unit/test_search.py; Llama-3-8B on 8x8 likewise). So the returned
-    solution's objective must be the reported one; where it is not, the MIP runs again without the
-    start."""
+    optimum 637.9, tests/unit/test_search.py; Llama-3-8B on 8x8 likewise), and without a start
+    after an LP solved in the same model (the 120B UltraMemV2 on 128x8: 3.4342 s reported, below
+    the LP bound, 3.4691 s returned). So the returned solution's objective must be the reported
+    one; where it is not, the MIP runs again on a cleared solver, without the start."""
     idx = np.asarray(integrality, dtype=np.int32)
     h.changeColsIntegrality(len(idx), idx, np.full(len(idx), highspy.HighsVarType.kInteger))
     h.setOptionValue("presolve", "on" if presolve else "off")
@@ -206,10 +209,12 @@ def mip(h: highspy.Highs, integrality: list[int], best: np.ndarray | None, *,
             start.value_valid = True
             h.setSolution(start)
             found = _run_mip(h)
-            if found is None:
-                h.clearSolver()  # forget the start (and what HiGHS made of it)
         if found is None:
+            h.clearSolver()  # forget the start, and the LPs solved before (either can mislead presolve)
             found = _run_mip(h)
+        if found is None and best is None and h.getModelStatus() == highspy.HighsModelStatus.kTimeLimit:
+            h.setOptionValue("time_limit", math.inf)  # out of time before any assignment: the limit is
+            found = _run_mip(h)  # for proving an incumbent optimal, so search on until there is one
         if found is None:
             if best is not None:
                 return best, math.inf

@@ -18,7 +18,7 @@ from .context import PlanContext
 from .sbp import Broadcast, Split, nd_str
 from .search import Search
 from .search_costs import Cand
-from .search_ilp import Demand, Problem, bucket_count, evaluate
+from .search_ilp import Buckets, Demand, Problem, bucket_count, evaluate
 
 
 def _replicated_memory(problem: Problem, cands: list[list[Cand]]) -> float:
@@ -35,18 +35,28 @@ def touching(problem: Problem) -> dict[int, list[Demand]]:
     return out
 
 
-def local_change(problem: Problem, choice: list[int], g: int, k: int, demands: list[Demand]) -> tuple[float, float, bool]:
+def bucket_keys(problem: Problem) -> dict[int, list[Buckets]]:
+    """Per group, the bucket keys and gather groups its candidates may join."""
+    out: dict[int, list[Buckets]] = {}
+    for b in problem.buckets:
+        for g in dict.fromkeys(member[0] for member in b.members):
+            out.setdefault(g, []).append(b)
+    return out
+
+
+def local_change(problem: Problem, choice: list[int], g: int, k: int, demands: list[Demand],
+                 keys: list[Buckets] | None = None) -> tuple[float, float, bool]:
     """(seconds, bytes, valid) the step changes by when group ``g`` takes candidate ``k`` and every
-    other group keeps ``choice``: the terms ``g`` touches, evaluated before and after."""
+    other group keeps ``choice``: the terms ``g`` touches, evaluated before and after (``keys``: the
+    bucket keys ``g`` may join, ``bucket_keys``; found here when not given)."""
     group = problem.groups[g]
     trial = [*choice[:g], k, *choice[g + 1:]]
     t0, m0, _ = evaluate(problem, choice, demands)
     t1, m1, ok = evaluate(problem, trial, demands)
     dt = t1 - t0 + group.count * (group.time[k] - group.time[choice[g]])
     dm = m1 - m0 + group.count * (group.memory[k] - group.memory[choice[g]])
-    for b in problem.buckets:
-        if any(member[0] == g for member in b.members):
-            dt += b.latency * (bucket_count(b, trial, problem.groups) - bucket_count(b, choice, problem.groups))
+    for b in keys if keys is not None else bucket_keys(problem).get(g, []):
+        dt += b.latency * (bucket_count(b, trial, problem.groups) - bucket_count(b, choice, problem.groups))
     return dt, dm, ok
 
 
@@ -63,7 +73,7 @@ def describe(c: Cand) -> str:
 def reasons(found: Search) -> dict[int, str]:
     """Per group: why its choice won (local change of the objective with every other choice fixed)."""
     problem, choice = found.problem, list(found.choice)
-    near = touching(problem)
+    near, keys = touching(problem), bucket_keys(problem)
     out = {}
     for g, group in enumerate(problem.groups):
         options = found.cands[g]
@@ -72,7 +82,7 @@ def reasons(found: Search) -> dict[int, str]:
         alts = []
         for k in range(len(options)):
             if k != choice[g]:
-                alts.append((*local_change(problem, choice, g, k, near.get(g, [])), k))
+                alts.append((*local_change(problem, choice, g, k, near.get(g, []), keys.get(g, [])), k))
         text = f"auto: {describe(options[choice[g]])}, {group.count * group.time[choice[g]] * 1e3:.4g} ms of its own"
         feasible = sorted(a for a in alts if a[2] and found.memory + a[1] <= problem.capacity)
         if feasible:

@@ -130,8 +130,7 @@ def solve(problem: Problem) -> Solution:
     h = _highs(lp)
     bound, values = relaxation(h)
     root = root_of(h, bound)
-    _, limit, memory_terms = lp.rows[lp.memory_row]  # the device memory, in GiB
-    binds = bool(sum(coef * values[c] for c, coef in memory_terms.items()) >= limit * (1 - 1e-9) - 1e-9)
+    binds = _binds(lp, values, root)
     n = len(lp.cost)
     ranks = np.zeros(n)
     for cols in x:
@@ -148,11 +147,17 @@ def solve(problem: Problem) -> Solution:
 
     choice = None
     gap = 0.0  # what the optimum may lie below the answer, where branch and cut ran out of time
+    untied = bound  # what no assignment, tied layers untied or not, can beat (search.py's split)
     if chosen(values, x) is None or not integral(values, lp.counts):  # a knapsack, or buckets in part
         if root is not None:  # an assignment at the LP bound is optimal: the tie-break on its face
             choice = _on_face(h, lp, x, root, ranks, _band(bound), within(bound))
             h.changeColsCost(n, np.arange(n, dtype=np.int32), np.array(lp.cost, dtype=float))
-        if choice is None:
+        if choice is None and chosen(values, x) is None and not integral(values, lp.counts):
+            # both fractional: the bucket counts whole first, x relaxed (a few integer columns); often
+            # integral in x too, and then optimal with no branching on x (and for any untying)
+            values, gap = mip(_highs(lp), lp.counts, rounded_up(values, lp.counts), presolve=False)  # h's basis kept
+            untied = float(np.asarray(lp.cost) @ values) - gap
+        if choice is None and (chosen(values, x) is None or not integral(values, lp.counts)):
             values, gap = _branch_and_cut(h, lp, x, root, values, presolve=binds)
     if choice is None:
         best = float(sum(c * values[i] for i, c in objective.items()))
@@ -163,8 +168,20 @@ def solve(problem: Problem) -> Solution:
     if gap > 0:  # the lower bound branch and cut left, against the answer the second stage kept
         lower = float(sum(c * values[i] for i, c in objective.items())) - gap
         gap = max(0.0, (time - problem.constant) * SCALE - lower) / SCALE
-        return Solution(choice, time, memory, f"within {gap:.3g} s of the optimum", binds, gap)
-    return Solution(choice, time, memory, "optimal", binds)
+        return Solution(choice, time, memory, f"within {gap:.3g} s of the optimum", binds, gap,
+                        untied / SCALE + problem.constant)
+    return Solution(choice, time, memory, "optimal", binds, untied=untied / SCALE + problem.constant)
+
+
+def _binds(lp: Lp, values: np.ndarray, root: Root | None) -> bool:
+    """The device memory constrains the LP optimum ``values``: its row has a dual (``root``), or
+    without duals, is full. A full row alone says little: the columns of kept activations cost
+    nothing, so an LP may fill the memory with their slack (the 120B UltraMemV2 on 128x8: an
+    integral root at 131.3 GiB, its assignment's 111.4 GiB)."""
+    if root is not None:
+        return bool(abs(root.duals[lp.memory_row]) > 1e-7)  # HiGHS's dual feasibility tolerance
+    _, limit, terms = lp.rows[lp.memory_row]  # the device memory, in GiB
+    return bool(sum(coef * values[c] for c, coef in terms.items()) >= limit * (1 - 1e-9) - 1e-9)
 
 
 def _band(best: float) -> float:

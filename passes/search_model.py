@@ -105,8 +105,9 @@ class Solution:
     time: float
     memory: float
     status: str
-    memory_binds: bool = False  # the LP relaxation fills the device memory (passes/search.py splits ties then)
+    memory_binds: bool = False  # the relaxation fills the device memory (passes/search.py splits ties then)
     gap: float = 0.0  # seconds the optimum may lie below ``time`` (0: proven optimal; search_bnb.MIP_SECONDS)
+    untied: float = 0.0  # seconds no assignment of the program untied (passes/search.py's split) can beat
 
 
 def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:

@@ -182,6 +182,25 @@ def test_a_knapsack_unties_identical_layers():
     assert len(downs) == 4 and len(set(downs)) > 1  # the layers did not all choose alike
 
 
+def test_the_tied_programs_bound_holds_for_every_untying():
+    # search() unties identical layers only when the tied answer lies above ``untied``, the tied program's
+    # optimum with x relaxed (bucket counts whole where the root LP had them fractional). Untied
+    # assignments average into relaxed tied ones, so no untying beats that bound: the unclustered
+    # optimum (every layer free) stays at or above it, at device memories that bind or not. (Tiny
+    # buckets on 2x2 take the whole-count path, but their unclustered solves take minutes.)
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
+    for share in (0.3, 0.7, 2.0):
+        capacity = lean + share * (fast - lean)
+        tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=capacity))
+        tied = solve(build_problem(gm, tight, {}, {})[0])
+        exact = solve(dataclasses.replace(whole, capacity=capacity))
+        assert tied.untied <= exact.time * (1 + 1e-9) <= tied.time * (1 + 1e-9)
+        assert tied.memory_binds == (share < 1)  # the memory row's dual, not its fill
+
+
 def test_a_layer_whose_own_table_is_forced_is_not_tied_to_the_others():
     # unshared UltraMemV2 tables are the model's (memory_tables.layer{l}_*), outside the layers that read
     # them: a layer reading a table forced another way must be its own class, or the search ties it to
