@@ -151,16 +151,18 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
     """One demand per class of values read by the same classes of consumers (at the same positions)."""
     train = costing.train
     keys: dict[tuple, list] = {}
+    key_of: dict[fx.Node, tuple] = {}
     for v in gm.graph.nodes:
         if v.op == "output" or not v.users:
             continue
         uses = [(u, i) for u in v.users if u.op != "output" for i, a in enumerate(tensor_args(u)) if a is v]
-        key = (cls[v], tuple(sorted((cls[u], i) for u, i in uses)))
+        key = key_of[v] = (cls[v], tuple(sorted((cls[u], i) for u, i in uses)))
         entry = keys.setdefault(key, [v, uses, 0, False])
         entry[2] += 1
         entry[3] |= any(block_of(u) != block_of(v) and (block_of(u) or block_of(v)) for u, _ in uses)
     out = []
     lid = layouts.__getitem__
+    index = {key: n for n, key in enumerate(keys)}
     for (producer, _), (v, uses, count, boundary) in keys.items():
         rec = info(v)
         state = rec.op in ("param", "buffer")
@@ -201,9 +203,32 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
                     memo[key] = costing.box_time(outs[o], nds[w], v)
                 boxes[o, w] = memo[key]
         saved = {w: costing.local_bytes(v, nds[w]) for use in found if use.keeps for w in use.takes}
-        out.append(Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
-                          {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary, view))
+        demand = Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
+                        {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary, view)
+        if view and saved:
+            _link_base(demand, v, rule.view_of, key_of, keys, index, cls, cands[producer], costing, lid)
+        out.append(demand)
     return out
+
+
+def _link_base(demand: Demand, v: fx.Node, position: int, key_of, keys, index, cls, options: list[Cand],
+               costing: Costing, lid) -> None:
+    """A view kept in its own layout keeps its base's storage, which is the base itself where the view
+    read it as laid, and a boxed copy of the whole base where the base was boxed for it (memory.py's
+    ``_storage``: add_rms_norm's pair gathered whole for its normed half): ``demand.base`` names the
+    base's demand and its use by the view, ``base_saved`` the copy's bytes per layout of the view."""
+    base = tensor_args(v)[position]
+    key = key_of.get(base)
+    if key is None:
+        return
+    uses = keys[key][1]  # the first of its class: every node of it is read alike
+    mine = [j for j, (u, i) in enumerate(uses) if cls[u] == cls[v] and i == position]
+    if not mine:
+        return
+    demand.base = (index[key], mine[0])
+    for c in options:
+        w = lid(c.out)
+        demand.base_saved[w] = max(demand.base_saved.get(w, 0.0), costing.local_bytes(base, c.ins[position]))
 
 
 def boundary_bound(problem: Problem) -> float:

@@ -59,6 +59,7 @@ class Lp:
         self.exact: list[int] = []  # rows whose slack is 0 or 1 at the program's completion of an assignment
         self.counts: list[int] = []  # the integer bucket-count columns (z), beside the one-hot x
         self.memory_row = -1  # the device-memory row's index (build sets it)
+        self.edges: dict[tuple[int, int], dict[tuple[int, int], int]] = {}  # (demand, use) -> e columns by (o, w)
 
     def col(self, cost: float, upper: float = 1.0, integer: bool = False) -> int:
         self.cost.append(cost)
@@ -94,8 +95,8 @@ def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
         for g, cols in zip(problem.groups, x):
             if g.peak:
                 lp.row(0.0, inf, {a: 1.0} | {c: -p / GIB for c, p in zip(cols, g.peak) if p})
-    for d in problem.demands:
-        _demand(lp, d, problem.groups[d.producer], x, memory)
+    for n, d in enumerate(problem.demands):
+        _demand(lp, n, d, problem.groups[d.producer], x, memory)
     for b in problem.buckets:
         _buckets(lp, b, problem.groups, x)
     lp.memory_row = len(lp.rows)
@@ -103,8 +104,8 @@ def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
     return lp, x, {i: c for i, c in enumerate(lp.cost) if c}
 
 
-def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict[int, float]) -> None:
-    """The rows of one value: per use a joint (o, w) choice with both marginals (tight on trees, as
+def _demand(lp: Lp, n: int, d: Demand, producer: Group, x: list[list[int]], memory: dict[int, float]) -> None:
+    """The rows of demand ``n``: per use a joint (o, w) choice with both marginals (tight on trees, as
     Alpa's edge variables), and the boxing o -> w paid once however many uses run it."""
     inf = highspy.kHighsInf
     outs: dict[int, list[int]] = {}
@@ -113,7 +114,8 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
     paid: dict[tuple[str, int, int], int] = {}
     kept: dict[int, int] = {}
     single = sum(use.moves for use in d.uses) == 1
-    for use in d.uses:
+    copies: dict[int, int] = {}
+    for j, use in enumerate(d.uses):
         if use.keeps:
             for w, ks in use.takes.items():
                 if w not in kept:
@@ -122,6 +124,15 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
                 # kept[w] >= v[j,w] (a view: >= v[j,w] - u[p,w], its base's storage where w is its own layout)
                 own = {c: 1.0 for c in outs.get(w, ())} if d.view else {}
                 lp.row(0.0, inf, {kept[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks} | own, exact=True)
+                if d.base is not None and own and d.base_saved.get(w):
+                    # that storage a copy of the whole base: copy[w] >= v[j,w] + u[p,w] + boxed - 2, where
+                    # boxed = 1 - sum_o e[o,o] over the base's use by this view (Demand.base)
+                    if w not in copies:
+                        copies[w] = lp.col(0.0)
+                        _add(memory, copies[w], d.count * d.base_saved[w] / GIB)
+                    unboxed = {e: 1.0 for (o, i), e in lp.edges.get(d.base, {}).items() if o == i}
+                    lp.row(-1.0, inf, {copies[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks}
+                           | {c: -1.0 for c in own} | unboxed)
         if not use.moves:
             continue
         pairs = {}
@@ -133,6 +144,7 @@ def _demand(lp: Lp, d: Demand, producer: Group, x: list[list[int]], memory: dict
                 if cost is not None and not (d.state and o != w):
                     e = pairs[o, w] = lp.col(0.0)
                     by_out[o][e] = by_in[w][e] = 1.0
+        lp.edges[n, j] = pairs
         for terms in (*by_out.values(), *by_in.values()):  # sum_w e[o,w] = u[o]; sum_o e[o,w] = v[w]
             lp.row(0.0, 0.0, terms)
         for (o, w), e in pairs.items():

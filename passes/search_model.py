@@ -60,6 +60,10 @@ class Demand:
     # producer's layout it is the base's storage, which memory.py counts at the base; kept in another,
     # the boxing made a tensor of its own, counted here
     view: bool = False
+    # a view's base: (its demand's index, the use by this view); where the base was boxed for the view,
+    # the view kept in its own layout keeps that copy of the whole base: base_saved[w] bytes per device
+    base: tuple[int, int] | None = None
+    base_saved: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -110,6 +114,14 @@ class Solution:
     untied: float = 0.0  # seconds no assignment of the program untied (passes/search.py's split) can beat
 
 
+def _base_boxed(problem: Problem, base: tuple[int, int], choice: list[int]) -> bool:
+    """The view's base (``Demand.base``) was boxed for it: the view reads another layout than the base's."""
+    d = problem.demands[base[0]]
+    use = d.uses[base[1]]
+    o = problem.groups[d.producer].out[choice[d.producer]]
+    return not any(choice[use.group] in ks for w, ks in use.takes.items() if w == o)
+
+
 def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None = None) -> tuple[float, float, bool]:
     """(time, memory, feasible) of one assignment, computed directly (no linearisation); with
     ``demands``, only those demands' terms (what one group's choice touches)."""
@@ -126,6 +138,8 @@ def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None =
         taken = {kind: {w for u in d.uses if getattr(u, kind) for w, ks in u.takes.items() if choice[u.group] in ks}
                  for kind in ("moves", "grad", "keeps")}
         memory += sum(d.count * d.saved[w] for w in taken["keeps"] if not (d.view and w == o))
+        if d.base is not None and o in taken["keeps"] and _base_boxed(problem, d.base, choice):
+            memory += d.count * d.base_saved.get(o, 0.0)
         for w in taken["moves"]:
             cost = d.move.get((o, w), 0.0)
             if cost is None or (d.state and w != o):
