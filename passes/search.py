@@ -256,13 +256,30 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
             # any number of them can; every tied assignment is still one of these, so this is no worse.
             # Not where the tied answer reaches the relaxation's bound (``untied``): untied layers are
             # a weighted average of tied ones there (docs/search.md "Repeated layers"), none is faster.
-            problem, cands, cls, _ = build_problem(gm, ctx, named, forced, split=True)
-            solution = solve(problem)
+            tied = {node: solution.choice[g] for node, g in cls.items()}
+            tied_cands = {node: cands[g] for node, g in cls.items()}
+            split = build_problem(gm, ctx, named, forced, split=True)
+            untied = solve(split[0], _hint(split[2], split[1], tied, tied_cands))
+            if untied.time <= solution.time:  # a branch and cut out of time may not have got below the tie
+                (problem, cands, cls, _), solution = split, untied
     except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false
         fits = False
         solution = leanest(problem)
     return Search(problem, solution.choice, cands, cls, solution.time, solution.memory, time.perf_counter() - start,
                   count_blocks(gm, cls), fits, solution.gap)
+
+
+def _hint(cls: dict[fx.Node, int], cands: list[list[Cand]], tied: dict[fx.Node, int],
+          tied_cands: dict[fx.Node, list[Cand]]) -> list[int] | None:
+    """The tied answer as an assignment of the untied program (its branch and cut's start: no worse
+    than the tied optimum from the first node on), where each group's candidates are its tied class's."""
+    hint: dict[int, int] = {}
+    for node, g in cls.items():
+        k = tied[node]
+        if (g in hint and hint[g] != k) or [c.axes for c in cands[g]] != [c.axes for c in tied_cands[node]]:
+            return None
+        hint[g] = k
+    return [hint[g] for g in range(len(cands))] if len(hint) == len(cands) else None
 
 
 def pins_from(found: Search, gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins]) -> list[AxisPins]:

@@ -124,8 +124,9 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
         return start
 
 
-def solve(problem: Problem) -> Solution:
-    """The optimal assignment, ties broken by the smallest sum of candidate indices."""
+def solve(problem: Problem, hint: list[int] | None = None) -> Solution:
+    """The optimal assignment, ties broken by the smallest sum of candidate indices (``hint``: an
+    assignment known to fit, which a branch and cut may start from)."""
     lp, x, objective = build(problem)
     h = _highs(lp)
     bound, values = relaxation(h)
@@ -158,7 +159,7 @@ def solve(problem: Problem) -> Solution:
             values, gap = mip(_highs(lp), lp.counts, rounded_up(values, lp.counts), presolve=False)  # h's basis kept
             untied = float(np.asarray(lp.cost) @ values) - gap
         if choice is None and (chosen(values, x) is None or not integral(values, lp.counts)):
-            values, gap = _branch_and_cut(h, lp, x, root, values, presolve=binds)
+            values, gap = _branch_and_cut(h, lp, x, root, values, presolve=binds, hint=hint)
     if choice is None:
         best = float(sum(c * values[i] for i, c in objective.items()))
         # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices
@@ -240,11 +241,27 @@ def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np
     return None
 
 
+def _completion(h: highspy.Highs, lp: Lp, x: list[list[int]], choice: list[int]) -> np.ndarray | None:
+    """The program's own completion of an assignment (every other column at the least its rows
+    allow): the LP with the one-hot columns fixed to ``choice``; None when it does not fit."""
+    cols = np.array([c for cols in x for c in cols], dtype=np.int32)
+    fixed = np.array([float(k == choice[g]) for g, cols in enumerate(x) for k in range(len(cols))])
+    order = np.argsort(cols)
+    h.changeColsBounds(len(cols), cols[order], fixed[order], fixed[order])
+    try:
+        return relaxation(h)[1]
+    except Infeasible:
+        return None
+    finally:
+        h.changeColsBounds(len(cols), cols[order], np.zeros(len(cols)), np.asarray(lp.upper)[cols[order]])
+
+
 def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | None,
-                    values: np.ndarray, *, presolve: bool) -> tuple[np.ndarray, float]:
+                    values: np.ndarray, *, presolve: bool, hint: list[int] | None = None) -> tuple[np.ndarray, float]:
     """The integer optimum when the root LP (``root``, ``values``) is fractional: HiGHS's MIP solver,
-    started from the Lagrangian assignment (``search_bnb.lagrangian``, at the memory row's dual) when
-    that fits, after forbidding the candidates whose root reduced cost exceeds that assignment's gap
+    started from the Lagrangian assignment (``search_bnb.lagrangian``, at the memory row's dual) or
+    the assignment ``hint`` (search.py's tied answer, for the untied program), the faster that fits,
+    after forbidding the candidates whose root reduced cost exceeds that assignment's gap
     to the bound (they are in no better assignment). With the gap to the optimum ``search_bnb.mip``
     leaves (0: proven). ``presolve``: the LP fills the device memory (a knapsack, where HiGHS's
     presolve pays); else only bucket counts are fractional (search_bnb.mip)."""
@@ -253,15 +270,16 @@ def _branch_and_cut(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root | N
     weights = np.zeros(len(cost))
     for c, m in lp.rows[row][2].items():
         weights[c] = m
-    start = None
+    starts = [] if hint is None else [_completion(h, lp, x, hint)]
     if root is not None:
-        found = lagrangian(h, x, row, cost, weights, max(0.0, -float(root.duals[row])) * (1 + 1e-3))
-        if found is not None:
-            found = rounded_up(found, lp.counts)  # whole bucket counts: a start the MIP accepts
-        if found is not None and float(weights @ found) <= lp.rows[row][1]:
-            start = found
-            width = float(cost @ found) - root.bound + 1e-9 * abs(root.bound) + 1e-7
-            fix_by_reduced_cost(h, x, values, root.reduced, width)
+        starts.append(lagrangian(h, x, row, cost, weights, max(0.0, -float(root.duals[row])) * (1 + 1e-3)))
+    # whole bucket counts: starts the MIP accepts
+    starts = [rounded_up(f, lp.counts) for f in starts if f is not None]
+    starts = [f for f in starts if float(weights @ f) <= lp.rows[row][1]]
+    start = min(starts, key=lambda f: float(cost @ f), default=None)
+    if start is not None and root is not None:
+        width = float(cost @ start) - root.bound + 1e-9 * abs(root.bound) + 1e-7
+        fix_by_reduced_cost(h, x, values, root.reduced, width)
     found, gap = mip(h, lp.integer, start, presolve=presolve or root is None)
     if gap > 0 and root is not None:  # the root LP's bound may be the tighter one where HiGHS stopped early
         gap = min(gap, max(0.0, float(cost @ found) - root.bound))

@@ -182,6 +182,32 @@ def test_a_knapsack_unties_identical_layers():
     assert len(downs) == 4 and len(set(downs)) > 1  # the layers did not all choose alike
 
 
+def test_an_untied_search_out_of_time_is_no_worse_than_the_tied_answer(monkeypatch):
+    # the untied program's branch and cut starts from the tied answer (search._hint), and search() keeps the
+    # tied answer where the untied one is slower: with branch and cut stopped at once, the plan is the tie's
+    # at worst (llama3-8b-shape on 2x4 at batch 8: 7.2226 s untied after 20 s, against 7.2118 s tied)
+    from ultraplan.passes import search_bnb
+    from ultraplan.passes.search import _hint, search
+
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
+    tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=lean + 0.7 * (fast - lean)))
+    tied, cands, cls, _ = build_problem(gm, tight, {}, {})
+    clustered = solve(tied)
+    split, split_cands, split_cls, _ = build_problem(gm, tight, {}, {}, split=True)
+    hint = _hint(split_cls, split_cands, {n: clustered.choice[g] for n, g in cls.items()},
+                 {n: cands[g] for n, g in cls.items()})
+    assert len(split.groups) > len(tied.groups) and hint is not None
+    time, memory, ok = evaluate(split, hint)  # the same plan, priced by the untied program
+    assert ok and math.isclose(time, clustered.time, rel_tol=1e-12) and math.isclose(memory, clustered.memory)
+    monkeypatch.setattr(search_bnb, "MIP_SECONDS", 1e-4)
+    found = search(gm, tight, {}, {})
+    assert found.objective <= solve(tied).time * (1 + 1e-12)
+    assert math.isclose(evaluate(found.problem, found.choice)[0], found.objective, rel_tol=1e-12)
+
+
 def test_the_tied_programs_bound_holds_for_every_untying():
     # search() unties identical layers only when the tied answer lies above ``untied``, the tied program's
     # optimum with x relaxed (bucket counts whole where the root LP had them fractional). Untied
