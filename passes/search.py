@@ -206,17 +206,19 @@ def _demands(gm, costing: Costing, cls, cands, layouts) -> list[Demand]:
         demand = Demand(producer, count, found, {k: b and b[0] for k, b in boxes.items()},
                         {k: b[1] for k, b in boxes.items() if b}, saved, state, boundary, view)
         if view and saved:
-            _link_base(demand, v, rule.view_of, key_of, keys, index, cls, cands[producer], costing, lid)
+            _link_base(demand, v, rule.view_of, key_of, keys, index, cls, cands[producer], costing, lid, out)
         out.append(demand)
     return out
 
 
 def _link_base(demand: Demand, v: fx.Node, position: int, key_of, keys, index, cls, options: list[Cand],
-               costing: Costing, lid) -> None:
+               costing: Costing, lid, built: list[Demand]) -> None:
     """A view kept in its own layout keeps its base's storage, which is the base itself where the view
     read it as laid, and a boxed copy of the whole base where the base was boxed for it (memory.py's
     ``_storage``: add_rms_norm's pair gathered whole for its normed half): ``demand.base`` names the
-    base's demand and its use by the view, ``base_saved`` the copy's bytes per layout of the view."""
+    base's demand and its use by the view, ``base_saved`` the base's bytes per layout of the view,
+    ``base_kept`` whether a use of the base keeps it too (else the view alone keeps it, copy or not:
+    UltraMemV2's query read by ``leading_features``). ``built``: the demands so far (the base's first)."""
     base = tensor_args(v)[position]
     key = key_of.get(base)
     if key is None:
@@ -226,6 +228,7 @@ def _link_base(demand: Demand, v: fx.Node, position: int, key_of, keys, index, c
     if not mine:
         return
     demand.base = (index[key], mine[0])
+    demand.base_kept = any(use.keeps for use in built[index[key]].uses)
     for c in options:
         w = lid(c.out)
         demand.base_saved[w] = max(demand.base_saved.get(w, 0.0), costing.local_bytes(base, c.ins[position]))

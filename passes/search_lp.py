@@ -130,7 +130,8 @@ def _demand(lp: Lp, n: int, d: Demand, producer: Group, x: list[list[int]], memo
                     if w not in copies:
                         copies[w] = lp.col(0.0)
                         _add(memory, copies[w], d.count * d.base_saved[w] / GIB)
-                    unboxed = {e: 1.0 for (o, i), e in lp.edges.get(d.base, {}).items() if o == i}
+                    # (a base no other use keeps is kept by the view whether boxed or not: boxed = 1)
+                    unboxed = {e: 1.0 for (o, i), e in lp.edges.get(d.base, {}).items() if o == i} if d.base_kept else {}
                     lp.row(-1.0, inf, {copies[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks}
                            | {c: -1.0 for c in own} | unboxed)
         if not use.moves:

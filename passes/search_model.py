@@ -64,6 +64,7 @@ class Demand:
     # the view kept in its own layout keeps that copy of the whole base: base_saved[w] bytes per device
     base: tuple[int, int] | None = None
     base_saved: dict[int, float] = field(default_factory=dict)
+    base_kept: bool = True  # a use of the base keeps it (in its own layout): else only this view keeps it
 
 
 @dataclass
@@ -138,7 +139,7 @@ def evaluate(problem: Problem, choice: list[int], demands: list[Demand] | None =
         taken = {kind: {w for u in d.uses if getattr(u, kind) for w, ks in u.takes.items() if choice[u.group] in ks}
                  for kind in ("moves", "grad", "keeps")}
         memory += sum(d.count * d.saved[w] for w in taken["keeps"] if not (d.view and w == o))
-        if d.base is not None and o in taken["keeps"] and _base_boxed(problem, d.base, choice):
+        if d.base is not None and o in taken["keeps"] and (not d.base_kept or _base_boxed(problem, d.base, choice)):
             memory += d.count * d.base_saved.get(o, 0.0)
         for w in taken["moves"]:
             cost = d.move.get((o, w), 0.0)

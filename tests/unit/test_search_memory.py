@@ -70,3 +70,20 @@ def test_a_view_kept_for_the_backward_is_counted_under_tight_memory(mesh, batch,
     tight = dataclasses.replace(hw, memory_bytes=fast.total("memory_per_device").value * share)
     plan, gm, _ = make_plan(spec, tight, Mesh(mesh), batch=batch, strategies=("auto",) * len(mesh))
     assert gm.meta["ultraplan.search"].memory == pytest.approx(plan.total("memory_per_device").value, rel=1e-12, abs=0.5)
+
+
+@pytest.mark.parametrize("strategy", ["dp,dp", "fsdp,dp"])
+def test_a_view_that_alone_keeps_its_base_is_counted(strategy):
+    # UltraMemV2's query is read only by leading_features (its first columns), a view: kept for the backward,
+    # the view keeps the whole query's storage, which nothing else keeps. The search counted a view kept in
+    # its own layout as its base's storage "counted at the base", where no use of the base counted it:
+    # 4 GiB under the plan on the 1B-7B model on 2x4 at batch 64 (the auto plan believed 131.31 GiB, the
+    # plan held 135.31). Priced at a named plan's own choice (alternatives.plan_choices), the search's
+    # memory is the plan's
+    from ultraplan.passes.alternatives import plan_choices
+
+    named = api.plan(api.resolve_spec_path("paper/ultramem-v2-1b-7b", "models"), "2x4", hardware="h200-8",
+                     strategy=strategy, mode="train", batch=64)
+    choices = plan_choices(named, api.load_hardware("h200-8"))
+    assert all(g.located for g in choices.groups)
+    assert choices.memory == pytest.approx(named.total("memory_per_device").value, rel=1e-12, abs=0.5)
