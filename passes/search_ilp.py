@@ -242,8 +242,8 @@ def _on_face(h: highspy.Highs, lp: Lp, x: list[list[int]], root: Root, costs: np
 
 
 def _completion(h: highspy.Highs, lp: Lp, x: list[list[int]], choice: list[int]) -> np.ndarray | None:
-    """The program's own completion of an assignment (every other column at the least its rows
-    allow): the LP with the one-hot columns fixed to ``choice``; None when it does not fit."""
+    """A solution of the program at an assignment: the LP with the one-hot columns fixed to
+    ``choice`` (the other columns at an optimum given them); None when it does not fit."""
     cols = np.array([c for cols in x for c in cols], dtype=np.int32)
     fixed = np.array([float(k == choice[g]) for g, cols in enumerate(x) for k in range(len(cols))])
     order = np.argsort(cols)

@@ -14,6 +14,10 @@ solves it.
     k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it); for a
                            view (Demand.view) k[d,w] >= v[j,w] - u[p,w]: in its own layout it is its
                            base's storage, counted at the base
+    c[d,w] >= v[j,w] + u[p,w] - sum_o e[b,o,o] - 1
+                           ...unless the base was boxed for the view (its use b, Demand.base): then the
+                           view keeps that boxed copy of the whole base; without the e term where no use
+                           of the base keeps it (Demand.base_kept), as the view alone then keeps it
     y[q] in [0,1]          gradient bucket key or gather group q (passes/buckets.py,
                            passes/gather_groups.py) is used: y >= sum_k x[g,k] over the candidates of
                            each group g whose gradient joins (or that gathers in) q
@@ -23,8 +27,9 @@ solves it.
 
     minimise   sum count*time[k]*x + sum count*move(o,w)*s + sum count*dual(o,w)*s_dual
                + sum latency[q]*(y[q] + z[q])                        (modelled step seconds)
-    subject to sum count*memory[k]*x + sum count*saved(w)*k + A <= device memory  (one row: the
-               memory model's per-device bytes; A >= sum_k peak[k] x[g,k] for every g, inference)
+    subject to sum count*memory[k]*x + sum count*saved(w)*k + sum count*base(w)*c + A
+               <= device memory  (one row: the memory model's per-device bytes;
+               A >= sum_k peak[k] x[g,k] for every g, inference)
 
 At an optimum e, s, k and y are 0/1 because x is, and y + z is the exact bucket count (a parameter's
 gradient bandwidth is in its candidate's time; only the latency is per bucket, as the plan pays
