@@ -1,7 +1,7 @@
 """expert_parallel.py: a dropless mixture of experts whose experts are split over mesh axes.
 
 Copied verbatim beside every emitted program (as runtime.py and table_parallel.py are); it imports
-torch and its neighbour ``runtime`` (the mesh, the counted, differentiable collectives), nothing of
+torch and its neighbour ``collectives`` (the counted, differentiable collectives), nothing of
 ultraplan. Emitted programs call it as ``runtime.expert_parallel_ffn`` (runtime.py forwards here), the
 name they have always used. GShard's expert parallelism (Lepikhin et al. 2020, arXiv 2006.16668):
 each (token, slot) assignment travels to the device holding its expert by all_to_all with variable
@@ -22,9 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 try:  # inside the ultraplan package
-    from . import runtime
+    from . import collectives
 except ImportError:  # beside an emitted program
-    import runtime
+    import collectives
 
 
 def _members(mesh, axes, coords):
@@ -136,13 +136,13 @@ def expert_parallel_ffn(x, indices, gates, w_up, w_gate, w_down, *biases, activa
 
     send = torch.bincount(torch.bucketize(expert_sorted, stops, right=True), minlength=stops.numel())
     recv = torch.empty_like(send)
-    runtime._count("all_to_all", send)
+    collectives.count("all_to_all", send)
     dist.all_to_all_single(recv, send.contiguous(), group=group)
     send_counts, recv_counts = send.tolist(), recv.tolist()
 
-    ids = runtime._AllToAllRows.apply(expert_sorted, group, send_counts, recv_counts)
-    rows = runtime._AllToAllRows.apply(flat_x[token_sorted], group, send_counts, recv_counts)
+    ids = collectives.AllToAllRows.apply(expert_sorted, group, send_counts, recv_counts)
+    rows = collectives.AllToAllRows.apply(flat_x[token_sorted], group, send_counts, recv_counts)
     out = _local_experts(rows, ids - first, w_up, w_gate, w_down, biases, activation)
-    back = runtime._AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order
+    back = collectives.AllToAllRows.apply(out, group, recv_counts, send_counts)  # rows in this rank's sorted order
     weighted = back * gate_sorted.unsqueeze(-1)
     return torch.zeros_like(flat_x).index_add(0, token_sorted, weighted).reshape(b, t, d)

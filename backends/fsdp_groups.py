@@ -2,13 +2,18 @@
 
 Copied verbatim next to every emitted program, beside runtime.py (which imports nothing of it but
 re-exports ``prefetch_group``, ``gather_group`` and ``with_following``, the names a program calls):
-torch, the standard library and runtime.py only. A layer's parameters gathered over one mesh axis go
+torch, the standard library and collectives.py only. A layer's parameters gathered over one mesh axis go
 as one flat buffer, as torch's FSDP2 groups a block's parameters (torch/distributed/fsdp/_fully_shard/
 _fsdp_param_group.py); the backward reduce-scatters their gradients the same way.
 """
 
 import torch
 import torch.distributed as dist
+
+try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
+    from . import collectives
+except ImportError:
+    import collectives
 
 # One layer's sharded parameters gathered by one all-gather, as FSDP2 does
 # (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, foreach_all_gather / foreach_reduce).
@@ -29,10 +34,10 @@ class _InFlight:
         self.shapes = [s.movedim(d, 0).shape for s, d in zip(shards, dims)]
         self.shard_shapes = [s.shape for s in shards]
         flat = _flat_shards([s.detach() for s in shards], dims)
-        runtime._count("all_gather", flat)
+        collectives.count("all_gather", flat)
         n = mesh.shape[axis]
         self.rows = torch.empty((n * flat.numel(),), dtype=flat.dtype, device=flat.device)
-        self.work = runtime._all_gather_single(self.rows, flat, group=mesh.group(axis), async_op=True)
+        self.work = collectives.all_gather_single(self.rows, flat, group=mesh.group(axis), async_op=True)
         self.reduced = self.reduce_work = None
 
 
@@ -92,9 +97,9 @@ class _GatherGroup(torch.autograd.Function):
         grads = [g if g is not None else like.new_zeros((n * s[0], *s[1:])).movedim(0, d)
                  for g, s, d in zip(grads, flight.shapes, flight.dims)]
         rows = torch.cat([g.movedim(d, 0).reshape(n, -1) for g, d in zip(grads, flight.dims)], dim=1)
-        runtime._count("reduce_scatter", rows)
+        collectives.count("reduce_scatter", rows)
         flight.reduced = rows.new_empty((1, rows.shape[1]))  # gloo: (n, L) -> (1, L)
-        flight.reduce_work = runtime._reduce_scatter_single(flight.reduced, rows, op=dist.ReduceOp.SUM,
+        flight.reduce_work = collectives.reduce_scatter_single(flight.reduced, rows, op=dist.ReduceOp.SUM,
                                                     group=flight.mesh.group(flight.axis), async_op=True)
         flight.sent = rows  # the reduce-scatter reads it until _ShardsIn waits
         placeholder = rows.new_zeros(1)
@@ -129,11 +134,3 @@ def with_following(layers, start, stop, after=None):
     groups of the one after it (``prefetch_group``); the last layer's is ``after`` (the Model, whose
     parameters used after the layers it then prefetches), or None."""
     return [(layers[i], layers[i + 1] if i + 1 < len(layers) else after) for i in range(start, stop)]
-
-
-# at the end, as runtime.py imports this file at its own end: whichever of the two a program imports
-# first, each finds the other's names defined when it needs them
-try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
-    from . import runtime
-except ImportError:
-    import runtime

@@ -1,11 +1,16 @@
 """grad_buckets.py: gradient synchronisation in flat buckets launched during the backward (``GradBuckets``).
 
 Copied verbatim next to every emitted program, beside runtime.py (which re-exports ``GradBuckets``, the
-name a program calls): torch, the standard library and runtime.py only.
+name a program calls): torch, the standard library and collectives.py only.
 """
 
 import torch
 import torch.distributed as dist
+
+try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
+    from . import collectives
+except ImportError:
+    import collectives
 
 
 class GradBuckets:
@@ -81,7 +86,7 @@ class GradBuckets:
 
     def _next_step(self, index):
         kind, axis = self.buckets[index][1][self.steps_run[index]]
-        runtime._count(kind, self.buffers[index])
+        collectives.count(kind, self.buffers[index])
         self.works[index] = dist.all_reduce(self.buffers[index], op=dist.ReduceOp.SUM, group=self.mesh.group(axis),
                                             async_op=True)
         self.steps_run[index] += 1
@@ -104,11 +109,3 @@ class GradBuckets:
                 offset += p.numel()
                 p.grad = part if id(p) in self.reached or bool(part.any()) else None
         self._reset()
-
-
-# at the end, as runtime.py imports this file at its own end: whichever of the two a program imports
-# first, each finds the other's names defined when it needs them
-try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
-    from . import runtime
-except ImportError:
-    import runtime

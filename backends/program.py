@@ -15,7 +15,19 @@ from pathlib import Path
 
 from ..compiler import ops, ops_fused, seeded
 from ..passes.plan import CollectivePlan, Plan
-from . import checkpoint, expert_parallel, fsdp_groups, grad_buckets, progress, runtime, table_parallel, train_data, watchdog
+from . import (
+    checkpoint,
+    collectives,
+    expert_parallel,
+    fsdp_groups,
+    grad_buckets,
+    progress,
+    runtime,
+    table_parallel,
+    train_data,
+    vocab_parallel,
+    watchdog,
+)
 from .emit_kernels import kernels_source
 from .emit_model import model_lines
 from .emit_ops import attr_path, shape_text
@@ -26,7 +38,8 @@ from .text import fmt_bytes as _fmt_bytes
 VERBATIM = {"ops.py": ops, "seeded.py": seeded, "runtime.py": runtime, "checkpoint.py": checkpoint,
             "train_data.py": train_data, "progress.py": progress,
             "table_parallel.py": table_parallel, "expert_parallel.py": expert_parallel, "watchdog.py": watchdog,
-            "fsdp_groups.py": fsdp_groups, "grad_buckets.py": grad_buckets, "ops_fused.py": ops_fused}
+            "fsdp_groups.py": fsdp_groups, "grad_buckets.py": grad_buckets, "ops_fused.py": ops_fused,
+            "collectives.py": collectives, "vocab_parallel.py": vocab_parallel}
 
 
 def _collective_line(c: CollectivePlan, target: str) -> list[str]:

@@ -1,9 +1,9 @@
 """runtime.py: what an emitted program needs besides torch (process group, mesh, collectives).
 
-This file must import nothing but torch and the standard library (and its neighbours, which import it:
-fsdp_groups.py and grad_buckets.py at its end, re-exported here, and expert_parallel.py when called):
-it is copied verbatim next to every emitted program. It holds no model knowledge; the program passes
-in every decision.
+This file must import nothing but torch, the standard library and its neighbours: collectives.py,
+vocab_parallel.py, fsdp_groups.py and grad_buckets.py (whose names it re-exports: a program calls them
+on ``runtime``) and expert_parallel.py (when called). All are copied verbatim next to every emitted
+program. It holds no model knowledge; the program passes in every decision.
 
 - ``setup`` starts (or joins) the process group: NCCL when CUDA is present, gloo otherwise;
   without torchrun's environment it runs as a single process. The mesh is torch's ``DeviceMesh``.
@@ -13,17 +13,15 @@ in every decision.
 - Layouts are nd-SBPs: one of "S(d)" (split on dim d), "B" (broadcast) or "P" (partial sum) per
   mesh axis. When several axes split one dim, axis 0 is the outer split (then each chunk over the
   next axis, ...), everywhere in this file.
-- Collectives are differentiable (each is a ``torch.autograd.Function`` whose backward runs the
-  dual collective) and count what they are handed: every call, forward or backward, adds the
-  bytes of the local tensor given to the collective to ``COMM_BYTES[kind]`` and 1 to
-  ``COMM_CALLS[kind]``, so a run can be compared with the plan's predicted payload. Kinds:
-  "all_reduce", "all_gather", "reduce_scatter", "all_to_all".
-- ``vocab_parallel_cross_entropy`` and ``expert_parallel_ffn`` (expert_parallel.py's) are ops whose
-  shard-local form needs collectives inside.
+- Collectives (collectives.py) are differentiable (each is a ``torch.autograd.Function`` whose
+  backward runs the dual collective) and count what they are handed in ``COMM_BYTES[kind]`` and
+  ``COMM_CALLS[kind]``, so a run can be compared with the plan's predicted payload; ``comm_debug``
+  counts what torch's dispatcher runs (as CommDebugMode does), a check on ours.
+- ``vocab_parallel_cross_entropy`` (vocab_parallel.py's) and ``expert_parallel_ffn`` (expert_parallel.py's)
+  are ops whose shard-local form needs collectives inside.
   Every rank of an axis must make the same calls in the same order, backward included (an SPMD
   program does); ``expert_parallel_ffn`` keeps that true even for a rank no token is routed to.
-- ``comm_debug`` counts the collectives torch's dispatcher runs (as CommDebugMode does), a check on ours;
-  ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
+- ``gather_full`` and ``dump`` communicate uncounted (checks and results, not the step).
 - ``param`` builds only this rank's shard of a parameter (``seeded.init_shard``), never the whole.
 - ``forward_in`` runs the model on copies of its weights in the plan's compute dtype (mixed
   precision: bfloat16 copies of float32 master weights).
@@ -37,19 +35,31 @@ import os
 import socket
 import sys
 import time
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.utils._python_dispatch import TorchDispatchMode
 
-COMM_BYTES: Counter = Counter()  # collective kind -> payload bytes handed to it on this rank
-COMM_CALLS: Counter = Counter()  # collective kind -> calls on this rank (forward and backward)
+try:  # inside the ultraplan package, and beside an emitted program (shipped there as plain files)
+    from . import collectives, vocab_parallel
+    from .fsdp_groups import gather_group, prefetch_group, with_following
+    from .grad_buckets import GradBuckets
+except ImportError:
+    import collectives
+    import vocab_parallel
+    from fsdp_groups import gather_group, prefetch_group, with_following  # noqa: F401
+    from grad_buckets import GradBuckets  # noqa: F401
+
+# collectives.py's collectives and counters and vocab_parallel.py's loss, under the names programs call on
+# ``runtime`` (the same objects: runtime.COMM_BYTES is collectives.COMM_BYTES)
+COMM_BYTES, COMM_CALLS, comm_debug = collectives.COMM_BYTES, collectives.COMM_CALLS, collectives.comm_debug
+all_reduce, all_reduce_, all_gather = collectives.all_reduce, collectives.all_reduce_, collectives.all_gather
+reduce_scatter, all_to_all = collectives.reduce_scatter, collectives.all_to_all
+slice_local, to_partial = collectives.slice_local, collectives.to_partial
+vocab_parallel_cross_entropy = vocab_parallel.vocab_parallel_cross_entropy
+
 PARAM_BYTES = 0  # bytes of the parameter shards ``param`` made on this rank (as made: float32)
 INIT_PEAK_BYTES = 0  # the most bytes one init_shard call held on this rank (its shard + one block)
-
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
 
 
 def reset_counters():
@@ -248,289 +258,6 @@ def local_slice(full, mesh, sbp):
     return out.contiguous()
 
 
-# ---- collectives: raw (uncounted) ---------------------------------------------------------------
-# These do the communication and nothing else. The public, counted, differentiable functions below
-# call them; so does ``gather_full``, whose collectives are checks, not part of a step, and so are
-# deliberately not counted.
-
-
-# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single (same arguments)
-# and warns on the old names; older torch has only the old ones.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-
-
-def _all_reduce_raw(t, group, op=None):
-    """Reduce the contiguous tensor ``t`` over ``group`` in place (sum unless ``op``)."""
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return t
-
-
-def _all_gather_raw(x, group, n, dim):
-    """Concatenate the group's ``x`` along ``dim`` in coordinate (group rank) order."""
-    x = x.contiguous()
-    out = torch.empty((n * x.shape[0], *x.shape[1:]) if x.dim() else (n,), dtype=x.dtype, device=x.device)
-    _all_gather_single(out, x.reshape(x.shape if x.dim() else (1,)), group=group)
-    if x.dim() == 0 or dim == 0:
-        return out
-    # out is the shards stacked on a new leading axis: move that axis next to dim and merge them
-    return out.view(n, *x.shape).movedim(0, dim).reshape(*x.shape[:dim], n * x.shape[dim], *x.shape[dim + 1:])
-
-
-def _reduce_scatter_raw(x, group, n, dim):
-    """Sum ``x`` over the group; return chunk (group rank) of ``dim`` of the sum."""
-    if x.shape[dim] % n:
-        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[dim]} does not split over {n} devices")
-    moved = x.movedim(dim, 0).contiguous()
-    out = torch.empty((moved.shape[0] // n, *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_single(out, moved, op=dist.ReduceOp.SUM, group=group)
-    return out.movedim(0, dim).contiguous()
-
-
-def _all_to_all_raw(x, group, n, src_dim, dst_dim):
-    """Split ``dst_dim`` in n chunks, chunk j to group rank j; concatenate what arrives along src_dim."""
-    if x.shape[dst_dim] % n:
-        raise ValueError(f"all_to_all: dim {dst_dim} of size {x.shape[dst_dim]} does not split over {n} devices")
-    send = torch.stack(x.chunk(n, dim=dst_dim)).contiguous()  # (n, *chunk shape): row j goes to rank j
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    shape = recv.shape[1:]
-    # recv[j] came from rank j: concatenate along src_dim (the stacked axis merges into src_dim, outer)
-    return recv.movedim(0, src_dim).reshape(*shape[:src_dim], n * shape[src_dim], *shape[src_dim + 1:])
-
-
-def _all_to_all_rows_raw(x, group, send_counts, recv_counts):
-    """Variable all-to-all of dim-0 rows: send_counts[j] rows (in order) to group rank j, receive
-    recv_counts[j] rows from rank j, concatenated in rank order."""
-    x = x.contiguous()
-    out = torch.empty((sum(recv_counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_to_all_single(out, x, output_split_sizes=list(recv_counts), input_split_sizes=list(send_counts),
-                           group=group)
-    return out
-
-
-def _count(kind, tensor):
-    COMM_BYTES[kind] += tensor.numel() * tensor.element_size()
-    COMM_CALLS[kind] += 1
-
-
-# ---- collectives: counted and differentiable ----------------------------------------------------
-# Integer tensors (indices) go through the same functions; autograd gives them no backward.
-
-
-class _AllReduce(torch.autograd.Function):
-    """P -> B (sum). Backward: all-reduce of the gradient (every rank's loss used the sum)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh, axis):
-        ctx.mesh, ctx.axis = mesh, axis
-        out = x.detach().clone(memory_format=torch.contiguous_format)
-        _count("all_reduce", out)
-        return _all_reduce_raw(out, mesh.group(axis))
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        _count("all_reduce", grad)
-        return _all_reduce_raw(grad, ctx.mesh.group(ctx.axis)), None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """S(dim) -> B. Backward: reduce-scatter of the gradient along dim (each rank's gradient is a
-    partial sum of the whole gradient; this rank keeps the sum of its own chunk)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh, axis, dim):
-        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
-        _count("all_gather", x)
-        return _all_gather_raw(x, mesh.group(axis), mesh.shape[axis], dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _count("reduce_scatter", grad)
-        n = ctx.mesh.shape[ctx.axis]
-        return _reduce_scatter_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dim), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """P -> S(dim). Backward: all-gather of the gradient along dim (the gradient of a sum reaches
-    every summand whole)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh, axis, dim):
-        ctx.mesh, ctx.axis, ctx.dim = mesh, axis, dim
-        _count("reduce_scatter", x)
-        return _reduce_scatter_raw(x, mesh.group(axis), mesh.shape[axis], dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _count("all_gather", grad)
-        n = ctx.mesh.shape[ctx.axis]
-        return _all_gather_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dim), None, None, None
-
-
-class _AllToAll(torch.autograd.Function):
-    """S(src_dim) -> S(dst_dim). Backward: the inverse all-to-all, S(dst_dim) -> S(src_dim)."""
-
-    @staticmethod
-    def forward(ctx, x, mesh, axis, src_dim, dst_dim):
-        ctx.mesh, ctx.axis, ctx.src_dim, ctx.dst_dim = mesh, axis, src_dim, dst_dim
-        _count("all_to_all", x)
-        return _all_to_all_raw(x, mesh.group(axis), mesh.shape[axis], src_dim, dst_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _count("all_to_all", grad)
-        n = ctx.mesh.shape[ctx.axis]
-        return _all_to_all_raw(grad, ctx.mesh.group(ctx.axis), n, ctx.dst_dim, ctx.src_dim), None, None, None, None
-
-
-class _AllToAllRows(torch.autograd.Function):
-    """Variable all-to-all of rows (expert dispatch). Backward: the same exchange reversed (the
-    gradient of each received row goes back to the rank and position it came from)."""
-
-    @staticmethod
-    def forward(ctx, x, group, send_counts, recv_counts):
-        ctx.group, ctx.send_counts, ctx.recv_counts = group, send_counts, recv_counts
-        _count("all_to_all", x)
-        return _all_to_all_rows_raw(x, group, send_counts, recv_counts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        _count("all_to_all", grad)
-        return _all_to_all_rows_raw(grad, ctx.group, ctx.recv_counts, ctx.send_counts), None, None, None
-
-
-def all_reduce(x, mesh, axis):
-    """P -> B on mesh axis ``axis``: the sum over the axis, as a new tensor (x is not modified).
-    Counts the bytes of x. Backward: all-reduce (sum) of the gradient, counted the same way."""
-    return _AllReduce.apply(x, mesh, axis)
-
-
-def all_gather(x, mesh, axis, dim):
-    """S(dim) -> B on ``axis``: the axis's shards concatenated along ``dim`` in coordinate order.
-    Counts the bytes of the local shard x. Backward: reduce_scatter of the gradient along dim
-    (counted as reduce_scatter, the bytes of the whole local gradient)."""
-    return _AllGather.apply(x, mesh, axis, dim)
-
-
-def reduce_scatter(x, mesh, axis, dim):
-    """P -> S(dim) on ``axis``: the sum over the axis; this rank keeps chunk coords[axis] of dim.
-    Counts the bytes of the whole local input x. Backward: all_gather of the gradient along dim
-    (counted as all_gather, the bytes of the local gradient chunk)."""
-    return _ReduceScatter.apply(x, mesh, axis, dim)
-
-
-def all_to_all(x, mesh, axis, src_dim, dst_dim):
-    """S(src_dim) -> S(dst_dim) on ``axis``: split the local dst_dim in n chunks, send chunk j to
-    coordinate j, concatenate what arrives along src_dim in coordinate order. Counts the bytes of
-    the whole local x (the chunk that stays included). Backward: the inverse all_to_all."""
-    if src_dim == dst_dim:
-        raise ValueError(f"all_to_all from S({src_dim}) to S({dst_dim}) moves nothing")
-    return _AllToAll.apply(x, mesh, axis, src_dim, dst_dim)
-
-
-def slice_local(x, mesh, axis, dim):
-    """B -> S(dim) on ``axis``: chunk coords[axis] of dim, no communication. Its gradient is zero
-    outside the slice: a P gradient on that axis, which is what the dual of B -> S is."""
-    n = mesh.shape[axis]
-    if x.shape[dim] % n:
-        raise ValueError(f"slice_local: dim {dim} of size {x.shape[dim]} does not split over {n} devices")
-    return x.chunk(n, dim=dim)[mesh.coords[axis]]
-
-
-def to_partial(x, mesh, axis):
-    """B -> P on ``axis``: each device holds x / n, so the shares sum to x. No communication."""
-    return x / mesh.shape[axis]
-
-
-def all_reduce_(t, mesh, axis):
-    """Sum ``t`` in place over mesh axis ``axis`` and return it: gradient synchronisation after
-    backward and loss logging, outside autograd. Counted as "all_reduce" (the bytes of t)."""
-    if not t.is_contiguous():
-        raise ValueError("all_reduce_ needs a contiguous tensor (it reduces in place)")
-    _count("all_reduce", t)
-    return _all_reduce_raw(t, mesh.group(axis))
-
-
-# the names the emitter used before the collectives above; kept until it switches
-reduce_partial = all_reduce
-partial_from_whole = to_partial
-
-
-# c10d op names (and functional-collective names) -> our kinds, for ``comm_debug``
-TORCH_COMM_NAMES = {"allreduce_": "all_reduce", "_allgather_base_": "all_gather", "allgather_": "all_gather",
-                    "_reduce_scatter_base_": "reduce_scatter", "reduce_scatter_": "reduce_scatter",
-                    "alltoall_base_": "all_to_all", "alltoall_": "all_to_all",
-                    "all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
-                    "reduce_scatter_tensor": "reduce_scatter", "all_to_all_single": "all_to_all"}
-
-
-# the collectives torch's own CommDebugMode counts (torch/distributed/tensor/debug/_comm_mode.py:
-# ``c10d_collective_ops`` and its ``comm_registry``), by op name; barriers, sends and receives are not
-TORCH_COLLECTIVES = {"c10d": frozenset({
-    "allreduce_", "allreduce_coalesced_", "allgather_", "_allgather_base_", "allgather_coalesced_",
-    "allgather_into_tensor_coalesced_", "reduce_scatter_", "_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_",
-    "alltoall_", "alltoall_base_", "broadcast_", "gather_", "scatter_", "reduce_"})}
-TORCH_COLLECTIVES["_c10d_functional"] = TORCH_COLLECTIVES["c10d_functional"] = frozenset({
-    "all_reduce", "all_reduce_coalesced", "all_gather_into_tensor", "all_gather_into_tensor_coalesced",
-    "reduce_scatter_tensor", "reduce_scatter_tensor_coalesced", "all_to_all_single", "broadcast"})
-TORCH_COLLECTIVES["_c10d_functional_autograd"] = frozenset({"all_to_all_single"})
-TORCH_COLLECTIVES["_dtensor"] = frozenset({"shard_dim_alltoall"})
-
-
-class comm_debug:
-    """``with comm_debug() as seen:`` counts the collective ops torch's dispatcher runs in the block
-    and fills the dict ``seen`` on exit with the number of calls, keyed by this file's kind names
-    (c10d op names mapped; anything else under its own name). A check on COMM_CALLS that does not
-    depend on our own counting: the same test as torch's ``CommDebugMode`` (a dispatch mode that
-    sees each c10d op), without its per-module trace of every op (module hooks and a record per
-    op, about half the CPU of a small program's first step). Collectives run inside autograd's
-    backward are seen too: the CPU backward runs on the calling thread, where the mode is active.
-    (On CUDA the backward of CUDA tensors runs on autograd's device thread instead; torch hands
-    its thread-local state to that thread, but this was verified on gloo/CPU only.)
-    ``comm_debug(enabled=False)`` does nothing and leaves the dict empty.
-    """
-
-    def __init__(self, enabled=True):
-        self.enabled = enabled  # False: a no-op leaving ``seen`` empty (e.g. every step but the first)
-        self.mode = None
-        self.seen = {}
-
-    def __enter__(self):
-        if not self.enabled:
-            return self.seen
-        self.mode = _CollectivesSeen()
-        self.mode.__enter__()
-        return self.seen
-
-    def __exit__(self, *exc):
-        if self.mode is None:
-            return False
-        self.mode.__exit__(*exc)
-        for name, calls in self.mode.calls.items():
-            kind = TORCH_COMM_NAMES.get(name, name)
-            self.seen[kind] = self.seen.get(kind, 0) + calls
-        return False
-
-
-class _CollectivesSeen(TorchDispatchMode):
-    """The dispatch mode behind ``comm_debug``: counts TORCH_COLLECTIVES by op name."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(t.__name__ == "DTensor" for t in types):
-            return NotImplemented  # let DTensor lower to plain collectives first, as CommDebugMode does
-        out = func(*args, **(kwargs or {}))
-        packet = getattr(func, "_overloadpacket", None)
-        if packet is not None and packet.__name__ in TORCH_COLLECTIVES.get(func.namespace, ()):
-            self.calls[packet.__name__] += 1
-        return out
-
-
 SAVED_BYTES = 0  # bytes of the distinct tensors autograd saved in the forward count_saved watched
 
 
@@ -568,68 +295,6 @@ class count_saved:
 
 
 # ---- ops whose shard-local form needs collectives -----------------------------------------------
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Cross entropy of logits split over the vocabulary, never gathering them.
-
-    Forward, per mesh axis in ``axes`` (one axis per call, so a multi-axis split reduces axis by
-    axis): one all_reduce MAX of the per-position max (b*t values, no gradient), then one
-    all_reduce SUM of the stacked [sum of exp(z - max); target logit] (2*b*t values; the rank
-    owning a position's target column contributes its logit, the others 0). Then
-    CE = log(sum exp) + max - target logit, exactly the full-vocabulary value at every position.
-
-    The output is L / n (L the mean CE over this rank's b*t positions, n the product of the axes'
-    sizes): a P value over ``axes``, the n ranks' outputs summing to L. Backward is local: the
-    gradient g reaching a P value is the same on every rank of the group (B), and the objective
-    contains L once (n shares of L/n), so d/dz_local = (softmax_local - onehot_local) * g / (b*t),
-    softmax taken over the full vocabulary (exp(z - max) / global sum). No backward collective.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, targets, mesh, axes, vocab_start):
-        z = logits.detach()
-        if z.dtype in (torch.bfloat16, torch.float16):  # computes in float32, as ops.cross_entropy
-            z = z.float()  # (autograd hands the gradient back in the logits' dtype)
-        v_local = z.shape[-1]
-        top = z.amax(dim=-1).contiguous()
-        for axis in axes:
-            _count("all_reduce", top)
-            _all_reduce_raw(top, mesh.group(axis), dist.ReduceOp.MAX)
-        exp = torch.exp(z - top.unsqueeze(-1))
-        local = targets - vocab_start
-        owned = (local >= 0) & (local < v_local)
-        column = local.clamp(0, v_local - 1).unsqueeze(-1)
-        picked = torch.where(owned, z.gather(-1, column).squeeze(-1), torch.zeros((), dtype=z.dtype, device=z.device))
-        sums = torch.stack([exp.sum(dim=-1), picked])  # (2, b, t): one all-reduce for both
-        for axis in axes:
-            _count("all_reduce", sums)
-            _all_reduce_raw(sums, mesh.group(axis))
-        total, target_logit = sums[0], sums[1]
-        n = _prod(mesh.shape[a] for a in axes)
-        loss = (total.log() + top - target_logit).mean() / n
-        ctx.save_for_backward(exp, total, owned, column)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad):
-        exp, total, owned, column = ctx.saved_tensors
-        b, t, _ = exp.shape
-        grad_logits = exp / total.unsqueeze(-1)
-        grad_logits.scatter_add_(-1, column, -owned.to(exp.dtype).unsqueeze(-1))
-        return grad_logits * (grad / (b * t)), None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits, targets, mesh, axes, vocab_start):
-    """Mean cross entropy over this rank's positions of vocab-split logits, as a P share.
-
-    ``logits`` (b, t, V_local) hold vocabulary columns [vocab_start, vocab_start + V_local),
-    split over the mesh axes ``axes`` (a tuple, usually one axis); ``targets`` (b, t) int64 full
-    ids. Returns (mean CE) / (product of the axes' sizes), P over ``axes``. Collectives: 2 per
-    axis in the forward (all_reduce of b*t, then of 2*b*t elements of the logits' dtype), none
-    in the backward. See ``_VocabParallelCrossEntropy`` for the derivation.
-    """
-    return _VocabParallelCrossEntropy.apply(logits, targets, mesh, tuple(axes), int(vocab_start))
 
 
 def expert_parallel_ffn(*args, **kwargs):
@@ -702,9 +367,9 @@ def gather_full(tensor, mesh, sbp, shape=None):
         if dim is not None and axis in stages:
             out = _gather_chunks(out, mesh.group(axis), mesh.shape[axis], dim, stages[axis])
         elif dim is not None:
-            out = _all_gather_raw(out, mesh.group(axis), mesh.shape[axis], dim)
+            out = collectives.all_gather_raw(out, mesh.group(axis), mesh.shape[axis], dim)
         elif sbp[axis] == "P":
-            out = _all_reduce_raw(out.clone(memory_format=torch.contiguous_format), mesh.group(axis))
+            out = collectives.all_reduce_raw(out.clone(memory_format=torch.contiguous_format), mesh.group(axis))
     return out
 
 
@@ -729,7 +394,7 @@ def _gather_chunks(x, group, n, dim, size):
     pad = list(x.shape)
     pad[dim] = block - x.shape[dim]
     padded = torch.cat([x, x.new_zeros(pad)], dim=dim)
-    whole = _all_gather_raw(padded, group, n, dim)
+    whole = collectives.all_gather_raw(padded, group, n, dim)
     keep = [min(block, max(0, size - j * block)) for j in range(n)]
     return torch.cat([whole.narrow(dim, j * block, k) for j, k in enumerate(keep)], dim=dim)
 
@@ -774,13 +439,3 @@ def synced_clock():
         torch.cuda.synchronize()
     dist.barrier()
     return time.perf_counter()
-
-
-# ---- shipped beside this file: the names a program calls on ``runtime`` ----------------------------
-
-try:  # at the end: each imports this module, whole by now
-    from .fsdp_groups import gather_group, prefetch_group, with_following
-    from .grad_buckets import GradBuckets
-except ImportError:
-    from fsdp_groups import gather_group, prefetch_group, with_following  # noqa: F401
-    from grad_buckets import GradBuckets  # noqa: F401

@@ -1,7 +1,7 @@
 """table_parallel.py: number-wise value-table lookups routed to the devices that own the rows.
 
-Copied verbatim beside every emitted program (as runtime.py is); it imports torch and its neighbour
-``runtime`` (the counted, differentiable collectives), nothing of ultraplan. A table placed
+Copied verbatim beside every emitted program (as runtime.py is); it imports torch and its neighbours
+``collectives`` (the counted, differentiable collectives) and ``ops``, nothing of ultraplan. A table placed
 number-wise holds rows [start, start + R) on each device (split outer mesh axis first, as everywhere
 in runtime.py); rows that do not divide split as torch.chunk does (runtime.Mesh.shard_range's
 ``chunks``: ceil(rows / n) per coordinate, the last ones what is left, possibly none). Each (token,
@@ -17,7 +17,7 @@ of every picked row into a zero row of the whole width (``gather_rows_columns``,
 columns of the token's hidden (``gather_row_dot_columns``): no collective inside; the partial outputs
 are reduced by the plan's boxing.
 
-Collectives per axis, counted as "all_to_all" by runtime (A = ids this device sends on that axis,
+Collectives per axis, counted as "all_to_all" by collectives.py (A = ids this device sends on that axis,
 R = rows it receives there, data-dependent; e the table's element size, D its local width):
 forward 3 calls: counts (n int64), ids (A int64), rows back (R*D*e); backward 1 call: the rows'
 gradients to their owners (A*D*e). Ids have no backward. A device that receives no ids still takes
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 try:  # inside the ultraplan package
     from ..compiler import ops
-    from . import runtime
+    from . import collectives
 except ImportError:  # beside an emitted program
+    import collectives
     import ops
-    import runtime
 
 
 def _route(table, ids, mesh, axes, row_start, rows, as_sent=False):
@@ -50,13 +50,13 @@ def _route(table, ids, mesh, axes, row_start, rows, as_sent=False):
     order = torch.argsort(owner, stable=True)  # by owning coordinate
     send = torch.bincount(owner, minlength=n)
     recv = torch.empty_like(send)
-    runtime._count("all_to_all", send)
+    collectives.count("all_to_all", send)
     dist.all_to_all_single(recv, send.contiguous(), group=group)
     send_counts, recv_counts = send.tolist(), recv.tolist()
-    ids_in = runtime._AllToAllRows.apply(ids[order], group, send_counts, recv_counts)
+    ids_in = collectives.AllToAllRows.apply(ids[order], group, send_counts, recv_counts)
     offset = min(mesh.coords[axis] * block, rows)
     rows_in = _route(table, ids_in, mesh, axes[1:], row_start + offset, min(block, rows - offset))
-    back = runtime._AllToAllRows.apply(rows_in, group, recv_counts, send_counts)  # in ``order``
+    back = collectives.AllToAllRows.apply(rows_in, group, recv_counts, send_counts)  # in ``order``
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     return (back, inverse) if as_sent else back[inverse]

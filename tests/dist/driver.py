@@ -34,8 +34,8 @@ import traceback
 
 import torch.distributed as dist
 
-NEIGHBOURS = ("checkpoint", "expert_parallel", "fsdp_groups", "grad_buckets", "ops", "ops_fused", "progress", "runtime",
-              "seeded", "table_parallel", "train_data", "watchdog")
+NEIGHBOURS = ("checkpoint", "collectives", "expert_parallel", "fsdp_groups", "grad_buckets", "ops", "ops_fused", "progress",
+              "runtime", "seeded", "table_parallel", "train_data", "vocab_parallel", "watchdog")
 
 
 CODE: dict[bytes, object] = {}  # sha256 of a source -> its code object

@@ -20,9 +20,10 @@ ALLOWED_IMPORTS = {"argparse", "torch", "ops", "runtime", "seeded", "hashlib", "
                    "checkpoint", "re", "shutil",  # kernels.py, train_data.py, progress.py, checkpoint.py beside it
                    "watchdog", "contextlib", "datetime", "itertools", "math", "signal", "threading",
                    "traceback",  # watchdog.py beside it; and what they import (tqdm: used when installed)
-                   "fsdp_groups", "grad_buckets",  # beside it, imported at runtime.py's end
+                   "fsdp_groups", "grad_buckets",  # beside it, imported by runtime.py
                    "expert_parallel",  # beside it, imported by runtime.expert_parallel_ffn
-                   "ops_fused"}  # beside it, imported at ops.py's end
+                   "ops_fused",  # beside it, imported at ops.py's end
+                   "collectives", "vocab_parallel"}  # beside it, imported by runtime.py and its neighbours
 
 
 def imported_modules(source: str) -> set[str]:
@@ -38,7 +39,8 @@ def imported_modules(source: str) -> set[str]:
 def test_program_dir_is_self_contained(tmp_path):
     api.compile(MODELS / "dense-tiny.yaml", "4", tmp_path)
     for name in ("program.py", "checkpoint.py", "ops.py", "runtime.py", "seeded.py", "train_data.py", "progress.py",
-                 "watchdog.py", "expert_parallel.py", "fsdp_groups.py", "grad_buckets.py", "ops_fused.py"):
+                 "watchdog.py", "expert_parallel.py", "fsdp_groups.py", "grad_buckets.py", "ops_fused.py",
+                 "collectives.py", "vocab_parallel.py"):
         source = (tmp_path / name).read_text()
         compile(source, name, "exec")
         assert imported_modules(source) <= ALLOWED_IMPORTS, name
