@@ -19,14 +19,17 @@ PEAK = sympy.Symbol("peak", positive=True)
 BYTES_PER_ELEMENT = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8, "int64": 8}
 
 
+@functools.cache  # sympy's Symbol() sanitises its assumptions on every call: 10% of a large plan
 def axis_size(axis: int) -> sympy.Symbol:
     return sympy.Symbol(f"n{axis}", integer=True, positive=True)
 
 
+@functools.cache  # sympy's Symbol() sanitises its assumptions on every call: 10% of a large plan
 def axis_bandwidth(axis: int) -> sympy.Symbol:
     return sympy.Symbol(f"bw{axis}", positive=True)
 
 
+@functools.cache  # sympy's Symbol() sanitises its assumptions on every call: 10% of a large plan
 def axis_latency(axis: int) -> sympy.Symbol:
     return sympy.Symbol(f"lat{axis}", nonnegative=True)
 
