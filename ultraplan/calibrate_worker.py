@@ -305,8 +305,10 @@ def main(argv=None) -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    from ultraplan.backends.runtime import finish, teardown
+
+    teardown(owned=True)
+    finish()  # skips the interpreter's teardown, where gloo can abort a finished rank (runtime.finish)
 
 
 def everything_else(quick: bool, gpu: bool) -> dict:
