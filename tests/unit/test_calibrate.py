@@ -221,3 +221,22 @@ def test_refit_rewrites_op_overhead_only_and_keeps_the_first_floor(calibrated, t
     assert hw.op_overhead == 5.5e-4
     first = load_hardware_spec(tmp_path / "first.yaml")
     assert dataclasses.replace(hw, op_overhead=2.0e-4, source=first.source) == first
+
+
+def test_a_calibration_fits_op_overhead_on_the_median_reference_run(calibrated, monkeypatch):
+    """calibrate.median_fit: the fit of the run with the median figure, not the first (one run at a slow
+    minute set a whole calibration's level); a full calibration runs the reference REFERENCE_RUNS times."""
+    import ultraplan.calibrate as calibrate
+
+    figures = iter([9e-4, 3e-4, 4e-4])
+    calls = []
+
+    def fake_fit(spec, nproc, steps, floor=None):
+        calls.append((nproc, steps, floor))
+        value = next(figures)
+        return {"op_overhead": value, "reference_measured": value * 100}
+
+    monkeypatch.setattr(calibrate, "fit_op_overhead", fake_fit)
+    fitted = calibrate.median_fit(calibrated, 2, 12, calibrate.REFERENCE_RUNS, floor=5e-5)
+    assert calibrate.REFERENCE_RUNS == 3 and calls == [(2, 12, 5e-5)] * 3
+    assert fitted == {"op_overhead": 4e-4, "reference_measured": 4e-4 * 100}
