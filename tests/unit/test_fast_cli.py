@@ -59,6 +59,6 @@ def test_reserved_sublayer_names_cover_torch_module_dict():
 def test_cli_stage_names_are_the_pipeline():
     from ultraplan.passes.pipeline import PIPELINE
 
-    from ultraplan.cli import STAGES
+    from ultraplan.cli_args import STAGES
 
     assert STAGES == tuple(name for name, _ in PIPELINE)
