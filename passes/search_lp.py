@@ -12,12 +12,13 @@ solves it.
     s[d,o,w] >= e[j,o,w]   the boxing o -> w runs (once for every use j that needs it); its backward
                            dual likewise, over the uses the gradient flows back through
     k[d,w] >= v[j,w]       the value is kept in layout w for the backward (uses that save it); for a
-                           view (Demand.view) k[d,w] >= v[j,w] - u[p,w]: in its own layout it is its
-                           base's storage, counted at the base
-    c[d,w] >= v[j,w] + u[p,w] - sum_o e[b,o,o] - 1
-                           ...unless the base was boxed for the view (its use b, Demand.base): then the
-                           view keeps that boxed copy of the whole base; without the e term where no use
-                           of the base keeps it (Demand.base_kept), as the view alone then keeps it
+                           view (Demand.view) k[d,w] >= v[j,w] - e[j,w,w]: taken in the layout it was
+                           made in, it is its base's storage, counted at the base
+    c[d,w] >= e[j,w,w] - sum_i e[b,i,i]
+                           ...unless the base was boxed for the view (its use b, Demand.base; i over the
+                           layouts the view reads the base in to make w): then the view keeps that boxed
+                           copy of the whole base; without the e[b] term where no use of the base keeps
+                           it (Demand.base_kept), as the view alone then keeps it
     y[q] in [0,1]          gradient bucket key or gather group q (passes/buckets.py,
                            passes/gather_groups.py) is used: y >= sum_k x[g,k] over the candidates of
                            each group g whose gradient joins (or that gathers in) q
@@ -47,7 +48,7 @@ import math
 import highspy
 
 from .buckets import clipped
-from .search_model import Buckets, Demand, Group, Problem
+from .search_model import Buckets, Demand, Group, Problem, Use
 
 SCALE = 1e6  # seconds -> microseconds inside the solver: its absolute tolerances are ~1e-6..1e-9
 GIB = 2.0**30  # the memory row in GiB, for the same reason
@@ -101,7 +102,9 @@ def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
             if g.peak:
                 lp.row(0.0, inf, {a: 1.0} | {c: -p / GIB for c, p in zip(cols, g.peak) if p})
     for n, d in enumerate(problem.demands):
-        _demand(lp, n, d, problem.groups[d.producer], x, memory)
+        base_use = problem.demands[d.base[0]].uses[d.base[1]] if d.base is not None else None
+        assert base_use is None or base_use.group == d.producer, "a view's base is read by the view's own op"
+        _demand(lp, n, d, problem.groups[d.producer], x, memory, base_use)
     for b in problem.buckets:
         _buckets(lp, b, problem.groups, x)
     lp.memory_row = len(lp.rows)
@@ -109,59 +112,90 @@ def build(problem: Problem) -> tuple[Lp, list[list[int]], dict[int, float]]:
     return lp, x, {i: c for i, c in enumerate(lp.cost) if c}
 
 
-def _demand(lp: Lp, n: int, d: Demand, producer: Group, x: list[list[int]], memory: dict[int, float]) -> None:
+def _demand(lp: Lp, n: int, d: Demand, producer: Group, x: list[list[int]], memory: dict[int, float],
+            base_use: Use | None) -> None:
     """The rows of demand ``n``: per use a joint (o, w) choice with both marginals (tight on trees, as
-    Alpa's edge variables), and the boxing o -> w paid once however many uses run it."""
-    inf = highspy.kHighsInf
+    Alpa's edge variables), and the boxing o -> w paid once however many uses run it; then what the
+    uses keep for the backward, written over those edge columns (``_kept``)."""
     outs: dict[int, list[int]] = {}
     for k, o in enumerate(producer.out):
         outs.setdefault(o, []).append(x[d.producer][k])
     paid: dict[tuple[str, int, int], int] = {}
-    kept: dict[int, int] = {}
     single = sum(use.moves for use in d.uses) == 1
+    for j, use in enumerate(d.uses):
+        if use.moves:
+            _edges(lp, n, j, d, use, outs, x, single, paid)
+    kept: dict[int, int] = {}
     copies: dict[int, int] = {}
     for j, use in enumerate(d.uses):
         if use.keeps:
-            for w, ks in use.takes.items():
-                if w not in kept:
-                    kept[w] = lp.col(0.0)
-                    _add(memory, kept[w], d.count * d.saved[w] / GIB)
-                # kept[w] >= v[j,w] (a view: >= v[j,w] - u[p,w], its base's storage where w is its own layout)
-                own = {c: 1.0 for c in outs.get(w, ())} if d.view else {}
-                lp.row(0.0, inf, {kept[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks} | own, exact=True)
-                if d.base is not None and own and d.base_saved.get(w):
-                    # that storage a copy of the whole base: copy[w] >= v[j,w] + u[p,w] + boxed - 2, where
-                    # boxed = 1 - sum_o e[o,o] over the base's use by this view (Demand.base)
-                    if w not in copies:
-                        copies[w] = lp.col(0.0)
-                        _add(memory, copies[w], d.count * d.base_saved[w] / GIB)
-                    # (a base no other use keeps is kept by the view whether boxed or not: boxed = 1)
-                    unboxed = {e: 1.0 for (o, i), e in lp.edges.get(d.base, {}).items() if o == i} if d.base_kept else {}
-                    lp.row(-1.0, inf, {copies[w]: 1.0} | {x[use.group][k]: -1.0 for k in ks}
-                           | {c: -1.0 for c in own} | unboxed)
-        if not use.moves:
+            _kept(lp, lp.edges.get((n, j), {}), d, producer, use, outs, x, memory, kept, copies, base_use)
+
+
+def _edges(lp: Lp, n: int, j: int, d: Demand, use: Use, outs: dict[int, list[int]], x: list[list[int]],
+           single: bool, paid: dict[tuple[str, int, int], int]) -> None:
+    """Use ``j``'s edge columns e[o,w] with both marginals, and the boxing o -> w each runs."""
+    inf = highspy.kHighsInf
+    pairs = {}
+    by_out: dict[int, dict[int, float]] = {o: {c: -1.0 for c in cols} for o, cols in outs.items()}
+    by_in: dict[int, dict[int, float]] = {w: {x[use.group][k]: -1.0 for k in ks} for w, ks in use.takes.items()}
+    for o in outs:
+        for w in use.takes:
+            cost = d.move.get((o, w), 0.0)
+            if cost is not None and not (d.state and o != w):
+                e = pairs[o, w] = lp.col(0.0)
+                by_out[o][e] = by_in[w][e] = 1.0
+    lp.edges[n, j] = pairs
+    for terms in (*by_out.values(), *by_in.values()):  # sum_w e[o,w] = u[o]; sum_o e[o,w] = v[w]
+        lp.row(0.0, 0.0, terms)
+    for (o, w), e in pairs.items():
+        move, dual = d.move.get((o, w)) or 0.0, d.dual.get((o, w), 0.0) if use.grad else 0.0
+        for kind, cost in (("move", move), ("dual", dual)):
+            if cost > 0 and single:  # one reader: the boxing runs exactly when e does
+                lp.cost[e] += d.count * cost * SCALE
+            elif cost > 0:
+                if (kind, o, w) not in paid:
+                    paid[kind, o, w] = lp.col(d.count * cost * SCALE)
+                lp.row(0.0, inf, {paid[kind, o, w]: 1.0, e: -1.0}, exact=True)
+
+
+def _kept(lp: Lp, pairs: dict[tuple[int, int], int], d: Demand, producer: Group, use: Use,
+          outs: dict[int, list[int]], x: list[list[int]], memory: dict[int, float], kept: dict[int, int],
+          copies: dict[int, int], base_use: Use | None) -> None:
+    """What a use keeps for the backward, in each layout w it takes the value in. A view kept in its own
+    layout is its base's storage: counted at the base, unless the base was boxed for the view, whose
+    copy of the whole base it then keeps. Both written over the use's diagonal edge e[w,w] (the view
+    taken in the layout it was made in) rather than v[j,w] + u[p,w] - 1, its bound from the one-hot
+    columns: equal at every assignment, and far tighter in the LP relaxation (with the one-hot bound
+    the relaxation of ultramem-v2-1b-7b on 2x4 at batch 64 lay 8% below the optimum)."""
+    inf = highspy.kHighsInf
+    for w, ks in use.takes.items():
+        if w not in kept:
+            kept[w] = lp.col(0.0)
+            _add(memory, kept[w], d.count * d.saved[w] / GIB)
+        taken = {x[use.group][k]: -1.0 for k in ks}
+        if not d.view:  # kept[w] >= v[j,w]
+            lp.row(0.0, inf, {kept[w]: 1.0} | taken, exact=True)
             continue
-        pairs = {}
-        by_out: dict[int, dict[int, float]] = {o: {c: -1.0 for c in cols} for o, cols in outs.items()}
-        by_in: dict[int, dict[int, float]] = {w: {x[use.group][k]: -1.0 for k in ks} for w, ks in use.takes.items()}
-        for o in outs:
-            for w in use.takes:
-                cost = d.move.get((o, w), 0.0)
-                if cost is not None and not (d.state and o != w):
-                    e = pairs[o, w] = lp.col(0.0)
-                    by_out[o][e] = by_in[w][e] = 1.0
-        lp.edges[n, j] = pairs
-        for terms in (*by_out.values(), *by_in.values()):  # sum_w e[o,w] = u[o]; sum_o e[o,w] = v[w]
-            lp.row(0.0, 0.0, terms)
-        for (o, w), e in pairs.items():
-            move, dual = d.move.get((o, w)) or 0.0, d.dual.get((o, w), 0.0) if use.grad else 0.0
-            for kind, cost in (("move", move), ("dual", dual)):
-                if cost > 0 and single:  # one reader: the boxing runs exactly when e does
-                    lp.cost[e] += d.count * cost * SCALE
-                elif cost > 0:
-                    if (kind, o, w) not in paid:
-                        paid[kind, o, w] = lp.col(d.count * cost * SCALE)
-                    lp.row(0.0, inf, {paid[kind, o, w]: 1.0, e: -1.0}, exact=True)
+        # kept[w] >= v[j,w] - e[w,w] (a use with no edges, the producer keeping its output: v[j,w] - u[p,w])
+        own = {pairs[w, w]: 1.0} if (w, w) in pairs else {c: 1.0 for c in outs.get(w, ())}
+        lp.row(0.0, inf, {kept[w]: 1.0} | taken | own, exact=True)
+        if d.base is None or not own or not d.base_saved.get(w):
+            continue
+        if w not in copies:
+            copies[w] = lp.col(0.0)
+            _add(memory, copies[w], d.count * d.base_saved[w] / GIB)
+        # copy[w] >= e[w,w] - sum_i e_b[i,i], i over the layouts the view reads the base in when it makes
+        # layout w (the base's use b by the view, Demand.base: unboxed); without the e_b term where no
+        # use of the base keeps it (Demand.base_kept): the view alone keeps it, boxed or not
+        base_edges = lp.edges.get(d.base, {})
+        reads = {i for i, ks_b in (base_use.takes.items() if base_use else ()) if any(producer.out[k] == w for k in ks_b)}
+        unboxed = {base_edges[i, i]: 1.0 for i in reads if (i, i) in base_edges} if d.base_kept else {}
+        if (w, w) in pairs and base_use is not None:
+            lp.row(0.0, inf, {copies[w]: 1.0, pairs[w, w]: -1.0} | unboxed)
+        else:  # copy[w] >= v[j,w] + u[p,w] + boxed - 2, boxed = 1 - sum_o e_b[o,o]
+            unboxed = {e: 1.0 for (o, i), e in base_edges.items() if o == i} if d.base_kept else {}
+            lp.row(-1.0, inf, {copies[w]: 1.0} | taken | {c: -1.0 for c in outs.get(w, ())} | unboxed)
 
 
 def _buckets(lp: Lp, b: Buckets, groups: list[Group], x: list[list[int]]) -> None:
