@@ -263,8 +263,11 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
             tied_cands = {node: cands[g] for node, g in cls.items()}
             split = build_problem(gm, ctx, named, forced, split=True)
             untied = solve(split[0], _hint(split[2], split[1], tied, tied_cands))
-            if untied.time <= solution.time:  # a branch and cut out of time may not have got below the tie
+            if untied.gap == 0 and untied.time <= solution.time:
                 (problem, cands, cls, _), solution = split, untied
+            else:  # not proven in time: the tied answer, not an incumbent that depends on the machine's
+                # load (the same question gets the same plan), with what untying may still gain as its gap
+                solution = dataclasses.replace(solution, gap=max(solution.gap, solution.time - solution.untied))
     except Infeasible:  # nothing fits: plan the leanest anyway, which build_plan marks "fits": false
         fits = False
         solution = leanest(problem)
@@ -311,7 +314,8 @@ def record_search(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
         return PassReport("record_search", time.perf_counter() - start)
     objective = Cost("the search's optimum: modelled step seconds (passes/search_ilp.py)", found.objective)
     gap = Cost("how far below search_objective the optimum may lie: 0 when proven optimal, else what HiGHS's "
-               "branch and cut left at its time limit (search_bnb.MIP_SECONDS)", found.gap)
+               "branch and cut left at its time limit (search_bnb.MIP_SECONDS), or what untying identical "
+               "layers may still gain where that was not proven in time", found.gap)
     gm.meta["ultraplan.plan"] = dataclasses.replace(
         plan, totals=(*plan.totals, ("search_objective", objective), ("search_gap", gap)))
     return PassReport("record_search", time.perf_counter() - start,

@@ -97,9 +97,9 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
     is the candidate indices (an integer), an assignment ``accept`` admits whose index sum reaches
     the LP bound rounded up is optimal too: the first stage's, or the LP's rounded to each group's
     largest candidate. Else HiGHS's MIP solver, from the first stage's answer (for the index sum
-    given ``search_bnb.TIE_BREAK_SECONDS``: its answer is optimal in the first objective whether or
-    not it has proven the second least, so ties are broken deterministically only where that proof
-    comes in time; moe-tiny on 2x2 with 0.2 MiB buckets took 39 s to give it). The first stage's
+    given ``search_bnb.TIE_BREAK_SECONDS``; where it has not proven the second least in that time, the
+    first stage's answer, optimal in the first objective too: an incumbent at a time limit would depend on
+    the machine's load; moe-tiny on 2x2 with 0.2 MiB buckets took 39 s to give the proof). The first stage's
     answer also when the solver's tolerances make the added row look infeasible (its bound is the
     first optimum itself, at huge memory values a hair tight)."""
     start = chosen(first, x)
@@ -118,7 +118,10 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
     try:
         # under the first objective's row every assignment is optimal in it (the time, or for leanest the
         # memory): the second objective's branch and cut may stop early
-        found = chosen(mip(h, lp.integer, first, seconds=TIE_BREAK_SECONDS)[0], x)
+        # an answer not proven least in time is not taken: which one HiGHS holds at its time limit depends
+        # on the machine's load, and the first stage's is the same on every machine
+        values, gap = mip(h, lp.integer, first, seconds=TIE_BREAK_SECONDS)
+        found = chosen(values, x) if gap == 0 else None
         return found if found is not None and (accept is None or accept(found)) else start
     except Infeasible:
         return start

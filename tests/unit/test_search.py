@@ -208,6 +208,67 @@ def test_an_untied_search_out_of_time_is_no_worse_than_the_tied_answer(monkeypat
     assert math.isclose(evaluate(found.problem, found.choice)[0], found.objective, rel_tol=1e-12)
 
 
+def test_an_untied_answer_not_proven_in_time_is_not_taken(monkeypatch):
+    # Where the untied program's branch and cut stops at its time limit, its incumbent depends on how
+    # loaded the machine was (llama3-8b-shape on 2x4 at batch 8: 7.210899 s in one run, 7.210204 s in the
+    # next). The plan is then the tied optimum, the same on every machine, and its gap what untying may
+    # still gain (the tied answer against the bound no untying beats); a proven untied answer is taken.
+    from ultraplan.passes import search as search_module
+
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
+    tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=lean + 0.7 * (fast - lean)))
+    tied = solve(build_problem(gm, tight, {}, {})[0])
+    assert tied.memory_binds and tied.time > tied.untied
+    for gap in (1e-6, 0.0):
+        def untied_solve(problem, hint=None, gap=gap):
+            found = solve(problem, hint)
+            if hint is None:
+                return found
+            return dataclasses.replace(found, time=found.time * 0.999, gap=gap)  # "better" than the tie
+
+        monkeypatch.setattr(search_module, "solve", untied_solve)
+        found = search_module.search(gm, tight, {}, {})
+        if gap:
+            assert found.choice == tied.choice and found.objective == tied.time
+            assert found.gap == pytest.approx(tied.time - tied.untied, rel=1e-12)
+        else:
+            assert len(found.choice) > len(tied.choice) and found.gap == 0
+
+
+def test_a_tie_break_not_proven_in_time_keeps_the_first_stages_answer(monkeypatch):
+    # The second stage (the least index sum among the optimal assignments) may need branch and cut, which
+    # stops at TIE_BREAK_SECONDS; an incumbent held then depends on the machine's load, so an answer not
+    # proven least gives way to the first stage's, optimal in time too and the same on every machine.
+    # moe-tiny on 4 devices with 0.2 MiB gradient buckets reaches that branch and cut, and its proven
+    # answer differs from the first stage's.
+    from ultraplan.passes import search_ilp
+    from ultraplan.passes.search import search
+
+    spec = api.load("moe-tiny")
+    hw, parsed = api.load_hardware("h200-8"), Mesh.parse("4")
+    _, gm, _ = make_plan(spec, hw, parsed, stop_after="fuse", batch=64, bucket_cap_bytes=int(0.2 * 2**20))
+    ctx = make_context(spec, hw, parsed, batch=64, strategies=("auto",), bucket_cap_bytes=int(0.2 * 2**20))
+    real, firsts = search_ilp.mip, []
+
+    def unproven(h, integrality, best, **kw):
+        values, gap = real(h, integrality, best, **kw)
+        if kw.get("seconds") != search_ilp.TIE_BREAK_SECONDS:
+            return values, gap
+        firsts.append(search_ilp.chosen(best, search_ilp.build(problem)[1]))
+        assert gap == 0 and search_ilp.chosen(values, search_ilp.build(problem)[1]) != firsts[-1]
+        return values, 1e-6  # the same answer, as if the proof had not come in time
+
+    problem = build_problem(gm, ctx, {}, {})[0]
+    proven = search(gm, ctx, {}, {})
+    monkeypatch.setattr(search_ilp, "mip", unproven)
+    kept = search(gm, ctx, {}, {})
+    assert firsts and kept.choice == firsts[-1] != proven.choice
+    assert kept.objective == pytest.approx(proven.objective, rel=1e-9)
+
+
 def test_the_tied_programs_bound_holds_for_every_untying():
     # search() unties identical layers only when the tied answer lies above ``untied``, the tied program's
     # optimum with x relaxed (bucket counts whole where the root LP had them fractional). Untied
