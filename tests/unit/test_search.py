@@ -182,6 +182,16 @@ def test_a_knapsack_unties_identical_layers():
     assert len(downs) == 4 and len(set(downs)) > 1  # the layers did not all choose alike
 
 
+def four_layers_in_tight_memory():
+    """dense-tiny with 4 layers on 4 devices at batch 64, the device memory 70% of the way from its leanest
+    plan's to its fastest's: a knapsack, where the tied layers' search splits (search.search)."""
+    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
+    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
+    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
+    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
+    return gm, dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=lean + 0.7 * (fast - lean)))
+
+
 def test_an_untied_search_out_of_time_is_no_worse_than_the_tied_answer(monkeypatch):
     # the untied program's branch and cut starts from the tied answer (search._hint), and search() keeps the
     # tied answer where the untied one is slower: with branch and cut stopped at once, the plan is the tie's
@@ -189,11 +199,7 @@ def test_an_untied_search_out_of_time_is_no_worse_than_the_tied_answer(monkeypat
     from ultraplan.passes import search_bnb
     from ultraplan.passes.search import _hint, search
 
-    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
-    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
-    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
-    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
-    tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=lean + 0.7 * (fast - lean)))
+    gm, tight = four_layers_in_tight_memory()
     tied, cands, cls, _ = build_problem(gm, tight, {}, {})
     clustered = solve(tied)
     split, split_cands, split_cls, _ = build_problem(gm, tight, {}, {}, split=True)
@@ -215,11 +221,7 @@ def test_an_untied_answer_not_proven_in_time_is_not_taken(monkeypatch):
     # still gain (the tied answer against the bound no untying beats); a proven untied answer is taken.
     from ultraplan.passes import search as search_module
 
-    text = (MODELS / "dense-tiny.yaml").read_text().replace("repeat: 2", "repeat: 4")
-    gm, ctx = annotated(text, mesh="4", hardware="h200-8", batch=64)
-    whole, _, _, _ = build_problem(gm, ctx, {}, {}, cluster=False)
-    lean, fast = leanest(whole).memory, solve(dataclasses.replace(whole, capacity=math.inf)).memory
-    tight = dataclasses.replace(ctx, hardware=dataclasses.replace(ctx.hardware, memory_bytes=lean + 0.7 * (fast - lean)))
+    gm, tight = four_layers_in_tight_memory()
     tied = solve(build_problem(gm, tight, {}, {})[0])
     assert tied.memory_binds and tied.time > tied.untied
     for gap in (1e-6, 0.0):
