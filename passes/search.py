@@ -262,7 +262,7 @@ def search(gm: fx.GraphModule, ctx: PlanContext, named: dict[int, AxisPins], for
             tied = {node: solution.choice[g] for node, g in cls.items()}
             tied_cands = {node: cands[g] for node, g in cls.items()}
             split = build_problem(gm, ctx, named, forced, split=True)
-            untied = solve(split[0], _hint(split[2], split[1], tied, tied_cands))
+            untied = solve(split[0], _hint(split[2], split[1], tied, tied_cands), proven_only=True)
             if untied.gap == 0 and untied.time <= solution.time:
                 (problem, cands, cls, _), solution = split, untied
             else:  # not proven in time: the tied answer, not an incumbent that depends on the machine's

@@ -127,9 +127,11 @@ def _second(h: highspy.Highs, lp: Lp, x: list[list[int]], first: np.ndarray,
         return start
 
 
-def solve(problem: Problem, hint: list[int] | None = None) -> Solution:
+def solve(problem: Problem, hint: list[int] | None = None, *, proven_only: bool = False) -> Solution:
     """The optimal assignment, ties broken by the smallest sum of candidate indices (``hint``: an
-    assignment known to fit, which a branch and cut may start from)."""
+    assignment known to fit, which a branch and cut may start from). ``proven_only``: the caller takes
+    the answer only when it is proven optimal (search.py's split), so one whose branch and cut stopped
+    at its time limit comes back as it stands, without the tie-break."""
     lp, x, objective = build(problem)
     h = _highs(lp)
     bound, values = relaxation(h)
@@ -163,6 +165,10 @@ def solve(problem: Problem, hint: list[int] | None = None) -> Solution:
             untied = float(np.asarray(lp.cost) @ values) - gap
         if choice is None and (chosen(values, x) is None or not integral(values, lp.counts)):
             values, gap = _branch_and_cut(h, lp, x, root, values, presolve=binds, hint=hint)
+            if gap > 0 and proven_only and chosen(values, x) is not None:
+                time, memory, _ = evaluate(problem, chosen(values, x))
+                return Solution(chosen(values, x), time, memory, "not proven", binds, gap,
+                                untied / SCALE + problem.constant)
     if choice is None:
         best = float(sum(c * values[i] for i, c in objective.items()))
         # second stage: stay within 1e-9 (relative) of the optimum, minimise the candidate indices

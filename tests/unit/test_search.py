@@ -225,8 +225,8 @@ def test_an_untied_answer_not_proven_in_time_is_not_taken(monkeypatch):
     tied = solve(build_problem(gm, tight, {}, {})[0])
     assert tied.memory_binds and tied.time > tied.untied
     for gap in (1e-6, 0.0):
-        def untied_solve(problem, hint=None, gap=gap):
-            found = solve(problem, hint)
+        def untied_solve(problem, hint=None, gap=gap, **kw):
+            found = solve(problem, hint, **kw)
             if hint is None:
                 return found
             return dataclasses.replace(found, time=found.time * 0.999, gap=gap)  # "better" than the tie
