@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_CASES))
     parser.add_argument("--strategies", nargs="+", default=None, help="default: three per spec (DEFAULT_CASES)")
     parser.add_argument("--steps", type=int, default=10, help="steps per run (the first 2 are warm-up)")
-    parser.add_argument("--long-steps", type=int, default=6,
-                        help="steps per run of a program planned at over a second a step (its steps vary less)")
+    parser.add_argument("--long-steps", type=int, default=12,
+                        help="steps per run of a program planned at over a second a step (default 12: dense-100m's "
+                             "fsdp on 4 ranks takes six steps to settle, 24, 26, 13, 7.9, 8.7, 7.9 s, then 6.5 to 7.9)")
     parser.add_argument("--repeats", type=int, default=3, help="runs per case (their median: one slow run moves it not)")
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
     parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
