@@ -240,6 +240,25 @@ def test_an_untied_answer_not_proven_in_time_is_not_taken(monkeypatch):
             assert len(found.choice) > len(tied.choice) and found.gap == 0
 
 
+def test_an_unproven_branch_and_cut_comes_back_without_its_tie_break_where_only_a_proof_is_taken(monkeypatch):
+    # search() takes the untied split's answer only proven, so solve(proven_only=True) returns a branch
+    # and cut stopped at its limit as it stands: its tie-break (up to TIE_BREAK_SECONDS more) would
+    # polish an answer that is then discarded
+    from ultraplan.passes import search_bnb, search_ilp
+
+    gm, tight = four_layers_in_tight_memory()
+    split = build_problem(gm, tight, {}, {}, split=True)[0]
+    monkeypatch.setattr(search_bnb, "MIP_SECONDS", 1e-4)
+    stages = []
+    second = search_ilp._second_stage
+    monkeypatch.setattr(search_ilp, "_second_stage", lambda *a, **kw: stages.append(1) or second(*a, **kw))
+    found = solve(split, proven_only=True)
+    assert found.status == "not proven" and found.gap > 0 and not stages
+    time, memory, ok = evaluate(split, found.choice)
+    assert ok and time == found.time and memory == found.memory and found.untied <= found.time
+    assert solve(split).gap > 0 and stages  # without it, the tie-break runs on the same unproven answer
+
+
 def test_a_tie_break_not_proven_in_time_keeps_the_first_stages_answer(monkeypatch):
     # The second stage (the least index sum among the optimal assignments) may need branch and cut, which
     # stops at TIE_BREAK_SECONDS; an incumbent held then depends on the machine's load, so an answer not
