@@ -7,8 +7,10 @@ For each rank count: ``ultraplan calibrate --nproc N`` writes a spec of this mac
 temporary directory, or ``--hardware-dir``), then every (spec, strategy) is compiled with it and run
 ``--repeats`` times, the cases interleaved so that a change of the machine's load touches every case
 alike. Each run's measured step time is the median of its steps after the warm-up (``run --json``'s
-``step_time_measured_s``, over ``--steps`` steps, or ``--long-steps`` for a program planned at over a
-second a step); the table gives the median over repeats (three by default: one run at a slow moment,
+``step_time_measured_s``, over steps enough for ``--run-seconds`` of them at its planned step time,
+at least ``--steps`` and at most MAX_STEPS: a 20 ms program's median over 10 steps moved 19.6 to 25.2
+ms between five runs on an idle host, over 40 steps 17.7 to 20.3; or ``--long-steps`` for a program
+planned at over a second a step); the table gives the median over repeats (three by default: one run at a slow moment,
 as moe-tiny ep's 125 ms against 50 ms in session 12, does not move it), the plan's
 ``step_time_predicted_s``, their ratio, and for each spec and rank count whether the predicted order
 of strategies is the measured one wherever two measured times differ by more than 25%. The load
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,6 +51,7 @@ DEFAULT_CASES = {"dense-tiny": ["dp", "fsdp", "tp"], "moe-tiny": ["dp", "fsdp", 
                  "dense-100m": ["dp", "fsdp", "tp"]}
 ORDER_MARGIN = 1.25  # strategies whose measured times differ by more than this must be predicted in order
 LONG_STEP_S = 1.0  # a program planned at more seconds a step than this runs --long-steps
+MAX_STEPS = 200  # steps of a short program's run at most (its --run-seconds at the planned step time)
 
 
 def with_path(path: str | None) -> dict | None:
@@ -78,16 +82,25 @@ print(json.dumps(out))
 """
 
 
-def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], steps: int) -> list[float]:
+def steps_for(planned: float, args: argparse.Namespace) -> int:
+    """Steps of one run of a program planned at ``planned`` seconds a step: ``--long-steps`` past
+    LONG_STEP_S (their warm-up is long), else enough for ``--run-seconds`` after the 2 warm-up steps,
+    at least ``--steps`` and at most MAX_STEPS."""
+    if planned >= LONG_STEP_S:
+        return args.long_steps
+    return max(args.steps, min(MAX_STEPS, 2 + math.ceil(args.run_seconds / planned)))
+
+
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict]) -> list[float]:
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
-    reference run for the runs' own ``steps``: later steps can differ from early ones; the median of
+    reference run for its ``REFERENCE_STEPS``; the median of
     three runs, as one run at a bad moment, 31.8 ms where the next program's step took 15.3, put
     every 2-rank prediction of session 11's first round 1.6 times over; and the matmul rates timed
     again before it, ``peak_flops``), and every case's modelled step time with it (one process plans
     them all)."""
     out.write_text(base.read_text())
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
-                    f"refit(Path({str(out)!r}), {nproc}, steps={steps}, runs=3, rates=True)"], check=True, stdout=sys.stderr)
+                    f"refit(Path({str(out)!r}), {nproc}, runs=3, rates=True)"], check=True, stdout=sys.stderr)
     pairs = json.dumps([[c["spec"], c["strategy"]] for c in cases])
     done = subprocess.run([sys.executable, "-c", PREDICT, str(out), str(nproc), pairs], check=True,
                           capture_output=True, text=True)
@@ -141,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--specs", nargs="+", default=list(DEFAULT_CASES))
     parser.add_argument("--strategies", nargs="+", default=None, help="default: three per spec (DEFAULT_CASES)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per run (the first 2 are warm-up)")
+    parser.add_argument("--steps", type=int, default=10, help="steps per run at least (the first 2 are warm-up)")
+    parser.add_argument("--run-seconds", type=float, default=3.0,
+                        help="a short program runs steps for this long at its planned step time (at most MAX_STEPS)")
     parser.add_argument("--long-steps", type=int, default=12,
                         help="steps per run of a program planned at over a second a step (default 12: dense-100m's "
                              "fsdp on 4 ranks takes six steps to settle, 24, 26, 13, 7.9, 8.7, 7.9 s, then 6.5 to 7.9)")
@@ -174,11 +189,10 @@ def main(argv: list[str] | None = None) -> int:
                         cases[-1]["before"] = totals["step_time"]["value"]
         for case in cases:
             case["once"] = dict(json.loads((case["dir"] / "plan.json").read_text())["totals"])["step_time"]["value"]
-            case["steps"] = args.steps if case["once"] < LONG_STEP_S else args.long_steps
+            case["steps"] = steps_for(case["once"], args)
         for repeat in range(args.repeats):
             if args.refit and cases:
-                fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases,
-                                          args.steps)
+                fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases)
                 for case, value in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
             for case in cases:

@@ -129,6 +129,19 @@ def test_step_time_bench_order_check():
     assert bench["order_check"](rows) == (5, 4)
 
 
+def test_step_time_bench_runs_a_short_program_for_its_seconds():
+    """bench/step_time.py's steps per run: a program planned under a second a step runs 2 warm-up steps
+    and steps enough for --run-seconds (at least --steps, at most MAX_STEPS); a longer one --long-steps."""
+    import argparse
+
+    bench = runpy.run_path(str(ROOT / "bench" / "step_time.py"))
+    args = argparse.Namespace(steps=10, long_steps=12, run_seconds=3.0)
+    assert bench["steps_for"](0.02, args) == 152  # 2 + 3 s / 20 ms
+    assert bench["steps_for"](0.001, args) == bench["MAX_STEPS"] == 200
+    assert bench["steps_for"](0.9, args) == 10
+    assert bench["steps_for"](1.5, args) == 12
+
+
 def test_loop_passes_count_local_experts():
     """The dropless MoE runs its experts one by one in Python (compiler/ops.py: expert_ffn), so each local
     expert is a launch: 16 replicated, 8 per device when its weights are split over 2 (ep)."""
