@@ -8,10 +8,10 @@ temporary directory, or ``--hardware-dir``), then every (spec, strategy) is comp
 ``--repeats`` times, the cases interleaved so that a change of the machine's load touches every case
 alike. Each run's measured step time is the median of its steps after the warm-up (``run --json``'s
 ``step_time_measured_s``, over steps enough for ``--run-seconds`` of them at its planned step time,
-at least ``--steps`` and at most MAX_STEPS: a 20 ms program's median over 10 steps moved 19.6 to 25.2
-ms between five runs on an idle host, over 40 steps 17.7 to 20.3; or ``--long-steps`` for a program
-planned at over a second a step); the table gives the median over repeats (three by default: one run at a slow moment,
-as moe-tiny ep's 125 ms against 50 ms in session 12, does not move it), the plan's
+at least ``--steps`` and at most MAX_STEPS: a 20 ms program's median moved 19.6 to 25.2 ms between
+five 12-step runs on an idle host, 17.7 to 20.3 between five 40-step ones; or ``--long-steps`` for a
+program planned at over a second a step); the table gives the median over repeats (three by default:
+one run at a slow moment, as moe-tiny ep's 125 ms against 50 ms in session 12, does not move it), the plan's
 ``step_time_predicted_s``, their ratio, and for each spec and rank count whether the predicted order
 of strategies is the measured one wherever two measured times differ by more than 25%. The load
 average is printed beside (other work on the machine stretches every figure).

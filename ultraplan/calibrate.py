@@ -56,7 +56,7 @@ PAIRS = {"all_reduce": (PartialSum(), Broadcast(), 1), "all_gather": (Split(0), 
 REFERENCE = ("dense-tiny", "dp")
 REFERENCE_RUNS = 3  # the reference program's runs a (full) calibration fits op_overhead on: the median's
 # the reference program's steps per run (the first 2 warm-up): its 20 ms steps on 4 ranks, five runs of
-# each on an idle 2-core host, medians 19.6 to 25.2 ms over 12 steps, 17.7 to 20.3 over 40 (session 17)
+# each length on an idle 2-core host, medians 19.6 to 25.2 ms in 12-step runs, 17.7 to 20.3 in 40-step ones
 REFERENCE_STEPS = 40
 
 
