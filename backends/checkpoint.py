@@ -230,7 +230,7 @@ class Checkpointer:
         if self.directory:
             check_optimizer(optimizer)
             if args.checkpoint_async:
-                self.group = dist.new_group(backend="gloo")  # the background thread's own collectives
+                self.group = mesh.new_group(backend="gloo")  # the background thread's own collectives
         self.resume_requested = args.resume
         self.quiet = args.quiet
 

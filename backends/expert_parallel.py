@@ -55,7 +55,7 @@ def spanning_group(mesh, axes):
             coords = [0] * len(mesh.shape)
             for a, c in zip(others, fixed):
                 coords[a] = c
-            group = dist.new_group([int(mesh.device_mesh.mesh[c]) for c in _members(mesh, axes, coords)])
+            group = mesh.new_group([int(mesh.device_mesh.mesh[c]) for c in _members(mesh, axes, coords)])
             if all(mesh.coords[a] == c for a, c in zip(others, fixed)):
                 mine = group
         cache[axes] = mine

@@ -245,10 +245,13 @@ def run_collective(kind: str, numel: int, group, n: int):
 def collectives(sizes: list[int], repeats: int) -> list[dict]:
     """Rows {kind, n, payload_bytes, seconds}: the median over repeats (each after a barrier) on rank 0's
     group of each size, while every other group of that size runs the same collective at once."""
+    from ultraplan.backends.runtime import on_host_cores
+
     rows = []
     rank = dist.get_rank()
     for n, members in groups_by_size(dist.get_world_size()).items():
-        groups = [dist.new_group(m) for m in members] if n < dist.get_world_size() else [None]
+        with on_host_cores():  # their gloo threads off this rank's core, as a program's mesh makes them
+            groups = [dist.new_group(m) for m in members] if n < dist.get_world_size() else [None]
         mine = groups[rank // n] if n < dist.get_world_size() else None
         for kind in KINDS:
             for numel in sizes:

@@ -595,11 +595,18 @@ def main():
     report = []
     for shape in [(4,), (2, 2)]:
         start = time.perf_counter()
+        threads_before = set(os.listdir("/proc/self/task"))
         mesh, owned = runtime.setup(shape)
         assert not owned
         # each CPU rank on its own cores of the host's (more ranks than cores: round robin)
         mine = runtime.rank_cores(runtime.HOST_CORES, int(os.environ["LOCAL_RANK"]), 4)
         assert sorted(os.sched_getaffinity(0)) == mine, (os.sched_getaffinity(0), mine)
+        # the threads the mesh's process groups started (gloo's workers) run on every core of the host,
+        # not on this rank's own beside it (runtime.on_host_cores); the 2x2 mesh makes new groups
+        started = set(os.listdir("/proc/self/task")) - threads_before
+        assert started or shape == (4,), f"mesh {shape}: no process group threads started"
+        for tid in started:
+            assert sorted(os.sched_getaffinity(int(tid))) == runtime.HOST_CORES, (shape, tid, runtime.HOST_CORES)
         report.append({"mesh": shape, "case": "setup", "seconds": time.perf_counter() - start})
         for name, case in CASES:
             start = time.perf_counter()
