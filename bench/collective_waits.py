@@ -9,8 +9,10 @@ Runs the program under torchrun with every torch.distributed collective it calls
 program's ``runtime.synced_clock``. It prints, after ``--warmup`` steps, each call of a step in order
 (kind, the median and mean seconds it took on each rank) and the distribution over all calls, how
 often both ranks of a call waited long (the collective itself slow) or only one (the other came
-late), and the step's blocking calls summed, against the plan's ``comm_time`` and its collectives'
-``coll_<kind>`` waits. An asynchronous call (a gradient bucket's) is timed to its launch only.
+late), and the step's blocking calls summed, beside the plan's ``comm_time`` (its collectives' link
+formulas; the kinds' calibrated waits are ``overhead_time``'s ``coll_<kind>`` terms) and how many
+collectives the plan lists. An asynchronous call (a gradient bucket's) is timed to its launch only.
+The job runs through ``ultraplan.launch`` (as ``ultraplan run``'s): a failing rank ends it with one line.
 
 A step's collectives on a shared CPU host have a long tail: a call whose median is the link's
 latency takes several times it on average (docs/cost-model.md, session 18), and a step's median
@@ -32,7 +34,8 @@ from pathlib import Path
 
 TIMED = ("all_reduce", "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather",
          "reduce_scatter", "broadcast", "all_to_all")
-LONG_S = 1.5e-3  # a call this long waited for more than the link (the links here take 0.2 to 0.6 ms)
+LONG = 3.0  # a call over this many times the median blocking call waited long (on 2 gloo ranks of this
+# project's host the median is about the link's 0.45 ms; on 4 ranks two a core, about 8 ms)
 
 
 def worker(program_dir: str, steps: int, out: str) -> None:
@@ -76,6 +79,7 @@ def worker(program_dir: str, steps: int, out: str) -> None:
 
 
 def quantile(values: list[float], q: float) -> float:
+    """The value a fraction ``q`` of the way up the sorted ``values`` (nearest rank, no interpolation)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -102,25 +106,27 @@ def report(program_dir: Path, out: Path, warmup: int) -> None:
               f"p75 {1e3 * quantile(blocking, .75):.2f}, p90 {1e3 * quantile(blocking, .9):.2f}, "
               f"max {1e3 * max(blocking):.2f}, mean {1e3 * statistics.mean(blocking):.2f}")
         both = one = 0
+        long_s = LONG * quantile(blocking, .5)
         for s in range(n_steps):
             for i in range(calls):
                 if ranks[0][s][i][3]:
                     continue
-                long = sum(steps[s][i][2] > LONG_S for steps in ranks)
+                long = sum(steps[s][i][2] > long_s for steps in ranks)
                 both += long == len(ranks)
                 one += 0 < long < len(ranks)
         total = n_steps * sum(not c[3] for c in ranks[0][0][:calls])
-        print(f"calls over {LONG_S * 1e3:g} ms: on every rank {both} of {total} (the collective slow), "
-              f"on some {one} (a rank came late)")
+        print(f"calls over {long_s * 1e3:.2f} ms ({LONG:g} x the median): on every rank {both} of {total} "
+              f"(the collective slow), on some {one} (a rank came late)")
     for r, steps in enumerate(ranks):
         sums = [sum(c[2] for c in step[:calls] if not c[3]) for step in steps[:n_steps]]
         print(f"rank {r}: blocking collectives a step: median {1e3 * statistics.median(sums):.2f} ms, "
               f"mean {1e3 * statistics.mean(sums):.2f}")
     plan = json.loads((program_dir / "plan.json").read_text())
-    totals = dict((name, value) for name, value in plan["totals"])
+    totals = dict(plan["totals"])
     if "comm_time" in totals:
-        print(f"the plan ({plan['hardware']}): comm_time {1e3 * totals['comm_time']['value']:.2f} ms a step; "
-              f"overhead_time {totals['overhead_time']['expr'] if 'overhead_time' in totals else '-'}")
+        print(f"the plan ({plan['hardware']}): comm_time {1e3 * totals['comm_time']['value']:.2f} ms a step "
+              f"over {len(plan['collectives'])} collectives (the link's formula; each kind's calibrated wait "
+              f"is in overhead_time)")
 
 
 def main(argv=None) -> None:
@@ -135,12 +141,17 @@ def main(argv=None) -> None:
         worker(os.path.abspath(args.dir), int(args.worker[0]), args.worker[1])
         return
     program_dir = Path(args.dir)
+    if not (program_dir / "plan.json").is_file() or not (program_dir / "program.py").is_file():
+        raise SystemExit(f"{program_dir}: not a compiled program (no plan.json and program.py there); "
+                         f"make one with: ultraplan compile SPEC --mesh N -o {program_dir}")
     plan = json.loads((program_dir / "plan.json").read_text())
     nproc = args.nproc or math.prod(plan["mesh"])
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                        os.path.abspath(__file__), str(program_dir), "--worker", str(args.steps), out],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        done = subprocess.run([sys.executable, "-m", "ultraplan.launch", "--standalone", "--nproc_per_node", str(nproc),
+                               os.path.abspath(__file__), str(program_dir), "--worker", str(args.steps), out],
+                              env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
+        if done.returncode:
+            raise SystemExit(f"collective_waits: the job ended with exit code {done.returncode} (its lines above say why)")
         report(program_dir, Path(out), args.warmup)
 
 
