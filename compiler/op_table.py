@@ -359,7 +359,8 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 # shard forms variants call, and the losses' float32 upcast under mixed precision
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
                  "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "gather_row_dot_owned",
-                 "core_pool_columns", "ive_pool_columns", "_into_columns", "_bag"}
+                 "core_pool_columns", "ive_pool_columns", "_into_columns", "_bag", "_accumulator",
+                 "_table_gradient"}
 
 
 # the fused UltraMem ops' helpers and shard forms

@@ -200,10 +200,18 @@ def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backward sums many products into: float32 for bfloat16 and float16, else the dtype
+    itself. CUDA's index_add_ adds atomically in the tensor's dtype, rounding every addition: on an H200
+    the bf16 gradients of gather_core_pool's torch form, summed that way, were 4% (of the largest value)
+    off the unfused ops', where its Triton kernel, summing in float32, was 0.5% off (bench/kernels.py)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32 if it is a 16-bit float, else as it is (float64 checks stay float64): the
     losses compute in float32 under mixed precision (docs/precision.md)."""
-    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    return x.to(_accumulator(x.dtype))
 
 
 def cross_entropy(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
@@ -359,11 +367,52 @@ def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weig
 
 def _bag(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
     """Each token's H*K rows of the table, weighted and summed -> (B, T, D), by embedding_bag."""
+    if weights_BTHK.requires_grad and table_RD.is_cuda and table_RD.dtype in (torch.bfloat16, torch.float16):
+        return _LowPrecisionBag.apply(table_RD, indices_BTHK, weights_BTHK)
     b, t = indices_BTHK.shape[:2]
     per_token = indices_BTHK.shape[2:].numel()
     out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,
                           per_sample_weights=weights_BTHK.reshape(b * t, per_token), mode="sum")
     return out.view(b, t, table_RD.shape[1])
+
+
+class _LowPrecisionBag(torch.autograd.Function):
+    """``_bag`` where torch's CUDA embedding_bag has no backward for the weights in bfloat16 or
+    float16 ("_embedding_bag_per_sample_weights_backward_cuda" not implemented, torch 2.11; seen on an
+    H200 by bench/kernels.py): the same forward, and a backward that gathers the rows once,
+    transiently, for the weights' gradient (each picked row dotted with its token's output gradient)
+    and scatter-adds the weighted output gradient into the table."""
+
+    @staticmethod
+    def forward(ctx, table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(table_RD, indices_BTHK, weights_BTHK)
+        b, t = indices_BTHK.shape[:2]
+        per_token = indices_BTHK.shape[2:].numel()
+        out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,
+                              per_sample_weights=weights_BTHK.reshape(b * t, per_token), mode="sum")
+        return out.view(b, t, table_RD.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_BTD: torch.Tensor) -> tuple:
+        table, indices, weights = ctx.saved_tensors
+        g_table = g_weights = None
+        if ctx.needs_input_grad[2]:
+            g_weights = torch.einsum("btd,bthkd->bthk", grad_BTD, F.embedding(indices, table))
+        if ctx.needs_input_grad[0]:
+            g_table = _table_gradient(table, indices, weights, grad_BTD)
+        return g_table, None, g_weights
+
+
+def _table_gradient(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, per_pick_BTHK: torch.Tensor,
+                    per_token_BTD: torch.Tensor) -> torch.Tensor:
+    """The table's gradient of a lookup whose pick (t, h, k) adds ``per_pick * per_token[t]`` to row
+    ``indices[t, h, k]``: the products scatter-added into a zero table, summed in at least float32."""
+    b, t, d = per_token_BTD.shape
+    per_token = indices_BTHK.shape[2:].numel()
+    wide = _accumulator(table_RD.dtype)
+    rows = per_pick_BTHK.to(wide).reshape(b * t, per_token, 1) * per_token_BTD.to(wide).reshape(b * t, 1, d)
+    g_table = torch.zeros_like(table_RD, dtype=wide).index_add_(0, indices_BTHK.reshape(-1), rows.reshape(-1, d))
+    return g_table.to(table_RD.dtype)
 
 
 def _owned(indices: torch.Tensor, rows: int, row_start: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,10 +457,7 @@ class _GatherRowDot(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_x = _bag(table, indices, grad_BTHK)
         if ctx.needs_input_grad[0]:
-            b, t, d = x.shape
-            per_token = indices.shape[2:].numel()
-            rows = grad_BTHK.reshape(b * t, per_token, 1) * x.reshape(b * t, 1, d)
-            g_table = torch.zeros_like(table).index_add_(0, indices.reshape(-1), rows.reshape(-1, d))
+            g_table = _table_gradient(table, indices, grad_BTHK, x)
         return g_table, None, g_x
 
 

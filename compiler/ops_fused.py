@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 try:  # ops.py imports this file at its end, so its names are all defined by now
-    from .ops import KERNELS, _into_columns, _owned, grid_indices, sum_cores, take, take_ranked, tucker_grid
+    from .ops import KERNELS, _accumulator, _into_columns, _owned, grid_indices, sum_cores, take, take_ranked, tucker_grid
 except ImportError:  # beside an emitted program: a module of its own
-    from ops import KERNELS, _into_columns, _owned, grid_indices, sum_cores, take, take_ranked, tucker_grid
+    from ops import KERNELS, _accumulator, _into_columns, _owned, grid_indices, sum_cores, take, take_ranked, tucker_grid
 
 
 def tucker_topk(filtered_BTHCN: torch.Tensor, scores_BTHCRN: torch.Tensor, cores_HKRR: torch.Tensor, half_k: int,
@@ -166,12 +166,14 @@ class _PoolRows(torch.autograd.Function):
         else:
             picked = grad.expand(b, t, h * m, width)
         g_table = g_weights = None
+        wide = _accumulator(table.dtype)  # the sums below in float32 for bf16 (CUDA's atomics round each add)
         if ctx.needs_input_grad[0]:
             w = weights.index_select(-2, core_of).transpose(-1, -2).reshape(b, t, h * m, width)
-            g_table = torch.zeros_like(table).index_add_(0, rows.reshape(-1), (w * picked).reshape(-1, width))
+            g_table = torch.zeros_like(table, dtype=wide).index_add_(
+                0, rows.reshape(-1), (w.to(wide) * picked.to(wide)).reshape(-1, width)).to(table.dtype)
         if ctx.needs_input_grad[2]:
-            dots = F.embedding(rows, table).view(b, t, h * m, width) * picked
-            g_weights = dots.new_zeros(b, t, h * m, cores).index_add_(-1, core_of, dots)
+            dots = F.embedding(rows, table).view(b, t, h * m, width).to(wide) * picked.to(wide)
+            g_weights = dots.new_zeros(b, t, h * m, cores).index_add_(-1, core_of, dots).to(weights.dtype)
             g_weights = g_weights.view(b, t, h, m, cores).transpose(-1, -2)
         return g_table, None, g_weights, None, None, None, None
 

@@ -6,6 +6,7 @@ saved-activation rule against autograd's saved tensors, and the pass's decisions
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import sympy
@@ -169,15 +170,16 @@ def test_gather_weighted_sum_equals_gather_then_sum(b, t, h, k, rows, d):
         indices[0, 0, 0, :] = 1  # one token selects the same row k times
     weights = torch.randn(b, t, h, k, generator=gen, dtype=torch.float64, requires_grad=True)
     want = ops.weighted_sum(ops.gather_rows(table, indices), weights)
-    got = ops.gather_weighted_sum(table, indices, weights)
-    assert got.shape == want.shape == (b, t, d)
-    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     grad = torch.randn_like(want)
     want_grads = torch.autograd.grad(want, (table, weights), grad)
-    got_grads = torch.autograd.grad(got, (table, weights), grad)
-    for a, g in zip(want_grads, got_grads):
-        torch.testing.assert_close(g, a, rtol=1e-10, atol=1e-10)
-    assert not got_grads[0][-1].any()  # the unselected row gets no gradient
+    # the torch form, and its bfloat16-on-CUDA form (torch has no embedding_bag weight gradient there)
+    for got in (ops.gather_weighted_sum(table, indices, weights), ops._LowPrecisionBag.apply(table, indices, weights)):
+        assert got.shape == want.shape == (b, t, d)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        got_grads = torch.autograd.grad(got, (table, weights), grad)
+        for a, g in zip(want_grads, got_grads):
+            torch.testing.assert_close(g, a, rtol=1e-10, atol=1e-10)
+        assert not got_grads[0][-1].any()  # the unselected row gets no gradient
 
 
 def test_gather_weighted_sum_saves_what_its_memory_rule_says():
@@ -212,3 +214,21 @@ def test_memory_lookups_fuse_gather_and_weighted_sum():
                 rows *= int(sympy.sympify(dim).subs({"B": fused.batch, "T": fused.seq}))
             assert f.bytes_saved.value == 2 * 2 * rows * 4
         assert fused.total("memory_activations").value < plain.total("memory_activations").value
+
+
+def test_table_gradient_is_a_naive_scatter_summed_in_float32():
+    """The torch forms' table gradient (ops._table_gradient): row indices[t, h, k] gets per_pick[t, h, k] *
+    per_token[t], as a naive loop adds them; for bfloat16 inputs summed in float32 and rounded once (on
+    CUDA a bf16 index_add_ rounds every atomic add; the CPU's already sums in float32)."""
+    gen = torch.Generator().manual_seed(3)
+    b, t, h, k, rows, d = 2, 3, 2, 5, 4, 6
+    indices = torch.randint(0, rows, (b, t, h, k), generator=gen)
+    per_pick, per_token = torch.randn(b, t, h, k, generator=gen), torch.randn(b, t, d, generator=gen)
+    want = torch.zeros(rows, d, dtype=torch.float64)
+    for bi, ti, hi, ki in itertools.product(range(b), range(t), range(h), range(k)):
+        want[indices[bi, ti, hi, ki]] += per_pick[bi, ti, hi, ki].double() * per_token[bi, ti].double()
+    table = torch.zeros(rows, d)
+    torch.testing.assert_close(ops._table_gradient(table, indices, per_pick, per_token).double(), want, rtol=1e-6, atol=1e-6)
+    low = ops._table_gradient(table.bfloat16(), indices, per_pick.bfloat16(), per_token.bfloat16())
+    wide = ops._table_gradient(table, indices, per_pick.bfloat16().float(), per_token.bfloat16().float())
+    assert low.dtype == torch.bfloat16 and torch.equal(low, wide.bfloat16())

@@ -73,3 +73,23 @@ def test_pool_kernel_on_column_shards(kernels):
     g = torch.randn(got.shape, generator=gen)
     for a, w in zip(torch.autograd.grad(got, (shard, weights), g), torch.autograd.grad(want, (shard, weights), g)):
         torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+
+
+def test_ive_forward_reads_each_blocks_picks_in_runs(kernels):
+    """The forward reads each block's picks as one run of the picks ordered by block (_block_order):
+    a token whose picks all but one fall in one block (a run longer than the pick block: several
+    iterations) and blocks nobody picks (empty runs: zeros) pool as the unfused ops do."""
+    gen = torch.Generator().manual_seed(5)
+    h, m, blocks, v = 2, 45, 4, 8
+    table = torch.randn(13, v, generator=gen)
+    ids = torch.randint(0, 13, (1, 2, h, m), generator=gen)
+    weights = torch.randn(1, 2, h, 2, m, generator=gen)
+    block_ids = torch.zeros(1, 2, h, m, dtype=torch.int64)
+    block_ids[0, 0, 1, 7] = 3  # token 0: 89 picks in block 0, one in block 3, none in 1 and 2
+    block_ids[0, 1] = torch.randint(0, blocks, (h, m), generator=gen)
+    order, bounds, block_n = kernels._block_order(block_ids.reshape(2, h * m), blocks)
+    assert bounds[0].tolist() == [0, 89, 89, 89, 90] and block_n == 32 and order[0, -1] == m + 7
+    got = kernels.pool_rows(table, ids, weights, block_ids, blocks, 0, v)
+    want = ops.ive_pool(ops.gather_rows(table, ids), weights, block_ids, blocks)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not got[0, 0, v:3 * v].any()
