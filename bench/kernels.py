@@ -26,6 +26,17 @@ backward also reads the rows again and read-modify-writes one gradient row per p
 figure for every path, so the fraction of bandwidth compares paths fairly. Bandwidth: the device's
 HBM figure from ``BANDWIDTH`` by name (vendor datasheets), or ``--bandwidth``.
 
+``--check`` also compares every path with the first (the unfused ops, or the torch form where there
+are none) before timing it: the forward's output and each input's gradient, as the largest difference
+over the largest reference value (at most ``TOLERANCE`` for the dtype: atomics add in another order on
+a GPU), and integer outputs (selected slots) row by row (at most ``--slot-rows`` of them may differ:
+equal scores are ranked by the lowest index in the kernels, in no fixed order by torch.topk; 0 by
+default, and at small sizes in float32 nothing ties), printing each figure; a path off by more ends
+the run with exit status 1. In bfloat16 the reference is the first path run in float32 on the same
+values, and every path is compared with it: two bf16 paths can each be near the float32 result and
+twice as far from each other. On a GPU this checks the kernels as Triton compiles them for the device,
+where the unit tests check them only under the interpreter (tests/gpu/ runs it at awkward sizes).
+
 On the CPU (``--tiny``: toy sizes) the Triton path needs TRITON_INTERPRET=1 and is slow; the CPU
 path exists so the script is tested (tests/unit/test_triton_gather.py), not for its figures.
 """
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +54,9 @@ import torch
 from ultraplan.compiler import ops, ops_fused
 
 ROOT = Path(__file__).resolve().parents[1]
+# --check: the largest difference from the reference path over its largest value, by dtype. float32: the
+# gradients of a table sum many picks by atomic adds in no fixed order; bfloat16: a few steps of its 2^-8
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # peak memory bandwidth, bytes/s, by a substring of torch.cuda.get_device_name() (vendor datasheets)
 BANDWIDTH = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.039e12,
              "A100": 1.555e12, "L40S": 0.864e12, "L4": 0.3e12, "A10G": 0.6e12, "MI300X": 5.3e12}
@@ -166,6 +181,31 @@ def cases(a: argparse.Namespace, dev: str, dtype: torch.dtype) -> dict[str, dict
     }
 
 
+def outputs(fn: Callable[[], torch.Tensor], inputs: tuple, grad: torch.Tensor | None) -> list[torch.Tensor]:
+    """A path's forward output and, where the kernel has a backward, each input's gradient."""
+    out = fn()
+    if grad is None:
+        return [out.detach()]
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad)]
+
+
+def difference(got: list[torch.Tensor], want: list[torch.Tensor]) -> tuple[float, float]:
+    """The largest difference over the largest reference value, and the fraction of rows of an integer
+    output (the slots a token and head select) that are not the reference's."""
+    worst, rows = 0.0, 0.0
+    for g, w in zip(got, want, strict=True):
+        if g.shape != w.shape:
+            return float("inf"), 1.0
+        if not w.numel():
+            continue
+        if not w.is_floating_point():
+            rows = max(rows, (g != w).reshape(-1, w.shape[-1]).any(-1).float().mean().item())
+        else:
+            scale = w.float().abs().max().item() or 1.0
+            worst = max(worst, (g.float() - w.float()).abs().max().item() / scale)
+    return worst, rows
+
+
 def _unfused_topk(half: torch.Tensor, half_k: int, k: int, num_keys: int) -> torch.Tensor:
     best = ops.topk_indices(half, half_k)
     grid = ops.grid_scores(ops.take(half, best))
@@ -198,26 +238,52 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bandwidth", type=float, default=None, help="memory bytes/s (default: the device's, by name)")
     p.add_argument("--tiny", action="store_true", help="toy sizes (the CPU smoke test)")
+    p.add_argument("--check", action="store_true", help="compare every path with the first; exit 1 if one is off")
+    p.add_argument("--slot-rows", type=float, default=0.0,
+                   help="--check: the fraction of selected-slot rows that may differ (ties: the kernels take the "
+                        "lowest index, torch.topk any; default 0)")
+    p.add_argument("--json-out", default=None, help="write the rows here as well")
     a = p.parse_args(argv)
     if a.tiny:
         a.rows, a.dim, a.topk, a.tokens, a.keys, a.heads, a.cores, a.blocks, a.tucker_topk = 37, 6, 3, 3, 5, 2, 2, 2, 3
         a.warmup, a.repeat = 0, 1
-    dev, bw = a.device, bandwidth(a.device, a.bandwidth)
+    dev, bw, dtype = a.device, bandwidth(a.device, a.bandwidth), getattr(torch, a.dtype)
     timer = Timer(dev, a.warmup, a.repeat)
-    all_cases = cases(a, dev, getattr(torch, a.dtype))
+    all_cases = cases(a, dev, dtype)
     chosen = a.kernels.split(",") if a.kernels else list(all_cases)
     print(f"fused kernels on {torch.cuda.get_device_name() if dev == 'cuda' else dev}, {a.dtype}: rows={a.rows} "
           f"dim={a.dim} topk={a.topk} tokens={a.tokens} keys={a.keys} heads={a.heads}; bandwidth {bw:.3g} B/s")
-    results = []
+    results, failed = [], []
     for name in chosen:
         case = all_cases[name]
         fwd_bytes, bwd_bytes = case["bytes"]
-        rows = []
+        rows, reference = [], None
         for path, fn in case["paths"].items():
             def forward(fn=fn, case=case):
                 return fn(*case["inputs"], *case["rest"])
+            row = {"kernel": name, "path": path}
+            if a.check:
+                if reference is None and dtype != torch.float32:  # the reference: the first path in float32
+                    wide = tuple(x.detach().float().requires_grad_(x.requires_grad) for x in case["inputs"])
+                    rest = tuple(r.float() if r.is_floating_point() else r for r in case["rest"])
+                    reference = outputs(lambda fn=fn, wide=wide, rest=rest: fn(*wide, *rest), wide,
+                                        None if case["grad"] is None else case["grad"].float())
+                    label = f"{path} (float32)"
+                got = outputs(forward, case["inputs"], case["grad"])
+                if reference is None:
+                    reference, label = got, path
+                else:
+                    diff, rows_off = difference(got, reference)
+                    row.update(difference=diff, rows_differing=rows_off)
+                    verdict = "ok" if diff <= TOLERANCE[dtype] and rows_off <= a.slot_rows else "OFF"
+                    slots = f", {rows_off:.3g} of the slot rows differ" if not got[0].is_floating_point() else ""
+                    print(f"  {name:20s} {path:14s} check: {verdict}, largest difference {diff:.3g} of the largest "
+                          f"{label} value (tolerance {TOLERANCE[dtype]:g}){slots}")
+                    if verdict == "OFF":
+                        failed.append(f"{name} {path}")
+                del got
             fwd = timer(forward)
-            row = {"kernel": name, "path": path, "forward_s": fwd, "forward_fraction": fwd_bytes / fwd / bw}
+            row.update(forward_s=fwd, forward_fraction=fwd_bytes / fwd / bw)
             if case["grad"] is not None:
                 both = timer(lambda forward=forward, case=case: torch.autograd.grad(forward(), case["inputs"], case["grad"]))
                 row["backward_s"] = bwd = max(both - fwd, 1e-12)
@@ -233,6 +299,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 speed += f", backward {base['backward_s'] / row['backward_s']:.2f}x"
             print(f"  {name:20s} {row['path']} vs {base['path']}: {speed}")
         results += rows
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"device": torch.cuda.get_device_name() if dev == "cuda" else dev,
+                                                "args": vars(a), "rows": results}, indent=1) + "\n")
+    if failed:
+        raise SystemExit(f"bench/kernels.py --check: off the reference: {', '.join(failed)}")
     return results
 
 

@@ -100,11 +100,12 @@ class PlanContext:
 
     def group_sizes(self) -> tuple[int, ...]:
         """The sizes of the groups a collective of this mesh runs on: an axis's, or the product of the
-        axes a spanning call covers (any set of them), 1 left out (no call)."""
+        axes a spanning call covers (any set of them); 1 too, where an axis has one device (a one-device
+        mesh's gradient all_reduce is still called, on a group of one)."""
         shape = self.mesh.shape
         sizes = {math.prod(shape[a] for a in axes) for k in range(1, len(shape) + 1)
                  for axes in itertools.combinations(range(len(shape)), k)}
-        return tuple(sorted(n for n in sizes if n > 1))
+        return tuple(sorted(sizes))
 
 
 @dataclass

@@ -117,7 +117,9 @@ def collective_figure(hardware: HardwareSpec, kind: str, group: int | None = Non
     kind on groups of that size (``collective_by_group``; the nearest size timed where this one was
     not: the wait grows with the peers to wait for), else the kind's over every size
     (``collective_by_kind``), else the spec's one ``collective_overhead`` (a spec calibrated before the
-    kinds were timed apart)."""
+    kinds were timed apart). A group of one waits for no peer: 0 (its call's launch is priced apart)."""
+    if group == 1:
+        return 0.0
     sizes = hardware.collective_by_group.get(kind, {})
     if group is not None and sizes:
         return sizes[min(sizes, key=lambda n: (abs(math.log(n / group)), -n))]

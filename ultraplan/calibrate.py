@@ -26,6 +26,11 @@ rank's median over windows the scheduler happened to give it alone (a 4-rank cal
 cores measured a higher FLOP/s per rank than a 2-rank one). The collectives are timed with all N
 ranks running, so their figures hold for N ranks: calibrate once per rank count you run with
 (the spec describes this machine as ``nproc`` devices, ``devices_per_node: nproc``).
+
+One rank (``--nproc 1``: a machine with one GPU, where NCCL cannot put two ranks on one device)
+times everything but the collectives; the spec keeps the links of the spec named by
+``--links-from`` (a datasheet spec, such as h200-8), says so, and serves plans of one device (a
+plan of more prices its collectives at those links, unmeasured).
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -44,6 +48,8 @@ from pathlib import Path
 import sympy
 import torch
 
+from ultraplan.calibrate_spec import REFERENCE, render_spec
+from ultraplan.compiler.schema import HardwareSpec
 from ultraplan.passes.sbp import Broadcast, PartialSum, Split, box
 
 # each kind's (source, destination) SBP on the axis, and the logical bytes box() sizes it by from the
@@ -52,9 +58,8 @@ PAIRS = {"all_reduce": (PartialSum(), Broadcast(), 1), "all_gather": (Split(0), 
          "reduce_scatter": (PartialSum(), Split(0), 1), "all_to_all": (Split(0), Split(1), None)}
 
 
-# the program op_overhead is fitted on: small enough that op overhead is most of its step
-REFERENCE = ("dense-tiny", "dp")
-REFERENCE_RUNS = 3  # the reference program's runs a (full) calibration fits op_overhead on: the median's
+# the reference program (REFERENCE, calibrate_spec.py): the runs a (full) calibration fits op_overhead on (the median's)
+REFERENCE_RUNS = 3
 # the reference program's steps per run (the first 2 warm-up): its 20 ms steps on 4 ranks, five runs of
 # each length on an idle 2-core host, medians 19.6 to 25.2 ms in 12-step runs, 17.7 to 20.3 in 40-step ones
 REFERENCE_STEPS = 40
@@ -86,13 +91,20 @@ def fit_link(rows: list[dict]) -> dict:
     return {"latency": lat, "bandwidth": 1 / inv_bw, "median_rel_error": statistics.median(errors)}
 
 
-def summarise(raw: dict) -> dict:
-    """The spec's figures from the worker's measurements (medians over ranks)."""
+def summarise(raw: dict, links_from: HardwareSpec | None = None) -> dict:
+    """The spec's figures from the worker's measurements (medians over ranks); a one-rank measure (no
+    collectives) takes its link from ``links_from``."""
     peak = peak_flops(raw["matmul"])
     rows = [r for r in raw["collectives"] if not r.get("in_place")]
     per_size = {n: fit_link([r for r in rows if r["n"] == n]) for n in sorted({r["n"] for r in rows})}
-    link = fit_link(rows)
-    link["wire_factor"] = wire_factors(link, rows)
+    if rows:
+        link = fit_link(rows)
+        link["wire_factor"] = wire_factors(link, rows)
+    else:
+        kept = links_from.intra_node
+        link = {"latency": kept.latency, "bandwidth": kept.bandwidth, "median_rel_error": float("nan"),
+                "wire_factor": {}, "kept_from": links_from.name,
+                "inter_node": {"latency": links_from.inter_node.latency, "bandwidth": links_from.inter_node.bandwidth}}
     beyond: dict[str, dict[int, list[float]]] = {}  # kind -> group size -> seconds beyond the link, per size
     for r in raw["collectives"]:
         if r.get("in_place"):
@@ -109,7 +121,8 @@ def summarise(raw: dict) -> dict:
             "optimizer_tensor": statistics.median(raw["optimizer"]["tensor"]),
             "optimizer_element": statistics.median(raw["optimizer"]["element"]),
             "link": link, "link_by_group_size": per_size,
-            "wire_fit_error": statistics.median(abs(in_link(link, r) - r["seconds"]) / r["seconds"] for r in rows)}
+            "wire_fit_error": statistics.median(abs(in_link(link, r) - r["seconds"]) / r["seconds"] for r in rows)
+            if rows else float("nan")}
 
 
 def wire_factors(link: dict, rows: list[dict]) -> dict[str, float]:
@@ -133,72 +146,6 @@ def in_link(link: dict, row: dict) -> float:
     messages, wire = ring_terms(row["kind"], row["n"], row["payload_bytes"])
     factor = link.get("wire_factor", {}).get(row["kind"], 1.0)
     return messages * link["latency"] + factor * wire / link["bandwidth"]
-
-
-def device_memory(nproc: int) -> float:
-    """Bytes one rank may use: a GPU's memory, else the host's memory shared by the ranks."""
-    if torch.cuda.is_available():
-        return float(torch.cuda.get_device_properties(0).total_memory)
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / nproc
-
-
-def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -> str:
-    """The hardware spec's YAML, its comment saying how, when and where each figure was measured."""
-    link = figures["link"]
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    lines = [
-        f"# {name}: this machine as measured by `{command}`",
-        f"# on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()} "
-        f"({os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}), torch {torch.__version__}.",
-        f"# {nproc} ranks measured at once ({raw['threads_per_rank']} thread(s) each): one device here is one rank's",
-        "# share of the machine; calibrate again for another rank count. Medians over repeats and ranks.",
-        "# peak_flops: square matmuls (2 n^3 FLOPs, the largest size timed); memory_bandwidth: a tensor",
-        "# copy (bytes read + written); optimizer_*: AdamW steps on many tiny and one large tensor;",
-        "# op_overhead: per plan op, fitted on the reference program " + f"{REFERENCE[0]} {REFERENCE[1]} "
-        + (f"({figures['reference_measured'] * 1e3:.1f} ms measured, {figures['reference_launches']:.0f} launches; "
-           f"floor {figures['op_overhead_floor'] * 1e6:.1f} us, a tiny op's forward + backward)"
-           if "reference_measured" in figures else "(not yet: a tiny op's forward + backward)") + ";",
-        "# passes/host_cost.py says how each enters step_time. links: the fit of every collective timed",
-        "# to messages * latency + wire bytes / bandwidth (passes/sbp.py's ring model), median relative",
-        f"# error {link['median_rel_error']:.0%}; by group size: " + "; ".join(
-            f"{n}: {f['latency'] * 1e6:.0f} us, {f['bandwidth'] / 1e9:.2f} GB/s ({f['median_rel_error']:.0%})"
-            for n, f in figures["link_by_group_size"].items()) + ".",
-        "# collective_by_kind: each kind timed in place (between tiny ops, no barrier) less the link's",
-        "# formula, per call, the median over sizes and group sizes (collective_overhead: their median);",
-        "# collective_by_group: the same per group size (a plan prices each call at its group's);",
-        "# collective_wire_factor: each kind's seconds per wire byte against the link's (least squares on",
-        "# its rows timed after a barrier, the link's latency kept); median relative error with them "
-        + f"{figures.get('wire_fit_error', float('nan')):.0%}.",
-        "# group size: us at each size: " + "; ".join(
-            f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
-            for kind, by_n in figures["collective_beyond"].items()) + ".",
-        f"# host_cores: the cores the ranks share (affinity); the rates are one core's, timed by "
-        f"{min(nproc, figures['host_cores'] or nproc)} rank(s) at once;",
-        "# a plan of more ranks than cores shares them out (oversub). loop_pass: one expert of the MoE's loop.",
-        "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
-        "hardware:",
-        f"  name: {name}",
-        f"  devices_per_node: {nproc}",
-        "  nodes: 1",
-        "  peak_flops: {" + ", ".join(f"{k}: {v:.4g}" for k, v in figures["peak_flops"].items()) + "}",
-        f"  memory_bytes: {device_memory(nproc):.4g}",
-        f"  memory_bandwidth: {figures['memory_bandwidth']:.4g}",
-        f"  op_overhead: {figures['op_overhead']:.4g}",
-        f"  optimizer_tensor: {figures['optimizer_tensor']:.4g}",
-        f"  optimizer_element: {figures['optimizer_element']:.4g}",
-        f"  collective_overhead: {figures['collective_overhead']:.4g}",
-        f"  loop_pass: {figures['loop_pass']:.4g}",
-        "  collective_by_kind: {" + ", ".join(f"{k}: {v:.4g}" for k, v in figures["collective_by_kind"].items()) + "}",
-        "  collective_by_group: {" + ", ".join(
-            f"{k}: {{" + ", ".join(f"{n}: {v:.4g}" for n, v in by_n.items()) + "}"
-            for k, by_n in figures.get("collective_by_group", {}).items()) + "}",
-        "  collective_wire_factor: {" + ", ".join(
-            f"{k}: {v:.4g}" for k, v in figures.get("collective_wire_factor", {}).items()) + "}",
-        f"  host_cores: {figures['host_cores']}",
-        f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
-        f"  inter_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def measure(nproc: int, quick: bool, only_matmul: bool = False) -> dict:
@@ -305,14 +252,27 @@ def refit(spec: Path, nproc: int, *, steps: int = REFERENCE_STEPS, runs: int = 1
     return fitted
 
 
-def calibrate(output: Path, *, nproc: int, quick: bool = False, name: str | None = None) -> dict:
-    """Measure, fit and write the spec at ``output``; return the figures (and the raw measurements)."""
-    if nproc < 2:
-        raise ValueError(f"--nproc must be at least 2 (collectives need two ranks), got {nproc}")
+def calibrate(output: Path, *, nproc: int, quick: bool = False, name: str | None = None,
+              links_from: str | None = None) -> dict:
+    """Measure, fit and write the spec at ``output``; return the figures (and the raw measurements).
+    One rank times no collective: its links are ``links_from``'s (a hardware spec's path or bundled name)."""
+    if nproc < 1:
+        raise ValueError(f"--nproc must be at least 1, got {nproc}")
+    if nproc == 1 and links_from is None:
+        raise ValueError("--nproc 1 times no collective (they need two ranks): name the hardware spec whose links "
+                         "to keep with --links-from (e.g. h200-8 on one H200), or calibrate with --nproc 2 or more")
+    if nproc > 1 and links_from is not None:
+        raise ValueError(f"--links-from is for --nproc 1; {nproc} ranks measure their own links")
+    kept = None
+    if links_from is not None:
+        from ultraplan.api import load_hardware
+
+        kept = load_hardware(links_from)
     name = name or output.stem
     raw = measure(nproc, quick)
-    figures = summarise(raw)
-    command = f"ultraplan calibrate -o {output} --nproc {nproc}" + (" --quick" if quick else "")
+    figures = summarise(raw, kept)
+    command = f"ultraplan calibrate -o {output} --nproc {nproc}" + (" --quick" if quick else "") + (
+        f" --links-from {links_from}" if links_from else "")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_spec(name, nproc, figures, raw, command))  # op_overhead: the microbenchmark's
     figures |= median_fit(output, nproc, 5, 1) if quick else median_fit(output, nproc, REFERENCE_STEPS, REFERENCE_RUNS)

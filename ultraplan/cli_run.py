@@ -19,7 +19,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = run(Path(args.dir), nproc=args.nproc, steps=args.steps, seed=args.seed, check=args.check,
                  quiet=args.json or args.quiet, dtype=args.dtype, data=data, checkpoint_dir=args.checkpoint_dir,
                  checkpoint_every=args.checkpoint_every, resume=args.resume, checkpoint_async=args.checkpoint_async,
-                 extra_args=failure_flags(args),
+                 extra_args=program_flags(args),
                  timed=args.json)
     if args.json:
         print(json.dumps(report, indent=1))
@@ -104,18 +104,23 @@ def add_data_and_report_parsers(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
-def _failure_args(p: argparse.ArgumentParser) -> None:
-    """The program's own failure flags (watchdog.py's add_arguments), passed through by ``run``."""
+def _program_args(p: argparse.ArgumentParser) -> None:
+    """The program's own flags passed through by ``run``: failures (watchdog.py's add_arguments) and
+    the fused ops' kernels."""
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="stop the job when a step makes no progress for this long, naming the stalled rank "
                         "(the program's default: 600; 0: off)")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a batch whose loss is NaN or infinite instead of stopping the run")
+    p.add_argument("--kernels", choices=("triton", "torch"), default=None,
+                   help="fused ops' kernels: triton (the program's kernels.py; its default on CUDA; on the CPU "
+                        "under TRITON_INTERPRET=1, slow) or torch (the default on the CPU)")
 
 
-def failure_flags(args: argparse.Namespace) -> list[str]:
+def program_flags(args: argparse.Namespace) -> list[str]:
     return ([] if args.timeout is None else ["--timeout", str(args.timeout)]) + \
-        (["--skip-nonfinite"] if args.skip_nonfinite else [])
+        (["--skip-nonfinite"] if args.skip_nonfinite else []) + \
+        ([] if args.kernels is None else ["--kernels", args.kernels])
 
 
 # ---- calibrate (ultraplan/calibrate.py) ----------------------------------------------------------
@@ -125,7 +130,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ultraplan.calibrate import calibrate
 
     out = Path(args.output)
-    figures = calibrate(out, nproc=args.nproc, quick=args.quick, name=args.name)
+    figures = calibrate(out, nproc=args.nproc, quick=args.quick, name=args.name, links_from=args.links_from)
     link = figures["link"]
     print(f"wrote {out}: peak {', '.join(f'{k} {v / 1e9:.3g} GFLOP/s' for k, v in figures['peak_flops'].items())}, "
           f"memory {figures['memory_bandwidth'] / 1e9:.3g} GB/s, op overhead {figures['op_overhead'] * 1e6:.3g} us, "
@@ -142,6 +147,9 @@ def add_calibrate_parser(sub) -> None:
                         "this machine as that many devices")
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: seconds, rougher figures")
     p.add_argument("--name", default=None, help="the spec's name (default: the output file's stem)")
+    p.add_argument("--links-from", default=None, metavar="HARDWARE",
+                   help="with --nproc 1 (one GPU: no collective to time), the hardware spec whose links to keep "
+                        "(a path or bundled name, e.g. h200-8)")
     p.set_defaults(func=cmd_calibrate)
 
 
@@ -163,7 +171,7 @@ def add_run_parsers(sub) -> None:
     p.add_argument("--checkpoint-async", action="store_true",
                    help="save in the background (dcp.async_save): training goes on while the files are written")
     _run_data_args(p)
-    _failure_args(p)
+    _program_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("export", help="write a checkpoint's model as one safetensors file (canonical names)")
     p.add_argument("checkpoint", help="a --checkpoint-dir (its latest complete checkpoint) or one step-N folder")

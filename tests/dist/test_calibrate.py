@@ -64,3 +64,25 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
     uncalibrated = api.plan("dense-tiny", "2", strategy="tp").total("step_time").value
     error, before = abs(math.log(predicted / measured)), abs(math.log(uncalibrated / measured))
     assert error + math.log(3) < before, (predicted, uncalibrated, measured)
+
+
+def test_one_rank_calibration_keeps_another_specs_links(tmp_path):
+    """`calibrate --nproc 1 --links-from h200-8` (a one-GPU machine: NCCL puts no two ranks on one
+    device) times every rate but no collective: the spec's links are h200-8's, its collective figures
+    none, and it predicts a one-device program it was not fitted on (moe-tiny: the MoE's loop passes,
+    not the reference's dense layers) much closer than the uncalibrated spec does."""
+    spec = tmp_path / "one.yaml"
+    figures = calibrate(spec, nproc=1, quick=True, links_from="h200-8")
+    hw, datasheet = load_hardware_spec(spec), api.load_hardware("h200-8")
+    assert (hw.devices_per_node, hw.nodes) == (1, 1) and figures["raw"]["collectives"] == []
+    assert (hw.intra_node, hw.inter_node) == (datasheet.intra_node, datasheet.inter_node)
+    assert hw.collective_overhead == 0 and not hw.collective_by_kind and not hw.collective_wire_factor
+    assert hw.op_overhead >= figures["op_overhead_floor"] > 0 and hw.loop_pass > 0
+    assert "intra_node and inter_node are h200-8's" in spec.read_text()
+    plan = api.compile("moe-tiny", "1", tmp_path / "moe", hardware=str(spec))
+    report = run(tmp_path / "moe", nproc=None, steps=6, seed=None, check=False, quiet=True, timed=True)
+    assert report["ok"]
+    measured, predicted = report["step_time_measured_s"], plan.total("step_time").value
+    uncalibrated = api.plan("moe-tiny", "1").total("step_time").value
+    error, before = abs(math.log(predicted / measured)), abs(math.log(uncalibrated / measured))
+    assert error + math.log(3) < before, (predicted, uncalibrated, measured)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import runpy
+
+import pytest
 
 from tests.conftest import ROOT
 
@@ -47,3 +50,27 @@ def test_placement_bench_runs_tiny(capsys, tmp_path):
     assert by[("number", "train", 8)]["memory"] < by[("replicate", "train", 8)]["memory"]  # experts split
     chosen = bench["choose"](rows)
     assert chosen[("moe-tiny", "2", "infer", 64)] in {"number", "dim", "replicate"}
+
+
+@pytest.mark.slow  # a quick one-rank calibration and two runs of a program (about 35 s)
+def test_gpu_step_time_bench_runs_tiny(capsys, tmp_path):
+    """bench/step_time_gpu.py's table on the CPU (one tiny spec, two batches, calibrated as one device):
+    each row the plan's step time under the calibrated spec (the run's ``step_time_predicted_s``), under
+    the datasheet spec, and the measured one; its GPU figures come from tools/gpu_check.sh."""
+    from ultraplan import api
+
+    bench = runpy.run_path(str(ROOT / "bench" / "step_time_gpu.py"))
+    out = tmp_path / "rows.json"
+    rows = bench["main"](["--specs", "dense-tiny", "--batches", "2", "4", "--hardware", "cpu", "--steps", "4",
+                          "--calibrate", "--quick", "--json-out", str(out)])
+    text = capsys.readouterr().out
+    assert "| dense-tiny | 4 | torch |" in text and "against the plans under this cpu calibrated (links: cpu's)" in text
+    assert [(r["batch"], r["kernels"]) for r in rows] == [(2, "torch"), (4, "torch")]
+    assert all(r["predicted_s"] > 0 and r["measured_s"] > 0 and len(r["step_times_s"]) == 4 for r in rows)
+    assert rows[1]["predicted_s"] > rows[0]["predicted_s"]  # twice the tokens, more modelled time
+    assert [r["datasheet_s"] for r in rows] == [api.plan("dense-tiny", "1", batch=b).total("step_time").value
+                                                for b in (2, 4)]
+    # the calibrated spec adds the host terms (op launches, the optimizer): more than FLOPs and links alone
+    assert all(r["predicted_s"] > r["datasheet_s"] for r in rows)
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and "op_overhead:" in saved["calibrated_spec"]

@@ -10,11 +10,12 @@ import runpy
 import pytest
 from ultraplan.compiler.validate import load_hardware_spec
 from ultraplan.passes.context import Mesh
+from ultraplan.passes.host_cost import collective_figure
 from ultraplan.passes.pipeline import make_plan
 
 from tests.conftest import ROOT
 from ultraplan import api
-from ultraplan.calibrate import fit_link, render_spec, ring_terms
+from ultraplan.calibrate import calibrate, fit_link, render_spec, ring_terms
 from ultraplan.runner import step_report
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")
@@ -253,3 +254,24 @@ def test_a_calibration_fits_op_overhead_on_the_median_reference_run(calibrated, 
     fitted = calibrate.median_fit(calibrated, 2, 12, calibrate.REFERENCE_RUNS, floor=5e-5)
     assert calibrate.REFERENCE_RUNS == 3 and calls == [(2, 12, 5e-5)] * 3
     assert fitted == {"op_overhead": 4e-4, "reference_measured": 4e-4 * 100}
+
+
+def test_one_device_plan_on_a_calibrated_spec_prices_its_group_of_one(calibrated):
+    """A one-device plan still calls its gradient all_reduce (on a group of one): a calibrated spec
+    prices the call's launch and no wait for peers, so the plan's step time is a number (it had a free
+    symbol ``coll_all_reduce_1`` before)."""
+    hw = load_hardware_spec(calibrated)
+    plan, _, _ = make_plan(api.load("dense-tiny"), hw, Mesh((1,)), strategies=("dp",))
+    calls = len(plan.collectives)
+    assert calls and {c.collective for c in plan.collectives} == {"all_reduce"}
+    assert collective_figure(hw, "all_reduce", 1) == 0.0 and collective_figure(hw, "all_reduce", 2) == 3.0e-5
+    assert float(plan.total("step_time").value) > 0
+
+
+@pytest.mark.parametrize(("nproc", "links_from", "message"), [
+    (1, None, "--nproc 1 times no collective"), (2, "h200-8", "--links-from is for --nproc 1"),
+    (0, None, "--nproc must be at least 1")])
+def test_calibrate_refuses_links_it_cannot_use(tmp_path, nproc, links_from, message):
+    with pytest.raises(ValueError, match=message):
+        calibrate(tmp_path / "x.yaml", nproc=nproc, links_from=links_from)
+    assert not (tmp_path / "x.yaml").exists()

@@ -68,7 +68,7 @@ def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
     import runpy
 
     bench = runpy.run_path(str(ROOT / "bench" / "kernels.py"))
-    results = bench["main"](["--tiny", "--device", "cpu"])
+    results = bench["main"](["--tiny", "--device", "cpu", "--check"])
     paths = {(r["kernel"], r["path"]) for r in results}
     kernels = ("gather_weighted_sum", "gather_row_dot", "gather_core_pool", "gather_ive_pool", "add_rms_norm", "pk_topk",
                "pk_slot_scores", "tucker_topk")
@@ -76,27 +76,63 @@ def test_kernel_bench_runs_tiny_on_the_cpu(kernels, capsys):
     assert ("gather_weighted_sum", "embedding_bag") in paths
     assert all(r["forward_s"] > 0 and r["forward_fraction"] > 0 for r in results)
     assert all("backward_s" in r for r in results if r["kernel"] not in ("pk_topk", "tucker_topk"))
+    compared = [r for r in results if "difference" in r]  # --check: every path but each kernel's first
+    assert len(compared) == len(results) - len(kernels) and all(r["difference"] <= 1e-5 for r in compared)
     out = capsys.readouterr().out
     assert "gather_ive_pool      triton vs unfused" in out and "of bandwidth" in out
+    assert ("tucker_topk          triton         check: ok, largest difference 0 of the largest unfused value "
+            "(tolerance 1e-05), 0 of the slot rows differ") in out
+
+
+def test_kernel_bench_check_in_bfloat16_measures_every_path_against_float32(capsys):
+    """In bfloat16 --check compares every path, the first too, with the first run in float32 on the same
+    values (the interpreter runs the pooling and norm kernels in bf16; not the gathers' atomics)."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "bench" / "kernels.py"))
+    rows = bench["main"](["--tiny", "--device", "cpu", "--check", "--dtype", "bfloat16",
+                          "--kernels", "gather_ive_pool,add_rms_norm"])
+    assert [(r["kernel"], r["path"]) for r in rows if "difference" in r] == [
+        (k, p) for k in ("gather_ive_pool", "add_rms_norm") for p in ("unfused", "torch", "triton")]
+    assert all(0 < r["difference"] <= 2e-2 for r in rows)  # bf16 rounding: never exactly the float32 values
+    assert "add_rms_norm         triton         check: ok" in capsys.readouterr().out
+
+
+def test_kernel_bench_check_fails_on_a_wrong_kernel():
+    """--check ends the run when a path is off: a Triton kernel that returns a slightly wrong sum."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "bench" / "kernels.py"))
+    real = bench["cases"]
+
+    def wrong(*args):
+        all_cases = real(*args)
+        paths = all_cases["add_rms_norm"]["paths"]
+        right = paths["triton"]
+        paths["triton"] = lambda p, q, g: right(p, q, g) * 1.001
+        return all_cases
+
+    bench["main"].__globals__["cases"] = wrong
+    with pytest.raises(SystemExit, match="off the reference: add_rms_norm triton"):
+        bench["main"](["--tiny", "--device", "cpu", "--check", "--kernels", "add_rms_norm,gather_row_dot"])
 
 
 @pytest.mark.slow
-def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, monkeypatch):
-    """pkm-tiny, ultramem-tiny and ultramem-v2-tiny on 2 ranks (tp) with `--kernels triton` under the
+def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path):
+    """pkm-tiny, ultramem-tiny and ultramem-v2-tiny on 2 ranks (tp) with `run --kernels triton` under the
     interpreter: kernels.py is written beside each program, and a training step through it equals the
     eager reference; pkm's step with a broken forward kernel does not (so the comparison can fail),
     and the UltraMem programs' kernels.py record that their kernels ran (so the kernels are what ran)."""
 
     from ultraplan import api, runner
+    from ultraplan.cli import build_parser
+    from ultraplan.cli_run import program_flags
 
-    real_run = runner.run_job
-    commands = []
+    def run(directory):  # as `ultraplan run DIR --check --steps 1 --kernels triton` runs it
+        flags = program_flags(build_parser().parse_args(["run", str(directory), "--kernels", "triton"]))
+        assert flags == ["--kernels", "triton"]
+        return runner.run(directory, nproc=None, steps=1, seed=None, check=True, quiet=True, extra_args=flags)
 
-    def with_triton(cmd, *args, **kw):
-        commands.append([*cmd, "--kernels", "triton"])
-        return real_run(commands[-1], *args, **kw)
-
-    monkeypatch.setattr(runner, "run_job", with_triton)
     pkm, ultramem, v2 = tmp_path / "pkm", tmp_path / "ultramem", tmp_path / "ultramem-v2"
     api.compile("pkm-tiny", "2", pkm, strategy="tp")
     for spec, directory in (("ultramem-tiny", ultramem), ("ultramem-v2-tiny", v2)):  # 16 tokens: the interpreter is slow
@@ -120,9 +156,8 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
             source + f"\n\n_{op} = KERNELS[{op!r}]\n\n\ndef _spy_{op}(*args):\n"
             f"    open({str(marker)!r}, 'a').write('x')\n    return _{op}(*args)\n\n\nKERNELS[{op!r}] = _spy_{op}\n")
     for directory in (pkm, ultramem, v2):
-        report = runner.run(directory, nproc=None, steps=1, seed=None, check=True, quiet=True)
+        report = run(directory)
         assert report["ok"], report
-    assert len(commands) == 3
     for directory, op in spied:  # both ranks, every memory layer
         assert (tmp_path / f"{directory.name}-{op}").read_text().count("x") >= 2 * 2, (directory.name, op)
     source = (pkm / "kernels.py").read_text()
@@ -130,4 +165,4 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path, mo
                             "acc += 2 * tl.sum(vals.to(tl.float32) * w[:, None], axis=0)")
     assert broken != source
     (pkm / "kernels.py").write_text(broken)
-    assert not runner.run(pkm, nproc=None, steps=1, seed=None, check=True, quiet=True)["ok"]
+    assert not run(pkm)["ok"]
