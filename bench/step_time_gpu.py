@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         hardware = str(calibrated_spec(a.hardware, Path(tmp) / "this-device.yaml", a.quick)) if a.calibrate \
             else a.hardware
+        spec_text = Path(hardware).read_text() if a.calibrate else None
         cases = [(spec, batch, Path(tmp) / f"{spec}-{batch}") for spec in a.specs for batch in a.batches]
         with concurrent.futures.ThreadPoolExecutor(max(1, min(len(cases), os.cpu_count() or 1))) as pool:
             list(pool.map(lambda c: compile_case(c[0], c[1], hardware, c[2]), cases))
@@ -102,12 +103,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 before = f" {datasheet * 1e3:.2f} |" if datasheet is not None else ""
                 print(f"| {spec} | {batch} | {kernels} |{before} {predicted * 1e3:.2f} | {measured * 1e3:.2f} | "
                       f"{predicted / measured:.2f} | {batch * seq / measured:,.0f} |", flush=True)
-        spec_text = Path(hardware).read_text() if a.calibrate else None
+                if a.json_out:  # after every row: a run stopped at its time limit keeps what it measured
+                    Path(a.json_out).write_text(json.dumps({"device": device, "hardware": a.hardware,
+                                                            "calibrated_spec": spec_text, "rows": rows}, indent=1) + "\n")
     if spec_text:
         print(spec_text)
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps({"device": device, "hardware": a.hardware, "calibrated_spec": spec_text,
-                                                "rows": rows}, indent=1) + "\n")
     return rows
 
 
