@@ -38,7 +38,8 @@ def write_spec(tmp_path):
 FILE_SECONDS = {
     "tests/dist/test_multirank.py": 230, "tests/dist/test_strategies.py": 190, "tests/dist/test_checkpoint.py": 85,
     "tests/dist/test_placement.py": 60, "tests/dist/test_runtime.py": 40, "tests/dist/test_failures.py": 30,
-    "tests/dist/test_model_features.py": 30,
+    "tests/dist/test_model_features.py": 30, "tests/dist/test_calibrate.py": 90,
+    "tests/unit/test_bench.py": 60,  # bench/step_time_gpu.py's calibration and runs
 }
 
 
