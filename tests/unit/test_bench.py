@@ -74,3 +74,16 @@ def test_gpu_step_time_bench_runs_tiny(capsys, tmp_path):
     assert all(r["predicted_s"] > r["datasheet_s"] for r in rows)
     saved = json.loads(out.read_text())
     assert saved["rows"] == rows and "op_overhead:" in saved["calibrated_spec"]
+
+
+@pytest.mark.slow  # a 2-rank job (about 10 s)
+def test_collective_stretch_bench_times_calls_after_each_chain(capsys, tmp_path):
+    """bench/collective_stretch.py on 2 gloo ranks: a row per chain length, its chain's seconds growing
+    with the chain, each call's blocked time positive, the table printed and the JSON written."""
+    bench = runpy.run_path(str(ROOT / "bench" / "collective_stretch.py"))
+    out = tmp_path / "stretch.json"
+    rows = bench["main"](["--nproc", "2", "--chains", "8", "200", "--windows", "2", "--json-out", str(out)])
+    assert [r["chain"] for r in rows] == [8, 200] and rows[1]["chain_s"] > rows[0]["chain_s"] > 0
+    assert all(len(r["added_windows_s"]) == 2 and 0 < r["blocked_p50_s"] <= r["blocked_p90_s"] for r in rows)
+    assert "1 KiB all_reduce on 2 gloo ranks after chains of tiny ops" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"] == rows
