@@ -166,3 +166,20 @@ def test_compiled_program_with_triton_kernels_equals_eager(kernels, tmp_path):
     assert broken != source
     (pkm / "kernels.py").write_text(broken)
     assert not run(pkm)["ok"]
+
+
+@pytest.mark.slow  # one rank's job (a few seconds)
+def test_triton_kernels_without_a_gpu_or_the_interpreter_stop_with_a_message(tmp_path, monkeypatch, capfd):
+    """`run --kernels triton` on a CPU without TRITON_INTERPRET=1: the program says what to do instead
+    of Triton's "0 active drivers" traceback."""
+    from ultraplan import api, runner
+
+    api.compile("dense-tiny", "1", tmp_path / "p")
+    assert (tmp_path / "p" / "kernels.py").exists()  # add_rms_norm is fused
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    report = runner.run(tmp_path / "p", nproc=None, steps=1, seed=None, check=False, quiet=True,
+                        extra_args=["--kernels", "triton"])
+    assert not report["ok"] and report["exit_code"] == 1
+    err = capfd.readouterr().err
+    assert "--kernels triton: Triton compiles its kernels for a CUDA GPU, and none is here" in err
+    assert "Traceback" not in err and "active drivers" not in err

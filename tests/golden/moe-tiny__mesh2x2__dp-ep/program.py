@@ -358,6 +358,9 @@ def main(argv=None):
     data, val_data = train_data.open_data(args, VOCAB_SIZE, SEQ_LEN)  # None: the synthetic task / no validation
     if (args.kernels or ("triton" if torch.cuda.is_available() else "torch")) == "triton":
         if os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.py")):  # fused kernels
+            if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+                raise SystemExit("--kernels triton: Triton compiles its kernels for a CUDA GPU, and none is here; "
+                                 "set TRITON_INTERPRET=1 to run them on the CPU (slowly), or use --kernels torch")
             import kernels
             ops.KERNELS.update(kernels.KERNELS)
     mesh, owned = runtime.setup(MESH_SHAPE, timeout=watchdog.collective_timeout(args))
