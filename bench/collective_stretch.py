@@ -6,8 +6,9 @@
 ``ultraplan calibrate`` times a collective in place after 8 tiny ops (``calibrate_worker.in_place_collective``);
 a program calls its blocking collectives after milliseconds of its ops, and on a shared CPU host the
 call then waits longer (docs/cost-model.md, session 19: moe-tiny's all_reduces on 4 ranks). For each
-chain length, ``--windows`` windows of rounds (a chain of tiny ops, then a 1 KiB all_reduce on the
-default group, no barrier), each against the same rounds without the call: what the call adds per
+chain length, ``--windows`` windows of calibrate's own in-place measure with that chain
+(``calibrate_worker.in_place_rounds``: rounds of the chain, then a 1 KiB all_reduce on the default
+group, no barrier, against the same rounds without the call, medians of 3): what the call adds per
 round (the windows' median; a window's figure is its slowest rank's), beside the seconds each call
 blocked (p50, p90 over every call of every rank) and the chain's own seconds. Ranks are pinned as a
 program's are (``runtime.pin_to_cores``); the job runs through ``ultraplan.launch``.
@@ -22,46 +23,30 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROUND_OPS = 3000  # tiny ops a window runs at least (rounds = this over the chain length, at least 10)
 
 
 def worker(chains: list[int], windows: int, out: str) -> None:
-    """One rank: for each chain length, windows of rounds with and without the call; rank 0 writes them."""
-    import torch
+    """One rank: for each chain length, ``windows`` windows of calibrate's in-place measure
+    (``calibrate_worker.in_place_rounds``: a 1 KiB all_reduce on the world); rank 0 writes them."""
     import torch.distributed as dist
     from ultraplan.backends.runtime import pin_to_cores
 
+    from ultraplan import calibrate_worker
+
     dist.init_process_group("gloo")
-    pin_to_cores()
-    x, y = torch.randn(256), torch.randn(8)
-
-    def rounds(calls: int, chain: int, collective: bool, blocked: list[float]) -> float:
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(calls):
-            z = y
-            for _ in range(chain):
-                z = z * 1.0001
-            if collective:
-                began = time.perf_counter()
-                dist.all_reduce(x)
-                blocked.append(time.perf_counter() - began)
-        dist.barrier()
-        return time.perf_counter() - start
-
+    pin_to_cores()  # as a program's rank (and calibrate's) runs
+    world = dist.get_world_size()
     rows = []
     for chain in chains:
-        calls = max(10, ROUND_OPS // chain)
-        with_call, without, blocked = [], [], []
-        for _ in range(windows):
-            with_call.append(rounds(calls, chain, True, blocked))
-            without.append(rounds(calls, chain, False, []))
-        mine = {"added": [(a - b) / calls for a, b in zip(with_call, without)], "blocked": blocked,
-                "chain_s": statistics.median(without) / calls}
-        everyone = [None] * dist.get_world_size()
+        calls, blocked = max(10, ROUND_OPS // chain), []
+        windows_measured = [calibrate_worker.in_place_rounds("all_reduce", 256, world, None, calls, chain, blocked)
+                            for _ in range(windows)]
+        mine = {"added": [added for added, _ in windows_measured], "blocked": blocked,
+                "chain_s": statistics.median(alone for _, alone in windows_measured)}
+        everyone = [None] * world
         dist.all_gather_object(everyone, mine)
         added = [max(window) for window in zip(*(r["added"] for r in everyone))]  # a window's slowest rank
         calls_blocked = sorted(b for r in everyone for b in r["blocked"])

@@ -107,15 +107,17 @@ def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict]) -> l
     return json.loads(done.stdout)
 
 
-def run_case(out: Path, steps: int, tries: int = 2) -> dict | None:
-    """``run --json``'s report; a failed run is tried again once (gloo can abort a rank at exit on a
-    loaded machine, runtime.finish says why), then left out."""
+def run_case(out: Path, steps: int, tries: int = 2, extra: tuple[str, ...] = ()) -> dict | None:
+    """``run --json``'s report (``extra``: more ``run`` flags); a failed run is tried again once (gloo can
+    abort a rank at exit on a loaded machine, runtime.finish says why), then left out."""
     for _ in range(tries):
-        done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json"],
+        done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json", *extra],
                               capture_output=True, text=True)
         if done.returncode == 0:
             return json.loads(done.stdout)
-        print(f"  {out.name}: the run failed (exit code {done.returncode})", file=sys.stderr, flush=True)
+        said = done.stderr.strip().splitlines()
+        print(f"  {out.name}: the run failed (exit code {done.returncode}): {said[-1] if said else '(no message)'}",
+              file=sys.stderr, flush=True)
     return None
 
 

@@ -22,6 +22,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -33,17 +34,22 @@ ULTRAPLAN = [sys.executable, "-m", "ultraplan"]
 SPECS = ["dense-100m", "moe-100m", "pkm-100m", "peer-100m", "ultramem-100m", "ultramem-v2-100m"]
 
 
+# bench/step_time.py's runner: run --json, a failed run tried once more
+STEP_TIME = runpy.run_path(str(Path(__file__).with_name("step_time.py")))
+
+
 def compile_case(spec: str, batch: int, hardware: str, out: Path) -> None:
-    subprocess.run([*ULTRAPLAN, "compile", spec, "--mesh", "1", "--hardware", hardware, "--batch", str(batch),
-                    "-o", str(out)], check=True, capture_output=True, text=True)
+    done = subprocess.run([*ULTRAPLAN, "compile", spec, "--mesh", "1", "--hardware", hardware, "--batch", str(batch),
+                           "-o", str(out)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"bench/step_time_gpu.py: {spec} at batch {batch} did not compile:\n{done.stderr.strip()}")
 
 
 def run_case(out: Path, steps: int, kernels: str) -> dict:
-    done = subprocess.run([*ULTRAPLAN, "run", str(out), "--steps", str(steps), "--json", "--kernels", kernels],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"bench/step_time_gpu.py: {out.name} --kernels {kernels} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout[done.stdout.index("{"):])
+    report = STEP_TIME["run_case"](out, steps, extra=("--kernels", kernels))
+    if report is None:
+        raise SystemExit(f"bench/step_time_gpu.py: {out.name} --kernels {kernels} failed twice (the lines above say why)")
+    return report
 
 
 def calibrated_spec(hardware: str, out: Path, quick: bool) -> Path:

@@ -360,7 +360,7 @@ OP_TABLE: dict[str, OpDef] = {d.name: d for d in (
 NOT_GRAPH_OPS = {"rank_one_vectors", "embedding_rows", "attention_kv_shard", "sdpa_attention_kv_shard", "_at_least_fp32",
                  "_owned", "gather_rows_owned", "gather_weighted_sum_owned", "gather_row_dot_owned",
                  "core_pool_columns", "ive_pool_columns", "_into_columns", "_bag", "_accumulator",
-                 "_table_gradient"}
+                 "_table_gradient", "_row_dots"}
 
 
 # the fused UltraMem ops' helpers and shard forms

@@ -367,7 +367,8 @@ def gather_weighted_sum(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weig
 
 def _bag(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
     """Each token's H*K rows of the table, weighted and summed -> (B, T, D), by embedding_bag."""
-    if weights_BTHK.requires_grad and table_RD.is_cuda and table_RD.dtype in (torch.bfloat16, torch.float16):
+    if (torch.is_grad_enabled() and weights_BTHK.requires_grad and table_RD.is_cuda
+            and _accumulator(table_RD.dtype) != table_RD.dtype):
         return _LowPrecisionBag.apply(table_RD, indices_BTHK, weights_BTHK)
     b, t = indices_BTHK.shape[:2]
     per_token = indices_BTHK.shape[2:].numel()
@@ -386,21 +387,23 @@ class _LowPrecisionBag(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table_RD: torch.Tensor, indices_BTHK: torch.Tensor, weights_BTHK: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(table_RD, indices_BTHK, weights_BTHK)
-        b, t = indices_BTHK.shape[:2]
-        per_token = indices_BTHK.shape[2:].numel()
-        out = F.embedding_bag(indices_BTHK.reshape(b * t, per_token), table_RD,
-                              per_sample_weights=weights_BTHK.reshape(b * t, per_token), mode="sum")
-        return out.view(b, t, table_RD.shape[1])
+        return _bag(table_RD, indices_BTHK, weights_BTHK)  # gradients off in here: embedding_bag's own forward
 
     @staticmethod
     def backward(ctx, grad_BTD: torch.Tensor) -> tuple:
         table, indices, weights = ctx.saved_tensors
         g_table = g_weights = None
-        if ctx.needs_input_grad[2]:
-            g_weights = torch.einsum("btd,bthkd->bthk", grad_BTD, F.embedding(indices, table))
+        if ctx.needs_input_grad[2]:  # each pick's row dotted with its token's output gradient: gather_row_dot
+            g_weights = _row_dots(table, indices, grad_BTD)
         if ctx.needs_input_grad[0]:
             g_table = _table_gradient(table, indices, weights, grad_BTD)
         return g_table, None, g_weights
+
+
+def _row_dots(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Each picked row dotted with its token's vector -> (B, T, H, K): gather_row_dot's forward, and the
+    weights' gradient of a weighted bag (``_LowPrecisionBag``), the rows gathered transiently."""
+    return torch.einsum("btd,bthkd->bthk", x_BTD, F.embedding(indices_BTHK, table_RD))
 
 
 def _table_gradient(table_RD: torch.Tensor, indices_BTHK: torch.Tensor, per_pick_BTHK: torch.Tensor,
@@ -448,7 +451,7 @@ class _GatherRowDot(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table_RD: torch.Tensor, indices_BTHK: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(table_RD, indices_BTHK, x_BTD)
-        return torch.einsum("btd,bthkd->bthk", x_BTD, F.embedding(indices_BTHK, table_RD))
+        return _row_dots(table_RD, indices_BTHK, x_BTD)
 
     @staticmethod
     def backward(ctx, grad_BTHK: torch.Tensor) -> tuple:

@@ -194,7 +194,20 @@ def in_place_collective(kind: str, numel: int, n: int, group, calls: int, chain:
     of ``chain`` tiny ops then the collective, no barrier in between, less the same rounds without it
     (medians of 3). Ranks drift apart between collectives as a program's do, so each call pays the
     wait for its slowest peer, which a barrier before each timed call hides."""
+    return max(in_place_rounds(kind, numel, n, group, calls, chain)[0], 0.0)
+
+
+def in_place_rounds(kind: str, numel: int, n: int, group, calls: int, chain: int,
+                    blocked: list[float] | None = None) -> tuple[float, float]:
+    """``in_place_collective``'s measure: (seconds each call adds, seconds of a round's ``chain`` tiny
+    ops alone), each from medians of 3 windows; with ``blocked`` every call's own seconds are appended
+    to it (bench/collective_stretch.py: the wait against the compute before the call)."""
     collective, y = run_collective(kind, numel, group, n), torch.randn(8, device=DEVICE)
+
+    def call():
+        began = time.perf_counter()
+        collective()
+        blocked.append(time.perf_counter() - began)
 
     def rounds(with_collective: bool):
         def fn():
@@ -203,7 +216,7 @@ def in_place_collective(kind: str, numel: int, n: int, group, calls: int, chain:
                 for _ in range(chain):
                     z = z * 1.0001
                 if with_collective:
-                    collective()
+                    collective() if blocked is None else call()
             sync()
         return fn
 
@@ -211,7 +224,7 @@ def in_place_collective(kind: str, numel: int, n: int, group, calls: int, chain:
     with_calls = timed(rounds(True), 3, warmup=1)
     dist.barrier()
     without = timed(rounds(False), 3, warmup=1)
-    return max(with_calls - without, 0.0) / calls
+    return (with_calls - without) / calls, without / calls
 
 
 def groups_by_size(world: int) -> dict[int, list[list[int]]]:

@@ -11,6 +11,7 @@ tests (under the interpreter, on the CPU) never see.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -97,7 +98,7 @@ def test_program_on_one_gpu_equals_eager(tmp_path, spec):
         kernels.write_text(kernels.read_text() + SPY.format(marker=str(marker)))
     done = run([sys.executable, "-m", "ultraplan", "run", str(out), "--check", "--steps", "3", "--json",
                 "--kernels", "triton"])
-    report = json.loads(done.stdout[done.stdout.index("{"):])
+    report = json.loads(done.stdout)
     assert report["ok"] and report["exit_code"] == 0, report
     assert report["step_time_measured_s"] > 0
     if kernels.exists():  # the kernels of the ops the program calls ran, on the GPU
@@ -110,7 +111,8 @@ def test_program_on_one_gpu_equals_eager(tmp_path, spec):
 
 
 def _kernel_names(kernels: Path) -> list[str]:
-    """The names in the KERNELS table a program's kernels.py exports (before the spy wraps them)."""
-    source = kernels.read_text()
-    table = source[source.index("\nKERNELS = {") + 1:].split("\n", 1)[0]
-    return [part.split("'")[1] for part in table.split(", ") if "'" in part]
+    """The op names of the KERNELS table a program's kernels.py exports (before the spy wraps them)."""
+    for node in ast.parse(kernels.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["KERNELS"]:
+            return [key.value for key in node.value.keys]
+    raise AssertionError(f"{kernels}: no KERNELS table")
