@@ -26,6 +26,10 @@ at its kind's calibrated figure on its group's size (``collective_by_group``); `
 re-prices a run recorded before they did (session 10's, when a plan priced every call at
 ``collective_overhead``).
 
+``--no-drift-column`` predicts each round a second time with that round's spec less its
+``collective_drift`` (passes/sync_drift.py), ``op_overhead`` fitted again without it: the model as it
+was before session 20, on the same runs (the column ``no drift``).
+
 ``--baseline DIR`` puts another version of the cost model beside this one on the same runs: DIR is
 put first on PYTHONPATH (a directory holding an ``ultraplan`` package of that version), which then
 calibrates its own spec right after this one and plans every case; the table gains its prediction
@@ -40,6 +44,7 @@ import itertools
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -52,6 +57,9 @@ DEFAULT_CASES = {"dense-tiny": ["dp", "fsdp", "tp"], "moe-tiny": ["dp", "fsdp", 
 ORDER_MARGIN = 1.25  # strategies whose measured times differ by more than this must be predicted in order
 LONG_STEP_S = 1.0  # a program planned at more seconds a step than this runs --long-steps
 MAX_STEPS = 200  # steps of a short program's run at most (its --run-seconds at the planned step time)
+
+
+DRIFT_LINE = re.compile(r"^  collective_drift: .*\n", re.M)
 
 
 def with_path(path: str | None) -> dict | None:
@@ -91,16 +99,17 @@ def steps_for(planned: float, args: argparse.Namespace) -> int:
     return max(args.steps, min(MAX_STEPS, 2 + math.ceil(args.run_seconds / planned)))
 
 
-def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict]) -> list[float]:
+def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], drift: bool = True) -> list[float]:
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
     reference run for its ``REFERENCE_STEPS``; the median of
     three runs, as one run at a bad moment, 31.8 ms where the next program's step took 15.3, put
     every 2-rank prediction of session 11's first round 1.6 times over; and the matmul rates timed
     again before it, ``peak_flops``), and every case's modelled step time with it (one process plans
-    them all)."""
-    out.write_text(base.read_text())
+    them all). Without ``drift``: ``base`` less its ``collective_drift``, its matmul rates kept (the
+    model as it was before passes/sync_drift.py, on the same measurements)."""
+    out.write_text(base.read_text() if drift else DRIFT_LINE.sub("", base.read_text()))
     subprocess.run([sys.executable, "-c", f"from pathlib import Path; from ultraplan.calibrate import refit; "
-                    f"refit(Path({str(out)!r}), {nproc}, runs=3, rates=True)"], check=True, stdout=sys.stderr)
+                    f"refit(Path({str(out)!r}), {nproc}, runs=3, rates={drift})"], check=True, stdout=sys.stderr)
     pairs = json.dumps([[c["spec"], c["strategy"]] for c in cases])
     done = subprocess.run([sys.executable, "-c", PREDICT, str(out), str(nproc), pairs], check=True,
                           capture_output=True, text=True)
@@ -166,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hardware-dir", default=None, help="keep the calibrated specs here")
     parser.add_argument("--json-out", default=None, help="write the cases (runs, prediction, load) here as well")
     parser.add_argument("--baseline", default=None, help="PYTHONPATH of another cost model to predict beside")
+    parser.add_argument("--no-drift-column", action="store_true",
+                        help="also predict each round without the spec's collective_drift (op_overhead refitted "
+                             "without it): the column 'no drift'")
     parser.add_argument("--refit", action=argparse.BooleanOptionalAction, default=True,
                         help="fit op_overhead again before each round of runs (default: yes)")
     args = parser.parse_args(argv)
@@ -197,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                 fresh = refit_and_predict(hardware, hw_dir / f"this-machine-{nproc}-round{repeat}.yaml", nproc, cases)
                 for case, value in zip(cases, fresh):
                     case.setdefault("at_run", []).append(value)
+                if args.no_drift_column:
+                    round_spec = hw_dir / f"this-machine-{nproc}-round{repeat}.yaml"
+                    plain = refit_and_predict(round_spec, round_spec.with_name(round_spec.stem + "-no-drift.yaml"),
+                                              nproc, cases, drift=False)
+                    for case, value in zip(cases, plain):
+                        case.setdefault("no_drift_runs", []).append(value)
             for case in cases:
                 report = run_case(case["dir"], case["steps"])
                 if report is None:
@@ -212,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             case["measured"] = statistics.median(case["runs"])
             case["predicted"] = statistics.median(case["at_run"]) if args.refit else case["once"]
+            if "no_drift_runs" in case:
+                case["no_drift"] = statistics.median(case["no_drift_runs"])
         table += cases
         if args.json_out:
             Path(args.json_out).write_text(json.dumps([{k: v for k, v in c.items() if k != "dir"} for c in table],
                                                       indent=1))
     columns = ([("before", "before")] if args.baseline and all("before" in c for c in table) else [])
     columns += [("once", "once")] + ([("predicted", "at run")] if args.refit else [])
+    columns += [("no_drift", "no drift")] if table and all("no_drift" in c for c in table) else []
     print_table(table, columns)
     return 0
 

@@ -257,6 +257,9 @@ class HardwareSpec:
     # reduce_scatter move a byte about 3 times slower than its all_reduce on a CPU host); not listed: 1
     collective_wire_factor: dict[str, float] = field(default_factory=dict)
     host_cores: int = 0  # cores the ranks of one node share (calibrate); 0: not modelled (a core per device)
+    # ranks in a group -> seconds per square root of a second: a blocking call waits this times the
+    # square root of the ranks' compute since their last sync longer (passes/sync_drift.py); not listed: 0
+    collective_drift: dict[int, float] = field(default_factory=dict)
 
     @property
     def num_devices(self) -> int:

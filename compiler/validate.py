@@ -141,6 +141,7 @@ def read_hardware(doc: Document) -> HardwareSpec:
     by_kind = _per_kind(doc, items, "collective_by_kind", seconds)
     by_group = _per_kind(doc, items, "collective_by_group", per_group)
     wire = _per_kind(doc, items, "collective_wire_factor", factor)
+    drift = per_group(*items.pop("collective_drift")) if "collective_drift" in items else {}  # passes/sync_drift.py
     spec = read_dataclass(doc, _HardwareFields, items, path)
     for key in ("intra_node", "inter_node"):
         if key not in links:
@@ -153,7 +154,7 @@ def read_hardware(doc: Document) -> HardwareSpec:
                         op_overhead=spec.op_overhead, optimizer_tensor=spec.optimizer_tensor,
                         optimizer_element=spec.optimizer_element, collective_overhead=spec.collective_overhead,
                         loop_pass=spec.loop_pass, collective_by_kind=by_kind, collective_by_group=by_group,
-                        collective_wire_factor=wire,
+                        collective_wire_factor=wire, collective_drift=drift,
                         host_cores=spec.host_cores)
 
 

@@ -15,6 +15,8 @@ evaluates every sympy cost at the context's point and adds the step totals:
     comm_time      = sum over the step's collectives of messages * latency + wire bytes / bandwidth
                      (gradient sync: per bucket, so latency is paid once per bucket, not per parameter)
     step_time      = compute_time + comm_time                        (no overlap assumed)
+                     (+ a calibrated spec's memory_time and overhead_time, passes/host_cost.py, and
+                     sync_drift_time for one with collective_drift, passes/sync_drift.py)
     memory_*       = train: parameters, gradients, optimizer (4 + 4 + 8 bytes per stored fp32
                      element), gathered parameters, weight compute copies (mixed precision) and
                      activations autograd saves for the backward, in the dtypes passes/precision.py
@@ -45,13 +47,14 @@ from .buckets import GradEntry, assign_buckets
 from .context import PassReport, PlanContext
 from .fuse import fusion_plans
 from .gather_groups import gather_groups, group_plan
-from .host_cost import host_times, loop_passes, wire_factor
+from .host_cost import BACKWARD_TRAFFIC, host_times, launch_time, loop_passes, optimizer_time, traffic_time, wire_factor
 from .localize import internal_collectives, localize
 from .memory import saved_bytes
 from .plan import PLAN_VERSION, BufferPlan, CollectivePlan, Cost, GradBucketPlan, NodePlan, ParamPlan, Plan, TrainingPlan
 from .precision import MASTER, precision_plan
 from .sbp import Boxing, box, dual_sbp, local_dims, nd_str, parse_sbp
 from .symbols import BYTES_PER_ELEMENT, PEAK, B, T, axis_bandwidth, axis_latency, axis_size, evaluate, readable
+from .sync_drift import Schedule, drift_time
 
 ZERO = sympy.Integer(0)
 
@@ -130,6 +133,8 @@ class _Collectives:
         self.times: list[sympy.Expr] = []  # summed once at the end (sympy re-flattens a sum on every +)
         self.calls: dict[tuple[str, int], int] = {}  # the step's calls by (kind, group size): each its calibrated wait
         self.wires: list[sympy.Expr] = []
+        # the step's nodes and blocking calls in order, for a spec that prices sync drift (passes/sync_drift.py)
+        self.schedule = Schedule() if ctx.hardware.collective_drift else None
 
     def describe(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
                  dtype: str = "float32") -> CollectivePlan:
@@ -142,7 +147,9 @@ class _Collectives:
                               data_dependent, dtype)
 
     def add(self, b: Boxing, phase: str, node: str, reason: str, data_dependent: bool = False,
-            dtype: str = "float32") -> CollectivePlan:
+            dtype: str = "float32", blocking: bool = True) -> CollectivePlan:
+        """The collective as a plan, counted in the step; ``blocking``: the program waits for it where it
+        calls it, a sync point of sync_drift.py (``add_gather`` says which of a gather group's are)."""
         plan = self.describe(b, phase, node, reason, data_dependent, dtype)
         if b.collective != "local":
             {"forward": self.forward, "backward": self.backward, "gradient_sync": self.sync,
@@ -151,7 +158,14 @@ class _Collectives:
             key = (b.collective, plan.group_size)  # priced at its kind's wait on groups of this size
             self.calls[key] = self.calls.get(key, 0) + 1
             self.wires.append(b.wire)
+            if self.schedule is not None and blocking and phase in ("forward", "backward"):
+                self.schedule.sync(phase, plan.group_size)
         return plan
+
+    def add_gather(self, b: Boxing, phase: str, node: str, reason: str, dtype: str = "float32") -> CollectivePlan:
+        """A gather group's collective (``add``): its forward all-gather is waited for where the layer
+        first uses it, its backward reduce-scatter at the step's end (sync_drift.py)."""
+        return self.add(b, phase, node, reason, dtype=dtype, blocking=phase == "forward")
 
     @property
     def time(self) -> sympy.Expr:
@@ -266,7 +280,7 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             boxing = ((node.args[0].name, tuple(comms.describe(b, "forward", node.name, rec.reason, dtype=rec.dtype)
                                                 for b in rec.boxing)),)
             if node.name == group_of[node.name].nodes[0]:
-                group_plans.append(group_plan(group_of[node.name], comms.add, train and needs_grad[node]))
+                group_plans.append(group_plan(group_of[node.name], comms.add_gather, train and needs_grad[node]))
         elif rec.op == "boxing":
             arg = node.args[0].name
             steps = tuple(comms.add(b, "forward", node.name, rec.reason, dtype=rec.dtype) for b in rec.boxing)
@@ -291,8 +305,14 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
             compute_terms.append((c.flops + (c.backward_flops if train else ZERO)) / split)
             traffic_terms.append((c.bytes_read + c.bytes_written) / split)
             runs = 1 + (train and needs_grad[node])  # forward, and again backward
+            loops = loop_passes(rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
             launches += runs
-            passes += runs * loop_passes(rec.op, [info(a).shape for a in tensor_args(node)], sig.inputs, sizes)
+            passes += runs * loops
+            if comms.schedule is not None:  # this node's modelled seconds, forward and backward
+                traffic = traffic_terms[-1]
+                comms.schedule.busy(c.flops / split / PEAK + traffic_time(traffic, False) + launch_time(1, loops),
+                                    (c.backward_flops / split / PEAK + traffic_time(traffic, False) * BACKWARD_TRAFFIC
+                                     + (launch_time(1, loops) if runs == 2 else ZERO)) if train else ZERO)
             if not train:
                 largest_terms.append(c.bytes_written / split)
         zero = Cost("0", 0.0)
@@ -315,6 +335,9 @@ def build_plan(gm: fx.GraphModule, ctx: PlanContext) -> PassReport:
     largest = sympy.Max(*dict.fromkeys(largest_terms), evaluate=False) if largest_terms else ZERO
     host = host_times(ctx.hardware, sympy.Add(*traffic_terms), launches, passes, comms.calls,
                       param_bytes / BYTES_PER_ELEMENT[MASTER], len(params), train)
+    if comms.schedule is not None:  # passes/sync_drift.py
+        optimizer = optimizer_time(len(params), param_bytes / BYTES_PER_ELEMENT[MASTER]) if train else None
+        host["sync_drift_time"] = drift_time(comms.schedule.stretches(ctx.mesh.size, optimizer))
     totals = {
         "forward_flops": fwd, "backward_flops": bwd, "flops_per_token": fwd / (B * T),
         "compute_time": compute_time, "comm_wire_bytes": comms.wire, "comm_time": comms.time, **host,

@@ -11,6 +11,7 @@ import sympy
 from ..compiler.schema import HardwareSpec, ModelSpec
 from .host_cost import host_values, oversubscription
 from .symbols import PEAK, B, T, axis_bandwidth, axis_latency, axis_size
+from .sync_drift import drift_values
 
 
 class PlanError(Exception):
@@ -96,7 +97,8 @@ class PlanContext:
             out[axis_bandwidth(axis)] = link.bandwidth
             out[axis_latency(axis)] = link.latency
         # a calibrated spec's host terms (passes/host_cost.py), its collectives' on every group this mesh forms
-        return out | host_values(self.hardware, self.mesh.size, self.group_sizes())
+        groups = self.group_sizes()
+        return out | host_values(self.hardware, self.mesh.size, groups) | drift_values(self.hardware, groups)
 
     def group_sizes(self) -> tuple[int, ...]:
         """The sizes of the groups a collective of this mesh runs on: an axis's, or the product of the

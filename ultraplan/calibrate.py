@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import re
 import statistics
@@ -112,7 +113,9 @@ def summarise(raw: dict, links_from: HardwareSpec | None = None) -> dict:
     by_kind = {kind: statistics.median(v for vs in by_n.values() for v in vs) for kind, by_n in beyond.items()}
     by_group = {kind: {n: statistics.median(vs) for n, vs in sorted(by_n.items())} for kind, by_n in beyond.items()}
     return {"collective_overhead": statistics.median(by_kind.values()) if by_kind else 0.0,
+            "collective_drift": drift_fit(raw.get("drift", [])),
             "collective_by_kind": by_kind, "collective_by_group": by_group, "collective_beyond": beyond,
+            "drift_rows": raw.get("drift", []),
             "collective_wire_factor": link["wire_factor"],
             "host_cores": raw.get("host_cores", 0),
             "loop_pass": statistics.median(raw.get("loop_pass", [0.0])),
@@ -123,6 +126,21 @@ def summarise(raw: dict, links_from: HardwareSpec | None = None) -> dict:
             "link": link, "link_by_group_size": per_size,
             "wire_fit_error": statistics.median(abs(in_link(link, r) - r["seconds"]) / r["seconds"] for r in rows)
             if rows else float("nan")}
+
+
+def drift_fit(rows: list[dict]) -> dict[int, float]:
+    """``collective_drift`` per group size from ``drift_rows``: how much more a call adds after a long
+    chain than after the shortest, per square root of the chain's extra seconds (passes/sync_drift.py:
+    ``drift * sqrt(busy)``), the median over the longer chains, at least 0 (noise on a quiet host)."""
+    out = {}
+    for n in sorted({r["n"] for r in rows}):
+        mine = sorted((r for r in rows if r["n"] == n), key=lambda r: r["busy_s"])
+        short = mine[0]
+        slopes = [(r["added_s"] - short["added_s"]) / (math.sqrt(r["busy_s"]) - math.sqrt(short["busy_s"]))
+                  for r in mine[1:] if r["busy_s"] > short["busy_s"]]
+        if slopes:
+            out[n] = max(0.0, statistics.median(slopes))
+    return out
 
 
 def wire_factors(link: dict, rows: list[dict]) -> dict[str, float]:
@@ -165,14 +183,16 @@ def measure(nproc: int, quick: bool, only_matmul: bool = False) -> dict:
 def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = None) -> dict:
     """The per-plan-op overhead that makes the reference program's modelled step time its measured
     one: the program is compiled with ``spec`` (every other coefficient measured already), run for
-    ``steps`` steps, and its plan's ``step_time`` is linear in ``op_overhead`` (host_cost.py):
-
-        op_overhead = (measured - (step_time - launches * op_overhead)) / launches
+    ``steps`` steps, and its plan's ``step_time``, a rising function of ``op_overhead`` (linear in it,
+    host_cost.py, but for the sync drift's square roots of the busy time, passes/sync_drift.py), is
+    solved for the measured step by bisection.
 
     A plan op runs several torch ops (an attention a dozen, a linear one or two) and each pays the
     dispatcher and autograd; the microbenchmark's one tiny op is the floor it is not let below."""
     from ultraplan import api
+    from ultraplan.passes.context import Mesh
     from ultraplan.passes.host_cost import OP_OVERHEAD, OVERSUB, host_values
+    from ultraplan.passes.pipeline import make_context
     from ultraplan.runner import run
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,19 +203,44 @@ def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = No
     if not report["ok"]:
         raise RuntimeError(f"the reference program failed (exit code {report['exit_code']})")
     hardware = api.load_hardware(spec)
-    current = hardware.op_overhead  # the microbenchmark's, or an earlier fit (``refit``)
-    floor = current if floor is None else floor
-    share = host_values(hardware, nproc)[OVERSUB]  # op_overhead is one core's: launches count oversub times
-    coefficient = sympy.sympify(plan.total("overhead_time").expr).expand().coeff(sympy.Symbol(str(OP_OVERHEAD)))
-    launches = float(coefficient.subs(sympy.Symbol(str(OVERSUB)), share))
-    rest = plan.total("step_time").value - launches * current
+    floor = hardware.op_overhead if floor is None else floor  # the microbenchmark's, or an earlier fit (refit)
+    step = step_of_op_overhead(plan, make_context(api.load(REFERENCE[0]), hardware, Mesh((nproc,)), batch=plan.batch,
+                                                  seq=plan.seq, strategies=(REFERENCE[1],)).values())
+    overhead = sympy.sympify(plan.total("overhead_time").expr).expand()
+    launches = float(overhead.coeff(sympy.Symbol(str(OP_OVERHEAD))).subs(
+        sympy.Symbol(str(OVERSUB)), host_values(hardware, nproc)[OVERSUB]))  # op launches, oversub counted
     measured = report["step_time_measured_s"]
-    fitted = max(floor, (measured - rest) / launches)
+    rest = step(0.0)
+    fitted = max(floor, solve_rising(step, measured))
     print(f"calibrate: reference step {measured * 1e3:.1f} ms measured, {rest * 1e3:.1f} ms modelled without op "
           f"overhead, {launches:.0f} op launches (oversub included): {fitted * 1e6:.1f} us per plan op",
           file=sys.stderr, flush=True)
     return {"op_overhead": fitted, "op_overhead_floor": floor, "reference_measured": measured,
             "reference_rest": rest, "reference_launches": launches}
+
+
+def step_of_op_overhead(plan, values: dict):
+    """The plan's modelled ``step_time`` as a function of ``op_overhead``, every other symbol at
+    ``values`` (the plan's context's)."""
+    expr = sympy.sympify(plan.total("step_time").expr)
+    by_name = {str(symbol): value for symbol, value in values.items()}
+    op = sympy.Symbol("op_overhead")
+    fixed = expr.xreplace({s: by_name[str(s)] for s in expr.free_symbols if str(s) != "op_overhead"})
+    return sympy.lambdify(op, fixed, "math")
+
+
+def solve_rising(f, target: float) -> float:
+    """The x >= 0 where the rising ``f`` reaches ``target`` (0 if it starts above), by bisection."""
+    if f(0.0) >= target:
+        return 0.0
+    hi = 1e-6
+    while f(hi) < target:
+        hi *= 2
+    lo = 0.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def median_fit(spec: Path, nproc: int, steps: int, runs: int, floor: float | None = None) -> dict:

@@ -63,6 +63,8 @@ def render_spec(name: str, nproc: int, figures: dict, raw: dict, command: str) -
             for k, by_n in figures.get("collective_by_group", {}).items()) + "}",
         "  collective_wire_factor: {" + ", ".join(
             f"{k}: {v:.4g}" for k, v in figures.get("collective_wire_factor", {}).items()) + "}",
+        *([("  collective_drift: {" + ", ".join(f"{n}: {v:.4g}" for n, v in figures["collective_drift"].items()) + "}")]
+          if figures.get("collective_drift") else []),
         f"  host_cores: {figures['host_cores']}",
         f"  intra_node: {{bandwidth: {link['bandwidth']:.4g}, latency: {link['latency']:.4g}}}",
         f"  inter_node: {{bandwidth: {inter['bandwidth']:.4g}, latency: {inter['latency']:.4g}}}",
@@ -87,5 +89,10 @@ def _measured_links(figures: dict) -> list[str]:
         "# group size: us at each size: " + "; ".join(
             f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
             for kind, by_n in figures["collective_beyond"].items()) + ".",
+        "# collective_drift: per group size, seconds per square root of a second: how much longer a 1 KiB",
+        "# all_reduce waits after 400 and 1600 tiny ops than after 8, over the square root of their extra",
+        "# seconds (passes/sync_drift.py); ms added after ms of ops: " + "; ".join(
+            f"{n}: " + ", ".join(f"{r['added_s'] * 1e3:.2f}/{r['busy_s'] * 1e3:.2f}" for r in figures["drift_rows"]
+                                 if r["n"] == n) for n in figures.get("collective_drift", {})) + ".",
         "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",
     ]

@@ -45,6 +45,8 @@ REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sca
 # NCCL and each rank's GPU where there are GPUs (as the emitted runtime chooses), else gloo on the CPU
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 IN_PLACE_NUMELS = (256, 16384)  # 1 KiB and 64 KiB of float32 per rank
+# tiny ops before the drift rows' calls: calibrate's in-place length (about 0.05 ms here), then 1 to 10 ms
+DRIFT_CHAINS = (8, 400, 1600)
 
 
 def host_cores() -> int:
@@ -227,6 +229,20 @@ def in_place_rounds(kind: str, numel: int, n: int, group, calls: int, chain: int
     return (with_calls - without) / calls, without / calls
 
 
+def drift_rows(n: int, group, chains: tuple[int, ...], calls: int = 20) -> list[dict]:
+    """Rows {n, chain, added_s, busy_s}: what a 1 KiB all_reduce on groups of ``n`` adds to a round of
+    ``chain`` tiny ops (calibrate's in-place measure, the slowest rank's) and the chain's own seconds
+    (the ranks' median), for each chain length: a call after a long stretch of compute waits longer
+    (passes/sync_drift.py; calibrate fits ``collective_drift`` to them)."""
+    rows = []
+    for chain in chains:
+        added, alone = in_place_rounds("all_reduce", 256, n, group, calls, chain)
+        rows.append({"n": n, "chain": chain, "added_s": max(gathered(added)), "busy_s": statistics.median(gathered(alone))})
+    say(f"all_reduce of 1 KiB on groups of {n} after tiny ops: " + ", ".join(
+        f"{r['added_s'] * 1e6:.0f} us after {r['busy_s'] * 1e3:.2f} ms" for r in rows))
+    return rows
+
+
 def groups_by_size(world: int) -> dict[int, list[list[int]]]:
     """For each group size n > 1 dividing the world: the groups of ``n`` ranks a mesh axis of that size
     forms, either as the last axis (consecutive ranks) or as the first (ranks ``world / n`` apart);
@@ -255,9 +271,10 @@ def run_collective(kind: str, numel: int, group, n: int):
     return lambda: dist.all_to_all_single(out, x, group=group)
 
 
-def collectives(sizes: list[int], repeats: int) -> list[dict]:
+def collectives(sizes: list[int], repeats: int, drift: list[dict] | None = None) -> list[dict]:
     """Rows {kind, n, payload_bytes, seconds}: the median over repeats (each after a barrier) on rank 0's
-    group of each size, while every other group of that size runs the same collective at once."""
+    group of each size, while every other group of that size runs the same collective at once; with
+    ``drift`` (a list) each size's ``drift_rows`` are appended to it."""
     from ultraplan.backends.runtime import on_host_cores
 
     rows = []
@@ -292,6 +309,8 @@ def collectives(sizes: list[int], repeats: int) -> list[dict]:
             say(f"{kind} on groups of {n}: " + ", ".join(
                 f"{r['payload_bytes'] / 1024:.0f} KiB {r['seconds'] * 1e6:.0f} us"
                 for r in rows if r["kind"] == kind and r["n"] == n and not r.get("in_place")))
+        if drift is not None:
+            drift += drift_rows(n, mine, DRIFT_CHAINS)
     return rows
 
 
@@ -329,6 +348,7 @@ def main(argv=None) -> None:
 
 def everything_else(quick: bool, gpu: bool) -> dict:
     """The measurements beside the matmul rates (``--only-matmul`` skips them: calibrate.refit's rates)."""
+    drift: list[dict] = []
     return {
         "threads_per_rank": torch.get_num_threads(),
         "host_cores": host_cores() if DEVICE.type == "cpu" else 0,
@@ -339,7 +359,8 @@ def everything_else(quick: bool, gpu: bool) -> dict:
         "optimizer": optimizer_costs(2**20 if quick else 2**22, 32 if quick else 128, 3 if quick else 7),
         # one rank (a one-GPU machine): no collective to time; calibrate keeps another spec's links
         "collectives": collectives([256, 16384, 262144] if quick else [256, 4096, 65536, 262144, 1048576],
-                                   5 if quick else 9) if dist.get_world_size() > 1 else [],
+                                   5 if quick else 9, drift) if dist.get_world_size() > 1 else [],
+        "drift": drift,
     }
 
 

@@ -18,7 +18,7 @@ from ultraplan.compiler.validate import load_hardware_spec
 
 from tests.unit.test_calibrate import KINDS, ring
 from ultraplan import api
-from ultraplan.calibrate import calibrate, ring_terms
+from ultraplan.calibrate import calibrate, drift_fit, ring_terms
 from ultraplan.runner import run
 
 pytestmark = pytest.mark.slow
@@ -49,6 +49,10 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
         # on 2 ranks every call's group has 2: the group's figure is the kind's
         assert hw.collective_by_group[kind] == {2: pytest.approx(hw.collective_by_kind[kind], rel=1e-3, abs=1e-9)}
     assert hw.collective_overhead == pytest.approx(statistics.median(hw.collective_by_kind.values()), rel=1e-3)
+    # a 1 KiB all_reduce after 8, 400 and 1600 tiny ops: the spec's drift is their fit (passes/sync_drift.py)
+    drift = figures["raw"]["drift"]
+    assert [r["chain"] for r in drift] == [8, 400, 1600] and drift[0]["busy_s"] < drift[1]["busy_s"] < drift[2]["busy_s"]
+    assert hw.collective_drift == pytest.approx(drift_fit(drift), rel=1e-3, abs=1e-9)
     rows = [r for r in figures["raw"]["collectives"] if not r.get("in_place")]
     errors = [abs(m * link["latency"] + w / link["bandwidth"] - r["seconds"]) / r["seconds"]
               for r in rows for m, w in [ring_terms(r["kind"], r["n"], r["payload_bytes"])]]

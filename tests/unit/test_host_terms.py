@@ -180,17 +180,20 @@ def test_a_plan_prices_each_call_at_its_kinds_figure(tmp_path):
     assert auto.total("search_objective").value == pytest.approx(auto.total("step_time").value, rel=1e-9)
 
 
-@pytest.mark.parametrize("text, field", [
-    ("{all_gather: {one: 1.0e-3}}", "collective_by_group.all_gather.one"),
-    ("{all_gather: {1: 1.0e-3}}", "collective_by_group.all_gather.1"),
-    ("{all_gather: {2: -1.0e-3}}", "collective_by_group.all_gather.2"),
-    ("{all_gahter: {2: 1.0e-3}}", "collective_by_group.all_gahter"),
-    ("{all_gather: 1.0e-3}", "collective_by_group.all_gather")])
-def test_a_bad_group_figure_is_refused_naming_its_field(tmp_path, text, field):
+@pytest.mark.parametrize("line, field", [
+    ("collective_by_group: {all_gather: {one: 1.0e-3}}", "collective_by_group.all_gather.one"),
+    ("collective_by_group: {all_gather: {1: 1.0e-3}}", "collective_by_group.all_gather.1"),
+    ("collective_by_group: {all_gather: {2: -1.0e-3}}", "collective_by_group.all_gather.2"),
+    ("collective_by_group: {all_gahter: {2: 1.0e-3}}", "collective_by_group.all_gahter"),
+    ("collective_by_group: {all_gather: 1.0e-3}", "collective_by_group.all_gather"),
+    ("collective_drift: {1: 0.01}", "collective_drift.1"),  # passes/sync_drift.py's figure, per group size
+    ("collective_drift: {2: -0.01}", "collective_drift.2"),
+    ("collective_drift: 0.01", "collective_drift")])
+def test_a_bad_group_figure_is_refused_naming_its_field(tmp_path, line, field):
     from ultraplan.compiler.errors import SpecError
 
     path = tmp_path / "bad.yaml"
-    path.write_text(SESSION_7 + f"  collective_by_group: {text}\n")
+    path.write_text(SESSION_7 + f"  {line}\n")
     with pytest.raises(SpecError, match=f"bad.yaml:15:.*hardware.{field}[:]"):
         load_hardware_spec(path)
 
