@@ -129,17 +129,18 @@ def summarise(raw: dict, links_from: HardwareSpec | None = None) -> dict:
 
 
 def drift_fit(rows: list[dict]) -> dict[int, float]:
-    """``collective_drift`` per group size from ``drift_rows``: how much more a call adds after a long
-    chain than after the shortest, per square root of the chain's extra seconds (passes/sync_drift.py:
-    ``drift * sqrt(busy)``), the median over the longer chains, at least 0 (noise on a quiet host)."""
+    """``collective_drift`` per group size from ``drift_rows``: the least-squares slope, through the
+    shortest chain's point, of what a call adds against the square root of the chain's seconds
+    (passes/sync_drift.py: ``drift * sqrt(busy)``), at least 0 (noise on a quiet host). The longest
+    chain weighs most: its difference stands furthest above the noise of a call's figure."""
     out = {}
     for n in sorted({r["n"] for r in rows}):
         mine = sorted((r for r in rows if r["n"] == n), key=lambda r: r["busy_s"])
-        short = mine[0]
-        slopes = [(r["added_s"] - short["added_s"]) / (math.sqrt(r["busy_s"]) - math.sqrt(short["busy_s"]))
-                  for r in mine[1:] if r["busy_s"] > short["busy_s"]]
-        if slopes:
-            out[n] = max(0.0, statistics.median(slopes))
+        base = mine[0]
+        steps = [(math.sqrt(r["busy_s"]) - math.sqrt(base["busy_s"]), r["added_s"] - base["added_s"]) for r in mine[1:]]
+        square = sum(x * x for x, _ in steps)
+        if square > 0:
+            out[n] = max(0.0, sum(x * y for x, y in steps) / square)
     return out
 
 

@@ -90,8 +90,8 @@ def _measured_links(figures: dict) -> list[str]:
             f"{kind} " + ", ".join(f"{n}: " + "/".join(f"{v * 1e6:.0f}" for v in vs) for n, vs in by_n.items())
             for kind, by_n in figures["collective_beyond"].items()) + ".",
         "# collective_drift: per group size, seconds per square root of a second: how much longer a 1 KiB",
-        "# all_reduce waits after 400 and 1600 tiny ops than after 8, over the square root of their extra",
-        "# seconds (passes/sync_drift.py); ms added after ms of ops: " + "; ".join(
+        "# all_reduce waits after 400 and 1600 tiny ops than after 8, against the square root of the ops'",
+        "# seconds (least squares; passes/sync_drift.py); ms added after ms of ops: " + "; ".join(
             f"{n}: " + ", ".join(f"{r['added_s'] * 1e3:.2f}/{r['busy_s'] * 1e3:.2f}" for r in figures["drift_rows"]
                                  if r["n"] == n) for n in figures.get("collective_drift", {})) + ".",
         "# One host: inter_node repeats intra_node (no axis of a plan for this machine crosses nodes).",

@@ -229,15 +229,16 @@ def in_place_rounds(kind: str, numel: int, n: int, group, calls: int, chain: int
     return (with_calls - without) / calls, without / calls
 
 
-def drift_rows(n: int, group, chains: tuple[int, ...], calls: int = 20) -> list[dict]:
+def drift_rows(n: int, group, chains: tuple[int, ...], windows: int, calls: int = 20) -> list[dict]:
     """Rows {n, chain, added_s, busy_s}: what a 1 KiB all_reduce on groups of ``n`` adds to a round of
-    ``chain`` tiny ops (calibrate's in-place measure, the slowest rank's) and the chain's own seconds
-    (the ranks' median), for each chain length: a call after a long stretch of compute waits longer
-    (passes/sync_drift.py; calibrate fits ``collective_drift`` to them)."""
+    ``chain`` tiny ops (calibrate's in-place measure, the slowest rank's; the median of ``windows``)
+    and the chain's own seconds (the ranks' median), for each chain length: a call after a long
+    stretch of compute waits longer (passes/sync_drift.py; calibrate fits ``collective_drift`` to them)."""
     rows = []
     for chain in chains:
-        added, alone = in_place_rounds("all_reduce", 256, n, group, calls, chain)
-        rows.append({"n": n, "chain": chain, "added_s": max(gathered(added)), "busy_s": statistics.median(gathered(alone))})
+        measured = [in_place_rounds("all_reduce", 256, n, group, calls, chain) for _ in range(windows)]
+        rows.append({"n": n, "chain": chain, "added_s": statistics.median(max(gathered(a)) for a, _ in measured),
+                     "busy_s": statistics.median(statistics.median(gathered(b)) for _, b in measured)})
     say(f"all_reduce of 1 KiB on groups of {n} after tiny ops: " + ", ".join(
         f"{r['added_s'] * 1e6:.0f} us after {r['busy_s'] * 1e3:.2f} ms" for r in rows))
     return rows
@@ -310,7 +311,7 @@ def collectives(sizes: list[int], repeats: int, drift: list[dict] | None = None)
                 f"{r['payload_bytes'] / 1024:.0f} KiB {r['seconds'] * 1e6:.0f} us"
                 for r in rows if r["kind"] == kind and r["n"] == n and not r.get("in_place")))
         if drift is not None:
-            drift += drift_rows(n, mine, DRIFT_CHAINS)
+            drift += drift_rows(n, mine, DRIFT_CHAINS, 1 if repeats < 9 else 3)
     return rows
 
 
