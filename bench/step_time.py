@@ -101,7 +101,7 @@ def steps_for(planned: float, args: argparse.Namespace) -> int:
 
 def refit_and_predict(base: Path, out: Path, nproc: int, cases: list[dict], drift: bool = True) -> list[float]:
     """``base`` copied to ``out`` with ``op_overhead`` fitted again now (``calibrate.refit``, the
-    reference run for its ``REFERENCE_STEPS``; the median of
+    reference run for ``calibrate.reference_steps``; the median of
     three runs, as one run at a bad moment, 31.8 ms where the next program's step took 15.3, put
     every 2-rank prediction of session 11's first round 1.6 times over; and the matmul rates timed
     again before it, ``peak_flops``), and every case's modelled step time with it (one process plans

@@ -64,6 +64,16 @@ REFERENCE_RUNS = 3
 # the reference program's steps per run (the first 2 warm-up): its 20 ms steps on 4 ranks, five runs of
 # each length on an idle 2-core host, medians 19.6 to 25.2 ms in 12-step runs, 17.7 to 20.3 in 40-step ones
 REFERENCE_STEPS = 40
+# and at least enough for REFERENCE_SECONDS at its planned step, at most REFERENCE_MAX_STEPS: as long
+# as bench/step_time.py runs the programs it predicts (session 20: 40-step reference runs measured
+# 21 to 28 ms where the same program's 200-step runs measured 20.0, and its prediction came out 1.28)
+REFERENCE_SECONDS = 3.0
+REFERENCE_MAX_STEPS = 200
+
+
+def reference_steps(planned: float) -> int:
+    """Steps of a reference run of a program planned at ``planned`` seconds a step (above)."""
+    return max(REFERENCE_STEPS, min(REFERENCE_MAX_STEPS, 2 + math.ceil(REFERENCE_SECONDS / planned)))
 
 
 def ring_terms(kind: str, n: int, payload: float) -> tuple[float, float]:
@@ -181,12 +191,12 @@ def measure(nproc: int, quick: bool, only_matmul: bool = False) -> dict:
         return json.loads(out.read_text())
 
 
-def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = None) -> dict:
+def fit_op_overhead(spec: Path, nproc: int, steps: int | None, floor: float | None = None) -> dict:
     """The per-plan-op overhead that makes the reference program's modelled step time its measured
     one: the program is compiled with ``spec`` (every other coefficient measured already), run for
-    ``steps`` steps, and its plan's ``step_time``, a rising function of ``op_overhead`` (linear in it,
-    host_cost.py, but for the sync drift's square roots of the busy time, passes/sync_drift.py), is
-    solved for the measured step by bisection.
+    ``steps`` steps (None: ``reference_steps`` of its planned step), and its plan's ``step_time``, a
+    rising function of ``op_overhead`` (linear in it, host_cost.py, but for the sync drift's square
+    roots of the busy time, passes/sync_drift.py), is solved for the measured step by bisection.
 
     A plan op runs several torch ops (an attention a dozen, a linear one or two) and each pays the
     dispatcher and autograd; the microbenchmark's one tiny op is the floor it is not let below."""
@@ -198,6 +208,7 @@ def fit_op_overhead(spec: Path, nproc: int, steps: int, floor: float | None = No
 
     with tempfile.TemporaryDirectory() as tmp:
         plan = api.compile(REFERENCE[0], str(nproc), tmp, hardware=str(spec), strategy=REFERENCE[1])
+        steps = reference_steps(plan.total("step_time").value) if steps is None else steps
         print(f"calibrate: the reference program ({REFERENCE[0]}, {REFERENCE[1]} on {nproc} ranks), {steps} steps",
               file=sys.stderr, flush=True)
         report = run(Path(tmp), nproc=nproc, steps=steps, seed=None, check=False, quiet=True, timed=True)
@@ -244,7 +255,7 @@ def solve_rising(f, target: float) -> float:
     return (lo + hi) / 2
 
 
-def median_fit(spec: Path, nproc: int, steps: int, runs: int, floor: float | None = None) -> dict:
+def median_fit(spec: Path, nproc: int, steps: int | None, runs: int, floor: float | None = None) -> dict:
     """``fit_op_overhead`` on ``runs`` reference runs one after the other, the one with the median
     figure: a single run at a slow minute set a whole calibration's level (session 12's 4-rank one
     fitted 575 us per op on a 102 ms reference step, where refits minutes later ran it at 38 ms and
@@ -268,7 +279,7 @@ def peak_flops(matmul: dict) -> dict[str, float]:
     return out
 
 
-def refit(spec: Path, nproc: int, *, steps: int = REFERENCE_STEPS, runs: int = 1, rates: bool = False) -> dict:
+def refit(spec: Path, nproc: int, *, steps: int | None = None, runs: int = 1, rates: bool = False) -> dict:
     """Fit ``op_overhead`` again, now, on the reference program, every other figure of ``spec`` kept,
     and rewrite that one line (and say so in the spec's comment). On a shared host the load moves by
     minutes, and ``op_overhead`` carries most of a tiny program's modelled step: fitted at the moment
@@ -321,6 +332,6 @@ def calibrate(output: Path, *, nproc: int, quick: bool = False, name: str | None
         f" --links-from {links_from}" if links_from else "")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(render_spec(name, nproc, figures, raw, command))  # op_overhead: the microbenchmark's
-    figures |= median_fit(output, nproc, 5, 1) if quick else median_fit(output, nproc, REFERENCE_STEPS, REFERENCE_RUNS)
+    figures |= median_fit(output, nproc, 5, 1) if quick else median_fit(output, nproc, None, REFERENCE_RUNS)
     output.write_text(render_spec(name, nproc, figures, raw, command))
     return figures | {"raw": raw}
