@@ -122,8 +122,14 @@ def collective_figure(hardware: HardwareSpec, kind: str, group: int | None = Non
         return 0.0
     sizes = hardware.collective_by_group.get(kind, {})
     if group is not None and sizes:
-        return sizes[min(sizes, key=lambda n: (abs(math.log(n / group)), -n))]
+        return nearest_group(sizes, group)
     return hardware.collective_by_kind.get(kind, hardware.collective_overhead)
+
+
+def nearest_group(by_size: Mapping[int, float], group: int) -> float:
+    """A per-group-size figure for a group of ``group`` ranks: its size's, else the nearest size's by
+    ratio, the larger of two as near (a wait grows with the peers to wait for)."""
+    return by_size[min(by_size, key=lambda n: (abs(math.log(n / group)), -n))]
 
 
 def host_values(hardware: HardwareSpec, ranks: int | None = None,

@@ -33,12 +33,12 @@ this term out, and docs/search.md states what that can cost.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import sympy
 
 from ..compiler.schema import HardwareSpec
+from .host_cost import nearest_group
 
 DRIFT_SYMBOLS: dict[sympy.Symbol, int] = {}  # drift_symbol's group size of each it made
 
@@ -54,10 +54,9 @@ def drift_figure(hardware: HardwareSpec, group: int) -> float:
     """``collective_drift`` of a group of ``group`` ranks: calibrate's figure for that size, else the
     nearest size's (by ratio; the larger of two as near); 0 for a group of one (no peer to wait for)
     or a spec without the field."""
-    sizes = hardware.collective_drift
-    if group <= 1 or not sizes:
+    if group <= 1 or not hardware.collective_drift:
         return 0.0
-    return sizes[min(sizes, key=lambda n: (abs(math.log(n / group)), -n))]
+    return nearest_group(hardware.collective_drift, group)
 
 
 def drift_values(hardware: HardwareSpec, groups: tuple[int, ...]) -> dict[sympy.Symbol, float]:
