@@ -15,7 +15,7 @@ barrier, the median of ``--repeats`` calls after one warm-up, the slowest rank's
   a large buffer comes from the system anew and its first touch, inside the collective, faults its pages);
 
 beside what the spec's formula gives that call (``passes/build_plan.collective_time``'s terms, from
-``ultraplan.calibrate.ring_terms``, plus ``host_cost.collective_figure``). The ratio measured / formula
+``ultraplan.calibrate_fit.ring_terms``, plus ``host_cost.collective_figure``). The ratio measured / formula
 shows where the model's one bandwidth per kind holds and where it does not. One thread per rank.
 """
 
@@ -87,7 +87,7 @@ def formula(hardware, row: dict) -> float:
     """Seconds the spec's cost model gives one call of ``row``'s kind, group and payload."""
     from ultraplan.passes.host_cost import calibrated, collective_figure
 
-    from ultraplan.calibrate import ring_terms
+    from ultraplan.calibrate_fit import ring_terms
 
     messages, wire = ring_terms(row["kind"], row["n"], row["payload_bytes"])
     link = hardware.intra_node

@@ -1,5 +1,5 @@
 """The hardware spec ``ultraplan calibrate`` writes: its YAML, and the comment that says how, when and
-where each figure was measured (ultraplan/calibrate.py measures and fits them)."""
+where each figure was measured (ultraplan/calibrate.py measures them, calibrate_fit.py fits them)."""
 
 from __future__ import annotations
 

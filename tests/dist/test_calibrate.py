@@ -18,7 +18,8 @@ from ultraplan.compiler.validate import load_hardware_spec
 
 from tests.unit.test_calibrate import KINDS, ring
 from ultraplan import api
-from ultraplan.calibrate import calibrate, drift_fit, ring_terms
+from ultraplan.calibrate import calibrate
+from ultraplan.calibrate_fit import drift_fit, ring_terms
 from ultraplan.runner import run
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ def test_calibrated_spec_predicts_a_program_it_was_not_fitted_on(tmp_path):
     # formula (the ring model written out in tests/unit/test_calibrate.py), collective_overhead their median
     in_place = [r for r in figures["raw"]["collectives"] if r.get("in_place")]
     assert sorted((r["kind"], r["n"]) for r in in_place) == sorted((k, 2) for k in KINDS for _ in range(2))
-    for kind in KINDS:  # the link's wire at the kind's factor (calibrate.wire_factors)
+    for kind in KINDS:  # the link's wire at the kind's factor (calibrate_fit.wire_factors)
         factor = hw.collective_wire_factor[kind]
         assert factor == pytest.approx(link["wire_factor"][kind], rel=1e-3)
         beyond = [max(r["seconds"] - ring(kind, 2, r["payload_bytes"])[0] * link["latency"]

@@ -15,7 +15,9 @@ from ultraplan.passes.pipeline import make_plan
 
 from tests.conftest import ROOT
 from ultraplan import api
-from ultraplan.calibrate import calibrate, fit_link, render_spec, ring_terms
+from ultraplan.calibrate import calibrate
+from ultraplan.calibrate_fit import fit_link, ring_terms
+from ultraplan.calibrate_spec import render_spec
 from ultraplan.runner import step_report
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all")

@@ -26,7 +26,8 @@ from ultraplan.passes.host_cost import (
 from ultraplan.passes.pipeline import make_context, make_plan
 
 from ultraplan import api
-from ultraplan.calibrate import render_spec, ring_terms, summarise
+from ultraplan.calibrate_fit import ring_terms, summarise
+from ultraplan.calibrate_spec import render_spec
 
 HOST = dataclasses.replace(
     api.load_hardware("cpu"), name="shared-host", devices_per_node=4, peak_flops={"fp32": 4e10}, memory_bandwidth=5e9,
@@ -244,8 +245,8 @@ def test_a_plan_prices_each_call_at_its_groups_figure():
 def test_wire_factors_are_each_kinds_bandwidth_against_the_links():
     """Rows exactly on 1e-4 s per message and 1 GB/s, but all_gather's wire 3 times and all_to_all's 1.5
     times slower: against that link the factors are 3, 1.5 and 1; with them the link's formula gives
-    every row's seconds back (calibrate.in_link), and summarise writes them into the spec."""
-    from ultraplan.calibrate import in_link, wire_factors
+    every row's seconds back (calibrate_fit.in_link), and summarise writes them into the spec."""
+    from ultraplan.calibrate_fit import in_link, wire_factors
 
     lat, bw = 1e-4, 1e9
     slow = {"all_gather": 3.0, "all_to_all": 1.5}

@@ -16,7 +16,9 @@ from ultraplan.passes.sync_drift import Schedule, drift_figure, drift_symbol, dr
 
 from tests.unit.test_host_terms import HOST
 from ultraplan import api
-from ultraplan.calibrate import drift_fit, render_spec, solve_rising, step_of_op_overhead
+from ultraplan.calibrate import solve_rising, step_of_op_overhead
+from ultraplan.calibrate_fit import drift_fit
+from ultraplan.calibrate_spec import render_spec
 
 DRIFT = dataclasses.replace(HOST, host_cores=2, collective_drift={2: 0.02, 4: 0.03})
 
