@@ -108,7 +108,10 @@ def sections() -> dict[str, list[str]]:
                        "same per group size, ranks in the call's group; a size not listed: the nearest one "
                        "listed, a kind not listed: its `collective_by_kind`) and `collective_wire_factor: "
                        "{all_gather: x, ...}` (each kind's seconds per wire byte against the link's; not "
-                       "listed: 1).", "",
+                       "listed: 1) and `collective_drift: {2: x, 4: y}` (per group size, seconds per square "
+                       "root of a second: a blocking call waits this times the square root of the compute "
+                       "since its ranks last synced longer, `passes/sync_drift.py`; a size not listed: the "
+                       "nearest listed; not given: no such term).", "",
                        *dataclass_table(_HardwareFields)]
     out["link"] = [f"`intra_node:` / `inter_node:` of a hardware spec. {_docstring(LinkSpec)}", "",
                    *dataclass_table(LinkSpec)]
